@@ -1,0 +1,373 @@
+//! Status conditions with the kstatus meaning, computed by pure functions.
+//!
+//! - `Ready`: the summary. True when the Deployment runs the current spec at the desired replicas
+//!   and its rollout is complete.
+//! - `Reconciling`: True while the operator is still working towards the spec (rollout in
+//!   progress, children being created, deletion in progress).
+//! - `Stalled`: True when progress is impossible without a change from the user (an invalid spec,
+//!   a Deployment past its progress deadline).
+//!
+//! Every condition carries `observedGeneration`, and `lastTransitionTime` changes only when the
+//! condition's `status` changes, so an unchanged world yields an identical status and no write.
+
+use super::MyAppStatus;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// The summary condition.
+pub const READY: &str = "Ready";
+/// True while work towards the spec is in progress.
+pub const RECONCILING: &str = "Reconciling";
+/// True when progress is impossible.
+pub const STALLED: &str = "Stalled";
+
+/// What the Deployment reports, reduced to the facts the conditions depend on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RolloutFacts {
+    /// `metadata.generation` of the Deployment.
+    pub generation: i64,
+    /// `status.observedGeneration` of the Deployment.
+    pub observed_generation: i64,
+    /// `spec.replicas` of the Deployment.
+    pub desired: i32,
+    /// All pods, old and new.
+    pub replicas: i32,
+    /// Pods of the current template.
+    pub updated: i32,
+    /// Ready pods.
+    pub ready: i32,
+    /// Available pods.
+    pub available: i32,
+    /// The `Progressing` condition says `ProgressDeadlineExceeded`.
+    pub deadline_exceeded: bool,
+}
+
+impl RolloutFacts {
+    /// Reads the facts off a Deployment.
+    pub fn from_deployment(d: &Deployment) -> Self {
+        let status = d.status.clone().unwrap_or_default();
+        Self {
+            generation: d.metadata.generation.unwrap_or(0),
+            observed_generation: status.observed_generation.unwrap_or(0),
+            desired: d.spec.replicas.unwrap_or(1),
+            replicas: status.replicas.unwrap_or(0),
+            updated: status.updated_replicas.unwrap_or(0),
+            ready: status.ready_replicas.unwrap_or(0),
+            available: status.available_replicas.unwrap_or(0),
+            deadline_exceeded: status.conditions.unwrap_or_default().iter().any(|c| {
+                c.type_.as_deref() == Some("Progressing")
+                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            }),
+        }
+    }
+
+    /// The rollout is complete, with the rules of `kubectl rollout status`.
+    pub fn complete(&self) -> bool {
+        self.observed_generation >= self.generation
+            && self.updated == self.desired
+            && self.replicas == self.desired
+            && self.available == self.desired
+    }
+}
+
+/// Where a `MyApp` stands, as far as its status is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Observation {
+    /// The spec broke a rule; nothing was rolled out.
+    Invalid(String),
+    /// The Deployment is not there yet.
+    Creating,
+    /// The Deployment exists and reports these facts.
+    Rollout(RolloutFacts),
+    /// The `MyApp` is being deleted; its children are going.
+    Deleting,
+}
+
+fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: i64,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: Some(generation),
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    }
+}
+
+/// Computes the status for `generation` from an observation. Transition times are placeholders:
+/// pass the result through [`carry_transition_times`].
+pub fn desired_status(generation: i64, selector: &str, obs: &Observation) -> MyAppStatus {
+    let (replicas, ready_replicas) = match obs {
+        Observation::Rollout(f) => (f.replicas, f.ready),
+        _ => (0, 0),
+    };
+    let g = generation;
+    let conditions = match obs {
+        Observation::Invalid(msg) => vec![
+            condition(READY, false, "InvalidSpec", msg.clone(), g),
+            condition(RECONCILING, false, "InvalidSpec", String::new(), g),
+            condition(STALLED, true, "InvalidSpec", msg.clone(), g),
+        ],
+        Observation::Creating => vec![
+            condition(
+                READY,
+                false,
+                "Creating",
+                "creating the Deployment and Service".into(),
+                g,
+            ),
+            condition(
+                RECONCILING,
+                true,
+                "Creating",
+                "creating the Deployment and Service".into(),
+                g,
+            ),
+            condition(STALLED, false, "Creating", String::new(), g),
+        ],
+        Observation::Deleting => vec![
+            condition(
+                READY,
+                false,
+                "Deleting",
+                "waiting for the Deployment and Service to be deleted".into(),
+                g,
+            ),
+            condition(
+                RECONCILING,
+                true,
+                "Deleting",
+                "waiting for the Deployment and Service to be deleted".into(),
+                g,
+            ),
+            condition(STALLED, false, "Deleting", String::new(), g),
+        ],
+        Observation::Rollout(f) if f.deadline_exceeded && !f.complete() => {
+            let msg = format!(
+                "the rollout exceeded its progress deadline: {}/{} pods available",
+                f.available, f.desired
+            );
+            vec![
+                condition(READY, false, "ProgressDeadlineExceeded", msg.clone(), g),
+                condition(
+                    RECONCILING,
+                    false,
+                    "ProgressDeadlineExceeded",
+                    String::new(),
+                    g,
+                ),
+                condition(STALLED, true, "ProgressDeadlineExceeded", msg, g),
+            ]
+        }
+        Observation::Rollout(f) if f.complete() => {
+            let msg = format!("{}/{} pods available", f.available, f.desired);
+            vec![
+                condition(READY, true, "RolloutComplete", msg, g),
+                condition(RECONCILING, false, "RolloutComplete", String::new(), g),
+                condition(STALLED, false, "RolloutComplete", String::new(), g),
+            ]
+        }
+        Observation::Rollout(f) => {
+            let msg = format!(
+                "rolling out: {} updated, {} available, {} desired, {} total",
+                f.updated, f.available, f.desired, f.replicas
+            );
+            vec![
+                condition(READY, false, "RollingOut", msg.clone(), g),
+                condition(RECONCILING, true, "RollingOut", msg, g),
+                condition(STALLED, false, "RollingOut", String::new(), g),
+            ]
+        }
+    };
+    MyAppStatus {
+        observed_generation: Some(generation),
+        replicas,
+        ready_replicas,
+        selector: selector.into(),
+        conditions,
+    }
+}
+
+/// Keeps each condition's `lastTransitionTime` from `old` when its status did not change, and sets
+/// it to `now` when it did (or when the condition is new).
+pub fn carry_transition_times(old: &[Condition], new: &mut [Condition], now: &Time) {
+    for c in new.iter_mut() {
+        c.last_transition_time = match old.iter().find(|o| o.type_ == c.type_) {
+            Some(o) if o.status == c.status => o.last_transition_time.clone(),
+            _ => now.clone(),
+        };
+    }
+}
+
+/// Finds a condition by type.
+pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// True when the condition of `type_` has status `True`.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    find(conditions, type_).is_some_and(|c| c.status == "True")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(desired: i32, updated: i32, available: i32) -> RolloutFacts {
+        RolloutFacts {
+            generation: 2,
+            observed_generation: 2,
+            desired,
+            replicas: desired.max(updated),
+            updated,
+            ready: available,
+            available,
+            deadline_exceeded: false,
+        }
+    }
+
+    fn t(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(secs).expect("valid timestamp"))
+    }
+
+    #[test]
+    fn complete_rollout_is_ready() {
+        let s = desired_status(3, "sel", &Observation::Rollout(facts(2, 2, 2)));
+        assert!(is_true(&s.conditions, READY));
+        assert!(!is_true(&s.conditions, RECONCILING));
+        assert!(!is_true(&s.conditions, STALLED));
+        assert_eq!(s.observed_generation, Some(3));
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(3))
+        );
+        assert_eq!((s.replicas, s.ready_replicas), (2, 2));
+    }
+
+    #[test]
+    fn partial_rollout_is_reconciling() {
+        let s = desired_status(1, "sel", &Observation::Rollout(facts(3, 1, 1)));
+        assert!(!is_true(&s.conditions, READY));
+        assert!(is_true(&s.conditions, RECONCILING));
+        assert_eq!(
+            find(&s.conditions, READY).map(|c| c.reason.as_str()),
+            Some("RollingOut")
+        );
+    }
+
+    #[test]
+    fn stale_deployment_generation_is_not_complete() {
+        let mut f = facts(1, 1, 1);
+        f.observed_generation = 1;
+        assert!(!f.complete());
+        let s = desired_status(1, "sel", &Observation::Rollout(f));
+        assert!(is_true(&s.conditions, RECONCILING));
+    }
+
+    #[test]
+    fn old_pods_still_running_is_not_complete() {
+        let mut f = facts(2, 2, 2);
+        f.replicas = 3;
+        assert!(!f.complete());
+    }
+
+    #[test]
+    fn deadline_exceeded_is_stalled() {
+        let mut f = facts(2, 1, 0);
+        f.deadline_exceeded = true;
+        let s = desired_status(1, "sel", &Observation::Rollout(f));
+        assert!(is_true(&s.conditions, STALLED));
+        assert!(!is_true(&s.conditions, RECONCILING));
+        assert_eq!(
+            find(&s.conditions, STALLED).map(|c| c.reason.as_str()),
+            Some("ProgressDeadlineExceeded")
+        );
+    }
+
+    #[test]
+    fn invalid_and_deleting() {
+        let s = desired_status(1, "sel", &Observation::Invalid("spec.image: bad".into()));
+        assert!(is_true(&s.conditions, STALLED));
+        assert_eq!(
+            find(&s.conditions, READY).map(|c| c.message.as_str()),
+            Some("spec.image: bad")
+        );
+        let s = desired_status(1, "sel", &Observation::Deleting);
+        assert_eq!(
+            find(&s.conditions, READY).map(|c| c.reason.as_str()),
+            Some("Deleting")
+        );
+    }
+
+    #[test]
+    fn reasons_are_camel_case() {
+        for obs in [
+            Observation::Invalid("x".into()),
+            Observation::Creating,
+            Observation::Deleting,
+            Observation::Rollout(facts(1, 1, 1)),
+            Observation::Rollout(facts(2, 1, 1)),
+        ] {
+            for c in desired_status(1, "s", &obs).conditions {
+                assert!(
+                    c.reason
+                        .chars()
+                        .next()
+                        .is_some_and(|ch| ch.is_ascii_uppercase()),
+                    "{}",
+                    c.reason
+                );
+                assert!(
+                    c.reason.chars().all(|ch| ch.is_ascii_alphanumeric()),
+                    "{}",
+                    c.reason
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_status_change() {
+        let mut first = desired_status(1, "s", &Observation::Rollout(facts(2, 1, 1))).conditions;
+        carry_transition_times(&[], &mut first, &t(100));
+        assert!(first.iter().all(|c| c.last_transition_time == t(100)));
+
+        // Same statuses, new message: times kept.
+        let mut second = desired_status(1, "s", &Observation::Rollout(facts(2, 2, 1))).conditions;
+        carry_transition_times(&first, &mut second, &t(200));
+        assert!(second.iter().all(|c| c.last_transition_time == t(100)));
+
+        // Ready and Reconciling flip; Stalled stays False.
+        let mut third = desired_status(1, "s", &Observation::Rollout(facts(2, 2, 2))).conditions;
+        carry_transition_times(&second, &mut third, &t(300));
+        assert_eq!(
+            find(&third, READY).map(|c| c.last_transition_time.clone()),
+            Some(t(300))
+        );
+        assert_eq!(
+            find(&third, RECONCILING).map(|c| c.last_transition_time.clone()),
+            Some(t(300))
+        );
+        assert_eq!(
+            find(&third, STALLED).map(|c| c.last_transition_time.clone()),
+            Some(t(100))
+        );
+    }
+
+    #[test]
+    fn unchanged_world_gives_identical_status() {
+        let obs = Observation::Rollout(facts(2, 2, 2));
+        let mut a = desired_status(4, "s", &obs);
+        carry_transition_times(&[], &mut a.conditions, &t(1));
+        let mut b = desired_status(4, "s", &obs);
+        carry_transition_times(&a.conditions, &mut b.conditions, &t(99));
+        assert_eq!(a, b);
+    }
+}

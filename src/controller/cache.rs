@@ -1,0 +1,136 @@
+//! Warm caches: watches and stores of MyApps and of the Deployments and Services the operator
+//! manages. They run on every replica for the life of the process. The controller of the current
+//! leadership term subscribes to their events; a standby keeps them up to date and pays only the
+//! memory, so that when it becomes leader it reconciles without a cold list.
+//!
+//! Events are fanned out through a `tokio::sync::broadcast` channel: with no subscriber (a
+//! standby) they are dropped at once, and a subscriber that falls behind loses events rather
+//! than stalling the watches. A lost trigger is covered by the reconcile-all at the start of
+//! every term and by the periodic resync.
+
+use super::children::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::api::MyApp;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::sync::Arc;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+
+const CHANNEL: usize = 8192;
+
+/// The stores and event channels of the three watched kinds.
+#[derive(Clone)]
+pub struct Caches {
+    /// Every `MyApp` in the watched scope.
+    pub myapps: Store<MyApp>,
+    /// Deployments labelled as managed by the operator.
+    pub deployments: Store<Deployment>,
+    /// Services labelled as managed by the operator.
+    pub services: Store<Service>,
+    myapp_tx: broadcast::Sender<Arc<MyApp>>,
+    deployment_tx: broadcast::Sender<Arc<Deployment>>,
+    service_tx: broadcast::Sender<Arc<Service>>,
+}
+
+fn spawn_watch<K>(api: Api<K>, config: watcher::Config, tx: broadcast::Sender<Arc<K>>) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|o: &mut K| {
+            o.meta_mut().managed_fields = None;
+        })
+        .reflect(writer)
+        .touched_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                // No receiver (a standby) is the normal case, not an error.
+                Ok(obj) => drop(tx.send(Arc::new(obj))),
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&()), error = %e, "watch error, retrying with backoff")
+                }
+            }
+        }
+    });
+    reader
+}
+
+fn subscribe<K: Send + Sync + 'static>(
+    tx: &broadcast::Sender<Arc<K>>,
+) -> impl Stream<Item = Arc<K>> + Send + use<K> {
+    BroadcastStream::new(tx.subscribe()).filter_map(|r| async move { r.ok() })
+}
+
+impl Caches {
+    /// Starts the watches, in every namespace or in one.
+    pub fn start(client: Client, namespace: Option<&str>) -> Self {
+        let managed =
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+        let (myapp_tx, _) = broadcast::channel(CHANNEL);
+        let (deployment_tx, _) = broadcast::channel(CHANNEL);
+        let (service_tx, _) = broadcast::channel(CHANNEL);
+        let myapps = spawn_watch(
+            scoped(&client, namespace),
+            watcher::Config::default(),
+            myapp_tx.clone(),
+        );
+        let deployments = spawn_watch(
+            scoped(&client, namespace),
+            managed.clone(),
+            deployment_tx.clone(),
+        );
+        let services = spawn_watch(scoped(&client, namespace), managed, service_tx.clone());
+        Self {
+            myapps,
+            deployments,
+            services,
+            myapp_tx,
+            deployment_tx,
+            service_tx,
+        }
+    }
+
+    /// Resolves once every store holds its first full list.
+    pub async fn wait_ready(&self) {
+        let _ = tokio::join!(
+            self.myapps.wait_until_ready(),
+            self.deployments.wait_until_ready(),
+            self.services.wait_until_ready()
+        );
+    }
+
+    /// MyApp changes, from now on.
+    pub fn myapp_events(&self) -> impl Stream<Item = Arc<MyApp>> + Send + use<> {
+        subscribe(&self.myapp_tx)
+    }
+
+    /// Changes of managed Deployments, from now on.
+    pub fn deployment_events(&self) -> impl Stream<Item = Arc<Deployment>> + Send + use<> {
+        subscribe(&self.deployment_tx)
+    }
+
+    /// Changes of managed Services, from now on.
+    pub fn service_events(&self) -> impl Stream<Item = Arc<Service>> + Send + use<> {
+        subscribe(&self.service_tx)
+    }
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}

@@ -1,0 +1,148 @@
+//! The reconciler: it turns each `MyApp` into a Deployment and a Service and reports status.
+//!
+//! - [`cache`]: the watches and stores of MyApps, Deployments and Services. They run on every
+//!   replica, leader or not, so a new leader starts from warm caches.
+//! - [`reconcile`]: the reconcile and cleanup logic, as methods on `MyApp`.
+//! - [`children`]: pure builders of the Deployment and Service.
+//! - [`writer`]: every write the controller makes goes through here, so that it can be fenced and
+//!   counted in one place.
+
+pub mod cache;
+pub mod children;
+pub mod reconcile;
+pub mod writer;
+
+use crate::api::MyApp;
+use crate::telemetry::metrics::Metrics;
+use crate::{Error, backoff_delay};
+use cache::Caches;
+use futures::StreamExt;
+use kube::Client;
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use writer::Writer;
+
+/// How often an unchanged `MyApp` is reconciled again (a resync that must write nothing).
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// What every reconcile shares.
+pub struct Context {
+    client: Client,
+    /// The warm caches.
+    pub caches: Caches,
+    /// The only way to write.
+    pub writer: Writer,
+    /// Metrics of this replica.
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per object, for the backoff.
+    failures: Mutex<HashMap<ObjectRef<MyApp>, u32>>,
+}
+
+impl Context {
+    /// A context for a controller run.
+    pub fn new(client: Client, caches: Caches, metrics: Arc<Metrics>, identity: &str) -> Self {
+        let reporter = Reporter {
+            controller: "myapp-operator".into(),
+            instance: Some(identity.into()),
+        };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Self {
+            client: client.clone(),
+            caches,
+            writer: Writer::new(client, recorder, metrics.clone()),
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The client, for reads that must not come from the caches.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    fn record_success(&self, obj: &ObjectRef<MyApp>) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(obj);
+        }
+    }
+
+    fn record_failure(&self, obj: ObjectRef<MyApp>) -> u32 {
+        match self.failures.lock() {
+            Ok(mut f) => {
+                let n = f.entry(obj).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        }
+    }
+}
+
+async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = app.reconcile(&ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.kind(),
+    };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&crate::telemetry::metrics::ResultLabels {
+            result: label.into(),
+        })
+        .inc();
+    if result.is_ok() {
+        ctx.record_success(&ObjectRef::from_obj(app.as_ref()));
+    }
+    result
+}
+
+fn error_policy(app: Arc<MyApp>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx.record_failure(ObjectRef::from_obj(app.as_ref()));
+    let delay = backoff_delay(failures, error.kind(), rand::random::<f64>());
+    tracing::warn!(
+        myapp = %ObjectRef::from_obj(app.as_ref()),
+        error = %error,
+        failures,
+        retry_in_ms = delay.as_millis() as u64,
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+/// Runs the controller until `stop` resolves. It reconciles every object in the caches once at
+/// start (a new leader takes over everything), then whatever the watches trigger.
+pub async fn run(
+    ctx: Arc<Context>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    ctx.caches.wait_ready().await;
+    ctx.metrics.controller_running.set(1);
+    let caches = &ctx.caches;
+    let controller = Controller::for_shared_stream(caches.myapp_events(), caches.myapps.clone())
+        .owns_shared_stream(caches.deployment_events())
+        .owns_shared_stream(caches.service_events())
+        .reconcile_all_on(futures::stream::once(async {}))
+        .with_config(
+            Config::default()
+                .concurrency(16)
+                .debounce(Duration::from_millis(50)),
+        )
+        .graceful_shutdown_on(stop);
+    controller
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+    ctx.metrics.controller_running.set(0);
+}

@@ -1,0 +1,219 @@
+//! Reconcile and cleanup, as methods on `MyApp`.
+//!
+//! A reconcile compares what should exist with what the caches hold and writes only the
+//! difference: an unchanged `MyApp` whose children are as applied makes no write at all.
+
+use super::Context;
+use super::children::{self, selector_string};
+use crate::api::conditions::{self, Observation, READY, RolloutFacts};
+use crate::api::validation::{join, validate_spec};
+use crate::api::{FINALIZER, MyApp, MyAppStatus};
+use crate::{Error, Result};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use std::time::Duration;
+
+impl MyApp {
+    fn has_finalizer(&self) -> bool {
+        self.finalizers().iter().any(|f| f == FINALIZER)
+    }
+
+    fn current_status(&self) -> MyAppStatus {
+        self.status.clone().unwrap_or_default()
+    }
+
+    /// Writes the status computed from `obs` unless it is what the object already has.
+    /// Returns whether `Ready` became true with this write.
+    async fn update_status(&self, ctx: &Context, obs: &Observation) -> Result<bool> {
+        let generation = self
+            .metadata
+            .generation
+            .ok_or(Error::MissingField("metadata.generation"))?;
+        let old = self.current_status();
+        let mut new =
+            conditions::desired_status(generation, &selector_string(&self.name_any()), obs);
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        conditions::carry_transition_times(&old.conditions, &mut new.conditions, &now);
+        if new == old {
+            return Ok(false);
+        }
+        let became_ready = conditions::is_true(&new.conditions, READY)
+            && !conditions::is_true(&old.conditions, READY);
+        ctx.writer.patch_status(self, &new).await?;
+        Ok(became_ready)
+    }
+
+    /// Brings the children and the status in line with the spec.
+    pub async fn reconcile(&self, ctx: &Context) -> Result<Action> {
+        if self.meta().deletion_timestamp.is_some() {
+            return self.cleanup(ctx).await;
+        }
+        let ns = self
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let name = self.name_any();
+
+        // The finalizer first, so that a delete can never race the creation of the children.
+        let owned;
+        let app = if self.has_finalizer() {
+            self
+        } else {
+            let mut f = self.finalizers().to_vec();
+            f.push(FINALIZER.into());
+            owned = ctx.writer.set_finalizers(self, f).await?;
+            &owned
+        };
+
+        let errors = validate_spec(&app.spec);
+        if !errors.is_empty() {
+            let message = join(&errors);
+            let was_stalled =
+                conditions::is_true(&app.current_status().conditions, conditions::STALLED);
+            app.update_status(ctx, &Observation::Invalid(message.clone()))
+                .await?;
+            if !was_stalled {
+                ctx.writer
+                    .event(app, EventType::Warning, "InvalidSpec", "Validate", message)
+                    .await;
+            }
+            return Ok(Action::await_change());
+        }
+
+        let key_d = ObjectRef::<Deployment>::new(&name).within(&ns);
+        let key_s = ObjectRef::<Service>::new(&name).within(&ns);
+        let desired_d = children::deployment(app);
+        let desired_s = children::service(app);
+
+        let cached_d = ctx.caches.deployments.get(&key_d);
+        let deployment = match cached_d.as_deref() {
+            Some(actual) if children::up_to_date(&desired_d, actual) => Some(actual.clone()),
+            existing => {
+                let applied = ctx.writer.apply(&desired_d, "deployment").await?;
+                let (reason, verb) = if existing.is_some() {
+                    ("Updated", "updated")
+                } else {
+                    ("Created", "created")
+                };
+                ctx.writer
+                    .event(
+                        app,
+                        EventType::Normal,
+                        reason,
+                        "ApplyDeployment",
+                        format!("{verb} Deployment {name}"),
+                    )
+                    .await;
+                Some(applied)
+            }
+        };
+
+        let cached_s = ctx.caches.services.get(&key_s);
+        match cached_s.as_deref() {
+            Some(actual) if children::up_to_date(&desired_s, actual) => {}
+            existing => {
+                ctx.writer.apply(&desired_s, "service").await?;
+                let (reason, verb) = if existing.is_some() {
+                    ("Updated", "updated")
+                } else {
+                    ("Created", "created")
+                };
+                ctx.writer
+                    .event(
+                        app,
+                        EventType::Normal,
+                        reason,
+                        "ApplyService",
+                        format!("{verb} Service {name}"),
+                    )
+                    .await;
+            }
+        }
+
+        let obs = match &deployment {
+            Some(d) => Observation::Rollout(RolloutFacts::from_deployment(d)),
+            None => Observation::Creating,
+        };
+        if app.update_status(ctx, &obs).await? {
+            let note = format!(
+                "{}/{} pods ready with image {}",
+                app.spec.replicas, app.spec.replicas, app.spec.image
+            );
+            ctx.writer
+                .event(app, EventType::Normal, "RolloutComplete", "Rollout", note)
+                .await;
+        }
+        Ok(Action::requeue(super::RESYNC))
+    }
+
+    /// Deletes the children and releases the finalizer once both are gone.
+    pub async fn cleanup(&self, ctx: &Context) -> Result<Action> {
+        if !self.has_finalizer() {
+            return Ok(Action::await_change());
+        }
+        let ns = self
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let name = self.name_any();
+        let first_time = conditions::find(&self.current_status().conditions, READY)
+            .is_none_or(|c| c.reason != "Deleting");
+        self.update_status(ctx, &Observation::Deleting).await?;
+        if first_time {
+            let note = format!("deleting Deployment and Service {name}");
+            ctx.writer
+                .event(self, EventType::Normal, "Deleting", "Delete", note)
+                .await;
+        }
+
+        // Ask the API server, not the caches: the finalizer must not go before the children do.
+        let deployments: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
+        let services: Api<Service> = Api::namespaced(ctx.client(), &ns);
+        let d = deployments.get_opt(&name).await?;
+        let s = services.get_opt(&name).await?;
+        if let Some(d) = &d
+            && d.metadata.deletion_timestamp.is_none()
+            && owned_by(d, self)
+        {
+            ctx.writer
+                .delete::<Deployment>(&ns, &name, "deployment")
+                .await?;
+        }
+        if let Some(s) = &s
+            && s.metadata.deletion_timestamp.is_none()
+            && owned_by(s, self)
+        {
+            ctx.writer.delete::<Service>(&ns, &name, "service").await?;
+        }
+        let remaining = [
+            d.filter(|d| owned_by(d, self)).is_some(),
+            s.filter(|s| owned_by(s, self)).is_some(),
+        ];
+        if remaining.iter().any(|r| *r) {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        let finalizers = self
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        ctx.writer.set_finalizers(self, finalizers).await?;
+        Ok(Action::await_change())
+    }
+}
+
+/// True when `child` is controlled by `app` (same UID), so we never delete what is not ours.
+fn owned_by<K: Resource>(child: &K, app: &MyApp) -> bool {
+    let uid = app.meta().uid.as_deref();
+    child
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}

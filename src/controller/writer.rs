@@ -1,0 +1,187 @@
+//! The single door for writes. Every write the controller makes — server-side applies of the
+//! children, status patches, finalizer changes, deletes and Events — goes through [`Writer`], which
+//! checks the [`Fence`] first and counts the write in the metrics.
+
+use crate::api::{FIELD_MANAGER, MyApp, MyAppStatus};
+use crate::telemetry::metrics::Metrics;
+use crate::{Error, Result};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// Permission to write, bounded in time. The leader elector publishes the instant until which
+/// this replica's leadership is certain (`valid_until`); every write checks it first. Without an
+/// elector (a single replica, `--leader-elect=false`) the fence is open.
+#[derive(Clone, Debug)]
+pub struct Fence(Option<watch::Receiver<Option<Instant>>>);
+
+impl Fence {
+    /// A fence that always allows writes.
+    pub fn open() -> Self {
+        Self(None)
+    }
+
+    /// A fence that follows the elector's `valid_until`; `None` means "not the leader".
+    pub fn new(valid_until: watch::Receiver<Option<Instant>>) -> Self {
+        Self(Some(valid_until))
+    }
+
+    /// `Ok` while writes are allowed at this instant.
+    pub fn check(&self) -> Result<()> {
+        match &self.0 {
+            None => Ok(()),
+            Some(rx) => match *rx.borrow() {
+                Some(until) if Instant::now() < until => Ok(()),
+                _ => Err(Error::Fenced),
+            },
+        }
+    }
+}
+
+/// Writes on behalf of the controller.
+pub struct Writer {
+    client: Client,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    fence: Fence,
+}
+
+impl Writer {
+    /// A writer with an open fence.
+    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            recorder,
+            metrics,
+            fence: Fence::open(),
+        }
+    }
+
+    /// Replaces the fence.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
+    }
+
+    fn api<K>(&self, namespace: &str) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// Server-side applies `obj` with force under the operator's field manager.
+    pub async fn apply<K>(&self, obj: &K, label: &str) -> Result<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Serialize
+            + DeserializeOwned
+            + Clone
+            + Debug,
+    {
+        let ns = obj
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let name = obj
+            .meta()
+            .name
+            .clone()
+            .ok_or(Error::MissingField("metadata.name"))?;
+        self.fence.check()?;
+        self.metrics.write(label, "apply");
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        Ok(self
+            .api::<K>(&ns)
+            .patch(&name, &params, &Patch::Apply(obj))
+            .await?)
+    }
+
+    /// Deletes a child in the foreground: the call returns at once, and the child disappears only
+    /// after its own dependents (ReplicaSets, Pods) are gone.
+    pub async fn delete<K>(&self, namespace: &str, name: &str, label: &str) -> Result<()>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + DeserializeOwned
+            + Clone
+            + Debug,
+    {
+        self.fence.check()?;
+        self.metrics.write(label, "delete");
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Foreground),
+            ..DeleteParams::default()
+        };
+        match self.api::<K>(namespace).delete(name, &params).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes `status` through the status subresource.
+    pub async fn patch_status(&self, app: &MyApp, status: &MyAppStatus) -> Result<MyApp> {
+        let ns = app
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        self.fence.check()?;
+        self.metrics.write("myapp_status", "patch");
+        let patch = Patch::Merge(json!({ "status": status }));
+        Ok(self
+            .api::<MyApp>(&ns)
+            .patch_status(&app.name_any(), &PatchParams::default(), &patch)
+            .await?)
+    }
+
+    /// Sets the finalizer list, on the condition that the object is still at the
+    /// resourceVersion we read (a 409 otherwise, and the reconcile retries).
+    pub async fn set_finalizers(&self, app: &MyApp, finalizers: Vec<String>) -> Result<MyApp> {
+        let ns = app
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let rv = app
+            .resource_version()
+            .ok_or(Error::MissingField("metadata.resourceVersion"))?;
+        self.fence.check()?;
+        self.metrics.write("myapp", "patch");
+        let patch = Patch::Merge(
+            json!({ "metadata": { "finalizers": finalizers, "resourceVersion": rv } }),
+        );
+        Ok(self
+            .api::<MyApp>(&ns)
+            .patch(&app.name_any(), &PatchParams::default(), &patch)
+            .await?)
+    }
+
+    /// Publishes an Event about `app`. A failure to publish is logged, never fatal.
+    pub async fn event(
+        &self,
+        app: &MyApp,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        if self.fence.check().is_err() {
+            return;
+        }
+        self.metrics.write("event", "create");
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &app.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "could not publish event");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Prometheus metrics of the operator, in the OpenMetrics text format.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a reconcile outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or the error kind.
+    pub result: String,
+}
+
+/// Labels of an API write.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    /// `deployment`, `service`, `myapp`, `myapp_status`, `event`.
+    pub resource: String,
+    /// `apply`, `patch`, `delete`, `create`.
+    pub verb: String,
+}
+
+/// All metrics of one replica.
+pub struct Metrics {
+    /// Registry that [`crate::http`] encodes.
+    pub registry: Registry,
+    /// Reconciles by result.
+    pub reconciles: Family<ResultLabels, Counter>,
+    /// Reconcile duration in seconds.
+    pub reconcile_duration: Histogram,
+    /// API writes made by the controller, by resource and verb.
+    pub writes: Family<WriteLabels, Counter>,
+    /// 1 while this replica runs the controller.
+    pub controller_running: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("myapp_operator");
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        registry.register("reconciles", "Reconciles by result", reconciles.clone());
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_duration.clone(),
+        );
+        let writes = Family::<WriteLabels, Counter>::default();
+        registry.register(
+            "api_writes",
+            "API writes made by the controller",
+            writes.clone(),
+        );
+        let controller_running = Gauge::default();
+        registry.register(
+            "controller_running",
+            "1 while this replica runs the controller",
+            controller_running.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            reconcile_duration,
+            writes,
+            controller_running,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one write.
+    pub fn write(&self, resource: &str, verb: &str) {
+        self.writes
+            .get_or_create(&WriteLabels {
+                resource: resource.into(),
+                verb: verb.into(),
+            })
+            .inc();
+    }
+
+    /// The registry in OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
