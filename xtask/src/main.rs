@@ -1,1 +1,54 @@
-fn main() {}
+//! The task runner: `cargo xtask <command>`. See `cargo xtask --help`.
+
+mod cluster;
+mod gobuild;
+mod paths;
+mod pki;
+mod procs;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Tasks of the myapp-operator workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The local control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+    /// kwok and Jaeger, built from their Go modules and run on 127.0.0.1.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
+    GenGoMod,
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Build what is missing, start everything and wait until it is ready.
+    Up,
+    /// Stop exactly the processes `up` started.
+    Down,
+    /// Show what runs.
+    Status,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Cluster { action } => match action {
+            ClusterAction::Up => rt.block_on(cluster::up()),
+            ClusterAction::Down => cluster::down(),
+            ClusterAction::Status => rt.block_on(cluster::status()),
+        },
+        Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
+    }
+}

@@ -176,6 +176,14 @@ require (
 	sigs.k8s.io/yaml v1.6.0 // indirect
 )
 
+tool k8s.io/kubernetes/cmd/kube-apiserver
+
+tool k8s.io/kubernetes/cmd/kube-controller-manager
+
+tool k8s.io/kubernetes/cmd/kube-scheduler
+
+tool k8s.io/kubernetes/cmd/kubectl
+
 replace (
 	k8s.io/api => k8s.io/api v0.37.2
 	k8s.io/apiextensions-apiserver => k8s.io/apiextensions-apiserver v0.37.2
@@ -211,11 +219,3 @@ replace (
 	k8s.io/sample-controller => k8s.io/sample-controller v0.37.2
 	k8s.io/streaming => k8s.io/streaming v0.37.2
 )
-
-tool k8s.io/kubernetes/cmd/kube-apiserver
-
-tool k8s.io/kubernetes/cmd/kube-controller-manager
-
-tool k8s.io/kubernetes/cmd/kube-scheduler
-
-tool k8s.io/kubernetes/cmd/kubectl

@@ -1,0 +1,630 @@
+//! `cargo xtask cluster up | down | status`: the local control plane.
+//!
+//! Real components built from their Go modules ([`crate::gobuild`]), run as processes on
+//! 127.0.0.1: Jaeger, etcd, kube-apiserver (RBAC, admission webhooks, tracing to Jaeger at
+//! 1,000,000 per million, an audit log of every write), kube-controller-manager, kube-scheduler
+//! and kwok with three fake nodes whose pods really become Running and Ready.
+
+use crate::{gobuild, paths, pki, procs};
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use kube::api::{Api, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Ports of the local control plane, all on 127.0.0.1.
+pub mod ports {
+    /// etcd clients.
+    pub const ETCD: u16 = 2379;
+    /// etcd peers.
+    pub const ETCD_PEER: u16 = 2380;
+    /// kube-apiserver.
+    pub const APISERVER: u16 = 6443;
+    /// kube-controller-manager health.
+    pub const CONTROLLER_MANAGER: u16 = 10257;
+    /// kube-scheduler health.
+    pub const SCHEDULER: u16 = 10259;
+    /// kwok health.
+    pub const KWOK: u16 = 10247;
+    /// Jaeger OTLP gRPC.
+    pub const JAEGER_OTLP: u16 = 4317;
+    /// Jaeger OTLP HTTP.
+    pub const JAEGER_OTLP_HTTP: u16 = 4318;
+    /// Jaeger query API and UI.
+    pub const JAEGER_QUERY: u16 = 16686;
+    /// Jaeger health.
+    pub const JAEGER_HEALTH: u16 = 13133;
+    /// All of them, for the free-port check.
+    pub const ALL: &[u16] = &[
+        ETCD,
+        ETCD_PEER,
+        APISERVER,
+        CONTROLLER_MANAGER,
+        SCHEDULER,
+        KWOK,
+        JAEGER_OTLP,
+        JAEGER_OTLP_HTTP,
+        JAEGER_QUERY,
+        JAEGER_HEALTH,
+    ];
+}
+
+/// Start order; `down` stops in reverse.
+const ORDER: &[&str] = &[
+    "jaeger",
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+];
+
+/// Number of fake nodes.
+pub const NODES: usize = 3;
+
+/// The admin client of a kubeconfig file.
+pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("read {}", kubeconfig.display()))?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Polls `check` every 100 ms until it returns true or `timeout` passes. While waiting, fails
+/// early if `proc` exits. The error names the component and shows its log tail.
+async fn wait_for<F, Fut>(
+    run: &Path,
+    proc: Option<&procs::Proc>,
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            println!(
+                "    {what} ready ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if let Some(p) = proc {
+            procs::check_alive(run, p)?;
+        }
+        if started.elapsed() > timeout {
+            let tail = proc
+                .map(|p| procs::tail(run, &p.name, 30))
+                .unwrap_or_default();
+            bail!(
+                "{what} did not become ready within {} s; last log lines:\n{tail}",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn https_healthy(port: u16, path: &str) -> bool {
+    let Ok(url) = format!("https://127.0.0.1:{port}").parse() else {
+        return false;
+    };
+    let mut config = Config::new(url);
+    config.accept_invalid_certs = true;
+    let Ok(client) = Client::try_from(config) else {
+        return false;
+    };
+    let Ok(req) = http::Request::get(path).body(Vec::new()) else {
+        return false;
+    };
+    matches!(client.request_text(req).await, Ok(body) if body.trim() == "ok")
+}
+
+fn http_healthy(port: u16, path: &str) -> bool {
+    matches!(procs::http_get(port, path), Ok((200, _)))
+}
+
+/// Assembles kwok's configuration from the Stage manifests that ship in the pinned kwok module:
+/// fast node initialisation, node heartbeat with lease, and pod ready / complete / delete.
+fn kwok_config(kwok_module_dir: &Path) -> Result<String> {
+    let stages = [
+        "kustomize/stage/node/fast/node-initialize.yaml",
+        "kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+        "kustomize/stage/pod/fast/pod-ready.yaml",
+        "kustomize/stage/pod/fast/pod-complete.yaml",
+        "kustomize/stage/pod/fast/pod-delete.yaml",
+    ];
+    let mut out = String::from(
+        "apiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\noptions:\n  podPlayStageParallelism: 16\n  nodePlayStageParallelism: 4\n  nodeLeaseParallelism: 4\n  nodeLeaseDurationSeconds: 40\n  podsOnNodeSyncParallelism: 2\n",
+    );
+    for s in stages {
+        let path = kwok_module_dir.join(s);
+        out.push_str("---\n");
+        out.push_str(
+            &std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?,
+        );
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn module_dir(component: &str, module: &str) -> Result<PathBuf> {
+    let out = std::process::Command::new("go")
+        .current_dir(paths::components().join(component))
+        .args(["list", "-m", "-json", module])
+        .env("GOFLAGS", "-mod=mod")
+        .output()
+        .context("go list -m")?;
+    if !out.status.success() {
+        bail!(
+            "go list -m {module}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(PathBuf::from(
+        v["Dir"].as_str().context("module has no Dir")?,
+    ))
+}
+
+fn arg(k: &str, v: impl std::fmt::Display) -> String {
+    format!("--{k}={v}")
+}
+
+/// True when every recorded component runs and the API server answers.
+pub async fn is_up() -> bool {
+    let run = paths::run_dir();
+    let recorded = procs::recorded(&run);
+    let alive = ORDER.iter().all(|name| {
+        recorded
+            .iter()
+            .any(|(n, pid, bin)| n == name && procs::runs(*pid, Some(bin)))
+    });
+    if !alive {
+        return false;
+    }
+    match client_from(&paths::kubeconfig()).await {
+        Ok(c) => readyz(&c).await,
+        Err(_) => false,
+    }
+}
+
+async fn readyz(client: &Client) -> bool {
+    let Ok(req) = http::Request::get("/readyz").body(Vec::new()) else {
+        return false;
+    };
+    matches!(client.request_text(req).await, Ok(b) if b.trim() == "ok")
+}
+
+/// Starts the local control plane (building what is missing) and waits until it is all ready.
+pub async fn up() -> Result<()> {
+    let total = Instant::now();
+    let bins = gobuild::ensure_all()?;
+    let run = paths::run_dir();
+    if is_up().await {
+        println!("==> the local control plane is already up");
+        print_usage();
+        return Ok(());
+    }
+    // Leftovers of a previous run that died: stop them before checking ports.
+    down_quiet(&run);
+    if let Some(p) = ports::ALL.iter().find(|p| procs::port_in_use(**p)) {
+        bail!("port 127.0.0.1:{p} is in use by another process; the local control plane needs it");
+    }
+    let started = Instant::now();
+    println!("==> starting the local control plane in {}", run.display());
+    for d in ["etcd", "logs", "pids"] {
+        let _ = std::fs::remove_dir_all(run.join(d));
+    }
+    std::fs::create_dir_all(run.join("logs"))?;
+    let pki_dir = run.join("pki");
+    pki::ensure(&pki_dir)?;
+    let server = format!("https://127.0.0.1:{}", ports::APISERVER);
+    for c in pki::CLIENTS {
+        let file = if c.file == "admin" {
+            paths::kubeconfig()
+        } else {
+            run.join(format!("{}.kubeconfig", c.file))
+        };
+        std::fs::write(file, pki::kubeconfig(&pki_dir, &server, c.file)?)?;
+    }
+    std::fs::copy(
+        paths::repo().join("cluster/audit-policy.yaml"),
+        run.join("audit-policy.yaml"),
+    )?;
+    std::fs::write(
+        run.join("tracing.yaml"),
+        format!(
+            "apiVersion: apiserver.config.k8s.io/v1\nkind: TracingConfiguration\nendpoint: 127.0.0.1:{}\nsamplingRatePerMillion: 1000000\n",
+            ports::JAEGER_OTLP
+        ),
+    )?;
+    std::fs::write(
+        run.join("kwok.yaml"),
+        kwok_config(&module_dir("kwok", "sigs.k8s.io/kwok")?)?,
+    )?;
+    let bin = |name: &str| -> Result<PathBuf> {
+        bins.get(name)
+            .cloned()
+            .with_context(|| format!("no binary {name}"))
+    };
+    let p = |f: &str| run.join(f).display().to_string();
+    let pk = |f: &str| pki_dir.join(f).display().to_string();
+
+    let jaeger = procs::spawn(
+        &run,
+        "jaeger",
+        &bin("jaeger")?,
+        &[format!(
+            "--config={}",
+            paths::repo().join("cluster/jaeger.yaml").display()
+        )],
+        &[],
+    )?;
+    let etcd = procs::spawn(
+        &run,
+        "etcd",
+        &bin("etcd")?,
+        &[
+            arg("name", "local"),
+            arg("data-dir", p("etcd")),
+            arg(
+                "listen-client-urls",
+                format!("http://127.0.0.1:{}", ports::ETCD),
+            ),
+            arg(
+                "advertise-client-urls",
+                format!("http://127.0.0.1:{}", ports::ETCD),
+            ),
+            arg(
+                "listen-peer-urls",
+                format!("http://127.0.0.1:{}", ports::ETCD_PEER),
+            ),
+            arg(
+                "initial-advertise-peer-urls",
+                format!("http://127.0.0.1:{}", ports::ETCD_PEER),
+            ),
+            arg(
+                "initial-cluster",
+                format!("local=http://127.0.0.1:{}", ports::ETCD_PEER),
+            ),
+            arg("unsafe-no-fsync", true),
+            arg("log-level", "warn"),
+        ],
+        &[],
+    )?;
+    wait_for(
+        &run,
+        Some(&jaeger),
+        "jaeger",
+        Duration::from_secs(30),
+        || async { http_healthy(ports::JAEGER_HEALTH, "/status") },
+    )
+    .await?;
+    wait_for(&run, Some(&etcd), "etcd", Duration::from_secs(30), || async {
+        matches!(procs::http_get(ports::ETCD, "/health"), Ok((200, b)) if b.contains("\"true\""))
+    })
+    .await?;
+
+    let apiserver = procs::spawn(
+        &run,
+        "kube-apiserver",
+        &bin("kube-apiserver")?,
+        &[
+            arg("etcd-servers", format!("http://127.0.0.1:{}", ports::ETCD)),
+            arg("bind-address", "127.0.0.1"),
+            arg("advertise-address", "127.0.0.1"),
+            // A loopback address cannot back the `kubernetes` Service endpoints; nothing here needs them.
+            arg("endpoint-reconciler-type", "none"),
+            arg("secure-port", ports::APISERVER),
+            arg("tls-cert-file", pk("apiserver.crt")),
+            arg("tls-private-key-file", pk("apiserver.key")),
+            arg("client-ca-file", pk("ca.crt")),
+            arg("service-account-key-file", pk("sa.pub")),
+            arg("service-account-signing-key-file", pk("sa.key")),
+            arg(
+                "service-account-issuer",
+                "https://kubernetes.default.svc.cluster.local",
+            ),
+            arg("service-cluster-ip-range", "10.0.0.0/24"),
+            arg("authorization-mode", "RBAC"),
+            arg(
+                "enable-admission-plugins",
+                "NamespaceLifecycle,ServiceAccount,TaintNodesByCondition,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota",
+            ),
+            arg("audit-policy-file", p("audit-policy.yaml")),
+            arg("audit-log-path", p("logs/audit.log")),
+            arg("audit-log-format", "json"),
+            arg("audit-log-mode", "blocking"),
+            arg("audit-log-maxsize", 1024),
+            arg("tracing-config-file", p("tracing.yaml")),
+            arg("allow-privileged", true),
+            arg("profiling", false),
+            arg("max-requests-inflight", 1000),
+            arg("max-mutating-requests-inflight", 500),
+        ],
+        &[],
+    )?;
+    let admin = client_from(&paths::kubeconfig()).await?;
+    wait_for(
+        &run,
+        Some(&apiserver),
+        "kube-apiserver",
+        Duration::from_secs(60),
+        || readyz(&admin),
+    )
+    .await?;
+
+    let cm = procs::spawn(
+        &run,
+        "kube-controller-manager",
+        &bin("kube-controller-manager")?,
+        &[
+            arg("kubeconfig", p("controller-manager.kubeconfig")),
+            arg(
+                "authentication-kubeconfig",
+                p("controller-manager.kubeconfig"),
+            ),
+            arg(
+                "authorization-kubeconfig",
+                p("controller-manager.kubeconfig"),
+            ),
+            arg("bind-address", "127.0.0.1"),
+            arg("secure-port", ports::CONTROLLER_MANAGER),
+            arg(
+                "controllers",
+                "garbage-collector-controller,deployment-controller,replicaset-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,node-lifecycle-controller,root-ca-certificate-publisher-controller,endpointslice-controller,taint-eviction-controller",
+            ),
+            arg("use-service-account-credentials", true),
+            arg("service-account-private-key-file", pk("sa.key")),
+            arg("root-ca-file", pk("ca.crt")),
+            arg("cluster-name", "myapp-local"),
+            arg("leader-elect", false),
+            arg("kube-api-qps", 200),
+            arg("kube-api-burst", 400),
+            arg("concurrent-deployment-syncs", 20),
+            arg("concurrent-replicaset-syncs", 20),
+            arg("concurrent-gc-syncs", 40),
+        ],
+        &[],
+    )?;
+    let scheduler = procs::spawn(
+        &run,
+        "kube-scheduler",
+        &bin("kube-scheduler")?,
+        &[
+            arg("kubeconfig", p("scheduler.kubeconfig")),
+            arg("authentication-kubeconfig", p("scheduler.kubeconfig")),
+            arg("authorization-kubeconfig", p("scheduler.kubeconfig")),
+            arg("bind-address", "127.0.0.1"),
+            arg("secure-port", ports::SCHEDULER),
+            arg("leader-elect", false),
+        ],
+        &[],
+    )?;
+    let kwok = procs::spawn(
+        &run,
+        "kwok",
+        &bin("kwok")?,
+        &[
+            arg("kubeconfig", p("kwok.kubeconfig")),
+            arg("config", p("kwok.yaml")),
+            arg("manage-all-nodes", false),
+            arg(
+                "manage-nodes-with-annotation-selector",
+                "kwok.x-k8s.io/node=fake",
+            ),
+            arg("server-address", format!("127.0.0.1:{}", ports::KWOK)),
+            arg("node-ip", "127.0.0.1"),
+            arg("cidr", "10.244.0.0/16"),
+        ],
+        &[],
+    )?;
+    wait_for(
+        &run,
+        Some(&cm),
+        "kube-controller-manager",
+        Duration::from_secs(60),
+        || https_healthy(ports::CONTROLLER_MANAGER, "/healthz"),
+    )
+    .await?;
+    wait_for(
+        &run,
+        Some(&scheduler),
+        "kube-scheduler",
+        Duration::from_secs(60),
+        || https_healthy(ports::SCHEDULER, "/healthz"),
+    )
+    .await?;
+    wait_for(
+        &run,
+        Some(&kwok),
+        "kwok",
+        Duration::from_secs(60),
+        || async { http_healthy(ports::KWOK, "/healthz") },
+    )
+    .await?;
+
+    register_nodes(&admin).await?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    wait_for(
+        &run,
+        Some(&kwok),
+        &format!("{NODES} nodes Ready"),
+        Duration::from_secs(60),
+        || async { ready_nodes(&nodes).await == NODES },
+    )
+    .await?;
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "default");
+    wait_for(
+        &run,
+        Some(&cm),
+        "default service account",
+        Duration::from_secs(60),
+        || async { matches!(sas.get_opt("default").await, Ok(Some(_))) },
+    )
+    .await?;
+    println!(
+        "==> local control plane ready: start-up {:.1} s (total including builds {:.1} s)",
+        started.elapsed().as_secs_f64(),
+        total.elapsed().as_secs_f64()
+    );
+    print_usage();
+    Ok(())
+}
+
+/// Nodes that are Ready and carry no not-ready taint.
+pub async fn ready_nodes(nodes: &Api<Node>) -> usize {
+    let Ok(list) = nodes.list(&ListParams::default()).await else {
+        return 0;
+    };
+    list.items
+        .iter()
+        .filter(|n| {
+            let ready = n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let tainted = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|ts| {
+                    ts.iter()
+                        .any(|t| t.key.starts_with("node.kubernetes.io/not-ready"))
+                });
+            ready && !tainted
+        })
+        .count()
+}
+
+async fn register_nodes(client: &Client) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    for i in 0..NODES {
+        let name = format!("kwok-node-{i}");
+        let zone = ["zone-a", "zone-b", "zone-c"][i % 3];
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": { "kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0" },
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "topology.kubernetes.io/zone": zone,
+                    "type": "kwok"
+                }
+            },
+            "status": {
+                "allocatable": { "cpu": "32", "memory": "256Gi", "pods": "1000" },
+                "capacity": { "cpu": "32", "memory": "256Gi", "pods": "1000" }
+            }
+        }))?;
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e).with_context(|| format!("register node {name}")),
+        }
+    }
+    Ok(())
+}
+
+fn print_usage() {
+    let kc = paths::kubeconfig();
+    let bin = gobuild::COMPONENTS
+        .iter()
+        .find(|c| c.name == "kubernetes")
+        .and_then(|c| c.bin_dir().ok())
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    println!("    kubeconfig:  {}", kc.display());
+    println!("    use it:      export KUBECONFIG={}", kc.display());
+    println!("    kubectl:     {bin}/kubectl (v1.37, built with the control plane)");
+    println!("    Jaeger UI:   http://127.0.0.1:{}/", ports::JAEGER_QUERY);
+    println!(
+        "    logs:        {}",
+        paths::run_dir().join("logs").display()
+    );
+    println!("    stop it:     cargo xtask cluster down");
+}
+
+fn down_quiet(run: &Path) -> usize {
+    let recorded = procs::recorded(run);
+    let mut order: HashMap<&str, usize> = ORDER.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    order.insert("", usize::MAX);
+    let mut list = recorded;
+    // Operator replicas and anything else first, then the control plane in reverse start order.
+    list.sort_by_key(|(n, _, _)| {
+        std::cmp::Reverse(order.get(n.as_str()).copied().unwrap_or(usize::MAX))
+    });
+    let mut stopped = 0;
+    for (name, pid, bin) in &list {
+        if procs::runs(*pid, Some(bin)) {
+            stopped += 1;
+        }
+        procs::stop(run, name, *pid, bin, Duration::from_secs(10));
+    }
+    stopped
+}
+
+/// Stops every process `up` (or the harness) recorded.
+pub fn down() -> Result<()> {
+    let run = paths::run_dir();
+    let n = down_quiet(&run);
+    let busy: Vec<u16> = ports::ALL
+        .iter()
+        .copied()
+        .filter(|p| procs::port_in_use(*p))
+        .collect();
+    println!(
+        "==> stopped {n} processes; logs kept in {}",
+        run.join("logs").display()
+    );
+    if !busy.is_empty() {
+        bail!("ports still in use after down: {busy:?}");
+    }
+    Ok(())
+}
+
+/// Prints what runs.
+pub async fn status() -> Result<()> {
+    let run = paths::run_dir();
+    let recorded = procs::recorded(&run);
+    if recorded.is_empty() {
+        println!(
+            "the local control plane is not running (nothing recorded in {})",
+            run.display()
+        );
+        return Ok(());
+    }
+    for (name, pid, bin) in &recorded {
+        let state = if procs::runs(*pid, Some(bin)) {
+            "running"
+        } else {
+            "dead"
+        };
+        println!("{name:<26} pid {pid:<8} {state}");
+    }
+    if is_up().await {
+        let client = client_from(&paths::kubeconfig()).await?;
+        let nodes: Api<Node> = Api::all(client);
+        println!(
+            "kube-apiserver ready; {} nodes Ready",
+            ready_nodes(&nodes).await
+        );
+        print_usage();
+    } else {
+        println!("kube-apiserver is not answering");
+    }
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! Builds the upstream control-plane components from their Go modules.
+//!
+//! Each component has a wrapper module in `cluster/components/<name>/` that commits only its
+//! `go.mod` (with `tool` lines naming the commands) and `go.sum`. `go build tool` builds every
+//! command of the module. The binaries go into the cache under `bin/<name>-<version>-<hash>/`,
+//! where the hash covers `go.mod` and `go.sum`, so a changed pin rebuilds and an unchanged one
+//! never does.
+
+use crate::paths;
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+/// One component to build.
+pub struct Component {
+    /// Folder name under `cluster/components/`.
+    pub name: &'static str,
+    /// The module whose version names the build.
+    pub module: &'static str,
+    /// Commands the build must produce.
+    pub binaries: &'static [&'static str],
+    /// Extra `-ldflags` (version stamping); `{version}` is replaced.
+    pub ldflags: &'static str,
+    /// Binaries that `go build` names after their package path, renamed: (built, wanted).
+    pub renames: &'static [(&'static str, &'static str)],
+}
+
+const K8S_LDFLAGS: &str = "-X k8s.io/component-base/version.gitVersion={version} \
+    -X k8s.io/component-base/version.gitMajor={major} -X k8s.io/component-base/version.gitMinor={minor} \
+    -X k8s.io/component-base/version.gitTreeState=clean \
+    -X k8s.io/client-go/pkg/version.gitVersion={version} \
+    -X k8s.io/client-go/pkg/version.gitMajor={major} -X k8s.io/client-go/pkg/version.gitMinor={minor}";
+
+/// Every component of the local control plane.
+pub const COMPONENTS: &[Component] = &[
+    Component {
+        name: "etcd",
+        module: "go.etcd.io/etcd/server/v3",
+        binaries: &["etcd"],
+        ldflags: "",
+        renames: &[("server", "etcd")],
+    },
+    Component {
+        name: "kubernetes",
+        module: "k8s.io/kubernetes",
+        binaries: &[
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubectl",
+        ],
+        ldflags: K8S_LDFLAGS,
+        renames: &[],
+    },
+    Component {
+        name: "kwok",
+        module: "sigs.k8s.io/kwok",
+        binaries: &["kwok"],
+        ldflags: "",
+        renames: &[],
+    },
+    Component {
+        name: "jaeger",
+        module: "github.com/jaegertracing/jaeger",
+        binaries: &["jaeger"],
+        ldflags: "",
+        renames: &[],
+    },
+];
+
+/// FNV-1a, 64 bits: a stable content hash for cache keys.
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+impl Component {
+    fn dir(&self) -> PathBuf {
+        paths::components().join(self.name)
+    }
+
+    /// The version of `module` pinned in the wrapper's go.mod.
+    pub fn version(&self) -> Result<String> {
+        let gomod = std::fs::read_to_string(self.dir().join("go.mod"))
+            .with_context(|| format!("read {}/go.mod", self.dir().display()))?;
+        gomod
+            .lines()
+            .map(|l| l.trim().trim_start_matches("require").trim())
+            .find_map(|l| {
+                let mut parts = l.split_whitespace();
+                (parts.next() == Some(self.module))
+                    .then(|| parts.next().map(str::to_string))
+                    .flatten()
+            })
+            .with_context(|| format!("{} is not required in {}/go.mod", self.module, self.name))
+    }
+
+    fn key(&self) -> Result<String> {
+        let mut content = std::fs::read(self.dir().join("go.mod"))?;
+        content.extend(std::fs::read(self.dir().join("go.sum")).unwrap_or_default());
+        Ok(format!(
+            "{}-{}-{:08x}",
+            self.name,
+            self.version()?,
+            fnv1a(&content) as u32
+        ))
+    }
+
+    /// Folder holding the built binaries.
+    pub fn bin_dir(&self) -> Result<PathBuf> {
+        Ok(paths::cache().join("bin").join(self.key()?))
+    }
+
+    fn built(&self) -> Result<bool> {
+        let dir = self.bin_dir()?;
+        Ok(self.binaries.iter().all(|b| dir.join(b).is_file()))
+    }
+
+    fn ldflags(&self) -> Result<String> {
+        let version = self.version()?;
+        let mut nums = version.trim_start_matches('v').split('.');
+        let major = nums.next().unwrap_or("0").to_string();
+        let minor = nums.next().unwrap_or("0").to_string();
+        Ok(format!(
+            "-s -w {}",
+            self.ldflags
+                .replace("{version}", &version)
+                .replace("{major}", &major)
+                .replace("{minor}", &minor)
+        ))
+    }
+
+    /// Builds the component unless the cache has it.
+    pub fn ensure(&self) -> Result<PathBuf> {
+        let dir = self.bin_dir()?;
+        if self.built()? {
+            return Ok(dir);
+        }
+        let started = Instant::now();
+        println!(
+            "==> building {} {} from its Go module (cold builds take minutes)…",
+            self.name,
+            self.version()?
+        );
+        let tmp = paths::cache()
+            .join("bin")
+            .join(format!("{}.partial", self.key()?));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        let mut child = Command::new("go")
+            .current_dir(self.dir())
+            .env("CGO_ENABLED", "0")
+            .env("GOFLAGS", "-mod=mod")
+            .args(["build", "-trimpath", "-ldflags", &self.ldflags()?, "-o"])
+            .arg(&tmp)
+            .arg("tool")
+            .spawn()
+            .context("run `go build` (is Go installed?)")?;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let secs = started.elapsed().as_secs();
+            if secs > 0 && secs % 30 == 0 {
+                println!("    … {} still building ({secs} s)", self.name);
+            }
+        };
+        if !status.success() {
+            bail!("building {} failed ({status})", self.name);
+        }
+        for (built, wanted) in self.renames {
+            std::fs::rename(tmp.join(built), tmp.join(wanted))?;
+        }
+        for b in self.binaries {
+            if !tmp.join(b).is_file() {
+                bail!("building {} did not produce {b}", self.name);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir)?;
+        println!(
+            "    built {} in {:.1} s",
+            self.name,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(dir)
+    }
+}
+
+/// Builds (or finds) every component; returns the folder of each binary by name.
+pub fn ensure_all() -> Result<std::collections::HashMap<&'static str, PathBuf>> {
+    let mut out = std::collections::HashMap::new();
+    for c in COMPONENTS {
+        let dir = c.ensure()?;
+        for b in c.binaries {
+            out.insert(*b, dir.join(b));
+        }
+    }
+    Ok(out)
+}
+
+/// Regenerates the `replace` block of the kubernetes wrapper from k8s.io/kubernetes's own go.mod:
+/// every staging module (`k8s.io/x => ./staging/src/k8s.io/x`) is pinned to `v0.<minor>.<patch>`.
+pub fn regenerate_kubernetes_replaces() -> Result<()> {
+    let comp = COMPONENTS
+        .iter()
+        .find(|c| c.name == "kubernetes")
+        .context("no kubernetes component")?;
+    let version = comp.version()?;
+    let out = Command::new("go")
+        .current_dir(comp.dir())
+        .args(["mod", "download", "-json"])
+        .arg(format!("k8s.io/kubernetes@{version}"))
+        .output()
+        .context("go mod download")?;
+    if !out.status.success() {
+        bail!(
+            "go mod download failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let upstream_mod = info["GoMod"]
+        .as_str()
+        .context("no GoMod in go mod download output")?;
+    let upstream = std::fs::read_to_string(upstream_mod)?;
+    let staging_version = format!("v0.{}", version.trim_start_matches("v1."));
+    let replaces = staging_replaces(&upstream, &staging_version);
+    let path = comp.dir().join("go.mod");
+    let current = std::fs::read_to_string(&path)?;
+    std::fs::write(&path, with_replace_block(&current, &replaces))?;
+    let status = Command::new("go")
+        .current_dir(comp.dir())
+        .args(["mod", "tidy"])
+        .status()?;
+    if !status.success() {
+        bail!("go mod tidy failed");
+    }
+    println!(
+        "{}: {} staging replaces at {staging_version}",
+        path.display(),
+        replaces.len()
+    );
+    Ok(())
+}
+
+/// The staging modules of an upstream go.mod, as `replace` lines pinned to `staging_version`.
+pub fn staging_replaces(upstream_gomod: &str, staging_version: &str) -> Vec<String> {
+    upstream_gomod
+        .lines()
+        .filter_map(|l| {
+            let (module, target) = l
+                .trim()
+                .trim_start_matches("replace")
+                .trim()
+                .split_once("=>")?;
+            let module = module.trim();
+            target
+                .trim()
+                .starts_with("./staging/")
+                .then(|| format!("{module} => {module} {staging_version}"))
+        })
+        .collect()
+}
+
+fn with_replace_block(gomod: &str, replaces: &[String]) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in gomod.lines() {
+        if line.trim_start().starts_with("replace (") {
+            skipping = true;
+            continue;
+        }
+        if skipping {
+            if line.trim() == ")" {
+                skipping = false;
+            }
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str("\nreplace (\n");
+    for r in replaces {
+        out.push_str(&format!("\t{r}\n"));
+    }
+    out.push_str(")\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_staging_modules_only() {
+        let upstream = "module k8s.io/kubernetes\n\nreplace (\n\tk8s.io/api => ./staging/src/k8s.io/api\n\tk8s.io/client-go => ./staging/src/k8s.io/client-go\n\tgithub.com/x/y => github.com/x/y v1.0.0\n)\n";
+        assert_eq!(
+            staging_replaces(upstream, "v0.37.2"),
+            vec![
+                "k8s.io/api => k8s.io/api v0.37.2",
+                "k8s.io/client-go => k8s.io/client-go v0.37.2"
+            ]
+        );
+    }
+
+    #[test]
+    fn replace_block_is_rewritten_not_duplicated() {
+        let gomod = "module m\n\nrequire k8s.io/kubernetes v1.37.2\n\nreplace (\n\told => old v0.1.0\n)\n\ntool k8s.io/kubernetes/cmd/kubectl\n";
+        let out = with_replace_block(gomod, &["a => a v0.37.2".to_string()]);
+        assert_eq!(out.matches("replace (").count(), 1);
+        assert!(out.contains("\ta => a v0.37.2\n"));
+        assert!(!out.contains("old => old"));
+        assert!(out.contains("tool k8s.io/kubernetes/cmd/kubectl"));
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        assert_eq!(fnv1a(b""), 0xcbf29ce484222325);
+        assert_ne!(fnv1a(b"a"), fnv1a(b"b"));
+    }
+}
