@@ -33,13 +33,7 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
 }
 
 async fn metrics(State(p): State<Probes>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        p.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], p.metrics.encode())
 }
 
 /// The probe router.
@@ -59,7 +53,5 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "probe server listening");
-    axum::serve(listener, router(probes))
-        .with_graceful_shutdown(stop)
-        .await
+    axum::serve(listener, router(probes)).with_graceful_shutdown(stop).await
 }

@@ -70,28 +70,19 @@ mod tests {
         assert_eq!(backoff_delay(2, "api", 0.0), Duration::from_millis(1000));
         assert_eq!(backoff_delay(4, "api", 0.0), Duration::from_millis(4000));
         assert_eq!(backoff_delay(30, "api", 0.0), Duration::from_secs(300));
-        assert_eq!(
-            backoff_delay(u32::MAX, "api", 0.0),
-            Duration::from_secs(300)
-        );
+        assert_eq!(backoff_delay(u32::MAX, "api", 0.0), Duration::from_secs(300));
     }
 
     #[test]
     fn backoff_jitter_is_bounded() {
-        assert_eq!(
-            backoff_delay(1, "api", 0.999_999),
-            Duration::from_millis(599)
-        );
+        assert_eq!(backoff_delay(1, "api", 0.999_999), Duration::from_millis(599));
         assert_eq!(backoff_delay(1, "api", 7.0), Duration::from_millis(600));
         assert!(backoff_delay(3, "api", 0.5) > backoff_delay(3, "api", 0.0));
     }
 
     #[test]
     fn conflicts_retry_fast() {
-        assert_eq!(
-            backoff_delay(1, "conflict", 0.0),
-            Duration::from_millis(100)
-        );
+        assert_eq!(backoff_delay(1, "conflict", 0.0), Duration::from_millis(100));
         assert!(backoff_delay(1, "conflict", 0.0) < backoff_delay(1, "api", 0.0));
     }
 }

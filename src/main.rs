@@ -13,11 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 
 #[derive(Parser)]
-#[command(
-    name = "myapp-operator",
-    version,
-    about = "A high-availability Kubernetes operator for MyApp"
-)]
+#[command(name = "myapp-operator", version, about = "A high-availability Kubernetes operator for MyApp")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,9 +59,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(run(args))
         }
     }
@@ -92,13 +86,11 @@ async fn shutdown_signal() {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     logging::init(args.log_format);
-    let identity = args
-        .identity
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "myapp-operator".into());
-    let client = kube::Client::try_default()
-        .await
-        .context("build the Kubernetes client")?;
+    let identity = args.identity.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "myapp-operator".into());
+    let mut config = kube::Config::infer().await.context("find Kubernetes credentials")?;
+    let agent = format!("myapp-operator/{} ({identity})", env!("CARGO_PKG_VERSION"));
+    config.headers.push((::http::header::USER_AGENT, ::http::HeaderValue::from_str(&agent)?));
+    let client = kube::Client::try_from(config).context("build the Kubernetes client")?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -106,23 +98,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let probes = Probes {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-    };
-    let probe_task = tokio::spawn(http::serve(
-        args.probe_addr,
-        probes,
-        stopped(stop_rx.clone()),
-    ));
+    let probes = Probes { metrics: metrics.clone(), ready: ready.clone() };
+    let probe_task = tokio::spawn(http::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
 
     let caches = Caches::start(client.clone(), args.namespace.as_deref());
     let ctx = Arc::new(Context::new(client, caches.clone(), metrics, &identity));
     tracing::info!(%identity, "starting");
-    let controller_task = tokio::spawn(controller::run(ctx, stopped(stop_rx.clone())));
+    // One waiter at a time: the store's readiness signal wakes a single task.
     caches.wait_ready().await;
     ready.store(true, Ordering::Relaxed);
     tracing::info!("caches synced; ready");
+    let controller_task = tokio::spawn(controller::run(ctx, stopped(stop_rx.clone())));
 
     shutdown_signal().await;
     tracing::info!("shutdown requested");

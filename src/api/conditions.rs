@@ -55,8 +55,7 @@ impl RolloutFacts {
             ready: status.ready_replicas.unwrap_or(0),
             available: status.available_replicas.unwrap_or(0),
             deadline_exceeded: status.conditions.unwrap_or_default().iter().any(|c| {
-                c.type_.as_deref() == Some("Progressing")
-                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+                c.type_.as_deref() == Some("Progressing") && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
             }),
         }
     }
@@ -83,13 +82,7 @@ pub enum Observation {
     Deleting,
 }
 
-fn condition(
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: String,
-    generation: i64,
-) -> Condition {
+fn condition(type_: &str, status: bool, reason: &str, message: String, generation: i64) -> Condition {
     Condition {
         type_: type_.into(),
         status: if status { "True" } else { "False" }.into(),
@@ -115,53 +108,21 @@ pub fn desired_status(generation: i64, selector: &str, obs: &Observation) -> MyA
             condition(STALLED, true, "InvalidSpec", msg.clone(), g),
         ],
         Observation::Creating => vec![
-            condition(
-                READY,
-                false,
-                "Creating",
-                "creating the Deployment and Service".into(),
-                g,
-            ),
-            condition(
-                RECONCILING,
-                true,
-                "Creating",
-                "creating the Deployment and Service".into(),
-                g,
-            ),
+            condition(READY, false, "Creating", "creating the Deployment and Service".into(), g),
+            condition(RECONCILING, true, "Creating", "creating the Deployment and Service".into(), g),
             condition(STALLED, false, "Creating", String::new(), g),
         ],
         Observation::Deleting => vec![
-            condition(
-                READY,
-                false,
-                "Deleting",
-                "waiting for the Deployment and Service to be deleted".into(),
-                g,
-            ),
-            condition(
-                RECONCILING,
-                true,
-                "Deleting",
-                "waiting for the Deployment and Service to be deleted".into(),
-                g,
-            ),
+            condition(READY, false, "Deleting", "waiting for the Deployment and Service to be deleted".into(), g),
+            condition(RECONCILING, true, "Deleting", "waiting for the Deployment and Service to be deleted".into(), g),
             condition(STALLED, false, "Deleting", String::new(), g),
         ],
         Observation::Rollout(f) if f.deadline_exceeded && !f.complete() => {
-            let msg = format!(
-                "the rollout exceeded its progress deadline: {}/{} pods available",
-                f.available, f.desired
-            );
+            let msg =
+                format!("the rollout exceeded its progress deadline: {}/{} pods available", f.available, f.desired);
             vec![
                 condition(READY, false, "ProgressDeadlineExceeded", msg.clone(), g),
-                condition(
-                    RECONCILING,
-                    false,
-                    "ProgressDeadlineExceeded",
-                    String::new(),
-                    g,
-                ),
+                condition(RECONCILING, false, "ProgressDeadlineExceeded", String::new(), g),
                 condition(STALLED, true, "ProgressDeadlineExceeded", msg, g),
             ]
         }
@@ -243,11 +204,7 @@ mod tests {
         assert!(!is_true(&s.conditions, RECONCILING));
         assert!(!is_true(&s.conditions, STALLED));
         assert_eq!(s.observed_generation, Some(3));
-        assert!(
-            s.conditions
-                .iter()
-                .all(|c| c.observed_generation == Some(3))
-        );
+        assert!(s.conditions.iter().all(|c| c.observed_generation == Some(3)));
         assert_eq!((s.replicas, s.ready_replicas), (2, 2));
     }
 
@@ -256,10 +213,7 @@ mod tests {
         let s = desired_status(1, "sel", &Observation::Rollout(facts(3, 1, 1)));
         assert!(!is_true(&s.conditions, READY));
         assert!(is_true(&s.conditions, RECONCILING));
-        assert_eq!(
-            find(&s.conditions, READY).map(|c| c.reason.as_str()),
-            Some("RollingOut")
-        );
+        assert_eq!(find(&s.conditions, READY).map(|c| c.reason.as_str()), Some("RollingOut"));
     }
 
     #[test]
@@ -285,25 +239,16 @@ mod tests {
         let s = desired_status(1, "sel", &Observation::Rollout(f));
         assert!(is_true(&s.conditions, STALLED));
         assert!(!is_true(&s.conditions, RECONCILING));
-        assert_eq!(
-            find(&s.conditions, STALLED).map(|c| c.reason.as_str()),
-            Some("ProgressDeadlineExceeded")
-        );
+        assert_eq!(find(&s.conditions, STALLED).map(|c| c.reason.as_str()), Some("ProgressDeadlineExceeded"));
     }
 
     #[test]
     fn invalid_and_deleting() {
         let s = desired_status(1, "sel", &Observation::Invalid("spec.image: bad".into()));
         assert!(is_true(&s.conditions, STALLED));
-        assert_eq!(
-            find(&s.conditions, READY).map(|c| c.message.as_str()),
-            Some("spec.image: bad")
-        );
+        assert_eq!(find(&s.conditions, READY).map(|c| c.message.as_str()), Some("spec.image: bad"));
         let s = desired_status(1, "sel", &Observation::Deleting);
-        assert_eq!(
-            find(&s.conditions, READY).map(|c| c.reason.as_str()),
-            Some("Deleting")
-        );
+        assert_eq!(find(&s.conditions, READY).map(|c| c.reason.as_str()), Some("Deleting"));
     }
 
     #[test]
@@ -316,19 +261,8 @@ mod tests {
             Observation::Rollout(facts(2, 1, 1)),
         ] {
             for c in desired_status(1, "s", &obs).conditions {
-                assert!(
-                    c.reason
-                        .chars()
-                        .next()
-                        .is_some_and(|ch| ch.is_ascii_uppercase()),
-                    "{}",
-                    c.reason
-                );
-                assert!(
-                    c.reason.chars().all(|ch| ch.is_ascii_alphanumeric()),
-                    "{}",
-                    c.reason
-                );
+                assert!(c.reason.chars().next().is_some_and(|ch| ch.is_ascii_uppercase()), "{}", c.reason);
+                assert!(c.reason.chars().all(|ch| ch.is_ascii_alphanumeric()), "{}", c.reason);
             }
         }
     }
@@ -347,18 +281,9 @@ mod tests {
         // Ready and Reconciling flip; Stalled stays False.
         let mut third = desired_status(1, "s", &Observation::Rollout(facts(2, 2, 2))).conditions;
         carry_transition_times(&second, &mut third, &t(300));
-        assert_eq!(
-            find(&third, READY).map(|c| c.last_transition_time.clone()),
-            Some(t(300))
-        );
-        assert_eq!(
-            find(&third, RECONCILING).map(|c| c.last_transition_time.clone()),
-            Some(t(300))
-        );
-        assert_eq!(
-            find(&third, STALLED).map(|c| c.last_transition_time.clone()),
-            Some(t(100))
-        );
+        assert_eq!(find(&third, READY).map(|c| c.last_transition_time.clone()), Some(t(300)));
+        assert_eq!(find(&third, RECONCILING).map(|c| c.last_transition_time.clone()), Some(t(300)));
+        assert_eq!(find(&third, STALLED).map(|c| c.last_transition_time.clone()), Some(t(100)));
     }
 
     #[test]

@@ -11,9 +11,7 @@ pub fn parse(s: &str) -> Option<f64> {
     if s.is_empty() {
         return None;
     }
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(s.len());
     let (number, suffix) = s.split_at(split);
     if number.is_empty() || number == "+" || number == "-" || number.matches('.').count() > 1 {
         return None;

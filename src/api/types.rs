@@ -30,16 +30,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Image", type_ = "string", json_path = ".spec.image"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(
-        name = "Status",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MyAppSpec {
@@ -90,10 +82,7 @@ fn default_port() -> i32 {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
 pub struct EnvVar {
     /// Variable name: letters, digits, `_`, `-` and `.`, not starting with a digit.
-    #[schemars(
-        length(min = 1, max = 253),
-        regex(pattern = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
-    )]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"))]
     pub name: String,
     /// Variable value.
     #[serde(default)]
@@ -132,9 +121,7 @@ pub struct ResourceAmounts {
 }
 
 /// How the Service is exposed.
-#[derive(
-    schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default,
-)]
+#[derive(schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ServiceType {
     /// A cluster-internal virtual IP.
     #[default]

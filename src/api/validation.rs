@@ -18,10 +18,7 @@ pub struct FieldError {
 impl FieldError {
     /// A new error on `field`.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -33,11 +30,7 @@ impl fmt::Display for FieldError {
 
 /// Joins errors into one message, as the API server does: `a: x; b: y`.
 pub fn join(errors: &[FieldError]) -> String {
-    errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 /// True when the final path segment of `image` carries a tag (`name:tag`).
@@ -49,13 +42,8 @@ pub fn has_tag(image: &str) -> bool {
             !repo.is_empty()
                 && !tag.is_empty()
                 && tag.len() <= 128
-                && tag
-                    .chars()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-                && tag
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+                && tag.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                && tag.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
         }
         None => false,
     }
@@ -66,10 +54,7 @@ pub fn has_digest(image: &str) -> bool {
     match image.rsplit_once('@') {
         Some((name, digest)) => match digest.split_once(':') {
             Some((algo, hex)) => {
-                !name.is_empty()
-                    && !algo.is_empty()
-                    && hex.len() >= 32
-                    && hex.chars().all(|c| c.is_ascii_hexdigit())
+                !name.is_empty() && !algo.is_empty() && hex.len() >= 32 && hex.chars().all(|c| c.is_ascii_hexdigit())
             }
             None => false,
         },
@@ -85,22 +70,13 @@ pub fn validate_image(image: &str) -> Vec<FieldError> {
         return errors;
     }
     if image.chars().any(char::is_whitespace) {
-        errors.push(FieldError::new(
-            "spec.image",
-            "must not contain white space",
-        ));
+        errors.push(FieldError::new("spec.image", "must not contain white space"));
     }
     if !has_tag(image) && !has_digest(image) {
-        errors.push(FieldError::new(
-            "spec.image",
-            "must carry a tag or a digest, e.g. nginx:1.27",
-        ));
+        errors.push(FieldError::new("spec.image", "must carry a tag or a digest, e.g. nginx:1.27"));
     }
     if image.ends_with(":latest") {
-        errors.push(FieldError::new(
-            "spec.image",
-            "the tag \"latest\" is not allowed: pin a version or a digest",
-        ));
+        errors.push(FieldError::new("spec.image", "the tag \"latest\" is not allowed: pin a version or a digest"));
     }
     errors
 }
@@ -120,10 +96,7 @@ fn validate_amounts(path: &str, amounts: &ResourceAmounts, errors: &mut Vec<Fiel
         if let Some(v) = value
             && quantity::parse(v).is_none_or(|q| q < 0.0)
         {
-            errors.push(FieldError::new(
-                format!("{path}.{name}"),
-                format!("{v:?} is not a quantity"),
-            ));
+            errors.push(FieldError::new(format!("{path}.{name}"), format!("{v:?} is not a quantity")));
         }
     }
 }
@@ -132,10 +105,7 @@ fn validate_amounts(path: &str, amounts: &ResourceAmounts, errors: &mut Vec<Fiel
 pub fn validate_spec(spec: &MyAppSpec) -> Vec<FieldError> {
     let mut errors = validate_image(&spec.image);
     if !(0..=1000).contains(&spec.replicas) {
-        errors.push(FieldError::new(
-            "spec.replicas",
-            "must be between 0 and 1000",
-        ));
+        errors.push(FieldError::new("spec.replicas", "must be between 0 and 1000"));
     }
     if !(1..=65535).contains(&spec.port) {
         errors.push(FieldError::new("spec.port", "must be between 1 and 65535"));
@@ -163,10 +133,7 @@ pub fn validate_spec(spec: &MyAppSpec) -> Vec<FieldError> {
             validate_amounts("spec.resources.limits", l, &mut errors);
         }
         if let (Some(req), Some(lim)) = (&resources.requests, &resources.limits) {
-            for (name, r, l) in [
-                ("cpu", &req.cpu, &lim.cpu),
-                ("memory", &req.memory, &lim.memory),
-            ] {
+            for (name, r, l) in [("cpu", &req.cpu, &lim.cpu), ("memory", &req.memory, &lim.memory)] {
                 if let (Some(r), Some(l)) = (r, l)
                     && let (Some(rq), Some(lq)) = (quantity::parse(r), quantity::parse(l))
                     && lq < rq
@@ -188,14 +155,7 @@ mod tests {
     use crate::api::{EnvVar, Resources};
 
     fn spec(image: &str) -> MyAppSpec {
-        MyAppSpec {
-            image: image.into(),
-            replicas: 1,
-            port: 8080,
-            env: vec![],
-            resources: None,
-            service_type: None,
-        }
+        MyAppSpec { image: image.into(), replicas: 1, port: 8080, env: vec![], resources: None, service_type: None }
     }
 
     #[test]
@@ -216,10 +176,7 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].field, "spec.image");
         let e = validate_spec(&spec("nginx:latest"));
-        assert_eq!(
-            e[0].to_string(),
-            "spec.image: the tag \"latest\" is not allowed: pin a version or a digest"
-        );
+        assert_eq!(e[0].to_string(), "spec.image: the tag \"latest\" is not allowed: pin a version or a digest");
         assert!(!validate_spec(&spec("")).is_empty());
         assert!(!validate_spec(&spec("ngi nx:1")).is_empty());
     }
@@ -228,18 +185,9 @@ mod tests {
     fn env_names_unique_and_valid() {
         let mut s = spec("nginx:1.27");
         s.env = vec![
-            EnvVar {
-                name: "A".into(),
-                value: "1".into(),
-            },
-            EnvVar {
-                name: "A".into(),
-                value: "2".into(),
-            },
-            EnvVar {
-                name: "1BAD".into(),
-                value: String::new(),
-            },
+            EnvVar { name: "A".into(), value: "1".into() },
+            EnvVar { name: "A".into(), value: "2".into() },
+            EnvVar { name: "1BAD".into(), value: String::new() },
         ];
         let fields: Vec<_> = validate_spec(&s).into_iter().map(|e| e.field).collect();
         assert_eq!(fields, vec!["spec.env[1].name", "spec.env[2].name"]);
@@ -249,27 +197,15 @@ mod tests {
     fn limits_at_least_requests() {
         let mut s = spec("nginx:1.27");
         s.resources = Some(Resources {
-            requests: Some(ResourceAmounts {
-                cpu: Some("500m".into()),
-                memory: Some("1Gi".into()),
-            }),
-            limits: Some(ResourceAmounts {
-                cpu: Some("250m".into()),
-                memory: Some("1024Mi".into()),
-            }),
+            requests: Some(ResourceAmounts { cpu: Some("500m".into()), memory: Some("1Gi".into()) }),
+            limits: Some(ResourceAmounts { cpu: Some("250m".into()), memory: Some("1024Mi".into()) }),
         });
         let e = validate_spec(&s);
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(e[0].field, "spec.resources.limits.cpu");
-        s.resources
-            .as_mut()
-            .and_then(|r| r.limits.as_mut())
-            .map(|l| l.cpu = Some("1".into()));
+        s.resources.as_mut().and_then(|r| r.limits.as_mut()).map(|l| l.cpu = Some("1".into()));
         assert!(validate_spec(&s).is_empty());
-        s.resources
-            .as_mut()
-            .and_then(|r| r.requests.as_mut())
-            .map(|l| l.memory = Some("lots".into()));
+        s.resources.as_mut().and_then(|r| r.requests.as_mut()).map(|l| l.memory = Some("lots".into()));
         assert_eq!(validate_spec(&s)[0].field, "spec.resources.requests.memory");
     }
 

@@ -65,42 +65,25 @@ where
     reader
 }
 
-fn subscribe<K: Send + Sync + 'static>(
-    tx: &broadcast::Sender<Arc<K>>,
-) -> impl Stream<Item = Arc<K>> + Send + use<K> {
+fn subscribe<K: Send + Sync + 'static>(tx: &broadcast::Sender<Arc<K>>) -> impl Stream<Item = Arc<K>> + Send + use<K> {
     BroadcastStream::new(tx.subscribe()).filter_map(|r| async move { r.ok() })
 }
 
 impl Caches {
     /// Starts the watches, in every namespace or in one.
     pub fn start(client: Client, namespace: Option<&str>) -> Self {
-        let managed =
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+        let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
         let (myapp_tx, _) = broadcast::channel(CHANNEL);
         let (deployment_tx, _) = broadcast::channel(CHANNEL);
         let (service_tx, _) = broadcast::channel(CHANNEL);
-        let myapps = spawn_watch(
-            scoped(&client, namespace),
-            watcher::Config::default(),
-            myapp_tx.clone(),
-        );
-        let deployments = spawn_watch(
-            scoped(&client, namespace),
-            managed.clone(),
-            deployment_tx.clone(),
-        );
+        let myapps = spawn_watch(scoped(&client, namespace), watcher::Config::default(), myapp_tx.clone());
+        let deployments = spawn_watch(scoped(&client, namespace), managed.clone(), deployment_tx.clone());
         let services = spawn_watch(scoped(&client, namespace), managed, service_tx.clone());
-        Self {
-            myapps,
-            deployments,
-            services,
-            myapp_tx,
-            deployment_tx,
-            service_tx,
-        }
+        Self { myapps, deployments, services, myapp_tx, deployment_tx, service_tx }
     }
 
-    /// Resolves once every store holds its first full list.
+    /// Resolves once every store holds its first full list. Await it from one task at a time:
+    /// a store's readiness signal wakes a single waiter (it returns at once when already ready).
     pub async fn wait_ready(&self) {
         let _ = tokio::join!(
             self.myapps.wait_until_ready(),

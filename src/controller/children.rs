@@ -5,8 +5,7 @@
 use crate::api::{MyApp, ServiceType, quantity};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec, ResourceRequirements, Service,
-    ServicePort, ServiceSpec,
+    Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec, ResourceRequirements, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -87,15 +86,9 @@ pub fn deployment(app: &MyApp) -> Deployment {
         metadata: metadata(app),
         spec: DeploymentSpec {
             replicas: Some(spec.replicas),
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(&name)),
-                ..LabelSelector::default()
-            },
+            selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..LabelSelector::default() },
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(&name)),
-                    ..ObjectMeta::default()
-                }),
+                metadata: Some(ObjectMeta { labels: Some(labels(&name)), ..ObjectMeta::default() }),
                 spec: Some(PodSpec {
                     containers: vec![Container {
                         name: CONTAINER.into(),
@@ -125,13 +118,7 @@ pub fn service(app: &MyApp) -> Service {
     Service {
         metadata: metadata(app),
         spec: Some(ServiceSpec {
-            type_: Some(
-                app.spec
-                    .service_type
-                    .unwrap_or(ServiceType::ClusterIP)
-                    .as_str()
-                    .into(),
-            ),
+            type_: Some(app.spec.service_type.unwrap_or(ServiceType::ClusterIP).as_str().into()),
             selector: Some(selector_labels(&name)),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
@@ -151,12 +138,10 @@ pub fn service(app: &MyApp) -> Service {
 /// value, since the API server stores them in canonical form (`1000m` becomes `1`).
 pub fn is_subset(desired: &Value, actual: &Value) -> bool {
     match (desired, actual) {
-        (Value::Object(d), Value::Object(a)) => d
-            .iter()
-            .all(|(k, dv)| a.get(k).is_some_and(|av| is_subset(dv, av)) || dv.is_null()),
-        (Value::Array(d), Value::Array(a)) => {
-            d.len() == a.len() && d.iter().zip(a).all(|(x, y)| is_subset(x, y))
+        (Value::Object(d), Value::Object(a)) => {
+            d.iter().all(|(k, dv)| a.get(k).is_some_and(|av| is_subset(dv, av)) || dv.is_null())
         }
+        (Value::Array(d), Value::Array(a)) => d.len() == a.len() && d.iter().zip(a).all(|(x, y)| is_subset(x, y)),
         (Value::String(d), Value::String(a)) => d == a || quantity::same_value(d, a),
         (d, a) => d == a,
     }
@@ -183,15 +168,9 @@ mod tests {
                 image: "nginx:1.27".into(),
                 replicas: 2,
                 port: 8080,
-                env: vec![AppEnv {
-                    name: "MODE".into(),
-                    value: "prod".into(),
-                }],
+                env: vec![AppEnv { name: "MODE".into(), value: "prod".into() }],
                 resources: Some(Resources {
-                    requests: Some(ResourceAmounts {
-                        cpu: Some("100m".into()),
-                        memory: None,
-                    }),
+                    requests: Some(ResourceAmounts { cpu: Some("100m".into()), memory: None }),
                     limits: None,
                 }),
                 service_type: None,
@@ -215,10 +194,7 @@ mod tests {
         assert_eq!(c["ports"][0]["containerPort"], 8080);
         assert_eq!(c["env"][0], json!({"name": "MODE", "value": "prod"}));
         assert_eq!(c["resources"], json!({"requests": {"cpu": "100m"}}));
-        assert_eq!(
-            v["spec"]["template"]["metadata"]["labels"][MANAGED_BY_LABEL],
-            MANAGED_BY
-        );
+        assert_eq!(v["spec"]["template"]["metadata"]["labels"][MANAGED_BY_LABEL], MANAGED_BY);
     }
 
     #[test]
@@ -242,19 +218,13 @@ mod tests {
         assert_eq!(spec.selector, Some(selector_labels("web")));
         let ports = spec.ports.expect("ports");
         assert_eq!(ports[0].port, 8080);
-        assert_eq!(
-            ports[0].target_port,
-            Some(IntOrString::String("http".into()))
-        );
+        assert_eq!(ports[0].target_port, Some(IntOrString::String("http".into())));
     }
 
     #[test]
     fn empty_env_values_and_resources_are_omitted() {
         let mut a = app();
-        a.spec.env = vec![AppEnv {
-            name: "EMPTY".into(),
-            value: String::new(),
-        }];
+        a.spec.env = vec![AppEnv { name: "EMPTY".into(), value: String::new() }];
         a.spec.resources = None;
         let v = serde_json::to_value(deployment(&a)).expect("serializes");
         let c = &v["spec"]["template"]["spec"]["containers"][0];
@@ -268,10 +238,8 @@ mod tests {
         let mut actual = serde_json::to_value(&desired).expect("serializes");
         actual["spec"]["progressDeadlineSeconds"] = json!(600);
         actual["metadata"]["resourceVersion"] = json!("42");
-        actual["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] =
-            json!("IfNotPresent");
-        actual["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] =
-            json!("0.1");
+        actual["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = json!("IfNotPresent");
+        actual["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] = json!("0.1");
         let d = serde_json::to_value(&desired).expect("serializes");
         assert!(is_subset(&d, &actual));
 

@@ -45,10 +45,7 @@ pub struct Context {
 impl Context {
     /// A context for a controller run.
     pub fn new(client: Client, caches: Caches, metrics: Arc<Metrics>, identity: &str) -> Self {
-        let reporter = Reporter {
-            controller: "myapp-operator".into(),
-            instance: Some(identity.into()),
-        };
+        let reporter = Reporter { controller: "myapp-operator".into(), instance: Some(identity.into()) };
         let recorder = Recorder::new(client.clone(), reporter);
         Self {
             client: client.clone(),
@@ -85,19 +82,12 @@ impl Context {
 async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let result = app.reconcile(&ctx).await;
-    ctx.metrics
-        .reconcile_duration
-        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     let label = match &result {
         Ok(_) => "ok",
         Err(e) => e.kind(),
     };
-    ctx.metrics
-        .reconciles
-        .get_or_create(&crate::telemetry::metrics::ResultLabels {
-            result: label.into(),
-        })
-        .inc();
+    ctx.metrics.reconciles.get_or_create(&crate::telemetry::metrics::ResultLabels { result: label.into() }).inc();
     if result.is_ok() {
         ctx.record_success(&ObjectRef::from_obj(app.as_ref()));
     }
@@ -119,10 +109,7 @@ fn error_policy(app: Arc<MyApp>, error: &Error, ctx: Arc<Context>) -> Action {
 
 /// Runs the controller until `stop` resolves. It reconciles every object in the caches once at
 /// start (a new leader takes over everything), then whatever the watches trigger.
-pub async fn run(
-    ctx: Arc<Context>,
-    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     ctx.caches.wait_ready().await;
     ctx.metrics.controller_running.set(1);
     let caches = &ctx.caches;
@@ -130,17 +117,17 @@ pub async fn run(
         .owns_shared_stream(caches.deployment_events())
         .owns_shared_stream(caches.service_events())
         .reconcile_all_on(futures::stream::once(async {}))
-        .with_config(
-            Config::default()
-                .concurrency(16)
-                .debounce(Duration::from_millis(50)),
-        )
+        .with_config(Config::default().concurrency(16).debounce(Duration::from_millis(50)))
         .graceful_shutdown_on(stop);
     controller
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "controller event");
+            match res {
+                Ok((obj, _)) => {
+                    let myapp = format!("{}/{}", obj.namespace.as_deref().unwrap_or_default(), obj.name);
+                    tracing::debug!(%myapp, "reconciled");
+                }
+                Err(e) => tracing::debug!(error = %e, "controller event"),
             }
         })
         .await;

@@ -31,20 +31,15 @@ impl MyApp {
     /// Writes the status computed from `obs` unless it is what the object already has.
     /// Returns whether `Ready` became true with this write.
     async fn update_status(&self, ctx: &Context, obs: &Observation) -> Result<bool> {
-        let generation = self
-            .metadata
-            .generation
-            .ok_or(Error::MissingField("metadata.generation"))?;
+        let generation = self.metadata.generation.ok_or(Error::MissingField("metadata.generation"))?;
         let old = self.current_status();
-        let mut new =
-            conditions::desired_status(generation, &selector_string(&self.name_any()), obs);
+        let mut new = conditions::desired_status(generation, &selector_string(&self.name_any()), obs);
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         conditions::carry_transition_times(&old.conditions, &mut new.conditions, &now);
         if new == old {
             return Ok(false);
         }
-        let became_ready = conditions::is_true(&new.conditions, READY)
-            && !conditions::is_true(&old.conditions, READY);
+        let became_ready = conditions::is_true(&new.conditions, READY) && !conditions::is_true(&old.conditions, READY);
         ctx.writer.patch_status(self, &new).await?;
         Ok(became_ready)
     }
@@ -54,9 +49,7 @@ impl MyApp {
         if self.meta().deletion_timestamp.is_some() {
             return self.cleanup(ctx).await;
         }
-        let ns = self
-            .namespace()
-            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let ns = self.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
         let name = self.name_any();
 
         // The finalizer first, so that a delete can never race the creation of the children.
@@ -73,14 +66,10 @@ impl MyApp {
         let errors = validate_spec(&app.spec);
         if !errors.is_empty() {
             let message = join(&errors);
-            let was_stalled =
-                conditions::is_true(&app.current_status().conditions, conditions::STALLED);
-            app.update_status(ctx, &Observation::Invalid(message.clone()))
-                .await?;
+            let was_stalled = conditions::is_true(&app.current_status().conditions, conditions::STALLED);
+            app.update_status(ctx, &Observation::Invalid(message.clone())).await?;
             if !was_stalled {
-                ctx.writer
-                    .event(app, EventType::Warning, "InvalidSpec", "Validate", message)
-                    .await;
+                ctx.writer.event(app, EventType::Warning, "InvalidSpec", "Validate", message).await;
             }
             return Ok(Action::await_change());
         }
@@ -95,19 +84,9 @@ impl MyApp {
             Some(actual) if children::up_to_date(&desired_d, actual) => Some(actual.clone()),
             existing => {
                 let applied = ctx.writer.apply(&desired_d, "deployment").await?;
-                let (reason, verb) = if existing.is_some() {
-                    ("Updated", "updated")
-                } else {
-                    ("Created", "created")
-                };
+                let (reason, verb) = if existing.is_some() { ("Updated", "updated") } else { ("Created", "created") };
                 ctx.writer
-                    .event(
-                        app,
-                        EventType::Normal,
-                        reason,
-                        "ApplyDeployment",
-                        format!("{verb} Deployment {name}"),
-                    )
+                    .event(app, EventType::Normal, reason, "ApplyDeployment", format!("{verb} Deployment {name}"))
                     .await;
                 Some(applied)
             }
@@ -118,19 +97,9 @@ impl MyApp {
             Some(actual) if children::up_to_date(&desired_s, actual) => {}
             existing => {
                 ctx.writer.apply(&desired_s, "service").await?;
-                let (reason, verb) = if existing.is_some() {
-                    ("Updated", "updated")
-                } else {
-                    ("Created", "created")
-                };
+                let (reason, verb) = if existing.is_some() { ("Updated", "updated") } else { ("Created", "created") };
                 ctx.writer
-                    .event(
-                        app,
-                        EventType::Normal,
-                        reason,
-                        "ApplyService",
-                        format!("{verb} Service {name}"),
-                    )
+                    .event(app, EventType::Normal, reason, "ApplyService", format!("{verb} Service {name}"))
                     .await;
             }
         }
@@ -140,13 +109,8 @@ impl MyApp {
             None => Observation::Creating,
         };
         if app.update_status(ctx, &obs).await? {
-            let note = format!(
-                "{}/{} pods ready with image {}",
-                app.spec.replicas, app.spec.replicas, app.spec.image
-            );
-            ctx.writer
-                .event(app, EventType::Normal, "RolloutComplete", "Rollout", note)
-                .await;
+            let note = format!("{}/{} pods ready with image {}", app.spec.replicas, app.spec.replicas, app.spec.image);
+            ctx.writer.event(app, EventType::Normal, "RolloutComplete", "Rollout", note).await;
         }
         Ok(Action::requeue(super::RESYNC))
     }
@@ -156,18 +120,14 @@ impl MyApp {
         if !self.has_finalizer() {
             return Ok(Action::await_change());
         }
-        let ns = self
-            .namespace()
-            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let ns = self.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
         let name = self.name_any();
-        let first_time = conditions::find(&self.current_status().conditions, READY)
-            .is_none_or(|c| c.reason != "Deleting");
+        let first_time =
+            conditions::find(&self.current_status().conditions, READY).is_none_or(|c| c.reason != "Deleting");
         self.update_status(ctx, &Observation::Deleting).await?;
         if first_time {
             let note = format!("deleting Deployment and Service {name}");
-            ctx.writer
-                .event(self, EventType::Normal, "Deleting", "Delete", note)
-                .await;
+            ctx.writer.event(self, EventType::Normal, "Deleting", "Delete", note).await;
         }
 
         // Ask the API server, not the caches: the finalizer must not go before the children do.
@@ -179,9 +139,7 @@ impl MyApp {
             && d.metadata.deletion_timestamp.is_none()
             && owned_by(d, self)
         {
-            ctx.writer
-                .delete::<Deployment>(&ns, &name, "deployment")
-                .await?;
+            ctx.writer.delete::<Deployment>(&ns, &name, "deployment").await?;
         }
         if let Some(s) = &s
             && s.metadata.deletion_timestamp.is_none()
@@ -189,19 +147,11 @@ impl MyApp {
         {
             ctx.writer.delete::<Service>(&ns, &name, "service").await?;
         }
-        let remaining = [
-            d.filter(|d| owned_by(d, self)).is_some(),
-            s.filter(|s| owned_by(s, self)).is_some(),
-        ];
+        let remaining = [d.filter(|d| owned_by(d, self)).is_some(), s.filter(|s| owned_by(s, self)).is_some()];
         if remaining.iter().any(|r| *r) {
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
-        let finalizers = self
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect();
+        let finalizers = self.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
         ctx.writer.set_finalizers(self, finalizers).await?;
         Ok(Action::await_change())
     }
@@ -210,10 +160,5 @@ impl MyApp {
 /// True when `child` is controlled by `app` (same UID), so we never delete what is not ours.
 fn owned_by<K: Resource>(child: &K, app: &MyApp) -> bool {
     let uid = app.meta().uid.as_deref();
-    child
-        .meta()
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+    child.meta().owner_references.iter().flatten().any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
 }

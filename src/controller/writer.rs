@@ -57,12 +57,7 @@ pub struct Writer {
 impl Writer {
     /// A writer with an open fence.
     pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
-        Self {
-            client,
-            recorder,
-            metrics,
-            fence: Fence::open(),
-        }
+        Self { client, recorder, metrics, fence: Fence::open() }
     }
 
     /// Replaces the fence.
@@ -81,44 +76,26 @@ impl Writer {
     /// Server-side applies `obj` with force under the operator's field manager.
     pub async fn apply<K>(&self, obj: &K, label: &str) -> Result<K>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Serialize
-            + DeserializeOwned
-            + Clone
-            + Debug,
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
     {
-        let ns = obj
-            .namespace()
-            .ok_or(Error::MissingField("metadata.namespace"))?;
-        let name = obj
-            .meta()
-            .name
-            .clone()
-            .ok_or(Error::MissingField("metadata.name"))?;
+        let ns = obj.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+        let name = obj.meta().name.clone().ok_or(Error::MissingField("metadata.name"))?;
         self.fence.check()?;
         self.metrics.write(label, "apply");
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        Ok(self
-            .api::<K>(&ns)
-            .patch(&name, &params, &Patch::Apply(obj))
-            .await?)
+        Ok(self.api::<K>(&ns).patch(&name, &params, &Patch::Apply(obj)).await?)
     }
 
     /// Deletes a child in the foreground: the call returns at once, and the child disappears only
     /// after its own dependents (ReplicaSets, Pods) are gone.
     pub async fn delete<K>(&self, namespace: &str, name: &str, label: &str) -> Result<()>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + DeserializeOwned
-            + Clone
-            + Debug,
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + Debug,
     {
         self.fence.check()?;
         self.metrics.write(label, "delete");
-        let params = DeleteParams {
-            propagation_policy: Some(PropagationPolicy::Foreground),
-            ..DeleteParams::default()
-        };
+        let params =
+            DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..DeleteParams::default() };
         match self.api::<K>(namespace).delete(name, &params).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
@@ -128,58 +105,31 @@ impl Writer {
 
     /// Writes `status` through the status subresource.
     pub async fn patch_status(&self, app: &MyApp, status: &MyAppStatus) -> Result<MyApp> {
-        let ns = app
-            .namespace()
-            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let ns = app.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
         self.fence.check()?;
         self.metrics.write("myapp_status", "patch");
         let patch = Patch::Merge(json!({ "status": status }));
-        Ok(self
-            .api::<MyApp>(&ns)
-            .patch_status(&app.name_any(), &PatchParams::default(), &patch)
-            .await?)
+        Ok(self.api::<MyApp>(&ns).patch_status(&app.name_any(), &PatchParams::default(), &patch).await?)
     }
 
     /// Sets the finalizer list, on the condition that the object is still at the
     /// resourceVersion we read (a 409 otherwise, and the reconcile retries).
     pub async fn set_finalizers(&self, app: &MyApp, finalizers: Vec<String>) -> Result<MyApp> {
-        let ns = app
-            .namespace()
-            .ok_or(Error::MissingField("metadata.namespace"))?;
-        let rv = app
-            .resource_version()
-            .ok_or(Error::MissingField("metadata.resourceVersion"))?;
+        let ns = app.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+        let rv = app.resource_version().ok_or(Error::MissingField("metadata.resourceVersion"))?;
         self.fence.check()?;
         self.metrics.write("myapp", "patch");
-        let patch = Patch::Merge(
-            json!({ "metadata": { "finalizers": finalizers, "resourceVersion": rv } }),
-        );
-        Ok(self
-            .api::<MyApp>(&ns)
-            .patch(&app.name_any(), &PatchParams::default(), &patch)
-            .await?)
+        let patch = Patch::Merge(json!({ "metadata": { "finalizers": finalizers, "resourceVersion": rv } }));
+        Ok(self.api::<MyApp>(&ns).patch(&app.name_any(), &PatchParams::default(), &patch).await?)
     }
 
     /// Publishes an Event about `app`. A failure to publish is logged, never fatal.
-    pub async fn event(
-        &self,
-        app: &MyApp,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
+    pub async fn event(&self, app: &MyApp, type_: EventType, reason: &str, action: &str, note: String) {
         if self.fence.check().is_err() {
             return;
         }
         self.metrics.write("event", "create");
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
+        let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
         if let Err(e) = self.recorder.publish(&ev, &app.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "could not publish event");
         }

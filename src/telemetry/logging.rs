@@ -16,15 +16,9 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false),
-            )
-            .init(),
+        LogFormat::Json => {
+            registry.with(fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false)).init()
+        }
         LogFormat::Text => registry.with(fmt::layer().with_target(false)).init(),
     }
 }

@@ -43,42 +43,19 @@ impl Default for Metrics {
         let reconciles = Family::<ResultLabels, Counter>::default();
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time spent in one reconcile",
-            reconcile_duration.clone(),
-        );
+        registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_duration.clone());
         let writes = Family::<WriteLabels, Counter>::default();
-        registry.register(
-            "api_writes",
-            "API writes made by the controller",
-            writes.clone(),
-        );
+        registry.register("api_writes", "API writes made by the controller", writes.clone());
         let controller_running = Gauge::default();
-        registry.register(
-            "controller_running",
-            "1 while this replica runs the controller",
-            controller_running.clone(),
-        );
-        Self {
-            registry,
-            reconciles,
-            reconcile_duration,
-            writes,
-            controller_running,
-        }
+        registry.register("controller_running", "1 while this replica runs the controller", controller_running.clone());
+        Self { registry, reconciles, reconcile_duration, writes, controller_running }
     }
 }
 
 impl Metrics {
     /// Counts one write.
     pub fn write(&self, resource: &str, verb: &str) {
-        self.writes
-            .get_or_create(&WriteLabels {
-                resource: resource.into(),
-                verb: verb.into(),
-            })
-            .inc();
+        self.writes.get_or_create(&WriteLabels { resource: resource.into(), verb: verb.into() }).inc();
     }
 
     /// The registry in OpenMetrics text.

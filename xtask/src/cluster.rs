@@ -54,22 +54,14 @@ pub mod ports {
 }
 
 /// Start order; `down` stops in reverse.
-const ORDER: &[&str] = &[
-    "jaeger",
-    "etcd",
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kwok",
-];
+const ORDER: &[&str] = &["jaeger", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"];
 
 /// Number of fake nodes.
 pub const NODES: usize = 3;
 
 /// The admin client of a kubeconfig file.
 pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("read {}", kubeconfig.display()))?;
+    let kc = Kubeconfig::read_from(kubeconfig).with_context(|| format!("read {}", kubeconfig.display()))?;
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     Ok(Client::try_from(config)?)
 }
@@ -90,23 +82,15 @@ where
     let started = Instant::now();
     loop {
         if check().await {
-            println!(
-                "    {what} ready ({:.1} s)",
-                started.elapsed().as_secs_f64()
-            );
+            println!("    {what} ready ({:.1} s)", started.elapsed().as_secs_f64());
             return Ok(());
         }
         if let Some(p) = proc {
             procs::check_alive(run, p)?;
         }
         if started.elapsed() > timeout {
-            let tail = proc
-                .map(|p| procs::tail(run, &p.name, 30))
-                .unwrap_or_default();
-            bail!(
-                "{what} did not become ready within {} s; last log lines:\n{tail}",
-                timeout.as_secs()
-            );
+            let tail = proc.map(|p| procs::tail(run, &p.name, 30)).unwrap_or_default();
+            bail!("{what} did not become ready within {} s; last log lines:\n{tail}", timeout.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -147,9 +131,7 @@ fn kwok_config(kwok_module_dir: &Path) -> Result<String> {
     for s in stages {
         let path = kwok_module_dir.join(s);
         out.push_str("---\n");
-        out.push_str(
-            &std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?,
-        );
+        out.push_str(&std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?);
         out.push('\n');
     }
     Ok(out)
@@ -163,15 +145,10 @@ fn module_dir(component: &str, module: &str) -> Result<PathBuf> {
         .output()
         .context("go list -m")?;
     if !out.status.success() {
-        bail!(
-            "go list -m {module}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("go list -m {module}: {}", String::from_utf8_lossy(&out.stderr));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(PathBuf::from(
-        v["Dir"].as_str().context("module has no Dir")?,
-    ))
+    Ok(PathBuf::from(v["Dir"].as_str().context("module has no Dir")?))
 }
 
 fn arg(k: &str, v: impl std::fmt::Display) -> String {
@@ -182,11 +159,7 @@ fn arg(k: &str, v: impl std::fmt::Display) -> String {
 pub async fn is_up() -> bool {
     let run = paths::run_dir();
     let recorded = procs::recorded(&run);
-    let alive = ORDER.iter().all(|name| {
-        recorded
-            .iter()
-            .any(|(n, pid, bin)| n == name && procs::runs(*pid, Some(bin)))
-    });
+    let alive = ORDER.iter().all(|name| recorded.iter().any(|(n, pid, bin)| n == name && procs::runs(*pid, Some(bin))));
     if !alive {
         return false;
     }
@@ -228,17 +201,10 @@ pub async fn up() -> Result<()> {
     pki::ensure(&pki_dir)?;
     let server = format!("https://127.0.0.1:{}", ports::APISERVER);
     for c in pki::CLIENTS {
-        let file = if c.file == "admin" {
-            paths::kubeconfig()
-        } else {
-            run.join(format!("{}.kubeconfig", c.file))
-        };
+        let file = if c.file == "admin" { paths::kubeconfig() } else { run.join(format!("{}.kubeconfig", c.file)) };
         std::fs::write(file, pki::kubeconfig(&pki_dir, &server, c.file)?)?;
     }
-    std::fs::copy(
-        paths::repo().join("cluster/audit-policy.yaml"),
-        run.join("audit-policy.yaml"),
-    )?;
+    std::fs::copy(paths::repo().join("cluster/audit-policy.yaml"), run.join("audit-policy.yaml"))?;
     std::fs::write(
         run.join("tracing.yaml"),
         format!(
@@ -246,15 +212,8 @@ pub async fn up() -> Result<()> {
             ports::JAEGER_OTLP
         ),
     )?;
-    std::fs::write(
-        run.join("kwok.yaml"),
-        kwok_config(&module_dir("kwok", "sigs.k8s.io/kwok")?)?,
-    )?;
-    let bin = |name: &str| -> Result<PathBuf> {
-        bins.get(name)
-            .cloned()
-            .with_context(|| format!("no binary {name}"))
-    };
+    std::fs::write(run.join("kwok.yaml"), kwok_config(&module_dir("kwok", "sigs.k8s.io/kwok")?)?)?;
+    let bin = |name: &str| -> Result<PathBuf> { bins.get(name).cloned().with_context(|| format!("no binary {name}")) };
     let p = |f: &str| run.join(f).display().to_string();
     let pk = |f: &str| pki_dir.join(f).display().to_string();
 
@@ -262,10 +221,7 @@ pub async fn up() -> Result<()> {
         &run,
         "jaeger",
         &bin("jaeger")?,
-        &[format!(
-            "--config={}",
-            paths::repo().join("cluster/jaeger.yaml").display()
-        )],
+        &[format!("--config={}", paths::repo().join("cluster/jaeger.yaml").display())],
         &[],
     )?;
     let etcd = procs::spawn(
@@ -275,38 +231,19 @@ pub async fn up() -> Result<()> {
         &[
             arg("name", "local"),
             arg("data-dir", p("etcd")),
-            arg(
-                "listen-client-urls",
-                format!("http://127.0.0.1:{}", ports::ETCD),
-            ),
-            arg(
-                "advertise-client-urls",
-                format!("http://127.0.0.1:{}", ports::ETCD),
-            ),
-            arg(
-                "listen-peer-urls",
-                format!("http://127.0.0.1:{}", ports::ETCD_PEER),
-            ),
-            arg(
-                "initial-advertise-peer-urls",
-                format!("http://127.0.0.1:{}", ports::ETCD_PEER),
-            ),
-            arg(
-                "initial-cluster",
-                format!("local=http://127.0.0.1:{}", ports::ETCD_PEER),
-            ),
+            arg("listen-client-urls", format!("http://127.0.0.1:{}", ports::ETCD)),
+            arg("advertise-client-urls", format!("http://127.0.0.1:{}", ports::ETCD)),
+            arg("listen-peer-urls", format!("http://127.0.0.1:{}", ports::ETCD_PEER)),
+            arg("initial-advertise-peer-urls", format!("http://127.0.0.1:{}", ports::ETCD_PEER)),
+            arg("initial-cluster", format!("local=http://127.0.0.1:{}", ports::ETCD_PEER)),
             arg("unsafe-no-fsync", true),
             arg("log-level", "warn"),
         ],
         &[],
     )?;
-    wait_for(
-        &run,
-        Some(&jaeger),
-        "jaeger",
-        Duration::from_secs(30),
-        || async { http_healthy(ports::JAEGER_HEALTH, "/status") },
-    )
+    wait_for(&run, Some(&jaeger), "jaeger", Duration::from_secs(30), || async {
+        http_healthy(ports::JAEGER_HEALTH, "/status")
+    })
     .await?;
     wait_for(&run, Some(&etcd), "etcd", Duration::from_secs(30), || async {
         matches!(procs::http_get(ports::ETCD, "/health"), Ok((200, b)) if b.contains("\"true\""))
@@ -329,10 +266,7 @@ pub async fn up() -> Result<()> {
             arg("client-ca-file", pk("ca.crt")),
             arg("service-account-key-file", pk("sa.pub")),
             arg("service-account-signing-key-file", pk("sa.key")),
-            arg(
-                "service-account-issuer",
-                "https://kubernetes.default.svc.cluster.local",
-            ),
+            arg("service-account-issuer", "https://kubernetes.default.svc.cluster.local"),
             arg("service-cluster-ip-range", "10.0.0.0/24"),
             arg("authorization-mode", "RBAC"),
             arg(
@@ -353,14 +287,7 @@ pub async fn up() -> Result<()> {
         &[],
     )?;
     let admin = client_from(&paths::kubeconfig()).await?;
-    wait_for(
-        &run,
-        Some(&apiserver),
-        "kube-apiserver",
-        Duration::from_secs(60),
-        || readyz(&admin),
-    )
-    .await?;
+    wait_for(&run, Some(&apiserver), "kube-apiserver", Duration::from_secs(60), || readyz(&admin)).await?;
 
     let cm = procs::spawn(
         &run,
@@ -368,14 +295,8 @@ pub async fn up() -> Result<()> {
         &bin("kube-controller-manager")?,
         &[
             arg("kubeconfig", p("controller-manager.kubeconfig")),
-            arg(
-                "authentication-kubeconfig",
-                p("controller-manager.kubeconfig"),
-            ),
-            arg(
-                "authorization-kubeconfig",
-                p("controller-manager.kubeconfig"),
-            ),
+            arg("authentication-kubeconfig", p("controller-manager.kubeconfig")),
+            arg("authorization-kubeconfig", p("controller-manager.kubeconfig")),
             arg("bind-address", "127.0.0.1"),
             arg("secure-port", ports::CONTROLLER_MANAGER),
             arg(
@@ -417,59 +338,34 @@ pub async fn up() -> Result<()> {
             arg("kubeconfig", p("kwok.kubeconfig")),
             arg("config", p("kwok.yaml")),
             arg("manage-all-nodes", false),
-            arg(
-                "manage-nodes-with-annotation-selector",
-                "kwok.x-k8s.io/node=fake",
-            ),
+            arg("manage-nodes-with-annotation-selector", "kwok.x-k8s.io/node=fake"),
             arg("server-address", format!("127.0.0.1:{}", ports::KWOK)),
             arg("node-ip", "127.0.0.1"),
             arg("cidr", "10.244.0.0/16"),
         ],
         &[],
     )?;
-    wait_for(
-        &run,
-        Some(&cm),
-        "kube-controller-manager",
-        Duration::from_secs(60),
-        || https_healthy(ports::CONTROLLER_MANAGER, "/healthz"),
-    )
+    wait_for(&run, Some(&cm), "kube-controller-manager", Duration::from_secs(60), || {
+        https_healthy(ports::CONTROLLER_MANAGER, "/healthz")
+    })
     .await?;
-    wait_for(
-        &run,
-        Some(&scheduler),
-        "kube-scheduler",
-        Duration::from_secs(60),
-        || https_healthy(ports::SCHEDULER, "/healthz"),
-    )
+    wait_for(&run, Some(&scheduler), "kube-scheduler", Duration::from_secs(60), || {
+        https_healthy(ports::SCHEDULER, "/healthz")
+    })
     .await?;
-    wait_for(
-        &run,
-        Some(&kwok),
-        "kwok",
-        Duration::from_secs(60),
-        || async { http_healthy(ports::KWOK, "/healthz") },
-    )
-    .await?;
+    wait_for(&run, Some(&kwok), "kwok", Duration::from_secs(60), || async { http_healthy(ports::KWOK, "/healthz") })
+        .await?;
 
     register_nodes(&admin).await?;
     let nodes: Api<Node> = Api::all(admin.clone());
-    wait_for(
-        &run,
-        Some(&kwok),
-        &format!("{NODES} nodes Ready"),
-        Duration::from_secs(60),
-        || async { ready_nodes(&nodes).await == NODES },
-    )
+    wait_for(&run, Some(&kwok), &format!("{NODES} nodes Ready"), Duration::from_secs(60), || async {
+        ready_nodes(&nodes).await == NODES
+    })
     .await?;
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "default");
-    wait_for(
-        &run,
-        Some(&cm),
-        "default service account",
-        Duration::from_secs(60),
-        || async { matches!(sas.get_opt("default").await, Ok(Some(_))) },
-    )
+    wait_for(&run, Some(&cm), "default service account", Duration::from_secs(60), || async {
+        matches!(sas.get_opt("default").await, Ok(Some(_)))
+    })
     .await?;
     println!(
         "==> local control plane ready: start-up {:.1} s (total including builds {:.1} s)",
@@ -497,10 +393,7 @@ pub async fn ready_nodes(nodes: &Api<Node>) -> usize {
                 .spec
                 .as_ref()
                 .and_then(|s| s.taints.as_ref())
-                .is_some_and(|ts| {
-                    ts.iter()
-                        .any(|t| t.key.starts_with("node.kubernetes.io/not-ready"))
-                });
+                .is_some_and(|ts| ts.iter().any(|t| t.key.starts_with("node.kubernetes.io/not-ready")));
             ready && !tainted
         })
         .count()
@@ -551,10 +444,7 @@ fn print_usage() {
     println!("    use it:      export KUBECONFIG={}", kc.display());
     println!("    kubectl:     {bin}/kubectl (v1.37, built with the control plane)");
     println!("    Jaeger UI:   http://127.0.0.1:{}/", ports::JAEGER_QUERY);
-    println!(
-        "    logs:        {}",
-        paths::run_dir().join("logs").display()
-    );
+    println!("    logs:        {}", paths::run_dir().join("logs").display());
     println!("    stop it:     cargo xtask cluster down");
 }
 
@@ -564,9 +454,7 @@ fn down_quiet(run: &Path) -> usize {
     order.insert("", usize::MAX);
     let mut list = recorded;
     // Operator replicas and anything else first, then the control plane in reverse start order.
-    list.sort_by_key(|(n, _, _)| {
-        std::cmp::Reverse(order.get(n.as_str()).copied().unwrap_or(usize::MAX))
-    });
+    list.sort_by_key(|(n, _, _)| std::cmp::Reverse(order.get(n.as_str()).copied().unwrap_or(usize::MAX)));
     let mut stopped = 0;
     for (name, pid, bin) in &list {
         if procs::runs(*pid, Some(bin)) {
@@ -581,15 +469,8 @@ fn down_quiet(run: &Path) -> usize {
 pub fn down() -> Result<()> {
     let run = paths::run_dir();
     let n = down_quiet(&run);
-    let busy: Vec<u16> = ports::ALL
-        .iter()
-        .copied()
-        .filter(|p| procs::port_in_use(*p))
-        .collect();
-    println!(
-        "==> stopped {n} processes; logs kept in {}",
-        run.join("logs").display()
-    );
+    let busy: Vec<u16> = ports::ALL.iter().copied().filter(|p| procs::port_in_use(*p)).collect();
+    println!("==> stopped {n} processes; logs kept in {}", run.join("logs").display());
     if !busy.is_empty() {
         bail!("ports still in use after down: {busy:?}");
     }
@@ -601,27 +482,17 @@ pub async fn status() -> Result<()> {
     let run = paths::run_dir();
     let recorded = procs::recorded(&run);
     if recorded.is_empty() {
-        println!(
-            "the local control plane is not running (nothing recorded in {})",
-            run.display()
-        );
+        println!("the local control plane is not running (nothing recorded in {})", run.display());
         return Ok(());
     }
     for (name, pid, bin) in &recorded {
-        let state = if procs::runs(*pid, Some(bin)) {
-            "running"
-        } else {
-            "dead"
-        };
+        let state = if procs::runs(*pid, Some(bin)) { "running" } else { "dead" };
         println!("{name:<26} pid {pid:<8} {state}");
     }
     if is_up().await {
         let client = client_from(&paths::kubeconfig()).await?;
         let nodes: Api<Node> = Api::all(client);
-        println!(
-            "kube-apiserver ready; {} nodes Ready",
-            ready_nodes(&nodes).await
-        );
+        println!("kube-apiserver ready; {} nodes Ready", ready_nodes(&nodes).await);
         print_usage();
     } else {
         println!("kube-apiserver is not answering");

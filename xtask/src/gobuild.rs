@@ -44,22 +44,11 @@ pub const COMPONENTS: &[Component] = &[
     Component {
         name: "kubernetes",
         module: "k8s.io/kubernetes",
-        binaries: &[
-            "kube-apiserver",
-            "kube-controller-manager",
-            "kube-scheduler",
-            "kubectl",
-        ],
+        binaries: &["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"],
         ldflags: K8S_LDFLAGS,
         renames: &[],
     },
-    Component {
-        name: "kwok",
-        module: "sigs.k8s.io/kwok",
-        binaries: &["kwok"],
-        ldflags: "",
-        renames: &[],
-    },
+    Component { name: "kwok", module: "sigs.k8s.io/kwok", binaries: &["kwok"], ldflags: "", renames: &[] },
     Component {
         name: "jaeger",
         module: "github.com/jaegertracing/jaeger",
@@ -71,9 +60,7 @@ pub const COMPONENTS: &[Component] = &[
 
 /// FNV-1a, 64 bits: a stable content hash for cache keys.
 fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf29ce484222325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-    })
+    data.iter().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
 }
 
 impl Component {
@@ -90,9 +77,7 @@ impl Component {
             .map(|l| l.trim().trim_start_matches("require").trim())
             .find_map(|l| {
                 let mut parts = l.split_whitespace();
-                (parts.next() == Some(self.module))
-                    .then(|| parts.next().map(str::to_string))
-                    .flatten()
+                (parts.next() == Some(self.module)).then(|| parts.next().map(str::to_string)).flatten()
             })
             .with_context(|| format!("{} is not required in {}/go.mod", self.module, self.name))
     }
@@ -100,12 +85,7 @@ impl Component {
     fn key(&self) -> Result<String> {
         let mut content = std::fs::read(self.dir().join("go.mod"))?;
         content.extend(std::fs::read(self.dir().join("go.sum")).unwrap_or_default());
-        Ok(format!(
-            "{}-{}-{:08x}",
-            self.name,
-            self.version()?,
-            fnv1a(&content) as u32
-        ))
+        Ok(format!("{}-{}-{:08x}", self.name, self.version()?, fnv1a(&content) as u32))
     }
 
     /// Folder holding the built binaries.
@@ -125,10 +105,7 @@ impl Component {
         let minor = nums.next().unwrap_or("0").to_string();
         Ok(format!(
             "-s -w {}",
-            self.ldflags
-                .replace("{version}", &version)
-                .replace("{major}", &major)
-                .replace("{minor}", &minor)
+            self.ldflags.replace("{version}", &version).replace("{major}", &major).replace("{minor}", &minor)
         ))
     }
 
@@ -139,14 +116,8 @@ impl Component {
             return Ok(dir);
         }
         let started = Instant::now();
-        println!(
-            "==> building {} {} from its Go module (cold builds take minutes)…",
-            self.name,
-            self.version()?
-        );
-        let tmp = paths::cache()
-            .join("bin")
-            .join(format!("{}.partial", self.key()?));
+        println!("==> building {} {} from its Go module (cold builds take minutes)…", self.name, self.version()?);
+        let tmp = paths::cache().join("bin").join(format!("{}.partial", self.key()?));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         let mut child = Command::new("go")
@@ -181,11 +152,7 @@ impl Component {
         }
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&tmp, &dir)?;
-        println!(
-            "    built {} in {:.1} s",
-            self.name,
-            started.elapsed().as_secs_f64()
-        );
+        println!("    built {} in {:.1} s", self.name, started.elapsed().as_secs_f64());
         Ok(dir)
     }
 }
@@ -205,10 +172,7 @@ pub fn ensure_all() -> Result<std::collections::HashMap<&'static str, PathBuf>> 
 /// Regenerates the `replace` block of the kubernetes wrapper from k8s.io/kubernetes's own go.mod:
 /// every staging module (`k8s.io/x => ./staging/src/k8s.io/x`) is pinned to `v0.<minor>.<patch>`.
 pub fn regenerate_kubernetes_replaces() -> Result<()> {
-    let comp = COMPONENTS
-        .iter()
-        .find(|c| c.name == "kubernetes")
-        .context("no kubernetes component")?;
+    let comp = COMPONENTS.iter().find(|c| c.name == "kubernetes").context("no kubernetes component")?;
     let version = comp.version()?;
     let out = Command::new("go")
         .current_dir(comp.dir())
@@ -217,33 +181,21 @@ pub fn regenerate_kubernetes_replaces() -> Result<()> {
         .output()
         .context("go mod download")?;
     if !out.status.success() {
-        bail!(
-            "go mod download failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("go mod download failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let upstream_mod = info["GoMod"]
-        .as_str()
-        .context("no GoMod in go mod download output")?;
+    let upstream_mod = info["GoMod"].as_str().context("no GoMod in go mod download output")?;
     let upstream = std::fs::read_to_string(upstream_mod)?;
     let staging_version = format!("v0.{}", version.trim_start_matches("v1."));
     let replaces = staging_replaces(&upstream, &staging_version);
     let path = comp.dir().join("go.mod");
     let current = std::fs::read_to_string(&path)?;
     std::fs::write(&path, with_replace_block(&current, &replaces))?;
-    let status = Command::new("go")
-        .current_dir(comp.dir())
-        .args(["mod", "tidy"])
-        .status()?;
+    let status = Command::new("go").current_dir(comp.dir()).args(["mod", "tidy"]).status()?;
     if !status.success() {
         bail!("go mod tidy failed");
     }
-    println!(
-        "{}: {} staging replaces at {staging_version}",
-        path.display(),
-        replaces.len()
-    );
+    println!("{}: {} staging replaces at {staging_version}", path.display(), replaces.len());
     Ok(())
 }
 
@@ -252,16 +204,9 @@ pub fn staging_replaces(upstream_gomod: &str, staging_version: &str) -> Vec<Stri
     upstream_gomod
         .lines()
         .filter_map(|l| {
-            let (module, target) = l
-                .trim()
-                .trim_start_matches("replace")
-                .trim()
-                .split_once("=>")?;
+            let (module, target) = l.trim().trim_start_matches("replace").trim().split_once("=>")?;
             let module = module.trim();
-            target
-                .trim()
-                .starts_with("./staging/")
-                .then(|| format!("{module} => {module} {staging_version}"))
+            target.trim().starts_with("./staging/").then(|| format!("{module} => {module} {staging_version}"))
         })
         .collect()
 }
@@ -300,10 +245,7 @@ mod tests {
         let upstream = "module k8s.io/kubernetes\n\nreplace (\n\tk8s.io/api => ./staging/src/k8s.io/api\n\tk8s.io/client-go => ./staging/src/k8s.io/client-go\n\tgithub.com/x/y => github.com/x/y v1.0.0\n)\n";
         assert_eq!(
             staging_replaces(upstream, "v0.37.2"),
-            vec![
-                "k8s.io/api => k8s.io/api v0.37.2",
-                "k8s.io/client-go => k8s.io/client-go v0.37.2"
-            ]
+            vec!["k8s.io/api => k8s.io/api v0.37.2", "k8s.io/client-go => k8s.io/client-go v0.37.2"]
         );
     }
 

@@ -2,9 +2,11 @@
 
 mod cluster;
 mod gobuild;
+mod operator;
 mod paths;
 mod pki;
 mod procs;
+mod test;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,6 +26,8 @@ enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
+    /// Everything CI runs: lint, unit tests, end-to-end tests against a real API server.
+    Test(test::TestArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
     GenGoMod,
 }
@@ -40,15 +44,14 @@ enum ClusterAction {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Cluster { action } => match action {
             ClusterAction::Up => rt.block_on(cluster::up()),
             ClusterAction::Down => cluster::down(),
             ClusterAction::Status => rt.block_on(cluster::status()),
         },
+        Command::Test(args) => rt.block_on(test::test(args)),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
     }
 }

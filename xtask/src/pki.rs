@@ -5,8 +5,8 @@
 
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -24,26 +24,10 @@ pub struct ClientId<'a> {
 
 /// Identities the control plane uses.
 pub const CLIENTS: &[ClientId<'static>] = &[
-    ClientId {
-        file: "admin",
-        user: "kubernetes-admin",
-        groups: &["system:masters"],
-    },
-    ClientId {
-        file: "controller-manager",
-        user: "system:kube-controller-manager",
-        groups: &[],
-    },
-    ClientId {
-        file: "scheduler",
-        user: "system:kube-scheduler",
-        groups: &[],
-    },
-    ClientId {
-        file: "kwok",
-        user: "kwok-controller",
-        groups: &["system:masters"],
-    },
+    ClientId { file: "admin", user: "kubernetes-admin", groups: &["system:masters"] },
+    ClientId { file: "controller-manager", user: "system:kube-controller-manager", groups: &[] },
+    ClientId { file: "scheduler", user: "system:kube-scheduler", groups: &[] },
+    ClientId { file: "kwok", user: "kwok-controller", groups: &["system:masters"] },
 ];
 
 fn params(cn: &str, days: i64) -> CertificateParams {
@@ -73,11 +57,8 @@ pub fn ensure(dir: &Path) -> Result<()> {
     let ca_key = KeyPair::generate().context("CA key")?;
     let mut ca_params = params("myapp-local-ca", 30);
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca_params.self_signed(&ca_key).context("CA certificate")?;
     write(dir, "ca", &ca_cert.pem(), &ca_key)?;
     let issuer = Issuer::new(ca_params, &ca_key);
@@ -93,17 +74,9 @@ pub fn ensure(dir: &Path) -> Result<()> {
         SanType::DnsName("kubernetes.default.svc".try_into()?),
         SanType::DnsName("kubernetes.default.svc.cluster.local".try_into()?),
     ];
-    serving.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    serving.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    write(
-        dir,
-        "apiserver",
-        &serving.signed_by(&serving_key, &issuer)?.pem(),
-        &serving_key,
-    )?;
+    write(dir, "apiserver", &serving.signed_by(&serving_key, &issuer)?.pem(), &serving_key)?;
 
     for c in CLIENTS {
         let key = KeyPair::generate()?;
@@ -111,10 +84,7 @@ pub fn ensure(dir: &Path) -> Result<()> {
         for g in c.groups {
             p.distinguished_name.push(DnType::OrganizationName, *g);
         }
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         write(dir, c.file, &p.signed_by(&key, &issuer)?.pem(), &key)?;
     }
@@ -149,14 +119,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("myapp-pki-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         ensure(&dir).expect("pki");
-        for f in [
-            "ca.crt",
-            "apiserver.crt",
-            "admin.key",
-            "scheduler.crt",
-            "sa.key",
-            "sa.pub",
-        ] {
+        for f in ["ca.crt", "apiserver.crt", "admin.key", "scheduler.crt", "sa.key", "sa.pub"] {
             assert!(dir.join(f).is_file(), "{f}");
         }
         let before = std::fs::read(dir.join("ca.crt")).expect("ca");

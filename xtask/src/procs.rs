@@ -25,20 +25,11 @@ pub fn log_file(run: &Path, name: &str) -> PathBuf {
 }
 
 /// Starts `bin args` as component `name`, detached from our terminal, logging to its log file.
-pub fn spawn(
-    run: &Path,
-    name: &str,
-    bin: &Path,
-    args: &[String],
-    envs: &[(&str, String)],
-) -> Result<Proc> {
+pub fn spawn(run: &Path, name: &str, bin: &Path, args: &[String], envs: &[(&str, String)]) -> Result<Proc> {
     use std::os::unix::process::CommandExt;
     std::fs::create_dir_all(run.join("logs"))?;
     std::fs::create_dir_all(run.join("pids"))?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_file(run, name))?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_file(run, name))?;
     let child = Command::new(bin)
         .args(args)
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
@@ -52,18 +43,13 @@ pub fn spawn(
     std::fs::write(pid_file(run, name), format!("{pid}\n{}\n", bin.display()))?;
     // Not waited on here: `down` and the liveness checks go through /proc and the pid file.
     drop(child);
-    Ok(Proc {
-        name: name.to_string(),
-        pid,
-    })
+    Ok(Proc { name: name.to_string(), pid })
 }
 
 /// True when `pid` is alive and runs `bin` (guards against pid reuse). Zombies count as dead.
 pub fn runs(pid: u32, bin: Option<&str>) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
     if stat.is_empty() || state == Some("Z") || state == Some("X") {
         return false;
     }
@@ -96,10 +82,7 @@ pub fn recorded(run: &Path) -> Vec<(String, u32, String)> {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
+    let _ = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).stderr(Stdio::null()).status();
 }
 
 /// Stops a recorded process: SIGTERM, then SIGKILL after `grace`. Removes its pid file.
@@ -143,32 +126,18 @@ pub fn check_alive(run: &Path, proc: &Proc) -> Result<()> {
 
 /// True when something listens on 127.0.0.1:`port`.
 pub fn port_in_use(port: u16) -> bool {
-    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
-        .is_ok()
+    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
 }
 
 /// A plain-HTTP GET on loopback; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_secs(2),
-    )?;
+    let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status")?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
 }

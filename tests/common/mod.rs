@@ -1,0 +1,115 @@
+//! Helpers shared by the tests that run against a real API server.
+//!
+//! These tests are `#[ignore]`d so that a plain `cargo test` needs no cluster; `cargo xtask test`
+//! starts the local control plane (or uses the cluster it is pointed at), starts the operator, and
+//! runs them with `--include-ignored`. What they need comes from the environment:
+//! - `KUBECONFIG`: the cluster;
+//! - `MYAPP_E2E_AUDIT_LOG`: the API server's audit log (local control plane only);
+//! - `MYAPP_E2E_JAEGER`: the Jaeger query API, e.g. `http://127.0.0.1:16686` (local only);
+//! - `MYAPP_E2E_OPERATOR_LOG`: the log file of the operator replica under test.
+#![allow(dead_code)]
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The user agent of the test client, to tell its writes from the operator's in the audit log.
+pub const USER_AGENT: &str = "myapp-e2e";
+
+/// A client for the cluster under test.
+pub async fn client() -> Client {
+    let mut config = match std::env::var_os("KUBECONFIG") {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(PathBuf::from(path)).expect("read KUBECONFIG");
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("kubeconfig")
+        }
+        None => Config::infer().await.expect("no KUBECONFIG and no in-cluster config: run `cargo xtask test`"),
+    };
+    config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT)));
+    Client::try_from(config).expect("client")
+}
+
+/// A namespace of its own for one test; delete it with [`TestNamespace::cleanup`] on success
+/// (a failed test leaves it for inspection).
+pub struct TestNamespace {
+    /// The namespace name.
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Creates `e2e-<prefix>-<random>`.
+    pub async fn new(client: &Client, prefix: &str) -> Self {
+        let suffix: u32 = rand::random::<u32>() % 1_000_000;
+        let name = format!("e2e-{prefix}-{suffix:06}");
+        let ns: Namespace = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": name, "labels": {"myapp.dev/e2e": "true"}}}),
+        )
+        .expect("namespace");
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+        Self { name, client: client.clone() }
+    }
+
+    /// Deletes the namespace (without waiting).
+    pub async fn cleanup(self) {
+        let _ = Api::<Namespace>::all(self.client).delete(&self.name, &DeleteParams::default()).await;
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(started.elapsed() < timeout, "timed out after {:?} waiting for {what}", timeout);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The audit log, when the cluster under test is the local control plane.
+pub fn audit_log() -> Option<PathBuf> {
+    std::env::var_os("MYAPP_E2E_AUDIT_LOG").map(PathBuf::from)
+}
+
+/// Every audit event recorded so far.
+pub fn audit_events() -> Vec<serde_json::Value> {
+    let path = audit_log().expect("MYAPP_E2E_AUDIT_LOG is set by `cargo xtask test` on the local control plane");
+    let content = std::fs::read_to_string(&path).expect("read the audit log");
+    content.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Audit events of writes in `namespace` whose user agent starts with `agent_prefix`.
+pub fn audit_writes(namespace: &str, agent_prefix: &str) -> Vec<serde_json::Value> {
+    audit_events()
+        .into_iter()
+        .filter(|e| {
+            matches!(e["verb"].as_str(), Some("create" | "update" | "patch" | "delete" | "deletecollection"))
+                && e["objectRef"]["namespace"].as_str() == Some(namespace)
+                && e["userAgent"].as_str().is_some_and(|a| a.starts_with(agent_prefix))
+        })
+        .collect()
+}
+
+/// A plain HTTP GET on loopback (Jaeger's query API, the operator's metrics).
+pub fn http_get(url: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}

@@ -1,0 +1,31 @@
+//! The CRD committed in `deploy/` is exactly what the Rust types generate.
+
+use kube::CustomResourceExt;
+use myapp_operator::api::MyApp;
+
+#[test]
+fn committed_crd_matches_the_rust_types() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/crd/myapps.myapp.dev.yaml");
+    let committed = std::fs::read_to_string(path).expect("read the committed CRD");
+    let generated = serde_yaml::to_string(&MyApp::crd()).expect("serialize the CRD");
+    assert!(
+        committed == generated,
+        "deploy/crd/myapps.myapp.dev.yaml is out of date; regenerate it with\n  cargo run -- crd > deploy/crd/myapps.myapp.dev.yaml"
+    );
+}
+
+#[test]
+fn crd_has_the_subresources_and_names_kubectl_relies_on() {
+    let crd = serde_json::to_value(MyApp::crd()).expect("CRD as JSON");
+    let v = &crd["spec"]["versions"][0];
+    assert_eq!(v["subresources"]["scale"]["specReplicasPath"], ".spec.replicas");
+    assert_eq!(v["subresources"]["scale"]["labelSelectorPath"], ".status.selector");
+    assert!(v["subresources"]["status"].is_object());
+    assert_eq!(crd["spec"]["names"]["shortNames"][0], "mya");
+    assert_eq!(crd["spec"]["names"]["categories"][0], "all");
+    let columns: Vec<&str> =
+        v["additionalPrinterColumns"].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(columns, ["Image", "Replicas", "Ready", "Status", "Age"]);
+    let conditions = &v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+    assert_eq!(conditions["x-kubernetes-list-type"], "map");
+}

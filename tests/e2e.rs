@@ -1,0 +1,279 @@
+//! The operator against a real API server: `cargo xtask test` starts the control plane and an
+//! operator replica, then runs these with `--include-ignored`. Each test has its own namespace.
+
+mod common;
+
+use common::{TestNamespace, client, eventually};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use myapp_operator::api::conditions::{self, READY};
+use myapp_operator::api::{FINALIZER, MyApp};
+use serde_json::json;
+use std::time::Duration;
+
+const ROLLOUT: Duration = Duration::from_secs(60);
+
+fn myapp(name: &str, image: &str, replicas: i32) -> MyApp {
+    serde_json::from_value(json!({
+        "apiVersion": "myapp.dev/v1",
+        "kind": "MyApp",
+        "metadata": {"name": name},
+        "spec": {"image": image, "replicas": replicas, "env": [{"name": "MODE", "value": "e2e"}]}
+    }))
+    .expect("MyApp")
+}
+
+/// Waits until the MyApp is Ready for its current generation; returns it.
+async fn wait_ready(api: &Api<MyApp>, name: &str) -> MyApp {
+    eventually(&format!("MyApp {name} Ready"), ROLLOUT, || async {
+        let app = api.get(name).await.ok()?;
+        let status = app.status.clone()?;
+        let generation = app.metadata.generation?;
+        let ready = conditions::find(&status.conditions, READY)?;
+        (ready.status == "True"
+            && ready.observed_generation == Some(generation)
+            && status.observed_generation == Some(generation))
+        .then_some(app)
+    })
+    .await
+}
+
+async fn create(client: &Client, ns: &str, app: &MyApp) -> Api<MyApp> {
+    let api: Api<MyApp> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), app).await.expect("create MyApp");
+    api
+}
+
+fn image_of(d: &Deployment) -> Option<String> {
+    d.spec.template.spec.as_ref()?.containers.first()?.image.clone()
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn create_then_ready_with_owned_children() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "create").await;
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 2)).await;
+    let app = wait_ready(&api, "web").await;
+
+    let status = app.status.clone().expect("status");
+    assert_eq!(status.ready_replicas, 2);
+    assert_eq!(status.selector, "myapp.dev/name=web");
+    assert!(app.finalizers().iter().any(|f| f == FINALIZER));
+    for c in [conditions::RECONCILING, conditions::STALLED] {
+        assert!(!conditions::is_true(&status.conditions, c), "{c} should be False");
+    }
+
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("web").await.expect("Deployment");
+    let s = Api::<Service>::namespaced(client.clone(), &ns.name).get("web").await.expect("Service");
+    for owners in [d.metadata.owner_references.clone(), s.metadata.owner_references.clone()] {
+        let owner = owners.and_then(|o| o.into_iter().next()).expect("owner reference");
+        assert_eq!(owner.uid, app.uid().expect("uid"));
+        assert_eq!(owner.controller, Some(true));
+    }
+    assert_eq!(d.spec.replicas, Some(2));
+    assert_eq!(image_of(&d).as_deref(), Some("nginx:1.27"));
+    assert_eq!(s.spec.and_then(|s| s.ports).map(|p| p[0].port), Some(8080), "port defaults to 8080");
+
+    let events = eventually("Created and RolloutComplete events", Duration::from_secs(10), || async {
+        let ev = Api::<Event>::namespaced(client.clone(), &ns.name).list(&ListParams::default()).await.ok()?;
+        let reasons: Vec<String> = ev.items.into_iter().filter_map(|e| e.reason).collect();
+        (reasons.iter().any(|r| r == "Created") && reasons.iter().any(|r| r == "RolloutComplete")).then_some(reasons)
+    })
+    .await;
+    assert!(!events.is_empty());
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn image_change_rolls_out_and_status_follows() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "image").await;
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 2)).await;
+    let first = wait_ready(&api, "web").await;
+
+    let patch = Patch::Merge(json!({"spec": {"image": "nginx:1.28"}}));
+    api.patch("web", &PatchParams::default(), &patch).await.expect("patch image");
+    let second = wait_ready(&api, "web").await;
+    assert!(second.metadata.generation > first.metadata.generation);
+
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("web").await.expect("Deployment");
+    assert_eq!(image_of(&d).as_deref(), Some("nginx:1.28"));
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name)
+        .list(&ListParams::default().labels("myapp.dev/name=web"))
+        .await
+        .expect("pods");
+    let images: Vec<_> = pods
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.spec.as_ref().and_then(|s| s.containers[0].image.clone()))
+        .collect();
+    assert!(images.iter().all(|i| i == "nginx:1.28"), "{images:?}");
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn scale_subresource_scales_the_deployment() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "scale").await;
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
+    wait_ready(&api, "web").await;
+
+    let scale = api.get_scale("web").await.expect("get scale");
+    assert_eq!(scale.spec.and_then(|s| s.replicas), Some(1));
+    // What `kubectl scale myapp/web --replicas=3` does.
+    api.patch_scale("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}})))
+        .await
+        .expect("patch scale");
+    let app = wait_ready(&api, "web").await;
+    assert_eq!(app.spec.replicas, 3);
+    assert_eq!(app.status.as_ref().map(|s| s.ready_replicas), Some(3));
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("web").await.expect("Deployment");
+    assert_eq!(d.spec.replicas, Some(3));
+    let scale = api.get_scale("web").await.expect("get scale");
+    assert_eq!(scale.status.map(|s| s.replicas), Some(3));
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn drift_is_repaired() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "drift").await;
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 2)).await;
+    wait_ready(&api, "web").await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+
+    // A hand edit, as `kubectl edit` would make it.
+    let edit = Patch::Strategic(
+        json!({"spec": {"replicas": 5, "template": {"spec": {"containers": [{"name": "app", "image": "evil:1"}]}}}}),
+    );
+    deployments.patch("web", &PatchParams::default(), &edit).await.expect("hand edit");
+    eventually("the hand edit undone", Duration::from_secs(15), || async {
+        let d = deployments.get("web").await.ok()?;
+        (d.spec.replicas == Some(2) && image_of(&d).as_deref() == Some("nginx:1.27")).then_some(())
+    })
+    .await;
+
+    let old_uid = services.get("web").await.expect("Service").uid();
+    services.delete("web", &DeleteParams::default()).await.expect("delete Service");
+    eventually("the Service recreated", Duration::from_secs(15), || async {
+        let s = services.get("web").await.ok()?;
+        (s.uid() != old_uid).then_some(())
+    })
+    .await;
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn delete_removes_children_then_releases_the_finalizer() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "delete").await;
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 2)).await;
+    wait_ready(&api, "web").await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+
+    api.delete("web", &DeleteParams::default()).await.expect("delete MyApp");
+    // While the MyApp exists, its children may still be there; once it is gone, they must be.
+    eventually("MyApp gone", Duration::from_secs(60), || async {
+        matches!(api.get_opt("web").await, Ok(None)).then_some(())
+    })
+    .await;
+    assert!(deployments.get_opt("web").await.expect("get Deployment").is_none(), "Deployment outlived its MyApp");
+    assert!(services.get_opt("web").await.expect("get Service").is_none(), "Service outlived its MyApp");
+    let left = pods.list(&ListParams::default().labels("myapp.dev/name=web")).await.expect("pods");
+    assert!(left.items.is_empty(), "pods outlived their MyApp (foreground deletion)");
+
+    let events = Api::<Event>::namespaced(client.clone(), &ns.name).list(&ListParams::default()).await.expect("events");
+    assert!(events.items.iter().any(|e| e.reason.as_deref() == Some("Deleting")), "a Deleting event was published");
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn invalid_specs_are_rejected_naming_the_field() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "invalid").await;
+    let api: Api<MyApp> = Api::namespaced(client.clone(), &ns.name);
+    let cases = [
+        (json!({"image": "nginx:latest"}), "spec.image"),
+        (json!({"image": "nginx"}), "spec.image"),
+        (json!({"image": "nginx:1.27", "replicas": 5000}), "spec.replicas"),
+        (json!({"image": "nginx:1.27", "env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}), "spec.env"),
+        (json!({"image": "nginx:1.27", "env": [{"name": "1BAD"}]}), "spec.env[0].name"),
+        (
+            json!({"image": "nginx:1.27", "resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "500m"}}}),
+            "spec.resources.limits.cpu",
+        ),
+        (
+            json!({"image": "nginx:1.27", "resources": {"requests": {"memory": "lots"}}}),
+            "spec.resources.requests.memory",
+        ),
+    ];
+    for (i, (spec, field)) in cases.into_iter().enumerate() {
+        let app: MyApp = serde_json::from_value(json!({
+            "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": format!("bad-{i}")}, "spec": spec
+        }))
+        .expect("MyApp");
+        match api.create(&PostParams::default(), &app).await {
+            Err(kube::Error::Api(s)) => {
+                assert_eq!(s.code, 422, "case {i}: {s:?}");
+                assert!(s.message.contains(field), "case {i}: {:?} does not name {field}", s.message);
+            }
+            other => panic!("case {i} ({field}) was not rejected: {other:?}"),
+        }
+    }
+    assert!(api.list(&ListParams::default()).await.expect("list").items.is_empty(), "nothing was stored");
+    ns.cleanup().await;
+}
+
+/// Lines of the operator's log that record a finished reconcile of `ns/name`.
+fn reconciles_logged(ns: &str, name: &str) -> usize {
+    let path = std::env::var("MYAPP_E2E_OPERATOR_LOG").expect("MYAPP_E2E_OPERATOR_LOG is set by `cargo xtask test`");
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let needle = format!("\"myapp\":\"{ns}/{name}\"");
+    log.lines().filter(|l| l.contains("reconciled") && l.contains(&needle)).count()
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn local_only_unchanged_resync_makes_zero_writes() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "resync").await;
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 2)).await;
+    wait_ready(&api, "web").await;
+    // Let the last status write land in the audit log.
+    let operator = "myapp-operator/";
+    let settled = eventually("operator writes to settle", Duration::from_secs(20), || async {
+        let before = common::audit_writes(&ns.name, operator).len();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        (common::audit_writes(&ns.name, operator).len() == before).then_some(before)
+    })
+    .await;
+    assert!(settled >= 3, "a fresh MyApp needs its finalizer, children and status written ({settled} writes)");
+
+    // Touch the MyApp without changing its spec: it is reconciled again, and must write nothing.
+    let logged = reconciles_logged(&ns.name, "web");
+    for round in 0..3 {
+        let touch = Patch::Merge(json!({"metadata": {"annotations": {"e2e/touch": round.to_string()}}}));
+        api.patch("web", &PatchParams::default(), &touch).await.expect("touch");
+        eventually("a reconcile of the touched MyApp", Duration::from_secs(15), || async {
+            (reconciles_logged(&ns.name, "web") > logged + round).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let writes = common::audit_writes(&ns.name, operator);
+    let extra: Vec<_> = writes[settled..].iter().map(|e| format!("{} {}", e["verb"], e["requestURI"])).collect();
+    assert!(extra.is_empty(), "unchanged resyncs wrote: {extra:?}");
+    ns.cleanup().await;
+}

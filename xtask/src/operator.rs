@@ -1,0 +1,178 @@
+//! Running the operator for the demo and the tests: the target cluster, the CRD, and replicas as
+//! local processes with their own identity, probe port and log file.
+
+use crate::{cluster, paths, procs};
+use anyhow::{Context, Result, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Where to run: the local control plane, or a cluster the user points at.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TargetArgs {
+    /// Use the cluster of this kubeconfig instead of starting the local control plane.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Use the cluster of `$KUBECONFIG` (or ~/.kube/config) instead of the local control plane.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub external: bool,
+}
+
+/// The cluster to work against.
+pub struct Target {
+    /// Its admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// True for the local control plane (audit log and Jaeger available).
+    pub local: bool,
+    /// True when this command started the local control plane (and should stop it).
+    pub started_here: bool,
+}
+
+impl TargetArgs {
+    /// Resolves the target, starting the local control plane when that is the target.
+    pub async fn resolve(&self) -> Result<Target> {
+        let external = match (&self.kubeconfig, self.external) {
+            (Some(path), _) => Some(path.clone()),
+            (None, true) => Some(match std::env::var_os("KUBECONFIG") {
+                Some(p) => PathBuf::from(p),
+                None => PathBuf::from(std::env::var("HOME").context("HOME")?).join(".kube/config"),
+            }),
+            (None, false) => None,
+        };
+        if let Some(kubeconfig) = external {
+            if !kubeconfig.is_file() {
+                bail!("kubeconfig {} does not exist", kubeconfig.display());
+            }
+            println!("==> using the cluster of {}", kubeconfig.display());
+            return Ok(Target { kubeconfig, local: false, started_here: false });
+        }
+        let was_up = cluster::is_up().await;
+        cluster::up().await?;
+        Ok(Target { kubeconfig: paths::kubeconfig(), local: true, started_here: !was_up })
+    }
+}
+
+/// The cargo of this invocation.
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(paths::repo());
+    c
+}
+
+/// Runs a command, failing with its description when it fails.
+pub fn run(mut cmd: Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Builds the operator binary (debug profile, shared with the tests) and returns its path.
+pub fn build() -> Result<PathBuf> {
+    println!("==> building the operator");
+    let mut cmd = cargo();
+    cmd.args(["build", "--bin", "myapp-operator"]);
+    run(cmd, "cargo build --bin myapp-operator")?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| paths::repo().join("target"));
+    Ok(target.join("debug").join("myapp-operator"))
+}
+
+/// Server-side applies the committed CRD and waits until it is Established.
+pub async fn install_crd(client: &Client) -> Result<()> {
+    let path = paths::repo().join("deploy/crd/myapps.myapp.dev.yaml");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = crd.metadata.name.clone().context("CRD has no name")?;
+    api.patch(&name, &PatchParams::apply("myapp-xtask").force(), &Patch::Apply(&crd)).await?;
+    let started = Instant::now();
+    loop {
+        let c = api.get(&name).await?;
+        let established = c
+            .status
+            .and_then(|s| s.conditions)
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+        if established {
+            println!("    CRD {name} established");
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("CRD {name} not Established after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A running operator replica.
+pub struct Replica {
+    /// Its name (and identity prefix).
+    pub name: String,
+    /// Probe and metrics port on 127.0.0.1.
+    pub probe_port: u16,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// First probe port of the replicas; replica `i` uses `BASE_PROBE_PORT + i`.
+pub const BASE_PROBE_PORT: u16 = 18081;
+
+/// Starts `n` replicas of `bin` against `kubeconfig`.
+pub fn start_replicas(bin: &PathBuf, kubeconfig: &PathBuf, n: usize, extra: &[String]) -> Result<Vec<Replica>> {
+    let run = paths::run_dir();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let name = format!("operator-{i}");
+        let probe_port = BASE_PROBE_PORT + i as u16;
+        let _ = std::fs::remove_file(procs::log_file(&run, &name));
+        let mut args = vec!["run".to_string()];
+        args.extend(extra.iter().cloned());
+        procs::spawn(
+            &run,
+            &name,
+            bin,
+            &args,
+            &[
+                ("KUBECONFIG", kubeconfig.display().to_string()),
+                ("POD_NAME", name.clone()),
+                ("PROBE_ADDR", format!("127.0.0.1:{probe_port}")),
+                ("LOG_FORMAT", "json".into()),
+                ("RUST_LOG", "info,myapp_operator=debug".into()),
+            ],
+        )?;
+        out.push(Replica { name: name.clone(), probe_port, log: procs::log_file(&run, &name) });
+    }
+    Ok(out)
+}
+
+/// Waits until every replica answers `/readyz` with 200.
+pub async fn wait_ready(replicas: &[Replica]) -> Result<()> {
+    let run = paths::run_dir();
+    let started = Instant::now();
+    for r in replicas {
+        loop {
+            if matches!(procs::http_get(r.probe_port, "/readyz"), Ok((200, _))) {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("{} not ready after 60 s; last log lines:\n{}", r.name, procs::tail(&run, &r.name, 30));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    println!("    {} operator replica(s) ready ({:.1} s)", replicas.len(), started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Stops every recorded operator replica.
+pub fn stop_replicas() {
+    let run = paths::run_dir();
+    for (name, pid, bin) in procs::recorded(&run) {
+        if name.starts_with("operator-") {
+            procs::stop(&run, &name, pid, &bin, Duration::from_secs(15));
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! `cargo xtask test`: everything `.ci/run` runs. Lint, unit tests, then the tests against a real
+//! API server (the local control plane, or the cluster given) with the operator running.
+
+use crate::operator::{self, TargetArgs, cargo, run};
+use crate::{cluster, paths};
+use anyhow::Result;
+use std::time::Instant;
+
+/// Options of `cargo xtask test`.
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Skip `cargo fmt --check` and clippy.
+    #[arg(long)]
+    no_lint: bool,
+    /// Leave the local control plane running afterwards.
+    #[arg(long)]
+    keep_cluster: bool,
+}
+
+fn step(name: &str) -> Instant {
+    println!("\n==> {name}");
+    Instant::now()
+}
+
+/// Runs the whole suite.
+pub async fn test(args: TestArgs) -> Result<()> {
+    let all = Instant::now();
+    if !args.no_lint {
+        let t = step("lint: cargo fmt --check, cargo clippy --all-targets -- -D warnings");
+        let mut fmt = cargo();
+        fmt.args(["fmt", "--all", "--check"]);
+        run(fmt, "cargo fmt --check")?;
+        let mut clippy = cargo();
+        clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+        run(clippy, "cargo clippy")?;
+        println!("    lint passed ({:.0} s)", t.elapsed().as_secs_f64());
+    }
+
+    let t = step("unit tests (no cluster)");
+    let mut unit = cargo();
+    unit.args(["test", "--workspace"]);
+    run(unit, "unit tests")?;
+    println!("    unit tests passed ({:.0} s)", t.elapsed().as_secs_f64());
+
+    let t = step("cluster");
+    let target = args.target.resolve().await?;
+    println!("    cluster ready ({:.0} s)", t.elapsed().as_secs_f64());
+    let result = against_cluster(&target).await;
+    operator::stop_replicas();
+    if target.started_here && !args.keep_cluster {
+        cluster::down()?;
+    }
+    result?;
+    println!("\n==> all tests passed in {:.0} s", all.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn against_cluster(target: &operator::Target) -> Result<()> {
+    let t = step("end-to-end tests against the API server, with one operator replica");
+    let bin = operator::build()?;
+    let client = cluster::client_from(&target.kubeconfig).await?;
+    operator::install_crd(&client).await?;
+    operator::stop_replicas();
+    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 1, &[])?;
+    operator::wait_ready(&replicas).await?;
+
+    let mut e2e = cargo();
+    e2e.args(["test", "--test", "cluster", "--test", "e2e", "--", "--include-ignored"])
+        .env("KUBECONFIG", &target.kubeconfig)
+        .env("MYAPP_E2E_OPERATOR_LOG", &replicas[0].log);
+    if target.local {
+        e2e.env("MYAPP_E2E_AUDIT_LOG", paths::run_dir().join("logs/audit.log"))
+            .env("MYAPP_E2E_JAEGER", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_QUERY));
+    } else {
+        // The audit log and Jaeger of a user's cluster are not ours to read.
+        e2e.args(["--skip", "local_only_"]);
+    }
+    run(e2e, "end-to-end tests")?;
+    println!("    end-to-end tests passed ({:.0} s)", t.elapsed().as_secs_f64());
+    Ok(())
+}
