@@ -7,6 +7,7 @@
 pub mod api;
 pub mod controller;
 pub mod http;
+pub mod leader;
 pub mod telemetry;
 
 use std::time::Duration;

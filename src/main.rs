@@ -6,10 +6,12 @@ use kube::CustomResourceExt;
 use myapp_operator::api::MyApp;
 use myapp_operator::controller::{self, Context, cache::Caches};
 use myapp_operator::http::{self, Probes};
+use myapp_operator::leader::{self, Elector, Timings};
 use myapp_operator::telemetry::{logging, metrics::Metrics};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -40,9 +42,31 @@ struct RunArgs {
     /// Watch one namespace only (default: all).
     #[arg(long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
-    /// Identity of this replica in Events and the lease (default: POD_NAME, else the host name).
+    /// Name of this replica; a random suffix is added to form its identity (default: POD_NAME,
+    /// else the host name).
     #[arg(long, env = "POD_NAME")]
-    identity: Option<String>,
+    pod_name: Option<String>,
+    /// Run for leadership on a Lease (true), or reconcile unconditionally as a single replica.
+    #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "myapp-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (default: POD_NAMESPACE, else myapp-system).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "myapp-system")]
+    lease_namespace: String,
+    /// How long a standby waits from the last change it saw before taking over.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// How long a leader tries to renew before stepping down.
+    #[arg(long, env = "RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    renew_deadline: Duration,
+    /// How often the leader renews and standbys poll.
+    #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    retry_period: Duration,
+    /// How often an unchanged MyApp is reconciled again.
+    #[arg(long, env = "RESYNC_PERIOD", default_value = "5m", value_parser = humantime::parse_duration)]
+    resync: Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,7 +90,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn crd_yaml() -> anyhow::Result<String> {
-    Ok(serde_yaml::to_string(&MyApp::crd()).context("serialize CRD")?)
+    serde_yaml::to_string(&MyApp::crd()).context("serialize CRD")
 }
 
 async fn shutdown_signal() {
@@ -84,9 +108,22 @@ async fn shutdown_signal() {
     }
 }
 
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect()
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     logging::init(args.log_format);
-    let identity = args.identity.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "myapp-operator".into());
+    let timings = Timings {
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+    };
+    timings.validate().map_err(|e| anyhow::anyhow!("invalid lease timings: {e}"))?;
+    let pod = args.pod_name.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "myapp-operator".into());
+    let identity = format!("{pod}-{}", random_suffix());
+
     let mut config = kube::Config::infer().await.context("find Kubernetes credentials")?;
     let agent = format!("myapp-operator/{} ({identity})", env!("CARGO_PKG_VERSION"));
     config.headers.push((::http::header::USER_AGENT, ::http::HeaderValue::from_str(&agent)?));
@@ -94,26 +131,56 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
 
     let probes = Probes { metrics: metrics.clone(), ready: ready.clone() };
     let probe_task = tokio::spawn(http::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
 
+    tracing::info!(%identity, leader_elect = args.leader_elect, "starting");
     let caches = Caches::start(client.clone(), args.namespace.as_deref());
-    let ctx = Arc::new(Context::new(client, caches.clone(), metrics, &identity));
-    tracing::info!(%identity, "starting");
     // One waiter at a time: the store's readiness signal wakes a single task.
     caches.wait_ready().await;
     ready.store(true, Ordering::Relaxed);
-    tracing::info!("caches synced; ready");
-    let controller_task = tokio::spawn(controller::run(ctx, stopped(stop_rx.clone())));
+    tracing::info!("caches synced; ready (readiness never depends on leadership)");
+
+    // The elector stops only after the controller has: a separate signal, sent in order below.
+    let (release_tx, release_rx) = watch::channel(false);
+    let mut _open_fence = None;
+    let (leadership, elector_task) = if args.leader_elect {
+        let (elector, leadership) =
+            Elector::new(client.clone(), &args.lease_namespace, &args.lease_name, &identity, timings);
+        let elector = elector.with_metrics(metrics.clone());
+        (leadership, Some(tokio::spawn(elector.run(release_rx))))
+    } else {
+        // Without election the fence stays open for the life of the process.
+        let (tx, rx) = watch::channel(Some(tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400)));
+        _open_fence = Some(tx);
+        (rx, None)
+    };
+
+    let resync = args.resync;
+    let supervisor = {
+        let (client, caches, metrics, identity, stop_rx) =
+            (client.clone(), caches.clone(), metrics.clone(), identity.clone(), stop_rx.clone());
+        tokio::spawn(leader::supervise(leadership, stop_rx.clone(), move |fence, acquired| {
+            let ctx = Arc::new(
+                Context::new(client.clone(), caches.clone(), metrics.clone(), &identity, fence, acquired)
+                    .with_resync(resync),
+            );
+            controller::run(ctx, stopped(stop_rx.clone()))
+        }))
+    };
 
     shutdown_signal().await;
-    tracing::info!("shutdown requested");
+    tracing::info!("shutdown requested: stopping the controller, then releasing the lease");
     let _ = stop_tx.send(true);
-    let _ = controller_task.await;
+    let _ = supervisor.await;
+    let _ = release_tx.send(true);
+    if let Some(task) = elector_task {
+        let _ = task.await;
+    }
     match probe_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "probe server"),
         Err(e) => tracing::warn!(error = %e, "probe server task"),

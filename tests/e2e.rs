@@ -236,12 +236,15 @@ async fn invalid_specs_are_rejected_naming_the_field() {
     ns.cleanup().await;
 }
 
-/// Lines of the operator's log that record a finished reconcile of `ns/name`.
+/// Lines of the operator replicas' logs that record a finished reconcile of `ns/name`.
 fn reconciles_logged(ns: &str, name: &str) -> usize {
-    let path = std::env::var("MYAPP_E2E_OPERATOR_LOG").expect("MYAPP_E2E_OPERATOR_LOG is set by `cargo xtask test`");
-    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let paths = std::env::var("MYAPP_E2E_OPERATOR_LOGS").expect("MYAPP_E2E_OPERATOR_LOGS is set by `cargo xtask test`");
     let needle = format!("\"myapp\":\"{ns}/{name}\"");
-    log.lines().filter(|l| l.contains("reconciled") && l.contains(&needle)).count()
+    paths
+        .split(':')
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .map(|log| log.lines().filter(|l| l.contains("reconciled") && l.contains(&needle)).count())
+        .sum()
 }
 
 #[tokio::test]

@@ -11,6 +11,8 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 /// Desired state of a `MyApp`: one container image served by a Deployment behind a Service.
+// The repeated `printcolumn(type_ = ...)` keys are separate columns, not duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "myapp.dev",

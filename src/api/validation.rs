@@ -203,9 +203,13 @@ mod tests {
         let e = validate_spec(&s);
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(e[0].field, "spec.resources.limits.cpu");
-        s.resources.as_mut().and_then(|r| r.limits.as_mut()).map(|l| l.cpu = Some("1".into()));
+        if let Some(l) = s.resources.as_mut().and_then(|r| r.limits.as_mut()) {
+            l.cpu = Some("1".into());
+        }
         assert!(validate_spec(&s).is_empty());
-        s.resources.as_mut().and_then(|r| r.requests.as_mut()).map(|l| l.memory = Some("lots".into()));
+        if let Some(r) = s.resources.as_mut().and_then(|r| r.requests.as_mut()) {
+            r.memory = Some("lots".into());
+        }
         assert_eq!(validate_spec(&s)[0].field, "spec.resources.requests.memory");
     }
 

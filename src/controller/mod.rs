@@ -24,7 +24,7 @@ use kube::runtime::reflector::ObjectRef;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use writer::Writer;
+use writer::{Fence, Writer};
 
 /// How often an unchanged `MyApp` is reconciled again (a resync that must write nothing).
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -40,20 +40,45 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<ObjectRef<MyApp>, u32>>,
+    /// How often an unchanged object is reconciled again.
+    resync: Duration,
+    /// When this leadership term began, until its first reconcile is recorded.
+    term_started: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Context {
-    /// A context for a controller run.
-    pub fn new(client: Client, caches: Caches, metrics: Arc<Metrics>, identity: &str) -> Self {
+    /// A context for one controller run (one leadership term): writes go through `fence`, and
+    /// the time from `acquired` to the first reconcile is measured.
+    pub fn new(
+        client: Client,
+        caches: Caches,
+        metrics: Arc<Metrics>,
+        identity: &str,
+        fence: Fence,
+        acquired: tokio::time::Instant,
+    ) -> Self {
         let reporter = Reporter { controller: "myapp-operator".into(), instance: Some(identity.into()) };
         let recorder = Recorder::new(client.clone(), reporter);
         Self {
             client: client.clone(),
             caches,
-            writer: Writer::new(client, recorder, metrics.clone()),
+            writer: Writer::new(client, recorder, metrics.clone()).with_fence(fence),
             metrics,
             failures: Mutex::new(HashMap::new()),
+            term_started: Mutex::new(Some(acquired)),
+            resync: RESYNC,
         }
+    }
+
+    /// Sets the resync period.
+    pub fn with_resync(mut self, resync: Duration) -> Self {
+        self.resync = resync;
+        self
+    }
+
+    /// The resync period.
+    pub fn resync(&self) -> Duration {
+        self.resync
     }
 
     /// The client, for reads that must not come from the caches.
@@ -90,6 +115,12 @@ async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> 
     ctx.metrics.reconciles.get_or_create(&crate::telemetry::metrics::ResultLabels { result: label.into() }).inc();
     if result.is_ok() {
         ctx.record_success(&ObjectRef::from_obj(app.as_ref()));
+        let term_started = ctx.term_started.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = term_started {
+            let secs = t.elapsed().as_secs_f64();
+            ctx.metrics.acquire_to_first_reconcile_seconds.observe(secs);
+            tracing::info!(ms = secs * 1000.0, "first reconcile of the term finished");
+        }
     }
     result
 }

@@ -112,7 +112,7 @@ impl MyApp {
             let note = format!("{}/{} pods ready with image {}", app.spec.replicas, app.spec.replicas, app.spec.image);
             ctx.writer.event(app, EventType::Normal, "RolloutComplete", "Rollout", note).await;
         }
-        Ok(Action::requeue(super::RESYNC))
+        Ok(Action::requeue(ctx.resync()))
     }
 
     /// Deletes the children and releases the finalizer once both are gone.

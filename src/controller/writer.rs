@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Permission to write, bounded in time. The leader elector publishes the instant until which
 /// this replica's leadership is certain (`valid_until`); every write checks it first. Without an

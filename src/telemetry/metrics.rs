@@ -35,6 +35,14 @@ pub struct Metrics {
     pub writes: Family<WriteLabels, Counter>,
     /// 1 while this replica runs the controller.
     pub controller_running: Gauge,
+    /// 1 while this replica holds the lease.
+    pub is_leader: Gauge,
+    /// Times this replica acquired the lease.
+    pub leader_transitions: Counter,
+    /// Duration of successful lease renewals.
+    pub lease_renew_seconds: Histogram,
+    /// Time from acquiring the lease to the first finished reconcile of the term.
+    pub acquire_to_first_reconcile_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -48,7 +56,33 @@ impl Default for Metrics {
         registry.register("api_writes", "API writes made by the controller", writes.clone());
         let controller_running = Gauge::default();
         registry.register("controller_running", "1 while this replica runs the controller", controller_running.clone());
-        Self { registry, reconciles, reconcile_duration, writes, controller_running }
+        let is_leader = Gauge::default();
+        registry.register("leader", "1 while this replica holds the lease", is_leader.clone());
+        let leader_transitions = Counter::default();
+        registry.register("leader_acquisitions", "Times this replica acquired the lease", leader_transitions.clone());
+        let lease_renew_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "lease_renew_duration_seconds",
+            "Duration of successful lease renewals",
+            lease_renew_seconds.clone(),
+        );
+        let acquire_to_first_reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "acquire_to_first_reconcile_seconds",
+            "Time from acquiring the lease to the first finished reconcile",
+            acquire_to_first_reconcile_seconds.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            reconcile_duration,
+            writes,
+            controller_running,
+            is_leader,
+            leader_transitions,
+            lease_renew_seconds,
+            acquire_to_first_reconcile_seconds,
+        }
     }
 }
 

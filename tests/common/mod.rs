@@ -6,7 +6,7 @@
 //! - `KUBECONFIG`: the cluster;
 //! - `MYAPP_E2E_AUDIT_LOG`: the API server's audit log (local control plane only);
 //! - `MYAPP_E2E_JAEGER`: the Jaeger query API, e.g. `http://127.0.0.1:16686` (local only);
-//! - `MYAPP_E2E_OPERATOR_LOG`: the log file of the operator replica under test.
+//! - `MYAPP_E2E_OPERATOR_LOGS`: the log files of the operator replicas, separated by `:`.
 #![allow(dead_code)]
 
 use k8s_openapi::api::core::v1::Namespace;

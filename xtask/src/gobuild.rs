@@ -135,7 +135,7 @@ impl Component {
             }
             std::thread::sleep(std::time::Duration::from_secs(1));
             let secs = started.elapsed().as_secs();
-            if secs > 0 && secs % 30 == 0 {
+            if secs > 0 && secs.is_multiple_of(30) {
                 println!("    … {} still building ({secs} s)", self.name);
             }
         };

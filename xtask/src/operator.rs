@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,18 @@ pub fn build() -> Result<PathBuf> {
     Ok(target.join("debug").join("myapp-operator"))
 }
 
+/// The namespace of the operator (its Lease, and in-cluster its pods).
+pub const NAMESPACE: &str = "myapp-system";
+
+/// Creates the operator's namespace if it is missing.
+pub async fn ensure_namespace(client: &Client) -> Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
+    api.patch(NAMESPACE, &PatchParams::apply("myapp-xtask"), &Patch::Apply(&ns)).await?;
+    Ok(())
+}
+
 /// Server-side applies the committed CRD and waits until it is Established.
 pub async fn install_crd(client: &Client) -> Result<()> {
     let path = paths::repo().join("deploy/crd/myapps.myapp.dev.yaml");
@@ -121,7 +133,7 @@ pub struct Replica {
 pub const BASE_PROBE_PORT: u16 = 18081;
 
 /// Starts `n` replicas of `bin` against `kubeconfig`.
-pub fn start_replicas(bin: &PathBuf, kubeconfig: &PathBuf, n: usize, extra: &[String]) -> Result<Vec<Replica>> {
+pub fn start_replicas(bin: &Path, kubeconfig: &Path, n: usize, extra: &[String]) -> Result<Vec<Replica>> {
     let run = paths::run_dir();
     let mut out = Vec::new();
     for i in 0..n {

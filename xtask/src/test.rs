@@ -58,18 +58,20 @@ pub async fn test(args: TestArgs) -> Result<()> {
 }
 
 async fn against_cluster(target: &operator::Target) -> Result<()> {
-    let t = step("end-to-end tests against the API server, with one operator replica");
+    let t = step("end-to-end tests against the API server, with three operator replicas");
     let bin = operator::build()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
     operator::install_crd(&client).await?;
+    operator::ensure_namespace(&client).await?;
     operator::stop_replicas();
-    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 1, &[])?;
+    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[])?;
     operator::wait_ready(&replicas).await?;
+    let logs = replicas.iter().map(|r| r.log.display().to_string()).collect::<Vec<_>>().join(":");
 
     let mut e2e = cargo();
-    e2e.args(["test", "--test", "cluster", "--test", "e2e", "--", "--include-ignored"])
+    e2e.args(["test", "--test", "cluster", "--test", "e2e", "--test", "leader", "--", "--include-ignored"])
         .env("KUBECONFIG", &target.kubeconfig)
-        .env("MYAPP_E2E_OPERATOR_LOG", &replicas[0].log);
+        .env("MYAPP_E2E_OPERATOR_LOGS", logs);
     if target.local {
         e2e.env("MYAPP_E2E_AUDIT_LOG", paths::run_dir().join("logs/audit.log"))
             .env("MYAPP_E2E_JAEGER", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_QUERY));

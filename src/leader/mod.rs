@@ -1,0 +1,48 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, with fencing.
+//!
+//! Several replicas run [`Elector`]s on the same Lease; the one holding it runs the controller.
+//! Written here rather than taken from a crate because none fits kube 5 with optimistic
+//! concurrency, a renew deadline and fencing (see `DESIGN.md` §3).
+//!
+//! # What is guaranteed
+//! - **At most one holder per Lease version.** Every write of the Lease carries the
+//!   resourceVersion this replica last saw; the API server refuses it with 409 if anyone wrote in
+//!   between. Two candidates can never both succeed in taking the same version.
+//! - **Expiry on the local monotonic clock.** A standby takes over only after it has seen the same
+//!   Lease version, unchanged, for the holder's `leaseDurationSeconds`. The remote `renewTime` is
+//!   written (for humans and other tools) but never read, so clock offsets between machines do
+//!   not matter; only clock *rates* do.
+//! - **A bounded leadership.** A leader's leadership is valid until the instant its last
+//!   successful renewal *started* plus `renewDeadline` (`valid_until`). If it cannot renew by then
+//!   it steps down by itself. Since `renewDeadline < leaseDuration`, a leader's window closes at
+//!   least `leaseDuration − renewDeadline` (5 s by default) before any standby can see the lease
+//!   expire: that margin absorbs the latency of a write sent just before `valid_until` and any
+//!   difference in clock rates.
+//! - **Fencing.** The leadership is published as a `watch` channel of `valid_until`. Every write
+//!   the controller makes checks it first ([`crate::controller::writer::Fence`]), and the
+//!   controller future is dropped the moment it passes or the lease is lost
+//!   ([`supervise`]), so no new write leaves this replica after that point.
+//! - **Fast handover.** Standbys watch the Lease as well as poll it: a released lease is taken
+//!   as soon as the release is seen, not at the next poll.
+//! - **Release on shutdown.** On SIGTERM the controller stops first, then the holder is cleared
+//!   (transitions kept) so a standby takes over without waiting for expiry.
+//!
+//! # What is not guaranteed
+//! - A write that left before `valid_until` may still be in flight when another replica takes
+//!   over, if it spends more than the margin above in the network. Kubernetes offers no
+//!   server-side fence token for arbitrary objects; the margin is the defence.
+//! - A paused process (SIGSTOP) cannot check anything while paused. When it resumes, its fence
+//!   has already expired, so it writes nothing before it has renewed (which fails with 409 if
+//!   another replica took over).
+//! - Losing the lease does not stop the process: the replica drops back to standby and keeps
+//!   serving webhooks, probes and metrics, and its caches stay warm for the next term.
+
+mod elector;
+mod state;
+mod supervise;
+mod timings;
+
+pub use elector::{Elector, Leadership};
+pub use state::{Decision, Observation, Record, Tracker, decide, holding_spec, released_spec};
+pub use supervise::supervise;
+pub use timings::Timings;

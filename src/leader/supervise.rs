@@ -1,0 +1,154 @@
+//! Runs the controller exactly while this replica leads.
+
+use super::Leadership;
+use crate::controller::writer::Fence;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How long a graceful shutdown waits for in-flight reconciles before dropping them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Resolves when the leadership ends: it is withdrawn, or its `valid_until` passes unrenewed.
+async fn ended(mut rx: watch::Receiver<Leadership>) {
+    loop {
+        let current = *rx.borrow_and_update();
+        let Some(until) = current else { return };
+        if until <= Instant::now() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {
+                if *rx.borrow() == Some(until) {
+                    return;
+                }
+            }
+            changed = rx.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// For each leadership term: calls `start(fence, acquired_at)` and drives the future it returns
+/// until the term ends, when the future is dropped at once (so no write leaves after that
+/// point), or until `shutdown` turns true, when the future is expected to finish its in-flight
+/// work by itself (it is dropped after [`SHUTDOWN_GRACE`]). Returns after shutdown.
+pub async fn supervise<F, Fut>(
+    mut leadership: watch::Receiver<Leadership>,
+    mut shutdown: watch::Receiver<bool>,
+    mut start: F,
+) where
+    F: FnMut(Fence, Instant) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            if leadership.borrow_and_update().is_some_and(|until| until > Instant::now()) {
+                break;
+            }
+            tokio::select! {
+                changed = leadership.changed() => if changed.is_err() { return },
+                changed = shutdown.changed() => if changed.is_err() { return },
+            }
+        }
+        let acquired = Instant::now();
+        tracing::info!("leading: starting the controller");
+        let term = start(Fence::new(leadership.clone()), acquired);
+        let mut sd = shutdown.clone();
+        let grace = async move {
+            let _ = sd.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            _ = term => {
+                tracing::info!("controller stopped");
+            }
+            _ = ended(leadership.clone()) => {
+                tracing::warn!("leadership ended: controller cancelled");
+            }
+            _ = grace => {
+                tracing::warn!("controller did not stop within the grace period: cancelled");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn controller_runs_only_while_leading() {
+        let (lead_tx, lead_rx) = watch::channel(None);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let starts = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicUsize::new(0));
+        let (s, r) = (starts.clone(), running.clone());
+        let sup = tokio::spawn(supervise(lead_rx, stop_rx.clone(), move |fence, _| {
+            s.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            let mut stop = stop_rx.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                struct Guard(Arc<AtomicUsize>);
+                impl Drop for Guard {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let _g = Guard(r);
+                assert!(fence.check().is_ok());
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(starts.load(Ordering::SeqCst), 0, "standby does not run the controller");
+
+        lead_tx.send_replace(Some(Instant::now() + Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(running.load(Ordering::SeqCst), 1);
+
+        // Renewed: the same term goes on.
+        lead_tx.send_replace(Some(Instant::now() + Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!((starts.load(Ordering::SeqCst), running.load(Ordering::SeqCst)), (1, 1));
+
+        // Not renewed: the deadline passes and the controller is dropped.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(running.load(Ordering::SeqCst), 0, "the controller must stop at valid_until");
+
+        // A new term, then an explicit loss.
+        lead_tx.send_replace(Some(Instant::now() + Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!((starts.load(Ordering::SeqCst), running.load(Ordering::SeqCst)), (2, 1));
+        lead_tx.send_replace(None);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(running.load(Ordering::SeqCst), 0);
+
+        // Shutdown while leading: the controller finishes by itself, then supervise returns.
+        lead_tx.send_replace(Some(Instant::now() + Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        stop_tx.send_replace(true);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(running.load(Ordering::SeqCst), 0);
+        assert!(sup.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fence_closes_with_the_deadline() {
+        let (tx, rx) = watch::channel(Some(Instant::now() + Duration::from_secs(1)));
+        let fence = Fence::new(rx);
+        assert!(fence.check().is_ok());
+        tokio::time::sleep(Duration::from_millis(1001)).await;
+        assert!(fence.check().is_err(), "an expired valid_until refuses writes");
+        tx.send_replace(Some(Instant::now() + Duration::from_secs(1)));
+        assert!(fence.check().is_ok());
+        tx.send_replace(None);
+        assert!(fence.check().is_err());
+    }
+}

@@ -1,0 +1,84 @@
+//! Lease timings, validated.
+
+use std::time::Duration;
+
+/// How long a lease lasts, how long a leader keeps trying to renew, and how often anyone acts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timings {
+    /// How long a standby waits, from when it last saw the record change, before taking over.
+    pub lease_duration: Duration,
+    /// How long a leader keeps trying to renew before it steps down by itself.
+    pub renew_deadline: Duration,
+    /// How often the leader renews and a standby re-checks the lease.
+    pub retry_period: Duration,
+}
+
+impl Default for Timings {
+    /// client-go's defaults: 15 s / 10 s / 2 s.
+    fn default() -> Self {
+        Self {
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Timings {
+    /// Checks `lease_duration > renew_deadline > retry_period × 1.2`, as client-go requires.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.retry_period.is_zero() {
+            return Err("retry period must be positive".into());
+        }
+        if self.lease_duration <= self.renew_deadline {
+            return Err(format!(
+                "lease duration ({:?}) must be greater than the renew deadline ({:?})",
+                self.lease_duration, self.renew_deadline
+            ));
+        }
+        if self.renew_deadline.as_secs_f64() <= self.retry_period.as_secs_f64() * 1.2 {
+            return Err(format!(
+                "renew deadline ({:?}) must be greater than 1.2 × the retry period ({:?})",
+                self.renew_deadline, self.retry_period
+            ));
+        }
+        if self.lease_duration.as_secs() < 1 {
+            return Err("lease duration must be at least 1 s (the Lease API counts whole seconds)".into());
+        }
+        Ok(())
+    }
+
+    /// The timeout of every Lease API call: half the renew deadline, so a leader always gets at
+    /// least two attempts before it must step down.
+    pub fn call_timeout(&self) -> Duration {
+        self.renew_deadline / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(l: u64, r: u64, p: u64) -> Timings {
+        Timings {
+            lease_duration: Duration::from_millis(l),
+            renew_deadline: Duration::from_millis(r),
+            retry_period: Duration::from_millis(p),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(Timings::default().validate(), Ok(()));
+        assert_eq!(Timings::default().call_timeout(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn ordering_is_enforced() {
+        assert!(t(10_000, 10_000, 2_000).validate().is_err());
+        assert!(t(15_000, 2_400, 2_000).validate().is_err());
+        assert!(t(15_000, 2_401, 2_000).validate().is_ok());
+        assert!(t(15_000, 10_000, 0).validate().is_err());
+        assert!(t(900, 800, 100).validate().is_err(), "sub-second leases cannot be written");
+    }
+}
