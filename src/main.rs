@@ -66,7 +66,7 @@ struct RunArgs {
     retry_period: Duration,
     /// How often an unchanged MyApp is reconciled again.
     #[arg(long, env = "RESYNC_PERIOD", default_value = "5m", value_parser = humantime::parse_duration)]
-    resync: Duration,
+    resync_period: Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -160,7 +160,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (rx, None)
     };
 
-    let resync = args.resync;
+    let resync = args.resync_period;
     let supervisor = {
         let (client, caches, metrics, identity, stop_rx) =
             (client.clone(), caches.clone(), metrics.clone(), identity.clone(), stop_rx.clone());

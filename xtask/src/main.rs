@@ -1,6 +1,7 @@
 //! The task runner: `cargo xtask <command>`. See `cargo xtask --help`.
 
 mod cluster;
+mod demo;
 mod gobuild;
 mod operator;
 mod paths;
@@ -26,6 +27,8 @@ enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
+    /// The main job: local control plane, three operator replicas, the example MyApps Ready.
+    Demo(demo::DemoArgs),
     /// Everything CI runs: lint, unit tests, end-to-end tests against a real API server.
     Test(test::TestArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
@@ -51,6 +54,7 @@ fn main() -> Result<()> {
             ClusterAction::Down => cluster::down(),
             ClusterAction::Status => rt.block_on(cluster::status()),
         },
+        Command::Demo(args) => rt.block_on(demo::demo(args)),
         Command::Test(args) => rt.block_on(test::test(args)),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
     }

@@ -1,0 +1,143 @@
+//! `cargo xtask demo`: the main job on the embedded default. Starts the local control plane (or
+//! uses the cluster given), runs three operator replicas, applies the example MyApps, and shows
+//! them Ready, who leads, and where the traces are.
+
+use crate::operator::{self, TargetArgs};
+use crate::{cluster, paths};
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::ApiResource;
+use std::time::{Duration, Instant};
+
+/// Options of `cargo xtask demo`.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Number of operator replicas.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+}
+
+fn myapp_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("myapp.dev", "v1", "MyApp"), "myapps")
+}
+
+/// Applies every document of `examples/*.yaml` into `default`; returns the names.
+async fn apply_examples(client: &kube::Client) -> Result<Vec<String>> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &myapp_resource());
+    let mut names = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(paths::repo().join("examples"))?.flatten().map(|e| e.path()).collect();
+    files.sort();
+    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
+        let text = std::fs::read_to_string(file)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let obj: DynamicObject = serde::Deserialize::deserialize(doc)?;
+            let name = obj.metadata.name.clone().context("example without a name")?;
+            api.patch(&name, &PatchParams::apply("myapp-demo").force(), &Patch::Apply(&obj))
+                .await
+                .with_context(|| format!("apply {}", file.display()))?;
+            println!("    applied myapp/{name} from {}", file.strip_prefix(paths::repo()).unwrap_or(file).display());
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+fn ready_reason(obj: &DynamicObject) -> (bool, String) {
+    let conds = obj.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    let generation = obj.metadata.generation;
+    match conds.iter().find(|c| c["type"] == "Ready") {
+        Some(c) => (
+            c["status"] == "True" && c["observedGeneration"].as_i64() == generation,
+            c["reason"].as_str().unwrap_or("").to_string(),
+        ),
+        None => (false, "Pending".into()),
+    }
+}
+
+/// Runs the demo.
+pub async fn demo(args: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    let target = args.target.resolve().await?;
+    let bin = operator::build()?;
+    let client = cluster::client_from(&target.kubeconfig).await?;
+    operator::install_crd(&client).await?;
+    operator::ensure_namespace(&client).await?;
+    operator::stop_replicas();
+    println!(
+        "==> starting {} operator replicas (leader election on Lease {}/myapp-operator)",
+        args.replicas,
+        operator::NAMESPACE
+    );
+    let replicas = operator::start_replicas(&bin, &target.kubeconfig, args.replicas, &[])?;
+    operator::wait_ready(&replicas).await?;
+
+    println!("==> applying the example MyApps");
+    let names = apply_examples(&client).await?;
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &myapp_resource());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut all = true;
+        for n in &names {
+            all &= api.get(n).await.map(|o| ready_reason(&o).0).unwrap_or(false);
+        }
+        if all {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the example MyApps were not Ready within 120 s; see the logs in {}",
+                paths::run_dir().join("logs").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    println!("\n==> MyApps (kubectl get myapps)");
+    println!("{:<10} {:<28} {:>8} {:>6}  STATUS", "NAME", "IMAGE", "REPLICAS", "READY");
+    for n in &names {
+        let o = api.get(n).await?;
+        println!(
+            "{:<10} {:<28} {:>8} {:>6}  {}",
+            n,
+            o.data["spec"]["image"].as_str().unwrap_or(""),
+            o.data["spec"]["replicas"].to_string(),
+            o.data["status"]["readyReplicas"].to_string(),
+            ready_reason(&o).1
+        );
+    }
+
+    let lease = Api::<Lease>::namespaced(client.clone(), operator::NAMESPACE).get("myapp-operator").await?;
+    let spec = lease.spec.unwrap_or_default();
+    println!("\n==> leader");
+    println!(
+        "    {} holds Lease {}/myapp-operator (transitions: {}); the other replicas are warm standbys",
+        spec.holder_identity.unwrap_or_default(),
+        operator::NAMESPACE,
+        spec.lease_transitions.unwrap_or(0)
+    );
+    println!("    replica logs: {}", paths::run_dir().join("logs").join("operator-*.log").display());
+
+    if target.local {
+        println!("\n==> traces");
+        println!(
+            "    Jaeger UI: http://127.0.0.1:{}/search?service=apiserver  (the API server's spans for every request)",
+            cluster::ports::JAEGER_QUERY
+        );
+    }
+    let kubectl = crate::gobuild::COMPONENTS
+        .iter()
+        .find(|c| c.name == "kubernetes")
+        .and_then(|c| c.bin_dir().ok())
+        .map(|d| d.join("kubectl").display().to_string())
+        .unwrap_or_else(|| "kubectl".into());
+    println!("\n==> explore");
+    println!("    export KUBECONFIG={}", target.kubeconfig.display());
+    println!("    {kubectl} get myapps,deployments,services,lease -A");
+    println!("    cargo xtask cluster down    # stops the replicas and the local control plane");
+    println!("\n==> demo ready in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
