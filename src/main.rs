@@ -7,6 +7,7 @@ use myapp_operator::api::MyApp;
 use myapp_operator::controller::{self, Context, cache::Caches};
 use myapp_operator::http::{self, Probes};
 use myapp_operator::leader::{self, Elector, Timings};
+use myapp_operator::telemetry::propagation::TraceParentLayer;
 use myapp_operator::telemetry::{logging, metrics::Metrics};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -114,20 +115,25 @@ fn random_suffix() -> String {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    logging::init(args.log_format);
+    let pod =
+        args.pod_name.clone().or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "myapp-operator".into());
+    let identity = format!("{pod}-{}", random_suffix());
+    let telemetry = logging::init(args.log_format, &identity);
     let timings = Timings {
         lease_duration: args.lease_duration,
         renew_deadline: args.renew_deadline,
         retry_period: args.retry_period,
     };
     timings.validate().map_err(|e| anyhow::anyhow!("invalid lease timings: {e}"))?;
-    let pod = args.pod_name.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "myapp-operator".into());
-    let identity = format!("{pod}-{}", random_suffix());
 
     let mut config = kube::Config::infer().await.context("find Kubernetes credentials")?;
     let agent = format!("myapp-operator/{} ({identity})", env!("CARGO_PKG_VERSION"));
     config.headers.push((::http::header::USER_AGENT, ::http::HeaderValue::from_str(&agent)?));
-    let client = kube::Client::try_from(config).context("build the Kubernetes client")?;
+    // Every API call becomes a client span whose context reaches the API server in `traceparent`.
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("build the Kubernetes client")?
+        .with_layer(&TraceParentLayer)
+        .build();
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -138,7 +144,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let probes = Probes { metrics: metrics.clone(), ready: ready.clone() };
     let probe_task = tokio::spawn(http::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
 
-    tracing::info!(%identity, leader_elect = args.leader_elect, "starting");
+    tracing::info!(%identity, leader_elect = args.leader_elect, traces = telemetry.exporting(), "starting");
     let caches = Caches::start(client.clone(), args.namespace.as_deref());
     // One waiter at a time: the store's readiness signal wakes a single task.
     caches.wait_ready().await;
@@ -187,5 +193,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(Ok(())) => {}
     }
     tracing::info!("stopped");
+    telemetry.shutdown();
     Ok(())
 }

@@ -280,3 +280,48 @@ async fn local_only_unchanged_resync_makes_zero_writes() {
     assert!(extra.is_empty(), "unchanged resyncs wrote: {extra:?}");
     ns.cleanup().await;
 }
+
+/// Finds, in Jaeger, a trace of a reconcile of `ns/name` whose API calls are child spans and that
+/// continues into the API server. Returns (trace id, span count).
+fn reconcile_trace(jaeger: &str, ns: &str, name: &str) -> Option<(String, usize)> {
+    let tags = format!("%7B%22myapp%22%3A%22{ns}%2F{name}%22%7D");
+    let url =
+        format!("{jaeger}/api/traces?service=myapp-operator&operation=reconcile&tags={tags}&limit=20&lookback=1h");
+    let (_, body) = common::http_get(&url)?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["data"].as_array()?.iter().find_map(|trace| {
+        let spans = trace["spans"].as_array()?;
+        let service = |s: &serde_json::Value| {
+            let pid = s["processID"].as_str()?;
+            trace["processes"][pid]["serviceName"].as_str().map(str::to_string)
+        };
+        let reconcile = spans.iter().find(|s| s["operationName"] == "reconcile")?;
+        let rid = reconcile["spanID"].as_str()?;
+        let child_of = |s: &serde_json::Value, parent: &str| {
+            s["references"].as_array().is_some_and(|r| r.iter().any(|r| r["spanID"].as_str() == Some(parent)))
+        };
+        let api_call = spans
+            .iter()
+            .find(|s| s["operationName"].as_str().is_some_and(|o| o.starts_with("kube ")) && child_of(s, rid))?;
+        let call_id = api_call["spanID"].as_str()?;
+        let in_apiserver = spans.iter().any(|s| service(s).as_deref() == Some("apiserver") && child_of(s, call_id));
+        in_apiserver.then(|| (trace["traceID"].as_str().unwrap_or_default().to_string(), spans.len()))
+    })
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn local_only_reconcile_trace_spans_operator_and_api_server() {
+    let jaeger = std::env::var("MYAPP_E2E_JAEGER").expect("MYAPP_E2E_JAEGER is set by `cargo xtask test`");
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "trace").await;
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
+    wait_ready(&api, "web").await;
+    let (trace_id, spans) = eventually("a reconcile trace in Jaeger", Duration::from_secs(30), || async {
+        reconcile_trace(&jaeger, &ns.name, "web")
+    })
+    .await;
+    assert_eq!(trace_id.len(), 32);
+    assert!(spans >= 3, "reconcile, an API call and the API server's span: {spans}");
+    ns.cleanup().await;
+}

@@ -32,6 +32,8 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 /// What every reconcile shares.
 pub struct Context {
     client: Client,
+    /// This replica's identity, recorded on every reconcile span.
+    pub identity: String,
     /// The warm caches.
     pub caches: Caches,
     /// The only way to write.
@@ -60,6 +62,7 @@ impl Context {
         let reporter = Reporter { controller: "myapp-operator".into(), instance: Some(identity.into()) };
         let recorder = Recorder::new(client.clone(), reporter);
         Self {
+            identity: identity.to_string(),
             client: client.clone(),
             caches,
             writer: Writer::new(client, recorder, metrics.clone()).with_fence(fence),
@@ -106,7 +109,36 @@ impl Context {
 
 async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
-    let result = app.reconcile(&ctx).await;
+    let span = tracing::info_span!(
+        "reconcile",
+        otel.name = "reconcile",
+        myapp = %format!("{}/{}", app.metadata.namespace.as_deref().unwrap_or_default(), app.metadata.name.as_deref().unwrap_or_default()),
+        generation = app.metadata.generation.unwrap_or(0),
+        leader = %ctx.identity,
+        result = tracing::field::Empty,
+        error = tracing::field::Empty,
+        requeue_ms = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let result = {
+        use tracing::Instrument;
+        span.in_scope(|| span.record("trace_id", crate::telemetry::logging::current_trace_id()));
+        app.reconcile(&ctx).instrument(span.clone()).await
+    };
+    match &result {
+        Ok(requeue) => {
+            span.record("result", "ok");
+            if let Some(d) = requeue {
+                span.record("requeue_ms", d.as_millis() as u64);
+            }
+        }
+        Err(e) => {
+            span.record("result", e.kind());
+            span.record("error", e.to_string());
+            span.record("otel.status_code", "ERROR");
+        }
+    }
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     let label = match &result {
         Ok(_) => "ok",
@@ -122,7 +154,7 @@ async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> 
             tracing::info!(ms = secs * 1000.0, "first reconcile of the term finished");
         }
     }
-    result
+    result.map(|requeue| requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
 fn error_policy(app: Arc<MyApp>, error: &Error, ctx: Arc<Context>) -> Action {

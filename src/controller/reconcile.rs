@@ -13,7 +13,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
-use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -45,7 +44,8 @@ impl MyApp {
     }
 
     /// Brings the children and the status in line with the spec.
-    pub async fn reconcile(&self, ctx: &Context) -> Result<Action> {
+    /// Returns when to look again (`None`: only when something changes).
+    pub async fn reconcile(&self, ctx: &Context) -> Result<Option<Duration>> {
         if self.meta().deletion_timestamp.is_some() {
             return self.cleanup(ctx).await;
         }
@@ -71,7 +71,7 @@ impl MyApp {
             if !was_stalled {
                 ctx.writer.event(app, EventType::Warning, "InvalidSpec", "Validate", message).await;
             }
-            return Ok(Action::await_change());
+            return Ok(None);
         }
 
         let key_d = ObjectRef::<Deployment>::new(&name).within(&ns);
@@ -112,13 +112,13 @@ impl MyApp {
             let note = format!("{}/{} pods ready with image {}", app.spec.replicas, app.spec.replicas, app.spec.image);
             ctx.writer.event(app, EventType::Normal, "RolloutComplete", "Rollout", note).await;
         }
-        Ok(Action::requeue(ctx.resync()))
+        Ok(Some(ctx.resync()))
     }
 
     /// Deletes the children and releases the finalizer once both are gone.
-    pub async fn cleanup(&self, ctx: &Context) -> Result<Action> {
+    pub async fn cleanup(&self, ctx: &Context) -> Result<Option<Duration>> {
         if !self.has_finalizer() {
-            return Ok(Action::await_change());
+            return Ok(None);
         }
         let ns = self.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
         let name = self.name_any();
@@ -149,11 +149,11 @@ impl MyApp {
         }
         let remaining = [d.filter(|d| owned_by(d, self)).is_some(), s.filter(|s| owned_by(s, self)).is_some()];
         if remaining.iter().any(|r| *r) {
-            return Ok(Action::requeue(Duration::from_secs(1)));
+            return Ok(Some(Duration::from_secs(1)));
         }
         let finalizers = self.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
         ctx.writer.set_finalizers(self, finalizers).await?;
-        Ok(Action::await_change())
+        Ok(None)
     }
 }
 

@@ -1,6 +1,21 @@
-//! Structured logging with `tracing`.
+//! Logs and traces with `tracing`.
+//!
+//! - Logs: JSON (production) or text, filtered by `RUST_LOG` (default `info`). Lines inside a
+//!   reconcile carry its `trace_id`.
+//! - Traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set, spans are
+//!   exported over OTLP/gRPC, configured by the standard `OTEL_*` variables (service name,
+//!   resource attributes, sampler). Exported: the operator's own spans and the kube runtime's
+//!   "reconciling object" span that roots each reconcile. Off when no endpoint is set.
+//! - Propagation: W3C TraceContext.
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -11,14 +26,92 @@ pub enum LogFormat {
     Text,
 }
 
-/// Installs the global subscriber. The filter comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Json => {
-            registry.with(fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false)).init()
-        }
-        LogFormat::Text => registry.with(fmt::layer().with_target(false)).init(),
+/// Keeps the trace pipeline alive; call [`Telemetry::shutdown`] on exit so no span is lost.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// True when spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
     }
+
+    /// Flushes every pending span and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider {
+            if let Err(e) = p.force_flush() {
+                eprintln!("flushing spans failed: {e}");
+            }
+            if let Err(e) = p.shutdown() {
+                eprintln!("stopping the span exporter failed: {e}");
+            }
+        }
+    }
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
+fn provider(identity: &str) -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build().map_err(|e| e.to_string())?;
+    let mut resource = Resource::builder();
+    if !env_set("OTEL_SERVICE_NAME") {
+        resource = resource.with_service_name("myapp-operator");
+    }
+    let mut attrs = vec![
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.instance.id", identity.to_string()),
+    ];
+    if let Ok(pod) = std::env::var("POD_NAME") {
+        attrs.push(KeyValue::new("k8s.pod.name", pod));
+    }
+    if let Ok(ns) = std::env::var("POD_NAMESPACE") {
+        attrs.push(KeyValue::new("k8s.namespace.name", ns));
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.with_attributes(attrs).build())
+        .build())
+}
+
+/// Installs the global subscriber and propagator. `identity` names this replica in the traces.
+pub fn init(format: LogFormat, identity: &str) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = match format {
+        LogFormat::Json => {
+            fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false).boxed()
+        }
+        LogFormat::Text => fmt::layer().with_target(false).boxed(),
+    }
+    .with_filter(filter);
+
+    let mut error = None;
+    let provider = if env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        provider(identity).map_err(|e| error = Some(e)).ok()
+    } else {
+        None
+    };
+    let traces = provider.as_ref().map(|p| {
+        let targets = Targets::new()
+            .with_target("myapp_operator", Level::INFO)
+            .with_target("kube_runtime::controller", Level::INFO);
+        tracing_opentelemetry::layer().with_tracer(p.tracer("myapp-operator")).with_filter(targets)
+    });
+    tracing_subscriber::registry().with(logs).with(traces).init();
+    if let Some(e) = error {
+        tracing::warn!(error = %e, "OTLP exporter could not be built: traces are off");
+    }
+    Telemetry { provider }
+}
+
+/// The trace id of the current span, as 32 hex digits (empty when not sampled or not traced).
+pub fn current_trace_id() -> String {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() { sc.trace_id().to_string() } else { String::new() }
 }

@@ -1,5 +1,7 @@
-//! Logs and metrics. Logs are structured (JSON in production, human-readable locally); metrics use
-//! prometheus-client and are served by [`crate::http`].
+//! Logs, traces and metrics. Logs are structured (JSON in production, human-readable locally);
+//! traces go over OTLP with W3C propagation into the API server; metrics use prometheus-client and
+//! are served by [`crate::http`].
 
 pub mod logging;
 pub mod metrics;
+pub mod propagation;

@@ -250,42 +250,7 @@ pub async fn up() -> Result<()> {
     })
     .await?;
 
-    let apiserver = procs::spawn(
-        &run,
-        "kube-apiserver",
-        &bin("kube-apiserver")?,
-        &[
-            arg("etcd-servers", format!("http://127.0.0.1:{}", ports::ETCD)),
-            arg("bind-address", "127.0.0.1"),
-            arg("advertise-address", "127.0.0.1"),
-            // A loopback address cannot back the `kubernetes` Service endpoints; nothing here needs them.
-            arg("endpoint-reconciler-type", "none"),
-            arg("secure-port", ports::APISERVER),
-            arg("tls-cert-file", pk("apiserver.crt")),
-            arg("tls-private-key-file", pk("apiserver.key")),
-            arg("client-ca-file", pk("ca.crt")),
-            arg("service-account-key-file", pk("sa.pub")),
-            arg("service-account-signing-key-file", pk("sa.key")),
-            arg("service-account-issuer", "https://kubernetes.default.svc.cluster.local"),
-            arg("service-cluster-ip-range", "10.0.0.0/24"),
-            arg("authorization-mode", "RBAC"),
-            arg(
-                "enable-admission-plugins",
-                "NamespaceLifecycle,ServiceAccount,TaintNodesByCondition,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota",
-            ),
-            arg("audit-policy-file", p("audit-policy.yaml")),
-            arg("audit-log-path", p("logs/audit.log")),
-            arg("audit-log-format", "json"),
-            arg("audit-log-mode", "blocking"),
-            arg("audit-log-maxsize", 1024),
-            arg("tracing-config-file", p("tracing.yaml")),
-            arg("allow-privileged", true),
-            arg("profiling", false),
-            arg("max-requests-inflight", 1000),
-            arg("max-mutating-requests-inflight", 500),
-        ],
-        &[],
-    )?;
+    let apiserver = procs::spawn(&run, "kube-apiserver", &bin("kube-apiserver")?, &apiserver_args(&run), &[])?;
     let admin = client_from(&paths::kubeconfig()).await?;
     wait_for(&run, Some(&apiserver), "kube-apiserver", Duration::from_secs(60), || readyz(&admin)).await?;
 
@@ -376,6 +341,59 @@ pub async fn up() -> Result<()> {
     Ok(())
 }
 
+/// The API server's command line.
+fn apiserver_args(run: &Path) -> Vec<String> {
+    let p = |f: &str| run.join(f).display().to_string();
+    let pk = |f: &str| run.join("pki").join(f).display().to_string();
+    vec![
+        arg("etcd-servers", format!("http://127.0.0.1:{}", ports::ETCD)),
+        arg("bind-address", "127.0.0.1"),
+        arg("advertise-address", "127.0.0.1"),
+        // A loopback address cannot back the `kubernetes` Service endpoints; nothing here needs them.
+        arg("endpoint-reconciler-type", "none"),
+        arg("secure-port", ports::APISERVER),
+        arg("tls-cert-file", pk("apiserver.crt")),
+        arg("tls-private-key-file", pk("apiserver.key")),
+        arg("client-ca-file", pk("ca.crt")),
+        arg("service-account-key-file", pk("sa.pub")),
+        arg("service-account-signing-key-file", pk("sa.key")),
+        arg("service-account-issuer", "https://kubernetes.default.svc.cluster.local"),
+        arg("service-cluster-ip-range", "10.0.0.0/24"),
+        arg("authorization-mode", "RBAC"),
+        arg(
+            "enable-admission-plugins",
+            "NamespaceLifecycle,ServiceAccount,TaintNodesByCondition,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota",
+        ),
+        arg("audit-policy-file", p("audit-policy.yaml")),
+        arg("audit-log-path", p("logs/audit.log")),
+        arg("audit-log-format", "json"),
+        arg("audit-log-mode", "blocking"),
+        arg("audit-log-maxsize", 1024),
+        arg("tracing-config-file", p("tracing.yaml")),
+        arg("allow-privileged", true),
+        arg("profiling", false),
+        arg("max-requests-inflight", 1000),
+        arg("max-mutating-requests-inflight", 500),
+    ]
+}
+
+/// Restarts kube-apiserver with the same command line (the chaos suite's `apiserver-restart`)
+/// and waits until it is ready again. Returns how long it was unavailable.
+pub async fn restart_apiserver() -> Result<Duration> {
+    let run = paths::run_dir();
+    let (_, pid, bin) = procs::recorded(&run)
+        .into_iter()
+        .find(|(n, _, _)| n == "kube-apiserver")
+        .context("kube-apiserver is not running")?;
+    let started = Instant::now();
+    // A hard restart: its graceful shutdown waits for long-running watches.
+    procs::stop(&run, "kube-apiserver", pid, &bin, Duration::from_secs(1));
+    let proc = procs::spawn(&run, "kube-apiserver", Path::new(&bin), &apiserver_args(&run), &[])?;
+    let admin = client_from(&paths::kubeconfig()).await?;
+    wait_for(&run, Some(&proc), "kube-apiserver (restarted)", Duration::from_secs(60), || readyz(&admin)).await?;
+    Ok(started.elapsed())
+}
+
 /// Nodes that are Ready and carry no not-ready taint.
 pub async fn ready_nodes(nodes: &Api<Node>) -> usize {
     let Ok(list) = nodes.list(&ListParams::default()).await else {
@@ -434,15 +452,10 @@ async fn register_nodes(client: &Client) -> Result<()> {
 
 fn print_usage() {
     let kc = paths::kubeconfig();
-    let bin = gobuild::COMPONENTS
-        .iter()
-        .find(|c| c.name == "kubernetes")
-        .and_then(|c| c.bin_dir().ok())
-        .map(|d| d.display().to_string())
-        .unwrap_or_default();
+    let kubectl = gobuild::kubectl().map_or_else(|| "kubectl".into(), |p| p.display().to_string());
     println!("    kubeconfig:  {}", kc.display());
     println!("    use it:      export KUBECONFIG={}", kc.display());
-    println!("    kubectl:     {bin}/kubectl (v1.37, built with the control plane)");
+    println!("    kubectl:     {kubectl} (v1.37, built with the control plane)");
     println!("    Jaeger UI:   http://127.0.0.1:{}/", ports::JAEGER_QUERY);
     println!("    logs:        {}", paths::run_dir().join("logs").display());
     println!("    stop it:     cargo xtask cluster down");

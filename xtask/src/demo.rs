@@ -58,6 +58,24 @@ fn ready_reason(obj: &DynamicObject) -> (bool, String) {
     }
 }
 
+/// The newest reconcile trace of `myapp` (namespace/name) in Jaeger, waiting up to 15 s for the
+/// exporters' next batch.
+async fn latest_trace(port: u16, myapp: &str) -> Option<String> {
+    let tags = format!("%7B%22myapp%22%3A%22{}%22%7D", myapp.replace('/', "%2F"));
+    let path = format!("/api/traces?service=myapp-operator&operation=reconcile&tags={tags}&limit=1&lookback=1h");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok((200, body)) = crate::procs::http_get(port, &path)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
+            && let Some(id) = v["data"][0]["traceID"].as_str()
+        {
+            return Some(id.to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    None
+}
+
 /// Runs the demo.
 pub async fn demo(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
@@ -72,7 +90,8 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         args.replicas,
         operator::NAMESPACE
     );
-    let replicas = operator::start_replicas(&bin, &target.kubeconfig, args.replicas, &[])?;
+    let replicas =
+        operator::start_replicas(&bin, &target.kubeconfig, args.replicas, &[], &operator::trace_env(&target))?;
     operator::wait_ready(&replicas).await?;
 
     println!("==> applying the example MyApps");
@@ -122,18 +141,17 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     println!("    replica logs: {}", paths::run_dir().join("logs").join("operator-*.log").display());
 
     if target.local {
-        println!("\n==> traces");
-        println!(
-            "    Jaeger UI: http://127.0.0.1:{}/search?service=apiserver  (the API server's spans for every request)",
-            cluster::ports::JAEGER_QUERY
-        );
+        let port = cluster::ports::JAEGER_QUERY;
+        println!("\n==> traces (Jaeger)");
+        match latest_trace(port, "default/web").await {
+            Some(id) => println!(
+                "    a reconcile of myapp/web, with its API calls and the API server's spans:\n    http://127.0.0.1:{port}/trace/{id}"
+            ),
+            None => println!("    no reconcile trace of myapp/web reached Jaeger yet"),
+        }
+        println!("    every reconcile: http://127.0.0.1:{port}/search?service=myapp-operator&operation=reconcile");
     }
-    let kubectl = crate::gobuild::COMPONENTS
-        .iter()
-        .find(|c| c.name == "kubernetes")
-        .and_then(|c| c.bin_dir().ok())
-        .map(|d| d.join("kubectl").display().to_string())
-        .unwrap_or_else(|| "kubectl".into());
+    let kubectl = crate::gobuild::kubectl().map_or_else(|| "kubectl".into(), |p| p.display().to_string());
     println!("\n==> explore");
     println!("    export KUBECONFIG={}", target.kubeconfig.display());
     println!("    {kubectl} get myapps,deployments,services,lease -A");

@@ -157,6 +157,13 @@ impl Component {
     }
 }
 
+/// The kubectl built with the control plane, if it is in the cache.
+pub fn kubectl() -> Option<PathBuf> {
+    let c = COMPONENTS.iter().find(|c| c.name == "kubernetes")?;
+    let path = c.bin_dir().ok()?.join("kubectl");
+    path.is_file().then_some(path)
+}
+
 /// Builds (or finds) every component; returns the folder of each binary by name.
 pub fn ensure_all() -> Result<std::collections::HashMap<&'static str, PathBuf>> {
     let mut out = std::collections::HashMap::new();

@@ -1,5 +1,6 @@
 //! The task runner: `cargo xtask <command>`. See `cargo xtask --help`.
 
+mod chaos;
 mod cluster;
 mod demo;
 mod gobuild;
@@ -29,6 +30,8 @@ enum Command {
     },
     /// The main job: local control plane, three operator replicas, the example MyApps Ready.
     Demo(demo::DemoArgs),
+    /// The chaos suite: kill, stop, partition the leader under load; check the audit log.
+    Chaos(chaos::ChaosArgs),
     /// Everything CI runs: lint, unit tests, end-to-end tests against a real API server.
     Test(test::TestArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
@@ -54,6 +57,7 @@ fn main() -> Result<()> {
             ClusterAction::Down => cluster::down(),
             ClusterAction::Status => rt.block_on(cluster::status()),
         },
+        Command::Chaos(args) => rt.block_on(chaos::chaos(args)),
         Command::Demo(args) => rt.block_on(demo::demo(args)),
         Command::Test(args) => rt.block_on(test::test(args)),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),

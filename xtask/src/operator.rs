@@ -22,6 +22,7 @@ pub struct TargetArgs {
 }
 
 /// The cluster to work against.
+#[derive(Clone, Debug)]
 pub struct Target {
     /// Its admin kubeconfig.
     pub kubeconfig: PathBuf,
@@ -29,6 +30,17 @@ pub struct Target {
     pub local: bool,
     /// True when this command started the local control plane (and should stop it).
     pub started_here: bool,
+}
+
+impl Target {
+    /// Arguments that resolve to this same target again (without restarting anything).
+    pub fn args(&self) -> TargetArgs {
+        if self.local {
+            TargetArgs::default()
+        } else {
+            TargetArgs { kubeconfig: Some(self.kubeconfig.clone()), external: false }
+        }
+    }
 }
 
 impl TargetArgs {
@@ -120,6 +132,7 @@ pub async fn install_crd(client: &Client) -> Result<()> {
 }
 
 /// A running operator replica.
+#[derive(Clone, Debug)]
 pub struct Replica {
     /// Its name (and identity prefix).
     pub name: String,
@@ -127,37 +140,67 @@ pub struct Replica {
     pub probe_port: u16,
     /// Its log file.
     pub log: PathBuf,
+    /// Its process id.
+    pub pid: u32,
 }
 
 /// First probe port of the replicas; replica `i` uses `BASE_PROBE_PORT + i`.
 pub const BASE_PROBE_PORT: u16 = 18081;
 
-/// Starts `n` replicas of `bin` against `kubeconfig`.
-pub fn start_replicas(bin: &Path, kubeconfig: &Path, n: usize, extra: &[String]) -> Result<Vec<Replica>> {
-    let run = paths::run_dir();
-    let mut out = Vec::new();
-    for i in 0..n {
-        let name = format!("operator-{i}");
-        let probe_port = BASE_PROBE_PORT + i as u16;
-        let _ = std::fs::remove_file(procs::log_file(&run, &name));
-        let mut args = vec!["run".to_string()];
-        args.extend(extra.iter().cloned());
-        procs::spawn(
-            &run,
-            &name,
-            bin,
-            &args,
-            &[
-                ("KUBECONFIG", kubeconfig.display().to_string()),
-                ("POD_NAME", name.clone()),
-                ("PROBE_ADDR", format!("127.0.0.1:{probe_port}")),
-                ("LOG_FORMAT", "json".into()),
-                ("RUST_LOG", "info,myapp_operator=debug".into()),
-            ],
-        )?;
-        out.push(Replica { name: name.clone(), probe_port, log: procs::log_file(&run, &name) });
+/// Environment of the replicas for a target: on the local control plane, traces go to its Jaeger
+/// (exported every 500 ms so that they show up quickly).
+pub fn trace_env(target: &Target) -> Vec<(&'static str, String)> {
+    if target.local {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_OTLP)),
+            ("OTEL_BSP_SCHEDULE_DELAY", "500".into()),
+        ]
+    } else {
+        vec![]
     }
-    Ok(out)
+}
+
+/// Starts replica `i` of `bin` against `kubeconfig`, with `extra` arguments and `env` added.
+pub fn start_replica(
+    i: usize,
+    bin: &Path,
+    kubeconfig: &Path,
+    extra: &[String],
+    env: &[(&'static str, String)],
+) -> Result<Replica> {
+    let run = paths::run_dir();
+    let name = format!("operator-{i}");
+    let probe_port = BASE_PROBE_PORT + i as u16;
+    let mut args = vec!["run".to_string()];
+    args.extend(extra.iter().cloned());
+    let mut envs = vec![
+        ("KUBECONFIG", kubeconfig.display().to_string()),
+        ("POD_NAME", name.clone()),
+        ("POD_NAMESPACE", NAMESPACE.to_string()),
+        ("PROBE_ADDR", format!("127.0.0.1:{probe_port}")),
+        ("LOG_FORMAT", "json".into()),
+        ("RUST_LOG", "info,myapp_operator=debug".into()),
+    ];
+    envs.extend(env.iter().cloned());
+    let pid = procs::spawn(&run, &name, bin, &args, &envs)?.pid;
+    Ok(Replica { name: name.clone(), probe_port, log: procs::log_file(&run, &name), pid })
+}
+
+/// Starts `n` replicas of `bin` against `kubeconfig` (fresh logs), with `env` added.
+pub fn start_replicas(
+    bin: &Path,
+    kubeconfig: &Path,
+    n: usize,
+    extra: &[String],
+    env: &[(&'static str, String)],
+) -> Result<Vec<Replica>> {
+    let run = paths::run_dir();
+    (0..n)
+        .map(|i| {
+            let _ = std::fs::remove_file(procs::log_file(&run, &format!("operator-{i}")));
+            start_replica(i, bin, kubeconfig, extra, env)
+        })
+        .collect()
 }
 
 /// Waits until every replica answers `/readyz` with 200.

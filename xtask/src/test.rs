@@ -64,22 +64,50 @@ async fn against_cluster(target: &operator::Target) -> Result<()> {
     operator::install_crd(&client).await?;
     operator::ensure_namespace(&client).await?;
     operator::stop_replicas();
-    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[])?;
+    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[], &operator::trace_env(target))?;
     operator::wait_ready(&replicas).await?;
     let logs = replicas.iter().map(|r| r.log.display().to_string()).collect::<Vec<_>>().join(":");
 
     let mut e2e = cargo();
-    e2e.args(["test", "--test", "cluster", "--test", "e2e", "--test", "leader", "--", "--include-ignored"])
-        .env("KUBECONFIG", &target.kubeconfig)
-        .env("MYAPP_E2E_OPERATOR_LOGS", logs);
+    e2e.args([
+        "test",
+        "--test",
+        "cluster",
+        "--test",
+        "e2e",
+        "--test",
+        "leader",
+        "--test",
+        "deploy",
+        "--",
+        "--include-ignored",
+    ])
+    .env("KUBECONFIG", &target.kubeconfig)
+    .env("MYAPP_E2E_OPERATOR_LOGS", logs);
+    if let Some(kubectl) = crate::gobuild::kubectl() {
+        e2e.env("MYAPP_E2E_KUBECTL", kubectl);
+    }
     if target.local {
         e2e.env("MYAPP_E2E_AUDIT_LOG", paths::run_dir().join("logs/audit.log"))
-            .env("MYAPP_E2E_JAEGER", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_QUERY));
+            .env("MYAPP_E2E_JAEGER", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_QUERY))
+            .env("MYAPP_E2E_OTLP", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_OTLP));
     } else {
         // The audit log and Jaeger of a user's cluster are not ours to read.
         e2e.args(["--skip", "local_only_"]);
     }
     run(e2e, "end-to-end tests")?;
     println!("    end-to-end tests passed ({:.0} s)", t.elapsed().as_secs_f64());
+    operator::stop_replicas();
+
+    let t = step("chaos smoke: kill, term, pause, partition the leader, restart the API server");
+    let args = crate::chaos::ChaosArgs {
+        target: target.args(),
+        profile: "smoke".into(),
+        rounds: None,
+        scenarios: None,
+        replicas: 3,
+    };
+    crate::chaos::chaos(args).await?;
+    println!("    chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
     Ok(())
 }

@@ -1,0 +1,123 @@
+//! Reading the API server's audit log (JSON lines, `audit.k8s.io/v1` Events).
+
+use serde_json::Value;
+
+/// One completed request, as much of it as the invariants need.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// When the API server received it, in seconds since the Unix epoch (server clock).
+    pub at: f64,
+    /// `create`, `update`, `patch`, `delete`, …
+    pub verb: String,
+    /// Resource, e.g. `deployments`.
+    pub resource: String,
+    /// Subresource, e.g. `status`.
+    pub subresource: String,
+    /// Namespace, if any.
+    pub namespace: String,
+    /// Object name, if any.
+    pub name: String,
+    /// HTTP status code.
+    pub code: u16,
+    /// The operator replica's identity, from a user agent `myapp-operator/<version> (<identity>)`.
+    pub replica: Option<String>,
+    /// For Lease writes recorded with their request body: the holder written (`Some("")` when
+    /// released).
+    pub lease_holder: Option<String>,
+}
+
+impl Request {
+    /// True for a mutating verb.
+    pub fn is_write(&self) -> bool {
+        matches!(self.verb.as_str(), "create" | "update" | "patch" | "delete" | "deletecollection")
+    }
+
+    /// True when the request succeeded.
+    pub fn succeeded(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+}
+
+/// The replica identity in an operator user agent.
+pub fn replica_of(user_agent: &str) -> Option<String> {
+    let rest = user_agent.strip_prefix("myapp-operator/")?;
+    let (_, inner) = rest.split_once('(')?;
+    let id = inner.strip_suffix(')')?.trim();
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+/// Parses an RFC 3339 timestamp into seconds since the epoch.
+pub fn seconds(ts: &str) -> Option<f64> {
+    let t: jiff::Timestamp = ts.parse().ok()?;
+    Some(t.as_nanosecond() as f64 / 1e9)
+}
+
+/// Parses one audit line; `None` for lines that are not completed requests.
+pub fn parse_line(line: &str) -> Option<Request> {
+    let e: Value = serde_json::from_str(line).ok()?;
+    if e["stage"] != "ResponseComplete" {
+        return None;
+    }
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let obj = &e["objectRef"];
+    let lease_holder = (obj["resource"] == "leases")
+        .then(|| {
+            e["requestObject"]["spec"]
+                .as_object()
+                .map(|spec| s(&spec.get("holderIdentity").cloned().unwrap_or(Value::Null)))
+        })
+        .flatten();
+    Some(Request {
+        at: seconds(e["requestReceivedTimestamp"].as_str()?)?,
+        verb: s(&e["verb"]),
+        resource: s(&obj["resource"]),
+        subresource: s(&obj["subresource"]),
+        namespace: s(&obj["namespace"]),
+        name: s(&obj["name"]),
+        code: e["responseStatus"]["code"].as_u64().and_then(|c| u16::try_from(c).ok()).unwrap_or(0),
+        replica: e["userAgent"].as_str().and_then(replica_of),
+        lease_holder,
+    })
+}
+
+/// Parses a whole log, keeping requests received at or after `since`.
+pub fn parse(log: &str, since: f64) -> Vec<Request> {
+    log.lines().filter_map(parse_line).filter(|r| r.at >= since).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: &str = r#"{"kind":"Event","stage":"ResponseComplete","verb":"update","userAgent":"myapp-operator/0.1.0 (operator-1-ab2cd)","objectRef":{"resource":"leases","namespace":"myapp-system","name":"myapp-operator"},"responseStatus":{"code":200},"requestObject":{"spec":{"holderIdentity":"operator-1-ab2cd"}},"requestReceivedTimestamp":"2026-11-25T17:52:53.163462Z"}"#;
+
+    #[test]
+    fn reads_a_lease_write() {
+        let r = parse_line(LEASE).expect("parsed");
+        assert_eq!(r.replica.as_deref(), Some("operator-1-ab2cd"));
+        assert_eq!(r.lease_holder.as_deref(), Some("operator-1-ab2cd"));
+        assert!(r.is_write() && r.succeeded());
+        assert!((r.at - 1_795_629_173.163_462).abs() < 1e-3, "{}", r.at);
+    }
+
+    #[test]
+    fn release_has_an_empty_holder() {
+        let line = LEASE.replace(r#""holderIdentity":"operator-1-ab2cd""#, r#""acquireTime":null"#);
+        assert_eq!(parse_line(&line).and_then(|r| r.lease_holder).as_deref(), Some(""));
+    }
+
+    #[test]
+    fn user_agents() {
+        assert_eq!(replica_of("myapp-operator/0.1.0 (op-0-x)").as_deref(), Some("op-0-x"));
+        assert_eq!(replica_of("kube-controller-manager/v1.37.2"), None);
+        assert_eq!(replica_of("myapp-operator/0.1.0"), None);
+    }
+
+    #[test]
+    fn skips_other_stages_and_garbage() {
+        assert!(parse_line("not json").is_none());
+        assert!(parse_line(&LEASE.replace("ResponseComplete", "RequestReceived")).is_none());
+        assert_eq!(parse(&format!("{LEASE}\ngarbage\n{LEASE}"), 0.0).len(), 2);
+        assert!(parse(LEASE, 2e9).is_empty());
+    }
+}

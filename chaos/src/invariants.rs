@@ -1,0 +1,199 @@
+//! Leadership intervals from the Lease history, and the writes that fall outside them.
+//!
+//! Both come from the audit log, so they are the API server's view on one clock:
+//! - a replica's interval starts with its first successful Lease write that names it holder
+//!   after someone else (or nobody) held it;
+//! - it ends at the earliest of: a successful Lease write naming another holder (or a release),
+//!   its last successful Lease write plus `renew_deadline` (it must step down by then), or the end
+//!   of the run.
+//!
+//! A write by a replica is legal only inside one of its own intervals. Intervals never overlap
+//! by construction, so "every write inside its writer's interval" also proves that no two
+//! replicas ever wrote in overlapping intervals.
+
+use crate::audit::Request;
+use serde::Serialize;
+
+/// A span of time in which one replica held the lease (server clock, seconds since the epoch).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Interval {
+    /// The holder.
+    pub replica: String,
+    /// First successful Lease write naming it holder.
+    pub start: f64,
+    /// When its leadership ended (see the module documentation).
+    pub end: f64,
+}
+
+/// A write made outside the writer's leadership.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Violation {
+    /// The writer.
+    pub replica: String,
+    /// When the API server received it.
+    pub at: f64,
+    /// What it was, e.g. `patch deployments ns/web`.
+    pub what: String,
+}
+
+fn is_the_lease(r: &Request, lease_namespace: &str, lease_name: &str) -> bool {
+    r.resource == "leases" && r.namespace == lease_namespace && r.name == lease_name
+}
+
+/// Leadership intervals of `lease_namespace/lease_name`, in time order.
+pub fn leadership(
+    requests: &[Request],
+    lease_namespace: &str,
+    lease_name: &str,
+    renew_deadline: f64,
+    horizon: f64,
+) -> Vec<Interval> {
+    let mut writes: Vec<(&Request, String)> = requests
+        .iter()
+        .filter(|r| is_the_lease(r, lease_namespace, lease_name) && r.is_write() && r.succeeded())
+        .filter_map(|r| r.lease_holder.clone().map(|h| (r, h)))
+        .collect();
+    writes.sort_by(|a, b| a.0.at.total_cmp(&b.0.at));
+    let mut out = Vec::new();
+    let mut current: Option<(String, f64, f64)> = None;
+    for (w, holder) in writes {
+        match &mut current {
+            Some((h, _, last)) if *h == holder => *last = w.at,
+            _ => {
+                if let Some((h, start, last)) = current.take() {
+                    out.push(Interval { replica: h, start, end: (last + renew_deadline).min(w.at) });
+                }
+                if !holder.is_empty() {
+                    current = Some((holder, w.at, w.at));
+                }
+            }
+        }
+    }
+    if let Some((h, start, last)) = current {
+        out.push(Interval { replica: h, start, end: (last + renew_deadline).min(horizon) });
+    }
+    out
+}
+
+/// Every write by an operator replica (other than its Lease writes) received outside its own
+/// leadership intervals. Failed writes count too: the fence must stop them before they leave.
+pub fn writes_outside(
+    requests: &[Request],
+    intervals: &[Interval],
+    lease_namespace: &str,
+    lease_name: &str,
+) -> Vec<Violation> {
+    requests
+        .iter()
+        .filter(|r| r.is_write() && !is_the_lease(r, lease_namespace, lease_name))
+        .filter_map(|r| {
+            let replica = r.replica.as_ref()?;
+            let inside = intervals.iter().any(|i| &i.replica == replica && i.start <= r.at && r.at <= i.end);
+            (!inside).then(|| Violation {
+                replica: replica.clone(),
+                at: r.at,
+                what: format!(
+                    "{} {}{} {}/{}",
+                    r.verb,
+                    r.resource,
+                    if r.subresource.is_empty() { String::new() } else { format!("/{}", r.subresource) },
+                    r.namespace,
+                    r.name
+                ),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(at: f64, by: &str, holder: &str) -> Request {
+        Request {
+            at,
+            verb: "update".into(),
+            resource: "leases".into(),
+            subresource: String::new(),
+            namespace: "sys".into(),
+            name: "op".into(),
+            code: 200,
+            replica: Some(by.into()),
+            lease_holder: Some(holder.into()),
+        }
+    }
+
+    fn write(at: f64, by: &str) -> Request {
+        Request {
+            at,
+            verb: "patch".into(),
+            resource: "deployments".into(),
+            subresource: String::new(),
+            namespace: "ns".into(),
+            name: "web".into(),
+            code: 200,
+            replica: Some(by.into()),
+            lease_holder: None,
+        }
+    }
+
+    #[test]
+    fn intervals_follow_holder_changes_and_deadlines() {
+        let reqs = vec![
+            lease(10.0, "a", "a"),
+            lease(12.0, "a", "a"),
+            lease(14.0, "a", "a"),
+            // a stops renewing (crash); b takes over after expiry.
+            lease(30.0, "b", "b"),
+            lease(32.0, "b", "b"),
+            // b releases; c takes it.
+            lease(33.0, "b", ""),
+            lease(33.1, "c", "c"),
+        ];
+        let iv = leadership(&reqs, "sys", "op", 3.0, 100.0);
+        assert_eq!(
+            iv,
+            vec![
+                Interval { replica: "a".into(), start: 10.0, end: 17.0 },
+                Interval { replica: "b".into(), start: 30.0, end: 33.0 },
+                Interval { replica: "c".into(), start: 33.1, end: 36.1 },
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_lease_writes_do_not_count() {
+        let mut conflict = lease(11.0, "b", "b");
+        conflict.code = 409;
+        let iv = leadership(&[lease(10.0, "a", "a"), conflict], "sys", "op", 3.0, 100.0);
+        assert_eq!(iv.len(), 1);
+        assert_eq!(iv[0].replica, "a");
+    }
+
+    #[test]
+    fn writes_outside_are_found() {
+        let reqs = vec![
+            lease(10.0, "a", "a"),
+            lease(20.0, "b", "b"),
+            write(11.0, "a"),
+            write(19.0, "a"),
+            write(21.0, "b"),
+            write(21.5, "a"),
+        ];
+        let iv = leadership(&reqs, "sys", "op", 3.0, 100.0);
+        let v = writes_outside(&reqs, &iv, "sys", "op");
+        let at: Vec<f64> = v.iter().map(|v| v.at).collect();
+        // a's interval is [10, 13]: its writes at 19 and 21.5 are violations.
+        assert_eq!(at, vec![19.0, 21.5]);
+        assert!(v[0].what.contains("patch deployments ns/web"));
+    }
+
+    #[test]
+    fn lease_writes_and_other_users_are_not_violations() {
+        let mut human = write(50.0, "x");
+        human.replica = None;
+        let reqs = vec![lease(10.0, "a", "a"), lease(40.0, "b", "b"), human];
+        let iv = leadership(&reqs, "sys", "op", 3.0, 100.0);
+        assert!(writes_outside(&reqs, &iv, "sys", "op").is_empty());
+    }
+}

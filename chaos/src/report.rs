@@ -1,0 +1,293 @@
+//! The chaos report: JSON, a readable table, and an SVG timeline of who held the lease when, with
+//! every operator write as a tick.
+
+use crate::invariants::{Interval, Violation};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// One injected fault and what followed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Fault {
+    /// `kill`, `term`, `pause`, `partition` or `apiserver-restart`.
+    pub scenario: String,
+    /// Repetition number, from 1.
+    pub round: u32,
+    /// When the fault was injected (seconds since the epoch, local clock).
+    pub at: f64,
+    /// The leader hit by the fault.
+    pub old_leader: Option<String>,
+    /// The leader afterwards.
+    pub new_leader: Option<String>,
+    /// Fault → a leader (other than a faulted one, where that applies) holds the lease, seconds.
+    pub acquired_after: Option<f64>,
+    /// Fault → the new leader's first finished reconcile, seconds.
+    pub first_reconcile_after: Option<f64>,
+    /// Fault → every MyApp Ready at its generation with matching children, seconds.
+    pub converged_after: Option<f64>,
+}
+
+/// Distribution of one measurement.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Stats {
+    /// Samples.
+    pub n: usize,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile (nearest rank).
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// Nearest-rank statistics; `None` without samples.
+pub fn stats(samples: &[f64]) -> Option<Stats> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    Some(Stats { n: v.len(), p50: rank(0.5), p99: rank(0.99), max: v[v.len() - 1] })
+}
+
+/// Per-scenario figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// Scenario name.
+    pub scenario: String,
+    /// Fault → new leader acquired.
+    pub acquired: Option<Stats>,
+    /// Fault → first reconcile by the new leader.
+    pub first_reconcile: Option<Stats>,
+    /// Fault → converged.
+    pub converged: Option<Stats>,
+    /// Writes outside leadership during this scenario's rounds.
+    pub writes_outside_leadership: usize,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// `smoke` or `full`.
+    pub profile: String,
+    /// Lease duration, renew deadline, retry period (seconds).
+    pub timings: [f64; 3],
+    /// Operator replicas.
+    pub replicas: usize,
+    /// Per scenario.
+    pub summary: Vec<Summary>,
+    /// Every fault.
+    pub faults: Vec<Fault>,
+    /// Leadership intervals from the audit log.
+    pub intervals: Vec<Interval>,
+    /// Writes outside leadership (must be empty).
+    pub violations: Vec<Violation>,
+    /// Children left behind by deleted MyApps.
+    pub orphans: Vec<String>,
+    /// Operator writes seen in the audit log during the run.
+    pub operator_writes: usize,
+    /// Admission failures, when webhooks are installed.
+    pub failed_admissions: Option<usize>,
+}
+
+/// Builds the per-scenario summary; `violations` are attributed to the fault they follow.
+pub fn summarize(faults: &[Fault], violations: &[Violation]) -> Vec<Summary> {
+    let mut by: BTreeMap<&str, Vec<&Fault>> = BTreeMap::new();
+    for f in faults {
+        by.entry(f.scenario.as_str()).or_default().push(f);
+    }
+    by.into_iter()
+        .map(|(scenario, fs)| {
+            let pick = |g: fn(&Fault) -> Option<f64>| stats(&fs.iter().filter_map(|f| g(f)).collect::<Vec<_>>());
+            let windows: Vec<(f64, f64)> = fs
+                .iter()
+                .map(|f| {
+                    let next = faults.iter().map(|o| o.at).filter(|t| *t > f.at).fold(f64::INFINITY, f64::min);
+                    (f.at, next)
+                })
+                .collect();
+            Summary {
+                scenario: scenario.to_string(),
+                acquired: pick(|f| f.acquired_after),
+                first_reconcile: pick(|f| f.first_reconcile_after),
+                converged: pick(|f| f.converged_after),
+                writes_outside_leadership: violations
+                    .iter()
+                    .filter(|v| windows.iter().any(|(a, b)| v.at >= *a && v.at < *b))
+                    .count(),
+            }
+        })
+        .collect()
+}
+
+fn fmt_stats(s: &Option<Stats>) -> String {
+    match s {
+        Some(s) => format!("{:>6.0} {:>6.0} {:>6.0}", s.p50 * 1000.0, s.p99 * 1000.0, s.max * 1000.0),
+        None => format!("{:>6} {:>6} {:>6}", "-", "-", "-"),
+    }
+}
+
+/// A readable table (milliseconds).
+pub fn table(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "chaos profile {} — {} replicas, lease {}s / renew {}s / retry {}s",
+        r.profile, r.replicas, r.timings[0], r.timings[1], r.timings[2]
+    );
+    let _ = writeln!(
+        out,
+        "{:<18} {:>20}  {:>20}  {:>20}  {:>8}",
+        "scenario", "acquired p50/p99/max", "1st reconcile (ms)", "converged (ms)", "outside"
+    );
+    for s in &r.summary {
+        let _ = writeln!(
+            out,
+            "{:<18} {:>20}  {:>20}  {:>20}  {:>8}",
+            s.scenario,
+            fmt_stats(&s.acquired),
+            fmt_stats(&s.first_reconcile),
+            fmt_stats(&s.converged),
+            s.writes_outside_leadership
+        );
+    }
+    let _ = writeln!(
+        out,
+        "writes outside leadership: {} (of {} operator writes); orphaned children: {}; failed admissions: {}",
+        r.violations.len(),
+        r.operator_writes,
+        r.orphans.len(),
+        r.failed_admissions.map_or("n/a (no webhooks installed)".to_string(), |n| n.to_string())
+    );
+    out
+}
+
+/// An SVG timeline: a lane per replica, a bar per leadership interval, a tick per write (red when
+/// outside leadership), a dashed line per fault.
+pub fn svg(r: &Report, writes: &[(String, f64)]) -> String {
+    let mut replicas: Vec<&str> = r.intervals.iter().map(|i| i.replica.as_str()).collect();
+    replicas.extend(writes.iter().map(|(w, _)| w.as_str()));
+    replicas.sort();
+    replicas.dedup();
+    let times: Vec<f64> = r
+        .intervals
+        .iter()
+        .flat_map(|i| [i.start, i.end])
+        .chain(writes.iter().map(|w| w.1))
+        .chain(r.faults.iter().map(|f| f.at))
+        .collect();
+    let (t0, t1) =
+        (times.iter().copied().fold(f64::INFINITY, f64::min), times.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+    let (left, width, lane) = (200.0, 1000.0, 28.0);
+    let span = if t1 > t0 { t1 - t0 } else { 1.0 };
+    let x = |t: f64| left + (t - t0) / span * width;
+    let height = 40.0 + lane * replicas.len() as f64 + 30.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{height}" font-family="monospace" font-size="11">"#,
+        left + width + 20.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="16">who held the lease ({}s run; bars: leadership, ticks: writes, red: outside leadership, dashed: faults)</text>"#,
+        span.round()
+    );
+    for (i, rep) in replicas.iter().enumerate() {
+        let y = 30.0 + lane * i as f64;
+        let _ = writeln!(s, r#"<text x="10" y="{}">{rep}</text>"#, y + 16.0);
+        for iv in r.intervals.iter().filter(|iv| iv.replica == *rep) {
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{y}" width="{:.1}" height="20" fill="#9ecae1"/>"##,
+                x(iv.start),
+                (x(iv.end) - x(iv.start)).max(1.0)
+            );
+        }
+        for (_, at) in writes.iter().filter(|(w, _)| w == rep) {
+            let outside = r.violations.iter().any(|v| v.replica == *rep && (v.at - at).abs() < 1e-6);
+            let color = if outside { "#d62728" } else { "#08306b" };
+            let _ = writeln!(
+                s,
+                r#"<line x1="{0:.1}" x2="{0:.1}" y1="{1}" y2="{2}" stroke="{color}"/>"#,
+                x(*at),
+                y + 2.0,
+                y + 18.0
+            );
+        }
+    }
+    let bottom = 30.0 + lane * replicas.len() as f64;
+    for f in &r.faults {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{0:.1}" x2="{0:.1}" y1="24" y2="{bottom}" stroke="#ff7f0e" stroke-dasharray="4,3"/>"##,
+            x(f.at)
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{}" fill="#ff7f0e">{}</text>"##,
+            x(f.at) + 2.0,
+            bottom + 14.0,
+            f.scenario
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(scenario: &str, at: f64, acquired: f64) -> Fault {
+        Fault {
+            scenario: scenario.into(),
+            round: 1,
+            at,
+            old_leader: Some("a".into()),
+            new_leader: Some("b".into()),
+            acquired_after: Some(acquired),
+            first_reconcile_after: None,
+            converged_after: Some(1.0),
+        }
+    }
+
+    #[test]
+    fn nearest_rank_stats() {
+        assert_eq!(stats(&[]), None);
+        let s = stats(&[3.0, 1.0, 2.0, 4.0]).expect("stats");
+        assert_eq!((s.n, s.p50, s.p99, s.max), (4, 2.0, 4.0, 4.0));
+    }
+
+    #[test]
+    fn violations_are_attributed_to_the_fault_they_follow() {
+        let faults = vec![fault("kill", 10.0, 4.0), fault("term", 20.0, 0.1)];
+        let v = vec![Violation { replica: "a".into(), at: 25.0, what: "x".into() }];
+        let s = summarize(&faults, &v);
+        let by: BTreeMap<_, _> = s.iter().map(|s| (s.scenario.as_str(), s.writes_outside_leadership)).collect();
+        assert_eq!(by["kill"], 0);
+        assert_eq!(by["term"], 1);
+    }
+
+    #[test]
+    fn renders_table_and_svg() {
+        let faults = vec![fault("kill", 10.0, 4.0)];
+        let r = Report {
+            profile: "smoke".into(),
+            timings: [4.0, 3.0, 0.5],
+            replicas: 3,
+            summary: summarize(&faults, &[]),
+            faults,
+            intervals: vec![Interval { replica: "a".into(), start: 0.0, end: 10.0 }],
+            violations: vec![],
+            orphans: vec![],
+            operator_writes: 1,
+            failed_admissions: None,
+        };
+        let t = table(&r);
+        assert!(t.contains("kill") && t.contains("4000"), "{t}");
+        let svg = svg(&r, &[("a".into(), 5.0)]);
+        assert!(svg.starts_with("<svg") && svg.contains("<rect") && svg.contains("kill"));
+    }
+}

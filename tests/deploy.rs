@@ -1,0 +1,98 @@
+//! The install in `deploy/`: least privilege, and `kubectl apply -k deploy/` on a real API server.
+
+mod common;
+
+use common::{client, eventually};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams};
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+fn rbac_docs() -> Vec<serde_yaml::Value> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/rbac");
+    let mut docs = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("deploy/rbac") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            docs.push(serde::Deserialize::deserialize(doc).expect("yaml"));
+        }
+    }
+    docs
+}
+
+#[test]
+fn roles_have_no_wildcards() {
+    let mut rules = 0;
+    for doc in rbac_docs() {
+        if !matches!(doc["kind"].as_str(), Some("ClusterRole" | "Role")) {
+            continue;
+        }
+        for rule in doc["rules"].as_sequence().expect("rules") {
+            rules += 1;
+            for key in ["verbs", "resources", "apiGroups"] {
+                for v in rule[key].as_sequence().expect(key) {
+                    assert_ne!(v.as_str(), Some("*"), "wildcard in {key} of {:?}", doc["metadata"]["name"]);
+                }
+            }
+        }
+    }
+    assert!(rules >= 5, "the roles grant what the operator uses ({rules} rules)");
+}
+
+#[test]
+fn cluster_role_grants_what_the_operator_writes() {
+    let docs = rbac_docs();
+    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").expect("ClusterRole");
+    let grants = |group: &str, resource: &str, verb: &str| {
+        role["rules"].as_sequence().expect("rules").iter().any(|r| {
+            let has = |k: &str, v: &str| r[k].as_sequence().is_some_and(|s| s.iter().any(|x| x.as_str() == Some(v)));
+            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+        })
+    };
+    assert!(grants("apps", "deployments", "patch"));
+    assert!(grants("", "services", "patch"));
+    assert!(grants("myapp.dev", "myapps/status", "patch"));
+    assert!(grants("myapp.dev", "myapps", "watch"));
+    assert!(grants("events.k8s.io", "events", "create"));
+    assert!(!grants("", "secrets", "get"), "secrets are granted in the operator's namespace only");
+}
+
+fn kubectl(args: &[&str]) -> (bool, String) {
+    let bin = std::env::var("MYAPP_E2E_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let out = Command::new(bin).args(args).output().expect("run kubectl");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn apply_k_deploy_installs_three_available_replicas() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+    let (ok, out) = kubectl(&["apply", "-k", dir, "--dry-run=server"]);
+    assert!(ok, "server-side dry run failed:\n{out}");
+    let (ok, out) = kubectl(&["apply", "-k", dir]);
+    assert!(ok, "apply failed:\n{out}");
+
+    let client = client().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "myapp-system");
+    eventually("myapp-operator 3/3 available", Duration::from_secs(90), || async {
+        let d = deployments.get("myapp-operator").await.ok()?;
+        (d.status?.available_replicas? == 3).then_some(())
+    })
+    .await;
+    let pods = Api::<Pod>::namespaced(client.clone(), "myapp-system")
+        .list(&ListParams::default().labels("app.kubernetes.io/name=myapp-operator"))
+        .await
+        .expect("pods");
+    let nodes: BTreeSet<String> =
+        pods.items.iter().filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone())).collect();
+    assert!(nodes.len() >= 2, "anti-affinity spreads the replicas: {nodes:?}");
+    let pod = &pods.items[0];
+    let sc = pod.spec.as_ref().and_then(|s| s.containers[0].security_context.clone()).expect("securityContext");
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    // The pods are simulated by kwok; remove the Deployment so that only the harness's replicas run.
+    deployments.delete("myapp-operator", &DeleteParams::default()).await.expect("delete");
+}

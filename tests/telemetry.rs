@@ -1,0 +1,52 @@
+//! Traces leave the process: on SIGTERM, spans still in the batch are flushed before exit.
+
+mod common;
+
+use common::{TestNamespace, client, eventually};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn local_only_spans_are_flushed_on_sigterm() {
+    let jaeger = std::env::var("MYAPP_E2E_JAEGER").expect("MYAPP_E2E_JAEGER is set by `cargo xtask test`");
+    let otlp = std::env::var("MYAPP_E2E_OTLP").expect("MYAPP_E2E_OTLP is set by `cargo xtask test`");
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "flush").await;
+    let service = format!("flush-test-{}", ns.name);
+    let log = std::env::temp_dir().join(format!("{service}.log"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_myapp-operator"))
+        .args(["run", "--probe-addr=127.0.0.1:0", "--log-format=json"])
+        // Its own Lease in its own namespace, watching only that namespace (empty): it leads
+        // there without competing with the operator under test.
+        .env("POD_NAMESPACE", &ns.name)
+        .env("WATCH_NAMESPACE", &ns.name)
+        .env("POD_NAME", "flush-test")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
+        .env("OTEL_SERVICE_NAME", &service)
+        // Far longer than the test: only the flush on shutdown can deliver the spans.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start the operator");
+    eventually("the lease acquired", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&log).ok()?.contains("acquired the lease").then_some(())
+    })
+    .await;
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    assert!(status.success(), "graceful exit: {status:?}");
+    let url = format!("{jaeger}/api/traces?service={service}&limit=20&lookback=1h");
+    let spans = eventually("the flushed spans in Jaeger", Duration::from_secs(15), || async {
+        let (_, body) = common::http_get(&url)?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let n: usize = v["data"].as_array()?.iter().map(|t| t["spans"].as_array().map_or(0, Vec::len)).sum();
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert!(spans >= 1);
+    let _ = std::fs::remove_file(&log);
+    ns.cleanup().await;
+}

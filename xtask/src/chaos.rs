@@ -1,0 +1,493 @@
+//! `cargo xtask chaos [--profile smoke|full]`: kill, stop, partition the leader (and restart the
+//! API server) under a steady workload, then check the invariants from the audit log.
+//! The ground-truth logic (audit parsing, invariants, report, fault proxy) is in the `chaos` crate.
+
+use crate::operator::{self, Replica, TargetArgs};
+use crate::{cluster, paths, procs};
+use anyhow::{Context, Result, bail};
+use chaos::report::{Fault, Report};
+use chaos::{audit, invariants, proxy::Proxy, report};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use myapp_operator::api::MyApp;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// Options of `cargo xtask chaos`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ChaosArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// `smoke`: each scenario once with 4s/3s/0.5s leases; `full`: each 10 times with 15s/10s/2s.
+    #[arg(long, default_value = "smoke")]
+    pub profile: String,
+    /// Repetitions of each scenario (overrides the profile).
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Scenarios to run (default: all that the target allows).
+    #[arg(long, value_delimiter = ',')]
+    pub scenarios: Option<Vec<String>>,
+    /// Operator replicas.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+}
+
+const ALL: &[&str] = &["kill", "term", "pause", "partition", "apiserver-restart"];
+
+fn epoch() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// A replica process and the proxy between it and the API server.
+struct Member {
+    replica: Replica,
+    proxy: Proxy,
+    kubeconfig: PathBuf,
+}
+
+struct Harness {
+    bin: PathBuf,
+    client: Client,
+    members: Vec<Member>,
+    flags: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    timings: [f64; 3],
+}
+
+impl Harness {
+    async fn holder(&self) -> Option<(String, String)> {
+        let lease = Api::<Lease>::namespaced(self.client.clone(), operator::NAMESPACE)
+            .get_opt("myapp-operator")
+            .await
+            .ok()??;
+        let rv = lease.resource_version().unwrap_or_default();
+        lease.spec?.holder_identity.filter(|h| !h.is_empty()).map(|h| (h, rv))
+    }
+
+    fn member_of(&self, identity: &str) -> Option<usize> {
+        self.members.iter().position(|m| identity.starts_with(&format!("{}-", m.replica.name)))
+    }
+
+    async fn leader(&self) -> Result<(String, usize)> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((h, _)) = self.holder().await
+                && let Some(i) = self.member_of(&h)
+                && procs::runs(self.members[i].replica.pid, None)
+            {
+                return Ok((h, i));
+            }
+            if Instant::now() > deadline {
+                bail!("no leader among the replicas after 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn restart(&mut self, i: usize) -> Result<()> {
+        let m = &mut self.members[i];
+        m.replica = operator::start_replica(i, &self.bin, &m.kubeconfig, &self.flags, &self.env)?;
+        Ok(())
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
+}
+
+/// The first "first reconcile of the term" logged by `identity` at or after `since` (epoch s).
+fn first_reconcile(log: &Path, since: f64) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .filter(|l| l.contains("first reconcile of the term finished"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| audit::seconds(v["timestamp"].as_str()?))
+        .find(|t| *t >= since)
+}
+
+/// The steady workload: creates, updates, scales and deletes MyApps in `ns` every 250 ms.
+struct Workload {
+    paused: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    deleted: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn workload(client: Client, ns: String) -> Workload {
+    let paused = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let deleted = Arc::new(Mutex::new(Vec::new()));
+    let (p, s, d) = (paused.clone(), stop.clone(), deleted.clone());
+    let task = tokio::spawn(async move {
+        let api: Api<MyApp> = Api::namespaced(client, &ns);
+        let mut live: Vec<String> = Vec::new();
+        let mut n = 0u32;
+        while !s.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if p.load(Ordering::Relaxed) {
+                continue;
+            }
+            n += 1;
+            let pick = live.get((n as usize * 7) % live.len().max(1)).cloned();
+            let result = match (n % 4, pick) {
+                (0, _) | (_, None) if live.len() < 8 => {
+                    let name = format!("app-{n}");
+                    let app: MyApp = match serde_json::from_value(serde_json::json!({
+                        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": name},
+                        "spec": {"image": "nginx:1.27", "replicas": 1}
+                    })) {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    };
+                    let r = api.create(&PostParams::default(), &app).await.map(|_| ());
+                    if r.is_ok() {
+                        live.push(name);
+                    }
+                    r
+                }
+                (1, Some(name)) => {
+                    let image = if n % 8 == 1 { "nginx:1.28" } else { "nginx:1.27" };
+                    api.patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({"spec": {"image": image}})),
+                    )
+                    .await
+                    .map(|_| ())
+                }
+                (2, Some(name)) => {
+                    let replicas = 1 + (n % 3) as i32;
+                    api.patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})),
+                    )
+                    .await
+                    .map(|_| ())
+                }
+                (_, Some(name)) if live.len() > 5 => {
+                    let r = api.delete(&name, &DeleteParams::default()).await.map(|_| ());
+                    // Only a delete the API server accepted counts (it may be down).
+                    if r.is_ok() {
+                        live.retain(|l| *l != name);
+                        d.lock().await.push(name);
+                    }
+                    r
+                }
+                _ => Ok(()),
+            };
+            // The API server may be down (apiserver-restart): the workload just carries on.
+            drop(result);
+        }
+    });
+    Workload { paused, stop, deleted, task }
+}
+
+/// Every MyApp in `ns` Ready at its generation, with a Deployment matching its spec.
+async fn converged(client: &Client, ns: &str) -> bool {
+    let apps: Api<MyApp> = Api::namespaced(client.clone(), ns);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let (Ok(apps), Ok(deps)) = (apps.list(&ListParams::default()).await, deps.list(&ListParams::default()).await)
+    else {
+        return false;
+    };
+    apps.items.iter().filter(|a| a.metadata.deletion_timestamp.is_none()).all(|a| {
+        let Some(status) = &a.status else { return false };
+        let ready = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True" && c.observed_generation == a.metadata.generation);
+        let child = deps.items.iter().find(|d| d.metadata.name == a.metadata.name);
+        let matches = child.is_some_and(|d| {
+            d.spec.replicas == Some(a.spec.replicas)
+                && d.spec.template.spec.as_ref().and_then(|p| p.containers.first()).and_then(|c| c.image.as_deref())
+                    == Some(a.spec.image.as_str())
+        });
+        ready && status.observed_generation == a.metadata.generation && matches
+    })
+}
+
+fn kubeconfig_via(admin: &Path, proxy: std::net::SocketAddr, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(admin)?;
+    let server = text.lines().find_map(|l| l.trim().strip_prefix("server: ")).context("no server in kubeconfig")?;
+    std::fs::write(out, text.replace(server, &format!("https://{proxy}")))?;
+    Ok(())
+}
+
+fn upstream(admin: &Path) -> Result<std::net::SocketAddr> {
+    let text = std::fs::read_to_string(admin)?;
+    let server = text.lines().find_map(|l| l.trim().strip_prefix("server: ")).context("no server in kubeconfig")?;
+    let hostport = server.trim_start_matches("https://").trim_end_matches('/');
+    use std::net::ToSocketAddrs;
+    hostport.to_socket_addrs()?.next().context("cannot resolve the API server address")
+}
+
+/// Runs the chaos suite; fails when an invariant is broken.
+pub async fn chaos(args: ChaosArgs) -> Result<()> {
+    let (timings, default_rounds) = match args.profile.as_str() {
+        "smoke" => ([4.0, 3.0, 0.5], 1),
+        "full" => ([15.0, 10.0, 2.0], 10),
+        other => bail!("unknown profile {other:?} (smoke or full)"),
+    };
+    let rounds = args.rounds.unwrap_or(default_rounds);
+    let target = args.target.resolve().await?;
+    let scenarios: Vec<String> = args
+        .scenarios
+        .clone()
+        .unwrap_or_else(|| ALL.iter().map(|s| s.to_string()).collect())
+        .into_iter()
+        .filter(|s| target.local || s != "apiserver-restart")
+        .collect();
+    for s in &scenarios {
+        if !ALL.contains(&s.as_str()) {
+            bail!("unknown scenario {s:?}; known: {ALL:?}");
+        }
+    }
+    let bin = operator::build()?;
+    let client = cluster::client_from(&target.kubeconfig).await?;
+    operator::install_crd(&client).await?;
+    operator::ensure_namespace(&client).await?;
+    operator::stop_replicas();
+
+    let run = paths::run_dir().join("chaos");
+    std::fs::create_dir_all(&run)?;
+    let up = upstream(&target.kubeconfig)?;
+    let flags: Vec<String> = vec![
+        format!("--lease-duration={}ms", (timings[0] * 1000.0) as u64),
+        format!("--renew-deadline={}ms", (timings[1] * 1000.0) as u64),
+        format!("--retry-period={}ms", (timings[2] * 1000.0) as u64),
+    ];
+    let env = operator::trace_env(&target);
+    let started_at = epoch();
+    let mut members = Vec::new();
+    for i in 0..args.replicas {
+        let proxy = Proxy::start(up).await?;
+        let kubeconfig = run.join(format!("operator-{i}.kubeconfig"));
+        kubeconfig_via(&target.kubeconfig, proxy.listen, &kubeconfig)?;
+        let _ = std::fs::remove_file(procs::log_file(&paths::run_dir(), &format!("operator-{i}")));
+        let replica = operator::start_replica(i, &bin, &kubeconfig, &flags, &env)?;
+        members.push(Member { replica, proxy, kubeconfig });
+    }
+    let mut h = Harness { bin, client: client.clone(), members, flags, env, timings };
+    operator::wait_ready(&h.members.iter().map(|m| m.replica.clone()).collect::<Vec<_>>()).await?;
+    println!(
+        "==> chaos profile {}: {} replicas, lease {}s/{}s/{}s, scenarios {scenarios:?} × {rounds}",
+        args.profile, args.replicas, timings[0], timings[1], timings[2]
+    );
+
+    let ns = format!("chaos-{}", rand_suffix());
+    let nsobj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
+    let load = workload(client.clone(), ns.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut faults = Vec::new();
+    let result = async {
+        for scenario in &scenarios {
+            for round in 1..=rounds {
+                let f = inject(&mut h, scenario, round, &load, &ns).await?;
+                println!(
+                    "    {scenario:<18} #{round}: leader {} -> {}: acquired {}, first reconcile {}, converged {}",
+                    f.old_leader.as_deref().unwrap_or("-"),
+                    f.new_leader.as_deref().unwrap_or("-"),
+                    ms(f.acquired_after),
+                    ms(f.first_reconcile_after),
+                    ms(f.converged_after)
+                );
+                faults.push(f);
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+
+    load.stop.store(true, Ordering::Relaxed);
+    let _ = load.task.await;
+    // Deleted MyApps must leave nothing behind once they are gone.
+    let deleted = load.deleted.lock().await.clone();
+    let apps: Api<MyApp> = Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let mut pending = 0;
+        for n in &deleted {
+            if matches!(apps.get_opt(n).await, Ok(Some(_))) {
+                pending += 1;
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut orphans = Vec::new();
+    for n in &deleted {
+        if !matches!(apps.get_opt(n).await, Ok(None)) {
+            orphans.push(format!("myapp {ns}/{n} still exists after its deletion"));
+            continue;
+        }
+        if matches!(Api::<Deployment>::namespaced(client.clone(), &ns).get_opt(n).await, Ok(Some(_))) {
+            orphans.push(format!("deployment {ns}/{n}"));
+        }
+        if matches!(Api::<Service>::namespaced(client.clone(), &ns).get_opt(n).await, Ok(Some(_))) {
+            orphans.push(format!("service {ns}/{n}"));
+        }
+    }
+
+    for m in &h.members {
+        signal(m.replica.pid, "CONT");
+        m.proxy.set_partitioned(false);
+    }
+    operator::stop_replicas();
+    let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
+    result?;
+
+    let (intervals, violations, writes) = if target.local {
+        let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log")).context("read the audit log")?;
+        let reqs = audit::parse(&log, started_at);
+        let intervals = invariants::leadership(&reqs, operator::NAMESPACE, "myapp-operator", h.timings[1], epoch());
+        let violations = invariants::writes_outside(&reqs, &intervals, operator::NAMESPACE, "myapp-operator");
+        let writes: Vec<(String, f64)> = reqs
+            .iter()
+            .filter(|r| r.is_write() && r.resource != "leases")
+            .filter_map(|r| r.replica.clone().map(|id| (id, r.at)))
+            .collect();
+        (intervals, violations, writes)
+    } else {
+        println!("    (no audit log on an external cluster: the leadership invariants are not checked)");
+        (vec![], vec![], vec![])
+    };
+    let report = Report {
+        profile: args.profile.clone(),
+        timings: h.timings,
+        replicas: args.replicas,
+        summary: report::summarize(&faults, &violations),
+        faults,
+        operator_writes: writes.len(),
+        intervals,
+        violations,
+        orphans,
+        failed_admissions: None,
+    };
+    let json = run.join(format!("{}.json", args.profile));
+    let svg = run.join(format!("{}.svg", args.profile));
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(&svg, report::svg(&report, &writes))?;
+    println!("\n{}", report::table(&report));
+    println!("    report: {}\n    timeline: {}", json.display(), svg.display());
+    for v in report.violations.iter().take(10) {
+        println!("    VIOLATION: {} wrote outside its leadership at {:.3}: {}", v.replica, v.at, v.what);
+    }
+    if !report.violations.is_empty() {
+        bail!("{} writes outside leadership", report.violations.len());
+    }
+    if !report.orphans.is_empty() {
+        bail!("orphaned children: {:?}", report.orphans);
+    }
+    if report.faults.iter().any(|f| f.converged_after.is_none()) {
+        bail!("some faults did not converge");
+    }
+    Ok(())
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |s| format!("{:.0} ms", s * 1000.0))
+}
+
+fn rand_suffix() -> String {
+    format!("{:06}", (epoch() * 1000.0) as u64 % 1_000_000)
+}
+
+async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns: &str) -> Result<Fault> {
+    let (old, i) = h.leader().await?;
+    let (_, old_rv) = h.holder().await.unwrap_or_default();
+    let lease = Duration::from_secs_f64(h.timings[0]);
+    let t0 = Instant::now();
+    let at = epoch();
+    let pid = h.members[i].replica.pid;
+    match scenario {
+        "kill" => signal(pid, "KILL"),
+        "term" => signal(pid, "TERM"),
+        "pause" => signal(pid, "STOP"),
+        "partition" => h.members[i].proxy.set_partitioned(true),
+        "apiserver-restart" => {
+            cluster::restart_apiserver().await?;
+        }
+        _ => bail!("unknown scenario {scenario}"),
+    }
+    // Fault → a leader holds the lease (another one, unless the API server restarted).
+    let mut acquired = None;
+    let mut new_leader = None;
+    let deadline = t0 + lease * 4 + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some((hld, rv)) = h.holder().await {
+            let moved = if scenario == "apiserver-restart" { rv != old_rv } else { hld != old };
+            if moved {
+                acquired = Some(t0.elapsed().as_secs_f64());
+                new_leader = Some(hld);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Heal, and bring crashed or stopped replicas back.
+    match scenario {
+        "pause" => {
+            let until = t0 + lease + Duration::from_secs(1);
+            tokio::time::sleep_until(until.into()).await;
+            signal(pid, "CONT");
+        }
+        "partition" => {
+            let until = t0 + lease + Duration::from_secs(1);
+            tokio::time::sleep_until(until.into()).await;
+            h.members[i].proxy.set_partitioned(false);
+        }
+        "kill" | "term" => {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while procs::runs(pid, None) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            h.restart(i)?;
+        }
+        _ => {}
+    }
+    let first_reconcile = new_leader.as_deref().and_then(|nl| h.member_of(nl)).and_then(|j| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(t) = first_reconcile(&h.members[j].replica.log, at) {
+                break Some(t - at);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    load.paused.store(true, Ordering::Relaxed);
+    let mut converged_after = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        if converged(&h.client, ns).await {
+            converged_after = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.paused.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(Fault {
+        scenario: scenario.to_string(),
+        round,
+        at,
+        old_leader: Some(old),
+        new_leader,
+        acquired_after: acquired,
+        first_reconcile_after: first_reconcile,
+        converged_after,
+    })
+}
