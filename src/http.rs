@@ -18,6 +18,8 @@ pub struct Probes {
     pub metrics: Arc<Metrics>,
     /// True once the caches are synced and the process can do its work.
     pub ready: Arc<AtomicBool>,
+    /// True while the webhook server has a certificate and answers a TLS handshake.
+    pub webhooks_ready: Option<Arc<AtomicBool>>,
 }
 
 async fn livez() -> &'static str {
@@ -25,10 +27,11 @@ async fn livez() -> &'static str {
 }
 
 async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
-    if p.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    let webhooks = p.webhooks_ready.as_ref().is_none_or(|w| w.load(Ordering::Relaxed));
+    match (p.ready.load(Ordering::Relaxed), webhooks) {
+        (true, true) => (StatusCode::OK, "ok"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "caches not synced (or shutting down)"),
+        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "webhook server not answering TLS"),
     }
 }
 

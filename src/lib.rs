@@ -9,6 +9,7 @@ pub mod controller;
 pub mod http;
 pub mod leader;
 pub mod telemetry;
+pub mod webhook;
 
 use std::time::Duration;
 

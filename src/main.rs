@@ -9,6 +9,7 @@ use myapp_operator::http::{self, Probes};
 use myapp_operator::leader::{self, Elector, Timings};
 use myapp_operator::telemetry::propagation::TraceParentLayer;
 use myapp_operator::telemetry::{logging, metrics::Metrics};
+use myapp_operator::webhook::{self, CertSource, Webhooks, policy::Policy};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinition as YAML.
     Crd,
     /// Print the version.
@@ -65,6 +66,41 @@ struct RunArgs {
     /// How often the leader renews and standbys poll.
     #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
     retry_period: Duration,
+    /// Serve the admission webhooks (every replica does).
+    #[arg(long, env = "WEBHOOKS", default_value_t = true, action = clap::ArgAction::Set)]
+    webhooks: bool,
+    /// Address of the webhook HTTPS server (bound with SO_REUSEPORT).
+    #[arg(long, env = "WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    webhook_addr: SocketAddr,
+    /// Read `tls.crt`, `tls.key` and `ca.crt` from this folder (e.g. a cert-manager Secret)
+    /// instead of managing the certificate in a Secret.
+    #[arg(long, env = "WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<std::path::PathBuf>,
+    /// Secret holding the self-managed CA and serving certificate.
+    #[arg(long, env = "WEBHOOK_SECRET", default_value = "myapp-operator-webhook-cert")]
+    webhook_secret: String,
+    /// Service in front of the webhooks; its DNS names go into the certificate.
+    #[arg(long, env = "WEBHOOK_SERVICE", default_value = "myapp-operator-webhook")]
+    webhook_service: String,
+    /// More SANs for the certificate, comma-separated (e.g. 127.0.0.1 for a local run).
+    #[arg(long, env = "WEBHOOK_EXTRA_SANS", value_delimiter = ',')]
+    webhook_extra_sans: Vec<String>,
+    /// Name of the Mutating- and ValidatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, env = "WEBHOOK_CONFIG", default_value = "myapp-operator")]
+    webhook_config: String,
+    /// How long the webhooks keep serving after SIGTERM (while not ready), so that callers move
+    /// to the other replicas first.
+    #[arg(long, env = "WEBHOOK_DRAIN", default_value = "2s", value_parser = humantime::parse_duration)]
+    webhook_drain: Duration,
+    /// Registries images may come from, comma-separated (empty: all).
+    #[arg(long, env = "ALLOWED_REGISTRIES", value_delimiter = ',')]
+    allowed_registries: Vec<String>,
+    /// Environment variable names a MyApp may not set, comma-separated.
+    #[arg(long, env = "FORBIDDEN_ENV", value_delimiter = ',')]
+    forbidden_env: Vec<String>,
+    /// The most replicas a MyApp may ask for.
+    #[arg(long, env = "MAX_REPLICAS")]
+    max_replicas: Option<i32>,
     /// How often an unchanged MyApp is reconciled again.
     #[arg(long, env = "RESYNC_PERIOD", default_value = "5m", value_parser = humantime::parse_duration)]
     resync_period: Duration,
@@ -85,7 +121,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(run(args))
+            rt.block_on(run(*args))
         }
     }
 }
@@ -141,7 +177,41 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let probes = Probes { metrics: metrics.clone(), ready: ready.clone() };
+    let webhooks = if args.webhooks {
+        let source = match &args.webhook_cert_dir {
+            Some(dir) => CertSource::Dir(dir.clone()),
+            None => {
+                let (svc, ns) = (&args.webhook_service, &args.lease_namespace);
+                let mut sans = vec![
+                    format!("{svc}.{ns}.svc"),
+                    format!("{svc}.{ns}.svc.cluster.local"),
+                    format!("{svc}.{ns}"),
+                    svc.clone(),
+                ];
+                sans.extend(args.webhook_extra_sans.iter().filter(|s| !s.is_empty()).cloned());
+                CertSource::SelfManaged {
+                    namespace: ns.clone(),
+                    secret: args.webhook_secret.clone(),
+                    sans,
+                    config: args.webhook_config.clone(),
+                }
+            }
+        };
+        let policy = Policy {
+            allowed_registries: args.allowed_registries.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            forbidden_env: args.forbidden_env.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            max_replicas: args.max_replicas,
+        };
+        let shared = Arc::new(webhook::Shared { policy, metrics: metrics.clone() });
+        Some(Webhooks::start(client.clone(), args.webhook_addr, source, shared).await.context("start the webhooks")?)
+    } else {
+        None
+    };
+    let probes = Probes {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        webhooks_ready: webhooks.as_ref().map(|w| w.ready.clone()),
+    };
     let probe_task = tokio::spawn(http::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
 
     tracing::info!(%identity, leader_elect = args.leader_elect, traces = telemetry.exporting(), "starting");
@@ -181,11 +251,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     tracing::info!("shutdown requested: stopping the controller, then releasing the lease");
+    ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
+    let drain = tokio::time::sleep(args.webhook_drain);
     let _ = supervisor.await;
     let _ = release_tx.send(true);
     if let Some(task) = elector_task {
         let _ = task.await;
+    }
+    if let Some(w) = &webhooks {
+        // Keep answering admissions while callers move to the other replicas.
+        drain.await;
+        w.shutdown(Duration::from_secs(5));
     }
     match probe_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "probe server"),

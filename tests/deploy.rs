@@ -93,6 +93,10 @@ async fn apply_k_deploy_installs_three_available_replicas() {
     let sc = pod.spec.as_ref().and_then(|s| s.containers[0].security_context.clone()).expect("securityContext");
     assert_eq!(sc.read_only_root_filesystem, Some(true));
     assert_eq!(sc.allow_privilege_escalation, Some(false));
-    // The pods are simulated by kwok; remove the Deployment so that only the harness's replicas run.
+    // The pods are simulated by kwok: remove the Deployment, and the webhook configurations that
+    // point at its Service, so that only the harness's replicas run and answer admissions.
     deployments.delete("myapp-operator", &DeleteParams::default()).await.expect("delete");
+    let (ok, out) =
+        kubectl(&["delete", "mutatingwebhookconfiguration,validatingwebhookconfiguration", "myapp-operator"]);
+    assert!(ok, "{out}");
 }

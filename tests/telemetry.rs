@@ -22,14 +22,23 @@ async fn local_only_spans_are_flushed_on_sigterm() {
         .env("POD_NAMESPACE", &ns.name)
         .env("WATCH_NAMESPACE", &ns.name)
         .env("POD_NAME", "flush-test")
+        .env("WEBHOOKS", "false")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
         .env("OTEL_SERVICE_NAME", &service)
         // Far longer than the test: only the flush on shutdown can deliver the spans.
         .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
+        .stdout(std::fs::File::create(&log).expect("log file"))
+        .stderr(Stdio::null())
         .spawn()
         .expect("start the operator");
+    // Stops the process if the test fails before it does.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
+    let _reap = Reap(child.id());
     eventually("the lease acquired", Duration::from_secs(30), || async {
         std::fs::read_to_string(&log).ok()?.contains("acquired the lease").then_some(())
     })

@@ -75,8 +75,18 @@ pub fn leadership(
     out
 }
 
-/// Every write by an operator replica (other than its Lease writes) received outside its own
-/// leadership intervals. Failed writes count too: the fence must stop them before they leave.
+/// Resources only the controller writes. Every replica, leader or not, may write its Lease (that
+/// is the election) and its webhook certificate Secret and caBundle (that is serving); those are
+/// not controller writes.
+pub const CONTROLLER_RESOURCES: &[&str] = &["myapps", "deployments", "services", "events"];
+
+/// True for a write the controller makes.
+pub fn is_controller_write(r: &Request) -> bool {
+    r.is_write() && r.replica.is_some() && CONTROLLER_RESOURCES.contains(&r.resource.as_str())
+}
+
+/// Every controller write by an operator replica received outside its own leadership intervals.
+/// Failed writes count too: the fence must stop them before they leave.
 pub fn writes_outside(
     requests: &[Request],
     intervals: &[Interval],
@@ -85,7 +95,7 @@ pub fn writes_outside(
 ) -> Vec<Violation> {
     requests
         .iter()
-        .filter(|r| r.is_write() && !is_the_lease(r, lease_namespace, lease_name))
+        .filter(|r| is_controller_write(r) && !is_the_lease(r, lease_namespace, lease_name))
         .filter_map(|r| {
             let replica = r.replica.as_ref()?;
             let inside = intervals.iter().any(|i| &i.replica == replica && i.start <= r.at && r.at <= i.end);
@@ -186,6 +196,17 @@ mod tests {
         // a's interval is [10, 13]: its writes at 19 and 21.5 are violations.
         assert_eq!(at, vec![19.0, 21.5]);
         assert!(v[0].what.contains("patch deployments ns/web"));
+    }
+
+    #[test]
+    fn certificate_and_other_lease_writes_are_not_controller_writes() {
+        let mut secret = write(50.0, "x");
+        secret.resource = "secrets".into();
+        let mut other_lease = lease(51.0, "x", "x");
+        other_lease.namespace = "elsewhere".into();
+        let reqs = vec![lease(10.0, "a", "a"), secret, other_lease];
+        let iv = leadership(&reqs, "sys", "op", 3.0, 100.0);
+        assert!(writes_outside(&reqs, &iv, "sys", "op").is_empty());
     }
 
     #[test]

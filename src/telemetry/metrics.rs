@@ -23,6 +23,15 @@ pub struct WriteLabels {
     pub verb: String,
 }
 
+/// Labels of a webhook request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// `/mutate` or `/validate`.
+    pub path: String,
+    /// `true` or `false`.
+    pub allowed: String,
+}
+
 /// All metrics of one replica.
 pub struct Metrics {
     /// Registry that [`crate::http`] encodes.
@@ -43,6 +52,10 @@ pub struct Metrics {
     pub lease_renew_seconds: Histogram,
     /// Time from acquiring the lease to the first finished reconcile of the term.
     pub acquire_to_first_reconcile_seconds: Histogram,
+    /// Admission requests answered.
+    pub webhook_requests: Family<WebhookLabels, Counter>,
+    /// Time to answer an admission request.
+    pub webhook_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -72,8 +85,14 @@ impl Default for Metrics {
             "Time from acquiring the lease to the first finished reconcile",
             acquire_to_first_reconcile_seconds.clone(),
         );
+        let webhook_requests = Family::<WebhookLabels, Counter>::default();
+        registry.register("webhook_requests", "Admission requests answered", webhook_requests.clone());
+        let webhook_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register("webhook_duration_seconds", "Time to answer an admission request", webhook_duration.clone());
         Self {
             registry,
+            webhook_requests,
+            webhook_duration,
             reconciles,
             reconcile_duration,
             writes,
@@ -90,6 +109,12 @@ impl Metrics {
     /// Counts one write.
     pub fn write(&self, resource: &str, verb: &str) {
         self.writes.get_or_create(&WriteLabels { resource: resource.into(), verb: verb.into() }).inc();
+    }
+
+    /// Counts one admission request.
+    pub fn webhook(&self, path: &str, allowed: bool, seconds: f64) {
+        self.webhook_requests.get_or_create(&WebhookLabels { path: path.into(), allowed: allowed.to_string() }).inc();
+        self.webhook_duration.observe(seconds);
     }
 
     /// The registry in OpenMetrics text.

@@ -251,8 +251,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
     }
     let bin = operator::build()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
-    operator::install_crd(&client).await?;
-    operator::ensure_namespace(&client).await?;
+    operator::prepare(&client, &target).await?;
     operator::stop_replicas();
 
     let run = paths::run_dir().join("chaos");
@@ -354,7 +353,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
         let violations = invariants::writes_outside(&reqs, &intervals, operator::NAMESPACE, "myapp-operator");
         let writes: Vec<(String, f64)> = reqs
             .iter()
-            .filter(|r| r.is_write() && r.resource != "leases")
+            .filter(|r| invariants::is_controller_write(r))
             .filter_map(|r| r.replica.clone().map(|id| (id, r.at)))
             .collect();
         (intervals, violations, writes)

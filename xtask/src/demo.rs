@@ -82,8 +82,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     let target = args.target.resolve().await?;
     let bin = operator::build()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
-    operator::install_crd(&client).await?;
-    operator::ensure_namespace(&client).await?;
+    operator::prepare(&client, &target).await?;
     operator::stop_replicas();
     println!(
         "==> starting {} operator replicas (leader election on Lease {}/myapp-operator)",

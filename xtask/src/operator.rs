@@ -97,12 +97,62 @@ pub fn build() -> Result<PathBuf> {
 /// The namespace of the operator (its Lease, and in-cluster its pods).
 pub const NAMESPACE: &str = "myapp-system";
 
+/// Installs what the replicas need on the target: the CRD, the namespace, and (on the local
+/// control plane) the webhook configurations.
+pub async fn prepare(client: &Client, target: &Target) -> Result<()> {
+    install_crd(client).await?;
+    ensure_namespace(client).await?;
+    if target.local {
+        install_local_webhooks(client).await?;
+    }
+    Ok(())
+}
+
 /// Creates the operator's namespace if it is missing.
 pub async fn ensure_namespace(client: &Client) -> Result<()> {
     use k8s_openapi::api::core::v1::Namespace;
     let api: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
     api.patch(NAMESPACE, &PatchParams::apply("myapp-xtask"), &Patch::Apply(&ns)).await?;
+    Ok(())
+}
+
+/// Name of the webhook configurations of a local run (URL-based, pointing at 127.0.0.1), distinct
+/// from the in-cluster ones in `deploy/webhook/` (Service-based).
+pub const LOCAL_WEBHOOKS: &str = "myapp-operator-local";
+/// Where local replicas serve the webhooks; they share the port with SO_REUSEPORT.
+pub const LOCAL_WEBHOOK_ADDR: &str = "127.0.0.1:9443";
+
+/// Applies `deploy/webhook/webhooks.yaml` adapted to local replicas: a URL on 127.0.0.1 instead
+/// of the Service, under the name [`LOCAL_WEBHOOKS`]. The replicas patch in the caBundle.
+pub async fn install_local_webhooks(client: &Client) -> Result<()> {
+    use kube::api::DynamicObject;
+    use kube::core::GroupVersionKind;
+    use kube::discovery::ApiResource;
+    let text = std::fs::read_to_string(paths::repo().join("deploy/webhook/webhooks.yaml"))?;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        v["metadata"]["name"] = serde_json::json!(LOCAL_WEBHOOKS);
+        for w in v["webhooks"].as_array_mut().into_iter().flatten() {
+            let path = w["clientConfig"]["service"]["path"].as_str().unwrap_or("/").to_string();
+            let ca = w["clientConfig"]["caBundle"].take();
+            w["clientConfig"] = serde_json::json!({ "url": format!("https://{LOCAL_WEBHOOK_ADDR}{path}") });
+            if !ca.is_null() {
+                w["clientConfig"]["caBundle"] = ca;
+            }
+        }
+        let plural = format!("{}s", kind.to_lowercase());
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", &kind),
+            &plural,
+        );
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let obj: DynamicObject = serde_json::from_value(v)?;
+        // Keep a caBundle the replicas already patched in: apply only what we own.
+        api.patch(LOCAL_WEBHOOKS, &PatchParams::apply("myapp-xtask").force(), &Patch::Apply(&obj)).await?;
+    }
+    println!("    webhook configurations {LOCAL_WEBHOOKS} point at https://{LOCAL_WEBHOOK_ADDR}");
     Ok(())
 }
 
@@ -156,7 +206,8 @@ pub fn trace_env(target: &Target) -> Vec<(&'static str, String)> {
             ("OTEL_BSP_SCHEDULE_DELAY", "500".into()),
         ]
     } else {
-        vec![]
+        // A remote API server cannot call webhooks on this machine's loopback.
+        vec![("WEBHOOKS", "false".into())]
     }
 }
 
@@ -180,6 +231,9 @@ pub fn start_replica(
         ("PROBE_ADDR", format!("127.0.0.1:{probe_port}")),
         ("LOG_FORMAT", "json".into()),
         ("RUST_LOG", "info,myapp_operator=debug".into()),
+        ("WEBHOOK_ADDR", LOCAL_WEBHOOK_ADDR.into()),
+        ("WEBHOOK_EXTRA_SANS", "127.0.0.1".into()),
+        ("WEBHOOK_CONFIG", LOCAL_WEBHOOKS.into()),
     ];
     envs.extend(env.iter().cloned());
     let pid = procs::spawn(&run, &name, bin, &args, &envs)?.pid;

@@ -61,8 +61,7 @@ async fn against_cluster(target: &operator::Target) -> Result<()> {
     let t = step("end-to-end tests against the API server, with three operator replicas");
     let bin = operator::build()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
-    operator::install_crd(&client).await?;
-    operator::ensure_namespace(&client).await?;
+    operator::prepare(&client, target).await?;
     operator::stop_replicas();
     let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[], &operator::trace_env(target))?;
     operator::wait_ready(&replicas).await?;
@@ -79,6 +78,10 @@ async fn against_cluster(target: &operator::Target) -> Result<()> {
         "leader",
         "--test",
         "deploy",
+        "--test",
+        "telemetry",
+        "--test",
+        "webhook",
         "--",
         "--include-ignored",
     ])

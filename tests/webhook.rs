@@ -1,0 +1,119 @@
+//! The admission webhooks through the real API server, served by the running replicas.
+
+mod common;
+
+use common::{TestNamespace, client, eventually};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use myapp_operator::api::MyApp;
+use serde_json::json;
+use std::time::Duration;
+
+fn myapp(name: &str, spec: serde_json::Value) -> MyApp {
+    serde_json::from_value(
+        json!({"apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": name}, "spec": spec}),
+    )
+    .expect("MyApp")
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn defaults_and_labels_are_added() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "defaults").await;
+    let api: Api<MyApp> = Api::namespaced(client.clone(), &ns.name);
+    let created =
+        api.create(&PostParams::default(), &myapp("web", json!({"image": "nginx:1.27"}))).await.expect("create");
+    let requests = created.spec.resources.and_then(|r| r.requests).expect("requests defaulted");
+    assert_eq!(requests.cpu.as_deref(), Some("50m"));
+    assert_eq!(requests.memory.as_deref(), Some("64Mi"));
+    let labels = created.metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get("app.kubernetes.io/name").map(String::as_str), Some("web"));
+    assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("myapp-operator"));
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn port_change_is_refused_unless_annotated() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "port").await;
+    let api: Api<MyApp> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &myapp("web", json!({"image": "nginx:1.27"}))).await.expect("create");
+    let change = Patch::Merge(json!({"spec": {"port": 9090}}));
+    match api.patch("web", &PatchParams::default(), &change).await {
+        Err(kube::Error::Api(s)) => {
+            assert!(s.message.contains("spec.port"), "{}", s.message);
+            assert!(s.message.contains("denied the request"), "the webhook answered: {}", s.message);
+        }
+        other => panic!("a port change must be refused: {other:?}"),
+    }
+    let allowed = Patch::Merge(
+        json!({"metadata": {"annotations": {"myapp.dev/allow-port-change": "true"}}, "spec": {"port": 9090}}),
+    );
+    let app = api.patch("web", &PatchParams::default(), &allowed).await.expect("annotated change");
+    assert_eq!(app.spec.port, 9090);
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn server_side_dry_run_runs_admission_and_stores_nothing() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "dryrun").await;
+    let api: Api<MyApp> = Api::namespaced(client.clone(), &ns.name);
+    let pp = PostParams { dry_run: true, ..PostParams::default() };
+    let out = api.create(&pp, &myapp("web", json!({"image": "nginx:1.27"}))).await.expect("dry run");
+    assert!(out.spec.resources.is_some(), "the mutating webhook ran");
+    assert!(api.get_opt("web").await.expect("get").is_none(), "nothing stored");
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn certificate_rotation_drops_no_admission() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "rotate").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "myapp-system");
+    let before = secrets.get("myapp-operator-webhook-cert").await.expect("the certificate Secret");
+    let old_crt = before.data.as_ref().and_then(|d| d.get("tls.crt")).cloned().expect("tls.crt");
+
+    // Admissions in a loop while the serving certificate is rotated.
+    let api: Api<MyApp> = Api::namespaced(client.clone(), &ns.name);
+    let load = tokio::spawn(async move {
+        let pp = PostParams { dry_run: true, ..PostParams::default() };
+        let (mut ok, mut failed) = (0, Vec::new());
+        let until = tokio::time::Instant::now() + Duration::from_secs(8);
+        while tokio::time::Instant::now() < until {
+            match api.create(&pp, &myapp("web", json!({"image": "nginx:1.27"}))).await {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (ok, failed)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Make the serving certificate look a day from expiry: the replicas renew it (same CA) and
+    // every replica reloads it.
+    let soon = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(24);
+    let expiring = Patch::Merge(json!({"metadata": {"annotations": {"myapp.dev/not-after": soon.to_string()}}}));
+    secrets.patch("myapp-operator-webhook-cert", &PatchParams::default(), &expiring).await.expect("rotate");
+    let new_crt = eventually("a new serving certificate", Duration::from_secs(30), || async {
+        let s = secrets.get("myapp-operator-webhook-cert").await.ok()?;
+        let crt = s.data.as_ref().and_then(|d| d.get("tls.crt")).cloned()?;
+        (crt != old_crt).then_some(crt)
+    })
+    .await;
+    assert!(!new_crt.0.is_empty());
+    let (ok, failed) = load.await.expect("load");
+    assert!(
+        failed.is_empty(),
+        "{} of {} admissions failed during rotation: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 50, "the load ran ({ok} admissions)");
+    ns.cleanup().await;
+}
