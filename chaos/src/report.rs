@@ -64,6 +64,8 @@ pub struct Summary {
     pub converged: Option<Stats>,
     /// Writes outside leadership during this scenario's rounds.
     pub writes_outside_leadership: usize,
+    /// Admission requests that failed because no webhook answered, during this scenario's rounds.
+    pub failed_admissions: usize,
 }
 
 /// The whole report.
@@ -91,8 +93,9 @@ pub struct Report {
     pub failed_admissions: Option<usize>,
 }
 
-/// Builds the per-scenario summary; `violations` are attributed to the fault they follow.
-pub fn summarize(faults: &[Fault], violations: &[Violation]) -> Vec<Summary> {
+/// Builds the per-scenario summary; `violations` and admission failures (their times) are
+/// attributed to the fault they follow.
+pub fn summarize(faults: &[Fault], violations: &[Violation], admission_failures: &[f64]) -> Vec<Summary> {
     let mut by: BTreeMap<&str, Vec<&Fault>> = BTreeMap::new();
     for f in faults {
         by.entry(f.scenario.as_str()).or_default().push(f);
@@ -116,6 +119,10 @@ pub fn summarize(faults: &[Fault], violations: &[Violation]) -> Vec<Summary> {
                     .iter()
                     .filter(|v| windows.iter().any(|(a, b)| v.at >= *a && v.at < *b))
                     .count(),
+                failed_admissions: admission_failures
+                    .iter()
+                    .filter(|t| windows.iter().any(|(a, b)| **t >= *a && **t < *b))
+                    .count(),
             }
         })
         .collect()
@@ -138,18 +145,19 @@ pub fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<18} {:>20}  {:>20}  {:>20}  {:>8}",
-        "scenario", "acquired p50/p99/max", "1st reconcile (ms)", "converged (ms)", "outside"
+        "{:<18} {:>20}  {:>20}  {:>20}  {:>8} {:>10}",
+        "scenario", "acquired p50/p99/max", "1st reconcile (ms)", "converged (ms)", "outside", "admission"
     );
     for s in &r.summary {
         let _ = writeln!(
             out,
-            "{:<18} {:>20}  {:>20}  {:>20}  {:>8}",
+            "{:<18} {:>20}  {:>20}  {:>20}  {:>8} {:>10}",
             s.scenario,
             fmt_stats(&s.acquired),
             fmt_stats(&s.first_reconcile),
             fmt_stats(&s.converged),
-            s.writes_outside_leadership
+            s.writes_outside_leadership,
+            s.failed_admissions
         );
     }
     let _ = writeln!(
@@ -158,7 +166,7 @@ pub fn table(r: &Report) -> String {
         r.violations.len(),
         r.operator_writes,
         r.orphans.len(),
-        r.failed_admissions.map_or("n/a (no webhooks installed)".to_string(), |n| n.to_string())
+        r.failed_admissions.map_or("n/a (no webhooks on this target)".to_string(), |n| n.to_string())
     );
     out
 }
@@ -264,10 +272,12 @@ mod tests {
     fn violations_are_attributed_to_the_fault_they_follow() {
         let faults = vec![fault("kill", 10.0, 4.0), fault("term", 20.0, 0.1)];
         let v = vec![Violation { replica: "a".into(), at: 25.0, what: "x".into() }];
-        let s = summarize(&faults, &v);
+        let s = summarize(&faults, &v, &[21.0, 22.0, 5.0]);
         let by: BTreeMap<_, _> = s.iter().map(|s| (s.scenario.as_str(), s.writes_outside_leadership)).collect();
         assert_eq!(by["kill"], 0);
         assert_eq!(by["term"], 1);
+        let adm: BTreeMap<_, _> = s.iter().map(|s| (s.scenario.as_str(), s.failed_admissions)).collect();
+        assert_eq!((adm["kill"], adm["term"]), (0, 2), "before the first fault counts for none");
     }
 
     #[test]
@@ -277,7 +287,7 @@ mod tests {
             profile: "smoke".into(),
             timings: [4.0, 3.0, 0.5],
             replicas: 3,
-            summary: summarize(&faults, &[]),
+            summary: summarize(&faults, &[], &[]),
             faults,
             intervals: vec![Interval { replica: "a".into(), start: 0.0, end: 10.0 }],
             violations: vec![],

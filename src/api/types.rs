@@ -166,3 +166,11 @@ pub struct MyAppStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
 }
+
+#[cfg(test)]
+impl MyAppSpec {
+    /// A minimal valid spec for tests: `image`, one replica, port 8080.
+    pub fn test(image: &str) -> Self {
+        Self { image: image.into(), replicas: 1, port: 8080, env: vec![], resources: None, service_type: None }
+    }
+}

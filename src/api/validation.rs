@@ -155,7 +155,7 @@ mod tests {
     use crate::api::{EnvVar, Resources};
 
     fn spec(image: &str) -> MyAppSpec {
-        MyAppSpec { image: image.into(), replicas: 1, port: 8080, env: vec![], resources: None, service_type: None }
+        MyAppSpec::test(image)
     }
 
     #[test]

@@ -83,7 +83,7 @@ mod tests {
     use crate::api::EnvVar;
 
     fn spec(image: &str) -> MyAppSpec {
-        MyAppSpec { image: image.into(), replicas: 1, port: 8080, env: vec![], resources: None, service_type: None }
+        MyAppSpec::test(image)
     }
 
     #[test]

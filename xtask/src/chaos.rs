@@ -113,6 +113,8 @@ fn first_reconcile(log: &Path, since: f64) -> Option<f64> {
 
 /// The steady workload: creates, updates, scales and deletes MyApps in `ns` every 250 ms.
 struct Workload {
+    /// Times (epoch s) of requests refused because no webhook answered.
+    admission_failures: Arc<Mutex<Vec<f64>>>,
     paused: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     deleted: Arc<Mutex<Vec<String>>>,
@@ -123,7 +125,8 @@ fn workload(client: Client, ns: String) -> Workload {
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let deleted = Arc::new(Mutex::new(Vec::new()));
-    let (p, s, d) = (paused.clone(), stop.clone(), deleted.clone());
+    let admission_failures = Arc::new(Mutex::new(Vec::new()));
+    let (p, s, d, af) = (paused.clone(), stop.clone(), deleted.clone(), admission_failures.clone());
     let task = tokio::spawn(async move {
         let api: Api<MyApp> = Api::namespaced(client, &ns);
         let mut live: Vec<String> = Vec::new();
@@ -182,11 +185,16 @@ fn workload(client: Client, ns: String) -> Workload {
                 }
                 _ => Ok(()),
             };
-            // The API server may be down (apiserver-restart): the workload just carries on.
-            drop(result);
+            // The API server may be down (apiserver-restart): the workload just carries on. A
+            // request refused because no webhook answered is an admission failure.
+            if let Err(kube::Error::Api(e)) = &result
+                && e.message.contains("failed calling webhook")
+            {
+                af.lock().await.push(epoch());
+            }
         }
     });
-    Workload { paused, stop, deleted, task }
+    Workload { admission_failures, paused, stop, deleted, task }
 }
 
 /// Every MyApp in `ns` Ready at its generation, with a Deployment matching its spec.
@@ -310,6 +318,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
     let _ = load.task.await;
     // Deleted MyApps must leave nothing behind once they are gone.
     let deleted = load.deleted.lock().await.clone();
+    let admission_failures = load.admission_failures.lock().await.clone();
     let apps: Api<MyApp> = Api::namespaced(client.clone(), &ns);
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
@@ -365,13 +374,13 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
         profile: args.profile.clone(),
         timings: h.timings,
         replicas: args.replicas,
-        summary: report::summarize(&faults, &violations),
+        summary: report::summarize(&faults, &violations, &admission_failures),
         faults,
         operator_writes: writes.len(),
         intervals,
         violations,
         orphans,
-        failed_admissions: None,
+        failed_admissions: target.local.then_some(admission_failures.len()),
     };
     let json = run.join(format!("{}.json", args.profile));
     let svg = run.join(format!("{}.svg", args.profile));
@@ -387,6 +396,12 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
     }
     if !report.orphans.is_empty() {
         bail!("orphaned children: {:?}", report.orphans);
+    }
+    // While a replica is up, a graceful handover must not fail a single admission.
+    let term_failures: usize =
+        report.summary.iter().filter(|s| s.scenario == "term").map(|s| s.failed_admissions).sum();
+    if term_failures > 0 {
+        bail!("{term_failures} admissions failed during graceful handovers");
     }
     if report.faults.iter().any(|f| f.converged_after.is_none()) {
         bail!("some faults did not converge");
