@@ -178,10 +178,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let webhooks = if args.webhooks {
+        let (svc, ns) = (&args.webhook_service, &args.lease_namespace);
         let source = match &args.webhook_cert_dir {
-            Some(dir) => CertSource::Dir(dir.clone()),
+            Some(dir) => CertSource::Dir {
+                dir: dir.clone(),
+                server_name: args.webhook_extra_sans.first().cloned().unwrap_or_else(|| format!("{svc}.{ns}.svc")),
+            },
             None => {
-                let (svc, ns) = (&args.webhook_service, &args.lease_namespace);
                 let mut sans = vec![
                     format!("{svc}.{ns}.svc"),
                     format!("{svc}.{ns}.svc.cluster.local"),
@@ -202,15 +205,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             forbidden_env: args.forbidden_env.iter().filter(|s| !s.is_empty()).cloned().collect(),
             max_replicas: args.max_replicas,
         };
-        let shared = Arc::new(webhook::Shared { policy, metrics: metrics.clone() });
-        Some(Webhooks::start(client.clone(), args.webhook_addr, source, shared).await.context("start the webhooks")?)
+        let shared = Arc::new(webhook::Shared { policy, metrics: metrics.clone(), draining: AtomicBool::new(false) });
+        let w = Webhooks::start(client.clone(), args.webhook_addr, source, shared.clone())
+            .await
+            .context("start the webhooks")?;
+        Some((w, shared))
     } else {
         None
     };
     let probes = Probes {
         metrics: metrics.clone(),
         ready: ready.clone(),
-        webhooks_ready: webhooks.as_ref().map(|w| w.ready.clone()),
+        webhooks_ready: webhooks.as_ref().map(|(w, _)| w.ready.clone()),
     };
     let probe_task = tokio::spawn(http::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
 
@@ -252,6 +258,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutdown requested: stopping the controller, then releasing the lease");
     ready.store(false, Ordering::Relaxed);
+    if let Some((_, shared)) = &webhooks {
+        shared.draining.store(true, Ordering::Relaxed);
+    }
     let _ = stop_tx.send(true);
     let drain = tokio::time::sleep(args.webhook_drain);
     let _ = supervisor.await;
@@ -259,7 +268,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(task) = elector_task {
         let _ = task.await;
     }
-    if let Some(w) = &webhooks {
+    if let Some((w, _)) = &webhooks {
         // Keep answering admissions while callers move to the other replicas.
         drain.await;
         w.shutdown(Duration::from_secs(5));

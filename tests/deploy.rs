@@ -100,3 +100,14 @@ async fn apply_k_deploy_installs_three_available_replicas() {
         kubectl(&["delete", "mutatingwebhookconfiguration,validatingwebhookconfiguration", "myapp-operator"]);
     assert!(ok, "{out}");
 }
+
+#[test]
+#[ignore = "needs the kubectl built by `cargo xtask cluster up`: run `cargo xtask test`"]
+fn cert_manager_overlay_renders_with_ca_injection() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/overlays/cert-manager");
+    let (ok, out) = kubectl(&["kustomize", dir]);
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("cert-manager.io/inject-ca-from: myapp-system/myapp-operator-webhook-cert").count(), 2);
+    assert!(out.contains("name: WEBHOOK_CERT_DIR"), "the operator reads the mounted certificate");
+    assert!(out.contains("kind: Certificate"));
+}

@@ -38,13 +38,26 @@ pub struct Caches {
     service_tx: broadcast::Sender<Arc<Service>>,
 }
 
+/// Backoff of every watch the operator keeps: from 200 ms, doubling, at most 5 s, with jitter,
+/// reset by any event. kube's default grows to 30 s, which after an API server restart left the
+/// caches stale for up to a minute.
+pub fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(200))
+        .with_max_delay(std::time::Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
 fn spawn_watch<K>(api: Api<K>, config: watcher::Config, tx: broadcast::Sender<Arc<K>>) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config)
-        .default_backoff()
+        .backoff(watch_backoff())
         .modify(|o: &mut K| {
             o.meta_mut().managed_fields = None;
         })

@@ -181,7 +181,9 @@ impl Elector {
     /// held. The caller stops the controller first: [`super::supervise`] does.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let mut events = std::pin::pin!(watcher(self.api.clone(), config).default_backoff().applied_objects());
+        let mut events = std::pin::pin!(
+            watcher(self.api.clone(), config).backoff(crate::controller::cache::watch_backoff()).applied_objects()
+        );
         let mut fresh = false;
         let mut stopping = false;
         while !stopping && !*stop.borrow() {

@@ -27,4 +27,7 @@ pub struct Shared {
     pub policy: Policy,
     /// Metrics of this replica.
     pub metrics: Arc<Metrics>,
+    /// Set on shutdown: answers carry `Connection: close`, so callers stop reusing connections to
+    /// this replica before it stops listening.
+    pub draining: std::sync::atomic::AtomicBool,
 }

@@ -35,8 +35,12 @@ async fn handle(shared: Arc<Shared>, kind: Kind, req: Request) -> Response {
         let allowed = review.response.as_ref().is_some_and(|r| r.allowed);
         tracing::Span::current().record("allowed", allowed);
         shared.metrics.webhook(path, allowed, started.elapsed().as_secs_f64());
+        let connection =
+            if shared.draining.load(std::sync::atomic::Ordering::Relaxed) { "close" } else { "keep-alive" };
         match serde_json::to_vec(&review) {
-            Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+            Ok(json) => {
+                ([(header::CONTENT_TYPE, "application/json"), (header::CONNECTION, connection)], json).into_response()
+            }
             Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, Body::empty()).into_response(),
         }
     }

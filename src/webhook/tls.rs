@@ -35,7 +35,12 @@ pub enum CertSource {
         config: String,
     },
     /// `tls.crt`, `tls.key` and `ca.crt` in a folder (e.g. a mounted cert-manager Secret).
-    Dir(PathBuf),
+    Dir {
+        /// The folder.
+        dir: PathBuf,
+        /// A name the certificate is valid for, used by the readiness self-check.
+        server_name: String,
+    },
 }
 
 /// A running webhook server.
@@ -163,7 +168,7 @@ impl Webhooks {
                 }
                 pem
             }
-            CertSource::Dir(dir) => read_dir(dir)?,
+            CertSource::Dir { dir, .. } => read_dir(dir)?,
         };
         let tls = RustlsConfig::from_pem(pem.crt.clone().into_bytes(), pem.key.clone().into_bytes()).await?;
         let listener = server::bind(addr).with_context(|| format!("bind the webhook server on {addr}"))?;
@@ -173,7 +178,7 @@ impl Webhooks {
         let ready = Arc::new(AtomicBool::new(false));
         let server_name = match &source {
             CertSource::SelfManaged { sans, .. } => sans.first().cloned().unwrap_or_else(|| "localhost".into()),
-            CertSource::Dir(_) => "localhost".into(),
+            CertSource::Dir { server_name, .. } => server_name.clone(),
         };
         let ca = Arc::new(std::sync::Mutex::new(pem.ca.clone()));
         let mut tasks = Vec::new();
@@ -227,14 +232,18 @@ async fn maintain(
         CertSource::SelfManaged { namespace, secret, .. } => {
             let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
             let config = watcher::Config::default().fields(&format!("metadata.name={secret}"));
-            watcher(api, config).default_backoff().applied_objects().map(|_| ()).boxed()
+            watcher(api, config)
+                .backoff(crate::controller::cache::watch_backoff())
+                .applied_objects()
+                .map(|_| ())
+                .boxed()
         }
-        CertSource::Dir(_) => futures::stream::pending().boxed(),
+        CertSource::Dir { .. } => futures::stream::pending().boxed(),
     };
     loop {
         let period = match source {
             CertSource::SelfManaged { .. } => Duration::from_secs(60),
-            CertSource::Dir(_) => Duration::from_secs(10),
+            CertSource::Dir { .. } => Duration::from_secs(10),
         };
         tokio::select! {
             _ = changes.next() => {}
@@ -256,7 +265,7 @@ async fn maintain(
                     }
                 }
             }
-            CertSource::Dir(dir) => match read_dir(dir) {
+            CertSource::Dir { dir, .. } => match read_dir(dir) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the webhook certificate failed");

@@ -1,5 +1,6 @@
 //! The task runner: `cargo xtask <command>`. See `cargo xtask --help`.
 
+mod bench;
 mod chaos;
 mod cluster;
 mod demo;
@@ -30,6 +31,8 @@ enum Command {
     },
     /// The main job: local control plane, three operator replicas, the example MyApps Ready.
     Demo(demo::DemoArgs),
+    /// Scale: N MyApps to Ready, replica memory, acquire -> first reconcile with N present.
+    Bench(bench::BenchArgs),
     /// The chaos suite: kill, stop, partition the leader under load; check the audit log.
     Chaos(chaos::ChaosArgs),
     /// Everything CI runs: lint, unit tests, end-to-end tests against a real API server.
@@ -57,6 +60,7 @@ fn main() -> Result<()> {
             ClusterAction::Down => cluster::down(),
             ClusterAction::Status => rt.block_on(cluster::status()),
         },
+        Command::Bench(args) => rt.block_on(bench::bench(args)),
         Command::Chaos(args) => rt.block_on(chaos::chaos(args)),
         Command::Demo(args) => rt.block_on(demo::demo(args)),
         Command::Test(args) => rt.block_on(test::test(args)),

@@ -1,0 +1,153 @@
+//! `cargo xtask bench [--quick] [--count N]`: what the operator costs at scale, on the local
+//! control plane (or a given cluster): time for N fresh MyApps to become Ready, the replicas'
+//! memory, and — with N MyApps present — how long a new leader takes from acquiring the lease to
+//! its first reconcile (warm caches). Prints a table and writes `.run/bench/<N>.json`.
+
+use crate::operator::{self, TargetArgs};
+use crate::{cluster, paths};
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use myapp_operator::api::MyApp;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+/// Options of `cargo xtask bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// 100 MyApps instead of 1000.
+    #[arg(long)]
+    quick: bool,
+    /// Number of MyApps (overrides --quick).
+    #[arg(long)]
+    count: Option<usize>,
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn ready_count(apps: &[MyApp]) -> usize {
+    apps.iter()
+        .filter(|a| {
+            a.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True" && c.observed_generation == a.metadata.generation)
+            })
+        })
+        .count()
+}
+
+/// Runs the benchmark.
+pub async fn bench(args: BenchArgs) -> Result<()> {
+    let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
+    let target = args.target.resolve().await?;
+    let bin = operator::build()?;
+    let client = cluster::client_from(&target.kubeconfig).await?;
+    operator::prepare(&client, &target).await?;
+    operator::stop_replicas();
+    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[], &[("RUST_LOG", "info".into())])?;
+    operator::wait_ready(&replicas).await?;
+    let idle: Vec<u64> = replicas.iter().filter_map(|r| rss_kib(r.pid)).collect();
+
+    let ns = format!("bench-{n}-{}", std::process::id());
+    let nsobj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
+    let api: Api<MyApp> = Api::namespaced(client.clone(), &ns);
+    println!("==> creating {n} MyApps in {ns}");
+    let started = Instant::now();
+    let results: Vec<_> = futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let app: MyApp = serde_json::from_value(json!({
+                    "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": format!("app-{i:05}")},
+                    "spec": {"image": "nginx:1.27", "replicas": 1}
+                }))?;
+                api.create(&PostParams::default(), &app).await.map(|_| ()).context("create")
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    if let Some(e) = results.into_iter().find_map(Result::err) {
+        bail!("creating MyApps failed: {e:#}");
+    }
+    let created = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let converged = loop {
+        let list = api.list(&ListParams::default()).await?;
+        if ready_count(&list.items) == n {
+            break started.elapsed();
+        }
+        if Instant::now() > deadline {
+            bail!("{n} MyApps not Ready within 15 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let loaded: Vec<u64> = replicas.iter().filter_map(|r| rss_kib(r.pid)).collect();
+
+    // A graceful handover with N MyApps: time from acquiring to the first reconcile of the term.
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), operator::NAMESPACE);
+    let holder = lease.get("myapp-operator").await?.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    let leader = replicas.iter().find(|r| holder.starts_with(&format!("{}-", r.name))).context("leader not found")?;
+    let others: Vec<_> = replicas.iter().filter(|r| r.name != leader.name).collect();
+    let _ = std::process::Command::new("kill").args(["-TERM", &leader.pid.to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first_reconcile_ms = loop {
+        let found = others.iter().find_map(|r| {
+            let log = std::fs::read_to_string(&r.log).ok()?;
+            log.lines()
+                .filter(|l| l.contains("first reconcile of the term finished"))
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v["ms"].as_f64())
+                .last()
+        });
+        if let Some(ms) = found {
+            break ms;
+        }
+        if Instant::now() > deadline {
+            bail!("no new leader reconciled within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let report = json!({
+        "myapps": n,
+        "create_seconds": created.as_secs_f64(),
+        "all_ready_seconds": converged.as_secs_f64(),
+        "myapps_per_second": n as f64 / converged.as_secs_f64(),
+        "rss_kib_idle": idle,
+        "rss_kib_loaded": loaded,
+        "leader_at_load": leader.name,
+        "acquire_to_first_reconcile_ms": first_reconcile_ms,
+    });
+    let dir = paths::run_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{n}.json"));
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    println!("\n{:<40} {:>12}", "measure", "value");
+    println!("{:<40} {:>12}", "MyApps", n);
+    println!("{:<40} {:>12.1}", "create (s)", created.as_secs_f64());
+    println!("{:<40} {:>12.1}", "all Ready (s, from the first create)", converged.as_secs_f64());
+    println!("{:<40} {:>12.1}", "MyApps Ready per second", n as f64 / converged.as_secs_f64());
+    for (r, (i, l)) in replicas.iter().zip(idle.iter().zip(&loaded)) {
+        let role = if r.name == leader.name { "leader" } else { "standby" };
+        println!(
+            "{:<40} {:>12}",
+            format!("RSS {} ({role}) idle -> loaded (MiB)", r.name),
+            format!("{:.1} -> {:.1}", *i as f64 / 1024.0, *l as f64 / 1024.0)
+        );
+    }
+    println!("{:<40} {:>12.1}", "acquire -> first reconcile (ms, warm)", first_reconcile_ms);
+    println!("    report: {}", file.display());
+
+    operator::stop_replicas();
+    let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
+    Ok(())
+}
