@@ -92,6 +92,20 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     };
     let loaded: Vec<u64> = replicas.iter().filter_map(|r| rss_kib(r.pid)).collect();
 
+    // Webhook latency, in process and over TLS against the replicas (local control plane only).
+    let ca = if target.local {
+        let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), operator::NAMESPACE);
+        secrets
+            .get("myapp-operator-webhook-cert")
+            .await
+            .ok()
+            .and_then(|s| s.data?.get("ca.crt").and_then(|c| String::from_utf8(c.0.clone()).ok()))
+    } else {
+        None
+    };
+    let url = format!("https://{}", operator::LOCAL_WEBHOOK_ADDR);
+    let wh = crate::webhook_bench::run(ca.as_deref().map(|c| (url.as_str(), c))).await?;
+
     // A graceful handover with N MyApps: time from acquiring to the first reconcile of the term.
     let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), operator::NAMESPACE);
     let holder = lease.get("myapp-operator").await?.spec.and_then(|s| s.holder_identity).unwrap_or_default();
@@ -106,7 +120,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
                 .filter(|l| l.contains("first reconcile of the term finished"))
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                 .filter_map(|v| v["ms"].as_f64())
-                .last()
+                .next_back()
         });
         if let Some(ms) = found {
             break ms;
@@ -126,6 +140,10 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         "rss_kib_loaded": loaded,
         "leader_at_load": leader.name,
         "acquire_to_first_reconcile_ms": first_reconcile_ms,
+        "webhook_in_process_us": {"validate_p50": wh.in_process[0].0, "validate_p99": wh.in_process[0].1,
+                                  "mutate_p50": wh.in_process[1].0, "mutate_p99": wh.in_process[1].1},
+        "webhook_tls_us": wh.tls.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
+        "webhook_tls_rps_16_clients": wh.tls_rps,
     });
     let dir = paths::run_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
@@ -145,6 +163,20 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         );
     }
     println!("{:<40} {:>12.1}", "acquire -> first reconcile (ms, warm)", first_reconcile_ms);
+    println!(
+        "{:<40} {:>12}",
+        "webhook /validate in process p50/p99 (µs)",
+        format!("{:.0} / {:.0}", wh.in_process[0].0, wh.in_process[0].1)
+    );
+    println!(
+        "{:<40} {:>12}",
+        "webhook /mutate in process p50/p99 (µs)",
+        format!("{:.0} / {:.0}", wh.in_process[1].0, wh.in_process[1].1)
+    );
+    if let (Some((p50, p99)), Some(rps)) = (wh.tls, wh.tls_rps) {
+        println!("{:<40} {:>12}", "webhook over TLS p50/p99 (µs)", format!("{p50:.0} / {p99:.0}"));
+        println!("{:<40} {:>12.0}", "webhook over TLS, 16 clients (req/s)", rps);
+    }
     println!("    report: {}", file.display());
 
     operator::stop_replicas();

@@ -358,7 +358,7 @@ fn apiserver_args(run: &Path) -> Vec<String> {
         arg("service-account-key-file", pk("sa.pub")),
         arg("service-account-signing-key-file", pk("sa.key")),
         arg("service-account-issuer", "https://kubernetes.default.svc.cluster.local"),
-        arg("service-cluster-ip-range", "10.0.0.0/24"),
+        arg("service-cluster-ip-range", "10.96.0.0/16"),
         arg("authorization-mode", "RBAC"),
         arg(
             "enable-admission-plugins",

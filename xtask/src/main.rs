@@ -10,6 +10,7 @@ mod paths;
 mod pki;
 mod procs;
 mod test;
+mod webhook_bench;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -67,7 +67,7 @@ pub fn ensure(dir: &Path) -> Result<()> {
     let mut serving = params("kube-apiserver", 30);
     serving.subject_alt_names = vec![
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        SanType::IpAddress(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
+        SanType::IpAddress(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))),
         SanType::DnsName("localhost".try_into()?),
         SanType::DnsName("kubernetes".try_into()?),
         SanType::DnsName("kubernetes.default".try_into()?),
