@@ -76,6 +76,8 @@ pub enum Observation {
     Invalid(String),
     /// The Deployment is not there yet.
     Creating,
+    /// Writing a child failed (the reconcile retries with backoff); the message says why.
+    ApplyFailed(String),
     /// The Deployment exists and reports these facts.
     Rollout(RolloutFacts),
     /// The `MyApp` is being deleted; its children are going.
@@ -106,6 +108,11 @@ pub fn desired_status(generation: i64, selector: &str, obs: &Observation) -> MyA
             condition(READY, false, "InvalidSpec", msg.clone(), g),
             condition(RECONCILING, false, "InvalidSpec", String::new(), g),
             condition(STALLED, true, "InvalidSpec", msg.clone(), g),
+        ],
+        Observation::ApplyFailed(msg) => vec![
+            condition(READY, false, "ApplyFailed", msg.clone(), g),
+            condition(RECONCILING, true, "ApplyFailed", msg.clone(), g),
+            condition(STALLED, false, "ApplyFailed", String::new(), g),
         ],
         Observation::Creating => vec![
             condition(READY, false, "Creating", "creating the Deployment and Service".into(), g),
@@ -252,10 +259,20 @@ mod tests {
     }
 
     #[test]
+    fn apply_failures_are_reported_as_retrying() {
+        let s = desired_status(2, "sel", &Observation::ApplyFailed("services \"web\": range is full".into()));
+        assert_eq!(find(&s.conditions, READY).map(|c| c.reason.as_str()), Some("ApplyFailed"));
+        assert!(find(&s.conditions, READY).is_some_and(|c| c.message.contains("range is full")));
+        assert!(is_true(&s.conditions, RECONCILING), "the operator keeps retrying");
+        assert!(!is_true(&s.conditions, STALLED));
+    }
+
+    #[test]
     fn reasons_are_camel_case() {
         for obs in [
             Observation::Invalid("x".into()),
             Observation::Creating,
+            Observation::ApplyFailed("x".into()),
             Observation::Deleting,
             Observation::Rollout(facts(1, 1, 1)),
             Observation::Rollout(facts(2, 1, 1)),

@@ -74,8 +74,34 @@ impl MyApp {
             return Ok(None);
         }
 
-        let key_d = ObjectRef::<Deployment>::new(&name).within(&ns);
-        let key_s = ObjectRef::<Service>::new(&name).within(&ns);
+        let deployment = match app.apply_children(ctx, &name, &ns).await {
+            Ok(d) => d,
+            Err(e) => {
+                // Say so in the status (written only if it changed), then retry with backoff.
+                if let Err(status_error) = app.update_status(ctx, &Observation::ApplyFailed(e.to_string())).await {
+                    tracing::debug!(error = %status_error, "could not report the apply failure");
+                }
+                return Err(e);
+            }
+        };
+
+        let obs = match &deployment {
+            Some(d) => Observation::Rollout(RolloutFacts::from_deployment(d)),
+            None => Observation::Creating,
+        };
+        if app.update_status(ctx, &obs).await? {
+            let note = format!("{}/{} pods ready with image {}", app.spec.replicas, app.spec.replicas, app.spec.image);
+            ctx.writer.event(app, EventType::Normal, "RolloutComplete", "Rollout", note).await;
+        }
+        Ok(Some(ctx.resync()))
+    }
+
+    /// Applies the Deployment and the Service where they differ from what the caches hold; returns
+    /// the Deployment as it now is.
+    async fn apply_children(&self, ctx: &Context, name: &str, ns: &str) -> Result<Option<Deployment>> {
+        let app = self;
+        let key_d = ObjectRef::<Deployment>::new(name).within(ns);
+        let key_s = ObjectRef::<Service>::new(name).within(ns);
         let desired_d = children::deployment(app);
         let desired_s = children::service(app);
 
@@ -104,15 +130,7 @@ impl MyApp {
             }
         }
 
-        let obs = match &deployment {
-            Some(d) => Observation::Rollout(RolloutFacts::from_deployment(d)),
-            None => Observation::Creating,
-        };
-        if app.update_status(ctx, &obs).await? {
-            let note = format!("{}/{} pods ready with image {}", app.spec.replicas, app.spec.replicas, app.spec.image);
-            ctx.writer.event(app, EventType::Normal, "RolloutComplete", "Rollout", note).await;
-        }
-        Ok(Some(ctx.resync()))
+        Ok(deployment)
     }
 
     /// Deletes the children and releases the finalizer once both are gone.
