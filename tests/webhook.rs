@@ -117,3 +117,57 @@ async fn certificate_rotation_drops_no_admission() {
     assert!(ok > 50, "the load ran ({ok} admissions)");
     ns.cleanup().await;
 }
+
+/// The chain of (service, operation) from a span up to its trace's root.
+fn ancestry(trace: &serde_json::Value, span: &serde_json::Value) -> Vec<(String, String)> {
+    let spans = trace["spans"].as_array().cloned().unwrap_or_default();
+    let service = |s: &serde_json::Value| {
+        let pid = s["processID"].as_str().unwrap_or_default();
+        trace["processes"][pid]["serviceName"].as_str().unwrap_or_default().to_string()
+    };
+    let mut out = Vec::new();
+    let mut cur = Some(span.clone());
+    while let Some(s) = cur {
+        out.push((service(&s), s["operationName"].as_str().unwrap_or_default().to_string()));
+        let parent =
+            s["references"].as_array().and_then(|r| r.first()).and_then(|r| r["spanID"].as_str()).map(str::to_string);
+        cur = parent.and_then(|p| spans.iter().find(|x| x["spanID"].as_str() == Some(p.as_str())).cloned());
+        if out.len() > 64 {
+            break;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn local_only_webhook_spans_are_children_of_the_api_servers_webhook_calls() {
+    let jaeger = std::env::var("MYAPP_E2E_JAEGER").expect("MYAPP_E2E_JAEGER is set by `cargo xtask test`");
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "whtrace").await;
+    let api: Api<MyApp> = Api::namespaced(client.clone(), &ns.name);
+    api.create(&PostParams::default(), &myapp("web", json!({"image": "nginx:1.27"}))).await.expect("create");
+    for (operation, call) in
+        [("webhook%20%2Fmutate", "Call mutating webhook"), ("webhook%20%2Fvalidate", "Call validating webhook")]
+    {
+        let url = format!("{jaeger}/api/traces?service=myapp-operator&operation={operation}&limit=50&lookback=1h");
+        let chain = eventually(&format!("a webhook span under {call:?}"), Duration::from_secs(30), || async {
+            let (_, body) = common::http_get(&url)?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v["data"].as_array()?.iter().find_map(|t| {
+                t["spans"]
+                    .as_array()?
+                    .iter()
+                    .filter(|s| s["operationName"].as_str().is_some_and(|o| o.starts_with("webhook ")))
+                    .find_map(|s| {
+                        let chain = ancestry(t, s);
+                        chain.iter().any(|(svc, op)| svc == "apiserver" && op == call).then_some(chain)
+                    })
+            })
+        })
+        .await;
+        assert_eq!(chain[0].0, "myapp-operator");
+        assert_eq!(chain[1].0, "apiserver", "the webhook span's parent is the API server's call: {chain:?}");
+    }
+    ns.cleanup().await;
+}
