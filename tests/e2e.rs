@@ -325,3 +325,42 @@ async fn local_only_reconcile_trace_spans_operator_and_api_server() {
     assert!(spans >= 3, "reconcile, an API call and the API server's span: {spans}");
     ns.cleanup().await;
 }
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn local_only_reconcile_links_to_the_trace_of_the_change() {
+    let jaeger = std::env::var("MYAPP_E2E_JAEGER").expect("MYAPP_E2E_JAEGER is set by `cargo xtask test`");
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "link").await;
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
+    let app = wait_ready(&api, "web").await;
+    let tp = app
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("myapp.dev/traceparent"))
+        .cloned()
+        .expect("the mutating webhook records the trace context of the create");
+    let change_trace = tp.split('-').nth(1).expect("traceparent trace id").to_string();
+    let tags = format!("%7B%22myapp%22%3A%22{}%2Fweb%22%7D", ns.name);
+    let url =
+        format!("{jaeger}/api/traces?service=myapp-operator&operation=reconcile&tags={tags}&limit=20&lookback=1h");
+    eventually("a reconcile span linked to the create's trace", Duration::from_secs(30), || async {
+        let (_, body) = common::http_get(&url)?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let linked =
+            v["data"].as_array()?.iter().flat_map(|t| t["spans"].as_array().cloned().unwrap_or_default()).any(|s| {
+                s["operationName"] == "reconcile"
+                    && s["references"]
+                        .as_array()
+                        .is_some_and(|r| r.iter().any(|r| r["traceID"].as_str() == Some(change_trace.as_str())))
+            });
+        linked.then_some(())
+    })
+    .await;
+    // A metadata-only change keeps the recorded context.
+    let touch = Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}}));
+    let touched = api.patch("web", &PatchParams::default(), &touch).await.expect("touch");
+    assert_eq!(touched.metadata.annotations.and_then(|a| a.get("myapp.dev/traceparent").cloned()), Some(tp));
+    ns.cleanup().await;
+}

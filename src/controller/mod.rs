@@ -121,6 +121,16 @@ async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> 
         trace_id = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
+    if let Some(sc) = app
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::telemetry::propagation::TRACE_ANNOTATION))
+        .and_then(|tp| crate::telemetry::propagation::parse_traceparent(tp))
+    {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        span.add_link(sc);
+    }
     let result = {
         use tracing::Instrument;
         span.in_scope(|| span.record("trace_id", crate::telemetry::logging::current_trace_id()));

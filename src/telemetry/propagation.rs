@@ -38,6 +38,29 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// The annotation that carries the trace context of the request that last changed a MyApp's
+/// spec. The reconcile of that generation links to it. It is metadata: it bumps no generation and
+/// no drift check looks at it.
+pub const TRACE_ANNOTATION: &str = "myapp.dev/traceparent";
+
+/// The W3C `traceparent` of the current span, if it is sampled.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let mut headers = HeaderMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(&mut headers)));
+    headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+/// Parses a `traceparent` into the span context it names.
+pub fn parse_traceparent(value: &str) -> Option<opentelemetry::trace::SpanContext> {
+    use opentelemetry::trace::TraceContextExt;
+    let mut headers = HeaderMap::new();
+    headers.insert("traceparent", HeaderValue::from_str(value).ok()?);
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(&headers)));
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
 /// Sets `span`'s parent from the `traceparent` of incoming `headers`, if any.
 pub fn set_parent_from(span: &tracing::Span, headers: &HeaderMap) {
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));

@@ -2,6 +2,7 @@
 //! output it yields an empty patch, so the API server may call it again (reinvocation) safely.
 
 use crate::controller::children::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::telemetry::propagation::TRACE_ANNOTATION;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use jsonptr::PointerBuf;
 use serde_json::{Value, json};
@@ -13,6 +14,19 @@ pub const DEFAULT_MEMORY_REQUEST: &str = "64Mi";
 
 fn add(ops: &mut Vec<PatchOperation>, path: &[&str], value: Value) {
     ops.push(PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(path.iter().copied()), value }));
+}
+
+/// The patch that records `traceparent` in the [`TRACE_ANNOTATION`] of `obj`, unless it is
+/// already there. Call it only for requests that change the spec (a create, or an update whose
+/// spec differs), so that the operator's own metadata writes do not overwrite the user's context.
+pub fn record_trace(obj: &Value, traceparent: &str) -> Vec<PatchOperation> {
+    let mut ops = Vec::new();
+    match obj["metadata"].get("annotations").filter(|a| a.is_object()) {
+        None => add(&mut ops, &["metadata", "annotations"], json!({ TRACE_ANNOTATION: traceparent })),
+        Some(a) if a.get(TRACE_ANNOTATION).and_then(Value::as_str) == Some(traceparent) => {}
+        Some(_) => add(&mut ops, &["metadata", "annotations", TRACE_ANNOTATION], json!(traceparent)),
+    }
+    ops
 }
 
 /// The patch that defaults `obj` (a MyApp as JSON): replicas 1, port 8080, resource requests,
@@ -124,6 +138,21 @@ mod tests {
             let once = apply(&obj, &defaults(&obj));
             assert!(defaults(&once).0.is_empty(), "second pass patched {:?}", defaults(&once));
         }
+    }
+
+    #[test]
+    fn trace_context_is_recorded_once() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let obj = json!({"metadata": {"name": "web"}, "spec": {}});
+        let out = apply(&obj, &Patch(record_trace(&obj, tp)));
+        assert_eq!(out["metadata"]["annotations"][TRACE_ANNOTATION], tp);
+        assert!(record_trace(&out, tp).is_empty(), "already recorded");
+        let mut other = out.clone();
+        other["metadata"]["annotations"]["team"] = json!("a");
+        let newer = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b8-01";
+        let updated = apply(&other, &Patch(record_trace(&other, newer)));
+        assert_eq!(updated["metadata"]["annotations"][TRACE_ANNOTATION], newer);
+        assert_eq!(updated["metadata"]["annotations"]["team"], "a");
     }
 
     #[test]

@@ -36,10 +36,22 @@ fn read_app(obj: &DynamicObject) -> Result<MyApp, String> {
     serde_json::from_value(value).map_err(|e| format!("cannot read the MyApp: {e}"))
 }
 
-fn mutate(req: &AdmissionRequest<DynamicObject>, resp: AdmissionResponse) -> AdmissionResponse {
+fn mutate(
+    req: &AdmissionRequest<DynamicObject>,
+    resp: AdmissionResponse,
+    traceparent: Option<&str>,
+) -> AdmissionResponse {
     let Some(obj) = req.object.as_ref() else { return resp };
     let Ok(value) = serde_json::to_value(obj) else { return resp };
-    let patch = mutate::defaults(&value);
+    let mut patch = mutate::defaults(&value);
+    let spec_changed = match (&req.operation, req.old_object.as_ref().and_then(|o| serde_json::to_value(o).ok())) {
+        (Operation::Create, _) => true,
+        (Operation::Update, Some(old)) => old["spec"] != value["spec"],
+        _ => false,
+    };
+    if let (true, Some(tp)) = (spec_changed, traceparent) {
+        patch.0.extend(mutate::record_trace(&value, tp));
+    }
     if patch.0.is_empty() {
         return resp;
     }
@@ -69,6 +81,16 @@ fn validate(req: &AdmissionRequest<DynamicObject>, resp: AdmissionResponse, poli
 
 /// Answers one AdmissionReview body.
 pub fn answer(body: &[u8], kind: Kind, policy: &Policy) -> AdmissionReview<DynamicObject> {
+    answer_traced(body, kind, policy, None)
+}
+
+/// [`answer`], recording `traceparent` on objects whose spec the request changes.
+pub fn answer_traced(
+    body: &[u8],
+    kind: Kind,
+    policy: &Policy,
+    traceparent: Option<&str>,
+) -> AdmissionReview<DynamicObject> {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return malformed(e),
@@ -79,7 +101,7 @@ pub fn answer(body: &[u8], kind: Kind, policy: &Policy) -> AdmissionReview<Dynam
     };
     let resp = AdmissionResponse::from(&req);
     let resp = match kind {
-        Kind::Mutate => mutate(&req, resp),
+        Kind::Mutate => mutate(&req, resp, traceparent),
         Kind::Validate => validate(&req, resp, policy),
     };
     resp.into_review()

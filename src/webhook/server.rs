@@ -29,7 +29,10 @@ async fn handle(shared: Arc<Shared>, kind: Kind, req: Request) -> Response {
     set_parent_from(&span, req.headers());
     async move {
         let review = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
-            Ok(body) => review::answer(&body, kind, &shared.policy),
+            Ok(body) => {
+                let tp = crate::telemetry::propagation::current_traceparent();
+                review::answer_traced(&body, kind, &shared.policy, tp.as_deref())
+            }
             Err(e) => review::malformed(format!("body unreadable or over {MAX_BODY} bytes: {e}")),
         };
         let allowed = review.response.as_ref().is_some_and(|r| r.allowed);
