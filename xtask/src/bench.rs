@@ -24,6 +24,23 @@ pub struct BenchArgs {
     /// Number of MyApps (overrides --quick).
     #[arg(long)]
     count: Option<usize>,
+    /// Export traces to the local Jaeger while measuring (to compare with and without).
+    #[arg(long)]
+    traces: bool,
+}
+
+/// Mean reconcile duration (ms) and reconcile count from a replica's metrics.
+fn reconcile_stats(port: u16) -> Option<(f64, f64)> {
+    let (_, body) = crate::procs::http_get(port, "/metrics").ok()?;
+    let value = |name: &str| -> Option<f64> {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    let sum = value("myapp_operator_reconcile_duration_seconds_sum")?;
+    let count = value("myapp_operator_reconcile_duration_seconds_count")?;
+    (count > 0.0).then(|| (sum / count * 1000.0, count))
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -51,7 +68,11 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let client = cluster::client_from(&target.kubeconfig).await?;
     operator::prepare(&client, &target).await?;
     operator::stop_replicas();
-    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[], &[("RUST_LOG", "info".into())])?;
+    let mut env = vec![("RUST_LOG", "info".into())];
+    if args.traces {
+        env.extend(operator::trace_env(&target));
+    }
+    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[], &env)?;
     operator::wait_ready(&replicas).await?;
     let idle: Vec<u64> = replicas.iter().filter_map(|r| rss_kib(r.pid)).collect();
 
@@ -91,6 +112,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let loaded: Vec<u64> = replicas.iter().filter_map(|r| rss_kib(r.pid)).collect();
+    let reconciles = replicas.iter().filter_map(|r| reconcile_stats(r.probe_port)).max_by(|a, b| a.1.total_cmp(&b.1));
 
     // Webhook latency, in process and over TLS against the replicas (local control plane only).
     let ca = if target.local {
@@ -140,6 +162,9 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         "rss_kib_loaded": loaded,
         "leader_at_load": leader.name,
         "acquire_to_first_reconcile_ms": first_reconcile_ms,
+        "traces": args.traces,
+        "leader_reconciles": reconciles.map(|r| r.1),
+        "mean_reconcile_ms": reconciles.map(|r| r.0),
         "webhook_in_process_us": {"validate_p50": wh.in_process[0].0, "validate_p99": wh.in_process[0].1,
                                   "mutate_p50": wh.in_process[1].0, "mutate_p99": wh.in_process[1].1},
         "webhook_tls_us": wh.tls.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
@@ -147,7 +172,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     });
     let dir = paths::run_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    let file = dir.join(format!("{n}.json"));
+    let file = dir.join(format!("{n}{}.json", if args.traces { "-traces" } else { "" }));
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
     println!("\n{:<40} {:>12}", "measure", "value");
     println!("{:<40} {:>12}", "MyApps", n);
@@ -163,6 +188,13 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         );
     }
     println!("{:<40} {:>12.1}", "acquire -> first reconcile (ms, warm)", first_reconcile_ms);
+    if let Some((mean, count)) = reconciles {
+        println!(
+            "{:<40} {:>12}",
+            format!("mean reconcile (ms), traces {}", if args.traces { "on" } else { "off" }),
+            format!("{mean:.2} ({count:.0})")
+        );
+    }
     println!(
         "{:<40} {:>12}",
         "webhook /validate in process p50/p99 (µs)",
