@@ -154,10 +154,6 @@ mod tests {
     use super::*;
     use crate::api::{EnvVar, Resources};
 
-    fn spec(image: &str) -> MyAppSpec {
-        MyAppSpec::test(image)
-    }
-
     #[test]
     fn tags_and_digests() {
         assert!(has_tag("nginx:1.27"));
@@ -171,19 +167,19 @@ mod tests {
 
     #[test]
     fn image_rules_name_the_field() {
-        assert!(validate_spec(&spec("nginx:1.27")).is_empty());
-        let e = validate_spec(&spec("nginx"));
+        assert!(validate_spec(&MyAppSpec::test("nginx:1.27")).is_empty());
+        let e = validate_spec(&MyAppSpec::test("nginx"));
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].field, "spec.image");
-        let e = validate_spec(&spec("nginx:latest"));
+        let e = validate_spec(&MyAppSpec::test("nginx:latest"));
         assert_eq!(e[0].to_string(), "spec.image: the tag \"latest\" is not allowed: pin a version or a digest");
-        assert!(!validate_spec(&spec("")).is_empty());
-        assert!(!validate_spec(&spec("ngi nx:1")).is_empty());
+        assert!(!validate_spec(&MyAppSpec::test("")).is_empty());
+        assert!(!validate_spec(&MyAppSpec::test("ngi nx:1")).is_empty());
     }
 
     #[test]
     fn env_names_unique_and_valid() {
-        let mut s = spec("nginx:1.27");
+        let mut s = MyAppSpec::test("nginx:1.27");
         s.env = vec![
             EnvVar { name: "A".into(), value: "1".into() },
             EnvVar { name: "A".into(), value: "2".into() },
@@ -195,7 +191,7 @@ mod tests {
 
     #[test]
     fn limits_at_least_requests() {
-        let mut s = spec("nginx:1.27");
+        let mut s = MyAppSpec::test("nginx:1.27");
         s.resources = Some(Resources {
             requests: Some(ResourceAmounts { cpu: Some("500m".into()), memory: Some("1Gi".into()) }),
             limits: Some(ResourceAmounts { cpu: Some("250m".into()), memory: Some("1024Mi".into()) }),
@@ -215,7 +211,7 @@ mod tests {
 
     #[test]
     fn ranges() {
-        let mut s = spec("nginx:1.27");
+        let mut s = MyAppSpec::test("nginx:1.27");
         s.replicas = 1001;
         s.port = 0;
         let fields: Vec<_> = validate_spec(&s).into_iter().map(|e| e.field).collect();

@@ -82,10 +82,6 @@ mod tests {
     use super::*;
     use crate::api::EnvVar;
 
-    fn spec(image: &str) -> MyAppSpec {
-        MyAppSpec::test(image)
-    }
-
     #[test]
     fn registries() {
         assert_eq!(registry("nginx:1.27"), "docker.io");
@@ -103,20 +99,20 @@ mod tests {
             max_replicas: Some(10),
         };
         let none = BTreeMap::new();
-        assert!(p.check(&spec("ghcr.io/org/app:1"), &none, None).is_empty());
-        let e = p.check(&spec("nginx:1.27"), &none, None);
+        assert!(p.check(&MyAppSpec::test("ghcr.io/org/app:1"), &none, None).is_empty());
+        let e = p.check(&MyAppSpec::test("nginx:1.27"), &none, None);
         assert_eq!(e[0].field, "spec.image");
-        let mut s = spec("ghcr.io/org/app:1");
+        let mut s = MyAppSpec::test("ghcr.io/org/app:1");
         s.env = vec![EnvVar { name: "LD_PRELOAD".into(), value: "x".into() }];
         s.replicas = 11;
         let fields: Vec<_> = p.check(&s, &none, None).into_iter().map(|e| e.field).collect();
         assert_eq!(fields, vec!["spec.env[0].name", "spec.replicas"]);
-        assert!(Policy::default().check(&spec("anything.example/app:1"), &none, None).is_empty());
+        assert!(Policy::default().check(&MyAppSpec::test("anything.example/app:1"), &none, None).is_empty());
     }
 
     #[test]
     fn port_change_needs_the_annotation() {
-        let old = spec("nginx:1.27");
+        let old = MyAppSpec::test("nginx:1.27");
         let mut new = old.clone();
         new.port = 9090;
         let p = Policy::default();
