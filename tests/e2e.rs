@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use myapp_operator::api::conditions::{self, READY};
+use myapp_operator::api::conditions;
 use myapp_operator::api::{FINALIZER, MyApp};
 use serde_json::json;
 use std::time::Duration;
@@ -29,13 +29,7 @@ fn myapp(name: &str, image: &str, replicas: i32) -> MyApp {
 async fn wait_ready(api: &Api<MyApp>, name: &str) -> MyApp {
     eventually(&format!("MyApp {name} Ready"), ROLLOUT, || async {
         let app = api.get(name).await.ok()?;
-        let status = app.status.clone()?;
-        let generation = app.metadata.generation?;
-        let ready = conditions::find(&status.conditions, READY)?;
-        (ready.status == "True"
-            && ready.observed_generation == Some(generation)
-            && status.observed_generation == Some(generation))
-        .then_some(app)
+        app.ready_at_generation().then_some(app)
     })
     .await
 }

@@ -173,6 +173,24 @@ pub fn carry_transition_times(old: &[Condition], new: &mut [Condition], now: &Ti
     }
 }
 
+impl super::MyApp {
+    /// True when the status says Ready for the object's current generation: what
+    /// `kubectl wait --for=condition=Ready` and kstatus mean by it.
+    pub fn ready_at_generation(&self) -> bool {
+        let Some(generation) = self.metadata.generation else { return false };
+        self.status.as_ref().is_some_and(|s| {
+            s.observed_generation == Some(generation)
+                && find(&s.conditions, READY)
+                    .is_some_and(|c| c.status == "True" && c.observed_generation == Some(generation))
+        })
+    }
+
+    /// The `Ready` condition's reason (`Pending` before there is one).
+    pub fn ready_reason(&self) -> &str {
+        self.status.as_ref().and_then(|s| find(&s.conditions, READY)).map_or("Pending", |c| c.reason.as_str())
+    }
+}
+
 /// Finds a condition by type.
 pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
@@ -301,6 +319,21 @@ mod tests {
         assert_eq!(find(&third, READY).map(|c| c.last_transition_time.clone()), Some(t(300)));
         assert_eq!(find(&third, RECONCILING).map(|c| c.last_transition_time.clone()), Some(t(300)));
         assert_eq!(find(&third, STALLED).map(|c| c.last_transition_time.clone()), Some(t(100)));
+    }
+
+    #[test]
+    fn ready_means_ready_for_the_current_generation() {
+        let mut app = crate::api::MyApp::new("web", crate::api::MyAppSpec::test("nginx:1.27"));
+        assert!(!app.ready_at_generation(), "no generation, no status");
+        assert_eq!(app.ready_reason(), "Pending");
+        app.metadata.generation = Some(3);
+        app.status = Some(desired_status(3, "s", &Observation::Rollout(facts(2, 2, 2))));
+        assert!(app.ready_at_generation());
+        assert_eq!(app.ready_reason(), "RolloutComplete");
+        app.metadata.generation = Some(4);
+        assert!(!app.ready_at_generation(), "a newer spec is not Ready yet");
+        app.status = Some(desired_status(4, "s", &Observation::Rollout(facts(2, 1, 1))));
+        assert!(!app.ready_at_generation());
     }
 
     #[test]

@@ -48,18 +48,6 @@ fn rss_kib(pid: u32) -> Option<u64> {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
-fn ready_count(apps: &[MyApp]) -> usize {
-    apps.iter()
-        .filter(|a| {
-            a.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True" && c.observed_generation == a.metadata.generation)
-            })
-        })
-        .count()
-}
-
 /// Runs the benchmark.
 pub async fn bench(args: BenchArgs) -> Result<()> {
     let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
@@ -103,7 +91,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(900);
     let converged = loop {
         let list = api.list(&ListParams::default()).await?;
-        if ready_count(&list.items) == n {
+        if list.items.iter().filter(|a| a.ready_at_generation()).count() == n {
             break started.elapsed();
         }
         if Instant::now() > deadline {

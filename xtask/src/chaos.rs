@@ -206,18 +206,13 @@ async fn converged(client: &Client, ns: &str) -> bool {
         return false;
     };
     apps.items.iter().filter(|a| a.metadata.deletion_timestamp.is_none()).all(|a| {
-        let Some(status) = &a.status else { return false };
-        let ready = status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True" && c.observed_generation == a.metadata.generation);
         let child = deps.items.iter().find(|d| d.metadata.name == a.metadata.name);
         let matches = child.is_some_and(|d| {
             d.spec.replicas == Some(a.spec.replicas)
                 && d.spec.template.spec.as_ref().and_then(|p| p.containers.first()).and_then(|c| c.image.as_deref())
                     == Some(a.spec.image.as_str())
         });
-        ready && status.observed_generation == a.metadata.generation && matches
+        a.ready_at_generation() && matches
     })
 }
 

@@ -9,6 +9,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::ApiResource;
+use myapp_operator::api::MyApp;
 use std::time::{Duration, Instant};
 
 /// Options of `cargo xtask demo`.
@@ -44,18 +45,6 @@ async fn apply_examples(client: &kube::Client) -> Result<Vec<String>> {
         }
     }
     Ok(names)
-}
-
-fn ready_reason(obj: &DynamicObject) -> (bool, String) {
-    let conds = obj.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
-    let generation = obj.metadata.generation;
-    match conds.iter().find(|c| c["type"] == "Ready") {
-        Some(c) => (
-            c["status"] == "True" && c["observedGeneration"].as_i64() == generation,
-            c["reason"].as_str().unwrap_or("").to_string(),
-        ),
-        None => (false, "Pending".into()),
-    }
 }
 
 /// The newest reconcile trace of `myapp` (namespace/name) in Jaeger, waiting up to 15 s for the
@@ -95,12 +84,12 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
 
     println!("==> applying the example MyApps");
     let names = apply_examples(&client).await?;
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &myapp_resource());
+    let api: Api<MyApp> = Api::namespaced(client.clone(), "default");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let mut all = true;
         for n in &names {
-            all &= api.get(n).await.map(|o| ready_reason(&o).0).unwrap_or(false);
+            all &= api.get(n).await.is_ok_and(|a| a.ready_at_generation());
         }
         if all {
             break;
@@ -117,15 +106,9 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     println!("\n==> MyApps (kubectl get myapps)");
     println!("{:<10} {:<28} {:>8} {:>6}  STATUS", "NAME", "IMAGE", "REPLICAS", "READY");
     for n in &names {
-        let o = api.get(n).await?;
-        println!(
-            "{:<10} {:<28} {:>8} {:>6}  {}",
-            n,
-            o.data["spec"]["image"].as_str().unwrap_or(""),
-            o.data["spec"]["replicas"].to_string(),
-            o.data["status"]["readyReplicas"].to_string(),
-            ready_reason(&o).1
-        );
+        let a = api.get(n).await?;
+        let ready = a.status.as_ref().map_or(0, |s| s.ready_replicas);
+        println!("{:<10} {:<28} {:>8} {:>6}  {}", n, a.spec.image, a.spec.replicas, ready, a.ready_reason());
     }
 
     let lease = Api::<Lease>::namespaced(client.clone(), operator::NAMESPACE).get("myapp-operator").await?;
