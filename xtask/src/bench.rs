@@ -58,7 +58,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     operator::stop_replicas();
     let mut env = vec![("RUST_LOG", "info".into())];
     if args.traces {
-        env.extend(operator::trace_env(&target));
+        env.extend(operator::replica_env(&target));
     }
     let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[], &env)?;
     operator::wait_ready(&replicas).await?;
@@ -119,19 +119,12 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     // A graceful handover with N MyApps: time from acquiring to the first reconcile of the term.
     let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), operator::NAMESPACE);
     let holder = lease.get("myapp-operator").await?.spec.and_then(|s| s.holder_identity).unwrap_or_default();
-    let leader = replicas.iter().find(|r| holder.starts_with(&format!("{}-", r.name))).context("leader not found")?;
+    let leader = replicas.iter().find(|r| r.holds(&holder)).context("leader not found")?;
     let others: Vec<_> = replicas.iter().filter(|r| r.name != leader.name).collect();
-    let _ = std::process::Command::new("kill").args(["-TERM", &leader.pid.to_string()]).status();
+    crate::procs::signal(leader.pid, "TERM");
     let deadline = Instant::now() + Duration::from_secs(60);
     let first_reconcile_ms = loop {
-        let found = others.iter().find_map(|r| {
-            let log = std::fs::read_to_string(&r.log).ok()?;
-            log.lines()
-                .filter(|l| l.contains("first reconcile of the term finished"))
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter_map(|v| v["ms"].as_f64())
-                .next_back()
-        });
+        let found = others.iter().find_map(|r| r.first_reconciles().last().map(|(_, ms)| *ms));
         if let Some(ms) = found {
             break ms;
         }

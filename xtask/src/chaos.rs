@@ -71,7 +71,7 @@ impl Harness {
     }
 
     fn member_of(&self, identity: &str) -> Option<usize> {
-        self.members.iter().position(|m| identity.starts_with(&format!("{}-", m.replica.name)))
+        self.members.iter().position(|m| m.replica.holds(identity))
     }
 
     async fn leader(&self) -> Result<(String, usize)> {
@@ -95,20 +95,6 @@ impl Harness {
         m.replica = operator::start_replica(i, &self.bin, &m.kubeconfig, &self.flags, &self.env)?;
         Ok(())
     }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
-}
-
-/// The first "first reconcile of the term" logged by `identity` at or after `since` (epoch s).
-fn first_reconcile(log: &Path, since: f64) -> Option<f64> {
-    let text = std::fs::read_to_string(log).ok()?;
-    text.lines()
-        .filter(|l| l.contains("first reconcile of the term finished"))
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| audit::seconds(v["timestamp"].as_str()?))
-        .find(|t| *t >= since)
 }
 
 /// The steady workload: creates, updates, scales and deletes MyApps in `ns` every 250 ms.
@@ -216,18 +202,23 @@ async fn converged(client: &Client, ns: &str) -> bool {
     })
 }
 
+/// The `server:` URL of a kubeconfig's text.
+fn server_of(kubeconfig: &str) -> Result<&str> {
+    kubeconfig.lines().find_map(|l| l.trim().strip_prefix("server: ")).context("no server in kubeconfig")
+}
+
+/// Writes a copy of the `admin` kubeconfig that reaches the API server through `proxy`.
 fn kubeconfig_via(admin: &Path, proxy: std::net::SocketAddr, out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(admin)?;
-    let server = text.lines().find_map(|l| l.trim().strip_prefix("server: ")).context("no server in kubeconfig")?;
-    std::fs::write(out, text.replace(server, &format!("https://{proxy}")))?;
+    std::fs::write(out, text.replace(server_of(&text)?, &format!("https://{proxy}")))?;
     Ok(())
 }
 
+/// The API server's address in the `admin` kubeconfig.
 fn upstream(admin: &Path) -> Result<std::net::SocketAddr> {
-    let text = std::fs::read_to_string(admin)?;
-    let server = text.lines().find_map(|l| l.trim().strip_prefix("server: ")).context("no server in kubeconfig")?;
-    let hostport = server.trim_start_matches("https://").trim_end_matches('/');
     use std::net::ToSocketAddrs;
+    let text = std::fs::read_to_string(admin)?;
+    let hostport = server_of(&text)?.trim_start_matches("https://").trim_end_matches('/');
     hostport.to_socket_addrs()?.next().context("cannot resolve the API server address")
 }
 
@@ -265,7 +256,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
         format!("--renew-deadline={}ms", (timings[1] * 1000.0) as u64),
         format!("--retry-period={}ms", (timings[2] * 1000.0) as u64),
     ];
-    let env = operator::trace_env(&target);
+    let env = operator::replica_env(&target);
     let started_at = epoch();
     let mut members = Vec::new();
     for i in 0..args.replicas {
@@ -343,7 +334,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
     }
 
     for m in &h.members {
-        signal(m.replica.pid, "CONT");
+        procs::signal(m.replica.pid, "CONT");
         m.proxy.set_partitioned(false);
     }
     operator::stop_replicas();
@@ -420,9 +411,9 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
     let at = epoch();
     let pid = h.members[i].replica.pid;
     match scenario {
-        "kill" => signal(pid, "KILL"),
-        "term" => signal(pid, "TERM"),
-        "pause" => signal(pid, "STOP"),
+        "kill" => procs::signal(pid, "KILL"),
+        "term" => procs::signal(pid, "TERM"),
+        "pause" => procs::signal(pid, "STOP"),
         "partition" => h.members[i].proxy.set_partitioned(true),
         "apiserver-restart" => {
             cluster::restart_apiserver().await?;
@@ -449,7 +440,7 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
         "pause" => {
             let until = t0 + lease + Duration::from_secs(1);
             tokio::time::sleep_until(until.into()).await;
-            signal(pid, "CONT");
+            procs::signal(pid, "CONT");
         }
         "partition" => {
             let until = t0 + lease + Duration::from_secs(1);
@@ -465,18 +456,18 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
         }
         _ => {}
     }
-    let first_reconcile = new_leader.as_deref().and_then(|nl| h.member_of(nl)).and_then(|j| {
+    // The new leader's first reconcile of its term, from its log (waiting up to 10 s for it).
+    let mut first_reconcile = None;
+    if let Some(j) = new_leader.as_deref().and_then(|nl| h.member_of(nl)) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(t) = first_reconcile(&h.members[j].replica.log, at) {
-                break Some(t - at);
+        while Instant::now() < deadline {
+            if let Some((t, _)) = h.members[j].replica.first_reconciles().into_iter().find(|(t, _)| *t >= at) {
+                first_reconcile = Some(t - at);
+                break;
             }
-            if Instant::now() > deadline {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    });
+    }
     load.paused.store(true, Ordering::Relaxed);
     let mut converged_after = None;
     let deadline = Instant::now() + Duration::from_secs(90);

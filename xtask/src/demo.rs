@@ -79,7 +79,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         operator::NAMESPACE
     );
     let replicas =
-        operator::start_replicas(&bin, &target.kubeconfig, args.replicas, &[], &operator::trace_env(&target))?;
+        operator::start_replicas(&bin, &target.kubeconfig, args.replicas, &[], &operator::replica_env(&target))?;
     operator::wait_ready(&replicas).await?;
 
     println!("==> applying the example MyApps");

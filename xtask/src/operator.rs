@@ -194,12 +194,31 @@ pub struct Replica {
     pub pid: u32,
 }
 
+impl Replica {
+    /// True when `identity` (a Lease holder) is this replica's: `<name>-<random suffix>`.
+    pub fn holds(&self, identity: &str) -> bool {
+        identity.strip_prefix(&self.name).is_some_and(|rest| rest.starts_with('-'))
+    }
+
+    /// Every "first reconcile of the term" this replica logged: (when, epoch seconds; how long
+    /// after acquiring the lease, ms).
+    pub fn first_reconciles(&self) -> Vec<(f64, f64)> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("first reconcile of the term finished"))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((chaos::audit::seconds(v["timestamp"].as_str()?)?, v["ms"].as_f64()?)))
+            .collect()
+    }
+}
+
 /// First probe port of the replicas; replica `i` uses `BASE_PROBE_PORT + i`.
 pub const BASE_PROBE_PORT: u16 = 18081;
 
 /// Environment of the replicas for a target: on the local control plane, traces go to its Jaeger
-/// (exported every 500 ms so that they show up quickly).
-pub fn trace_env(target: &Target) -> Vec<(&'static str, String)> {
+/// (exported every 500 ms so that they show up quickly); elsewhere webhooks are off, since a
+/// remote API server cannot call this machine's loopback.
+pub fn replica_env(target: &Target) -> Vec<(&'static str, String)> {
     if target.local {
         vec![
             ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_OTLP)),
@@ -283,5 +302,22 @@ pub fn stop_replicas() {
         if name.starts_with("operator-") {
             procs::stop(&run, &name, pid, &bin, Duration::from_secs(15));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(name: &str) -> Replica {
+        Replica { name: name.into(), probe_port: 0, log: PathBuf::from("/nonexistent"), pid: 0 }
+    }
+
+    #[test]
+    fn holder_identity_matches_its_replica_only() {
+        assert!(replica("operator-1").holds("operator-1-x2k4m"));
+        assert!(!replica("operator-1").holds("operator-10-x2k4m"), "operator-10 is another replica");
+        assert!(!replica("operator-1").holds("operator-1"));
+        assert!(!replica("operator-1").holds(""));
     }
 }

@@ -81,7 +81,8 @@ pub fn recorded(run: &Path) -> Vec<(String, u32, String)> {
     out
 }
 
-fn signal(pid: u32, sig: &str) {
+/// Sends `sig` (e.g. `TERM`, `KILL`, `STOP`, `CONT`) to `pid`.
+pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).stderr(Stdio::null()).status();
 }
 

@@ -63,7 +63,7 @@ async fn against_cluster(target: &operator::Target) -> Result<()> {
     let client = cluster::client_from(&target.kubeconfig).await?;
     operator::prepare(&client, target).await?;
     operator::stop_replicas();
-    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[], &operator::trace_env(target))?;
+    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[], &operator::replica_env(target))?;
     operator::wait_ready(&replicas).await?;
     let logs = replicas.iter().map(|r| r.log.display().to_string()).collect::<Vec<_>>().join(":");
 
