@@ -98,41 +98,49 @@ async fn ensure_secret(api: &Api<Secret>, name: &str, namespace: &str, sans: &[S
     bail!("could not settle the webhook certificate Secret after 10 attempts")
 }
 
+/// Adds `ca` as the caBundle of every webhook of `api`'s object `name` that does not carry it.
+/// A missing object, or one that carries it everywhere, costs no write.
+async fn patch_ca_bundles<K>(
+    api: Api<K>,
+    name: &str,
+    ca: &[u8],
+    bundles: impl Fn(&K) -> Vec<Option<Vec<u8>>>,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    use base64::Engine;
+    use json_patch::{AddOperation, PatchOperation};
+    let Some(obj) = api.get_opt(name).await? else { return Ok(()) };
+    let value = serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(ca));
+    let ops: Vec<PatchOperation> = bundles(&obj)
+        .iter()
+        .enumerate()
+        .filter(|(_, current)| current.as_deref() != Some(ca))
+        .map(|(i, _)| {
+            let path = jsonptr::PointerBuf::from_tokens(["webhooks", &i.to_string(), "clientConfig", "caBundle"]);
+            PatchOperation::Add(AddOperation { path, value: value.clone() })
+        })
+        .collect();
+    if ops.is_empty() {
+        return Ok(());
+    }
+    api.patch(name, &PatchParams::default(), &Patch::<()>::Json(json_patch::Patch(ops))).await?;
+    tracing::info!(config = name, kind = %K::kind(&()), "caBundle patched");
+    Ok(())
+}
+
 /// Patches the CA into every webhook of the configurations named `config`, where it differs.
 async fn ensure_ca_bundle(client: &Client, config: &str, ca: &str) -> Result<()> {
-    use base64::Engine;
-    let want = base64::engine::general_purpose::STANDARD.encode(ca.as_bytes());
-    let patch_for = |current: Vec<Option<String>>| -> Option<serde_json::Value> {
-        let ops: Vec<serde_json::Value> = current
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.as_deref() != Some(want.as_str()))
-            .map(|(i, _)| serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": want}))
-            .collect();
-        (!ops.is_empty()).then_some(serde_json::Value::Array(ops))
-    };
-    let b64 = |b: &Option<k8s_openapi::ByteString>| {
-        b.as_ref().map(|b| base64::engine::general_purpose::STANDARD.encode(&b.0))
-    };
-    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    if let Some(m) = mutating.get_opt(config).await? {
-        let current = m.webhooks.unwrap_or_default().iter().map(|w| b64(&w.client_config.ca_bundle)).collect();
-        if let Some(p) = patch_for(current) {
-            let patch: json_patch::Patch = serde_json::from_value(p)?;
-            mutating.patch(config, &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
-            tracing::info!(config, "caBundle patched into the MutatingWebhookConfiguration");
-        }
-    }
-    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    if let Some(v) = validating.get_opt(config).await? {
-        let current = v.webhooks.unwrap_or_default().iter().map(|w| b64(&w.client_config.ca_bundle)).collect();
-        if let Some(p) = patch_for(current) {
-            let patch: json_patch::Patch = serde_json::from_value(p)?;
-            validating.patch(config, &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
-            tracing::info!(config, "caBundle patched into the ValidatingWebhookConfiguration");
-        }
-    }
-    Ok(())
+    let ca = ca.as_bytes();
+    patch_ca_bundles(Api::<MutatingWebhookConfiguration>::all(client.clone()), config, ca, |m| {
+        m.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone())).collect()
+    })
+    .await?;
+    patch_ca_bundles(Api::<ValidatingWebhookConfiguration>::all(client.clone()), config, ca, |v| {
+        v.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone())).collect()
+    })
+    .await
 }
 
 fn read_dir(dir: &std::path::Path) -> Result<Pem> {
