@@ -74,8 +74,6 @@ impl RolloutFacts {
 pub enum Observation {
     /// The spec broke a rule; nothing was rolled out.
     Invalid(String),
-    /// The Deployment is not there yet.
-    Creating,
     /// Writing a child failed (the reconcile retries with backoff); the message says why.
     ApplyFailed(String),
     /// The Deployment exists and reports these facts.
@@ -113,11 +111,6 @@ pub fn desired_status(generation: i64, selector: &str, obs: &Observation) -> MyA
             condition(READY, false, "ApplyFailed", msg.clone(), g),
             condition(RECONCILING, true, "ApplyFailed", msg.clone(), g),
             condition(STALLED, false, "ApplyFailed", String::new(), g),
-        ],
-        Observation::Creating => vec![
-            condition(READY, false, "Creating", "creating the Deployment and Service".into(), g),
-            condition(RECONCILING, true, "Creating", "creating the Deployment and Service".into(), g),
-            condition(STALLED, false, "Creating", String::new(), g),
         ],
         Observation::Deleting => vec![
             condition(READY, false, "Deleting", "waiting for the Deployment and Service to be deleted".into(), g),
@@ -289,7 +282,6 @@ mod tests {
     fn reasons_are_camel_case() {
         for obs in [
             Observation::Invalid("x".into()),
-            Observation::Creating,
             Observation::ApplyFailed("x".into()),
             Observation::Deleting,
             Observation::Rollout(facts(1, 1, 1)),

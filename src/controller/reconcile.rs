@@ -85,10 +85,7 @@ impl MyApp {
             }
         };
 
-        let obs = match &deployment {
-            Some(d) => Observation::Rollout(RolloutFacts::from_deployment(d)),
-            None => Observation::Creating,
-        };
+        let obs = Observation::Rollout(RolloutFacts::from_deployment(&deployment));
         if app.update_status(ctx, &obs).await? {
             let note = format!("{}/{} pods ready with image {}", app.spec.replicas, app.spec.replicas, app.spec.image);
             ctx.writer.event(app, EventType::Normal, "RolloutComplete", "Rollout", note).await;
@@ -98,39 +95,35 @@ impl MyApp {
 
     /// Applies the Deployment and the Service where they differ from what the caches hold; returns
     /// the Deployment as it now is.
-    async fn apply_children(&self, ctx: &Context, name: &str, ns: &str) -> Result<Option<Deployment>> {
-        let app = self;
-        let key_d = ObjectRef::<Deployment>::new(name).within(ns);
-        let key_s = ObjectRef::<Service>::new(name).within(ns);
-        let desired_d = children::deployment(app);
-        let desired_s = children::service(app);
-
-        let cached_d = ctx.caches.deployments.get(&key_d);
-        let deployment = match cached_d.as_deref() {
-            Some(actual) if children::up_to_date(&desired_d, actual) => Some(actual.clone()),
-            existing => {
-                let applied = ctx.writer.apply(&desired_d, "deployment").await?;
-                let (reason, verb) = if existing.is_some() { ("Updated", "updated") } else { ("Created", "created") };
-                ctx.writer
-                    .event(app, EventType::Normal, reason, "ApplyDeployment", format!("{verb} Deployment {name}"))
-                    .await;
-                Some(applied)
-            }
-        };
-
-        let cached_s = ctx.caches.services.get(&key_s);
-        match cached_s.as_deref() {
-            Some(actual) if children::up_to_date(&desired_s, actual) => {}
-            existing => {
-                ctx.writer.apply(&desired_s, "service").await?;
-                let (reason, verb) = if existing.is_some() { ("Updated", "updated") } else { ("Created", "created") };
-                ctx.writer
-                    .event(app, EventType::Normal, reason, "ApplyService", format!("{verb} Service {name}"))
-                    .await;
-            }
-        }
-
+    async fn apply_children(&self, ctx: &Context, name: &str, ns: &str) -> Result<Deployment> {
+        let cached_d = ctx.caches.deployments.get(&ObjectRef::new(name).within(ns));
+        let deployment = self.apply_child(ctx, children::deployment(self), cached_d.as_deref(), "deployment").await?;
+        let cached_s = ctx.caches.services.get(&ObjectRef::new(name).within(ns));
+        self.apply_child(ctx, children::service(self), cached_s.as_deref(), "service").await?;
         Ok(deployment)
+    }
+
+    /// Server-side applies `desired` unless `cached` already carries all of it, with an Event
+    /// saying whether it was created or updated. Returns the child as it now is.
+    async fn apply_child<K>(&self, ctx: &Context, desired: K, cached: Option<&K>, label: &str) -> Result<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+    {
+        if let Some(actual) = cached
+            && children::up_to_date(&desired, actual)
+        {
+            return Ok(actual.clone());
+        }
+        let applied = ctx.writer.apply(&desired, label).await?;
+        let (reason, verb) = if cached.is_some() { ("Updated", "updated") } else { ("Created", "created") };
+        let kind = K::kind(&());
+        let note = format!("{verb} {kind} {}", desired.meta().name.as_deref().unwrap_or_default());
+        ctx.writer.event(self, EventType::Normal, reason, &format!("Apply{kind}"), note).await;
+        Ok(applied)
     }
 
     /// Deletes the children and releases the finalizer once both are gone.
