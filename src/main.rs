@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use myapp_operator::api::MyApp;
-use myapp_operator::controller::{self, Context, cache::Caches};
+use myapp_operator::controller::{self, Context, cache::Caches, writer::Fence};
 use myapp_operator::http::{self, Probes};
 use myapp_operator::leader::{self, Elector, Timings};
 use myapp_operator::telemetry::propagation::TraceParentLayer;
@@ -166,7 +166,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let agent = format!("myapp-operator/{} ({identity})", env!("CARGO_PKG_VERSION"));
     config.headers.push((::http::header::USER_AGENT, ::http::HeaderValue::from_str(&agent)?));
     // Every API call becomes a client span whose context reaches the API server in `traceparent`.
-    let client = kube::client::ClientBuilder::try_from(config)
+    let client = kube::client::ClientBuilder::try_from(config.clone())
         .context("build the Kubernetes client")?
         .with_layer(&TraceParentLayer)
         .build();
@@ -242,14 +242,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (rx, None)
     };
 
+    // The controller writes through its own client, whose sockets check the fence before every
+    // write (see controller::fenced): a request delayed past the end of the term never leaves.
+    let writes = controller::fenced::client(&config, Fence::new(leadership.clone()))
+        .context("build the fenced Kubernetes client")?;
     let resync = args.resync_period;
     let supervisor = {
         let (client, caches, metrics, identity, stop_rx) =
             (client.clone(), caches.clone(), metrics.clone(), identity.clone(), stop_rx.clone());
         tokio::spawn(leader::supervise(leadership, stop_rx.clone(), move |fence, acquired| {
             let ctx = Arc::new(
-                Context::new(client.clone(), caches.clone(), metrics.clone(), &identity, fence, acquired)
-                    .with_resync(resync),
+                Context::new(
+                    client.clone(),
+                    writes.clone(),
+                    caches.clone(),
+                    metrics.clone(),
+                    &identity,
+                    fence,
+                    acquired,
+                )
+                .with_resync(resync),
             );
             controller::run(ctx, stopped(stop_rx.clone()))
         }))

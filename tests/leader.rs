@@ -2,9 +2,11 @@
 
 mod common;
 
-use common::{TestNamespace, client, eventually};
+use common::{TestNamespace, client, config, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
+use myapp_operator::controller::{fenced, writer::Fence};
 use myapp_operator::leader::{Elector, Leadership, Timings};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -136,5 +138,38 @@ async fn a_leader_that_cannot_renew_steps_down_by_its_deadline() {
         c.stop.send_replace(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), c.task).await;
     }
+    ns.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn the_fenced_client_sends_nothing_once_the_term_has_ended() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "fenced").await;
+    let (valid_until, rx) = watch::channel(Some(Instant::now() + Duration::from_secs(30)));
+    let fenced = fenced::client(&config().await, Fence::new(rx)).expect("fenced client");
+    let ours: Api<ConfigMap> = Api::namespaced(fenced, &ns.name);
+    let theirs: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let cm = |name: &str| -> ConfigMap {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("configmap")
+    };
+
+    ours.create(&Default::default(), &cm("inside")).await.expect("a write inside the term goes through");
+    assert!(theirs.get_opt("inside").await.expect("get").is_some());
+
+    // The term ends without a renewal. The pooled connection from the first write is still open;
+    // the next write must not reach the API server through it, nor through a new one.
+    valid_until.send_replace(Some(Instant::now()));
+    for name in ["after-expiry", "after-expiry-2"] {
+        let err = ours.create(&Default::default(), &cm(name)).await.expect_err("fenced");
+        assert!(format!("{err:?}").contains("fenced"), "the error says why: {err:?}");
+        assert!(theirs.get_opt(name).await.expect("get").is_none(), "{name} must not exist");
+    }
+    // Reads through the normal client are unaffected, and a new term opens the fence again.
+    valid_until.send_replace(Some(Instant::now() + Duration::from_secs(30)));
+    ours.create(&Default::default(), &cm("next-term")).await.expect("a write in a new term");
+    valid_until.send_replace(None);
+    assert!(ours.create(&Default::default(), &cm("standby")).await.is_err(), "a standby writes nothing");
+    assert!(theirs.get_opt("standby").await.expect("get").is_none());
     ns.cleanup().await;
 }

@@ -4,11 +4,13 @@
 //!   replica, leader or not, so a new leader starts from warm caches.
 //! - [`reconcile`]: the reconcile and cleanup logic, as methods on `MyApp`.
 //! - [`children`]: pure builders of the Deployment and Service.
+//! - [`fenced`]: the client those writes use, whose sockets check the fence before every write.
 //! - [`writer`]: every write the controller makes goes through here, so that it can be fenced and
 //!   counted in one place.
 
 pub mod cache;
 pub mod children;
+pub mod fenced;
 pub mod reconcile;
 pub mod writer;
 
@@ -49,10 +51,11 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context for one controller run (one leadership term): writes go through `fence`, and
-    /// the time from `acquired` to the first reconcile is measured.
+    /// A context for one controller run (one leadership term). Reads use `client`; writes use
+    /// `writes` (a [`fenced::client`]) after checking `fence`, and the time from `acquired` to the first reconcile is measured.
     pub fn new(
         client: Client,
+        writes: Client,
         caches: Caches,
         metrics: Arc<Metrics>,
         identity: &str,
@@ -60,12 +63,12 @@ impl Context {
         acquired: tokio::time::Instant,
     ) -> Self {
         let reporter = Reporter { controller: "myapp-operator".into(), instance: Some(identity.into()) };
-        let recorder = Recorder::new(client.clone(), reporter);
+        let recorder = Recorder::new(writes.clone(), reporter);
         Self {
             identity: identity.to_string(),
             client: client.clone(),
             caches,
-            writer: Writer::new(client, recorder, metrics.clone()).with_fence(fence),
+            writer: Writer::new(writes, recorder, metrics.clone()).with_fence(fence),
             metrics,
             failures: Mutex::new(HashMap::new()),
             term_started: Mutex::new(Some(acquired)),

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 /// The user agent of the test client, to tell its writes from the operator's in the audit log.
 pub const USER_AGENT: &str = "myapp-e2e";
 
-/// A client for the cluster under test.
-pub async fn client() -> Client {
+/// The configuration of the cluster under test, with the tests' user agent.
+pub async fn config() -> Config {
     let mut config = match std::env::var_os("KUBECONFIG") {
         Some(path) => {
             let kc = Kubeconfig::read_from(PathBuf::from(path)).expect("read KUBECONFIG");
@@ -30,7 +30,12 @@ pub async fn client() -> Client {
         None => Config::infer().await.expect("no KUBECONFIG and no in-cluster config: run `cargo xtask test`"),
     };
     config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT)));
-    Client::try_from(config).expect("client")
+    config
+}
+
+/// A client for the cluster under test.
+pub async fn client() -> Client {
+    Client::try_from(config().await).expect("client")
 }
 
 /// A namespace of its own for one test; delete it with [`TestNamespace::cleanup`] on success

@@ -1,0 +1,178 @@
+//! The client the controller writes with: its connections check the [`Fence`] immediately before
+//! every byte they hand to the kernel.
+//!
+//! [`Writer`](super::writer::Writer) checks the fence before it starts a call, but a call is not on
+//! the wire yet when that check passes. It still waits in the client's buffer, hyper's connection
+//! pool and the connection task, and a retry can send it again later. A process paused inside that
+//! gap (SIGSTOP, a frozen VM, a stalled node) resumes after its leadership has ended and would send
+//! the request anyway. The chaos suite's pause scenario caught exactly that: one status patch,
+//! received by the API server after the paused leader's term.
+//!
+//! Here the check sits in the connection's `poll_write`, under TLS. A request that fails it never
+//! leaves: the write errors, hyper drops the connection and the call returns an error.
+//!
+//! What remains is the handful of instructions between reading the monotonic clock and the
+//! `write(2)` call. Bytes handed to the kernel before a pause are still delivered at once, while the
+//! lease is valid. Closing the last gap would need a fencing token that the API server checks, and
+//! Kubernetes has none for arbitrary objects.
+
+use super::writer::Fence;
+use crate::telemetry::propagation::TraceParentLayer;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use kube::client::ConfigExt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// Builds a kube client for `config` whose every socket write is fenced by `fence`. It has the
+/// same layers as the default client (base URI, credentials, extra headers such as the
+/// User-Agent, client spans with `traceparent`) and the same timeouts.
+pub fn client(config: &kube::Config, fence: Fence) -> kube::Result<kube::Client> {
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    let https = config.rustls_https_connector_with_connector(FencedConnector { inner: tcp, fence })?;
+    let mut timeouts = hyper_timeout::TimeoutConnector::new(https);
+    timeouts.set_connect_timeout(config.connect_timeout);
+    timeouts.set_read_timeout(config.read_timeout);
+    timeouts.set_write_timeout(config.write_timeout);
+    let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Builder::new(TokioExecutor::new()).build(timeouts);
+    let service = tower::ServiceBuilder::new()
+        .layer(TraceParentLayer)
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(http);
+    Ok(kube::Client::new(service, config.default_namespace.clone()))
+}
+
+/// Wraps a connector so that its connections are [`FencedStream`]s.
+#[derive(Clone, Debug)]
+pub struct FencedConnector<C> {
+    inner: C,
+    fence: Fence,
+}
+
+impl<C> tower::Service<http::Uri> for FencedConnector<C>
+where
+    C: tower::Service<http::Uri>,
+    C::Future: Send + 'static,
+{
+    type Response = FencedStream<C::Response>;
+    type Error = C::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let fence = self.fence.clone();
+        Box::pin(async move { Ok(FencedStream { inner: connecting.await?, fence }) })
+    }
+}
+
+/// A connection that refuses to write once the fence is closed.
+#[derive(Debug)]
+pub struct FencedStream<T> {
+    inner: T,
+    fence: Fence,
+}
+
+impl<T> FencedStream<T> {
+    fn fenced(&self) -> Option<io::Error> {
+        self.fence
+            .check()
+            .err()
+            .map(|_| io::Error::new(io::ErrorKind::PermissionDenied, "fenced: this replica's leadership has ended"))
+    }
+}
+
+impl<T: Read + Unpin> Read for FencedStream<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for FencedStream<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.fenced() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.fenced() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: Connection> Connection for FencedStream<T> {
+    fn connected(&self) -> Connected {
+        self.inner.connected()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    use tokio::sync::watch;
+    use tokio::time::Instant;
+
+    async fn write(stream: &mut FencedStream<TokioIo<tokio::io::DuplexStream>>, bytes: &[u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_write(cx, bytes)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_pass_while_the_lease_is_valid_and_fail_after() {
+        let (tx, rx) = watch::channel(Some(Instant::now() + Duration::from_secs(3)));
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut stream = FencedStream { inner: TokioIo::new(ours), fence: Fence::new(rx) };
+
+        assert_eq!(write(&mut stream, b"ok").await.ok(), Some(2));
+        let mut got = [0u8; 2];
+        theirs.read_exact(&mut got).await.ok();
+        assert_eq!(&got, b"ok");
+
+        // The same connection, after the deadline passed without a renewal: nothing leaves.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let err = write(&mut stream, b"late").await.err().map(|e| e.kind());
+        assert_eq!(err, Some(io::ErrorKind::PermissionDenied));
+
+        // A renewal opens it again; losing leadership closes it at once.
+        tx.send_replace(Some(Instant::now() + Duration::from_secs(3)));
+        assert_eq!(write(&mut stream, b"ok").await.ok(), Some(2));
+        tx.send_replace(None);
+        assert!(write(&mut stream, b"no").await.is_err());
+        let vectored =
+            std::future::poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &[io::IoSlice::new(b"no")])).await;
+        assert!(vectored.is_err());
+    }
+}
