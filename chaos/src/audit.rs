@@ -19,6 +19,11 @@ pub struct Request {
     pub name: String,
     /// HTTP status code.
     pub code: u16,
+    /// The authenticated user name, e.g. `system:serviceaccount:myapp-system:myapp-operator`.
+    pub user: String,
+    /// The authorizer's decision (`allow` or `forbid`; empty when it never ran). A 403 with
+    /// `allow` came from admission, e.g. a write into a namespace being deleted.
+    pub decision: String,
     /// The operator replica's identity, from a user agent `myapp-operator/<version> (<identity>)`.
     pub replica: Option<String>,
     /// For Lease writes recorded with their request body: the holder written (`Some("")` when
@@ -75,9 +80,31 @@ pub fn parse_line(line: &str) -> Option<Request> {
         namespace: s(&obj["namespace"]),
         name: s(&obj["name"]),
         code: e["responseStatus"]["code"].as_u64().and_then(|c| u16::try_from(c).ok()).unwrap_or(0),
+        user: s(&e["user"]["username"]),
+        decision: s(&e["annotations"]["authorization.k8s.io/decision"]),
         replica: e["userAgent"].as_str().and_then(replica_of),
         lease_holder,
     })
+}
+
+/// What one user did, for the RBAC proof: its requests, and those refused with 403 Forbidden,
+/// split by who refused them.
+#[derive(Debug, Default, PartialEq)]
+pub struct Authorization<'a> {
+    /// Every request by the user.
+    pub requests: usize,
+    /// Refused by the authorizer (RBAC): a missing grant.
+    pub denied: Vec<&'a Request>,
+    /// Allowed by the authorizer, then refused with 403 by admission (e.g. NamespaceLifecycle,
+    /// for a write into a namespace being deleted).
+    pub refused_by_admission: Vec<&'a Request>,
+}
+
+/// Tallies `user`'s requests and the ones refused with 403.
+pub fn authorization<'a>(requests: &'a [Request], user: &str) -> Authorization<'a> {
+    let mine: Vec<&Request> = requests.iter().filter(|r| r.user == user).collect();
+    let (denied, refused_by_admission) = mine.iter().filter(|r| r.code == 403).partition(|r| r.decision != "allow");
+    Authorization { requests: mine.len(), denied, refused_by_admission }
 }
 
 /// Parses a whole log, keeping requests received at or after `since`.
@@ -104,6 +131,37 @@ mod tests {
     fn release_has_an_empty_holder() {
         let line = LEASE.replace(r#""holderIdentity":"operator-1-ab2cd""#, r#""acquireTime":null"#);
         assert_eq!(parse_line(&line).and_then(|r| r.lease_holder).as_deref(), Some(""));
+    }
+
+    #[test]
+    fn forbidden_requests_of_one_user_are_found() {
+        let sa = "system:serviceaccount:myapp-system:myapp-operator";
+        let with = |user: &str, code: u16, decision: &str| {
+            LEASE
+                .replace(r#""stage""#, &format!(r#""user":{{"username":"{user}"}},"stage""#))
+                .replace(r#""code":200"#, &format!(r#""code":{code}"#))
+                .replace(
+                    r#""kind""#,
+                    &format!(r#""annotations":{{"authorization.k8s.io/decision":"{decision}"}},"kind""#),
+                )
+        };
+        let log = [
+            with(sa, 200, "allow"),
+            with(sa, 403, "forbid"),
+            with(sa, 403, "allow"),
+            with("admin", 403, "forbid"),
+            with(sa, 409, "allow"),
+        ]
+        .join("\n");
+        let reqs = parse(&log, 0.0);
+        assert_eq!(reqs[0].user, sa);
+        assert_eq!(reqs[1].decision, "forbid");
+        let a = authorization(&reqs, sa);
+        assert_eq!(a.requests, 4);
+        assert_eq!(a.denied.len(), 1);
+        assert_eq!(a.denied[0].decision, "forbid");
+        assert_eq!(a.refused_by_admission.len(), 1);
+        assert_eq!(authorization(&reqs, "nobody"), Authorization::default());
     }
 
     #[test]

@@ -128,6 +128,8 @@ mod tests {
             namespace: "sys".into(),
             name: "op".into(),
             code: 200,
+            user: String::new(),
+            decision: String::new(),
             replica: Some(by.into()),
             lease_holder: Some(holder.into()),
         }
@@ -142,6 +144,8 @@ mod tests {
             namespace: "ns".into(),
             name: "web".into(),
             code: 200,
+            user: String::new(),
+            decision: String::new(),
             replica: Some(by.into()),
             lease_holder: None,
         }

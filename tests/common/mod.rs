@@ -118,3 +118,13 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
 }
+
+/// Percent-encodes `s` for a URL query value (everything but unreserved characters).
+pub fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -54,13 +54,13 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let target = args.target.resolve().await?;
     let bin = operator::build()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
-    operator::prepare(&client, &target).await?;
+    let operator_kubeconfig = operator::prepare(&client, &target).await?;
     operator::stop_replicas();
     let mut env = vec![("RUST_LOG", "info".into())];
     if args.traces {
         env.extend(operator::replica_env(&target));
     }
-    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[], &env)?;
+    let replicas = operator::start_replicas(&bin, &operator_kubeconfig, 3, &[], &env)?;
     operator::wait_ready(&replicas).await?;
     let idle: Vec<u64> = replicas.iter().filter_map(|r| rss_kib(r.pid)).collect();
 

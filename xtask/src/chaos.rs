@@ -207,9 +207,9 @@ fn server_of(kubeconfig: &str) -> Result<&str> {
     kubeconfig.lines().find_map(|l| l.trim().strip_prefix("server: ")).context("no server in kubeconfig")
 }
 
-/// Writes a copy of the `admin` kubeconfig that reaches the API server through `proxy`.
-fn kubeconfig_via(admin: &Path, proxy: std::net::SocketAddr, out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(admin)?;
+/// Writes a copy of the `base` kubeconfig that reaches the API server through `proxy`.
+fn kubeconfig_via(base: &Path, proxy: std::net::SocketAddr, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(base)?;
     std::fs::write(out, text.replace(server_of(&text)?, &format!("https://{proxy}")))?;
     Ok(())
 }
@@ -245,7 +245,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
     }
     let bin = operator::build()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
-    operator::prepare(&client, &target).await?;
+    let operator_kubeconfig = operator::prepare(&client, &target).await?;
     operator::stop_replicas();
 
     let run = paths::run_dir().join("chaos");
@@ -262,7 +262,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
     for i in 0..args.replicas {
         let proxy = Proxy::start(up).await?;
         let kubeconfig = run.join(format!("operator-{i}.kubeconfig"));
-        kubeconfig_via(&target.kubeconfig, proxy.listen, &kubeconfig)?;
+        kubeconfig_via(&operator_kubeconfig, proxy.listen, &kubeconfig)?;
         let _ = std::fs::remove_file(procs::log_file(&paths::run_dir(), &format!("operator-{i}")));
         let replica = operator::start_replica(i, &bin, &kubeconfig, &flags, &env)?;
         members.push(Member { replica, proxy, kubeconfig });

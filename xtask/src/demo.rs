@@ -71,7 +71,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     let target = args.target.resolve().await?;
     let bin = operator::build()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
-    operator::prepare(&client, &target).await?;
+    let operator_kubeconfig = operator::prepare(&client, &target).await?;
     operator::stop_replicas();
     println!(
         "==> starting {} operator replicas (leader election on Lease {}/myapp-operator)",
@@ -79,7 +79,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         operator::NAMESPACE
     );
     let replicas =
-        operator::start_replicas(&bin, &target.kubeconfig, args.replicas, &[], &operator::replica_env(&target))?;
+        operator::start_replicas(&bin, &operator_kubeconfig, args.replicas, &[], &operator::replica_env(&target))?;
     operator::wait_ready(&replicas).await?;
 
     println!("==> applying the example MyApps");

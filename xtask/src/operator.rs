@@ -97,15 +97,152 @@ pub fn build() -> Result<PathBuf> {
 /// The namespace of the operator (its Lease, and in-cluster its pods).
 pub const NAMESPACE: &str = "myapp-system";
 
-/// Installs what the replicas need on the target: the CRD, the namespace, and (on the local
-/// control plane) the webhook configurations.
-pub async fn prepare(client: &Client, target: &Target) -> Result<()> {
+/// Installs what the replicas need on the target (the CRD, the namespace, the RBAC from
+/// `deploy/rbac`, and on the local control plane the webhook configurations) and returns the
+/// kubeconfig the replicas run with: a token of the operator's ServiceAccount, so that every call
+/// they make is authorized by the real RBAC, not by the admin's `system:masters`.
+pub async fn prepare(client: &Client, target: &Target) -> Result<PathBuf> {
     install_crd(client).await?;
     ensure_namespace(client).await?;
+    install_rbac(client, target).await?;
     if target.local {
         install_local_webhooks(client).await?;
     }
+    service_account_kubeconfig(client, &target.kubeconfig).await
+}
+
+/// The operator's ServiceAccount in `deploy/rbac`.
+pub const SERVICE_ACCOUNT: &str = "myapp-operator";
+
+/// The user name the API server (and its audit log) gives the operator's ServiceAccount.
+pub fn service_account_user() -> String {
+    format!("system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}")
+}
+
+/// Server-side applies one manifest (any kind whose plural is its lowercased kind plus `s`).
+async fn apply_manifest(client: &Client, manifest: serde_json::Value) -> Result<()> {
+    use kube::api::DynamicObject;
+    use kube::core::{ApiResource, GroupVersionKind};
+    let field = |k: &str| manifest[k].as_str().map(str::to_string);
+    let (Some(api_version), Some(kind)) = (field("apiVersion"), field("kind")) else {
+        bail!("manifest without apiVersion or kind: {manifest}");
+    };
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(group, version, &kind),
+        &format!("{}s", kind.to_lowercase()),
+    );
+    let obj: DynamicObject = serde_json::from_value(manifest)?;
+    let name = obj.metadata.name.clone().context("manifest without a name")?;
+    let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    api.patch(&name, &PatchParams::apply("myapp-xtask").force(), &Patch::Apply(&obj))
+        .await
+        .with_context(|| format!("apply {kind} {name}"))?;
     Ok(())
+}
+
+/// Applies the files `deploy/rbac/kustomization.yaml` lists. On the local control plane it adds
+/// one grant: local replicas patch the caBundle of the URL-based webhook configurations named
+/// [`LOCAL_WEBHOOKS`], which `deploy/rbac` (rightly) does not name.
+pub async fn install_rbac(client: &Client, target: &Target) -> Result<()> {
+    let dir = paths::repo().join("deploy/rbac");
+    let kustomization: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml"))?)?;
+    let files =
+        kustomization["resources"].as_sequence().context("deploy/rbac/kustomization.yaml lists no resources")?;
+    for file in files.iter().filter_map(|f| f.as_str()) {
+        let text = std::fs::read_to_string(dir.join(file)).with_context(|| format!("read deploy/rbac/{file}"))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            apply_manifest(client, serde::Deserialize::deserialize(doc)?).await?;
+        }
+    }
+    if target.local {
+        let labels = serde_json::json!({"app.kubernetes.io/name": "myapp-operator"});
+        apply_manifest(
+            client,
+            serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": {"name": LOCAL_WEBHOOKS, "labels": labels},
+                "rules": [{
+                    "apiGroups": ["admissionregistration.k8s.io"],
+                    "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
+                    "resourceNames": [LOCAL_WEBHOOKS],
+                    "verbs": ["get", "patch"],
+                }],
+            }),
+        )
+        .await?;
+        apply_manifest(
+            client,
+            serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": LOCAL_WEBHOOKS, "labels": labels},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": LOCAL_WEBHOOKS},
+                "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": NAMESPACE}],
+            }),
+        )
+        .await?;
+    }
+    println!("    RBAC from deploy/rbac applied; replicas run as {}", service_account_user());
+    Ok(())
+}
+
+/// Requests a token of the operator's ServiceAccount (TokenRequest, valid 24 h) and writes a
+/// kubeconfig with it next to `admin`'s cluster. Returns its path.
+pub async fn service_account_kubeconfig(client: &Client, admin: &Path) -> Result<PathBuf> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::config::{AuthInfo, Context as KubeContext, Kubeconfig, NamedAuthInfo, NamedContext};
+    let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), NAMESPACE);
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec { expiration_seconds: Some(86_400), ..Default::default() }),
+        ..Default::default()
+    };
+    let token = sa
+        .create_token_request(SERVICE_ACCOUNT, &Default::default(), &request)
+        .await
+        .context("TokenRequest for the operator's ServiceAccount")?
+        .status
+        .and_then(|s| s.token)
+        .context("TokenRequest returned no token")?;
+
+    let kc = Kubeconfig::read_from(admin).with_context(|| format!("read {}", admin.display()))?;
+    let current = kc.current_context.clone().unwrap_or_default();
+    let cluster_name = kc
+        .contexts
+        .iter()
+        .find(|c| c.name == current)
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.clone())
+        .context("the kubeconfig has no current context")?;
+    let cluster = kc.clusters.into_iter().find(|c| c.name == cluster_name).context("current cluster not found")?;
+    let out = Kubeconfig {
+        clusters: vec![cluster],
+        auth_infos: vec![NamedAuthInfo {
+            name: SERVICE_ACCOUNT.into(),
+            auth_info: Some(AuthInfo { token: Some(token.into()), ..Default::default() }),
+            ..Default::default()
+        }],
+        contexts: vec![NamedContext {
+            name: SERVICE_ACCOUNT.into(),
+            context: Some(KubeContext {
+                cluster: cluster_name,
+                user: Some(SERVICE_ACCOUNT.into()),
+                namespace: Some(NAMESPACE.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        current_context: Some(SERVICE_ACCOUNT.into()),
+        ..Default::default()
+    };
+    let path = paths::run_dir().join("operator.kubeconfig");
+    std::fs::create_dir_all(paths::run_dir())?;
+    std::fs::write(&path, serde_yaml::to_string(&out)?)?;
+    Ok(path)
 }
 
 /// Creates the operator's namespace if it is missing.
@@ -126,13 +263,9 @@ pub const LOCAL_WEBHOOK_ADDR: &str = "127.0.0.1:9443";
 /// Applies `deploy/webhook/webhooks.yaml` adapted to local replicas: a URL on 127.0.0.1 instead
 /// of the Service, under the name [`LOCAL_WEBHOOKS`]. The replicas patch in the caBundle.
 pub async fn install_local_webhooks(client: &Client) -> Result<()> {
-    use kube::api::DynamicObject;
-    use kube::core::GroupVersionKind;
-    use kube::discovery::ApiResource;
     let text = std::fs::read_to_string(paths::repo().join("deploy/webhook/webhooks.yaml"))?;
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let mut v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
-        let kind = v["kind"].as_str().unwrap_or_default().to_string();
         v["metadata"]["name"] = serde_json::json!(LOCAL_WEBHOOKS);
         for w in v["webhooks"].as_array_mut().into_iter().flatten() {
             let path = w["clientConfig"]["service"]["path"].as_str().unwrap_or("/").to_string();
@@ -142,15 +275,8 @@ pub async fn install_local_webhooks(client: &Client) -> Result<()> {
                 w["clientConfig"]["caBundle"] = ca;
             }
         }
-        let plural = format!("{}s", kind.to_lowercase());
-        let ar = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", &kind),
-            &plural,
-        );
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-        let obj: DynamicObject = serde_json::from_value(v)?;
         // Keep a caBundle the replicas already patched in: apply only what we own.
-        api.patch(LOCAL_WEBHOOKS, &PatchParams::apply("myapp-xtask").force(), &Patch::Apply(&obj)).await?;
+        apply_manifest(client, v).await?;
     }
     println!("    webhook configurations {LOCAL_WEBHOOKS} point at https://{LOCAL_WEBHOOK_ADDR}");
     Ok(())

@@ -58,12 +58,13 @@ pub async fn test(args: TestArgs) -> Result<()> {
 }
 
 async fn against_cluster(target: &operator::Target) -> Result<()> {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     let t = step("end-to-end tests against the API server, with three operator replicas");
     let bin = operator::build()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
-    operator::prepare(&client, target).await?;
+    let operator_kubeconfig = operator::prepare(&client, target).await?;
     operator::stop_replicas();
-    let replicas = operator::start_replicas(&bin, &target.kubeconfig, 3, &[], &operator::replica_env(target))?;
+    let replicas = operator::start_replicas(&bin, &operator_kubeconfig, 3, &[], &operator::replica_env(target))?;
     operator::wait_ready(&replicas).await?;
     let logs = replicas.iter().map(|r| r.log.display().to_string()).collect::<Vec<_>>().join(":");
 
@@ -112,5 +113,34 @@ async fn against_cluster(target: &operator::Target) -> Result<()> {
     };
     crate::chaos::chaos(args).await?;
     println!("    chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
+    if target.local {
+        step("RBAC proof: nothing the operator's ServiceAccount asked was denied (audit log)");
+        rbac_proof(since)?;
+    }
+    Ok(())
+}
+
+/// Every request the replicas made since `since` (end-to-end tests and chaos) ran under the
+/// ServiceAccount from `deploy/rbac`; none may have been refused.
+fn rbac_proof(since: f64) -> Result<()> {
+    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log"))?;
+    let requests = chaos::audit::parse(&log, since);
+    let user = operator::service_account_user();
+    let a = chaos::audit::authorization(&requests, &user);
+    println!(
+        "    {} requests by {user}: {} denied by RBAC, {} refused by admission (writes into namespaces being deleted)",
+        a.requests,
+        a.denied.len(),
+        a.refused_by_admission.len()
+    );
+    for r in a.denied.iter().take(20) {
+        println!("      denied: {} {} {}/{} {}", r.verb, r.resource, r.namespace, r.name, r.subresource);
+    }
+    if a.requests == 0 {
+        anyhow::bail!("no request by {user} in the audit log: the replicas did not run as the ServiceAccount");
+    }
+    if !a.denied.is_empty() {
+        anyhow::bail!("{} requests by {user} were denied by RBAC: deploy/rbac misses a grant", a.denied.len());
+    }
     Ok(())
 }
