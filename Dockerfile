@@ -1,13 +1,14 @@
 # Runtime image for myapp-operator: one static musl binary on scratch. No shell,
 # no libc, no package manager; nothing is pulled, so it builds offline.
 #
-# The binary is not compiled here. `cargo xtask image` first runs
+# The binary is not compiled here. `cargo xtask image` builds it with
 #   cargo build --release --target x86_64-unknown-linux-musl
-# and then
-#   buildah bud --build-arg BINARY=target/x86_64-unknown-linux-musl/release/myapp-operator \
-#     -t myapp-operator:dev .
-# BINARY is a path in the build context; .dockerignore only lets the default
-# path and deploy/image/ through, so allow any other path there too.
+# (ring's C parts need musl-gcc: apt-get install musl-tools), stages a build
+# context with exactly what this file copies, runs hadolint, `buildah bud`, and
+# checks the result (size, user, entrypoint, static binary, --version).
+# By hand, from the repository root after that cargo build:
+#   buildah bud -t myapp-operator:dev .
+# .dockerignore only lets the default BINARY path and deploy/image/ through.
 FROM scratch
 
 ARG BINARY=target/x86_64-unknown-linux-musl/release/myapp-operator

@@ -5,6 +5,7 @@ mod chaos;
 mod cluster;
 mod demo;
 mod gobuild;
+mod image;
 mod operator;
 mod paths;
 mod pki;
@@ -38,6 +39,8 @@ enum Command {
     Chaos(chaos::ChaosArgs),
     /// Everything CI runs: lint, unit tests, end-to-end tests against a real API server.
     Test(test::TestArgs),
+    /// The container image: a static release binary on scratch, built with buildah, then checked.
+    Image(image::ImageArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
     GenGoMod,
 }
@@ -65,6 +68,7 @@ fn main() -> Result<()> {
         Command::Chaos(args) => rt.block_on(chaos::chaos(args)),
         Command::Demo(args) => rt.block_on(demo::demo(args)),
         Command::Test(args) => rt.block_on(test::test(args)),
+        Command::Image(args) => image::image(args),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
     }
 }

@@ -89,9 +89,7 @@ pub fn build() -> Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args(["build", "--bin", "myapp-operator"]);
     run(cmd, "cargo build --bin myapp-operator")?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| paths::repo().join("target"));
-    Ok(target.join("debug").join("myapp-operator"))
+    Ok(paths::target_dir().join("debug").join("myapp-operator"))
 }
 
 /// The namespace of the operator (its Lease, and in-cluster its pods).

@@ -42,3 +42,8 @@ pub fn kubeconfig() -> PathBuf {
 pub fn components() -> PathBuf {
     repo().join("cluster").join("components")
 }
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, else `target/` in the repository.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"))
+}

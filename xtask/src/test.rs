@@ -53,6 +53,9 @@ pub async fn test(args: TestArgs) -> Result<()> {
         cluster::down()?;
     }
     result?;
+
+    step("image: static binary on scratch, built with buildah, linted and checked");
+    crate::image::image(crate::image::ImageArgs { tag: "myapp-operator:dev".into() })?;
     println!("\n==> all tests passed in {:.0} s", all.elapsed().as_secs_f64());
     Ok(())
 }
