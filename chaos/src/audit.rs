@@ -93,8 +93,12 @@ pub fn parse_line(line: &str) -> Option<Request> {
 pub struct Authorization<'a> {
     /// Every request by the user.
     pub requests: usize,
-    /// Refused by the authorizer (RBAC): a missing grant.
+    /// Refused by the authorizer (RBAC), and never authorized afterwards: a missing grant.
     pub denied: Vec<&'a Request>,
+    /// Refused by the authorizer, then authorized when the same request (verb, resource,
+    /// subresource, namespace, name) came again: not a missing grant but an authorizer whose
+    /// caches were not yet synced, as right after an API server restart.
+    pub denied_then_allowed: Vec<&'a Request>,
     /// Allowed by the authorizer, then refused with 403 by admission (e.g. NamespaceLifecycle,
     /// for a write into a namespace being deleted).
     pub refused_by_admission: Vec<&'a Request>,
@@ -102,9 +106,23 @@ pub struct Authorization<'a> {
 
 /// Tallies `user`'s requests and the ones refused with 403.
 pub fn authorization<'a>(requests: &'a [Request], user: &str) -> Authorization<'a> {
-    let mine: Vec<&Request> = requests.iter().filter(|r| r.user == user).collect();
-    let (denied, refused_by_admission) = mine.iter().filter(|r| r.code == 403).partition(|r| r.decision != "allow");
-    Authorization { requests: mine.len(), denied, refused_by_admission }
+    let mut mine: Vec<&Request> = requests.iter().filter(|r| r.user == user).collect();
+    mine.sort_by(|a, b| a.at.total_cmp(&b.at));
+    let same = |a: &Request, b: &Request| {
+        (&a.verb, &a.resource, &a.subresource, &a.namespace, &a.name)
+            == (&b.verb, &b.resource, &b.subresource, &b.namespace, &b.name)
+    };
+    let mut out = Authorization { requests: mine.len(), ..Authorization::default() };
+    for (i, r) in mine.iter().enumerate().filter(|(_, r)| r.code == 403) {
+        if r.decision == "allow" {
+            out.refused_by_admission.push(r);
+        } else if mine[i + 1..].iter().any(|later| later.decision == "allow" && same(later, r)) {
+            out.denied_then_allowed.push(r);
+        } else {
+            out.denied.push(r);
+        }
+    }
+    out
 }
 
 /// Parses a whole log, keeping requests received at or after `since`.
@@ -158,9 +176,17 @@ mod tests {
         assert_eq!(reqs[1].decision, "forbid");
         let a = authorization(&reqs, sa);
         assert_eq!(a.requests, 4);
-        assert_eq!(a.denied.len(), 1);
-        assert_eq!(a.denied[0].decision, "forbid");
+        // Equal timestamps keep the log's order: the 403 at position 2 is followed by an allowed
+        // request of the same kind (the 409), so it was transient.
+        assert_eq!(a.denied_then_allowed.len(), 1);
+        assert!(a.denied.is_empty());
         assert_eq!(a.refused_by_admission.len(), 1);
+        // The last request of its kind is denied: a missing grant.
+        let mut log_denied = reqs.clone();
+        log_denied.push(Request { code: 403, decision: "forbid".into(), at: reqs[0].at + 1.0, ..reqs[0].clone() });
+        let b = authorization(&log_denied, sa);
+        assert_eq!(b.denied.len(), 1);
+        assert_eq!(b.denied[0].decision, "forbid");
         assert_eq!(authorization(&reqs, "nobody"), Authorization::default());
     }
 

@@ -5,12 +5,14 @@
 //! - [`reconcile`]: the reconcile and cleanup logic, as methods on `MyApp`.
 //! - [`children`]: pure builders of the Deployment and Service.
 //! - [`fenced`]: the client those writes use, whose sockets check the fence before every write.
+//! - [`queue`]: the queue-depth metric, counted around kube's private scheduler.
 //! - [`writer`]: every write the controller makes goes through here, so that it can be fenced and
 //!   counted in one place.
 
 pub mod cache;
 pub mod children;
 pub mod fenced;
+pub mod queue;
 pub mod reconcile;
 pub mod writer;
 
@@ -19,10 +21,10 @@ use crate::telemetry::metrics::Metrics;
 use crate::{Error, backoff_delay};
 use cache::Caches;
 use futures::StreamExt;
-use kube::Client;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
+use kube::{Client, ResourceExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,6 +50,8 @@ pub struct Context {
     resync: Duration,
     /// When this leadership term began, until its first reconcile is recorded.
     term_started: Mutex<Option<tokio::time::Instant>>,
+    /// MyApps waiting for a reconcile in this term.
+    pending: queue::Pending,
 }
 
 impl Context {
@@ -68,10 +72,12 @@ impl Context {
             identity: identity.to_string(),
             client: client.clone(),
             caches,
+            pending: queue::Pending::new(metrics.queue_depth.clone()),
             writer: Writer::new(writes, recorder, metrics.clone()).with_fence(fence),
             metrics,
             failures: Mutex::new(HashMap::new()),
             term_started: Mutex::new(Some(acquired)),
+
             resync: RESYNC,
         }
     }
@@ -134,9 +140,12 @@ async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> 
         use tracing_opentelemetry::OpenTelemetrySpanExt;
         span.add_link(sc);
     }
+    ctx.pending.remove(app.metadata.namespace.as_deref(), &app.name_any());
+    let (trace_id, sampled) = span
+        .in_scope(|| (crate::telemetry::logging::current_trace_id(), crate::telemetry::logging::sampled_trace_id()));
+    span.record("trace_id", trace_id);
     let result = {
         use tracing::Instrument;
-        span.in_scope(|| span.record("trace_id", crate::telemetry::logging::current_trace_id()));
         app.reconcile(&ctx).instrument(span.clone()).await
     };
     match &result {
@@ -152,7 +161,7 @@ async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> 
             span.record("otel.status_code", "ERROR");
         }
     }
-    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    ctx.metrics.reconcile_took(started.elapsed().as_secs_f64(), sampled);
     let label = match &result {
         Ok(_) => "ok",
         Err(e) => e.kind(),
@@ -189,21 +198,44 @@ pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> 
     ctx.caches.wait_ready().await;
     ctx.metrics.controller_running.set(1);
     let caches = &ctx.caches;
-    let controller = Controller::for_shared_stream(caches.myapp_events(), caches.myapps.clone())
-        .owns_shared_stream(caches.deployment_events())
-        .owns_shared_stream(caches.service_events())
+    // Every object is reconciled once at the start of the term: all of them wait.
+    for app in caches.myapps.state() {
+        ctx.pending.add(ObjectRef::from_obj(app.as_ref()));
+    }
+    let (q1, q2, q3) = (ctx.clone(), ctx.clone(), ctx.clone());
+    let myapps = caches.myapp_events().inspect(move |a| q1.pending.add(ObjectRef::from_obj(a.as_ref())));
+    let deployments = caches.deployment_events().inspect(move |d| {
+        if let Some(owner) = queue::owner(&d.metadata) {
+            q2.pending.add(owner);
+        }
+    });
+    let services = caches.service_events().inspect(move |s| {
+        if let Some(owner) = queue::owner(&s.metadata) {
+            q3.pending.add(owner);
+        }
+    });
+    let controller = Controller::for_shared_stream(myapps, caches.myapps.clone())
+        .owns_shared_stream(deployments)
+        .owns_shared_stream(services)
         .reconcile_all_on(futures::stream::once(async {}))
         .with_config(Config::default().concurrency(16).debounce(Duration::from_millis(50)))
         .graceful_shutdown_on(stop);
     controller
         .run(reconcile, error_policy, ctx.clone())
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => {
-                    let myapp = format!("{}/{}", obj.namespace.as_deref().unwrap_or_default(), obj.name);
-                    tracing::debug!(%myapp, "reconciled");
+        .for_each(|res| {
+            let ctx = ctx.clone();
+            async move {
+                match res {
+                    Ok((obj, _)) => {
+                        let myapp = format!("{}/{}", obj.namespace.as_deref().unwrap_or_default(), obj.name);
+                        tracing::debug!(%myapp, "reconciled");
+                    }
+                    Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
+                        // Triggered, but gone from the cache: it will not be reconciled.
+                        ctx.pending.remove(obj.namespace.as_deref(), &obj.name);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "controller event"),
                 }
-                Err(e) => tracing::debug!(error = %e, "controller event"),
             }
         })
         .await;

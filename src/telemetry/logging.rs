@@ -109,9 +109,17 @@ pub fn init(format: LogFormat, identity: &str) -> Telemetry {
 
 /// The trace id of the current span, as 32 hex digits (empty when not sampled or not traced).
 pub fn current_trace_id() -> String {
+    current_span_context().filter(|sc| sc.is_valid()).map(|sc| sc.trace_id().to_string()).unwrap_or_default()
+}
+
+/// The trace id of the current span if that trace is sampled (exported), for exemplars.
+pub fn sampled_trace_id() -> Option<String> {
+    current_span_context().filter(|sc| sc.is_valid() && sc.is_sampled()).map(|sc| sc.trace_id().to_string())
+}
+
+fn current_span_context() -> Option<opentelemetry::trace::SpanContext> {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let cx = tracing::Span::current().context();
-    let sc = cx.span().span_context().clone();
-    if sc.is_valid() { sc.trace_id().to_string() } else { String::new() }
+    Some(cx.span().span_context().clone())
 }

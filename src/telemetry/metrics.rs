@@ -2,6 +2,7 @@
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -12,6 +13,13 @@ use prometheus_client::registry::Registry;
 pub struct ResultLabels {
     /// `ok` or the error kind.
     pub result: String,
+}
+
+/// The exemplar of a reconcile-duration observation: the trace of that reconcile.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabels {
+    /// W3C trace id (32 hex digits).
+    pub trace_id: String,
 }
 
 /// Labels of an API write.
@@ -38,8 +46,10 @@ pub struct Metrics {
     pub registry: Registry,
     /// Reconciles by result.
     pub reconciles: Family<ResultLabels, Counter>,
-    /// Reconcile duration in seconds.
-    pub reconcile_duration: Histogram,
+    /// Reconcile duration in seconds, with the trace id of a sampled reconcile as exemplar.
+    pub reconcile_duration: HistogramWithExemplars<TraceLabels>,
+    /// MyApps waiting for a reconcile (see [`crate::controller::queue`]).
+    pub queue_depth: Gauge,
     /// API writes made by the controller, by resource and verb.
     pub writes: Family<WriteLabels, Counter>,
     /// 1 while this replica runs the controller.
@@ -63,8 +73,10 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("myapp_operator");
         let reconciles = Family::<ResultLabels, Counter>::default();
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
-        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let reconcile_duration = HistogramWithExemplars::new(exponential_buckets(0.001, 2.0, 14));
         registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_duration.clone());
+        let queue_depth = Gauge::default();
+        registry.register("queue_depth", "MyApps waiting for a reconcile", queue_depth.clone());
         let writes = Family::<WriteLabels, Counter>::default();
         registry.register("api_writes", "API writes made by the controller", writes.clone());
         let controller_running = Gauge::default();
@@ -95,6 +107,7 @@ impl Default for Metrics {
             webhook_duration,
             reconciles,
             reconcile_duration,
+            queue_depth,
             writes,
             controller_running,
             is_leader,
@@ -111,6 +124,11 @@ impl Metrics {
         self.writes.get_or_create(&WriteLabels { resource: resource.into(), verb: verb.into() }).inc();
     }
 
+    /// Records a reconcile's duration, with its trace id (if it was sampled) as exemplar.
+    pub fn reconcile_took(&self, seconds: f64, trace_id: Option<String>) {
+        self.reconcile_duration.observe(seconds, trace_id.map(|trace_id| TraceLabels { trace_id }), None);
+    }
+
     /// Counts one admission request.
     pub fn webhook(&self, path: &str, allowed: bool, seconds: f64) {
         self.webhook_requests.get_or_create(&WebhookLabels { path: path.into(), allowed: allowed.to_string() }).inc();
@@ -124,5 +142,26 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_durations_carry_the_trace_id_as_exemplar() {
+        let m = Metrics::default();
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        m.reconcile_took(0.003, Some(trace.into()));
+        m.reconcile_took(0.5, None);
+        m.queue_depth.set(7);
+        let text = m.encode();
+        let with_exemplar: Vec<&str> = text.lines().filter(|l| l.contains("# {trace_id=")).collect();
+        assert_eq!(with_exemplar.len(), 1, "one exemplar, on the bucket of the sampled reconcile:\n{text}");
+        assert!(with_exemplar[0].starts_with("myapp_operator_reconcile_duration_seconds_bucket{le=\"0.004\"}"));
+        assert!(with_exemplar[0].contains(&format!("trace_id=\"{trace}\"")));
+        assert!(text.contains("myapp_operator_reconcile_duration_seconds_count 2"));
+        assert!(text.contains("myapp_operator_queue_depth 7"));
     }
 }

@@ -131,9 +131,11 @@ fn rbac_proof(since: f64) -> Result<()> {
     let user = operator::service_account_user();
     let a = chaos::audit::authorization(&requests, &user);
     println!(
-        "    {} requests by {user}: {} denied by RBAC, {} refused by admission (writes into namespaces being deleted)",
+        "    {} requests by {user}: {} denied by RBAC; {} denied, then allowed when repeated (the authorizer \
+         syncing after an API server restart); {} refused by admission (writes into namespaces being deleted)",
         a.requests,
         a.denied.len(),
+        a.denied_then_allowed.len(),
         a.refused_by_admission.len()
     );
     for r in a.denied.iter().take(20) {
