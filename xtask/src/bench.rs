@@ -1,109 +1,365 @@
-//! `cargo xtask bench [--quick] [--count N]`: what the operator costs at scale, on the local
-//! control plane (or a given cluster): time for N fresh MyApps to become Ready, the replicas'
-//! memory, and — with N MyApps present — how long a new leader takes from acquiring the lease to
-//! its first reconcile (warm caches). Prints a table and writes `.run/bench/<N>.json`.
+//! `cargo xtask bench`: what the operator costs, on the local control plane (or a given cluster).
+//!
+//! One run measures, in order:
+//! 1. **fresh**: N MyApps created (16 at a time) until all are Ready, with the Ready count over time;
+//!    the leader's CPU seconds per 1000 reconciles; RSS of every replica idle and loaded;
+//! 2. **spec change**: every MyApp's image changed until all are Ready at the new generation;
+//! 3. **webhooks**: latency in process and over TLS from this (separate) process, and throughput;
+//! 4. **warm handover**: SIGTERM to the leader; acquire → first reconcile on the new leader (warm
+//!    caches), and the writes of its pass over all N unchanged MyApps (an unchanged resync: 0);
+//! 5. **cold start**: all replicas stopped, one started: process start → first reconcile;
+//! 6. **traces on** (not with `--quick`): the fresh phase again with traces exported, for the ratio;
+//! 7. **ceiling**: the same writes (create, Deployment, Service, status) from a plain client with no
+//!    operator, on the same machine in the same run;
+//! 8. **failover** (not with `--quick`): graceful and crash, through the chaos suite's machinery.
+//!
+//! API economy (writes and reads per MyApp) comes from the audit log, by the operator's
+//! ServiceAccount user, so it is measured on the local control plane only. Prints a table, writes
+//! `<out>/<N>.json` and `<out>/<N>-convergence.svg`.
 
-use crate::operator::{self, TargetArgs};
-use crate::{cluster, paths};
+use crate::operator::{self, Replica, TargetArgs};
+use crate::plot::{Series, line_chart};
+use crate::{cluster, paths, procs};
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
 use myapp_operator::api::MyApp;
-use serde_json::json;
-use std::time::{Duration, Instant};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     target: TargetArgs,
-    /// 100 MyApps instead of 1000.
+    /// The CI profile: 100 MyApps, no traces comparison, no failover rounds.
     #[arg(long)]
     quick: bool,
-    /// Number of MyApps (overrides --quick).
+    /// Number of MyApps (default 1000, or 100 with --quick).
     #[arg(long)]
     count: Option<usize>,
-    /// Export traces to the local Jaeger while measuring (to compare with and without).
+    /// Build the operator with the release profile (the figures to publish).
     #[arg(long)]
-    traces: bool,
+    release: bool,
+    /// Failover rounds of each kind, graceful and crash, with 15s/10s/2s leases (default 10; 0
+    /// with --quick).
+    #[arg(long)]
+    failover_rounds: Option<u32>,
+    /// Where to write the JSON report and the SVG plot (relative to the repository).
+    #[arg(long, default_value = ".run/bench")]
+    out: PathBuf,
 }
 
-/// Mean reconcile duration (ms) and reconcile count from a replica's metrics.
-fn reconcile_stats(port: u16) -> Option<(f64, f64)> {
-    let (_, body) = crate::procs::http_get(port, "/metrics").ok()?;
-    let value = |name: &str| -> Option<f64> {
-        body.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-    };
-    let sum = value("myapp_operator_reconcile_duration_seconds_sum")?;
-    let count = value("myapp_operator_reconcile_duration_seconds_count")?;
-    (count > 0.0).then(|| (sum / count * 1000.0, count))
+impl BenchArgs {
+    /// The `--quick` profile against `target`.
+    pub fn quick(target: TargetArgs) -> Self {
+        Self { target, quick: true, count: None, release: false, failover_rounds: None, out: ".run/bench".into() }
+    }
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// How many creates or patches are in flight at once.
+const CONCURRENCY: usize = 16;
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// A counter or sum of a replica's metrics.
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let (_, body) = procs::http_get(port, "/metrics").ok()?;
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn reconciles(port: u16) -> f64 {
+    metric(port, "myapp_operator_reconcile_duration_seconds_count").unwrap_or(0.0)
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    Some(kib / 1024.0)
+}
+
+/// User plus system CPU seconds of a process.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command name: field 3 (state) is index 0, so utime (14) and stime (15) are 11, 12.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let hz = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    Some(ticks / hz)
+}
+
+/// The machine the figures come from.
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string());
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0);
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": cpu,
+        "memory_gib": mem_gib,
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+    })
+}
+
+/// One phase that drives N MyApps to Ready.
+struct Convergence {
+    /// Epoch seconds at the first request.
+    started: f64,
+    /// Seconds until every request was answered.
+    requested_s: f64,
+    /// Seconds until every MyApp was Ready at its generation.
+    ready_s: f64,
+    /// (seconds, MyApps Ready) samples.
+    curve: Vec<(f64, f64)>,
+}
+
+/// Runs `f(0..n)`, [`CONCURRENCY`] at a time; fails with the first error.
+async fn all<F, Fut>(n: usize, what: &str, f: F) -> Result<()>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let results: Vec<Result<()>> = futures::stream::iter(0..n).map(f).buffer_unordered(CONCURRENCY).collect().await;
+    match results.into_iter().find_map(Result::err) {
+        Some(e) => bail!("{what} failed: {e:#}"),
+        None => Ok(()),
+    }
+}
+
+fn myapp(i: usize) -> Result<MyApp> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": format!("app-{i:05}")},
+        "spec": {"image": "nginx:1.27", "replicas": 1}
+    }))?)
+}
+
+/// Creates N MyApps (`image` None) or sets every MyApp's image, then waits until all are Ready.
+async fn converge(api: &Api<MyApp>, n: usize, image: Option<&str>) -> Result<Convergence> {
+    let started = now();
+    let clock = Instant::now();
+    all(n, "driving MyApps", |i| {
+        let api = api.clone();
+        async move {
+            match image {
+                None => api.create(&PostParams::default(), &myapp(i)?).await.map(|_| ()).context("create"),
+                Some(image) => {
+                    let patch = Patch::Merge(json!({"spec": {"image": image}}));
+                    api.patch(&format!("app-{i:05}"), &PatchParams::default(), &patch)
+                        .await
+                        .map(|_| ())
+                        .context("patch")
+                }
+            }
+        }
+    })
+    .await?;
+    let requested_s = clock.elapsed().as_secs_f64();
+    let mut curve = vec![(0.0, 0.0)];
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let list = api.list(&ListParams::default()).await?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|a| a.ready_at_generation() && image.is_none_or(|img| a.spec.image == img))
+            .count();
+        curve.push((clock.elapsed().as_secs_f64(), ready as f64));
+        if ready == n {
+            return Ok(Convergence { started, requested_s, ready_s: clock.elapsed().as_secs_f64(), curve });
+        }
+        if Instant::now() > deadline {
+            bail!("{ready} of {n} MyApps Ready after 15 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Writes and reads by the operator's ServiceAccount in `namespace` between two instants.
+fn economy(namespace: &str, from: f64, to: f64, per: usize) -> Result<Value> {
+    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log"))?;
+    let user = operator::service_account_user();
+    let mine: Vec<_> = chaos::audit::parse(&log, from)
+        .into_iter()
+        .filter(|r| r.user == user && r.namespace == namespace && r.at <= to)
+        .collect();
+    let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
+    for r in mine.iter().filter(|r| r.is_write()) {
+        let sub = if r.subresource.is_empty() { String::new() } else { format!("/{}", r.subresource) };
+        *by_kind.entry(format!("{} {}{sub}", r.verb, r.resource)).or_default() += 1;
+    }
+    let writes = mine.iter().filter(|r| r.is_write()).count();
+    let reads = mine.iter().filter(|r| matches!(r.verb.as_str(), "get" | "list")).count();
+    let per = per.max(1) as f64;
+    Ok(json!({
+        "writes": writes, "reads": reads,
+        "writes_per_myapp": writes as f64 / per, "reads_per_myapp": reads as f64 / per,
+        "writes_by_kind": by_kind,
+    }))
+}
+
+async fn namespace(client: &Client, name: &str) -> Result<Api<MyApp>> {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+    Ok(Api::namespaced(client.clone(), name))
+}
+
+async fn delete_namespace(client: &Client, name: &str) {
+    let _ = Api::<Namespace>::all(client.clone()).delete(name, &DeleteParams::default()).await;
+}
+
+async fn leader(client: &Client, replicas: &[Replica]) -> Result<Replica> {
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), operator::NAMESPACE);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let holder = lease.get_opt("myapp-operator").await?.and_then(|l| l.spec?.holder_identity).unwrap_or_default();
+        if let Some(r) = replicas.iter().find(|r| r.holds(&holder)) {
+            return Ok(r.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("no replica holds the lease after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `replica` has reconciled at least `n` times more than `before`.
+async fn reconciled(replica: &Replica, before: f64, n: usize, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while reconciles(replica.probe_port) < before + n as f64 {
+        if Instant::now() > deadline {
+            bail!("{} did not reconcile {n} MyApps within {timeout:?}", replica.name);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Waits for `replica`'s first reconcile of a term after `since` (epoch): (when, acquire → it ms).
+async fn first_reconcile(replica: &Replica, since: f64) -> Result<(f64, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(found) = replica.first_reconciles().into_iter().find(|(at, _)| *at >= since) {
+            return Ok(found);
+        }
+        if Instant::now() > deadline {
+            bail!("{} logged no first reconcile within 120 s", replica.name);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The API server's ceiling: the same writes as a fresh MyApp costs the operator at minimum (create
+/// it, apply its Deployment and Service, write its status), from a plain client, no operator.
+async fn ceiling(client: &Client, ns: &str, n: usize) -> Result<(f64, Vec<(f64, f64)>)> {
+    use myapp_operator::api::FIELD_MANAGER;
+    use myapp_operator::controller::children;
+    let api = namespace(client, ns).await?;
+    let clock = Instant::now();
+    let done = std::sync::Mutex::new(Vec::with_capacity(n));
+    all(n, "ceiling writes", |i| {
+        let (api, client, done, clock) = (api.clone(), client.clone(), &done, &clock);
+        async move {
+            let app = api.create(&PostParams::default(), &myapp(i)?).await?;
+            let apply = PatchParams::apply(FIELD_MANAGER).force();
+            let d = children::deployment(&app);
+            Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), ns)
+                .patch(&app.name_any(), &apply, &Patch::Apply(&d))
+                .await?;
+            let s = children::service(&app);
+            Api::<k8s_openapi::api::core::v1::Service>::namespaced(client, ns)
+                .patch(&app.name_any(), &apply, &Patch::Apply(&s))
+                .await?;
+            let status = Patch::Merge(json!({"status": {"observedGeneration": 1, "replicas": 1}}));
+            api.patch_status(&app.name_any(), &PatchParams::default(), &status).await?;
+            if let Ok(mut d) = done.lock() {
+                d.push(clock.elapsed().as_secs_f64());
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let total = clock.elapsed().as_secs_f64();
+    let mut times = done.into_inner().unwrap_or_default();
+    times.sort_by(f64::total_cmp);
+    let curve =
+        std::iter::once((0.0, 0.0)).chain(times.iter().enumerate().map(|(i, t)| (*t, (i + 1) as f64))).collect();
+    Ok((total, curve))
 }
 
 /// Runs the benchmark.
 pub async fn bench(args: BenchArgs) -> Result<()> {
     let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
+    let failover_rounds = args.failover_rounds.unwrap_or(if args.quick { 0 } else { 10 });
+    let compare_traces = !args.quick;
     let target = args.target.resolve().await?;
-    let bin = operator::build()?;
+    let bin = operator::build_profile(args.release)?;
     let client = cluster::client_from(&target.kubeconfig).await?;
-    let operator_kubeconfig = operator::prepare(&client, &target).await?;
-    operator::stop_replicas();
-    let mut env = vec![("RUST_LOG", "info".into())];
-    if args.traces {
-        env.extend(operator::replica_env(&target));
-    }
-    let replicas = operator::start_replicas(&bin, &operator_kubeconfig, 3, &[], &env)?;
-    operator::wait_ready(&replicas).await?;
-    let idle: Vec<u64> = replicas.iter().filter_map(|r| rss_kib(r.pid)).collect();
-
-    let ns = format!("bench-{n}-{}", std::process::id());
-    let nsobj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
-    let api: Api<MyApp> = Api::namespaced(client.clone(), &ns);
-    println!("==> creating {n} MyApps in {ns}");
-    let started = Instant::now();
-    let results: Vec<_> = futures::stream::iter(0..n)
-        .map(|i| {
-            let api = api.clone();
-            async move {
-                let app: MyApp = serde_json::from_value(json!({
-                    "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": format!("app-{i:05}")},
-                    "spec": {"image": "nginx:1.27", "replicas": 1}
-                }))?;
-                api.create(&PostParams::default(), &app).await.map(|_| ()).context("create")
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    if let Some(e) = results.into_iter().find_map(Result::err) {
-        bail!("creating MyApps failed: {e:#}");
-    }
-    let created = started.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let converged = loop {
-        let list = api.list(&ListParams::default()).await?;
-        if list.items.iter().filter(|a| a.ready_at_generation()).count() == n {
-            break started.elapsed();
-        }
-        if Instant::now() > deadline {
-            bail!("{n} MyApps not Ready within 15 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let sa_kubeconfig = operator::prepare(&client, &target).await?;
+    let out = paths::repo().join(&args.out);
+    std::fs::create_dir_all(&out)?;
+    let local = target.local;
+    let run_id = std::process::id();
+    let quiet = vec![("RUST_LOG", "info".to_string())];
+    let (off_env, on_env) = {
+        let mut on = operator::replica_env(&target);
+        on.extend(quiet.clone());
+        // Webhooks stay on (or off, remotely) in both; only the trace export differs.
+        let off: Vec<_> = on.iter().filter(|(k, _)| !k.starts_with("OTEL_")).cloned().collect();
+        (off, on)
     };
-    let loaded: Vec<u64> = replicas.iter().filter_map(|r| rss_kib(r.pid)).collect();
-    let reconciles = replicas.iter().filter_map(|r| reconcile_stats(r.probe_port)).max_by(|a, b| a.1.total_cmp(&b.1));
 
-    // Webhook latency, in process and over TLS against the replicas (local control plane only).
-    let ca = if target.local {
+    operator::stop_replicas();
+    let replicas = operator::start_replicas(&bin, &sa_kubeconfig, 3, &[], &off_env)?;
+    operator::wait_ready(&replicas).await?;
+    let idle: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
+
+    // 1. Fresh MyApps.
+    let ns_a = format!("bench-{n}-{run_id}");
+    let api = namespace(&client, &ns_a).await?;
+    let lead = leader(&client, &replicas).await?;
+    let (cpu0, rec0) = (cpu_seconds(lead.pid).unwrap_or(0.0), reconciles(lead.probe_port));
+    println!("==> fresh: {n} MyApps in {ns_a}");
+    let fresh = converge(&api, n, None).await?;
+    let lead = leader(&client, &replicas).await?;
+    let (cpu1, rec1) = (cpu_seconds(lead.pid).unwrap_or(0.0), reconciles(lead.probe_port));
+    let loaded: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
+    let cpu_per_1000 = (rec1 > rec0).then(|| (cpu1 - cpu0) / (rec1 - rec0) * 1000.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fresh_economy = if local { Some(economy(&ns_a, fresh.started, now(), n)?) } else { None };
+
+    // 2. Spec change.
+    println!("==> spec change: every image to nginx:1.28");
+    let change = converge(&api, n, Some("nginx:1.28")).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let change_economy = if local { Some(economy(&ns_a, change.started, now(), n)?) } else { None };
+
+    // 3. Webhooks, from this process against a replica over TLS (local control plane only).
+    println!("==> webhooks");
+    let ca = if local {
         let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), operator::NAMESPACE);
         secrets
             .get("myapp-operator-webhook-cert")
@@ -116,83 +372,180 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let url = format!("https://{}", operator::LOCAL_WEBHOOK_ADDR);
     let wh = crate::webhook_bench::run(ca.as_deref().map(|c| (url.as_str(), c))).await?;
 
-    // A graceful handover with N MyApps: time from acquiring to the first reconcile of the term.
-    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), operator::NAMESPACE);
-    let holder = lease.get("myapp-operator").await?.spec.and_then(|s| s.holder_identity).unwrap_or_default();
-    let leader = replicas.iter().find(|r| r.holds(&holder)).context("leader not found")?;
-    let others: Vec<_> = replicas.iter().filter(|r| r.name != leader.name).collect();
-    crate::procs::signal(leader.pid, "TERM");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let first_reconcile_ms = loop {
-        let found = others.iter().find_map(|r| r.first_reconciles().last().map(|(_, ms)| *ms));
-        if let Some(ms) = found {
-            break ms;
-        }
-        if Instant::now() > deadline {
-            bail!("no new leader reconciled within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // 4. Warm handover, and the new leader's pass over N unchanged MyApps.
+    println!("==> warm handover with {n} MyApps");
+    let old = leader(&client, &replicas).await?;
+    let others: Vec<Replica> = replicas.iter().filter(|r| r.name != old.name).cloned().collect();
+    let before: Vec<f64> = others.iter().map(|r| reconciles(r.probe_port)).collect();
+    let handover_at = now();
+    procs::signal(old.pid, "TERM");
+    let new = leader(&client, &others).await?;
+    let (_, warm_ms) = first_reconcile(&new, handover_at).await?;
+    let idx = others.iter().position(|r| r.name == new.name).unwrap_or(0);
+    reconciled(&new, before.get(idx).copied().unwrap_or(0.0), n, Duration::from_secs(300)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resync_economy = if local { Some(economy(&ns_a, handover_at, now(), n)?) } else { None };
+
+    // 5. Cold start: one replica from nothing.
+    println!("==> cold start with {n} MyApps");
+    operator::stop_replicas();
+    let spawned = now();
+    let cold = operator::start_replica(0, &bin, &sa_kubeconfig, &[], &off_env)?;
+    let (cold_at, cold_acquire_ms) = first_reconcile(&cold, spawned).await?;
+    let cold_start_ms = (cold_at - spawned) * 1000.0;
+    operator::stop_replicas();
+
+    // 6. Traces on.
+    let traced = if compare_traces {
+        println!("==> fresh again, traces exported");
+        let replicas = operator::start_replicas(&bin, &sa_kubeconfig, 3, &[], &on_env)?;
+        operator::wait_ready(&replicas).await?;
+        let ns_b = format!("bench-{n}-traces-{run_id}");
+        let api_b = namespace(&client, &ns_b).await?;
+        let c = converge(&api_b, n, None).await?;
+        operator::stop_replicas();
+        Some((ns_b, c))
+    } else {
+        None
     };
 
+    // 7. The API server's ceiling, with no operator and no webhooks.
+    println!("==> ceiling: the same writes from a plain client");
+    if local {
+        operator::remove_local_webhooks(&client).await?;
+    }
+    let ns_c = format!("bench-{n}-ceiling-{run_id}");
+    let (ceiling_s, ceiling_curve) = ceiling(&client, &ns_c, n).await?;
+    if local {
+        operator::install_local_webhooks(&client).await?;
+    }
+    for ns in [Some(&ns_c), traced.as_ref().map(|t| &t.0), Some(&ns_a)].into_iter().flatten() {
+        delete_namespace(&client, ns).await;
+    }
+
+    // 8. Failover through the chaos suite.
+    let failover = if failover_rounds > 0 {
+        println!("==> failover: {failover_rounds} graceful and {failover_rounds} crash handovers (chaos suite)");
+        let report = crate::chaos::chaos(crate::chaos::ChaosArgs {
+            target: target.args(),
+            profile: "full".into(),
+            rounds: Some(failover_rounds),
+            scenarios: Some(vec!["term".into(), "kill".into()]),
+            replicas: 3,
+        })
+        .await?;
+        Some(json!({"timings_s": report.timings, "summary": report.summary}))
+    } else {
+        None
+    };
+
+    let ratio = ceiling_s.max(f64::EPSILON);
     let report = json!({
+        "machine": machine(),
+        "operator_build": if args.release { "release" } else { "debug" },
         "myapps": n,
-        "create_seconds": created.as_secs_f64(),
-        "all_ready_seconds": converged.as_secs_f64(),
-        "myapps_per_second": n as f64 / converged.as_secs_f64(),
-        "rss_kib_idle": idle,
-        "rss_kib_loaded": loaded,
-        "leader_at_load": leader.name,
-        "acquire_to_first_reconcile_ms": first_reconcile_ms,
-        "traces": args.traces,
-        "leader_reconciles": reconciles.map(|r| r.1),
-        "mean_reconcile_ms": reconciles.map(|r| r.0),
+        "fresh": {"requests_s": fresh.requested_s, "all_ready_s": fresh.ready_s, "myapps_per_s": n as f64 / fresh.ready_s,
+                  "ratio_to_ceiling": fresh.ready_s / ratio, "api": fresh_economy},
+        "spec_change": {"all_ready_s": change.ready_s, "api": change_economy},
+        "unchanged_resync": {"api": resync_economy},
+        "ceiling": {"writes": 4 * n, "seconds": ceiling_s},
+        "rss_mib": {"idle": idle, "loaded": loaded, "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
+        "cpu_seconds_per_1000_reconciles": cpu_per_1000,
+        "acquire_to_first_reconcile_ms": {"warm_handover": warm_ms, "cold_process": cold_acquire_ms, "cold_start_to_first_reconcile": cold_start_ms},
+        "traces_on": traced.as_ref().map(|(_, c)| json!({"all_ready_s": c.ready_s, "ratio_on_off": c.ready_s / fresh.ready_s})),
         "webhook_in_process_us": {"validate_p50": wh.in_process[0].0, "validate_p99": wh.in_process[0].1,
                                   "mutate_p50": wh.in_process[1].0, "mutate_p99": wh.in_process[1].1},
         "webhook_tls_us": wh.tls.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
         "webhook_tls_rps_16_clients": wh.tls_rps,
+        "failover": failover,
     });
-    let dir = paths::run_dir().join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let file = dir.join(format!("{n}{}.json", if args.traces { "-traces" } else { "" }));
+    let file = out.join(format!("{n}.json"));
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
-    println!("\n{:<40} {:>12}", "measure", "value");
-    println!("{:<40} {:>12}", "MyApps", n);
-    println!("{:<40} {:>12.1}", "create (s)", created.as_secs_f64());
-    println!("{:<40} {:>12.1}", "all Ready (s, from the first create)", converged.as_secs_f64());
-    println!("{:<40} {:>12.1}", "MyApps Ready per second", n as f64 / converged.as_secs_f64());
-    for (r, (i, l)) in replicas.iter().zip(idle.iter().zip(&loaded)) {
-        let role = if r.name == leader.name { "leader" } else { "standby" };
-        println!(
-            "{:<40} {:>12}",
-            format!("RSS {} ({role}) idle -> loaded (MiB)", r.name),
-            format!("{:.1} -> {:.1}", *i as f64 / 1024.0, *l as f64 / 1024.0)
-        );
+    let mut series = vec![Series { name: "operator: MyApps Ready", colour: "#1f77b4", points: &fresh.curve }];
+    if let Some((_, c)) = &traced {
+        series.push(Series { name: "operator, traces exported", colour: "#ff7f0e", points: &c.curve });
     }
-    println!("{:<40} {:>12.1}", "acquire -> first reconcile (ms, warm)", first_reconcile_ms);
-    if let Some((mean, count)) = reconciles {
-        println!(
-            "{:<40} {:>12}",
-            format!("mean reconcile (ms), traces {}", if args.traces { "on" } else { "off" }),
-            format!("{mean:.2} ({count:.0})")
-        );
-    }
-    println!(
-        "{:<40} {:>12}",
-        "webhook /validate in process p50/p99 (µs)",
-        format!("{:.0} / {:.0}", wh.in_process[0].0, wh.in_process[0].1)
-    );
-    println!(
-        "{:<40} {:>12}",
-        "webhook /mutate in process p50/p99 (µs)",
-        format!("{:.0} / {:.0}", wh.in_process[1].0, wh.in_process[1].1)
-    );
-    if let (Some((p50, p99)), Some(rps)) = (wh.tls, wh.tls_rps) {
-        println!("{:<40} {:>12}", "webhook over TLS p50/p99 (µs)", format!("{p50:.0} / {p99:.0}"));
-        println!("{:<40} {:>12.0}", "webhook over TLS, 16 clients (req/s)", rps);
-    }
-    println!("    report: {}", file.display());
-
-    operator::stop_replicas();
-    let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
+    series.push(Series { name: "ceiling: plain client, same writes", colour: "#2ca02c", points: &ceiling_curve });
+    let svg = out.join(format!("{n}-convergence.svg"));
+    std::fs::write(&svg, line_chart(&format!("{n} fresh MyApps"), "seconds", "MyApps", &series))?;
+    print_table(&report);
+    println!("    report: {}\n    plot:   {}", file.display(), svg.display());
     Ok(())
+}
+
+fn print_table(r: &Value) {
+    let row = |k: &str, v: String| println!("{k:<52} {v:>22}");
+    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+    println!("\n{:<52} {:>22}", "measure", "value");
+    row("operator build", r["operator_build"].as_str().unwrap_or("").into());
+    row("MyApps", r["myapps"].to_string());
+    row("fresh: all Ready (s)", f(&r["fresh"]["all_ready_s"]));
+    row("fresh: MyApps Ready per second", f(&r["fresh"]["myapps_per_s"]));
+    row("ceiling: same writes from a plain client (s)", f(&r["ceiling"]["seconds"]));
+    row("fresh all Ready / ceiling", format!("{:.2}", r["fresh"]["ratio_to_ceiling"].as_f64().unwrap_or(0.0)));
+    row("spec change: all Ready (s)", f(&r["spec_change"]["all_ready_s"]));
+    for (label, key) in [("fresh", "fresh"), ("spec change", "spec_change"), ("unchanged resync", "unchanged_resync")] {
+        let api = &r[key]["api"];
+        if !api.is_null() {
+            row(
+                &format!("{label}: writes / reads per MyApp"),
+                format!(
+                    "{:.2} / {:.2}",
+                    api["writes_per_myapp"].as_f64().unwrap_or(0.0),
+                    api["reads_per_myapp"].as_f64().unwrap_or(0.0)
+                ),
+            );
+        }
+    }
+    let rss = &r["rss_mib"];
+    if let (Some(names), Some(idle), Some(loaded)) =
+        (rss["replicas"].as_array(), rss["idle"].as_array(), rss["loaded"].as_array())
+    {
+        for ((name, i), l) in names.iter().zip(idle).zip(loaded) {
+            let role = if name == &rss["leader"] { "leader" } else { "standby" };
+            row(
+                &format!("RSS {} ({role}) idle -> loaded (MiB)", name.as_str().unwrap_or("")),
+                format!("{} -> {}", f(i), f(l)),
+            );
+        }
+    }
+    row("leader CPU seconds per 1000 reconciles", f(&r["cpu_seconds_per_1000_reconciles"]));
+    let a = &r["acquire_to_first_reconcile_ms"];
+    row("acquire -> first reconcile, warm handover (ms)", f(&a["warm_handover"]));
+    row("acquire -> first reconcile, fresh process (ms)", f(&a["cold_process"]));
+    row("process start -> first reconcile, cold (ms)", f(&a["cold_start_to_first_reconcile"]));
+    if !r["traces_on"].is_null() {
+        row("traces exported: all Ready (s)", f(&r["traces_on"]["all_ready_s"]));
+        row(
+            "traces on / off (all Ready time)",
+            format!("{:.2}", r["traces_on"]["ratio_on_off"].as_f64().unwrap_or(0.0)),
+        );
+    }
+    let w = &r["webhook_in_process_us"];
+    row(
+        "webhook /validate in process p50 / p99 (µs)",
+        format!("{} / {}", f(&w["validate_p50"]), f(&w["validate_p99"])),
+    );
+    row("webhook /mutate in process p50 / p99 (µs)", format!("{} / {}", f(&w["mutate_p50"]), f(&w["mutate_p99"])));
+    if !r["webhook_tls_us"].is_null() {
+        row(
+            "webhook over TLS p50 / p99 (µs)",
+            format!("{} / {}", f(&r["webhook_tls_us"]["p50"]), f(&r["webhook_tls_us"]["p99"])),
+        );
+        row("webhook over TLS, 16 clients (req/s)", f(&r["webhook_tls_rps_16_clients"]));
+    }
+    if let Some(summary) = r["failover"]["summary"].as_array() {
+        for s in summary {
+            let st = &s["acquired"];
+            row(
+                &format!("failover {}: fault -> acquired p50/p99/max (ms)", s["scenario"].as_str().unwrap_or("")),
+                format!(
+                    "{:.0} / {:.0} / {:.0}",
+                    st["p50"].as_f64().unwrap_or(0.0) * 1000.0,
+                    st["p99"].as_f64().unwrap_or(0.0) * 1000.0,
+                    st["max"].as_f64().unwrap_or(0.0) * 1000.0
+                ),
+            );
+        }
+    }
 }

@@ -223,7 +223,7 @@ fn upstream(admin: &Path) -> Result<std::net::SocketAddr> {
 }
 
 /// Runs the chaos suite; fails when an invariant is broken.
-pub async fn chaos(args: ChaosArgs) -> Result<()> {
+pub async fn chaos(args: ChaosArgs) -> Result<Report> {
     let (timings, default_rounds) = match args.profile.as_str() {
         "smoke" => ([4.0, 3.0, 0.5], 1),
         "full" => ([15.0, 10.0, 2.0], 10),
@@ -392,7 +392,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
     if report.faults.iter().any(|f| f.converged_after.is_none()) {
         bail!("some faults did not converge");
     }
-    Ok(())
+    Ok(report)
 }
 
 fn ms(v: Option<f64>) -> String {

@@ -9,6 +9,7 @@ mod image;
 mod operator;
 mod paths;
 mod pki;
+mod plot;
 mod procs;
 mod test;
 mod webhook_bench;
@@ -65,7 +66,7 @@ fn main() -> Result<()> {
             ClusterAction::Status => rt.block_on(cluster::status()),
         },
         Command::Bench(args) => rt.block_on(bench::bench(args)),
-        Command::Chaos(args) => rt.block_on(chaos::chaos(args)),
+        Command::Chaos(args) => rt.block_on(chaos::chaos(args)).map(|_| ()),
         Command::Demo(args) => rt.block_on(demo::demo(args)),
         Command::Test(args) => rt.block_on(test::test(args)),
         Command::Image(args) => image::image(args),

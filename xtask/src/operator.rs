@@ -85,11 +85,20 @@ pub fn run(mut cmd: Command, what: &str) -> Result<()> {
 
 /// Builds the operator binary (debug profile, shared with the tests) and returns its path.
 pub fn build() -> Result<PathBuf> {
-    println!("==> building the operator");
+    build_profile(false)
+}
+
+/// Builds the operator binary for the host, in the release profile or the debug one.
+pub fn build_profile(release: bool) -> Result<PathBuf> {
+    let profile = if release { "release" } else { "debug" };
+    println!("==> building the operator ({profile})");
     let mut cmd = cargo();
     cmd.args(["build", "--bin", "myapp-operator"]);
+    if release {
+        cmd.arg("--release");
+    }
     run(cmd, "cargo build --bin myapp-operator")?;
-    Ok(paths::target_dir().join("debug").join("myapp-operator"))
+    Ok(paths::target_dir().join(profile).join("myapp-operator"))
 }
 
 /// The namespace of the operator (its Lease, and in-cluster its pods).
@@ -277,6 +286,20 @@ pub async fn install_local_webhooks(client: &Client) -> Result<()> {
         apply_manifest(client, v).await?;
     }
     println!("    webhook configurations {LOCAL_WEBHOOKS} point at https://{LOCAL_WEBHOOK_ADDR}");
+    Ok(())
+}
+
+/// Deletes the local webhook configurations (for measurements with no operator running; the
+/// validating webhook fails closed). [`install_local_webhooks`] puts them back.
+pub async fn remove_local_webhooks(client: &Client) -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+    let dp = kube::api::DeleteParams::default();
+    let gone = |r: kube::Result<()>| match r {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other,
+    };
+    gone(Api::<MutatingWebhookConfiguration>::all(client.clone()).delete(LOCAL_WEBHOOKS, &dp).await.map(|_| ()))?;
+    gone(Api::<ValidatingWebhookConfiguration>::all(client.clone()).delete(LOCAL_WEBHOOKS, &dp).await.map(|_| ()))?;
     Ok(())
 }
 

@@ -114,8 +114,11 @@ async fn against_cluster(target: &operator::Target) -> Result<()> {
         scenarios: None,
         replicas: 3,
     };
-    crate::chaos::chaos(args).await?;
+    let _ = crate::chaos::chaos(args).await?;
     println!("    chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
+    let t = step("benchmark, quick profile (keeps `cargo xtask bench` from rotting)");
+    crate::bench::bench(crate::bench::BenchArgs::quick(target.args())).await?;
+    println!("    bench --quick passed ({:.0} s)", t.elapsed().as_secs_f64());
     if target.local {
         step("RBAC proof: nothing the operator's ServiceAccount asked was denied (audit log)");
         rbac_proof(since)?;
