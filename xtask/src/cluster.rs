@@ -437,8 +437,8 @@ async fn register_nodes(client: &Client) -> Result<()> {
                 }
             },
             "status": {
-                "allocatable": { "cpu": "32", "memory": "256Gi", "pods": "1000" },
-                "capacity": { "cpu": "32", "memory": "256Gi", "pods": "1000" }
+                "allocatable": { "cpu": "1000", "memory": "4Ti", "pods": "5000" },
+                "capacity": { "cpu": "1000", "memory": "4Ti", "pods": "5000" }
             }
         }))?;
         match nodes.create(&PostParams::default(), &node).await {
