@@ -127,7 +127,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         println!("\n==> traces (Jaeger)");
         match latest_trace(port, "default/web").await {
             Some(id) => println!(
-                "    a reconcile of myapp/web, with its API calls and the API server's spans:\n    http://127.0.0.1:{port}/trace/{id}"
+                "    a reconcile of myapp/web, with its API calls (the API server's own traces link to them):\n    http://127.0.0.1:{port}/trace/{id}"
             ),
             None => println!("    no reconcile trace of myapp/web reached Jaeger yet"),
         }
