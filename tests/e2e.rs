@@ -288,7 +288,7 @@ enum ApiServerSide {
 
 /// Finds, in Jaeger, a trace of a reconcile of `ns/name` with at least three API calls as child
 /// spans, and the API server's span for one of those calls. Returns (trace id, span count, how they connect).
-fn reconcile_trace(jaeger: &str, ns: &str, name: &str) -> Option<(String, usize, ApiServerSide)> {
+fn reconcile_trace(jaeger: &str, ns: &str, name: &str) -> Option<(String, usize, ApiServerSide, String)> {
     let tags = format!("%7B%22myapp%22%3A%22{ns}%2F{name}%22%7D");
     let url =
         format!("{jaeger}/api/traces?service=myapp-operator&operation=reconcile&tags={tags}&limit=20&lookback=1h");
@@ -315,12 +315,16 @@ fn reconcile_trace(jaeger: &str, ns: &str, name: &str) -> Option<(String, usize,
         if calls.len() < 3 {
             return None;
         }
-        let found = |side| Some((trace_id.to_string(), spans.len(), side));
+        let tag = |key: &str| {
+            reconcile["tags"].as_array()?.iter().find(|t| t["key"] == key)?["value"].as_str().map(str::to_string)
+        };
+        let trigger = tag("trigger").unwrap_or_default();
+        let found = |side| Some((trace_id.to_string(), spans.len(), side, trigger.clone()));
         if spans.iter().any(|s| service(s).as_deref() == Some("apiserver") && calls.iter().any(|c| refers_to(s, c))) {
             return found(ApiServerSide::Child);
         }
         // Not privileged: look for the API server's traces of this replica's calls that link back.
-        let leader = reconcile["tags"].as_array()?.iter().find(|t| t["key"] == "leader")?["value"].as_str()?;
+        let leader = tag("leader")?;
         let agent = format!("myapp-operator/{} ({leader})", env!("CARGO_PKG_VERSION"));
         let tags = serde_json::json!({ "user_agent.original": agent }).to_string();
         let url =
@@ -347,12 +351,15 @@ async fn local_only_reconcile_trace_spans_operator_and_api_server() {
     let ns = TestNamespace::new(&client, "trace").await;
     let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
     wait_ready(&api, "web").await;
-    let (trace_id, spans, side) = eventually("a reconcile trace in Jaeger", Duration::from_secs(30), || async {
-        reconcile_trace(&jaeger, &ns.name, "web")
-    })
-    .await;
+    let (trace_id, spans, side, trigger) =
+        eventually("a reconcile trace in Jaeger", Duration::from_secs(30), || async {
+            reconcile_trace(&jaeger, &ns.name, "web")
+        })
+        .await;
     assert_eq!(trace_id.len(), 32);
     assert!(spans >= 4, "the reconcile and at least three API calls: {spans}");
+    // kube's reason, e.g. "object updated" for the create, or "reconcile all requested" at a term's start.
+    assert!(!trigger.is_empty() && trigger != "unknown", "the reconcile span says what triggered it: {trigger:?}");
     // The replicas run as the operator's ServiceAccount (see `cargo xtask test`), which the API
     // server does not trust with a parent: its spans link to ours.
     assert_eq!(side, ApiServerSide::Linked, "replicas run as a ServiceAccount, so the API server links");

@@ -124,6 +124,7 @@ async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> 
         myapp = %format!("{}/{}", app.metadata.namespace.as_deref().unwrap_or_default(), app.metadata.name.as_deref().unwrap_or_default()),
         generation = app.metadata.generation.unwrap_or(0),
         leader = %ctx.identity,
+        trigger = crate::telemetry::trigger::current().unwrap_or_else(|| "unknown".into()),
         result = tracing::field::Empty,
         error = tracing::field::Empty,
         requeue_ms = tracing::field::Empty,
