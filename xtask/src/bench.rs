@@ -190,6 +190,7 @@ async fn converge(api: &Api<MyApp>, n: usize, image: Option<&str>) -> Result<Con
             .count();
         curve.push((clock.elapsed().as_secs_f64(), ready as f64));
         if ready == n {
+            println!("    all {n} Ready in {:.1} s", clock.elapsed().as_secs_f64());
             return Ok(Convergence { started, requested_s, ready_s: clock.elapsed().as_secs_f64(), curve });
         }
         if Instant::now() > deadline {

@@ -199,8 +199,8 @@ pub fn image(args: ImageArgs) -> Result<()> {
     let archive = paths::run_dir().join("image").join("myapp-operator.tar");
     let _ = std::fs::remove_file(&archive);
     let mut push = Command::new("buildah");
-    push.args(["push", "--quiet", &args.tag]).arg(format!("oci-archive:{}:{}", archive.display(), args.tag));
-    run(push, "buildah push oci-archive")?;
+    push.args(["push", "--quiet", &args.tag]).arg(format!("docker-archive:{}:{}", archive.display(), args.tag));
+    run(push, "buildah push docker-archive")?;
     let version = version_from_image(&args.tag)?;
     let report = Report {
         tag: args.tag.clone(),
@@ -218,7 +218,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!("    {:<22} {}", "image", report.tag);
     println!("    {:<22} {:.1} MiB (limit {MAX_MIB} MiB)", "size (uncompressed)", mib(report.image_bytes));
-    println!("    {:<22} {:.1} MiB ({})", "OCI archive", mib(report.archive_bytes), report.archive.display());
+    println!("    {:<22} {:.1} MiB ({})", "docker archive", mib(report.archive_bytes), report.archive.display());
     println!("    {:<22} {:.1} MiB, static: {}", "binary", mib(report.binary_bytes), report.static_binary);
     println!("    {:<22} {}", "user", report.user);
     println!("    {:<22} {:?}", "entrypoint", report.entrypoint);
