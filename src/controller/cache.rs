@@ -5,8 +5,12 @@
 //!
 //! Events are fanned out through a `tokio::sync::broadcast` channel: with no subscriber (a
 //! standby) they are dropped at once, and a subscriber that falls behind loses events rather
-//! than stalling the watches. A lost trigger is covered by the reconcile-all at the start of
-//! every term and by the periodic resync.
+//! than stalling the watches. The subscriber is then told (the `lagged` sender), and the
+//! controller reconciles everything, so no trigger is lost for good.
+//!
+//! The channel keeps its last [`CHANNEL`] events until they are overwritten, read or not, so its
+//! size bounds the stale copies the leader keeps alive (going from 8192 to 1024 moved the leader's
+//! RSS with 1000 MyApps from 40.4 to 39.5 MiB, one run each: small, but bounded).
 
 use super::children::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::api::MyApp;
@@ -19,10 +23,13 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
 use std::sync::Arc;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-const CHANNEL: usize = 8192;
+/// Events kept per kind. A burst larger than this (a relist of everything) makes the controller
+/// lag, and reconcile everything.
+pub const CHANNEL: usize = 1024;
 
 /// The stores and event channels of the three watched kinds.
 #[derive(Clone)]
@@ -78,8 +85,24 @@ where
     reader
 }
 
-fn subscribe<K: Send + Sync + 'static>(tx: &broadcast::Sender<Arc<K>>) -> impl Stream<Item = Arc<K>> + Send + use<K> {
-    BroadcastStream::new(tx.subscribe()).filter_map(|r| async move { r.ok() })
+fn subscribe<K: Send + Sync + 'static>(
+    tx: &broadcast::Sender<Arc<K>>,
+    lagged: &mpsc::UnboundedSender<()>,
+) -> impl Stream<Item = Arc<K>> + Send + use<K> {
+    let lagged = lagged.clone();
+    BroadcastStream::new(tx.subscribe()).filter_map(move |r| {
+        let lagged = lagged.clone();
+        async move {
+            match r {
+                Ok(obj) => Some(obj),
+                Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "event subscriber lagged: reconciling everything");
+                    let _ = lagged.send(());
+                    None
+                }
+            }
+        }
+    })
 }
 
 impl Caches {
@@ -105,19 +128,25 @@ impl Caches {
         );
     }
 
-    /// MyApp changes, from now on.
-    pub fn myapp_events(&self) -> impl Stream<Item = Arc<MyApp>> + Send + use<> {
-        subscribe(&self.myapp_tx)
+    /// MyApp changes, from now on; `lagged` hears when some were missed.
+    pub fn myapp_events(&self, lagged: &mpsc::UnboundedSender<()>) -> impl Stream<Item = Arc<MyApp>> + Send + use<> {
+        subscribe(&self.myapp_tx, lagged)
     }
 
-    /// Changes of managed Deployments, from now on.
-    pub fn deployment_events(&self) -> impl Stream<Item = Arc<Deployment>> + Send + use<> {
-        subscribe(&self.deployment_tx)
+    /// Changes of managed Deployments, from now on; `lagged` hears when some were missed.
+    pub fn deployment_events(
+        &self,
+        lagged: &mpsc::UnboundedSender<()>,
+    ) -> impl Stream<Item = Arc<Deployment>> + Send + use<> {
+        subscribe(&self.deployment_tx, lagged)
     }
 
-    /// Changes of managed Services, from now on.
-    pub fn service_events(&self) -> impl Stream<Item = Arc<Service>> + Send + use<> {
-        subscribe(&self.service_tx)
+    /// Changes of managed Services, from now on; `lagged` hears when some were missed.
+    pub fn service_events(
+        &self,
+        lagged: &mpsc::UnboundedSender<()>,
+    ) -> impl Stream<Item = Arc<Service>> + Send + use<> {
+        subscribe(&self.service_tx, lagged)
     }
 }
 
@@ -128,5 +157,25 @@ where
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
+    }
+}
+
+#[cfg(test)]
+mod lag_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_is_told_and_keeps_the_newest_events() {
+        let (tx, _) = broadcast::channel::<Arc<u32>>(2);
+        let (lagged, mut lags) = mpsc::unbounded_channel();
+        let events = subscribe(&tx, &lagged);
+        for i in 0..5 {
+            let _ = tx.send(Arc::new(i));
+        }
+        drop(tx);
+        let got: Vec<u32> = events.map(|v| *v).collect().await;
+        assert_eq!(got, vec![3, 4], "the oldest three were overwritten");
+        assert_eq!(lags.try_recv().ok(), Some(()), "the controller hears that it missed some");
+        assert!(lags.try_recv().is_err(), "once per lag");
     }
 }

@@ -203,14 +203,23 @@ pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> 
     for app in caches.myapps.state() {
         ctx.pending.add(ObjectRef::from_obj(app.as_ref()));
     }
-    let (q1, q2, q3) = (ctx.clone(), ctx.clone(), ctx.clone());
-    let myapps = caches.myapp_events().inspect(move |a| q1.pending.add(ObjectRef::from_obj(a.as_ref())));
-    let deployments = caches.deployment_events().inspect(move |d| {
+    let (q1, q2, q3, q4) = (ctx.clone(), ctx.clone(), ctx.clone(), ctx.clone());
+    // A subscriber that lagged behind its channel missed triggers: reconcile everything then.
+    let (lagged, lags) = tokio::sync::mpsc::unbounded_channel();
+    let reconcile_all = futures::stream::once(async {}).chain(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(lags).map(move |()| {
+            for app in q4.caches.myapps.state() {
+                q4.pending.add(ObjectRef::from_obj(app.as_ref()));
+            }
+        }),
+    );
+    let myapps = caches.myapp_events(&lagged).inspect(move |a| q1.pending.add(ObjectRef::from_obj(a.as_ref())));
+    let deployments = caches.deployment_events(&lagged).inspect(move |d| {
         if let Some(owner) = queue::owner(&d.metadata) {
             q2.pending.add(owner);
         }
     });
-    let services = caches.service_events().inspect(move |s| {
+    let services = caches.service_events(&lagged).inspect(move |s| {
         if let Some(owner) = queue::owner(&s.metadata) {
             q3.pending.add(owner);
         }
@@ -218,7 +227,7 @@ pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> 
     let controller = Controller::for_shared_stream(myapps, caches.myapps.clone())
         .owns_shared_stream(deployments)
         .owns_shared_stream(services)
-        .reconcile_all_on(futures::stream::once(async {}))
+        .reconcile_all_on(reconcile_all)
         .with_config(Config::default().concurrency(16).debounce(Duration::from_millis(50)))
         .graceful_shutdown_on(stop);
     controller
