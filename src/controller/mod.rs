@@ -199,31 +199,20 @@ pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> 
     ctx.caches.wait_ready().await;
     ctx.metrics.controller_running.set(1);
     let caches = &ctx.caches;
-    // Every object is reconciled once at the start of the term: all of them wait.
-    for app in caches.myapps.state() {
-        ctx.pending.add(ObjectRef::from_obj(app.as_ref()));
-    }
     let (q1, q2, q3, q4) = (ctx.clone(), ctx.clone(), ctx.clone(), ctx.clone());
-    // A subscriber that lagged behind its channel missed triggers: reconcile everything then.
+    // Everything is reconciled at the start of the term, and again whenever a subscriber lagged
+    // behind its channel (it missed triggers): then every object waits.
     let (lagged, lags) = tokio::sync::mpsc::unbounded_channel();
-    let reconcile_all = futures::stream::once(async {}).chain(
-        tokio_stream::wrappers::UnboundedReceiverStream::new(lags).map(move |()| {
+    let reconcile_all = futures::stream::once(async {})
+        .chain(tokio_stream::wrappers::UnboundedReceiverStream::new(lags))
+        .map(move |()| {
             for app in q4.caches.myapps.state() {
                 q4.pending.add(ObjectRef::from_obj(app.as_ref()));
             }
-        }),
-    );
+        });
     let myapps = caches.myapp_events(&lagged).inspect(move |a| q1.pending.add(ObjectRef::from_obj(a.as_ref())));
-    let deployments = caches.deployment_events(&lagged).inspect(move |d| {
-        if let Some(owner) = queue::owner(&d.metadata) {
-            q2.pending.add(owner);
-        }
-    });
-    let services = caches.service_events(&lagged).inspect(move |s| {
-        if let Some(owner) = queue::owner(&s.metadata) {
-            q3.pending.add(owner);
-        }
-    });
+    let deployments = caches.deployment_events(&lagged).inspect(move |d| q2.pending.add_owner_of(&d.metadata));
+    let services = caches.service_events(&lagged).inspect(move |s| q3.pending.add_owner_of(&s.metadata));
     let controller = Controller::for_shared_stream(myapps, caches.myapps.clone())
         .owns_shared_stream(deployments)
         .owns_shared_stream(services)

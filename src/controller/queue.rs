@@ -41,6 +41,13 @@ impl Pending {
         });
     }
 
+    /// A child (Deployment, Service) changed: its controller owner, if a MyApp, was triggered.
+    pub fn add_owner_of(&self, child: &ObjectMeta) {
+        if let Some(obj) = owner(child) {
+            self.add(obj);
+        }
+    }
+
     /// `obj`'s reconcile started, or the controller found it gone.
     pub fn remove(&self, namespace: Option<&str>, name: &str) {
         self.update(|w| w.retain(|o| !(o.name == name && o.namespace.as_deref() == namespace)));
@@ -114,5 +121,9 @@ mod tests {
             meta(serde_json::json!([{"apiVersion": "myapp.dev/v1", "kind": "MyApp", "name": "web", "uid": "2"}]));
         assert_eq!(owner(&not_controller), None);
         assert_eq!(owner(&meta(serde_json::Value::Null)), None);
+        let q = Pending::default();
+        q.add_owner_of(&owned);
+        q.add_owner_of(&not_controller);
+        assert_eq!(q.depth(), 1, "only the controller owner waits");
     }
 }
