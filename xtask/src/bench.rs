@@ -234,44 +234,29 @@ async fn delete_namespace(client: &Client, name: &str) {
 }
 
 async fn leader(client: &Client, replicas: &[Replica]) -> Result<Replica> {
-    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), operator::NAMESPACE);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let holder = lease.get_opt("myapp-operator").await?.and_then(|l| l.spec?.holder_identity).unwrap_or_default();
-        if let Some(r) = replicas.iter().find(|r| r.holds(&holder)) {
-            return Ok(r.clone());
-        }
-        if Instant::now() > deadline {
-            bail!("no replica holds the lease after 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    procs::poll("a replica holding the lease", Duration::from_secs(60), Duration::from_millis(100), || async {
+        let (holder, _) = operator::lease_holder(client).await?;
+        replicas.iter().find(|r| r.holds(&holder)).cloned()
+    })
+    .await
 }
 
 /// Waits until `replica` has reconciled at least `n` times more than `before`.
 async fn reconciled(replica: &Replica, before: f64, n: usize, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while reconciles(replica.probe_port) < before + n as f64 {
-        if Instant::now() > deadline {
-            bail!("{} did not reconcile {n} MyApps within {timeout:?}", replica.name);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+    let what = format!("{} reconciling {n} MyApps", replica.name);
+    procs::poll(&what, timeout, Duration::from_millis(100), || async {
+        (reconciles(replica.probe_port) >= before + n as f64).then_some(())
+    })
+    .await
 }
 
 /// Waits for `replica`'s first reconcile of a term after `since` (epoch): (when, acquire → it ms).
 async fn first_reconcile(replica: &Replica, since: f64) -> Result<(f64, f64)> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(found) = replica.first_reconciles().into_iter().find(|(at, _)| *at >= since) {
-            return Ok(found);
-        }
-        if Instant::now() > deadline {
-            bail!("{} logged no first reconcile within 120 s", replica.name);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{}'s first reconcile of the term", replica.name);
+    procs::poll(&what, Duration::from_secs(120), Duration::from_millis(50), || async {
+        replica.first_reconciles().into_iter().find(|(at, _)| *at >= since)
+    })
+    .await
 }
 
 /// The API server's ceiling: the same writes as a fresh MyApp costs the operator at minimum (create
@@ -447,11 +432,22 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         delete_namespace(&client, ns).await;
     }
     let all_ns = Api::<Namespace>::all(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(600);
-    for ns in &namespaces {
-        while all_ns.get_opt(ns).await?.is_some() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+    let gone = procs::poll(
+        "the benchmark's namespaces deleted",
+        Duration::from_secs(600),
+        Duration::from_millis(500),
+        || async {
+            for ns in &namespaces {
+                if !matches!(all_ns.get_opt(ns).await, Ok(None)) {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    if let Err(e) = gone {
+        println!("    warning: {e:#}");
     }
     operator::stop_replicas();
 

@@ -8,10 +8,9 @@ use anyhow::{Context, Result, bail};
 use chaos::report::{Fault, Report};
 use chaos::{audit, invariants, proxy::Proxy, report};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use myapp_operator::api::MyApp;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,12 +61,7 @@ struct Harness {
 
 impl Harness {
     async fn holder(&self) -> Option<(String, String)> {
-        let lease = Api::<Lease>::namespaced(self.client.clone(), operator::NAMESPACE)
-            .get_opt("myapp-operator")
-            .await
-            .ok()??;
-        let rv = lease.resource_version().unwrap_or_default();
-        lease.spec?.holder_identity.filter(|h| !h.is_empty()).map(|h| (h, rv))
+        operator::lease_holder(&self.client).await
     }
 
     fn member_of(&self, identity: &str) -> Option<usize> {
@@ -344,8 +338,8 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
     let (intervals, violations, writes) = if target.local {
         let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log")).context("read the audit log")?;
         let reqs = audit::parse(&log, started_at);
-        let intervals = invariants::leadership(&reqs, operator::NAMESPACE, "myapp-operator", h.timings[1], epoch());
-        let violations = invariants::writes_outside(&reqs, &intervals, operator::NAMESPACE, "myapp-operator");
+        let intervals = invariants::leadership(&reqs, operator::NAMESPACE, operator::LEASE, h.timings[1], epoch());
+        let violations = invariants::writes_outside(&reqs, &intervals, operator::NAMESPACE, operator::LEASE);
         let writes: Vec<(String, f64)> = reqs
             .iter()
             .filter(|r| invariants::is_controller_write(r))

@@ -111,7 +111,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         println!("{:<10} {:<28} {:>8} {:>6}  {}", n, a.spec.image, a.spec.replicas, ready, a.ready_reason());
     }
 
-    let lease = Api::<Lease>::namespaced(client.clone(), operator::NAMESPACE).get("myapp-operator").await?;
+    let lease = Api::<Lease>::namespaced(client.clone(), operator::NAMESPACE).get(operator::LEASE).await?;
     let spec = lease.spec.unwrap_or_default();
     println!("\n==> leader");
     println!(

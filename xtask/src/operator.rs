@@ -118,6 +118,19 @@ pub async fn prepare(client: &Client, target: &Target) -> Result<PathBuf> {
     service_account_kubeconfig(client, &target.kubeconfig).await
 }
 
+/// The operator's Lease, in [`NAMESPACE`] (the replicas' default `--lease-name`).
+pub const LEASE: &str = "myapp-operator";
+
+/// The current holder of the operator's Lease (None when nobody holds it or it cannot be read),
+/// with the Lease's resourceVersion.
+pub async fn lease_holder(client: &Client) -> Option<(String, String)> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::ResourceExt;
+    let lease = Api::<Lease>::namespaced(client.clone(), NAMESPACE).get_opt(LEASE).await.ok()??;
+    let rv = lease.resource_version().unwrap_or_default();
+    lease.spec?.holder_identity.filter(|h| !h.is_empty()).map(|h| (h, rv))
+}
+
 /// The operator's ServiceAccount in `deploy/rbac`.
 pub const SERVICE_ACCOUNT: &str = "myapp-operator";
 

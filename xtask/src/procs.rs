@@ -142,3 +142,40 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
 }
+
+/// Calls `check` every `every` until it yields a value, or fails naming `what` after `timeout`.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, every: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {} s", timeout.as_secs());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn poll_returns_the_first_value_or_names_what_timed_out() {
+        let mut calls = 0;
+        let v = poll("third call", Duration::from_secs(5), Duration::from_millis(1), || {
+            calls += 1;
+            let n = calls;
+            async move { (n == 3).then_some(n) }
+        })
+        .await;
+        assert_eq!(v.ok(), Some(3));
+        let e = poll("never", Duration::from_millis(20), Duration::from_millis(5), || async { None::<()> }).await;
+        assert!(e.err().is_some_and(|e| e.to_string().starts_with("never: not within")));
+    }
+}
