@@ -131,17 +131,19 @@ mod tests {
             .expect("json")
     }
 
-    fn response(r: &AdmissionReview<DynamicObject>) -> Value {
-        serde_json::to_value(r).expect("json")["response"].clone()
+    /// The whole AdmissionReview answered to `body` under the default policy, as JSON.
+    fn answered(body: &[u8], kind: Kind) -> Value {
+        serde_json::to_value(answer(body, kind, &Policy::default())).expect("json")
+    }
+
+    /// Its `response`.
+    fn response(body: &[u8], kind: Kind) -> Value {
+        answered(body, kind)["response"].clone()
     }
 
     #[test]
     fn latest_is_denied_naming_the_field() {
-        let out = response(&answer(
-            &review("CREATE", json!({"image": "nginx:latest"}), None),
-            Kind::Validate,
-            &Policy::default(),
-        ));
+        let out = response(&review("CREATE", json!({"image": "nginx:latest"}), None), Kind::Validate);
         assert_eq!(out["uid"], "abc-123");
         assert_eq!(out["allowed"], false);
         let msg = out["status"]["message"].as_str().expect("message");
@@ -152,17 +154,9 @@ mod tests {
 
     #[test]
     fn valid_create_is_allowed_and_deletes_pass() {
-        let ok = response(&answer(
-            &review("CREATE", json!({"image": "nginx:1.27"}), None),
-            Kind::Validate,
-            &Policy::default(),
-        ));
+        let ok = response(&review("CREATE", json!({"image": "nginx:1.27"}), None), Kind::Validate);
         assert_eq!(ok["allowed"], true);
-        let del = response(&answer(
-            &review("DELETE", json!({"image": "nginx:latest"}), None),
-            Kind::Validate,
-            &Policy::default(),
-        ));
+        let del = response(&review("DELETE", json!({"image": "nginx:latest"}), None), Kind::Validate);
         assert_eq!(del["allowed"], true);
     }
 
@@ -173,18 +167,14 @@ mod tests {
             json!({"image": "nginx:1.27", "port": 9090}),
             Some(json!({"image": "nginx:1.27", "port": 8080})),
         );
-        let out = response(&answer(&body, Kind::Validate, &Policy::default()));
+        let out = response(&body, Kind::Validate);
         assert_eq!(out["allowed"], false);
         assert!(out["status"]["message"].as_str().unwrap_or_default().starts_with("spec.port: "));
     }
 
     #[test]
     fn mutate_returns_a_json_patch() {
-        let out = response(&answer(
-            &review("CREATE", json!({"image": "nginx:1.27"}), None),
-            Kind::Mutate,
-            &Policy::default(),
-        ));
+        let out = response(&review("CREATE", json!({"image": "nginx:1.27"}), None), Kind::Mutate);
         assert_eq!(out["allowed"], true);
         assert_eq!(out["patchType"], "JSONPatch");
         // kube serializes the bytes as a JSON array of numbers, which the API server's decoder
@@ -198,7 +188,7 @@ mod tests {
     #[test]
     fn malformed_bodies_get_a_well_formed_denial() {
         for body in [&b""[..], b"{", b"null", b"[]", b"{\"kind\":\"AdmissionReview\"}", &[0xff, 0xfe, 0x00]] {
-            let out = serde_json::to_value(answer(body, Kind::Validate, &Policy::default())).expect("json");
+            let out = answered(body, Kind::Validate);
             assert_eq!(out["kind"], "AdmissionReview");
             assert_eq!(out["response"]["allowed"], false, "{body:?}");
         }
@@ -207,7 +197,7 @@ mod tests {
     #[test]
     fn wrong_types_in_the_object_are_denied_not_panics() {
         let body = review("CREATE", json!({"image": 42, "replicas": "many"}), None);
-        let out = response(&answer(&body, Kind::Validate, &Policy::default()));
+        let out = response(&body, Kind::Validate);
         assert_eq!(out["allowed"], false);
         assert!(out["status"]["message"].as_str().unwrap_or_default().contains("cannot read the MyApp"));
     }
@@ -216,7 +206,7 @@ mod tests {
         #[test]
         fn any_bytes_give_a_valid_review(body in proptest::collection::vec(any::<u8>(), 0..512)) {
             for kind in [Kind::Mutate, Kind::Validate] {
-                let out = serde_json::to_value(answer(&body, kind, &Policy::default())).expect("json");
+                let out = answered(&body, kind);
                 prop_assert_eq!(&out["kind"], "AdmissionReview");
                 prop_assert!(out["response"]["allowed"].is_boolean());
             }
@@ -226,7 +216,7 @@ mod tests {
         fn any_spec_gives_a_valid_review(image in ".{0,40}", replicas in any::<i64>(), port in any::<i64>(), name in "[a-zA-Z0-9_.-]{0,12}") {
             let body = review("CREATE", json!({"image": image, "replicas": replicas, "port": port, "env": [{"name": name}]}), None);
             for kind in [Kind::Mutate, Kind::Validate] {
-                let out = serde_json::to_value(answer(&body, kind, &Policy::default())).expect("json");
+                let out = answered(&body, kind);
                 prop_assert_eq!(&out["response"]["uid"], "abc-123");
             }
         }
