@@ -132,7 +132,7 @@ async fn local_only_audit_log_records_writes_with_user_agent() {
 #[tokio::test]
 #[ignore = "needs a cluster: run `cargo xtask test`"]
 async fn local_only_jaeger_has_api_server_spans() {
-    let jaeger = std::env::var("MYAPP_E2E_JAEGER").expect("MYAPP_E2E_JAEGER is set by `cargo xtask test`");
+    let jaeger = common::jaeger();
     // Make a few requests, so that there is something to trace.
     let nodes: Api<Node> = Api::all(client().await);
     for _ in 0..3 {
@@ -143,10 +143,8 @@ async fn local_only_jaeger_has_api_server_spans() {
         if !services.contains("\"apiserver\"") {
             return None;
         }
-        let (_, traces) = common::http_get(&format!("{jaeger}/api/traces?service=apiserver&limit=5&lookback=1h"))?;
-        let v: serde_json::Value = serde_json::from_str(&traces).ok()?;
-        let spans = v["data"].as_array()?.iter().map(|t| t["spans"].as_array().map_or(0, Vec::len)).sum::<usize>();
-        (spans > 0).then_some(())
+        let traces = common::jaeger_traces("apiserver", None, None, 5)?;
+        (common::spans_of(&traces).count() > 0).then_some(())
     })
     .await;
 }

@@ -286,24 +286,21 @@ enum ApiServerSide {
     Linked,
 }
 
+/// Traces of reconciles of `ns/name` in Jaeger.
+fn reconcile_traces(ns: &str, name: &str) -> Option<Vec<serde_json::Value>> {
+    common::jaeger_traces("myapp-operator", Some("reconcile"), Some(&json!({ "myapp": format!("{ns}/{name}") })), 20)
+}
+
 /// Finds, in Jaeger, a trace of a reconcile of `ns/name` with at least three API calls as child
 /// spans, and the API server's span for one of those calls. Returns (trace id, span count, how they connect).
-fn reconcile_trace(jaeger: &str, ns: &str, name: &str) -> Option<(String, usize, ApiServerSide, String)> {
-    let tags = format!("%7B%22myapp%22%3A%22{ns}%2F{name}%22%7D");
-    let url =
-        format!("{jaeger}/api/traces?service=myapp-operator&operation=reconcile&tags={tags}&limit=20&lookback=1h");
-    let (_, body) = common::http_get(&url)?;
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+fn reconcile_trace(ns: &str, name: &str) -> Option<(String, usize, ApiServerSide, String)> {
+    let traces = reconcile_traces(ns, name)?;
     let refers_to = |s: &serde_json::Value, span: &str| {
         s["references"].as_array().is_some_and(|r| r.iter().any(|r| r["spanID"].as_str() == Some(span)))
     };
-    v["data"].as_array()?.iter().find_map(|trace| {
+    traces.iter().find_map(|trace| {
         let trace_id = trace["traceID"].as_str()?;
         let spans = trace["spans"].as_array()?;
-        let service = |s: &serde_json::Value| {
-            let pid = s["processID"].as_str()?;
-            trace["processes"][pid]["serviceName"].as_str().map(str::to_string)
-        };
         let reconcile = spans.iter().find(|s| s["operationName"] == "reconcile")?;
         let rid = reconcile["spanID"].as_str()?;
         let calls: Vec<&str> = spans
@@ -320,25 +317,23 @@ fn reconcile_trace(jaeger: &str, ns: &str, name: &str) -> Option<(String, usize,
         };
         let trigger = tag("trigger").unwrap_or_default();
         let found = |side| Some((trace_id.to_string(), spans.len(), side, trigger.clone()));
-        if spans.iter().any(|s| service(s).as_deref() == Some("apiserver") && calls.iter().any(|c| refers_to(s, c))) {
+        if spans.iter().any(|s| {
+            common::service_of(trace, s).as_deref() == Some("apiserver") && calls.iter().any(|c| refers_to(s, c))
+        }) {
             return found(ApiServerSide::Child);
         }
         // Not privileged: look for the API server's traces of this replica's calls that link back.
         let leader = tag("leader")?;
         let agent = format!("myapp-operator/{} ({leader})", env!("CARGO_PKG_VERSION"));
-        let tags = serde_json::json!({ "user_agent.original": agent }).to_string();
-        let url =
-            format!("{jaeger}/api/traces?service=apiserver&tags={}&limit=500&lookback=1h", common::query_escape(&tags));
-        let (_, body) = common::http_get(&url)?;
-        let theirs: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let linked =
-            theirs["data"].as_array()?.iter().flat_map(|t| t["spans"].as_array().into_iter().flatten()).any(|s| {
-                s["references"].as_array().is_some_and(|r| {
-                    r.iter().any(|r| {
-                        r["traceID"].as_str() == Some(trace_id) && calls.contains(&r["spanID"].as_str().unwrap_or(""))
-                    })
+        let theirs =
+            common::jaeger_traces("apiserver", None, Some(&serde_json::json!({ "user_agent.original": agent })), 500)?;
+        let linked = common::spans_of(&theirs).any(|s| {
+            s["references"].as_array().is_some_and(|r| {
+                r.iter().any(|r| {
+                    r["traceID"].as_str() == Some(trace_id) && calls.contains(&r["spanID"].as_str().unwrap_or(""))
                 })
-            });
+            })
+        });
         if linked { found(ApiServerSide::Linked) } else { None }
     })
 }
@@ -346,14 +341,13 @@ fn reconcile_trace(jaeger: &str, ns: &str, name: &str) -> Option<(String, usize,
 #[tokio::test]
 #[ignore = "needs a cluster: run `cargo xtask test`"]
 async fn local_only_reconcile_trace_spans_operator_and_api_server() {
-    let jaeger = std::env::var("MYAPP_E2E_JAEGER").expect("MYAPP_E2E_JAEGER is set by `cargo xtask test`");
     let client = client().await;
     let ns = TestNamespace::new(&client, "trace").await;
     let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
     wait_ready(&api, "web").await;
     let (trace_id, spans, side, trigger) =
         eventually("a reconcile trace in Jaeger", Duration::from_secs(30), || async {
-            reconcile_trace(&jaeger, &ns.name, "web")
+            reconcile_trace(&ns.name, "web")
         })
         .await;
     assert_eq!(trace_id.len(), 32);
@@ -369,7 +363,6 @@ async fn local_only_reconcile_trace_spans_operator_and_api_server() {
 #[tokio::test]
 #[ignore = "needs a cluster: run `cargo xtask test`"]
 async fn local_only_reconcile_links_to_the_trace_of_the_change() {
-    let jaeger = std::env::var("MYAPP_E2E_JAEGER").expect("MYAPP_E2E_JAEGER is set by `cargo xtask test`");
     let client = client().await;
     let ns = TestNamespace::new(&client, "link").await;
     let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
@@ -382,19 +375,14 @@ async fn local_only_reconcile_links_to_the_trace_of_the_change() {
         .cloned()
         .expect("the mutating webhook records the trace context of the create");
     let change_trace = tp.split('-').nth(1).expect("traceparent trace id").to_string();
-    let tags = format!("%7B%22myapp%22%3A%22{}%2Fweb%22%7D", ns.name);
-    let url =
-        format!("{jaeger}/api/traces?service=myapp-operator&operation=reconcile&tags={tags}&limit=20&lookback=1h");
     eventually("a reconcile span linked to the create's trace", Duration::from_secs(30), || async {
-        let (_, body) = common::http_get(&url)?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let linked =
-            v["data"].as_array()?.iter().flat_map(|t| t["spans"].as_array().cloned().unwrap_or_default()).any(|s| {
-                s["operationName"] == "reconcile"
-                    && s["references"]
-                        .as_array()
-                        .is_some_and(|r| r.iter().any(|r| r["traceID"].as_str() == Some(change_trace.as_str())))
-            });
+        let traces = reconcile_traces(&ns.name, "web")?;
+        let linked = common::spans_of(&traces).any(|s| {
+            s["operationName"] == "reconcile"
+                && s["references"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|r| r["traceID"].as_str() == Some(change_trace.as_str())))
+        });
         linked.then_some(())
     })
     .await;

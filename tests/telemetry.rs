@@ -9,7 +9,6 @@ use std::time::Duration;
 #[tokio::test]
 #[ignore = "needs a cluster: run `cargo xtask test`"]
 async fn local_only_spans_are_flushed_on_sigterm() {
-    let jaeger = std::env::var("MYAPP_E2E_JAEGER").expect("MYAPP_E2E_JAEGER is set by `cargo xtask test`");
     let otlp = std::env::var("MYAPP_E2E_OTLP").expect("MYAPP_E2E_OTLP is set by `cargo xtask test`");
     let client = client().await;
     let ns = TestNamespace::new(&client, "flush").await;
@@ -47,11 +46,8 @@ async fn local_only_spans_are_flushed_on_sigterm() {
     assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
     let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
     assert!(status.success(), "graceful exit: {status:?}");
-    let url = format!("{jaeger}/api/traces?service={service}&limit=20&lookback=1h");
     let spans = eventually("the flushed spans in Jaeger", Duration::from_secs(15), || async {
-        let (_, body) = common::http_get(&url)?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let n: usize = v["data"].as_array()?.iter().map(|t| t["spans"].as_array().map_or(0, Vec::len)).sum();
+        let n = common::spans_of(&common::jaeger_traces(&service, None, None, 20)?).count();
         (n > 0).then_some(n)
     })
     .await;

@@ -121,14 +121,11 @@ async fn certificate_rotation_drops_no_admission() {
 /// The chain of (service, operation) from a span up to its trace's root.
 fn ancestry(trace: &serde_json::Value, span: &serde_json::Value) -> Vec<(String, String)> {
     let spans = trace["spans"].as_array().cloned().unwrap_or_default();
-    let service = |s: &serde_json::Value| {
-        let pid = s["processID"].as_str().unwrap_or_default();
-        trace["processes"][pid]["serviceName"].as_str().unwrap_or_default().to_string()
-    };
     let mut out = Vec::new();
     let mut cur = Some(span.clone());
     while let Some(s) = cur {
-        out.push((service(&s), s["operationName"].as_str().unwrap_or_default().to_string()));
+        let service = common::service_of(trace, &s).unwrap_or_default();
+        out.push((service, s["operationName"].as_str().unwrap_or_default().to_string()));
         let parent =
             s["references"].as_array().and_then(|r| r.first()).and_then(|r| r["spanID"].as_str()).map(str::to_string);
         cur = parent.and_then(|p| spans.iter().find(|x| x["spanID"].as_str() == Some(p.as_str())).cloned());
@@ -142,19 +139,16 @@ fn ancestry(trace: &serde_json::Value, span: &serde_json::Value) -> Vec<(String,
 #[tokio::test]
 #[ignore = "needs a cluster: run `cargo xtask test`"]
 async fn local_only_webhook_spans_are_children_of_the_api_servers_webhook_calls() {
-    let jaeger = std::env::var("MYAPP_E2E_JAEGER").expect("MYAPP_E2E_JAEGER is set by `cargo xtask test`");
     let client = client().await;
     let ns = TestNamespace::new(&client, "whtrace").await;
     let api: Api<MyApp> = Api::namespaced(client.clone(), &ns.name);
     api.create(&PostParams::default(), &myapp("web", json!({"image": "nginx:1.27"}))).await.expect("create");
     for (operation, call) in
-        [("webhook%20%2Fmutate", "Call mutating webhook"), ("webhook%20%2Fvalidate", "Call validating webhook")]
+        [("webhook /mutate", "Call mutating webhook"), ("webhook /validate", "Call validating webhook")]
     {
-        let url = format!("{jaeger}/api/traces?service=myapp-operator&operation={operation}&limit=50&lookback=1h");
         let chain = eventually(&format!("a webhook span under {call:?}"), Duration::from_secs(30), || async {
-            let (_, body) = common::http_get(&url)?;
-            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-            v["data"].as_array()?.iter().find_map(|t| {
+            let traces = common::jaeger_traces("myapp-operator", Some(operation), None, 50)?;
+            traces.iter().find_map(|t| {
                 t["spans"]
                     .as_array()?
                     .iter()

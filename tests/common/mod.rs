@@ -128,3 +128,39 @@ pub fn query_escape(s: &str) -> String {
         })
         .collect()
 }
+
+/// The local Jaeger's query API, e.g. `http://127.0.0.1:16686` (`MYAPP_E2E_JAEGER`, set by
+/// `cargo xtask test` on the local control plane).
+pub fn jaeger() -> String {
+    std::env::var("MYAPP_E2E_JAEGER").expect("MYAPP_E2E_JAEGER is set by `cargo xtask test`")
+}
+
+/// Traces of `service` from the last hour (at most `limit`), of one `operation` and with `tags`
+/// (a JSON object of span tags) when given. None while Jaeger cannot answer.
+pub fn jaeger_traces(
+    service: &str,
+    operation: Option<&str>,
+    tags: Option<&serde_json::Value>,
+    limit: usize,
+) -> Option<Vec<serde_json::Value>> {
+    let mut url = format!("{}/api/traces?service={}&limit={limit}&lookback=1h", jaeger(), query_escape(service));
+    if let Some(op) = operation {
+        url += &format!("&operation={}", query_escape(op));
+    }
+    if let Some(tags) = tags {
+        url += &format!("&tags={}", query_escape(&tags.to_string()));
+    }
+    let (_, body) = http_get(&url)?;
+    serde_json::from_str::<serde_json::Value>(&body).ok()?["data"].as_array().cloned()
+}
+
+/// Every span of `traces`.
+pub fn spans_of(traces: &[serde_json::Value]) -> impl Iterator<Item = &serde_json::Value> {
+    traces.iter().flat_map(|t| t["spans"].as_array().into_iter().flatten())
+}
+
+/// The service of `span`, a span of `trace`.
+pub fn service_of(trace: &serde_json::Value, span: &serde_json::Value) -> Option<String> {
+    let pid = span["processID"].as_str()?;
+    trace["processes"][pid]["serviceName"].as_str().map(str::to_string)
+}
