@@ -295,26 +295,16 @@ fn reconcile_traces(ns: &str, name: &str) -> Option<Vec<serde_json::Value>> {
 /// spans, and the API server's span for one of those calls. Returns (trace id, span count, how they connect).
 fn reconcile_trace(ns: &str, name: &str) -> Option<(String, usize, ApiServerSide, String)> {
     let traces = reconcile_traces(ns, name)?;
-    let refers_to = |s: &serde_json::Value, span: &str| {
-        s["references"].as_array().is_some_and(|r| r.iter().any(|r| r["spanID"].as_str() == Some(span)))
-    };
+    let refers_to = common::refers_to;
     traces.iter().find_map(|trace| {
         let trace_id = trace["traceID"].as_str()?;
         let spans = trace["spans"].as_array()?;
-        let reconcile = spans.iter().find(|s| s["operationName"] == "reconcile")?;
-        let rid = reconcile["spanID"].as_str()?;
-        let calls: Vec<&str> = spans
-            .iter()
-            .filter(|s| s["operationName"].as_str().is_some_and(|o| o.starts_with("kube ")) && refers_to(s, rid))
-            .filter_map(|s| s["spanID"].as_str())
-            .collect();
+        let (reconcile, calls) = common::reconcile_and_calls(trace)?;
         // The reconcile that created the children: its Deployment, Service and status writes at least.
         if calls.len() < 3 {
             return None;
         }
-        let tag = |key: &str| {
-            reconcile["tags"].as_array()?.iter().find(|t| t["key"] == key)?["value"].as_str().map(str::to_string)
-        };
+        let tag = |key: &str| common::tag(reconcile, key);
         let trigger = tag("trigger").unwrap_or_default();
         let found = |side| Some((trace_id.to_string(), spans.len(), side, trigger.clone()));
         if spans.iter().any(|s| {

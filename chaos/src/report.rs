@@ -25,6 +25,12 @@ pub struct Fault {
     pub first_reconcile_after: Option<f64>,
     /// Fault → every MyApp Ready at its generation with matching children, seconds.
     pub converged_after: Option<f64>,
+    /// The longest time within the fault's window with no leader reconciling (a lease held by
+    /// nobody, or held but not yet reconciling), seconds; measured where a fault hands over
+    /// several times (a rollout).
+    pub longest_gap: Option<f64>,
+    /// What else the scenario observed (e.g. evictions the PodDisruptionBudget refused).
+    pub detail: Option<String>,
 }
 
 /// Distribution of one measurement.
@@ -168,6 +174,12 @@ pub fn table(r: &Report) -> String {
         r.orphans.len(),
         r.failed_admissions.map_or("n/a (no webhooks on this target)".to_string(), |n| n.to_string())
     );
+    for f in &r.faults {
+        if f.longest_gap.is_some() || f.detail.is_some() {
+            let gap = f.longest_gap.map_or(String::new(), |g| format!("longest reconcile gap {:.0} ms; ", g * 1000.0));
+            let _ = writeln!(out, "{} #{}: {gap}{}", f.scenario, f.round, f.detail.as_deref().unwrap_or(""));
+        }
+    }
     out
 }
 
@@ -258,6 +270,8 @@ mod tests {
             acquired_after: Some(acquired),
             first_reconcile_after: None,
             converged_after: Some(1.0),
+            longest_gap: None,
+            detail: None,
         }
     }
 

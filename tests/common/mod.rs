@@ -164,3 +164,27 @@ pub fn service_of(trace: &serde_json::Value, span: &serde_json::Value) -> Option
     let pid = span["processID"].as_str()?;
     trace["processes"][pid]["serviceName"].as_str().map(str::to_string)
 }
+
+/// The value of the span tag `key`, as a string.
+pub fn tag(span: &serde_json::Value, key: &str) -> Option<String> {
+    span["tags"].as_array()?.iter().find(|t| t["key"] == key)?["value"].as_str().map(str::to_string)
+}
+
+/// The `reconcile` span of a Jaeger trace, and the span ids of the API calls (`kube <verb> <path>`
+/// spans) that are its children.
+pub fn reconcile_and_calls(trace: &serde_json::Value) -> Option<(&serde_json::Value, Vec<&str>)> {
+    let spans = trace["spans"].as_array()?;
+    let reconcile = spans.iter().find(|s| s["operationName"] == "reconcile")?;
+    let rid = reconcile["spanID"].as_str()?;
+    let calls = spans
+        .iter()
+        .filter(|s| s["operationName"].as_str().is_some_and(|o| o.starts_with("kube ")) && refers_to(s, rid))
+        .filter_map(|s| s["spanID"].as_str())
+        .collect();
+    Some((reconcile, calls))
+}
+
+/// True when `span` references (child of, or follows from) the span `id`.
+pub fn refers_to(span: &serde_json::Value, id: &str) -> bool {
+    span["references"].as_array().is_some_and(|r| r.iter().any(|r| r["spanID"].as_str() == Some(id)))
+}

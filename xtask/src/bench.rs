@@ -328,6 +328,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             rounds: Some(failover_rounds),
             scenarios: Some(vec!["term".into(), "kill".into()]),
             replicas: 3,
+            on: crate::chaos::On::Processes,
         })
         .await?;
         Some(json!({"timings_s": report.timings, "summary": report.summary}))

@@ -32,14 +32,31 @@ pub struct ChaosArgs {
     /// Scenarios to run (default: all that the target allows).
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Option<Vec<String>>,
-    /// Operator replicas.
+    /// Operator replicas (host processes; the pods are the install's three).
     #[arg(long, default_value_t = 3)]
     pub replicas: usize,
+    /// What to break: operator `processes` on this machine behind fault proxies, or the `pods`
+    /// of the install on the real node (`kubectl apply -k deploy/overlays/local`).
+    #[arg(long = "target", value_enum, default_value_t = On::Processes)]
+    pub on: On,
+}
+
+/// Where the replicas under test run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum On {
+    /// Processes on this machine.
+    Processes,
+    /// The install's pods on the real node.
+    Pods,
 }
 
 const ALL: &[&str] = &["kill", "term", "pause", "partition", "apiserver-restart"];
 
-fn epoch() -> f64 {
+/// Scenarios that hand over gracefully: no admission may fail during them.
+const GRACEFUL: &[&str] = &["term", "delete", "rollout", "pdb"];
+
+/// Now, in seconds since the epoch.
+pub fn epoch() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
@@ -92,16 +109,18 @@ impl Harness {
 }
 
 /// The steady workload: creates, updates, scales and deletes MyApps in `ns` every 250 ms.
-struct Workload {
+pub struct Workload {
     /// Times (epoch s) of requests refused because no webhook answered.
     admission_failures: Arc<Mutex<Vec<f64>>>,
-    paused: Arc<AtomicBool>,
+    /// Set while the harness waits for convergence: the workload holds its changes.
+    pub paused: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     deleted: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-fn workload(client: Client, ns: String) -> Workload {
+/// Starts the workload in `ns`.
+pub fn workload(client: Client, ns: String) -> Workload {
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let deleted = Arc::new(Mutex::new(Vec::new()));
@@ -178,7 +197,7 @@ fn workload(client: Client, ns: String) -> Workload {
 }
 
 /// Every MyApp in `ns` Ready at its generation, with a Deployment matching its spec.
-async fn converged(client: &Client, ns: &str) -> bool {
+pub async fn converged(client: &Client, ns: &str) -> bool {
     let apps: Api<MyApp> = Api::namespaced(client.clone(), ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let (Ok(apps), Ok(deps)) = (apps.list(&ListParams::default()).await, deps.list(&ListParams::default()).await)
@@ -224,6 +243,10 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
         other => bail!("unknown profile {other:?} (smoke or full)"),
     };
     let rounds = args.rounds.unwrap_or(default_rounds);
+    if args.on == On::Pods {
+        return crate::chaos_pods::chaos(&args, args.rounds.unwrap_or(if args.profile == "smoke" { 1 } else { 5 }))
+            .await;
+    }
     let target = args.target.resolve().await?;
     let scenarios: Vec<String> = args
         .scenarios
@@ -294,6 +317,48 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
     }
     .await;
 
+    for m in &h.members {
+        procs::signal(m.replica.pid, "CONT");
+        m.proxy.set_partitioned(false);
+    }
+    operator::stop_replicas();
+    let run = Run {
+        profile: args.profile.clone(),
+        timings: h.timings,
+        replicas: args.replicas,
+        started_at,
+        local: target.local,
+    };
+    finish(&client, &run, &ns, load, faults, result).await
+}
+
+/// What one chaos run was: for the verdict and the report.
+pub struct Run {
+    /// The profile, which also names the report files.
+    pub profile: String,
+    /// The replicas' lease timings: duration, renew deadline, retry period (seconds).
+    pub timings: [f64; 3],
+    /// Operator replicas.
+    pub replicas: usize,
+    /// When the run started (epoch seconds): the audit log is read from there.
+    pub started_at: f64,
+    /// The local control plane (its audit log is there to read).
+    pub local: bool,
+}
+
+/// Stops the workload, waits for deleted MyApps to go, then judges the run from the audit log:
+/// writes outside leadership, orphaned children, admissions that failed during graceful
+/// handovers, faults that did not converge. Writes the report (JSON and SVG timeline).
+pub async fn finish(
+    client: &Client,
+    r: &Run,
+    ns: &str,
+    load: Workload,
+    faults: Vec<Fault>,
+    result: Result<()>,
+) -> Result<Report> {
+    let ns = ns.to_string();
+    let client = client.clone();
     load.stop.store(true, Ordering::Relaxed);
     let _ = load.task.await;
     // Deleted MyApps must leave nothing behind once they are gone.
@@ -327,18 +392,13 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
         }
     }
 
-    for m in &h.members {
-        procs::signal(m.replica.pid, "CONT");
-        m.proxy.set_partitioned(false);
-    }
-    operator::stop_replicas();
     let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
     result?;
 
-    let (intervals, violations, writes) = if target.local {
+    let (intervals, violations, writes) = if r.local {
         let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log")).context("read the audit log")?;
-        let reqs = audit::parse(&log, started_at);
-        let intervals = invariants::leadership(&reqs, operator::NAMESPACE, operator::LEASE, h.timings[1], epoch());
+        let reqs = audit::parse(&log, r.started_at);
+        let intervals = invariants::leadership(&reqs, operator::NAMESPACE, operator::LEASE, r.timings[1], epoch());
         let violations = invariants::writes_outside(&reqs, &intervals, operator::NAMESPACE, operator::LEASE);
         let writes: Vec<(String, f64)> = reqs
             .iter()
@@ -351,19 +411,20 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
         (vec![], vec![], vec![])
     };
     let report = Report {
-        profile: args.profile.clone(),
-        timings: h.timings,
-        replicas: args.replicas,
+        profile: r.profile.clone(),
+        timings: r.timings,
+        replicas: r.replicas,
         summary: report::summarize(&faults, &violations, &admission_failures),
         faults,
         operator_writes: writes.len(),
         intervals,
         violations,
         orphans,
-        failed_admissions: target.local.then_some(admission_failures.len()),
+        failed_admissions: r.local.then_some(admission_failures.len()),
     };
-    let json = run.join(format!("{}.json", args.profile));
-    let svg = run.join(format!("{}.svg", args.profile));
+    let run = paths::run_dir().join("chaos");
+    let json = run.join(format!("{}.json", r.profile));
+    let svg = run.join(format!("{}.svg", r.profile));
     std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
     std::fs::write(&svg, report::svg(&report, &writes))?;
     println!("\n{}", report::table(&report));
@@ -379,7 +440,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
     }
     // While a replica is up, a graceful handover must not fail a single admission.
     let term_failures: usize =
-        report.summary.iter().filter(|s| s.scenario == "term").map(|s| s.failed_admissions).sum();
+        report.summary.iter().filter(|s| GRACEFUL.contains(&s.scenario.as_str())).map(|s| s.failed_admissions).sum();
     if term_failures > 0 {
         bail!("{term_failures} admissions failed during graceful handovers");
     }
@@ -389,11 +450,13 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
     Ok(report)
 }
 
-fn ms(v: Option<f64>) -> String {
+/// Seconds as milliseconds for the progress lines, or `-`.
+pub fn ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |s| format!("{:.0} ms", s * 1000.0))
 }
 
-fn rand_suffix() -> String {
+/// A suffix for the workload's namespace.
+pub fn rand_suffix() -> String {
     format!("{:06}", (epoch() * 1000.0) as u64 % 1_000_000)
 }
 
@@ -483,5 +546,7 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
         acquired_after: acquired,
         first_reconcile_after: first_reconcile,
         converged_after,
+        longest_gap: None,
+        detail: None,
     })
 }

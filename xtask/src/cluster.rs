@@ -3,9 +3,10 @@
 //! Real components built from their Go modules ([`crate::gobuild`]), run as processes on
 //! 127.0.0.1: Jaeger, etcd, kube-apiserver (RBAC, admission webhooks, tracing to Jaeger at
 //! 1,000,000 per million, an audit log of every write), kube-controller-manager, kube-scheduler
-//! and kwok with three fake nodes whose pods really become Running and Ready.
+//! and kwok with three fake nodes whose pods really become Running and Ready; and one real node
+//! that runs containers ([`crate::node`]), when the host can.
 
-use crate::{gobuild, paths, pki, procs};
+use crate::{gobuild, node, paths, pki, procs};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::{Api, ListParams, PostParams};
@@ -50,11 +51,28 @@ pub mod ports {
         JAEGER_OTLP_HTTP,
         JAEGER_QUERY,
         JAEGER_HEALTH,
+        crate::node::ports::KUBELET_HEALTHZ,
+        crate::node::ports::PROXY_HEALTHZ,
+        crate::node::ports::PROXY_METRICS,
     ];
 }
 
 /// Start order; `down` stops in reverse.
-const ORDER: &[&str] = &["jaeger", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"];
+const ORDER: &[&str] = &[
+    "jaeger",
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "containerd",
+    "kube-proxy",
+    "kubelet",
+];
+
+/// The components that must run for the control plane to count as up (the node's are optional).
+const CONTROL_PLANE: &[&str] =
+    &["jaeger", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"];
 
 /// Number of fake nodes.
 pub const NODES: usize = 3;
@@ -159,7 +177,8 @@ fn arg(k: &str, v: impl std::fmt::Display) -> String {
 pub async fn is_up() -> bool {
     let run = paths::run_dir();
     let recorded = procs::recorded(&run);
-    let alive = ORDER.iter().all(|name| recorded.iter().any(|(n, pid, bin)| n == name && procs::runs(*pid, Some(bin))));
+    let alive =
+        CONTROL_PLANE.iter().all(|name| recorded.iter().any(|(n, pid, bin)| n == name && procs::runs(*pid, Some(bin))));
     if !alive {
         return false;
     }
@@ -213,6 +232,14 @@ pub async fn up() -> Result<()> {
         ),
     )?;
     std::fs::write(run.join("kwok.yaml"), kwok_config(&module_dir("kwok", "sigs.k8s.io/kwok")?)?)?;
+    let missing = node::prepare_host()?;
+    for m in &missing {
+        println!("    the real node cannot run here: missing {} (fix: {})", m.what, m.fix);
+    }
+    std::fs::write(
+        run.join("jaeger.yaml"),
+        jaeger_config(&std::fs::read_to_string(paths::repo().join("cluster/jaeger.yaml"))?, node::enabled())?,
+    )?;
     let bin = |name: &str| -> Result<PathBuf> { bins.get(name).cloned().with_context(|| format!("no binary {name}")) };
     let p = |f: &str| run.join(f).display().to_string();
     let pk = |f: &str| pki_dir.join(f).display().to_string();
@@ -221,7 +248,7 @@ pub async fn up() -> Result<()> {
         &run,
         "jaeger",
         &bin("jaeger")?,
-        &[format!("--config={}", paths::repo().join("cluster/jaeger.yaml").display())],
+        &[format!("--config={}", run.join("jaeger.yaml").display())],
         &[],
     )?;
     let etcd = procs::spawn(
@@ -266,7 +293,7 @@ pub async fn up() -> Result<()> {
             arg("secure-port", ports::CONTROLLER_MANAGER),
             arg(
                 "controllers",
-                "garbage-collector-controller,deployment-controller,replicaset-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,node-lifecycle-controller,root-ca-certificate-publisher-controller,endpointslice-controller,taint-eviction-controller",
+                "garbage-collector-controller,deployment-controller,replicaset-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,node-lifecycle-controller,root-ca-certificate-publisher-controller,endpointslice-controller,taint-eviction-controller,disruption-controller",
             ),
             arg("use-service-account-credentials", true),
             arg("service-account-private-key-file", pk("sa.key")),
@@ -327,6 +354,17 @@ pub async fn up() -> Result<()> {
         ready_nodes(&nodes).await == NODES
     })
     .await?;
+    if node::enabled() {
+        let k8s = module_dir("kubernetes", "k8s.io/kubernetes")?;
+        let containerd = gobuild::component("containerd")?.bin_dir()?;
+        let bins = node::Bins {
+            containerd: &containerd,
+            kubelet: &bin("kubelet")?,
+            kube_proxy: &bin("kube-proxy")?,
+            kubernetes_module: &k8s,
+        };
+        node::up(&run, &bins, &admin).await?;
+    }
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "default");
     wait_for(&run, Some(&cm), "default service account", Duration::from_secs(60), || async {
         matches!(sas.get_opt("default").await, Ok(Some(_)))
@@ -341,17 +379,48 @@ pub async fn up() -> Result<()> {
     Ok(())
 }
 
-/// The API server's command line.
+/// Jaeger's configuration: `cluster/jaeger.yaml`, plus, with the real node, a second OTLP gRPC
+/// receiver on the node address for the pods.
+fn jaeger_config(base: &str, with_node: bool) -> Result<String> {
+    if !with_node {
+        return Ok(base.to_string());
+    }
+    let mut v: serde_yaml::Value = serde_yaml::from_str(base)?;
+    v["receivers"]["otlp/node"] = serde_yaml::from_str(&format!(
+        "protocols: {{grpc: {{endpoint: \"{}:{}\"}}}}",
+        node::NODE_IP,
+        ports::JAEGER_OTLP
+    ))?;
+    let receivers = v["service"]["pipelines"]["traces"]["receivers"]
+        .as_sequence_mut()
+        .context("cluster/jaeger.yaml: no service.pipelines.traces.receivers")?;
+    receivers.push("otlp/node".into());
+    Ok(serde_yaml::to_string(&v)?)
+}
+
+/// The API server's command line. With the real node it serves on every address and advertises
+/// the node's, which backs the `kubernetes` Service that pods use; without it, loopback only.
 fn apiserver_args(run: &Path) -> Vec<String> {
     let p = |f: &str| run.join(f).display().to_string();
     let pk = |f: &str| run.join("pki").join(f).display().to_string();
-    vec![
+    let addresses = if node::enabled() {
+        vec![arg("bind-address", "0.0.0.0"), arg("advertise-address", node::NODE_IP)]
+    } else {
+        // A loopback address cannot back the `kubernetes` Service endpoints; nothing needs them then.
+        vec![
+            arg("bind-address", "127.0.0.1"),
+            arg("advertise-address", "127.0.0.1"),
+            arg("endpoint-reconciler-type", "none"),
+        ]
+    };
+    addresses
+        .into_iter()
+        .chain([
         arg("etcd-servers", format!("http://127.0.0.1:{}", ports::ETCD)),
-        arg("bind-address", "127.0.0.1"),
-        arg("advertise-address", "127.0.0.1"),
-        // A loopback address cannot back the `kubernetes` Service endpoints; nothing here needs them.
-        arg("endpoint-reconciler-type", "none"),
         arg("secure-port", ports::APISERVER),
+        arg("kubelet-client-certificate", pk("apiserver-kubelet-client.crt")),
+        arg("kubelet-client-key", pk("apiserver-kubelet-client.key")),
+        arg("kubelet-preferred-address-types", "InternalIP"),
         arg("tls-cert-file", pk("apiserver.crt")),
         arg("tls-private-key-file", pk("apiserver.key")),
         arg("client-ca-file", pk("ca.crt")),
@@ -359,10 +428,10 @@ fn apiserver_args(run: &Path) -> Vec<String> {
         arg("service-account-signing-key-file", pk("sa.key")),
         arg("service-account-issuer", "https://kubernetes.default.svc.cluster.local"),
         arg("service-cluster-ip-range", "10.96.0.0/16"),
-        arg("authorization-mode", "RBAC"),
+        arg("authorization-mode", "Node,RBAC"),
         arg(
             "enable-admission-plugins",
-            "NamespaceLifecycle,ServiceAccount,TaintNodesByCondition,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota",
+            "NamespaceLifecycle,ServiceAccount,NodeRestriction,TaintNodesByCondition,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota",
         ),
         arg("audit-policy-file", p("audit-policy.yaml")),
         arg("audit-log-path", p("logs/audit.log")),
@@ -374,7 +443,8 @@ fn apiserver_args(run: &Path) -> Vec<String> {
         arg("profiling", false),
         arg("max-requests-inflight", 1000),
         arg("max-mutating-requests-inflight", 500),
-    ]
+    ])
+    .collect()
 }
 
 /// Restarts kube-apiserver with the same command line (the chaos suite's `apiserver-restart`)
@@ -478,10 +548,22 @@ fn down_quiet(run: &Path) -> usize {
     stopped
 }
 
-/// Stops every process `up` (or the harness) recorded.
-pub fn down() -> Result<()> {
+/// Stops every process `up` (or the harness) recorded. The real node's pods go first, through the
+/// API, so that kubelet tears their sandboxes down; then whatever containers remain; then the
+/// processes; then the node's mounts, bridge, iptables rules and address.
+pub async fn down() -> Result<()> {
     let run = paths::run_dir();
+    let node_ran = procs::recorded(&run).iter().any(|(n, pid, bin)| n == "kubelet" && procs::runs(*pid, Some(bin)));
+    if node_ran && let Ok(admin) = client_from(&paths::kubeconfig()).await {
+        node::drain(&admin).await;
+    }
+    let containerd = gobuild::component("containerd").and_then(|c| c.bin_dir()).ok();
+    node::cleanup_containers(containerd.as_deref());
     let n = down_quiet(&run);
+    if node::enabled() {
+        let kube_proxy = gobuild::component("kubernetes").and_then(|c| c.bin_dir()).ok().map(|d| d.join("kube-proxy"));
+        node::cleanup_host(kube_proxy.as_deref());
+    }
     let busy: Vec<u16> = ports::ALL.iter().copied().filter(|p| procs::port_in_use(*p)).collect();
     println!("==> stopped {n} processes; logs kept in {}", run.join("logs").display());
     if !busy.is_empty() {
@@ -506,6 +588,9 @@ pub async fn status() -> Result<()> {
         let client = client_from(&paths::kubeconfig()).await?;
         let nodes: Api<Node> = Api::all(client);
         println!("kube-apiserver ready; {} nodes Ready", ready_nodes(&nodes).await);
+        if let Some(why) = node::unavailable() {
+            println!("the real node is not running: {why}");
+        }
         print_usage();
     } else {
         println!("kube-apiserver is not answering");

@@ -1,9 +1,11 @@
 //! `cargo xtask demo`: the main job on the embedded default. Starts the local control plane (or
-//! uses the cluster given), runs three operator replicas, applies the example MyApps, and shows
-//! them Ready, who leads, and where the traces are.
+//! uses the cluster given), installs the operator as users do (`kubectl apply -k`, three pods on
+//! the real node), applies the example MyApps, and shows them Ready, who leads, and where the
+//! traces are. `--processes` runs the replicas as host processes instead (a faster loop while
+//! developing; also what runs against a user's cluster, which cannot load the local image).
 
 use crate::operator::{self, TargetArgs};
-use crate::{cluster, paths};
+use crate::{cluster, install, paths};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -17,9 +19,12 @@ use std::time::{Duration, Instant};
 pub struct DemoArgs {
     #[command(flatten)]
     target: TargetArgs,
-    /// Number of operator replicas.
+    /// Number of operator replicas (host processes only; the install runs the 3 of `deploy/`).
     #[arg(long, default_value_t = 3)]
     replicas: usize,
+    /// Run the replicas as processes on this machine instead of installing them as pods.
+    #[arg(long)]
+    processes: bool,
 }
 
 fn myapp_resource() -> ApiResource {
@@ -69,18 +74,39 @@ async fn latest_trace(port: u16, myapp: &str) -> Option<String> {
 pub async fn demo(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let target = args.target.resolve().await?;
-    let bin = operator::build()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
-    let operator_kubeconfig = operator::prepare(&client, &target).await?;
-    operator::stop_replicas();
-    println!(
-        "==> starting {} operator replicas (leader election on Lease {}/myapp-operator)",
-        args.replicas,
-        operator::NAMESPACE
-    );
-    let replicas =
-        operator::start_replicas(&bin, &operator_kubeconfig, args.replicas, &[], &operator::replica_env(&target))?;
-    operator::wait_ready(&replicas).await?;
+    let as_pods = !args.processes && target.local && crate::node::enabled();
+    if as_pods {
+        println!(
+            "==> installing the operator: kubectl apply -k {} (deploy/ as shipped, on the real node)",
+            install::OVERLAY
+        );
+        install::prepare(&client).await?;
+        let took = install::apply(&client, &target.kubeconfig).await?;
+        println!("    3 operator pods ready {:.1} s after kubectl apply", took.as_secs_f64());
+    } else {
+        if !args.processes {
+            match crate::node::unavailable() {
+                Some(why) if target.local => println!("==> no real node ({why}): running the replicas as processes"),
+                _ => println!("==> a user's cluster cannot run the local image: running the replicas as processes"),
+            }
+        }
+        let bin = operator::build()?;
+        let operator_kubeconfig = operator::prepare(&client, &target).await?;
+        if target.local {
+            // The pods of an earlier demo would compete for the Lease.
+            install::uninstall(&client).await?;
+        }
+        operator::stop_replicas();
+        println!(
+            "==> starting {} operator replicas (leader election on Lease {}/myapp-operator)",
+            args.replicas,
+            operator::NAMESPACE
+        );
+        let replicas =
+            operator::start_replicas(&bin, &operator_kubeconfig, args.replicas, &[], &operator::replica_env(&target))?;
+        operator::wait_ready(&replicas).await?;
+    }
 
     println!("==> applying the example MyApps");
     let names = apply_examples(&client).await?;
@@ -113,14 +139,29 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
 
     let lease = Api::<Lease>::namespaced(client.clone(), operator::NAMESPACE).get(operator::LEASE).await?;
     let spec = lease.spec.unwrap_or_default();
+    let holder = spec.holder_identity.unwrap_or_default();
+    if as_pods {
+        println!("\n==> operator pods (kubectl -n {} get pods)", operator::NAMESPACE);
+        println!("    {:<40} {:<6} {:>8}  NODE", "NAME", "READY", "RESTARTS");
+        for p in install::pods(&client).await? {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            let mark = if install::pod_of(&holder) == Some(name.as_str()) { "  <- leader" } else { "" };
+            println!("    {name:<40} {:<6} {:>8}  {node}{mark}", install::is_ready(&p), install::restarts(&p));
+        }
+    }
     println!("\n==> leader");
     println!(
-        "    {} holds Lease {}/myapp-operator (transitions: {}); the other replicas are warm standbys",
-        spec.holder_identity.unwrap_or_default(),
+        "    {holder} holds Lease {}/myapp-operator (transitions: {}); the other replicas are warm standbys",
         operator::NAMESPACE,
         spec.lease_transitions.unwrap_or(0)
     );
-    println!("    replica logs: {}", paths::run_dir().join("logs").join("operator-*.log").display());
+    if as_pods {
+        println!("    leader pod: {}", install::pod_of(&holder).unwrap_or("-"));
+        println!("    logs: kubectl -n {} logs {}", operator::NAMESPACE, install::pod_of(&holder).unwrap_or("POD"));
+    } else {
+        println!("    replica logs: {}", paths::run_dir().join("logs").join("operator-*.log").display());
+    }
 
     if target.local {
         let port = cluster::ports::JAEGER_QUERY;

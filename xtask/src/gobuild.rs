@@ -24,6 +24,8 @@ pub struct Component {
     pub ldflags: &'static str,
     /// Binaries that `go build` names after their package path, renamed: (built, wanted).
     pub renames: &'static [(&'static str, &'static str)],
+    /// Build tags (`-tags`), comma-separated; empty for none.
+    pub tags: &'static str,
 }
 
 const K8S_LDFLAGS: &str = "-X k8s.io/component-base/version.gitVersion={version} \
@@ -40,21 +42,33 @@ pub const COMPONENTS: &[Component] = &[
         binaries: &["etcd"],
         ldflags: "",
         renames: &[("server", "etcd")],
+        tags: "",
     },
     Component {
         name: "kubernetes",
         module: "k8s.io/kubernetes",
-        binaries: &["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"],
+        binaries: &["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy"],
         ldflags: K8S_LDFLAGS,
         renames: &[],
+        tags: "",
     },
-    Component { name: "kwok", module: "sigs.k8s.io/kwok", binaries: &["kwok"], ldflags: "", renames: &[] },
+    Component { name: "kwok", module: "sigs.k8s.io/kwok", binaries: &["kwok"], ldflags: "", renames: &[], tags: "" },
     Component {
         name: "jaeger",
         module: "github.com/jaegertracing/jaeger",
         binaries: &["jaeger"],
         ldflags: "",
         renames: &[],
+        tags: "",
+    },
+    // The real node's container runtime. CGO off: no btrfs snapshotter (it needs cgo headers).
+    Component {
+        name: "containerd",
+        module: "github.com/containerd/containerd/v2",
+        binaries: &["containerd", "containerd-shim-runc-v2", "ctr"],
+        ldflags: "-X github.com/containerd/containerd/v2/version.Version={version}",
+        renames: &[],
+        tags: "no_btrfs",
     },
 ];
 
@@ -124,7 +138,7 @@ impl Component {
             .current_dir(self.dir())
             .env("CGO_ENABLED", "0")
             .env("GOFLAGS", "-mod=mod")
-            .args(["build", "-trimpath", "-ldflags", &self.ldflags()?, "-o"])
+            .args(["build", "-trimpath", "-tags", self.tags, "-ldflags", &self.ldflags()?, "-o"])
             .arg(&tmp)
             .arg("tool")
             .spawn()
@@ -155,6 +169,11 @@ impl Component {
         println!("    built {} in {:.1} s", self.name, started.elapsed().as_secs_f64());
         Ok(dir)
     }
+}
+
+/// The component called `name`.
+pub fn component(name: &str) -> Result<&'static Component> {
+    COMPONENTS.iter().find(|c| c.name == name).with_context(|| format!("no component {name}"))
 }
 
 /// The kubectl built with the control plane, if it is in the cache.

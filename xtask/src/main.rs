@@ -2,10 +2,13 @@
 
 mod bench;
 mod chaos;
+mod chaos_pods;
 mod cluster;
 mod demo;
 mod gobuild;
 mod image;
+mod install;
+mod node;
 mod operator;
 mod paths;
 mod pki;
@@ -27,7 +30,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The local control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-    /// kwok and Jaeger, built from their Go modules and run on 127.0.0.1.
+    /// kwok and Jaeger, built from their Go modules and run on 127.0.0.1, and one real node
+    /// (containerd, kubelet, kube-proxy).
     Cluster {
         #[command(subcommand)]
         action: ClusterAction,
@@ -62,7 +66,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Cluster { action } => match action {
             ClusterAction::Up => rt.block_on(cluster::up()),
-            ClusterAction::Down => cluster::down(),
+            ClusterAction::Down => rt.block_on(cluster::down()),
             ClusterAction::Status => rt.block_on(cluster::status()),
         },
         Command::Bench(args) => rt.block_on(bench::bench(args)),

@@ -363,13 +363,18 @@ impl Replica {
     /// Every "first reconcile of the term" this replica logged: (when, epoch seconds; how long
     /// after acquiring the lease, ms).
     pub fn first_reconciles(&self) -> Vec<(f64, f64)> {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines()
-            .filter(|l| l.contains("first reconcile of the term finished"))
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| Some((chaos::audit::seconds(v["timestamp"].as_str()?)?, v["ms"].as_f64()?)))
-            .collect()
+        first_reconciles_in(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
+}
+
+/// Every "first reconcile of the term" in a replica's JSON log: (when, epoch seconds; how long
+/// after acquiring the lease, ms).
+pub fn first_reconciles_in(log: &str) -> Vec<(f64, f64)> {
+    log.lines()
+        .filter(|l| l.contains("first reconcile of the term finished"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((chaos::audit::seconds(v["timestamp"].as_str()?)?, v["ms"].as_f64()?)))
+        .collect()
 }
 
 /// First probe port of the replicas; replica `i` uses `BASE_PROBE_PORT + i`.

@@ -28,7 +28,16 @@ pub const CLIENTS: &[ClientId<'static>] = &[
     ClientId { file: "controller-manager", user: "system:kube-controller-manager", groups: &[] },
     ClientId { file: "scheduler", user: "system:kube-scheduler", groups: &[] },
     ClientId { file: "kwok", user: "kwok-controller", groups: &["system:masters"] },
+    // The real node: the Node authorizer knows kubelets by this name and group.
+    ClientId { file: "kubelet", user: "system:node:myapp-node", groups: &["system:nodes"] },
+    // Bound to system:node-proxier by the API server's bootstrap RBAC.
+    ClientId { file: "kube-proxy", user: "system:kube-proxy", groups: &[] },
+    // The API server's identity towards kubelets (logs, exec).
+    ClientId { file: "apiserver-kubelet-client", user: "kube-apiserver-kubelet-client", groups: &["system:masters"] },
 ];
+
+/// Bumped whenever what [`ensure`] writes changes, so that an older run directory is rewritten.
+const LAYOUT: &str = "2: node client certificates, node address in the serving certificate";
 
 fn params(cn: &str, days: i64) -> CertificateParams {
     let mut p = CertificateParams::default();
@@ -49,7 +58,11 @@ fn write(dir: &Path, name: &str, cert_pem: &str, key: &KeyPair) -> Result<()> {
 
 /// Writes the PKI into `dir` unless a CA is already there.
 pub fn ensure(dir: &Path) -> Result<()> {
-    if dir.join("ca.crt").is_file() && dir.join("sa.key").is_file() {
+    let layout = dir.join("layout");
+    if dir.join("ca.crt").is_file()
+        && dir.join("sa.key").is_file()
+        && std::fs::read_to_string(&layout).is_ok_and(|l| l == LAYOUT)
+    {
         return Ok(());
     }
     std::fs::create_dir_all(dir)?;
@@ -68,6 +81,8 @@ pub fn ensure(dir: &Path) -> Result<()> {
     serving.subject_alt_names = vec![
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))),
+        // The real node's address, which the API server advertises to pods.
+        SanType::IpAddress(crate::node::NODE_IP.parse()?),
         SanType::DnsName("localhost".try_into()?),
         SanType::DnsName("kubernetes".try_into()?),
         SanType::DnsName("kubernetes.default".try_into()?),
@@ -92,6 +107,7 @@ pub fn ensure(dir: &Path) -> Result<()> {
     let sa = KeyPair::generate()?;
     std::fs::write(dir.join("sa.key"), sa.serialize_pem())?;
     std::fs::write(dir.join("sa.pub"), sa.public_key_pem())?;
+    std::fs::write(layout, LAYOUT)?;
     Ok(())
 }
 

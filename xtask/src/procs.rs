@@ -143,6 +143,26 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// Installs Debian packages with apt-get (as root); nothing when `packages` is empty.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let packages = packages.join(" ");
+    println!("    installing {packages} (apt-get)");
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            &format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {packages}"),
+        ])
+        .status()
+        .context("run apt-get")?;
+    if !status.success() {
+        bail!("apt-get install {packages} failed ({status}); install them yourself (as root)");
+    }
+    Ok(())
+}
+
 /// Calls `check` every `every` until it yields a value, or fails naming `what` after `timeout`.
 pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, every: Duration, mut check: F) -> Result<T>
 where

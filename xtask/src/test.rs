@@ -50,7 +50,7 @@ pub async fn test(args: TestArgs) -> Result<()> {
     let result = against_cluster(&target).await;
     operator::stop_replicas();
     if target.started_here && !args.keep_cluster {
-        cluster::down()?;
+        cluster::down().await?;
     }
     result?;
 
@@ -113,6 +113,7 @@ async fn against_cluster(target: &operator::Target) -> Result<()> {
         rounds: None,
         scenarios: None,
         replicas: 3,
+        on: crate::chaos::On::Processes,
     };
     let _ = crate::chaos::chaos(args).await?;
     println!("    chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());

@@ -1,0 +1,225 @@
+//! The install as users run it, on the local control plane's real node: `kubectl apply -k` of
+//! `deploy/` (through `deploy/overlays/local`, which changes only the image, the placement and
+//! the trace endpoint), three operator pods that really run the image, the webhooks answering
+//! through their Service, the examples Ready, and a pod's reconcile in Jaeger.
+//!
+//! Run by `cargo xtask test` when the real node is up (`MYAPP_E2E_NODE` names it), after the
+//! image is imported and with no operator process running on the host.
+
+mod common;
+
+use common::{TestNamespace, client, eventually};
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use myapp_operator::api::MyApp;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const NAMESPACE: &str = "myapp-system";
+const SELECTOR: &str = "app.kubernetes.io/name=myapp-operator,app.kubernetes.io/component=controller";
+
+fn node() -> String {
+    std::env::var("MYAPP_E2E_NODE").expect("MYAPP_E2E_NODE (the real node) is set by `cargo xtask test`")
+}
+
+fn kubectl(args: &[&str]) -> (bool, String) {
+    let bin = std::env::var("MYAPP_E2E_KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let out = Command::new(bin).args(args).output().expect("run kubectl");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The last lines each operator pod logged (and its previous container's, after a restart).
+async fn pod_logs(pods: &Api<Pod>) -> String {
+    let mut out = String::new();
+    let Ok(list) = pods.list(&ListParams::default().labels(SELECTOR)).await else {
+        return "cannot list the operator pods".into();
+    };
+    for p in list.items {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        let restarts = p
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum::<i32>());
+        out += &format!("--- pod {name}: {phase}, ready {}, {restarts} restarts\n", ready(&p));
+        for previous in [true, false] {
+            let lp = LogParams { tail_lines: Some(30), previous, ..Default::default() };
+            if let Ok(text) = pods.logs(&name, &lp).await {
+                out += &format!("  [{}]\n{text}\n", if previous { "previous container" } else { "current container" });
+            }
+        }
+    }
+    out
+}
+
+/// Waits until the operator's Deployment has rolled out `want` ready pods; on timeout, fails with
+/// every pod's last log lines (a crash loop shows there). Returns how long it took.
+async fn rolled_out(client: &kube::Client, want: i32, timeout: Duration) -> Duration {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let started = Instant::now();
+    loop {
+        if let Ok(d) = deployments.get("myapp-operator").await {
+            let generation = d.metadata.generation;
+            let s = d.status.unwrap_or_default();
+            let done = s.observed_generation == generation
+                && s.updated_replicas == Some(want)
+                && s.ready_replicas == Some(want)
+                && s.available_replicas == Some(want)
+                && s.replicas == Some(want);
+            if done {
+                return started.elapsed();
+            }
+        }
+        if started.elapsed() > timeout {
+            panic!("the operator's pods were not {want}/{want} ready within {timeout:?}:\n{}", pod_logs(&pods).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn myapp_api(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("myapp.dev", "v1", "MyApp"), "myapps");
+    Api::namespaced_with(client.clone(), ns, &ar)
+}
+
+/// The reconcile span of `ns/name` done by `leader`'s pod, with its API calls as children: the
+/// count of those calls, when a trace has at least three.
+fn pod_reconcile_calls(ns: &str, name: &str, pod_names: &[String]) -> Option<usize> {
+    let tags = serde_json::json!({ "myapp": format!("{ns}/{name}") });
+    let traces = common::jaeger_traces("myapp-operator", Some("reconcile"), Some(&tags), 20)?;
+    traces.iter().find_map(|trace| {
+        let (reconcile, calls) = common::reconcile_and_calls(trace)?;
+        let leader = common::tag(reconcile, "leader")?;
+        let by_pod = pod_names.iter().any(|p| leader.strip_prefix(p.as_str()).is_some_and(|s| s.starts_with('-')));
+        (by_pod && calls.len() >= 3).then_some(calls.len())
+    })
+}
+
+#[tokio::test]
+#[ignore = "needs the local control plane's real node: run `cargo xtask test`"]
+async fn node_only_apply_k_runs_three_pods_that_lead_admit_reconcile_and_trace() {
+    let node = node();
+    let client = client().await;
+    let overlay = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/overlays/local");
+    let (ok, out) = kubectl(&["apply", "-k", overlay]);
+    assert!(ok, "kubectl apply -k deploy/overlays/local failed:\n{out}");
+    let took = rolled_out(&client, 3, Duration::from_secs(180)).await;
+    eprintln!("install: 3/3 operator pods ready {:.1} s after kubectl apply -k", took.as_secs_f64());
+
+    // Three pods of the shipped image on the real node, as the manifest says they run.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let list = pods.list(&ListParams::default().labels(SELECTOR)).await.expect("pods");
+    let running: Vec<&Pod> = list.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+    assert_eq!(running.len(), 3, "three operator pods");
+    let names: Vec<String> = running.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    for p in &running {
+        let spec = p.spec.as_ref().expect("spec");
+        assert_eq!(spec.node_name.as_deref(), Some(node.as_str()), "{:?} runs on the real node", p.metadata.name);
+        let status = p.status.as_ref().expect("status");
+        assert!(ready(p), "{:?} is Ready", p.metadata.name);
+        let c = &status.container_statuses.as_ref().expect("container statuses")[0];
+        assert_eq!(c.restart_count, 0, "{:?} never restarted", p.metadata.name);
+        assert!(c.image.contains("myapp-operator"), "runs the operator image, not {}", c.image);
+        let sc = spec.containers[0].security_context.as_ref().expect("securityContext");
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(spec.security_context.as_ref().and_then(|s| s.run_as_user), Some(65532));
+    }
+
+    // One of them leads, under the identity <pod name>-<suffix>.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let holder = eventually("a pod holds the Lease", Duration::from_secs(60), || async {
+        let h = leases.get("myapp-operator").await.ok()?.spec?.holder_identity?;
+        let (pod, suffix) = h.rsplit_once('-')?;
+        (names.iter().any(|n| n == pod) && suffix.len() == 5).then_some(h)
+    })
+    .await;
+    eprintln!("install: the leader is {holder}");
+
+    // The pods patched their CA into both webhook configurations.
+    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    eventually("caBundle in both webhook configurations", Duration::from_secs(60), || async {
+        let m = mutating.get("myapp-operator").await.ok()?;
+        let v = validating.get("myapp-operator").await.ok()?;
+        let m_ca = m.webhooks?.first()?.client_config.ca_bundle.clone()?;
+        let v_ca = v.webhooks?.first()?.client_config.ca_bundle.clone()?;
+        (!m_ca.0.is_empty() && !v_ca.0.is_empty()).then_some(())
+    })
+    .await;
+
+    // The API server reaches the webhooks through the Service: policy refuses, defaults apply.
+    let ns = TestNamespace::new(&client, "install").await;
+    let apps = myapp_api(&client, &ns.name);
+    let latest: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": "latest"},
+        "spec": {"image": "nginx:latest"}
+    }))
+    .expect("myapp");
+    let refused = eventually("the validating webhook refuses :latest", Duration::from_secs(30), || async {
+        match apps.create(&PostParams::default(), &latest).await {
+            Err(kube::Error::Api(e)) if e.message.contains("admission webhook") => Some(e.message),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(refused.contains("spec.image"), "the refusal names the field: {refused}");
+    let plain: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": "plain"},
+        "spec": {"image": "nginx:1.27"}
+    }))
+    .expect("myapp");
+    let created = apps.create(&PostParams::default(), &plain).await.expect("create a MyApp");
+    assert!(
+        created.data["spec"]["resources"]["requests"]["cpu"].is_string(),
+        "the mutating webhook defaulted the requests: {}",
+        created.data["spec"]
+    );
+    assert_eq!(
+        created.metadata.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/name")).map(String::as_str),
+        Some("plain")
+    );
+
+    // The examples become Ready, reconciled by the leader pod.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let (ok, out) = kubectl(&["apply", "-n", &ns.name, "-f", dir]);
+    assert!(ok, "kubectl apply -f examples/:\n{out}");
+    let typed: Api<MyApp> = Api::namespaced(client.clone(), &ns.name);
+    for name in ["web", "api", "plain"] {
+        eventually(&format!("myapp/{name} Ready"), Duration::from_secs(120), || async {
+            typed.get(name).await.ok()?.ready_at_generation().then_some(())
+        })
+        .await;
+    }
+
+    // A reconcile done by a pod is in the local Jaeger, with its API calls as children.
+    let calls = eventually("a pod's reconcile of myapp/web in Jaeger", Duration::from_secs(60), || async {
+        pod_reconcile_calls(&ns.name, "web", &names)
+    })
+    .await;
+    eprintln!("install: a pod's reconcile trace of myapp/web has {calls} API calls as children");
+
+    // A spec change rolls out through the pods too.
+    typed
+        .patch("plain", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": 2}})))
+        .await
+        .expect("scale");
+    eventually("myapp/plain Ready at 2 replicas", Duration::from_secs(60), || async {
+        let a = typed.get("plain").await.ok()?;
+        (a.ready_at_generation() && a.status?.ready_replicas == 2).then_some(())
+    })
+    .await;
+    ns.cleanup().await;
+}

@@ -1,0 +1,439 @@
+//! `cargo xtask chaos --target pods`: the chaos suite against the operator as installed
+//! (`kubectl apply -k deploy/overlays/local`, three pods on the real node, the shipped 15 s / 10 s /
+//! 2 s lease timings), under the same workload and judged by the same invariants as the
+//! host-process suite ([`crate::chaos::finish`]). Scenarios aimed at the leader pod:
+//!
+//! - `delete`: `kubectl delete pod` (graceful: the kubelet's SIGTERM, the Lease released);
+//! - `kill`: SIGKILL of the leader container's process; the kubelet restarts the container
+//!   (Chaos Mesh: `chaos-mesh/podchaos-kill-leader.yaml`, `container-kill`);
+//! - `partition`: iptables DROP in the pod's network namespace, both directions, to the
+//!   `kubernetes` Service's address, for the duration that `chaos-mesh/networkchaos-partition-leader.yaml`
+//!   gives; the scenario reads that manifest, so the two cannot drift apart;
+//! - `rollout`: `kubectl rollout restart deployment/myapp-operator`: total time and the longest
+//!   gap with no leader reconciling;
+//! - `pdb`: every pod evicted through the Eviction API, one after another; a second eviction
+//!   while a replacement is not ready must be refused by the PodDisruptionBudget.
+
+use crate::chaos::{self, ChaosArgs, Run, Workload};
+use crate::operator::{self, NAMESPACE};
+use crate::{cluster, install, node, paths, procs};
+use ::chaos::report::{Fault, Report};
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::Client;
+use kube::api::{Api, DeleteParams, EvictParams, LogParams, Patch, PatchParams, PostParams};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Scenarios against pods, in the order they run.
+pub const ALL: &[&str] = &["delete", "kill", "partition", "rollout", "pdb"];
+/// The smoke profile's (CI's) scenarios.
+pub const SMOKE: &[&str] = &["delete", "kill", "partition", "rollout"];
+/// The lease timings the install ships (the operator's defaults; `deploy/` sets none).
+pub const TIMINGS: [f64; 3] = [15.0, 10.0, 2.0];
+
+/// The partition that `chaos/chaos-mesh/networkchaos-partition-leader.yaml` describes.
+#[derive(Debug, PartialEq)]
+pub struct Partition {
+    /// Addresses cut off (the manifest's externalTargets, placeholders filled).
+    pub targets: Vec<String>,
+    /// `both`, `to` or `from`.
+    pub direction: String,
+    /// How long.
+    pub duration: Duration,
+}
+
+/// Fills the placeholders of a Chaos Mesh manifest as `chaos-mesh/leader-pod.sh` and its
+/// comments do.
+pub fn fill(manifest: &str, leader_pod: &str, api_ip: &str) -> String {
+    manifest.replace("LEADER_POD", leader_pod).replace("KUBERNETES_API_IP", api_ip)
+}
+
+/// Parses a Chaos Mesh duration such as `30s`, `2m` or `500ms`.
+fn chaos_duration(s: &str) -> Option<Duration> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    if let Some(sec) = s.strip_suffix('s') {
+        return sec.parse().ok().map(Duration::from_secs_f64);
+    }
+    s.strip_suffix('m').and_then(|m| m.parse::<f64>().ok()).map(|m| Duration::from_secs_f64(m * 60.0))
+}
+
+/// The partition of the filled NetworkChaos manifest.
+pub fn partition_of(filled: &str) -> Result<Partition> {
+    let v: serde_yaml::Value = serde_yaml::from_str(filled)?;
+    let spec = &v["spec"];
+    if spec["action"].as_str() != Some("partition") {
+        bail!("the NetworkChaos manifest is not a partition");
+    }
+    let targets: Vec<String> = spec["externalTargets"]
+        .as_sequence()
+        .context("externalTargets")?
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    Ok(Partition {
+        targets,
+        direction: spec["direction"].as_str().unwrap_or("to").to_string(),
+        duration: spec["duration"].as_str().and_then(chaos_duration).context("duration")?,
+    })
+}
+
+/// iptables arguments that make (or, with `-D`, remove) `p` inside a pod's network namespace.
+pub fn partition_rules(p: &Partition, op: &str) -> Vec<Vec<String>> {
+    let mut rules = Vec::new();
+    for t in &p.targets {
+        if matches!(p.direction.as_str(), "to" | "both") {
+            rules.push(vec![op.into(), "OUTPUT".into(), "-d".into(), t.clone(), "-j".into(), "DROP".into()]);
+        }
+        if matches!(p.direction.as_str(), "from" | "both") {
+            rules.push(vec![op.into(), "INPUT".into(), "-s".into(), t.clone(), "-j".into(), "DROP".into()]);
+        }
+    }
+    rules
+}
+
+fn manifest(name: &str) -> Result<String> {
+    let path = paths::repo().join("chaos/chaos-mesh").join(name);
+    std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
+}
+
+/// The host pid of the pod's `manager` container.
+async fn manager_pid(client: &Client, pod: &str) -> Result<u32> {
+    let p = Api::<Pod>::namespaced(client.clone(), NAMESPACE).get(pod).await?;
+    let id = p
+        .status
+        .and_then(|s| s.container_statuses)
+        .and_then(|cs| cs.into_iter().find(|c| c.name == "manager"))
+        .and_then(|c| c.container_id)
+        .with_context(|| format!("pod {pod} has no running manager container"))?;
+    node::container_pid(&id)
+}
+
+/// Runs iptables in the network namespace of `pid`.
+fn iptables_in(pid: u32, args: &[String]) -> Result<()> {
+    let out = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "iptables"])
+        .args(args)
+        .output()
+        .context("nsenter")?;
+    if !out.status.success() {
+        bail!("iptables {args:?} in the pod's network namespace: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Every "first reconcile of the term" a pod logged (epoch seconds).
+async fn first_reconciles(client: &Client, pod: &str) -> Vec<f64> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let text = api.logs(pod, &LogParams { container: Some("manager".into()), ..Default::default() }).await;
+    operator::first_reconciles_in(&text.unwrap_or_default()).into_iter().map(|(t, _)| t).collect()
+}
+
+/// The leader, waiting up to `timeout` for one.
+async fn leader(client: &Client, timeout: Duration) -> Result<(String, String)> {
+    procs::poll("a leader pod", timeout, Duration::from_millis(20), || install::leader(client)).await
+}
+
+/// Runs the pod scenarios; see the module doc.
+pub async fn chaos(args: &ChaosArgs, rounds: u32) -> Result<Report> {
+    let target = args.target.resolve().await?;
+    if !target.local {
+        bail!("--target pods needs the local control plane's real node (the image is imported there)");
+    }
+    let client = cluster::client_from(&target.kubeconfig).await?;
+    let scenarios: Vec<String> = args.scenarios.clone().unwrap_or_else(|| {
+        let list = if args.profile == "smoke" { SMOKE } else { ALL };
+        list.iter().map(|s| s.to_string()).collect()
+    });
+    if let Some(s) = scenarios.iter().find(|s| !ALL.contains(&s.as_str())) {
+        bail!("unknown pod scenario {s:?}; known: {ALL:?}");
+    }
+    let installed = install::rolled_out(&client, Duration::from_secs(1)).await.is_ok()
+        && Api::<Deployment>::namespaced(client.clone(), NAMESPACE).get_opt(install::DEPLOYMENT).await?.is_some();
+    if !installed {
+        install::prepare(&client).await?;
+        install::apply(&client, &target.kubeconfig).await?;
+    }
+    let started_at = chaos::epoch();
+    println!(
+        "==> chaos against pods ({}): the install of {}, lease {}s/{}s/{}s, scenarios {scenarios:?} × {rounds}",
+        args.profile,
+        install::OVERLAY,
+        TIMINGS[0],
+        TIMINGS[1],
+        TIMINGS[2]
+    );
+    let ns = format!("chaos-pods-{}", chaos::rand_suffix());
+    let nsobj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
+    let load = chaos::workload(client.clone(), ns.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut faults = Vec::new();
+    let result = async {
+        for scenario in &scenarios {
+            for round in 1..=rounds {
+                let f = inject(&client, scenario, round, &load, &ns).await?;
+                println!(
+                    "    {scenario:<10} #{round}: leader {} -> {}: acquired {}, first reconcile {}, converged {}{}{}",
+                    f.old_leader.as_deref().unwrap_or("-"),
+                    f.new_leader.as_deref().unwrap_or("-"),
+                    chaos::ms(f.acquired_after),
+                    chaos::ms(f.first_reconcile_after),
+                    chaos::ms(f.converged_after),
+                    f.longest_gap.map_or(String::new(), |g| format!(", longest reconcile gap {:.0} ms", g * 1000.0)),
+                    f.detail.as_deref().map_or(String::new(), |d| format!("; {d}")),
+                );
+                faults.push(f);
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let run = Run { profile: format!("pods-{}", args.profile), timings: TIMINGS, replicas: 3, started_at, local: true };
+    chaos::finish(&client, &run, &ns, load, faults, result).await
+}
+
+/// Follows the Lease (every 20 ms) until `until` is true, and returns, for every handover, the
+/// time with no leader reconciling: from when the previous holder was last seen holding to its
+/// successor's first reconcile of the term (from the successor's log, read at once, since a
+/// rollout may delete that pod later). The old leader stops reconciling a little before it
+/// releases, so this is a lower bound by those milliseconds.
+async fn reconcile_gaps(client: &Client, deadline: Instant, mut until: impl AsyncFnMut() -> bool) -> Vec<f64> {
+    let mut gaps = Vec::new();
+    let mut current = operator::lease_holder(client).await.map(|(h, _)| h).unwrap_or_default();
+    let mut last_held = chaos::epoch();
+    while Instant::now() < deadline && !until().await {
+        let h = operator::lease_holder(client).await.map(|(h, _)| h).unwrap_or_default();
+        let now = chaos::epoch();
+        if h == current {
+            if !h.is_empty() {
+                last_held = now;
+            }
+        } else {
+            if let Some(pod) = install::pod_of(&h).filter(|_| !h.is_empty()) {
+                let wait = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < wait {
+                    if let Some(t) = first_reconciles(client, pod).await.into_iter().find(|t| *t >= last_held - 0.5) {
+                        gaps.push(t - last_held);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                last_held = chaos::epoch();
+            }
+            current = h;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gaps
+}
+
+async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns: &str) -> Result<Fault> {
+    install::rolled_out(client, Duration::from_secs(120)).await?;
+    let (old, pod) = leader(client, Duration::from_secs(60)).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let t0 = Instant::now();
+    let at = chaos::epoch();
+    let mut detail = None;
+    let mut longest = None;
+    let mut heal: Option<(u32, Vec<Vec<String>>, Duration)> = None;
+    match scenario {
+        "delete" => {
+            pods.delete(&pod, &DeleteParams::default()).await?;
+        }
+        "kill" => procs::signal(manager_pid(client, &pod).await?, "KILL"),
+        "partition" => {
+            let api_ip = Api::<Service>::namespaced(client.clone(), "default")
+                .get("kubernetes")
+                .await?
+                .spec
+                .and_then(|s| s.cluster_ip)
+                .context("Service default/kubernetes has no ClusterIP")?;
+            let p = partition_of(&fill(&manifest("networkchaos-partition-leader.yaml")?, &pod, &api_ip))?;
+            let pid = manager_pid(client, &pod).await?;
+            for rule in partition_rules(&p, "-I") {
+                iptables_in(pid, &rule)?;
+            }
+            detail = Some(format!("{} cut off ({}) for {:?}", p.targets.join(","), p.direction, p.duration));
+            heal = Some((pid, partition_rules(&p, "-D"), p.duration));
+        }
+        "rollout" => {
+            let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
+                "kubectl.kubernetes.io/restartedAt": format!("{at:.3}")
+            }}}}});
+            Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
+                .patch(install::DEPLOYMENT, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            // Wait for the Deployment controller to start it, then for it to finish.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let rollout_done = async || install::rolled_out(client, Duration::from_millis(1)).await.is_ok();
+            let gaps = reconcile_gaps(client, t0 + Duration::from_secs(300), rollout_done).await;
+            let total = t0.elapsed().as_secs_f64();
+            longest = gaps.iter().copied().reduce(f64::max);
+            detail = Some(format!("rollout of 3 pods took {total:.1} s, {} handovers", gaps.len()));
+        }
+        "pdb" => detail = Some(evict_all(client).await?),
+        _ => bail!("unknown pod scenario {scenario}"),
+    }
+    // Fault -> another holder.
+    let lease = Duration::from_secs_f64(TIMINGS[0]);
+    let mut acquired = None;
+    let mut new_leader = None;
+    let deadline = t0 + lease * 3 + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some((h, _)) = operator::lease_holder(client).await
+            && h != old
+        {
+            acquired = Some(t0.elapsed().as_secs_f64());
+            new_leader = Some(h);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some((pid, rules, duration)) = heal {
+        tokio::time::sleep_until((t0 + duration).into()).await;
+        for rule in rules {
+            iptables_in(pid, &rule)?;
+        }
+    }
+    let mut first_reconcile = None;
+    if let Some(p) = new_leader.as_deref().and_then(install::pod_of) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(t) = first_reconciles(client, p).await.into_iter().find(|t| *t >= at) {
+                first_reconcile = Some(t - at);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    install::rolled_out(client, Duration::from_secs(180)).await?;
+    load.paused.store(true, Ordering::Relaxed);
+    let mut converged_after = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        if chaos::converged(client, ns).await {
+            converged_after = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.paused.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(Fault {
+        scenario: scenario.to_string(),
+        round,
+        at,
+        old_leader: Some(old),
+        new_leader,
+        acquired_after: acquired,
+        first_reconcile_after: first_reconcile,
+        converged_after,
+        longest_gap: longest,
+        detail,
+    })
+}
+
+/// Evicts every operator pod, one after another. Right after each accepted eviction, the next
+/// one must be refused (429) while the replacement is not ready; then, once the Deployment is
+/// whole again, accepted. Fails when the PodDisruptionBudget lets two go at once.
+async fn evict_all(client: &Client) -> Result<String> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let names: Vec<String> = install::pods(client).await?.into_iter().filter_map(|p| p.metadata.name).collect();
+    let (mut accepted, mut refused) = (0, 0);
+    for (i, name) in names.iter().enumerate() {
+        let evicted = procs::poll(
+            &format!("eviction of {name} accepted"),
+            Duration::from_secs(120),
+            Duration::from_millis(250),
+            || async {
+                match api.evict(name, &EvictParams::default()).await {
+                    Ok(_) => Some(true),
+                    Err(kube::Error::Api(e)) if e.code == 404 => Some(false),
+                    Err(_) => None,
+                }
+            },
+        )
+        .await?;
+        if !evicted {
+            continue;
+        }
+        accepted += 1;
+        if let Some(next) = names.get(i + 1) {
+            match api.evict(next, &EvictParams::default()).await {
+                Err(kube::Error::Api(e)) if e.code == 429 => refused += 1,
+                Ok(_) => bail!("the PodDisruptionBudget let {next} go while {name}'s replacement was not ready"),
+                Err(e) => bail!("eviction of {next}: {e}"),
+            }
+        }
+        install::rolled_out(client, Duration::from_secs(120)).await?;
+    }
+    Ok(format!("{accepted} evictions accepted one at a time, {refused} refused by the PodDisruptionBudget"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_partition_scenario_is_the_chaos_mesh_manifest() {
+        let filled =
+            fill(&manifest("networkchaos-partition-leader.yaml").expect("manifest"), "myapp-operator-x-y", "10.96.0.1");
+        assert!(!filled.contains("LEADER_POD") && !filled.contains("KUBERNETES_API_IP"));
+        let p = partition_of(&filled).expect("partition");
+        assert_eq!(p.targets, ["10.96.0.1"]);
+        assert_eq!(p.direction, "both");
+        assert_eq!(p.duration, Duration::from_secs(30));
+        let rules = partition_rules(&p, "-I");
+        assert_eq!(rules.len(), 2, "both directions");
+        assert!(rules.iter().all(|r| r.last().map(String::as_str) == Some("DROP")), "dropped, not refused");
+        let v: serde_yaml::Value = serde_yaml::from_str(&filled).expect("yaml");
+        assert_eq!(v["spec"]["selector"]["pods"]["myapp-system"][0].as_str(), Some("myapp-operator-x-y"));
+    }
+
+    #[test]
+    fn every_chaos_mesh_manifest_fills_and_targets_the_operator() {
+        let deployment: serde_yaml::Value = serde_yaml::from_str(
+            &std::fs::read_to_string(paths::repo().join("deploy/manager/deployment.yaml")).expect("deployment"),
+        )
+        .expect("yaml");
+        let container = deployment["spec"]["template"]["spec"]["containers"][0]["name"].as_str().expect("name");
+        let dir = paths::repo().join("chaos/chaos-mesh");
+        let mut checked = 0;
+        for e in std::fs::read_dir(&dir).expect("chaos-mesh").flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "yaml") {
+                continue;
+            }
+            let filled = fill(&std::fs::read_to_string(&path).expect("read"), "myapp-operator-x-y", "10.96.0.1");
+            let v: serde_yaml::Value = serde_yaml::from_str(&filled).expect("yaml");
+            assert_eq!(v["apiVersion"].as_str(), Some("chaos-mesh.org/v1alpha1"), "{}", path.display());
+            assert_eq!(v["metadata"]["namespace"].as_str(), Some(NAMESPACE));
+            if let Some(names) = v["spec"]["containerNames"].as_sequence() {
+                assert!(names.iter().all(|n| n.as_str() == Some(container)), "container {container}");
+            }
+            checked += 1;
+        }
+        assert!(checked >= 3);
+        let kill: serde_yaml::Value =
+            serde_yaml::from_str(&fill(&manifest("podchaos-kill-leader.yaml").expect("manifest"), "p", "10.96.0.1"))
+                .expect("yaml");
+        assert_eq!(
+            kill["spec"]["action"].as_str(),
+            Some("container-kill"),
+            "the `kill` scenario: SIGKILL, the kubelet restarts"
+        );
+    }
+
+    #[test]
+    fn durations_as_chaos_mesh_writes_them() {
+        assert_eq!(chaos_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(chaos_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(chaos_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(chaos_duration("soon"), None);
+    }
+}

@@ -1,0 +1,201 @@
+//! The operator as users install it: `kubectl apply -k deploy/overlays/local` on the local
+//! control plane's real node (`deploy/` as shipped, with only the image, the placement and the
+//! trace endpoint changed), for the demo, the tests and the pod chaos.
+
+use crate::operator::{self, NAMESPACE};
+use crate::{gobuild, node, paths};
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, LogParams};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The overlay, relative to the repository.
+pub const OVERLAY: &str = "deploy/overlays/local";
+/// The operator's Deployment in `deploy/manager`.
+pub const DEPLOYMENT: &str = "myapp-operator";
+/// The label selector of its pods.
+pub const SELECTOR: &str = "app.kubernetes.io/name=myapp-operator,app.kubernetes.io/component=controller";
+
+/// kubectl from the control plane's build (or `kubectl` on PATH).
+pub fn kubectl() -> Command {
+    Command::new(gobuild::kubectl().unwrap_or_else(|| "kubectl".into()))
+}
+
+/// Makes the node ready for the install: the image `cargo xtask image` built (building it when
+/// missing) imported into its containerd, no operator process on the host, and no URL-based
+/// webhook configurations of local processes (nobody would answer them).
+pub async fn prepare(client: &Client) -> Result<()> {
+    if let Some(why) = node::unavailable() {
+        bail!("the real node is not running: {why}");
+    }
+    if !node::enabled() {
+        bail!("the real node is not running (cargo xtask cluster up starts it)");
+    }
+    if !paths::run_dir().join("image/myapp-operator.tar").is_file() {
+        crate::image::image(crate::image::ImageArgs { tag: "myapp-operator:dev".into() })?;
+    }
+    node::import_operator_image()?;
+    operator::stop_replicas();
+    operator::remove_local_webhooks(client).await?;
+    Ok(())
+}
+
+/// `kubectl apply -k deploy/overlays/local`, then waits until the Deployment has rolled out three
+/// ready pods. Returns how long that took.
+pub async fn apply(client: &Client, kubeconfig: &std::path::Path) -> Result<Duration> {
+    let started = Instant::now();
+    let out = kubectl()
+        .env("KUBECONFIG", kubeconfig)
+        .args(["apply", "-k"])
+        .arg(paths::repo().join(OVERLAY))
+        .output()
+        .context("run kubectl")?;
+    if !out.status.success() {
+        bail!("kubectl apply -k {OVERLAY}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    rolled_out(client, Duration::from_secs(180)).await?;
+    Ok(started.elapsed())
+}
+
+/// The operator's pods: (name, ready, restarts, node), newest last.
+pub async fn pods(client: &Client) -> Result<Vec<Pod>> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let mut list = api.list(&ListParams::default().labels(SELECTOR)).await?.items;
+    list.sort_by_key(|p| p.metadata.creation_timestamp.clone());
+    Ok(list)
+}
+
+/// True when the pod's Ready condition is True.
+pub fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Waits until the Deployment's rollout is complete, with every replica ready; on timeout, fails
+/// with every pod's last log lines (a crash loop shows there).
+pub async fn rolled_out(client: &Client, timeout: Duration) -> Result<()> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+    let started = Instant::now();
+    loop {
+        if let Ok(d) = deployments.get(DEPLOYMENT).await {
+            let want = d.spec.replicas.unwrap_or(1);
+            let s = d.status.clone().unwrap_or_default();
+            if s.observed_generation == d.metadata.generation
+                && s.updated_replicas == Some(want)
+                && s.ready_replicas == Some(want)
+                && s.available_replicas == Some(want)
+                && s.replicas == Some(want)
+            {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > timeout {
+            bail!("the operator's pods did not roll out within {timeout:?}:\n{}", logs(client).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The last lines of every operator pod's log, and of its previous container after a restart.
+pub async fn logs(client: &Client) -> String {
+    let api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let Ok(list) = pods(client).await else {
+        return "cannot list the operator pods".into();
+    };
+    let mut out = String::new();
+    for p in list {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let restarts = restarts(&p);
+        out += &format!("--- pod {name}: ready {}, {restarts} restarts\n", is_ready(&p));
+        for previous in [true, false] {
+            let lp = LogParams { tail_lines: Some(30), previous, ..Default::default() };
+            if let Ok(text) = api.logs(&name, &lp).await {
+                out += &format!("[{}]\n{text}\n", if previous { "previous container" } else { "container" });
+            }
+        }
+    }
+    out
+}
+
+/// Restarts of the pod's containers.
+pub fn restarts(p: &Pod) -> i32 {
+    p.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum())
+}
+
+/// The pod of a Lease holder identity (`<pod name>-<suffix>`).
+pub fn pod_of(identity: &str) -> Option<&str> {
+    identity.rsplit_once('-').map(|(pod, _)| pod)
+}
+
+/// The leader pod: (identity, pod name), when a pod of the install holds the Lease.
+pub async fn leader(client: &Client) -> Option<(String, String)> {
+    let (holder, _) = operator::lease_holder(client).await?;
+    let pod = pod_of(&holder)?.to_string();
+    let exists = pods(client).await.ok()?.iter().any(|p| p.metadata.name.as_deref() == Some(pod.as_str()));
+    exists.then_some((holder, pod))
+}
+
+/// Removes the install's pods and its Service-based webhook configurations, keeping the CRD,
+/// the RBAC and the MyApps (the host-process replicas use them too). Waits until the pods are gone.
+pub async fn uninstall(client: &Client) -> Result<()> {
+    let dp = DeleteParams::default();
+    let gone = |r: kube::Result<()>| match r {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other,
+    };
+    gone(Api::<Deployment>::namespaced(client.clone(), NAMESPACE).delete(DEPLOYMENT, &dp).await.map(|_| ()))?;
+    gone(Api::<MutatingWebhookConfiguration>::all(client.clone()).delete(DEPLOYMENT, &dp).await.map(|_| ()))?;
+    gone(Api::<ValidatingWebhookConfiguration>::all(client.clone()).delete(DEPLOYMENT, &dp).await.map(|_| ()))?;
+    crate::procs::poll("the operator's pods gone", Duration::from_secs(60), Duration::from_millis(200), || async {
+        pods(client).await.ok().filter(|p| p.is_empty()).map(|_| ())
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pod_of_an_identity_drops_the_suffix_only() {
+        assert_eq!(pod_of("myapp-operator-7d9f8b6c5-abcde-x2k4m"), Some("myapp-operator-7d9f8b6c5-abcde"));
+        assert_eq!(pod_of("nosuffix"), None);
+    }
+
+    #[test]
+    fn the_overlay_changes_only_image_placement_and_traces() {
+        let text = std::fs::read_to_string(paths::repo().join(OVERLAY).join("kustomization.yaml")).expect("overlay");
+        let k: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+        assert_eq!(k["resources"].as_sequence().map(Vec::len), Some(1), "only deploy/ itself");
+        assert_eq!(k["resources"][0].as_str(), Some("../.."));
+        assert_eq!(k["images"][0]["newName"].as_str(), Some("docker.io/library/myapp-operator"));
+        let patches = k["patches"].as_sequence().expect("patches");
+        assert_eq!(patches.len(), 1);
+        assert_eq!(patches[0]["target"]["kind"].as_str(), Some("Deployment"));
+        let ops: Vec<serde_yaml::Value> =
+            serde_yaml::from_str(patches[0]["patch"].as_str().expect("a JSON patch")).expect("ops");
+        let paths: Vec<&str> = ops.iter().filter_map(|o| o["path"].as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/spec/template/spec/tolerations",
+                "/spec/template/spec/nodeSelector",
+                "/spec/template/spec/containers/0/env/-"
+            ]
+        );
+        assert_eq!(ops[0]["value"][0]["key"].as_str(), Some(node::TAINT));
+        assert_eq!(ops[1]["value"][node::LABEL.0].as_str(), Some(node::LABEL.1));
+        assert_eq!(ops[2]["value"]["name"].as_str(), Some("OTEL_EXPORTER_OTLP_ENDPOINT"));
+        assert!(ops[2]["value"]["value"].as_str().is_some_and(|v| v.contains(node::NODE_IP)));
+        assert!(node::OPERATOR_IMAGE.starts_with("docker.io/library/myapp-operator:"));
+    }
+}
