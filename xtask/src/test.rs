@@ -2,8 +2,8 @@
 //! API server (the local control plane, or the cluster given) with the operator running.
 
 use crate::operator::{self, TargetArgs, cargo, run};
-use crate::{cluster, paths};
-use anyhow::Result;
+use crate::{cluster, install, node, paths};
+use anyhow::{Result, bail};
 use std::time::Instant;
 
 /// Options of `cargo xtask test`.
@@ -52,15 +52,18 @@ pub async fn test(args: TestArgs) -> Result<()> {
     if target.started_here && !args.keep_cluster {
         cluster::down().await?;
     }
-    result?;
+    let image_built = result?;
 
-    step("image: static binary on scratch, built with buildah, linted and checked");
-    crate::image::image(crate::image::ImageArgs { tag: "myapp-operator:dev".into() })?;
+    if !image_built {
+        step("image: static binary on scratch, built with buildah, linted and checked");
+        crate::image::image(crate::image::ImageArgs { tag: "myapp-operator:dev".into() })?;
+    }
     println!("\n==> all tests passed in {:.0} s", all.elapsed().as_secs_f64());
     Ok(())
 }
 
-async fn against_cluster(target: &operator::Target) -> Result<()> {
+/// The tests against the cluster; true when they built the image (for the real node).
+async fn against_cluster(target: &operator::Target) -> Result<bool> {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     let t = step("end-to-end tests against the API server, with three operator replicas");
     let bin = operator::build()?;
@@ -120,11 +123,69 @@ async fn against_cluster(target: &operator::Target) -> Result<()> {
     let t = step("benchmark, quick profile (keeps `cargo xtask bench` from rotting)");
     crate::bench::bench(crate::bench::BenchArgs::quick(target.args())).await?;
     println!("    bench --quick passed ({:.0} s)", t.elapsed().as_secs_f64());
+    let image_built = on_the_node(target).await?;
     if target.local {
         step("RBAC proof: nothing the operator's ServiceAccount asked was denied (audit log)");
         rbac_proof(since)?;
     }
-    Ok(())
+    Ok(image_built)
+}
+
+/// The install as users run it, on the real node: the image, `kubectl apply -k` (the install
+/// test), and the chaos smoke against its pods. Skipped, with the reason, when there is no real
+/// node; under CI (`CI` set) that fails the run instead. True when it built the image.
+async fn on_the_node(target: &operator::Target) -> Result<bool> {
+    let why = if !target.local {
+        Some("a user's cluster: the local image cannot be loaded there".to_string())
+    } else if !node::enabled() {
+        Some(node::unavailable().unwrap_or_else(|| "the real node did not start".into()))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        if std::env::var_os("CI").is_some() && target.local {
+            bail!("the real node is required under CI, and it is not running: {why}");
+        }
+        println!("\n==> SKIPPED: the install test and the pod chaos need the real node ({why})");
+        return Ok(false);
+    }
+    let t = step("image: static binary on scratch, built with buildah, linted and checked");
+    crate::image::image(crate::image::ImageArgs { tag: "myapp-operator:dev".into() })?;
+    println!("    image built ({:.0} s)", t.elapsed().as_secs_f64());
+
+    let t = step("the install as users run it: kubectl apply -k deploy/overlays/local onto the real node");
+    let client = cluster::client_from(&target.kubeconfig).await?;
+    operator::stop_replicas();
+    install::prepare(&client).await?;
+    let mut test = cargo();
+    test.args(["test", "--test", "install", "--", "--include-ignored", "--nocapture"])
+        .env("KUBECONFIG", &target.kubeconfig)
+        .env("MYAPP_E2E_NODE", node::NAME)
+        .env("MYAPP_E2E_JAEGER", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_QUERY));
+    if let Some(kubectl) = crate::gobuild::kubectl() {
+        test.env("MYAPP_E2E_KUBECTL", kubectl);
+    }
+    let result = run(test, "the install test");
+    if result.is_err() {
+        println!("{}", install::logs(&client).await);
+    }
+    result?;
+    println!("    install test passed ({:.0} s)", t.elapsed().as_secs_f64());
+
+    let t = step("chaos smoke against the pods: delete, kill, partition the leader pod, rollout restart");
+    let args = crate::chaos::ChaosArgs {
+        target: target.args(),
+        profile: "smoke".into(),
+        rounds: None,
+        scenarios: None,
+        replicas: 3,
+        on: crate::chaos::On::Pods,
+    };
+    let result = crate::chaos::chaos(args).await;
+    install::uninstall(&client).await?;
+    result?;
+    println!("    pod chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
+    Ok(true)
 }
 
 /// Every request the replicas made since `since` (end-to-end tests and chaos) ran under the
