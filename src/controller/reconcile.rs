@@ -1,7 +1,8 @@
 //! Reconcile and cleanup, as methods on `MyApp`.
 //!
 //! A reconcile compares what should exist with what the caches hold and writes only the
-//! difference: an unchanged `MyApp` whose children are as applied makes no write at all.
+//! difference: an unchanged `MyApp` whose children are as applied makes no write at all, and a
+//! changed one, even by a removed field, is applied (see [`children::up_to_date`]).
 
 use super::Context;
 use super::children::{self, selector_string};
@@ -97,14 +98,17 @@ impl MyApp {
     /// the Deployment as it now is.
     async fn apply_children(&self, ctx: &Context, name: &str, ns: &str) -> Result<Deployment> {
         let cached_d = ctx.caches.deployments.get(&ObjectRef::new(name).within(ns));
-        let deployment = self.apply_child(ctx, children::deployment(self), cached_d.as_deref(), "deployment").await?;
+        let desired_d = children::stamp(children::deployment(self))?;
+        let deployment = self.apply_child(ctx, desired_d, cached_d.as_deref(), "deployment").await?;
         let cached_s = ctx.caches.services.get(&ObjectRef::new(name).within(ns));
-        self.apply_child(ctx, children::service(self), cached_s.as_deref(), "service").await?;
+        self.apply_child(ctx, children::stamp(children::service(self))?, cached_s.as_deref(), "service").await?;
         Ok(deployment)
     }
 
-    /// Server-side applies `desired` unless `cached` already carries all of it, with an Event
-    /// saying whether it was created or updated. Returns the child as it now is.
+    /// Server-side applies `desired` (a [`children::stamp`]ed document) unless `cached` already
+    /// carries all of it, with an Event saying whether it was created or updated. Returns the child
+    /// as it now is. The apply is forced under one field manager, so fields the last applied
+    /// document had and `desired` lacks are removed from the child.
     async fn apply_child<K>(&self, ctx: &Context, desired: K, cached: Option<&K>, label: &str) -> Result<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
