@@ -9,8 +9,11 @@ use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::conditions;
-use myapp_operator::api::{FINALIZER, MyApp};
+use myapp_operator::api::quantity;
+use myapp_operator::api::{FINALIZER, MyApp, MyAppSpec, ResourceAmounts};
+use myapp_operator::webhook::policy::ALLOW_PORT_CHANGE;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 const ROLLOUT: Duration = Duration::from_secs(60);
@@ -390,5 +393,142 @@ async fn local_only_reconcile_links_to_the_trace_of_the_change() {
     let touch = Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}}));
     let touched = api.patch("web", &PatchParams::default(), &touch).await.expect("touch");
     assert_eq!(touched.metadata.annotations.and_then(|a| a.get("myapp.dev/traceparent").cloned()), Some(tp));
+    ns.cleanup().await;
+}
+
+/// The container's env and resources, and the Service's type and port, as `spec` asks for them
+/// (read off the spec here, not through the operator's builders): env values that are empty are
+/// left out, and so are absent requests and limits. Quantities compare by value.
+fn children_match(spec: &MyAppSpec, d: &Deployment, s: &Service) -> Result<(), String> {
+    let container = d.spec.template.spec.as_ref().and_then(|p| p.containers.first()).ok_or("no container")?;
+    let want_env: Vec<serde_json::Value> = spec
+        .env
+        .iter()
+        .map(|e| if e.value.is_empty() { json!({"name": e.name}) } else { json!({"name": e.name, "value": e.value}) })
+        .collect();
+    let got_env = serde_json::to_value(container.env.clone().unwrap_or_default()).map_err(|e| e.to_string())?;
+    if got_env != json!(want_env) {
+        return Err(format!("env is {got_env}, want {}", json!(want_env)));
+    }
+    let amounts = |a: Option<&ResourceAmounts>| -> BTreeMap<String, String> {
+        a.map(|a| [("cpu", &a.cpu), ("memory", &a.memory)])
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
+            .collect()
+    };
+    let res = spec.resources.as_ref();
+    let resources = container.resources.clone().unwrap_or_default();
+    for (what, want, got) in [
+        ("requests", amounts(res.and_then(|r| r.requests.as_ref())), resources.requests.unwrap_or_default()),
+        ("limits", amounts(res.and_then(|r| r.limits.as_ref())), resources.limits.unwrap_or_default()),
+    ] {
+        let same = want.len() == got.len()
+            && want.iter().all(|(k, v)| got.get(k).is_some_and(|g| quantity::same_value(v, &g.0)));
+        if !same {
+            return Err(format!("{what} are {got:?}, want {want:?}"));
+        }
+    }
+    let ports = container.ports.clone().unwrap_or_default();
+    if ports.iter().map(|p| p.container_port).collect::<Vec<_>>() != vec![spec.port] {
+        return Err(format!("container ports are {ports:?}, want {}", spec.port));
+    }
+    let sspec = s.spec.clone().unwrap_or_default();
+    let want_type = spec.service_type.unwrap_or_default().as_str();
+    if sspec.type_.as_deref() != Some(want_type) {
+        return Err(format!("Service type is {:?}, want {want_type}", sspec.type_));
+    }
+    let sports = sspec.ports.unwrap_or_default();
+    if sports.iter().map(|p| p.port).collect::<Vec<_>>() != vec![spec.port] {
+        return Err(format!("Service ports are {sports:?}, want {}", spec.port));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn removed_and_changed_fields_reach_the_children() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "fields").await;
+    let app: MyApp = serde_json::from_value(json!({
+        "apiVersion": "myapp.dev/v1",
+        "kind": "MyApp",
+        // spec.port changes need this (the validating webhook's policy).
+        "metadata": {"name": "web", "annotations": {ALLOW_PORT_CHANGE: "true"}},
+        "spec": {
+            "image": "nginx:1.27",
+            "replicas": 1,
+            "env": [{"name": "MODE", "value": "e2e"}, {"name": "LEVEL", "value": "debug"}],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
+            "serviceType": "NodePort"
+        }
+    }))
+    .expect("MyApp");
+    let api = create(&client, &ns.name, &app).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let first = wait_ready(&api, "web").await;
+    let d = deployments.get("web").await.expect("Deployment");
+    let s = services.get("web").await.expect("Service");
+    if let Err(e) = children_match(&first.spec, &d, &s) {
+        panic!("after the create: {e}");
+    }
+
+    // One change at a time, each a merge patch of the spec. The mutating webhook fills requests
+    // back in when they are removed (from the limits, or its defaults), so what the children must
+    // show is read off the spec as stored; `gone` lists JSON pointers into the container (or, for
+    // `/spec/...`, the Service) that must no longer exist.
+    let steps: [(&str, serde_json::Value, &[&str]); 15] = [
+        (
+            "an env value set to \"\"",
+            json!({"env": [{"name": "MODE", "value": ""}, {"name": "LEVEL", "value": "debug"}]}),
+            &["/env/0/value"],
+        ),
+        ("one env var removed", json!({"env": [{"name": "LEVEL", "value": "debug"}]}), &["/env/1"]),
+        ("env removed", json!({"env": null}), &["/env"]),
+        ("env added back", json!({"env": [{"name": "MODE", "value": "e2e"}]}), &[]),
+        ("limits.cpu removed", json!({"resources": {"limits": {"cpu": null}}}), &["/resources/limits/cpu"]),
+        (
+            "requests.memory removed (the webhook sets it from the limit)",
+            json!({"resources": {"requests": {"memory": null}}}),
+            &[],
+        ),
+        ("limits removed", json!({"resources": {"limits": null}}), &["/resources/limits"]),
+        ("requests.cpu changed", json!({"resources": {"requests": {"cpu": "200m"}}}), &[]),
+        ("requests removed (the webhook defaults them)", json!({"resources": {"requests": null}}), &[]),
+        ("limits set again", json!({"resources": {"limits": {"memory": "512Mi"}}}), &[]),
+        ("resources removed (the webhook defaults the requests)", json!({"resources": null}), &["/resources/limits"]),
+        ("serviceType changed", json!({"serviceType": "LoadBalancer"}), &[]),
+        ("serviceType removed", json!({"serviceType": null}), &["/spec/ports/0/nodePort"]),
+        ("port changed", json!({"port": 9090}), &[]),
+        ("port removed (defaults to 8080)", json!({"port": null}), &[]),
+    ];
+    let mut generation = first.metadata.generation;
+    for (what, spec, gone) in steps {
+        let patched = api
+            .patch("web", &PatchParams::default(), &Patch::Merge(json!({ "spec": spec })))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: patch: {e}"));
+        assert!(patched.metadata.generation > generation, "{what}: the patch did not change the spec");
+        generation = patched.metadata.generation;
+        // Ready at the new generation: the status says the change rolled out, so the children
+        // must show it now.
+        let app = wait_ready(&api, "web").await;
+        assert_eq!(app.metadata.generation, generation, "{what}: changed again behind the test's back");
+        let d = deployments.get("web").await.expect("Deployment");
+        let s = services.get("web").await.expect("Service");
+        if let Err(e) = children_match(&app.spec, &d, &s) {
+            panic!("{what}: Ready at generation {generation:?}, but {e}");
+        }
+        let container = serde_json::to_value(&d.spec.template.spec.as_ref().expect("pod spec").containers[0])
+            .expect("container JSON");
+        let service = serde_json::to_value(&s).expect("Service JSON");
+        for pointer in gone {
+            let found =
+                if pointer.starts_with("/spec/") { service.pointer(pointer) } else { container.pointer(pointer) };
+            assert!(found.is_none(), "{what}: {pointer} is still there: {found:?}");
+        }
+    }
+    assert_eq!(api.get("web").await.expect("MyApp").spec.port, 8080);
     ns.cleanup().await;
 }
