@@ -10,7 +10,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::conditions;
 use myapp_operator::api::quantity;
-use myapp_operator::api::{FINALIZER, MyApp, MyAppSpec, ResourceAmounts};
+use myapp_operator::api::{FIELD_MANAGER, FINALIZER, MyApp, MyAppSpec, ResourceAmounts};
+use myapp_operator::controller::children;
 use myapp_operator::webhook::policy::ALLOW_PORT_CHANGE;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -531,4 +532,203 @@ async fn removed_and_changed_fields_reach_the_children() {
     }
     assert_eq!(api.get("web").await.expect("MyApp").spec.port, 8080);
     ns.cleanup().await;
+}
+
+/// An object made by hand under the name of the MyApp a test creates next: a Service or a
+/// Deployment that selects `app=web`, with neither the operator's labels nor an owner.
+#[derive(Clone, Copy, Debug)]
+enum Foreign {
+    Service,
+    Deployment,
+}
+
+impl Foreign {
+    fn kind(self) -> &'static str {
+        match self {
+            Foreign::Service => "Service",
+            Foreign::Deployment => "Deployment",
+        }
+    }
+
+    /// The MyApp's other child, which a refused MyApp does not create either.
+    fn other(self) -> Foreign {
+        match self {
+            Foreign::Service => Foreign::Deployment,
+            Foreign::Deployment => Foreign::Service,
+        }
+    }
+
+    async fn create(self, client: &Client, ns: &str) {
+        let labels = json!({"app": "web"});
+        let pp = PostParams::default();
+        match self {
+            Foreign::Service => {
+                let s: Service = serde_json::from_value(json!({
+                    "metadata": {"name": "web", "labels": labels},
+                    "spec": {"selector": labels, "ports": [{"name": "web", "port": 80, "targetPort": 8080}]}
+                }))
+                .expect("Service");
+                Api::<Service>::namespaced(client.clone(), ns).create(&pp, &s).await.expect("create the Service");
+            }
+            Foreign::Deployment => {
+                let d: Deployment = serde_json::from_value(json!({
+                    "metadata": {"name": "web", "labels": labels},
+                    "spec": {
+                        "replicas": 1,
+                        "selector": {"matchLabels": labels},
+                        "template": {
+                            "metadata": {"labels": labels},
+                            "spec": {"containers": [{"name": "web", "image": "nginx:1.25"}]}
+                        }
+                    }
+                }))
+                .expect("Deployment");
+                Api::<Deployment>::namespaced(client.clone(), ns).create(&pp, &d).await.expect("create the Deployment");
+            }
+        }
+    }
+
+    /// The object `web` of this kind as JSON, if there is one.
+    async fn get(self, client: &Client, ns: &str) -> Option<serde_json::Value> {
+        let found = match self {
+            Foreign::Service => Api::<Service>::namespaced(client.clone(), ns).get_opt("web").await.map(|o| json!(o)),
+            Foreign::Deployment => {
+                Api::<Deployment>::namespaced(client.clone(), ns).get_opt("web").await.map(|o| json!(o))
+            }
+        };
+        let v = found.unwrap_or_else(|e| panic!("get {} web: {e}", self.kind()));
+        (!v.is_null()).then_some(v)
+    }
+
+    async fn delete(self, client: &Client, ns: &str) {
+        let dp = DeleteParams::default();
+        let deleted = match self {
+            Foreign::Service => Api::<Service>::namespaced(client.clone(), ns).delete("web", &dp).await.map(drop),
+            Foreign::Deployment => Api::<Deployment>::namespaced(client.clone(), ns).delete("web", &dp).await.map(drop),
+        };
+        deleted.unwrap_or_else(|e| panic!("delete the foreign {}: {e}", self.kind()));
+    }
+}
+
+/// What the operator must never change on a foreign object: its identity, labels, owners,
+/// selector, ports and pod template. (Not its annotations: the deployment controller adds one.)
+fn fingerprint(v: &serde_json::Value) -> serde_json::Value {
+    json!({
+        "uid": v["metadata"]["uid"],
+        "labels": v["metadata"]["labels"],
+        "ownerReferences": v["metadata"]["ownerReferences"],
+        "selector": v["spec"]["selector"],
+        "ports": v["spec"]["ports"],
+        "replicas": v["spec"]["replicas"],
+        "template": v["spec"]["template"],
+    })
+}
+
+/// Asserts that the foreign object still exists as `before` was, and that the operator never
+/// wrote to it: no field of it is managed by the operator's field manager, and it carries no
+/// applied-hash annotation.
+async fn assert_untouched(foreign: Foreign, client: &Client, ns: &str, before: &serde_json::Value) {
+    let kind = foreign.kind();
+    let now = foreign.get(client, ns).await.unwrap_or_else(|| panic!("the foreign {kind} is gone"));
+    assert_eq!(fingerprint(&now), fingerprint(before), "the foreign {kind} was changed");
+    let managers: Vec<&str> = now["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["manager"].as_str())
+        .collect();
+    assert!(!managers.contains(&FIELD_MANAGER), "the operator wrote to the foreign {kind}: managers {managers:?}");
+    assert!(
+        now["metadata"]["annotations"].get(children::APPLIED_HASH).is_none(),
+        "the operator applied to the foreign {kind}"
+    );
+}
+
+/// Waits until the MyApp `web` reports, for its current generation, that `kind` "web" holds its
+/// child's name; checks the kstatus conditions and returns the Ready condition's message.
+async fn wait_name_conflict(api: &Api<MyApp>, kind: &str) -> String {
+    let app = eventually("MyApp web reports a NameConflict", Duration::from_secs(30), || async {
+        let app = api.get("web").await.ok()?;
+        let status = app.status.as_ref()?;
+        let ready = conditions::find(&status.conditions, conditions::READY)?;
+        (status.observed_generation == app.metadata.generation && ready.reason == conditions::NAME_CONFLICT)
+            .then_some(app)
+    })
+    .await;
+    let status = app.status.expect("status");
+    let ready = conditions::find(&status.conditions, conditions::READY).expect("Ready");
+    assert_eq!(ready.status, "False");
+    assert!(ready.message.contains(&format!("{kind} \"web\"")), "the message names the {kind}: {:?}", ready.message);
+    assert!(conditions::is_true(&status.conditions, conditions::STALLED), "a conflict is Stalled");
+    assert!(!conditions::is_true(&status.conditions, conditions::RECONCILING), "Stalled, not Reconciling");
+    ready.message.clone()
+}
+
+async fn name_conflict_is_refused(foreign: Foreign) {
+    let kind = foreign.kind();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, &format!("conflict-{}", kind.to_lowercase())).await;
+    foreign.create(&client, &ns.name).await;
+    let before = foreign.get(&client, &ns.name).await.expect("the foreign object");
+
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
+    wait_name_conflict(&api, kind).await;
+    eventually("a Warning NameConflict event naming the object", Duration::from_secs(10), || async {
+        let ev = Api::<Event>::namespaced(client.clone(), &ns.name).list(&ListParams::default()).await.ok()?;
+        ev.items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some(conditions::NAME_CONFLICT)
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.involved_object.kind.as_deref() == Some("MyApp")
+                    && e.involved_object.name.as_deref() == Some("web")
+                    && e.message.as_deref().is_some_and(|m| m.contains(&format!("{kind} \"web\"")))
+            })
+            .map(drop)
+    })
+    .await;
+    assert_untouched(foreign, &client, &ns.name, &before).await;
+    // Refused as a whole: the other child was not created either.
+    assert!(foreign.other().get(&client, &ns.name).await.is_none(), "a {} was created", foreign.other().kind());
+
+    // Deleting the MyApp while in conflict deletes nothing it does not control.
+    api.delete("web", &DeleteParams::default()).await.expect("delete MyApp");
+    eventually("MyApp gone", Duration::from_secs(30), || async {
+        matches!(api.get_opt("web").await, Ok(None)).then_some(())
+    })
+    .await;
+    assert_untouched(foreign, &client, &ns.name, &before).await;
+
+    // A MyApp of that name again: refused until the object is gone, then Ready (the conflict is
+    // retried with backoff, since nothing the operator watches changes when the object goes).
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
+    wait_name_conflict(&api, kind).await;
+    assert_untouched(foreign, &client, &ns.name, &before).await;
+    foreign.delete(&client, &ns.name).await;
+    let app = wait_ready(&api, "web").await;
+    let uid = app.uid().expect("uid");
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("web").await.expect("Deployment");
+    let s = Api::<Service>::namespaced(client.clone(), &ns.name).get("web").await.expect("Service");
+    for (child, owners) in [("Deployment", d.metadata.owner_references), ("Service", s.metadata.owner_references)] {
+        let controller = owners.into_iter().flatten().find(|o| o.controller == Some(true));
+        assert_eq!(controller.map(|o| o.uid), Some(uid.clone()), "the {child} is controlled by the new MyApp");
+    }
+    assert_eq!(
+        s.spec.and_then(|s| s.selector),
+        Some(BTreeMap::from([("myapp.dev/name".to_string(), "web".to_string())])),
+        "the Service selects the MyApp's pods"
+    );
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn a_foreign_service_is_never_taken_over() {
+    name_conflict_is_refused(Foreign::Service).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn a_foreign_deployment_is_never_taken_over() {
+    name_conflict_is_refused(Foreign::Deployment).await;
 }
