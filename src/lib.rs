@@ -28,6 +28,10 @@ pub enum Error {
     /// This replica may not write (it is not, or no longer, the leader).
     #[error("write refused: this replica does not hold the lease")]
     Fenced,
+    /// A child's name is held by objects the `MyApp` does not control; nothing was written to
+    /// them. Retried with backoff, so the `MyApp` recovers once they are gone.
+    #[error("name conflict: {}", controller::ownership::describe(.0))]
+    NameConflict(Vec<controller::ownership::Conflict>),
 }
 
 /// Result with the crate's [`Error`].
@@ -46,6 +50,7 @@ impl Error {
             Error::MissingField(_) => "missing_field",
             Error::Serialization(_) => "serialization",
             Error::Fenced => "fenced",
+            Error::NameConflict(_) => "name_conflict",
         }
     }
 }

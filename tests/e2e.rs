@@ -9,8 +9,12 @@ use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::conditions;
-use myapp_operator::api::{FINALIZER, MyApp};
+use myapp_operator::api::quantity;
+use myapp_operator::api::{FIELD_MANAGER, FINALIZER, MyApp, MyAppSpec, ResourceAmounts};
+use myapp_operator::controller::children;
+use myapp_operator::webhook::policy::ALLOW_PORT_CHANGE;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 const ROLLOUT: Duration = Duration::from_secs(60);
@@ -381,4 +385,340 @@ async fn local_only_reconcile_links_to_the_trace_of_the_change() {
     let touched = api.patch("web", &PatchParams::default(), &touch).await.expect("touch");
     assert_eq!(touched.metadata.annotations.and_then(|a| a.get("myapp.dev/traceparent").cloned()), Some(tp));
     ns.cleanup().await;
+}
+
+/// The container's env and resources, and the Service's type and port, as `spec` asks for them
+/// (read off the spec here, not through the operator's builders): env values that are empty are
+/// left out, and so are absent requests and limits. Quantities compare by value.
+fn children_match(spec: &MyAppSpec, d: &Deployment, s: &Service) -> Result<(), String> {
+    let container = d.spec.template.spec.as_ref().and_then(|p| p.containers.first()).ok_or("no container")?;
+    let want_env: Vec<serde_json::Value> = spec
+        .env
+        .iter()
+        .map(|e| if e.value.is_empty() { json!({"name": e.name}) } else { json!({"name": e.name, "value": e.value}) })
+        .collect();
+    let got_env = serde_json::to_value(container.env.clone().unwrap_or_default()).map_err(|e| e.to_string())?;
+    if got_env != json!(want_env) {
+        return Err(format!("env is {got_env}, want {}", json!(want_env)));
+    }
+    let amounts = |a: Option<&ResourceAmounts>| -> BTreeMap<String, String> {
+        a.map(|a| [("cpu", &a.cpu), ("memory", &a.memory)])
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
+            .collect()
+    };
+    let res = spec.resources.as_ref();
+    let resources = container.resources.clone().unwrap_or_default();
+    for (what, want, got) in [
+        ("requests", amounts(res.and_then(|r| r.requests.as_ref())), resources.requests.unwrap_or_default()),
+        ("limits", amounts(res.and_then(|r| r.limits.as_ref())), resources.limits.unwrap_or_default()),
+    ] {
+        let same = want.len() == got.len()
+            && want.iter().all(|(k, v)| got.get(k).is_some_and(|g| quantity::same_value(v, &g.0)));
+        if !same {
+            return Err(format!("{what} are {got:?}, want {want:?}"));
+        }
+    }
+    let ports = container.ports.clone().unwrap_or_default();
+    if ports.iter().map(|p| p.container_port).collect::<Vec<_>>() != vec![spec.port] {
+        return Err(format!("container ports are {ports:?}, want {}", spec.port));
+    }
+    let sspec = s.spec.clone().unwrap_or_default();
+    let want_type = spec.service_type.unwrap_or_default().as_str();
+    if sspec.type_.as_deref() != Some(want_type) {
+        return Err(format!("Service type is {:?}, want {want_type}", sspec.type_));
+    }
+    let sports = sspec.ports.unwrap_or_default();
+    if sports.iter().map(|p| p.port).collect::<Vec<_>>() != vec![spec.port] {
+        return Err(format!("Service ports are {sports:?}, want {}", spec.port));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn removed_and_changed_fields_reach_the_children() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "fields").await;
+    let app: MyApp = serde_json::from_value(json!({
+        "apiVersion": "myapp.dev/v1",
+        "kind": "MyApp",
+        // spec.port changes need this (the validating webhook's policy).
+        "metadata": {"name": "web", "annotations": {ALLOW_PORT_CHANGE: "true"}},
+        "spec": {
+            "image": "nginx:1.27",
+            "replicas": 1,
+            "env": [{"name": "MODE", "value": "e2e"}, {"name": "LEVEL", "value": "debug"}],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
+            "serviceType": "NodePort"
+        }
+    }))
+    .expect("MyApp");
+    let api = create(&client, &ns.name, &app).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let first = wait_ready(&api, "web").await;
+    let d = deployments.get("web").await.expect("Deployment");
+    let s = services.get("web").await.expect("Service");
+    if let Err(e) = children_match(&first.spec, &d, &s) {
+        panic!("after the create: {e}");
+    }
+
+    // One change at a time, each a merge patch of the spec. The mutating webhook fills requests
+    // back in when they are removed (from the limits, or its defaults), so what the children must
+    // show is read off the spec as stored; `gone` lists JSON pointers into the container (or, for
+    // `/spec/...`, the Service) that must no longer exist.
+    let steps: [(&str, serde_json::Value, &[&str]); 15] = [
+        (
+            "an env value set to \"\"",
+            json!({"env": [{"name": "MODE", "value": ""}, {"name": "LEVEL", "value": "debug"}]}),
+            &["/env/0/value"],
+        ),
+        ("one env var removed", json!({"env": [{"name": "LEVEL", "value": "debug"}]}), &["/env/1"]),
+        ("env removed", json!({"env": null}), &["/env"]),
+        ("env added back", json!({"env": [{"name": "MODE", "value": "e2e"}]}), &[]),
+        ("limits.cpu removed", json!({"resources": {"limits": {"cpu": null}}}), &["/resources/limits/cpu"]),
+        (
+            "requests.memory removed (the webhook sets it from the limit)",
+            json!({"resources": {"requests": {"memory": null}}}),
+            &[],
+        ),
+        ("limits removed", json!({"resources": {"limits": null}}), &["/resources/limits"]),
+        ("requests.cpu changed", json!({"resources": {"requests": {"cpu": "200m"}}}), &[]),
+        ("requests removed (the webhook defaults them)", json!({"resources": {"requests": null}}), &[]),
+        ("limits set again", json!({"resources": {"limits": {"memory": "512Mi"}}}), &[]),
+        ("resources removed (the webhook defaults the requests)", json!({"resources": null}), &["/resources/limits"]),
+        ("serviceType changed", json!({"serviceType": "LoadBalancer"}), &[]),
+        ("serviceType removed", json!({"serviceType": null}), &["/spec/ports/0/nodePort"]),
+        ("port changed", json!({"port": 9090}), &[]),
+        ("port removed (defaults to 8080)", json!({"port": null}), &[]),
+    ];
+    let mut generation = first.metadata.generation;
+    for (what, spec, gone) in steps {
+        let patched = api
+            .patch("web", &PatchParams::default(), &Patch::Merge(json!({ "spec": spec })))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: patch: {e}"));
+        assert!(patched.metadata.generation > generation, "{what}: the patch did not change the spec");
+        generation = patched.metadata.generation;
+        // Ready at the new generation: the status says the change rolled out, so the children
+        // must show it now.
+        let app = wait_ready(&api, "web").await;
+        assert_eq!(app.metadata.generation, generation, "{what}: changed again behind the test's back");
+        let d = deployments.get("web").await.expect("Deployment");
+        let s = services.get("web").await.expect("Service");
+        if let Err(e) = children_match(&app.spec, &d, &s) {
+            panic!("{what}: Ready at generation {generation:?}, but {e}");
+        }
+        let container = serde_json::to_value(&d.spec.template.spec.as_ref().expect("pod spec").containers[0])
+            .expect("container JSON");
+        let service = serde_json::to_value(&s).expect("Service JSON");
+        for pointer in gone {
+            let found =
+                if pointer.starts_with("/spec/") { service.pointer(pointer) } else { container.pointer(pointer) };
+            assert!(found.is_none(), "{what}: {pointer} is still there: {found:?}");
+        }
+    }
+    assert_eq!(api.get("web").await.expect("MyApp").spec.port, 8080);
+    ns.cleanup().await;
+}
+
+/// An object made by hand under the name of the MyApp a test creates next: a Service or a
+/// Deployment that selects `app=web`, with neither the operator's labels nor an owner.
+#[derive(Clone, Copy, Debug)]
+enum Foreign {
+    Service,
+    Deployment,
+}
+
+impl Foreign {
+    fn kind(self) -> &'static str {
+        match self {
+            Foreign::Service => "Service",
+            Foreign::Deployment => "Deployment",
+        }
+    }
+
+    /// The MyApp's other child, which a refused MyApp does not create either.
+    fn other(self) -> Foreign {
+        match self {
+            Foreign::Service => Foreign::Deployment,
+            Foreign::Deployment => Foreign::Service,
+        }
+    }
+
+    async fn create(self, client: &Client, ns: &str) {
+        let labels = json!({"app": "web"});
+        let pp = PostParams::default();
+        match self {
+            Foreign::Service => {
+                let s: Service = serde_json::from_value(json!({
+                    "metadata": {"name": "web", "labels": labels},
+                    "spec": {"selector": labels, "ports": [{"name": "web", "port": 80, "targetPort": 8080}]}
+                }))
+                .expect("Service");
+                Api::<Service>::namespaced(client.clone(), ns).create(&pp, &s).await.expect("create the Service");
+            }
+            Foreign::Deployment => {
+                let d: Deployment = serde_json::from_value(json!({
+                    "metadata": {"name": "web", "labels": labels},
+                    "spec": {
+                        "replicas": 1,
+                        "selector": {"matchLabels": labels},
+                        "template": {
+                            "metadata": {"labels": labels},
+                            "spec": {"containers": [{"name": "web", "image": "nginx:1.25"}]}
+                        }
+                    }
+                }))
+                .expect("Deployment");
+                Api::<Deployment>::namespaced(client.clone(), ns).create(&pp, &d).await.expect("create the Deployment");
+            }
+        }
+    }
+
+    /// The object `web` of this kind as JSON, if there is one.
+    async fn get(self, client: &Client, ns: &str) -> Option<serde_json::Value> {
+        let found = match self {
+            Foreign::Service => Api::<Service>::namespaced(client.clone(), ns).get_opt("web").await.map(|o| json!(o)),
+            Foreign::Deployment => {
+                Api::<Deployment>::namespaced(client.clone(), ns).get_opt("web").await.map(|o| json!(o))
+            }
+        };
+        let v = found.unwrap_or_else(|e| panic!("get {} web: {e}", self.kind()));
+        (!v.is_null()).then_some(v)
+    }
+
+    async fn delete(self, client: &Client, ns: &str) {
+        let dp = DeleteParams::default();
+        let deleted = match self {
+            Foreign::Service => Api::<Service>::namespaced(client.clone(), ns).delete("web", &dp).await.map(drop),
+            Foreign::Deployment => Api::<Deployment>::namespaced(client.clone(), ns).delete("web", &dp).await.map(drop),
+        };
+        deleted.unwrap_or_else(|e| panic!("delete the foreign {}: {e}", self.kind()));
+    }
+}
+
+/// What the operator must never change on a foreign object: its identity, labels, owners,
+/// selector, ports and pod template. (Not its annotations: the deployment controller adds one.)
+fn fingerprint(v: &serde_json::Value) -> serde_json::Value {
+    json!({
+        "uid": v["metadata"]["uid"],
+        "labels": v["metadata"]["labels"],
+        "ownerReferences": v["metadata"]["ownerReferences"],
+        "selector": v["spec"]["selector"],
+        "ports": v["spec"]["ports"],
+        "replicas": v["spec"]["replicas"],
+        "template": v["spec"]["template"],
+    })
+}
+
+/// Asserts that the foreign object still exists as `before` was, and that the operator never
+/// wrote to it: no field of it is managed by the operator's field manager, and it carries no
+/// applied-hash annotation.
+async fn assert_untouched(foreign: Foreign, client: &Client, ns: &str, before: &serde_json::Value) {
+    let kind = foreign.kind();
+    let now = foreign.get(client, ns).await.unwrap_or_else(|| panic!("the foreign {kind} is gone"));
+    assert_eq!(fingerprint(&now), fingerprint(before), "the foreign {kind} was changed");
+    let managers: Vec<&str> = now["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["manager"].as_str())
+        .collect();
+    assert!(!managers.contains(&FIELD_MANAGER), "the operator wrote to the foreign {kind}: managers {managers:?}");
+    assert!(
+        now["metadata"]["annotations"].get(children::APPLIED_HASH).is_none(),
+        "the operator applied to the foreign {kind}"
+    );
+}
+
+/// Waits until the MyApp `web` reports, for its current generation, that `kind` "web" holds its
+/// child's name; checks the kstatus conditions and returns the Ready condition's message.
+async fn wait_name_conflict(api: &Api<MyApp>, kind: &str) -> String {
+    let app = eventually("MyApp web reports a NameConflict", Duration::from_secs(30), || async {
+        let app = api.get("web").await.ok()?;
+        let status = app.status.as_ref()?;
+        let ready = conditions::find(&status.conditions, conditions::READY)?;
+        (status.observed_generation == app.metadata.generation && ready.reason == conditions::NAME_CONFLICT)
+            .then_some(app)
+    })
+    .await;
+    let status = app.status.expect("status");
+    let ready = conditions::find(&status.conditions, conditions::READY).expect("Ready");
+    assert_eq!(ready.status, "False");
+    assert!(ready.message.contains(&format!("{kind} \"web\"")), "the message names the {kind}: {:?}", ready.message);
+    assert!(conditions::is_true(&status.conditions, conditions::STALLED), "a conflict is Stalled");
+    assert!(!conditions::is_true(&status.conditions, conditions::RECONCILING), "Stalled, not Reconciling");
+    ready.message.clone()
+}
+
+async fn name_conflict_is_refused(foreign: Foreign) {
+    let kind = foreign.kind();
+    let client = client().await;
+    let ns = TestNamespace::new(&client, &format!("conflict-{}", kind.to_lowercase())).await;
+    foreign.create(&client, &ns.name).await;
+    let before = foreign.get(&client, &ns.name).await.expect("the foreign object");
+
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
+    wait_name_conflict(&api, kind).await;
+    eventually("a Warning NameConflict event naming the object", Duration::from_secs(10), || async {
+        let ev = Api::<Event>::namespaced(client.clone(), &ns.name).list(&ListParams::default()).await.ok()?;
+        ev.items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some(conditions::NAME_CONFLICT)
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.involved_object.kind.as_deref() == Some("MyApp")
+                    && e.involved_object.name.as_deref() == Some("web")
+                    && e.message.as_deref().is_some_and(|m| m.contains(&format!("{kind} \"web\"")))
+            })
+            .map(drop)
+    })
+    .await;
+    assert_untouched(foreign, &client, &ns.name, &before).await;
+    // Refused as a whole: the other child was not created either.
+    assert!(foreign.other().get(&client, &ns.name).await.is_none(), "a {} was created", foreign.other().kind());
+
+    // Deleting the MyApp while in conflict deletes nothing it does not control.
+    api.delete("web", &DeleteParams::default()).await.expect("delete MyApp");
+    eventually("MyApp gone", Duration::from_secs(30), || async {
+        matches!(api.get_opt("web").await, Ok(None)).then_some(())
+    })
+    .await;
+    assert_untouched(foreign, &client, &ns.name, &before).await;
+
+    // A MyApp of that name again: refused until the object is gone, then Ready (the conflict is
+    // retried with backoff, since nothing the operator watches changes when the object goes).
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
+    wait_name_conflict(&api, kind).await;
+    assert_untouched(foreign, &client, &ns.name, &before).await;
+    foreign.delete(&client, &ns.name).await;
+    let app = wait_ready(&api, "web").await;
+    let uid = app.uid().expect("uid");
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("web").await.expect("Deployment");
+    let s = Api::<Service>::namespaced(client.clone(), &ns.name).get("web").await.expect("Service");
+    for (child, owners) in [("Deployment", d.metadata.owner_references), ("Service", s.metadata.owner_references)] {
+        let controller = owners.into_iter().flatten().find(|o| o.controller == Some(true));
+        assert_eq!(controller.map(|o| o.uid), Some(uid.clone()), "the {child} is controlled by the new MyApp");
+    }
+    assert_eq!(
+        s.spec.and_then(|s| s.selector),
+        Some(BTreeMap::from([("myapp.dev/name".to_string(), "web".to_string())])),
+        "the Service selects the MyApp's pods"
+    );
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn a_foreign_service_is_never_taken_over() {
+    name_conflict_is_refused(Foreign::Service).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn a_foreign_deployment_is_never_taken_over() {
+    name_conflict_is_refused(Foreign::Deployment).await;
 }

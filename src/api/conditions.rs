@@ -5,7 +5,8 @@
 //! - `Reconciling`: True while the operator is still working towards the spec (rollout in
 //!   progress, children being created, deletion in progress).
 //! - `Stalled`: True when progress is impossible without a change from the user (an invalid spec,
-//!   a Deployment past its progress deadline).
+//!   a Deployment past its progress deadline, a child's name held by an object the `MyApp` does
+//!   not control).
 //!
 //! Every condition carries `observedGeneration`, and `lastTransitionTime` changes only when the
 //! condition's `status` changes, so an unchanged world yields an identical status and no write.
@@ -20,6 +21,9 @@ pub const READY: &str = "Ready";
 pub const RECONCILING: &str = "Reconciling";
 /// True when progress is impossible.
 pub const STALLED: &str = "Stalled";
+/// The reason of the conditions (and of the Warning Event) when a child's name is taken by an
+/// object the `MyApp` does not control.
+pub const NAME_CONFLICT: &str = "NameConflict";
 
 /// What the Deployment reports, reduced to the facts the conditions depend on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -80,6 +84,9 @@ pub enum Observation {
     Rollout(RolloutFacts),
     /// The `MyApp` is being deleted; its children are going.
     Deleting,
+    /// An object that the `MyApp` does not control holds a child's name; the message names it.
+    /// Nothing was written to any child.
+    NameConflict(String),
 }
 
 fn condition(type_: &str, status: bool, reason: &str, message: String, generation: i64) -> Condition {
@@ -111,6 +118,11 @@ pub fn desired_status(generation: i64, selector: &str, obs: &Observation) -> MyA
             condition(READY, false, "ApplyFailed", msg.clone(), g),
             condition(RECONCILING, true, "ApplyFailed", msg.clone(), g),
             condition(STALLED, false, "ApplyFailed", String::new(), g),
+        ],
+        Observation::NameConflict(msg) => vec![
+            condition(READY, false, NAME_CONFLICT, msg.clone(), g),
+            condition(RECONCILING, false, NAME_CONFLICT, String::new(), g),
+            condition(STALLED, true, NAME_CONFLICT, msg.clone(), g),
         ],
         Observation::Deleting => vec![
             condition(READY, false, "Deleting", "waiting for the Deployment and Service to be deleted".into(), g),
@@ -279,9 +291,29 @@ mod tests {
     }
 
     #[test]
+    fn a_name_conflict_is_stalled_and_names_the_object() {
+        let msg = "Service \"web\" already exists and is not controlled by this MyApp (it has no controller)";
+        let s = desired_status(3, "sel", &Observation::NameConflict(msg.into()));
+        let ready = find(&s.conditions, READY).expect("Ready");
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", NAME_CONFLICT));
+        assert_eq!(ready.message, msg);
+        assert!(is_true(&s.conditions, STALLED), "the operator cannot resolve it by itself");
+        assert!(!is_true(&s.conditions, RECONCILING), "kstatus: not in progress while stalled");
+        assert_eq!(find(&s.conditions, STALLED).map(|c| c.reason.as_str()), Some(NAME_CONFLICT));
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!((s.replicas, s.ready_replicas), (0, 0));
+        let mut app = crate::api::MyApp::new("web", crate::api::MyAppSpec::test("nginx:1.27"));
+        app.metadata.generation = Some(3);
+        app.status = Some(s);
+        assert!(!app.ready_at_generation());
+        assert_eq!(app.ready_reason(), NAME_CONFLICT);
+    }
+
+    #[test]
     fn reasons_are_camel_case() {
         for obs in [
             Observation::Invalid("x".into()),
+            Observation::NameConflict("x".into()),
             Observation::ApplyFailed("x".into()),
             Observation::Deleting,
             Observation::Rollout(facts(1, 1, 1)),

@@ -4,6 +4,7 @@
 //!   replica, leader or not, so a new leader starts from warm caches.
 //! - [`reconcile`]: the reconcile and cleanup logic, as methods on `MyApp`.
 //! - [`children`]: pure builders of the Deployment and Service.
+//! - [`ownership`]: the pure decision of which existing objects a `MyApp` may write.
 //! - [`fenced`]: the client those writes use, whose sockets check the fence before every write.
 //! - [`queue`]: the queue-depth metric, counted around kube's private scheduler.
 //! - [`writer`]: every write the controller makes goes through here, so that it can be fenced and
@@ -12,6 +13,7 @@
 pub mod cache;
 pub mod children;
 pub mod fenced;
+pub mod ownership;
 pub mod queue;
 pub mod reconcile;
 pub mod writer;

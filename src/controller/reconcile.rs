@@ -1,11 +1,14 @@
 //! Reconcile and cleanup, as methods on `MyApp`.
 //!
 //! A reconcile compares what should exist with what the caches hold and writes only the
-//! difference: an unchanged `MyApp` whose children are as applied makes no write at all.
+//! difference: an unchanged `MyApp` whose children are as applied makes no write at all, and a
+//! changed one, even by a removed field, is applied (see [`children::up_to_date`]). It never
+//! writes to, nor deletes, an object that the `MyApp` does not control (see [`ownership`]).
 
 use super::Context;
 use super::children::{self, selector_string};
-use crate::api::conditions::{self, Observation, READY, RolloutFacts};
+use super::ownership::{self, Claim, Conflict};
+use crate::api::conditions::{self, NAME_CONFLICT, Observation, READY, RolloutFacts};
 use crate::api::validation::{join, validate_spec};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
 use crate::{Error, Result};
@@ -14,8 +17,9 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
+use std::sync::Arc;
 use std::time::Duration;
 
 impl MyApp {
@@ -76,6 +80,11 @@ impl MyApp {
 
         let deployment = match app.apply_children(ctx, &name, &ns).await {
             Ok(d) => d,
+            Err(Error::NameConflict(conflicts)) => {
+                // Touch nothing but our own status; retry with backoff until the name is free.
+                app.report_conflict(ctx, &conflicts).await?;
+                return Err(Error::NameConflict(conflicts));
+            }
             Err(e) => {
                 // Say so in the status (written only if it changed), then retry with backoff.
                 if let Err(status_error) = app.update_status(ctx, &Observation::ApplyFailed(e.to_string())).await {
@@ -93,19 +102,52 @@ impl MyApp {
         Ok(Some(ctx.resync()))
     }
 
-    /// Applies the Deployment and the Service where they differ from what the caches hold; returns
-    /// the Deployment as it now is.
+    /// Applies the Deployment and the Service where they differ from what the API server holds;
+    /// returns the Deployment as it now is.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NameConflict`], before any write, when an object of either name exists that this
+    /// `MyApp` does not control ([`ownership::claim`]): then neither child is written.
     async fn apply_children(&self, ctx: &Context, name: &str, ns: &str) -> Result<Deployment> {
-        let cached_d = ctx.caches.deployments.get(&ObjectRef::new(name).within(ns));
-        let deployment = self.apply_child(ctx, children::deployment(self), cached_d.as_deref(), "deployment").await?;
-        let cached_s = ctx.caches.services.get(&ObjectRef::new(name).within(ns));
-        self.apply_child(ctx, children::service(self), cached_s.as_deref(), "service").await?;
+        let uid = self.meta().uid.clone().ok_or(Error::MissingField("metadata.uid"))?;
+        let live_d = live_child(ctx, &ctx.caches.deployments, ns, name).await?;
+        let live_s = live_child(ctx, &ctx.caches.services, ns, name).await?;
+        let conflicts: Vec<Conflict> = [
+            ownership::claim("Deployment", name, live_d.as_deref().map(|d| &d.metadata), &uid),
+            ownership::claim("Service", name, live_s.as_deref().map(|s| &s.metadata), &uid),
+        ]
+        .into_iter()
+        .filter_map(Claim::conflict)
+        .collect();
+        if !conflicts.is_empty() {
+            return Err(Error::NameConflict(conflicts));
+        }
+        let desired_d = children::stamp(children::deployment(self))?;
+        let deployment = self.apply_child(ctx, desired_d, live_d.as_deref(), "deployment").await?;
+        self.apply_child(ctx, children::stamp(children::service(self))?, live_s.as_deref(), "service").await?;
         Ok(deployment)
     }
 
-    /// Server-side applies `desired` unless `cached` already carries all of it, with an Event
-    /// saying whether it was created or updated. Returns the child as it now is.
-    async fn apply_child<K>(&self, ctx: &Context, desired: K, cached: Option<&K>, label: &str) -> Result<K>
+    /// Reports that a child's name is taken: the status says `NameConflict` (written only if it
+    /// changed), with a Warning Event when that is news. Writes nothing else.
+    async fn report_conflict(&self, ctx: &Context, conflicts: &[Conflict]) -> Result<()> {
+        let message = ownership::describe(conflicts);
+        let known = conditions::find(&self.current_status().conditions, READY)
+            .is_some_and(|c| c.reason == NAME_CONFLICT && c.message == message);
+        self.update_status(ctx, &Observation::NameConflict(message.clone())).await?;
+        if !known {
+            ctx.writer.event(self, EventType::Warning, NAME_CONFLICT, "Apply", message).await;
+        }
+        Ok(())
+    }
+
+    /// Server-side applies `desired` (a [`children::stamp`]ed document) unless `live`, the object
+    /// the API server holds (one this `MyApp` controls), already carries all of it, with an Event
+    /// saying whether it was created or updated. Returns the child as it now is. The apply is
+    /// forced under one field manager, so fields the last applied document had and `desired`
+    /// lacks are removed from the child.
+    async fn apply_child<K>(&self, ctx: &Context, desired: K, live: Option<&K>, label: &str) -> Result<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
             + serde::Serialize
@@ -113,13 +155,13 @@ impl MyApp {
             + Clone
             + std::fmt::Debug,
     {
-        if let Some(actual) = cached
+        if let Some(actual) = live
             && children::up_to_date(&desired, actual)
         {
             return Ok(actual.clone());
         }
         let applied = ctx.writer.apply(&desired, label).await?;
-        let (reason, verb) = if cached.is_some() { ("Updated", "updated") } else { ("Created", "created") };
+        let (reason, verb) = if live.is_some() { ("Updated", "updated") } else { ("Created", "created") };
         let kind = K::kind(&());
         let note = format!("{verb} {kind} {}", desired.meta().name.as_deref().unwrap_or_default());
         ctx.writer.event(self, EventType::Normal, reason, &format!("Apply{kind}"), note).await;
@@ -146,19 +188,17 @@ impl MyApp {
         let services: Api<Service> = Api::namespaced(ctx.client(), &ns);
         let d = deployments.get_opt(&name).await?;
         let s = services.get_opt(&name).await?;
-        if let Some(d) = &d
-            && d.metadata.deletion_timestamp.is_none()
-            && owned_by(d, self)
-        {
+        // Only what this MyApp controls: an object that merely has the name (a name conflict) stays.
+        let uid = self.meta().uid.as_deref();
+        let d = d.filter(|d| ownership::controlled_by(&d.metadata, uid));
+        let s = s.filter(|s| ownership::controlled_by(&s.metadata, uid));
+        if d.as_ref().is_some_and(|d| d.metadata.deletion_timestamp.is_none()) {
             ctx.writer.delete::<Deployment>(&ns, &name, "deployment").await?;
         }
-        if let Some(s) = &s
-            && s.metadata.deletion_timestamp.is_none()
-            && owned_by(s, self)
-        {
+        if s.as_ref().is_some_and(|s| s.metadata.deletion_timestamp.is_none()) {
             ctx.writer.delete::<Service>(&ns, &name, "service").await?;
         }
-        let remaining = [d.filter(|d| owned_by(d, self)).is_some(), s.filter(|s| owned_by(s, self)).is_some()];
+        let remaining = [d.is_some(), s.is_some()];
         if remaining.iter().any(|r| *r) {
             return Ok(Some(Duration::from_secs(1)));
         }
@@ -168,8 +208,21 @@ impl MyApp {
     }
 }
 
-/// True when `child` is controlled by `app` (same UID), so we never delete what is not ours.
-fn owned_by<K: Resource>(child: &K, app: &MyApp) -> bool {
-    let uid = app.meta().uid.as_deref();
-    child.meta().owner_references.iter().flatten().any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+/// The object the API server holds under a child's name: the cached one, or, when the cache has
+/// none, the answer of a GET. The caches hold only objects labelled as managed by the operator, so
+/// this is how an unlabelled object of the same name (one made by hand) is seen. The GET is made
+/// only when the cache has nothing: for a new `MyApp`, a child deleted or unlabelled by someone, a
+/// cache behind our own write, or a conflict. A child in the cache costs no call.
+async fn live_child<K>(ctx: &Context, cache: &Store<K>, ns: &str, name: &str) -> Result<Option<Arc<K>>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + serde::de::DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    if let Some(cached) = cache.get(&ObjectRef::new(name).within(ns)) {
+        return Ok(Some(cached));
+    }
+    let api: Api<K> = Api::namespaced(ctx.client(), ns);
+    Ok(api.get_opt(name).await?.map(Arc::new))
 }
