@@ -41,6 +41,13 @@ pub struct ChaosArgs {
     pub on: On,
 }
 
+impl ChaosArgs {
+    /// The smoke profile against `target`, on processes or pods.
+    pub fn smoke(target: TargetArgs, on: On) -> Self {
+        ChaosArgs { target, profile: "smoke".into(), rounds: None, scenarios: None, replicas: 3, on }
+    }
+}
+
 /// Where the replicas under test run.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum On {
@@ -113,7 +120,7 @@ pub struct Workload {
     /// Times (epoch s) of requests refused because no webhook answered.
     admission_failures: Arc<Mutex<Vec<f64>>>,
     /// Set while the harness waits for convergence: the workload holds its changes.
-    pub paused: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     deleted: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
@@ -213,6 +220,24 @@ pub async fn converged(client: &Client, ns: &str) -> bool {
         });
         a.ready_at_generation() && matches
     })
+}
+
+/// Holds the workload and waits (up to 90 s) until everything converged: seconds since `t0`, or
+/// None. Lets the workload go on afterwards.
+pub async fn convergence(client: &Client, ns: &str, load: &Workload, t0: Instant) -> Option<f64> {
+    load.paused.store(true, Ordering::Relaxed);
+    let mut converged_after = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        if converged(client, ns).await {
+            converged_after = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load.paused.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    converged_after
 }
 
 /// The `server:` URL of a kubeconfig's text.
@@ -525,18 +550,7 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    load.paused.store(true, Ordering::Relaxed);
-    let mut converged_after = None;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while Instant::now() < deadline {
-        if converged(&h.client, ns).await {
-            converged_after = Some(t0.elapsed().as_secs_f64());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    load.paused.store(false, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let converged_after = convergence(&h.client, ns, load, t0).await;
     Ok(Fault {
         scenario: scenario.to_string(),
         round,

@@ -24,7 +24,6 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::Client;
 use kube::api::{Api, DeleteParams, EvictParams, LogParams, Patch, PatchParams, PostParams};
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Scenarios against pods, in the order they run.
@@ -312,18 +311,7 @@ async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns
         }
     }
     install::rolled_out(client, Duration::from_secs(180)).await?;
-    load.paused.store(true, Ordering::Relaxed);
-    let mut converged_after = None;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while Instant::now() < deadline {
-        if chaos::converged(client, ns).await {
-            converged_after = Some(t0.elapsed().as_secs_f64());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    load.paused.store(false, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let converged_after = chaos::convergence(client, ns, load, t0).await;
     Ok(Fault {
         scenario: scenario.to_string(),
         round,

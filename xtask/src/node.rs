@@ -372,10 +372,7 @@ fn pause_archive(kubernetes_module: &Path) -> Result<PathBuf> {
 
 /// Imports a docker archive into the node's containerd (unpacked for the CRI).
 pub fn import(bin_dir: &Path, archive: &Path) -> Result<()> {
-    sh(
-        ctr(bin_dir).args(["images", "import", "--no-unpack=false", "--all-platforms"]).arg(archive),
-        &format!("ctr images import {}", archive.display()),
-    )?;
+    sh(ctr(bin_dir).args(["images", "import"]).arg(archive), &format!("ctr images import {}", archive.display()))?;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: everything `.ci/run` runs. Lint, unit tests, then the tests against a real
 //! API server (the local control plane, or the cluster given) with the operator running.
 
+use crate::chaos::{ChaosArgs, On};
 use crate::operator::{self, TargetArgs, cargo, run};
 use crate::{cluster, install, node, paths};
 use anyhow::{Result, bail};
@@ -110,15 +111,7 @@ async fn against_cluster(target: &operator::Target) -> Result<bool> {
     operator::stop_replicas();
 
     let t = step("chaos smoke: kill, term, pause, partition the leader, restart the API server");
-    let args = crate::chaos::ChaosArgs {
-        target: target.args(),
-        profile: "smoke".into(),
-        rounds: None,
-        scenarios: None,
-        replicas: 3,
-        on: crate::chaos::On::Processes,
-    };
-    let _ = crate::chaos::chaos(args).await?;
+    let _ = crate::chaos::chaos(ChaosArgs::smoke(target.args(), On::Processes)).await?;
     println!("    chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
     let t = step("benchmark, quick profile (keeps `cargo xtask bench` from rotting)");
     crate::bench::bench(crate::bench::BenchArgs::quick(target.args())).await?;
@@ -173,15 +166,7 @@ async fn on_the_node(target: &operator::Target) -> Result<bool> {
     println!("    install test passed ({:.0} s)", t.elapsed().as_secs_f64());
 
     let t = step("chaos smoke against the pods: delete, kill, partition the leader pod, rollout restart");
-    let args = crate::chaos::ChaosArgs {
-        target: target.args(),
-        profile: "smoke".into(),
-        rounds: None,
-        scenarios: None,
-        replicas: 3,
-        on: crate::chaos::On::Pods,
-    };
-    let result = crate::chaos::chaos(args).await;
+    let result = crate::chaos::chaos(ChaosArgs::smoke(target.args(), On::Pods)).await;
     install::uninstall(&client).await?;
     result?;
     println!("    pod chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
