@@ -168,14 +168,10 @@ async fn node_only_apply_k_runs_three_pods_that_lead_admit_reconcile_and_trace()
         "spec": {"image": "nginx:latest"}
     }))
     .expect("myapp");
-    let refused = eventually("the validating webhook refuses :latest", Duration::from_secs(30), || async {
-        match apps.create(&PostParams::default(), &latest).await {
-            Err(kube::Error::Api(e)) if e.message.contains("admission webhook") => Some(e.message),
-            _ => None,
-        }
-    })
-    .await;
-    assert!(refused.contains("spec.image"), "the refusal names the field: {refused}");
+    match apps.create(&PostParams::default(), &latest).await {
+        Err(kube::Error::Api(e)) => assert!(e.message.contains("spec.image"), "the refusal names the field: {e:?}"),
+        other => panic!("a :latest MyApp was not refused: {other:?}"),
+    }
     let plain: DynamicObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": "plain"},
         "spec": {"image": "nginx:1.27"}
@@ -191,6 +187,17 @@ async fn node_only_apply_k_runs_three_pods_that_lead_admit_reconcile_and_trace()
         created.metadata.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/name")).map(String::as_str),
         Some("plain")
     );
+
+    // A policy only the validating webhook holds (the CRD cannot see the old object's port).
+    let moved = serde_json::json!({"spec": {"port": 9999}});
+    let refused = eventually("the validating webhook refuses a port change", Duration::from_secs(30), || async {
+        match apps.patch("plain", &PatchParams::default(), &Patch::Merge(&moved)).await {
+            Err(kube::Error::Api(e)) if e.message.contains("admission webhook") => Some(e.message),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(refused.contains("spec.port"), "the refusal names the field: {refused}");
 
     // The examples become Ready, reconciled by the leader pod.
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");

@@ -201,8 +201,14 @@ pub async fn chaos(args: &ChaosArgs, rounds: u32) -> Result<Report> {
 /// successor's first reconcile of the term (from the successor's log, read at once, since a
 /// rollout may delete that pod later). The old leader stops reconciling a little before it
 /// releases, so this is a lower bound by those milliseconds.
-async fn reconcile_gaps(client: &Client, deadline: Instant, mut until: impl AsyncFnMut() -> bool) -> Vec<f64> {
+/// Also returns when the first handover was seen (epoch seconds).
+async fn reconcile_gaps(
+    client: &Client,
+    deadline: Instant,
+    mut until: impl AsyncFnMut() -> bool,
+) -> (Vec<f64>, Option<f64>) {
     let mut gaps = Vec::new();
+    let mut first_change = None;
     let mut current = operator::lease_holder(client).await.map(|(h, _)| h).unwrap_or_default();
     let mut last_held = chaos::epoch();
     while Instant::now() < deadline && !until().await {
@@ -213,6 +219,7 @@ async fn reconcile_gaps(client: &Client, deadline: Instant, mut until: impl Asyn
                 last_held = now;
             }
         } else {
+            first_change = first_change.or(Some(now));
             if let Some(pod) = install::pod_of(&h).filter(|_| !h.is_empty()) {
                 let wait = Instant::now() + Duration::from_secs(10);
                 while Instant::now() < wait {
@@ -228,7 +235,7 @@ async fn reconcile_gaps(client: &Client, deadline: Instant, mut until: impl Asyn
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    gaps
+    (gaps, first_change)
 }
 
 async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns: &str) -> Result<Fault> {
@@ -240,6 +247,8 @@ async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns
     let mut detail = None;
     let mut longest = None;
     let mut heal: Option<(u32, Vec<Vec<String>>, Duration)> = None;
+    // When a scenario saw the Lease change hands itself (epoch seconds).
+    let mut handed_over: Option<f64> = None;
     match scenario {
         "delete" => {
             pods.delete(&pod, &DeleteParams::default()).await?;
@@ -270,7 +279,8 @@ async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns
             // Wait for the Deployment controller to start it, then for it to finish.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let rollout_done = async || install::rolled_out(client, Duration::from_millis(1)).await.is_ok();
-            let gaps = reconcile_gaps(client, t0 + Duration::from_secs(300), rollout_done).await;
+            let (gaps, first_change) = reconcile_gaps(client, t0 + Duration::from_secs(300), rollout_done).await;
+            handed_over = first_change;
             let total = t0.elapsed().as_secs_f64();
             longest = gaps.iter().copied().reduce(f64::max);
             detail = Some(format!("rollout of 3 pods took {total:.1} s, {} handovers", gaps.len()));
@@ -280,14 +290,14 @@ async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns
     }
     // Fault -> another holder.
     let lease = Duration::from_secs_f64(TIMINGS[0]);
-    let mut acquired = None;
+    let mut acquired = handed_over.map(|t| t - at);
     let mut new_leader = None;
     let deadline = t0 + lease * 3 + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Some((h, _)) = operator::lease_holder(client).await
             && h != old
         {
-            acquired = Some(t0.elapsed().as_secs_f64());
+            acquired = acquired.or(Some(t0.elapsed().as_secs_f64()));
             new_leader = Some(h);
             break;
         }
@@ -331,7 +341,13 @@ async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns
 /// whole again, accepted. Fails when the PodDisruptionBudget lets two go at once.
 async fn evict_all(client: &Client) -> Result<String> {
     let api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let names: Vec<String> = install::pods(client).await?.into_iter().filter_map(|p| p.metadata.name).collect();
+    // Pods already terminating (the rollout's, say) are evicted without asking the budget.
+    let names: Vec<String> = install::pods(client)
+        .await?
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.metadata.name)
+        .collect();
     let (mut accepted, mut refused) = (0, 0);
     for (i, name) in names.iter().enumerate() {
         let evicted = procs::poll(

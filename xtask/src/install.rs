@@ -175,8 +175,26 @@ mod tests {
     fn the_overlay_changes_only_image_placement_and_traces() {
         let text = std::fs::read_to_string(paths::repo().join(OVERLAY).join("kustomization.yaml")).expect("overlay");
         let k: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
-        assert_eq!(k["resources"].as_sequence().map(Vec::len), Some(1), "only deploy/ itself");
-        assert_eq!(k["resources"][0].as_str(), Some("../.."));
+        let base: serde_yaml::Value = serde_yaml::from_str(
+            &std::fs::read_to_string(paths::repo().join("deploy/kustomization.yaml")).expect("deploy/"),
+        )
+        .expect("yaml");
+        let parts: Vec<String> = base["resources"]
+            .as_sequence()
+            .expect("resources")
+            .iter()
+            .filter_map(|r| r.as_str().map(|r| format!("../../{r}")))
+            .collect();
+        let ours: Vec<String> = k["resources"]
+            .as_sequence()
+            .expect("resources")
+            .iter()
+            .filter_map(|r| r.as_str().map(str::to_string))
+            .collect();
+        assert_eq!(ours, parts, "every part of deploy/, and nothing else");
+        assert_eq!(k["namespace"], base["namespace"]);
+        assert_eq!(k["labels"], base["labels"]);
+        assert_eq!(k["images"][0]["name"], base["images"][0]["name"]);
         assert_eq!(k["images"][0]["newName"].as_str(), Some("docker.io/library/myapp-operator"));
         let patches = k["patches"].as_sequence().expect("patches");
         assert_eq!(patches.len(), 1);

@@ -591,20 +591,33 @@ fn mounts_under(mountinfo: &str, under: &str) -> Vec<String> {
     out
 }
 
-/// What of an `iptables -S` listing (one table) belongs to us: the rules of our CNI network and
-/// of the bridge (as `-D` commands), and the per-sandbox chains they jump to.
+/// Chains kubelet makes on start (its canary and its localnet firewall), removed with the node.
+const KUBELET_CHAINS: &[&str] = &["KUBE-FIREWALL", "KUBE-KUBELET-CANARY"];
+
+/// What of an `iptables -S` listing (one table) belongs to the node: the rules of our CNI network
+/// and of the bridge, and the jumps to kubelet's chains (as `-D` commands); and the chains to
+/// flush and delete: the per-sandbox chains our rules jump to, and kubelet's.
 fn our_rules(save: &str) -> (Vec<String>, Vec<String>) {
+    let network = format!("\\\"{CNI_NETWORK}\\\"");
+    let jumps_to_kubelet = |l: &str| l.split(" -j ").nth(1).is_some_and(|t| KUBELET_CHAINS.contains(&t.trim()));
     let ours: Vec<&str> = save
         .lines()
-        .filter(|l| l.starts_with("-A ") && (l.contains(&format!("\\\"{CNI_NETWORK}\\\"")) || l.contains(BRIDGE)))
+        .filter(|l| l.starts_with("-A ") && (l.contains(&network) || l.contains(BRIDGE) || jumps_to_kubelet(l)))
         .collect();
-    let chains = ours
+    let mut chains: Vec<String> = ours
         .iter()
         .filter_map(|l| l.split(" -j ").nth(1))
         .filter_map(|t| t.split_whitespace().next())
         .filter(|c| c.starts_with("CNI-"))
         .map(str::to_string)
         .collect();
+    chains.extend(
+        save.lines()
+            .filter_map(|l| l.strip_prefix("-N "))
+            .filter(|c| KUBELET_CHAINS.contains(&c.trim()))
+            .map(|c| c.trim().to_string()),
+    );
+    chains.dedup();
     (ours.iter().map(|l| l.replacen("-A ", "-D ", 1)).collect(), chains)
 }
 
@@ -781,11 +794,16 @@ mod tests {
 -A POSTROUTING -s 10.88.0.5/32 -m comment --comment "name: \"myapp-node\" id: \"abc\"" -j CNI-1
 -A POSTROUTING -s 10.0.0.0/8 -m comment --comment "name: \"other\" id: \"x\"" -j CNI-2
 -A FORWARD -o myapp0 -j ACCEPT
+-N KUBE-FIREWALL
+-A INPUT -j KUBE-FIREWALL
+-A INPUT -j SOMEONE-ELSES
+-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -j DROP
 "#;
         let (rules, chains) = our_rules(save);
-        assert_eq!(rules.len(), 2, "{rules:?}");
+        assert_eq!(rules.len(), 3, "{rules:?}");
         assert!(rules.iter().all(|r| r.starts_with("-D ")));
-        assert_eq!(chains, ["CNI-1"]);
+        assert!(!rules.iter().any(|r| r.contains("SOMEONE-ELSES") || r.contains("10.0.0.0/8")));
+        assert_eq!(chains, ["CNI-1", "KUBE-FIREWALL"]);
     }
 
     #[test]
