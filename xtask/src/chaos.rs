@@ -342,11 +342,6 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
     }
     .await;
 
-    for m in &h.members {
-        procs::signal(m.replica.pid, "CONT");
-        m.proxy.set_partitioned(false);
-    }
-    operator::stop_replicas();
     let run = Run {
         profile: args.profile.clone(),
         timings: h.timings,
@@ -354,7 +349,14 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
         started_at,
         local: target.local,
     };
-    finish(&client, &run, &ns, load, faults, result).await
+    let heal = || {
+        for m in &h.members {
+            procs::signal(m.replica.pid, "CONT");
+            m.proxy.set_partitioned(false);
+        }
+        operator::stop_replicas();
+    };
+    finish(&client, &run, &ns, load, faults, result, heal).await
 }
 
 /// What one chaos run was: for the verdict and the report.
@@ -373,7 +375,9 @@ pub struct Run {
 
 /// Stops the workload, waits for deleted MyApps to go, then judges the run from the audit log:
 /// writes outside leadership, orphaned children, admissions that failed during graceful
-/// handovers, faults that did not converge. Writes the report (JSON and SVG timeline).
+/// handovers, faults that did not converge. Writes the report (JSON and SVG timeline). `heal`
+/// runs once the deleted MyApps had their chance to go (the replicas must still be running until
+/// then), before the namespace is deleted.
 pub async fn finish(
     client: &Client,
     r: &Run,
@@ -381,6 +385,7 @@ pub async fn finish(
     load: Workload,
     faults: Vec<Fault>,
     result: Result<()>,
+    heal: impl FnOnce(),
 ) -> Result<Report> {
     let ns = ns.to_string();
     let client = client.clone();
@@ -417,6 +422,7 @@ pub async fn finish(
         }
     }
 
+    heal();
     let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
     result?;
 

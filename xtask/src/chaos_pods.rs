@@ -193,7 +193,7 @@ pub async fn chaos(args: &ChaosArgs, rounds: u32) -> Result<Report> {
     }
     .await;
     let run = Run { profile: format!("pods-{}", args.profile), timings: TIMINGS, replicas: 3, started_at, local: true };
-    chaos::finish(&client, &run, &ns, load, faults, result).await
+    chaos::finish(&client, &run, &ns, load, faults, result, || {}).await
 }
 
 /// Follows the Lease (every 20 ms) until `until` is true, and returns, for every handover, the
