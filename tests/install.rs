@@ -177,7 +177,21 @@ async fn node_only_apply_k_runs_three_pods_that_lead_admit_reconcile_and_trace()
         "spec": {"image": "nginx:1.27"}
     }))
     .expect("myapp");
-    let created = apps.create(&PostParams::default(), &plain).await.expect("create a MyApp");
+    // Ready pods take a moment to be Service endpoints that kube-proxy has programmed; until then
+    // the API server's calls are refused, and the validating webhook fails closed.
+    let ready_at = Instant::now();
+    let created = eventually("the webhooks answer through their Service", Duration::from_secs(30), || async {
+        match apps.create(&PostParams::default(), &plain).await {
+            Ok(c) => Some(c),
+            Err(kube::Error::Api(e)) if e.message.contains("failed calling webhook") => None,
+            Err(e) => panic!("create a MyApp: {e}"),
+        }
+    })
+    .await;
+    eprintln!(
+        "install: the webhooks answered through the Service {:.1} s after the pods were Ready",
+        ready_at.elapsed().as_secs_f64()
+    );
     assert!(
         created.data["spec"]["resources"]["requests"]["cpu"].is_string(),
         "the mutating webhook defaulted the requests: {}",

@@ -58,7 +58,34 @@ pub async fn apply(client: &Client, kubeconfig: &std::path::Path) -> Result<Dura
         bail!("kubectl apply -k {OVERLAY}: {}", String::from_utf8_lossy(&out.stderr));
     }
     rolled_out(client, Duration::from_secs(180)).await?;
+    webhooks_answer(client).await?;
     Ok(started.elapsed())
+}
+
+/// Waits until the webhooks answer through their Service (ready pods become endpoints, and
+/// kube-proxy programs them, a moment after the rollout): a server-side dry run of a MyApp
+/// create goes through both webhooks without writing anything.
+pub async fn webhooks_answer(client: &Client) -> Result<()> {
+    use kube::api::PostParams;
+    use myapp_operator::api::MyApp;
+    let probe: MyApp = serde_json::from_value(serde_json::json!({
+        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": "webhook-probe"},
+        "spec": {"image": "nginx:1.27"}
+    }))?;
+    let api: Api<MyApp> = Api::namespaced(client.clone(), "default");
+    let dry = PostParams { dry_run: true, ..Default::default() };
+    crate::procs::poll(
+        "the webhooks answering through their Service",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            match api.create(&dry, &probe).await {
+                Err(kube::Error::Api(e)) if e.message.contains("failed calling webhook") => None,
+                _ => Some(()),
+            }
+        },
+    )
+    .await
 }
 
 /// The operator's pods: (name, ready, restarts, node), newest last.
