@@ -201,13 +201,15 @@ pub async fn chaos(args: &ChaosArgs, rounds: u32) -> Result<Report> {
 /// successor's first reconcile of the term (from the successor's log, read at once, since a
 /// rollout may delete that pod later). The old leader stops reconciling a little before it
 /// releases, so this is a lower bound by those milliseconds.
-/// Also returns when the first handover was seen (epoch seconds).
+/// Also returns how many handovers there were (a successor that is itself deleted before its log
+/// shows its first reconcile has no gap measured) and when the first was seen (epoch seconds).
 async fn reconcile_gaps(
     client: &Client,
     deadline: Instant,
     mut until: impl AsyncFnMut() -> bool,
-) -> (Vec<f64>, Option<f64>) {
+) -> (Vec<f64>, usize, Option<f64>) {
     let mut gaps = Vec::new();
+    let mut handovers = 0;
     let mut first_change = None;
     let mut current = operator::lease_holder(client).await.map(|(h, _)| h).unwrap_or_default();
     let mut last_held = chaos::epoch();
@@ -221,6 +223,7 @@ async fn reconcile_gaps(
         } else {
             first_change = first_change.or(Some(now));
             if let Some(pod) = install::pod_of(&h).filter(|_| !h.is_empty()) {
+                handovers += 1;
                 let wait = Instant::now() + Duration::from_secs(10);
                 while Instant::now() < wait {
                     if let Some(t) = first_reconciles(client, pod).await.into_iter().find(|t| *t >= last_held - 0.5) {
@@ -235,7 +238,7 @@ async fn reconcile_gaps(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (gaps, first_change)
+    (gaps, handovers, first_change)
 }
 
 async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns: &str) -> Result<Fault> {
@@ -279,11 +282,15 @@ async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns
             // Wait for the Deployment controller to start it, then for it to finish.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let rollout_done = async || install::rolled_out(client, Duration::from_millis(1)).await.is_ok();
-            let (gaps, first_change) = reconcile_gaps(client, t0 + Duration::from_secs(300), rollout_done).await;
+            let (gaps, handovers, first_change) =
+                reconcile_gaps(client, t0 + Duration::from_secs(300), rollout_done).await;
             handed_over = first_change;
             let total = t0.elapsed().as_secs_f64();
             longest = gaps.iter().copied().reduce(f64::max);
-            detail = Some(format!("rollout of 3 pods took {total:.1} s, {} handovers", gaps.len()));
+            detail = Some(format!(
+                "rollout of 3 pods took {total:.1} s, {handovers} handovers ({} with the gap measured)",
+                gaps.len()
+            ));
         }
         "pdb" => detail = Some(evict_all(client).await?),
         _ => bail!("unknown pod scenario {scenario}"),
