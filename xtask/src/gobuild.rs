@@ -73,7 +73,7 @@ pub const COMPONENTS: &[Component] = &[
 ];
 
 /// FNV-1a, 64 bits: a stable content hash for cache keys.
-fn fnv1a(data: &[u8]) -> u64 {
+pub fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
 }
 

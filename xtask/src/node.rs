@@ -11,10 +11,10 @@
 //! - the taint [`TAINT`], so that only pods that tolerate it (the operator's, through
 //!   `deploy/overlays/local`, and test pods) land here; MyApp workloads stay on kwok.
 //!
-//! Everything lives under `.run/node/`. [`down`] removes the pods first (so the CNI plugin tears
-//! down each sandbox), stops the processes, then removes what is left of ours only: mounts under
-//! `.run/node/`, the bridge [`BRIDGE`], the iptables rules of our CNI network and of kube-proxy,
-//! and the node address.
+//! Everything lives under [`dir`] (short, for unix sockets). `cluster down` removes the pods first
+//! (so the CNI plugin tears down each sandbox), stops the processes, then removes what is left of
+//! ours only: mounts under [`dir`], the bridge [`BRIDGE`], the iptables rules of our CNI network,
+//! of kubelet and of kube-proxy, and the node address.
 
 use crate::{paths, pki, procs};
 use anyhow::{Context, Result, bail};
@@ -64,9 +64,17 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/sbin/iptables", "iptables"),
 ];
 
-/// Folder of everything the node keeps.
+/// Folder of everything the node keeps: `$MYAPP_NODE_DIR`, else
+/// `/var/lib/myapp-node/<hash of the run directory>`. Not under the checkout: kubelet and
+/// containerd put unix sockets in it, whose paths may not exceed 107 bytes, and a checkout can
+/// live anywhere.
 pub fn dir() -> PathBuf {
-    paths::run_dir().join("node")
+    if let Some(d) = std::env::var_os("MYAPP_NODE_DIR") {
+        return PathBuf::from(d);
+    }
+    let run = paths::run_dir();
+    let hash = crate::gobuild::fnv1a(run.display().to_string().as_bytes()) as u32;
+    PathBuf::from(format!("/var/lib/myapp-node/{hash:08x}"))
 }
 
 fn containerd_socket() -> PathBuf {
@@ -584,7 +592,7 @@ fn mounts_under(mountinfo: &str, under: &str) -> Vec<String> {
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(|m| m.replace("\\040", " "))
-        .filter(|m| m.starts_with(under))
+        .filter(|m| m == under || m.starts_with(&format!("{under}/")))
         .collect();
     out.sort_by_key(|m| std::cmp::Reverse(m.len()));
     out.dedup();
@@ -777,11 +785,22 @@ mod tests {
     }
 
     #[test]
+    fn the_node_folder_leaves_room_for_unix_sockets() {
+        if std::env::var_os("MYAPP_NODE_DIR").is_some() {
+            return;
+        }
+        let longest = dir().join("kubelet/plugins_registry/kubelet.sock.tmp.something");
+        assert!(longest.display().to_string().len() < 100, "{}", longest.display());
+        assert!(containerd_socket().display().to_string().len() + ".ttrpc".len() < 100);
+    }
+
+    #[test]
     fn mounts_are_found_under_our_folder_deepest_first() {
         let info = "22 1 0:21 / /proc rw - proc proc rw\n\
             40 30 0:50 / /w/.run/node/kubelet/pods/x/volumes/token rw - tmpfs tmpfs rw\n\
             41 30 0:51 / /w/.run/node/containerd/state/io.containerd.runtime.v2.task/k8s.io/abc/rootfs rw - overlay overlay rw\n\
-            42 30 0:52 / /w/.run/node/kubelet rw - tmpfs tmpfs rw\n";
+            42 30 0:52 / /w/.run/node/kubelet rw - tmpfs tmpfs rw\n\
+            43 30 0:53 / /w/.run/node2/other rw - tmpfs tmpfs rw\n";
         let m = mounts_under(info, "/w/.run/node");
         assert_eq!(m.len(), 3);
         assert_eq!(m.last().map(String::as_str), Some("/w/.run/node/kubelet"));
