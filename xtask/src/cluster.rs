@@ -355,13 +355,12 @@ pub async fn up() -> Result<()> {
     })
     .await?;
     if node::enabled() {
-        let k8s = module_dir("kubernetes", "k8s.io/kubernetes")?;
         let containerd = gobuild::component("containerd")?.bin_dir()?;
         let bins = node::Bins {
             containerd: &containerd,
             kubelet: &bin("kubelet")?,
             kube_proxy: &bin("kube-proxy")?,
-            kubernetes_module: &k8s,
+            kubernetes_module: || module_dir("kubernetes", "k8s.io/kubernetes"),
         };
         node::up(&run, &bins, &admin).await?;
     }

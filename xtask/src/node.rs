@@ -335,7 +335,7 @@ fn ctr(bin_dir: &Path) -> Command {
 
 /// The pause image as a docker archive in the build cache, built from kubernetes' `pause.c`
 /// (static, with gcc) into a `FROM scratch` image with buildah.
-fn pause_archive(kubernetes_module: &Path) -> Result<PathBuf> {
+fn pause_archive(kubernetes_module: impl FnOnce() -> Result<PathBuf>) -> Result<PathBuf> {
     let cache = paths::cache().join("images");
     let tag = PAUSE_IMAGE.rsplit(':').next().unwrap_or("latest");
     let archive = cache.join(format!("pause-{tag}.tar"));
@@ -351,7 +351,7 @@ fn pause_archive(kubernetes_module: &Path) -> Result<PathBuf> {
         Command::new("gcc")
             .args(["-Os", "-Wall", "-Werror", "-static", &format!("-DVERSION=v{tag}"), "-o"])
             .arg(ctx.join("pause"))
-            .arg(kubernetes_module.join("build/pause/linux/pause.c")),
+            .arg(kubernetes_module()?.join("build/pause/linux/pause.c")),
         "gcc -static pause.c",
     )?;
     std::fs::write(
@@ -419,8 +419,9 @@ pub struct Bins<'a> {
     pub kubelet: &'a Path,
     /// kube-proxy.
     pub kube_proxy: &'a Path,
-    /// The kubernetes module's source (for pause.c).
-    pub kubernetes_module: &'a Path,
+    /// Finds the kubernetes module's source (for pause.c), asked only when the pause image is
+    /// not in the cache.
+    pub kubernetes_module: fn() -> Result<PathBuf>,
 }
 
 /// Checks the host; on success adds the node address to `lo`. Returns what is missing (the node
@@ -452,7 +453,7 @@ pub fn prepare_host() -> Result<Vec<Missing>> {
 }
 
 /// Starts containerd, imports the pause image (and the operator image when built), then kubelet
-/// and kube-proxy; waits until the node is Ready. `wait` is the control plane's readiness poll.
+/// and kube-proxy; waits until the node is Ready and kube-proxy healthy.
 pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
     let node = dir();
     for d in ["containerd", "cni/net.d", "cni/ipam", "kubelet", "pod-logs"] {
@@ -629,8 +630,8 @@ fn our_rules(save: &str) -> (Vec<String>, Vec<String>) {
     (ours.iter().map(|l| l.replacen("-A ", "-D ", 1)).collect(), chains)
 }
 
-/// Stops the node and removes what it made. `containerd` is run by the caller's process list;
-/// this runs before the processes stop (containers) and after (mounts, rules, address).
+/// Kills the containers still running in the node's containerd, after giving kubelet 20 s to stop
+/// them (see [`drain`]). Runs before the processes stop: it needs containerd.
 pub fn cleanup_containers(bin_dir: Option<&Path>) {
     if let Some(bin_dir) = bin_dir
         && containerd_socket().exists()
