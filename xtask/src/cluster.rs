@@ -85,10 +85,10 @@ pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
 }
 
 /// Polls `check` every 100 ms until it returns true or `timeout` passes. While waiting, fails
-/// early if `proc` exits. The error names the component and shows its log tail.
-async fn wait_for<F, Fut>(
+/// early if one of `procs` exits. The error names the component and shows the log tails.
+pub async fn wait_for<F, Fut>(
     run: &Path,
-    proc: Option<&procs::Proc>,
+    procs: &[&procs::Proc],
     what: &str,
     timeout: Duration,
     mut check: F,
@@ -103,12 +103,13 @@ where
             println!("    {what} ready ({:.1} s)", started.elapsed().as_secs_f64());
             return Ok(());
         }
-        if let Some(p) = proc {
+        for p in procs {
             procs::check_alive(run, p)?;
         }
         if started.elapsed() > timeout {
-            let tail = proc.map(|p| procs::tail(run, &p.name, 30)).unwrap_or_default();
-            bail!("{what} did not become ready within {} s; last log lines:\n{tail}", timeout.as_secs());
+            let tails: Vec<String> =
+                procs.iter().map(|p| format!("{}:\n{}", p.name, procs::tail(run, &p.name, 30))).collect();
+            bail!("{what} did not become ready within {} s; last log lines:\n{}", timeout.as_secs(), tails.join("\n"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -268,18 +269,18 @@ pub async fn up() -> Result<()> {
         ],
         &[],
     )?;
-    wait_for(&run, Some(&jaeger), "jaeger", Duration::from_secs(30), || async {
+    wait_for(&run, &[&jaeger], "jaeger", Duration::from_secs(30), || async {
         http_healthy(ports::JAEGER_HEALTH, "/status")
     })
     .await?;
-    wait_for(&run, Some(&etcd), "etcd", Duration::from_secs(30), || async {
+    wait_for(&run, &[&etcd], "etcd", Duration::from_secs(30), || async {
         matches!(procs::http_get(ports::ETCD, "/health"), Ok((200, b)) if b.contains("\"true\""))
     })
     .await?;
 
     let apiserver = procs::spawn(&run, "kube-apiserver", &bin("kube-apiserver")?, &apiserver_args(&run), &[])?;
     let admin = client_from(&paths::kubeconfig()).await?;
-    wait_for(&run, Some(&apiserver), "kube-apiserver", Duration::from_secs(60), || readyz(&admin)).await?;
+    wait_for(&run, &[&apiserver], "kube-apiserver", Duration::from_secs(60), || readyz(&admin)).await?;
 
     let cm = procs::spawn(
         &run,
@@ -337,20 +338,20 @@ pub async fn up() -> Result<()> {
         ],
         &[],
     )?;
-    wait_for(&run, Some(&cm), "kube-controller-manager", Duration::from_secs(60), || {
+    wait_for(&run, &[&cm], "kube-controller-manager", Duration::from_secs(60), || {
         https_healthy(ports::CONTROLLER_MANAGER, "/healthz")
     })
     .await?;
-    wait_for(&run, Some(&scheduler), "kube-scheduler", Duration::from_secs(60), || {
+    wait_for(&run, &[&scheduler], "kube-scheduler", Duration::from_secs(60), || {
         https_healthy(ports::SCHEDULER, "/healthz")
     })
     .await?;
-    wait_for(&run, Some(&kwok), "kwok", Duration::from_secs(60), || async { http_healthy(ports::KWOK, "/healthz") })
+    wait_for(&run, &[&kwok], "kwok", Duration::from_secs(60), || async { http_healthy(ports::KWOK, "/healthz") })
         .await?;
 
     register_nodes(&admin).await?;
     let nodes: Api<Node> = Api::all(admin.clone());
-    wait_for(&run, Some(&kwok), &format!("{NODES} nodes Ready"), Duration::from_secs(60), || async {
+    wait_for(&run, &[&kwok], &format!("{NODES} nodes Ready"), Duration::from_secs(60), || async {
         ready_nodes(&nodes).await == NODES
     })
     .await?;
@@ -365,7 +366,7 @@ pub async fn up() -> Result<()> {
         node::up(&run, &bins, &admin).await?;
     }
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "default");
-    wait_for(&run, Some(&cm), "default service account", Duration::from_secs(60), || async {
+    wait_for(&run, &[&cm], "default service account", Duration::from_secs(60), || async {
         matches!(sas.get_opt("default").await, Ok(Some(_)))
     })
     .await?;
@@ -459,7 +460,7 @@ pub async fn restart_apiserver() -> Result<Duration> {
     procs::stop(&run, "kube-apiserver", pid, &bin, Duration::from_secs(1));
     let proc = procs::spawn(&run, "kube-apiserver", Path::new(&bin), &apiserver_args(&run), &[])?;
     let admin = client_from(&paths::kubeconfig()).await?;
-    wait_for(&run, Some(&proc), "kube-apiserver (restarted)", Duration::from_secs(60), || readyz(&admin)).await?;
+    wait_for(&run, &[&proc], "kube-apiserver (restarted)", Duration::from_secs(60), || readyz(&admin)).await?;
     Ok(started.elapsed())
 }
 

@@ -16,6 +16,7 @@
 //! ours only: mounts under [`dir`], the bridge [`BRIDGE`], the iptables rules of our CNI network,
 //! of kubelet and of kube-proxy, and the node address.
 
+use crate::cluster::wait_for;
 use crate::{paths, pki, procs};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -452,8 +453,9 @@ pub fn prepare_host() -> Result<Vec<Missing>> {
     Ok(missing)
 }
 
-/// Starts containerd, imports the pause image (and the operator image when built), then kubelet
-/// and kube-proxy; waits until the node is Ready and kube-proxy healthy.
+/// Starts containerd, imports the pause image, then kubelet and kube-proxy; waits until the node
+/// is Ready and kube-proxy healthy. The operator image is imported by whoever installs it
+/// ([`import_operator_image`]), after building it.
 pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
     let node = dir();
     for d in ["containerd", "cni/net.d", "cni/ipam", "kubelet", "pod-logs"] {
@@ -477,24 +479,11 @@ pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
         &[format!("--config={}", node.join("containerd.toml").display()), "--log-level=warn".into()],
         &[("PATH", path.clone())],
     )?;
-    let started = Instant::now();
-    loop {
-        if containerd_socket().exists()
-            && ctr(bins.containerd).arg("version").output().is_ok_and(|o| o.status.success())
-        {
-            println!("    containerd ready ({:.1} s)", started.elapsed().as_secs_f64());
-            break;
-        }
-        procs::check_alive(run, &containerd)?;
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("containerd did not answer within 30 s:\n{}", procs::tail(run, "containerd", 30));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let version = || async {
+        containerd_socket().exists() && ctr(bins.containerd).arg("version").output().is_ok_and(|o| o.status.success())
+    };
+    wait_for(run, &[&containerd], "containerd", Duration::from_secs(30), version).await?;
     import(bins.containerd, &pause_archive(bins.kubernetes_module)?)?;
-    if paths::run_dir().join("image/myapp-operator.tar").is_file() {
-        import_operator_image()?;
-    }
 
     let kube_proxy = procs::spawn(
         run,
@@ -520,29 +509,16 @@ pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
         &[("PATH", path)],
     )?;
     let nodes: Api<Node> = Api::all(admin.clone());
-    let started = Instant::now();
-    loop {
+    let ready = || async {
         let ready = nodes.get_opt(NAME).await.ok().flatten().is_some_and(|n| {
             n.status
                 .and_then(|s| s.conditions)
                 .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
         });
-        let proxy_ok = matches!(procs::http_get(ports::PROXY_HEALTHZ, "/healthz"), Ok((200, _)));
-        if ready && proxy_ok {
-            println!("    node {NAME} Ready, kube-proxy healthy ({:.1} s)", started.elapsed().as_secs_f64());
-            return Ok(());
-        }
-        procs::check_alive(run, &kubelet)?;
-        procs::check_alive(run, &kube_proxy)?;
-        if started.elapsed() > Duration::from_secs(90) {
-            bail!(
-                "node {NAME} not Ready (kubelet) or kube-proxy not healthy within 90 s\nkubelet:\n{}\nkube-proxy:\n{}",
-                procs::tail(run, "kubelet", 20),
-                procs::tail(run, "kube-proxy", 10)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        ready && matches!(procs::http_get(ports::PROXY_HEALTHZ, "/healthz"), Ok((200, _)))
+    };
+    let what = format!("node {NAME} (Ready, kube-proxy healthy)");
+    wait_for(run, &[&kubelet, &kube_proxy], &what, Duration::from_secs(90), ready).await
 }
 
 /// Removes the pods of the node through the API (so that kubelet stops their sandboxes and the
