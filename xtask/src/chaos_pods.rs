@@ -151,9 +151,7 @@ pub async fn chaos(args: &ChaosArgs, rounds: u32) -> Result<Report> {
     if let Some(s) = scenarios.iter().find(|s| !ALL.contains(&s.as_str())) {
         bail!("unknown pod scenario {s:?}; known: {ALL:?}");
     }
-    let installed = install::rolled_out(&client, Duration::from_secs(1)).await.is_ok()
-        && Api::<Deployment>::namespaced(client.clone(), NAMESPACE).get_opt(install::DEPLOYMENT).await?.is_some();
-    if !installed {
+    if !install::is_rolled_out(&client).await {
         install::prepare(&client).await?;
         install::apply(&client, &target.kubeconfig).await?;
     }
@@ -281,7 +279,7 @@ async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns
                 .await?;
             // Wait for the Deployment controller to start it, then for it to finish.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let rollout_done = async || install::rolled_out(client, Duration::from_millis(1)).await.is_ok();
+            let rollout_done = async || install::is_rolled_out(client).await;
             let (gaps, handovers, first_change) =
                 reconcile_gaps(client, t0 + Duration::from_secs(300), rollout_done).await;
             handed_over = first_change;

@@ -588,7 +588,7 @@ pub async fn status() -> Result<()> {
         let client = client_from(&paths::kubeconfig()).await?;
         let nodes: Api<Node> = Api::all(client);
         println!("kube-apiserver ready; {} nodes Ready", ready_nodes(&nodes).await);
-        if let Some(why) = node::unavailable() {
+        if let Some(why) = node::why_not() {
             println!("the real node is not running: {why}");
         }
         print_usage();

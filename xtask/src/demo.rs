@@ -86,7 +86,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         println!("    3 operator pods ready {:.1} s after kubectl apply", took.as_secs_f64());
     } else {
         if !args.processes {
-            match crate::node::unavailable() {
+            match crate::node::why_not() {
                 Some(why) if target.local => println!("==> no real node ({why}): running the replicas as processes"),
                 _ => println!("==> a user's cluster cannot run the local image: running the replicas as processes"),
             }

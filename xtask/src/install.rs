@@ -29,11 +29,8 @@ pub fn kubectl() -> Command {
 /// missing) imported into its containerd, no operator process on the host, and no URL-based
 /// webhook configurations of local processes (nobody would answer them).
 pub async fn prepare(client: &Client) -> Result<()> {
-    if let Some(why) = node::unavailable() {
+    if let Some(why) = node::why_not() {
         bail!("the real node is not running: {why}");
-    }
-    if !node::enabled() {
-        bail!("the real node is not running (cargo xtask cluster up starts it)");
     }
     if !paths::run_dir().join("image/myapp-operator.tar").is_file() {
         crate::image::image(crate::image::ImageArgs { tag: "myapp-operator:dev".into() })?;
@@ -88,7 +85,7 @@ pub async fn webhooks_answer(client: &Client) -> Result<()> {
     .await
 }
 
-/// The operator's pods: (name, ready, restarts, node), newest last.
+/// The operator's pods, oldest first.
 pub async fn pods(client: &Client) -> Result<Vec<Pod>> {
     let api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let mut list = api.list(&ListParams::default().labels(SELECTOR)).await?.items;
@@ -104,29 +101,31 @@ pub fn is_ready(p: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Waits until the Deployment's rollout is complete, with every replica ready; on timeout, fails
-/// with every pod's last log lines (a crash loop shows there).
+/// True when the Deployment exists and its rollout is complete, with every replica ready (one GET).
+pub async fn is_rolled_out(client: &Client) -> bool {
+    let Ok(d) = Api::<Deployment>::namespaced(client.clone(), NAMESPACE).get(DEPLOYMENT).await else {
+        return false;
+    };
+    let want = d.spec.replicas.unwrap_or(1);
+    let s = d.status.unwrap_or_default();
+    s.observed_generation == d.metadata.generation
+        && s.updated_replicas == Some(want)
+        && s.ready_replicas == Some(want)
+        && s.available_replicas == Some(want)
+        && s.replicas == Some(want)
+}
+
+/// Waits until [`is_rolled_out`]; on timeout, fails with every pod's last log lines (a crash loop
+/// shows there).
 pub async fn rolled_out(client: &Client, timeout: Duration) -> Result<()> {
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
     let started = Instant::now();
-    loop {
-        if let Ok(d) = deployments.get(DEPLOYMENT).await {
-            let want = d.spec.replicas.unwrap_or(1);
-            let s = d.status.clone().unwrap_or_default();
-            if s.observed_generation == d.metadata.generation
-                && s.updated_replicas == Some(want)
-                && s.ready_replicas == Some(want)
-                && s.available_replicas == Some(want)
-                && s.replicas == Some(want)
-            {
-                return Ok(());
-            }
-        }
+    while !is_rolled_out(client).await {
         if started.elapsed() > timeout {
             bail!("the operator's pods did not roll out within {timeout:?}:\n{}", logs(client).await);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
 }
 
 /// The last lines of every operator pod's log, and of its previous container after a restart.

@@ -87,9 +87,15 @@ fn unavailable_file() -> PathBuf {
     dir().join("unavailable")
 }
 
-/// Why the node is not there: None when it runs (or `up` has not been asked for it).
-pub fn unavailable() -> Option<String> {
-    std::fs::read_to_string(unavailable_file()).ok()
+/// Why the node is not running: None when the host passed the checks and `up` set it up.
+pub fn why_not() -> Option<String> {
+    if enabled() {
+        return None;
+    }
+    Some(
+        std::fs::read_to_string(unavailable_file())
+            .unwrap_or_else(|_| "it did not start (cargo xtask cluster up starts it)".into()),
+    )
 }
 
 fn enabled_file() -> PathBuf {

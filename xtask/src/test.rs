@@ -128,12 +128,10 @@ async fn against_cluster(target: &operator::Target) -> Result<bool> {
 /// test), and the chaos smoke against its pods. Skipped, with the reason, when there is no real
 /// node; under CI (`CI` set) that fails the run instead. True when it built the image.
 async fn on_the_node(target: &operator::Target) -> Result<bool> {
-    let why = if !target.local {
-        Some("a user's cluster: the local image cannot be loaded there".to_string())
-    } else if !node::enabled() {
-        Some(node::unavailable().unwrap_or_else(|| "the real node did not start".into()))
+    let why = if target.local {
+        node::why_not()
     } else {
-        None
+        Some("a user's cluster: the local image cannot be loaded there".to_string())
     };
     if let Some(why) = why {
         if std::env::var_os("CI").is_some() && target.local {
@@ -148,7 +146,6 @@ async fn on_the_node(target: &operator::Target) -> Result<bool> {
 
     let t = step("the install as users run it: kubectl apply -k deploy/overlays/local onto the real node");
     let client = cluster::client_from(&target.kubeconfig).await?;
-    operator::stop_replicas();
     install::prepare(&client).await?;
     let mut test = cargo();
     test.args(["test", "--test", "install", "--", "--include-ignored", "--nocapture"])
