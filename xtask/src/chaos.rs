@@ -127,7 +127,7 @@ pub struct Workload {
 }
 
 /// Starts the workload in `ns`.
-pub fn workload(client: Client, ns: String) -> Workload {
+fn workload(client: Client, ns: String) -> Workload {
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let deleted = Arc::new(Mutex::new(Vec::new()));
@@ -204,7 +204,7 @@ pub fn workload(client: Client, ns: String) -> Workload {
 }
 
 /// Every MyApp in `ns` Ready at its generation, with a Deployment matching its spec.
-pub async fn converged(client: &Client, ns: &str) -> bool {
+async fn converged(client: &Client, ns: &str) -> bool {
     let apps: Api<MyApp> = Api::namespaced(client.clone(), ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let (Ok(apps), Ok(deps)) = (apps.list(&ListParams::default()).await, deps.list(&ListParams::default()).await)
@@ -316,25 +316,14 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
         args.profile, args.replicas, timings[0], timings[1], timings[2]
     );
 
-    let ns = format!("chaos-{}", rand_suffix());
-    let nsobj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
-    let load = workload(client.clone(), ns.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ns, load) = start_workload(&client, "chaos").await?;
 
     let mut faults = Vec::new();
     let result = async {
         for scenario in &scenarios {
             for round in 1..=rounds {
                 let f = inject(&mut h, scenario, round, &load, &ns).await?;
-                println!(
-                    "    {scenario:<18} #{round}: leader {} -> {}: acquired {}, first reconcile {}, converged {}",
-                    f.old_leader.as_deref().unwrap_or("-"),
-                    f.new_leader.as_deref().unwrap_or("-"),
-                    ms(f.acquired_after),
-                    ms(f.first_reconcile_after),
-                    ms(f.converged_after)
-                );
+                println!("    {}", progress(&f));
                 faults.push(f);
             }
         }
@@ -485,13 +474,40 @@ pub async fn finish(
     Ok(report)
 }
 
+/// Creates a namespace `<prefix>-<suffix>` and starts the workload in it (giving it 2 s to get
+/// going).
+pub async fn start_workload(client: &Client, prefix: &str) -> Result<(String, Workload)> {
+    let ns = format!("{prefix}-{}", rand_suffix());
+    let nsobj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
+    let load = workload(client.clone(), ns.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok((ns, load))
+}
+
+/// The progress line of a fault.
+pub fn progress(f: &Fault) -> String {
+    format!(
+        "{:<18} #{}: leader {} -> {}: acquired {}, first reconcile {}, converged {}{}{}",
+        f.scenario,
+        f.round,
+        f.old_leader.as_deref().unwrap_or("-"),
+        f.new_leader.as_deref().unwrap_or("-"),
+        ms(f.acquired_after),
+        ms(f.first_reconcile_after),
+        ms(f.converged_after),
+        f.longest_gap.map_or(String::new(), |g| format!(", longest reconcile gap {:.0} ms", g * 1000.0)),
+        f.detail.as_deref().map_or(String::new(), |d| format!("; {d}")),
+    )
+}
+
 /// Seconds as milliseconds for the progress lines, or `-`.
-pub fn ms(v: Option<f64>) -> String {
+fn ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |s| format!("{:.0} ms", s * 1000.0))
 }
 
 /// A suffix for the workload's namespace.
-pub fn rand_suffix() -> String {
+fn rand_suffix() -> String {
     format!("{:06}", (epoch() * 1000.0) as u64 % 1_000_000)
 }
 

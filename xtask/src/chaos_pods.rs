@@ -20,9 +20,9 @@ use crate::{cluster, install, node, paths, procs};
 use ::chaos::report::{Fault, Report};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Client;
-use kube::api::{Api, DeleteParams, EvictParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, EvictParams, LogParams, Patch, PatchParams};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -164,26 +164,13 @@ pub async fn chaos(args: &ChaosArgs, rounds: u32) -> Result<Report> {
         TIMINGS[1],
         TIMINGS[2]
     );
-    let ns = format!("chaos-pods-{}", chaos::rand_suffix());
-    let nsobj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
-    let load = chaos::workload(client.clone(), ns.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ns, load) = chaos::start_workload(&client, "chaos-pods").await?;
     let mut faults = Vec::new();
     let result = async {
         for scenario in &scenarios {
             for round in 1..=rounds {
                 let f = inject(&client, scenario, round, &load, &ns).await?;
-                println!(
-                    "    {scenario:<10} #{round}: leader {} -> {}: acquired {}, first reconcile {}, converged {}{}{}",
-                    f.old_leader.as_deref().unwrap_or("-"),
-                    f.new_leader.as_deref().unwrap_or("-"),
-                    chaos::ms(f.acquired_after),
-                    chaos::ms(f.first_reconcile_after),
-                    chaos::ms(f.converged_after),
-                    f.longest_gap.map_or(String::new(), |g| format!(", longest reconcile gap {:.0} ms", g * 1000.0)),
-                    f.detail.as_deref().map_or(String::new(), |d| format!("; {d}")),
-                );
+                println!("    {}", chaos::progress(&f));
                 faults.push(f);
             }
         }
