@@ -5,11 +5,15 @@
 //! children, status), [`telemetry`] (logs, metrics) and [`http`] (probes and metrics endpoint).
 
 pub mod api;
+pub mod client;
 pub mod controller;
 pub mod http;
 pub mod leader;
 pub mod telemetry;
 pub mod webhook;
+
+#[cfg(test)]
+pub(crate) mod fake_api;
 
 use std::time::Duration;
 

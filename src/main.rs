@@ -168,6 +168,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Every API call becomes a client span whose context reaches the API server in `traceparent`.
     let client = kube::client::ClientBuilder::try_from(config.clone())
         .context("build the Kubernetes client")?
+        .with_layer(&myapp_operator::client::CallTimeoutLayer::default())
         .with_layer(&TraceParentLayer)
         .build();
     let metrics = Arc::new(Metrics::default());
@@ -228,7 +229,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("caches synced; ready (readiness never depends on leadership)");
 
     // The elector stops only after the controller has: a separate signal, sent in order below.
-    let (release_tx, release_rx) = watch::channel(false);
+    let (release_tx, release_rx) = watch::channel(leader::Stop::No);
     let mut _open_fence = None;
     let (leadership, elector_task) = if args.leader_elect {
         let (elector, leadership) =
@@ -275,8 +276,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let drain = tokio::time::sleep(args.webhook_drain);
-    let _ = supervisor.await;
-    let _ = release_tx.send(true);
+    // How the controller stopped decides how soon the lease may be released.
+    let how = supervisor.await.unwrap_or(leader::Stop::ReleaseAfterMargin);
+    let _ = release_tx.send(how);
     if let Some(task) = elector_task {
         let _ = task.await;
     }

@@ -2,10 +2,11 @@
 //!
 //! Both come from the audit log, so they are the API server's view on one clock:
 //! - a replica's interval starts with its first successful Lease write that names it holder
-//!   after someone else (or nobody) held it;
-//! - it ends at the earliest of: a successful Lease write naming another holder (or a release),
-//!   its last successful Lease write plus `renew_deadline` (it must step down by then), or the end
-//!   of the run.
+//!   after someone else (or nobody) held it; if that write *created* the Lease (201: a POST, or a
+//!   PUT after the Lease was deleted), it starts a lease duration later, since the elector leads
+//!   a new Lease object only then;
+//! - it ends at the earliest of: the start of the next interval, a release, its last successful
+//!   Lease write plus `renew_deadline` (it must step down by then), or the end of the run.
 //!
 //! A write by a replica is legal only inside one of its own intervals. Intervals never overlap
 //! by construction, so "every write inside its writer's interval" also proves that no two
@@ -45,6 +46,7 @@ pub fn leadership(
     requests: &[Request],
     lease_namespace: &str,
     lease_name: &str,
+    lease_duration: f64,
     renew_deadline: f64,
     horizon: f64,
 ) -> Vec<Interval> {
@@ -57,14 +59,16 @@ pub fn leadership(
     let mut out = Vec::new();
     let mut current: Option<(String, f64, f64)> = None;
     for (w, holder) in writes {
+        let created = w.code == 201;
         match &mut current {
-            Some((h, _, last)) if *h == holder => *last = w.at,
+            Some((h, _, last)) if *h == holder && !created => *last = w.at,
             _ => {
-                if let Some((h, start, last)) = current.take() {
-                    out.push(Interval { replica: h, start, end: (last + renew_deadline).min(w.at) });
+                let start = if created { w.at + lease_duration } else { w.at };
+                if let Some((h, from, last)) = current.take() {
+                    out.push(Interval { replica: h, start: from, end: (last + renew_deadline).min(start) });
                 }
                 if !holder.is_empty() {
-                    current = Some((holder, w.at, w.at));
+                    current = Some((holder, start, w.at));
                 }
             }
         }
@@ -112,6 +116,28 @@ pub fn writes_outside(
                 ),
             })
         })
+        .collect()
+}
+
+/// Controller writes received while the Lease did not exist: after a successful delete of it and
+/// before the next write that created it. Not a violation by itself (the elector leads a new
+/// Lease only a lease duration after creating it, so no one else writes then), but the figure
+/// says how fast a leader saw the delete.
+pub fn writes_without_lease<'a>(requests: &'a [Request], lease_namespace: &str, lease_name: &str) -> Vec<&'a Request> {
+    let mut changes: Vec<(f64, bool)> = requests
+        .iter()
+        .filter(|r| is_the_lease(r, lease_namespace, lease_name) && r.succeeded())
+        .filter_map(|r| match (r.verb.as_str(), r.code) {
+            ("delete", _) => Some((r.at, false)),
+            (_, 201) => Some((r.at, true)),
+            _ => None,
+        })
+        .collect();
+    changes.sort_by(|a, b| a.0.total_cmp(&b.0));
+    requests
+        .iter()
+        .filter(|r| is_controller_write(r))
+        .filter(|r| changes.iter().rfind(|(at, _)| *at <= r.at).is_some_and(|(_, exists)| !exists))
         .collect()
 }
 
@@ -164,7 +190,7 @@ mod tests {
             lease(33.0, "b", ""),
             lease(33.1, "c", "c"),
         ];
-        let iv = leadership(&reqs, "sys", "op", 3.0, 100.0);
+        let iv = leadership(&reqs, "sys", "op", 4.0, 3.0, 100.0);
         assert_eq!(
             iv,
             vec![
@@ -176,10 +202,45 @@ mod tests {
     }
 
     #[test]
+    fn a_created_lease_is_led_a_lease_duration_later() {
+        let mut created = lease(20.0, "b", "b");
+        created.code = 201;
+        let mut recreated = lease(30.0, "b", "b");
+        recreated.code = 201;
+        // a leads; the Lease is deleted at 19 (not a holder write); b creates a new one at 20,
+        // and b's own renewal re-creates it at 30 after another delete.
+        let reqs = vec![lease(10.0, "a", "a"), lease(18.0, "a", "a"), created, lease(22.0, "b", "b"), recreated];
+        let iv = leadership(&reqs, "sys", "op", 4.0, 3.0, 100.0);
+        assert_eq!(
+            iv,
+            vec![
+                Interval { replica: "a".into(), start: 10.0, end: 21.0 },
+                Interval { replica: "b".into(), start: 24.0, end: 25.0 },
+                Interval { replica: "b".into(), start: 34.0, end: 33.0 },
+            ]
+        );
+        let v =
+            writes_outside(&[write(20.5, "a"), write(23.0, "b"), write(24.5, "b"), write(31.0, "b")], &iv, "sys", "op");
+        assert_eq!(v.iter().map(|v| v.at).collect::<Vec<_>>(), vec![23.0, 31.0]);
+    }
+
+    #[test]
+    fn writes_while_the_lease_is_gone_are_counted() {
+        let mut delete = lease(20.0, "x", "");
+        delete.verb = "delete".into();
+        delete.lease_holder = None;
+        let mut created = lease(20.5, "b", "b");
+        created.code = 201;
+        let reqs = vec![lease(10.0, "a", "a"), delete, created, write(19.9, "a"), write(20.1, "a"), write(21.0, "b")];
+        let gone: Vec<f64> = writes_without_lease(&reqs, "sys", "op").iter().map(|r| r.at).collect();
+        assert_eq!(gone, vec![20.1]);
+    }
+
+    #[test]
     fn failed_lease_writes_do_not_count() {
         let mut conflict = lease(11.0, "b", "b");
         conflict.code = 409;
-        let iv = leadership(&[lease(10.0, "a", "a"), conflict], "sys", "op", 3.0, 100.0);
+        let iv = leadership(&[lease(10.0, "a", "a"), conflict], "sys", "op", 4.0, 3.0, 100.0);
         assert_eq!(iv.len(), 1);
         assert_eq!(iv[0].replica, "a");
     }
@@ -194,7 +255,7 @@ mod tests {
             write(21.0, "b"),
             write(21.5, "a"),
         ];
-        let iv = leadership(&reqs, "sys", "op", 3.0, 100.0);
+        let iv = leadership(&reqs, "sys", "op", 4.0, 3.0, 100.0);
         let v = writes_outside(&reqs, &iv, "sys", "op");
         let at: Vec<f64> = v.iter().map(|v| v.at).collect();
         // a's interval is [10, 13]: its writes at 19 and 21.5 are violations.
@@ -209,7 +270,7 @@ mod tests {
         let mut other_lease = lease(51.0, "x", "x");
         other_lease.namespace = "elsewhere".into();
         let reqs = vec![lease(10.0, "a", "a"), secret, other_lease];
-        let iv = leadership(&reqs, "sys", "op", 3.0, 100.0);
+        let iv = leadership(&reqs, "sys", "op", 4.0, 3.0, 100.0);
         assert!(writes_outside(&reqs, &iv, "sys", "op").is_empty());
     }
 
@@ -218,7 +279,7 @@ mod tests {
         let mut human = write(50.0, "x");
         human.replica = None;
         let reqs = vec![lease(10.0, "a", "a"), lease(40.0, "b", "b"), human];
-        let iv = leadership(&reqs, "sys", "op", 3.0, 100.0);
+        let iv = leadership(&reqs, "sys", "op", 4.0, 3.0, 100.0);
         assert!(writes_outside(&reqs, &iv, "sys", "op").is_empty());
     }
 }

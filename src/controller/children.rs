@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec, ResourceRequirements, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use serde::Serialize;
@@ -67,7 +67,10 @@ fn metadata(app: &MyApp) -> ObjectMeta {
         name: Some(name.clone()),
         namespace: app.metadata.namespace.clone(),
         labels: Some(labels(&name)),
-        owner_references: app.controller_owner_ref(&()).map(|o| vec![o]),
+        // blockOwnerDeletion: a foreground delete of the MyApp waits for its children.
+        owner_references: app
+            .controller_owner_ref(&())
+            .map(|o| vec![OwnerReference { block_owner_deletion: Some(true), ..o }]),
         ..ObjectMeta::default()
     }
 }
@@ -254,6 +257,7 @@ mod tests {
             assert_eq!(owners[0].kind, "MyApp");
             assert_eq!(owners[0].uid, "uid-1");
             assert_eq!(owners[0].controller, Some(true));
+            assert_eq!(owners[0].block_owner_deletion, Some(true));
         }
     }
 

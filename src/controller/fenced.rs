@@ -29,7 +29,8 @@ use std::task::{Context, Poll};
 
 /// Builds a kube client for `config` whose every socket write is fenced by `fence`. It has the
 /// same layers as the default client (base URI, credentials, extra headers such as the
-/// User-Agent, client spans with `traceparent`) and the same timeouts.
+/// User-Agent, client spans with `traceparent`) and the same timeouts, the
+/// [`crate::client::CALL_TIMEOUT`] included.
 pub fn client(config: &kube::Config, fence: Fence) -> kube::Result<kube::Client> {
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
@@ -42,6 +43,7 @@ pub fn client(config: &kube::Config, fence: Fence) -> kube::Result<kube::Client>
         hyper_util::client::legacy::Builder::new(TokioExecutor::new()).build(timeouts);
     let service = tower::ServiceBuilder::new()
         .layer(TraceParentLayer)
+        .layer(crate::client::CallTimeoutLayer::default())
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)

@@ -95,6 +95,12 @@ impl Context {
         self.resync
     }
 
+    /// When to resync an object next: the period with ±10 % jitter, so that the objects a new
+    /// leader reconciled in its first second do not all resync in the same second again.
+    pub fn next_resync(&self) -> Duration {
+        jittered(self.resync, rand::random::<f64>())
+    }
+
     /// The client, for reads that must not come from the caches.
     pub fn client(&self) -> kube::Client {
         self.client.clone()
@@ -182,6 +188,11 @@ async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> 
     result.map(|requeue| requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
+/// `period` scaled by a factor in [0.9, 1.1), chosen by `r` in [0, 1).
+pub fn jittered(period: Duration, r: f64) -> Duration {
+    period.mul_f64(0.9 + 0.2 * r.clamp(0.0, 1.0))
+}
+
 fn error_policy(app: Arc<MyApp>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = ctx.record_failure(ObjectRef::from_obj(app.as_ref()));
     let delay = backoff_delay(failures, error.kind(), rand::random::<f64>());
@@ -241,4 +252,22 @@ pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> 
         })
         .await;
     ctx.metrics.controller_running.set(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resyncs_spread_over_a_fifth_of_the_period() {
+        let period = Duration::from_secs(300);
+        assert_eq!(jittered(period, 0.0), Duration::from_secs(270));
+        assert_eq!(jittered(period, 0.5), period);
+        assert!(jittered(period, 0.999_999) < Duration::from_secs(330));
+        assert_eq!(jittered(period, 7.0), Duration::from_secs(330), "r is clamped");
+        // 1,000 objects reconciled at once resync over a minute, not in one second.
+        let seconds: std::collections::BTreeSet<u64> =
+            (0..1000).map(|_| jittered(period, rand::random::<f64>()).as_secs()).collect();
+        assert!(seconds.len() > 50, "spread over {} distinct seconds", seconds.len());
+    }
 }

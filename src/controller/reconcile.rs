@@ -99,7 +99,7 @@ impl MyApp {
             let note = format!("{}/{} pods ready with image {}", app.spec.replicas, app.spec.replicas, app.spec.image);
             ctx.writer.event(app, EventType::Normal, "RolloutComplete", "Rollout", note).await;
         }
-        Ok(Some(ctx.resync()))
+        Ok(Some(ctx.next_resync()))
     }
 
     /// Applies the Deployment and the Service where they differ from what the API server holds;
@@ -183,11 +183,12 @@ impl MyApp {
             ctx.writer.event(self, EventType::Normal, "Deleting", "Delete", note).await;
         }
 
-        // Ask the API server, not the caches: the finalizer must not go before the children do.
-        let deployments: Api<Deployment> = Api::namespaced(ctx.client(), &ns);
-        let services: Api<Service> = Api::namespaced(ctx.client(), &ns);
-        let d = deployments.get_opt(&name).await?;
-        let s = services.get_opt(&name).await?;
+        // What still stands under the children's names: the caches answer when they hold it (the
+        // conservative side: a cache behind our delete only makes us wait), the API server when
+        // they do not (an unlabelled child, or a cache behind a create): the finalizer must not go
+        // before the children do.
+        let d = live_child(ctx, &ctx.caches.deployments, &ns, &name).await?;
+        let s = live_child(ctx, &ctx.caches.services, &ns, &name).await?;
         // Only what this MyApp controls: an object that merely has the name (a name conflict) stays.
         let uid = self.meta().uid.as_deref();
         let d = d.filter(|d| ownership::controlled_by(&d.metadata, uid));
@@ -198,14 +199,25 @@ impl MyApp {
         if s.as_ref().is_some_and(|s| s.metadata.deletion_timestamp.is_none()) {
             ctx.writer.delete::<Service>(&ns, &name, "service").await?;
         }
-        let remaining = [d.is_some(), s.is_some()];
-        if remaining.iter().any(|r| *r) {
-            return Ok(Some(Duration::from_secs(1)));
+        if d.is_some() || s.is_some() {
+            // The children's delete events wake us (the controller watches them); this is the
+            // safety net, backing off as the wait grows.
+            let waited = self.meta().deletion_timestamp.as_ref().map_or(Duration::ZERO, |t| {
+                let since = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+                Duration::try_from(since).unwrap_or(Duration::ZERO)
+            });
+            return Ok(Some(cleanup_recheck(waited)));
         }
         let finalizers = self.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
         ctx.writer.set_finalizers(self, finalizers).await?;
         Ok(None)
     }
+}
+
+/// When to look again at a deletion that waits for its children, `waited` after it began: 1 s at
+/// first, then as long as it has waited so far (so each wait doubles), at most a minute.
+pub fn cleanup_recheck(waited: Duration) -> Duration {
+    waited.clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 /// The object the API server holds under a child's name: the cached one, or, when the cache has
@@ -225,4 +237,25 @@ where
     }
     let api: Api<K> = Api::namespaced(ctx.client(), ns);
     Ok(api.get_opt(name).await?.map(Arc::new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleanup_rechecks_back_off() {
+        let secs = |s: u64| cleanup_recheck(Duration::from_secs(s)).as_secs();
+        assert_eq!((secs(0), secs(1), secs(3), secs(40), secs(3600)), (1, 1, 3, 40, 60));
+        // Rechecking after each delay doubles the time waited: 1, 2, 4, … then every minute.
+        let mut waited = Duration::ZERO;
+        let delays: Vec<u64> = (0..9)
+            .map(|_| {
+                let d = cleanup_recheck(waited);
+                waited += d;
+                d.as_secs()
+            })
+            .collect();
+        assert_eq!(delays, vec![1, 1, 2, 4, 8, 16, 32, 60, 60]);
+    }
 }

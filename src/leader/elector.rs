@@ -1,13 +1,14 @@
 //! The elector's I/O loop around the pure [`super::state`] machine.
 
 use super::Timings;
-use super::state::{Decision, Record, Tracker, decide, holding_spec, released_spec};
+use super::state::{Decision, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
 use crate::telemetry::metrics::Metrics;
 use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -16,6 +17,22 @@ use tokio::time::Instant;
 /// Leadership as published: `Some(valid_until)` while this replica leads.
 pub type Leadership = Option<Instant>;
 
+/// What the elector is asked to do about stopping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Stop {
+    /// Keep contending.
+    #[default]
+    No,
+    /// Stop and release the lease at once: the controller has stopped, and every write it sent
+    /// has been answered.
+    Release,
+    /// Stop and close the fence at once, but release the lease only a safety margin later
+    /// (`leaseDuration − renewDeadline`, and never after the lease would expire anyway): the
+    /// controller was cancelled, so a write it sent may still be in flight, and it must not land
+    /// inside the next leader's term.
+    ReleaseAfterMargin,
+}
+
 /// Contends for one Lease. See the [module documentation](super) for the guarantees.
 pub struct Elector {
     api: Api<Lease>,
@@ -23,15 +40,21 @@ pub struct Elector {
     identity: String,
     timings: Timings,
     tracker: Tracker,
-    last_spec: Option<k8s_openapi::api::coordination::v1::LeaseSpec>,
+    last_spec: Option<LeaseSpec>,
+    /// The Lease object (uid) of our current hold, and the instant from which it may be led.
+    hold: Option<(String, Instant)>,
     tx: watch::Sender<Leadership>,
     metrics: Option<Arc<Metrics>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum WriteError {
+    #[error("conflict: someone else wrote the Lease first")]
     Conflict,
-    Other(String),
+    #[error("the Lease API call failed: {0}")]
+    Api(#[from] kube::Error),
+    #[error("the Lease API call timed out")]
+    Timeout,
 }
 
 fn now_micro() -> MicroTime {
@@ -55,6 +78,7 @@ impl Elector {
             timings,
             tracker: Tracker::default(),
             last_spec: None,
+            hold: None,
             tx,
             metrics: None,
         };
@@ -65,11 +89,6 @@ impl Elector {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
-    }
-
-    /// This replica's identity.
-    pub fn identity(&self) -> &str {
-        &self.identity
     }
 
     fn leading(&self) -> Option<Instant> {
@@ -87,29 +106,52 @@ impl Elector {
         }
     }
 
-    fn observe(&mut self, lease: &Lease, at: Instant) {
-        self.tracker.observe(Record::from_spec(lease.spec.as_ref()), lease.resource_version().unwrap_or_default(), at);
-        self.last_spec = lease.spec.clone();
+    /// Records a Lease read that returned at `at`. A stale one changes nothing.
+    fn observe(&mut self, lease: &Lease, at: Instant) -> Seen {
+        let seen = self.tracker.observe(
+            Record::from_spec(lease.spec.as_ref()),
+            lease.resource_version().unwrap_or_default(),
+            lease.uid().unwrap_or_default(),
+            at,
+        );
+        if seen != Seen::Stale {
+            self.last_spec = lease.spec.clone();
+        }
+        seen
     }
 
-    async fn refresh(&mut self) -> Result<(), String> {
+    fn forget(&mut self, uid: Option<&str>) {
+        self.tracker.forget(uid);
+        if self.tracker.last().is_none() {
+            self.last_spec = None;
+        }
+    }
+
+    async fn refresh(&mut self) -> Result<(), WriteError> {
+        let read = tokio::time::timeout(self.timings.call_timeout(), self.api.get_opt(&self.name)).await;
+        // Stamped when the answer is in: the version it carries may be younger than the request.
         let at = Instant::now();
-        match tokio::time::timeout(self.timings.call_timeout(), self.api.get_opt(&self.name)).await {
+        match read {
             Ok(Ok(Some(lease))) => {
                 self.observe(&lease, at);
                 Ok(())
             }
             Ok(Ok(None)) => {
-                self.tracker.forget();
-                self.last_spec = None;
+                self.forget(None);
                 Ok(())
             }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".into()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(WriteError::Timeout),
         }
     }
 
-    async fn write(&self, spec: k8s_openapi::api::coordination::v1::LeaseSpec) -> Result<Lease, WriteError> {
+    /// Writes the Lease, conditional on the version we saw, within the call timeout or, while
+    /// leading, within what is left of the term (so a hung renewal ends with the term).
+    async fn write(&self, spec: LeaseSpec) -> Result<Lease, WriteError> {
+        let budget = match self.leading() {
+            Some(until) => until.saturating_duration_since(Instant::now()).min(self.timings.call_timeout()),
+            None => self.timings.call_timeout(),
+        };
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -126,11 +168,11 @@ impl Elector {
                 self.api.create(&pp, &lease).await
             }
         };
-        match tokio::time::timeout(self.timings.call_timeout(), call).await {
+        match tokio::time::timeout(budget, call).await {
             Ok(Ok(l)) => Ok(l),
             Ok(Err(kube::Error::Api(s))) if s.code == 409 => Err(WriteError::Conflict),
-            Ok(Err(e)) => Err(WriteError::Other(e.to_string())),
-            Err(_) => Err(WriteError::Other("timed out".into())),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(WriteError::Timeout),
         }
     }
 
@@ -142,8 +184,24 @@ impl Elector {
         let result = tracing::Instrument::instrument(self.write(spec), span).await;
         match result {
             Ok(lease) => {
-                self.observe(&lease, started);
-                let valid_until = started + self.timings.renew_deadline;
+                let uid = lease.uid().unwrap_or_default();
+                if self.hold.as_ref().is_none_or(|(held, _)| *held != uid) {
+                    let from = leads_from(self.tracker.last(), &uid, started, &self.timings);
+                    if from > started {
+                        tracing::info!(
+                            identity = %self.identity, lease = %self.name, wait = ?(from - started),
+                            "holding a new Lease object: leading only once a full lease duration has passed"
+                        );
+                        // A new object: whatever we led before was another Lease.
+                        self.publish(None);
+                    }
+                    self.hold = Some((uid, from));
+                }
+                self.observe(&lease, Instant::now());
+                let may_lead = self.hold.as_ref().is_some_and(|(_, from)| started >= *from);
+                if !may_lead {
+                    return;
+                }
                 if self.leading().is_none() {
                     tracing::info!(identity = %self.identity, lease = %self.name, "acquired the lease");
                 }
@@ -152,7 +210,7 @@ impl Elector {
                 {
                     m.lease_renew_seconds.observe(started.elapsed().as_secs_f64());
                 }
-                self.publish(Some(valid_until));
+                self.publish(Some(started + self.timings.renew_deadline));
             }
             Err(WriteError::Conflict) => {
                 // Someone wrote first. Re-read before deciding anything else.
@@ -161,32 +219,50 @@ impl Elector {
                     tracing::warn!(error = %e, "reading the lease failed");
                 }
             }
-            Err(WriteError::Other(e)) => tracing::warn!(error = %e, ?decision, "lease write failed"),
+            Err(e) => tracing::warn!(error = %e, ?decision, "lease write failed"),
         }
     }
 
-    /// Steps down if the renew deadline passed or the lease is seen held by someone else.
-    fn check_leadership(&self) {
-        if let Some(until) = self.leading() {
-            let other_holder =
-                self.tracker.last().is_some_and(|o| o.record.holder.as_deref() != Some(self.identity.as_str()));
-            if Instant::now() >= until || other_holder {
-                tracing::warn!(identity = %self.identity, other_holder, "leadership lost: stepping down");
-                self.publish(None);
-            }
+    /// Steps down if the renew deadline passed, or the Lease we hold is seen held by someone
+    /// else, deleted, or replaced by a new object.
+    fn check_leadership(&mut self) {
+        let held = self.tracker.last().is_some_and(|o| {
+            o.record.holder.as_deref() == Some(self.identity.as_str())
+                && self.hold.as_ref().is_some_and(|(uid, _)| *uid == o.uid)
+        });
+        if !held {
+            self.hold = None;
+        }
+        if let Some(until) = self.leading()
+            && (Instant::now() >= until || !held)
+        {
+            tracing::warn!(identity = %self.identity, held, "leadership lost: stepping down");
+            self.publish(None);
         }
     }
 
-    /// Contends until `stop` turns true (or its sender goes away), then releases the lease if
-    /// held. The caller stops the controller first: [`super::supervise`] does.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// True when the latest observation calls for a write now (not a wait, not a renewal).
+    fn must_act(&self) -> bool {
+        self.leading().is_none()
+            && self.hold.is_none()
+            && matches!(
+                decide(&self.identity, self.tracker.last(), Instant::now(), &self.timings),
+                Decision::Create | Decision::Acquire
+            )
+    }
+
+    /// Contends until `stop` asks it to stop (or its sender goes away), then releases the lease
+    /// if held, as `stop` says. The caller stops the controller first: [`super::supervise`]
+    /// tells how it went.
+    pub async fn run(mut self, mut stop: watch::Receiver<Stop>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let mut events = std::pin::pin!(
-            watcher(self.api.clone(), config).backoff(crate::controller::cache::watch_backoff()).applied_objects()
-        );
+        let mut events =
+            std::pin::pin!(watcher(self.api.clone(), config).backoff(crate::controller::cache::watch_backoff()));
         let mut fresh = false;
-        let mut stopping = false;
-        while !stopping && !*stop.borrow() {
+        // Whether the Lease appeared in the watcher's current (re)list.
+        let mut listed = false;
+        let mut how = *stop.borrow();
+        while how == Stop::No {
             if !fresh
                 && self.leading().is_none()
                 && let Err(e) = self.refresh().await
@@ -203,47 +279,242 @@ impl Elector {
                 }
             };
             self.check_leadership();
-            // A leader wakes to renew (or at its deadline); a standby at the next poll, when the
-            // lease would expire, or as soon as the watch shows a change.
-            let wake = match self.leading() {
-                Some(until) => next.min(until),
-                None => next,
-            };
+            // A leader wakes to renew (or at its deadline); a holder of a new Lease when it may
+            // lead; a standby at the next poll, when the lease would expire, or as soon as the
+            // watch shows something to act on.
+            let mut wake = next;
+            if let Some(until) = self.leading() {
+                wake = wake.min(until);
+            }
+            if let Some((_, from)) = self.hold
+                && from > started
+            {
+                wake = wake.min(from);
+            }
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake) => break,
-                    ev = events.next() => match ev {
-                        Some(Ok(lease)) => {
-                            self.observe(&lease, Instant::now());
-                            self.check_leadership();
-                            if self.leading().is_none() {
-                                fresh = true;
-                                break;
+                    ev = events.next() => {
+                        let now = Instant::now();
+                        match ev {
+                            Some(Ok(Event::Apply(lease) | Event::InitApply(lease))) => {
+                                listed = true;
+                                self.observe(&lease, now);
                             }
+                            Some(Ok(Event::Delete(lease))) => {
+                                tracing::info!(lease = %self.name, "the Lease was deleted");
+                                self.forget(lease.uid().as_deref());
+                            }
+                            Some(Ok(Event::Init)) => listed = false,
+                            Some(Ok(Event::InitDone)) => if !listed {
+                                // Deleted while the watch was down.
+                                self.forget(None);
+                            },
+                            Some(Err(_)) => continue,
+                            None => break,
                         }
-                        Some(Err(_)) => {}
-                        None => break,
-                    },
+                        self.check_leadership();
+                        if self.must_act() {
+                            fresh = true;
+                            break;
+                        }
+                    }
                     changed = stop.changed() => {
-                        stopping = changed.is_err() || *stop.borrow();
-                        break;
+                        how = if changed.is_err() { Stop::Release } else { *stop.borrow() };
+                        if how != Stop::No {
+                            break;
+                        }
                     }
                 }
             }
         }
-        self.release().await;
+        if how == Stop::ReleaseAfterMargin
+            && let Some(until) = self.leading()
+        {
+            self.publish(None);
+            let now = Instant::now();
+            let margin = self.timings.lease_duration.saturating_sub(self.timings.renew_deadline);
+            // valid_until − renewDeadline is when the last successful renewal started.
+            let expires = until - self.timings.renew_deadline + self.timings.written_lease_duration();
+            let at = (now + margin).min(expires);
+            tracing::info!(wait = ?at.saturating_duration_since(now), "controller was cancelled: releasing the lease after the safety margin");
+            tokio::time::sleep_until(at).await;
+            self.release_held().await;
+        } else {
+            self.release().await;
+        }
     }
 
-    /// Clears the holder if we hold the lease: the fence closes first, then the write.
+    /// Clears the holder if we lead (or hold a new Lease we may not lead yet): the fence closes
+    /// first, then the write.
     pub async fn release(&mut self) {
-        if self.leading().is_none() {
+        if self.leading().is_none() && self.hold.is_none() {
             return;
         }
         self.publish(None);
+        self.release_held().await;
+    }
+
+    async fn release_held(&mut self) {
         let spec = released_spec(self.last_spec.as_ref(), now_micro());
         match self.write(spec).await {
             Ok(_) => tracing::info!(identity = %self.identity, lease = %self.name, "released the lease"),
-            Err(e) => tracing::warn!(error = ?e, "releasing the lease failed; it will expire instead"),
+            Err(e) => tracing::warn!(error = %e, "releasing the lease failed; it will expire instead"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_api::FakeApi;
+    use std::time::Duration;
+
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases";
+
+    fn timings() -> Timings {
+        Timings::default()
+    }
+
+    fn lease(holder: &str, renew_second: i64) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "l", "namespace": "ns"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                     "renewTime": format!("2026-01-01T00:00:{:02}.000000Z", renew_second % 60)},
+        })
+    }
+
+    fn elector(fake: &FakeApi, id: &str) -> (Elector, watch::Receiver<Leadership>) {
+        Elector::new(fake.client(), "ns", "l", id, timings())
+    }
+
+    fn start(
+        fake: &FakeApi,
+        id: &str,
+    ) -> (watch::Receiver<Leadership>, watch::Sender<Stop>, tokio::task::JoinHandle<()>) {
+        let (e, rx) = elector(fake, id);
+        let (stop, stop_rx) = watch::channel(Stop::No);
+        (rx, stop, tokio::spawn(e.run(stop_rx)))
+    }
+
+    async fn until_leading(rx: &mut watch::Receiver<Leadership>) -> Instant {
+        let _ = rx.wait_for(Option::is_some).await;
+        Instant::now()
+    }
+
+    fn holder(fake: &FakeApi) -> Option<String> {
+        fake.get(LEASES, "l")?.pointer("/spec/holderIdentity")?.as_str().map(str::to_string)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_read_stamps_the_version_when_it_returns() {
+        let fake = FakeApi::default();
+        fake.put(LEASES, lease("b", 0));
+        let (mut e, _rx) = elector(&fake, "a");
+        // The read takes 3 s to reach the server, and b renews meanwhile: the answer carries a
+        // version written 3 s after the request left.
+        fake.set_delay(Duration::from_secs(3));
+        let sent = Instant::now();
+        let renew = {
+            let fake = fake.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                fake.put(LEASES, lease("b", 2));
+            })
+        };
+        e.refresh().await.expect("read");
+        renew.await.expect("renew");
+        let seen = e.tracker.last().map(|o| o.seen_at).expect("observed");
+        assert!(seen >= sent + Duration::from_secs(3), "stamped at the answer, {:?} after sending", seen - sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_cannot_renew_steps_down_at_its_deadline() {
+        let fake = FakeApi::default();
+        let (mut rx, _stop, _task) = start(&fake, "a");
+        until_leading(&mut rx).await;
+        tokio::time::sleep(timings().lease_duration).await;
+        let until = rx.borrow().expect("leading after the first term's wait");
+        // Every call now hangs: renewals time out, and the leadership ends at valid_until.
+        fake.set_blackhole(true);
+        let _ = rx.wait_for(Option::is_none).await;
+        let late = Instant::now().saturating_duration_since(until);
+        assert!(Instant::now() >= until - Duration::from_millis(1), "not before the deadline");
+        assert!(late < Duration::from_millis(10), "at the deadline, not {late:?} after it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deleted_lease_stops_its_leader_at_once_and_the_next_term_waits_a_lease_duration() {
+        let fake = FakeApi::default();
+        let (mut a_rx, _a_stop, _a) = start(&fake, "a");
+        let created = Instant::now();
+        let led = until_leading(&mut a_rx).await;
+        assert!(led >= created + timings().lease_duration, "a Lease we created is led a lease duration later");
+        let (mut b_rx, _b_stop, _b) = start(&fake, "b");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        fake.delete(LEASES, "l");
+        let deleted = Instant::now();
+        let _ = a_rx.wait_for(Option::is_none).await;
+        assert!(deleted.elapsed() < Duration::from_millis(50), "the leader steps down on the delete event");
+        // Someone re-creates it at once, but no one leads before a full lease duration.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(holder(&fake).is_some(), "re-created");
+        let first = tokio::select! {
+            t = until_leading(&mut a_rx) => t,
+            t = until_leading(&mut b_rx) => t,
+        };
+        assert!(first >= deleted + timings().lease_duration, "led {:?} after the delete", first - deleted);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_recreates_an_unseen_deleted_lease_does_not_lead() {
+        let fake = FakeApi::default();
+        let (mut e, rx) = elector(&fake, "a");
+        e.refresh().await.expect("read");
+        e.attempt(Decision::Create).await;
+        tokio::time::sleep(timings().lease_duration).await;
+        e.attempt(Decision::Renew).await;
+        assert!(rx.borrow().is_some(), "leading");
+        // Deleted while our watch was down: our renewal's PUT re-creates it (201).
+        fake.delete_unwatched(LEASES, "l");
+        e.attempt(Decision::Renew).await;
+        assert_eq!(holder(&fake).as_deref(), Some("a"), "the PUT created a new Lease");
+        assert!(rx.borrow().is_none(), "a new Lease object is not led at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_controller_delays_the_release_by_the_margin() {
+        let fake = FakeApi::default();
+        let (mut rx, stop, task) = start(&fake, "a");
+        until_leading(&mut rx).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let asked = Instant::now();
+        stop.send_replace(Stop::ReleaseAfterMargin);
+        let _ = rx.wait_for(Option::is_none).await;
+        assert!(asked.elapsed() < Duration::from_millis(10), "the fence closes at once");
+        task.await.expect("elector");
+        let released = fake
+            .requests()
+            .into_iter()
+            .rfind(|r| r.method == http::Method::PUT)
+            .filter(|r| r.body.as_ref().and_then(|b| b.pointer("/spec/holderIdentity")).is_none())
+            .expect("a release");
+        let margin = timings().lease_duration - timings().renew_deadline;
+        assert!(released.at >= asked + margin, "released {:?} after the stop", released.at - asked);
+        assert_eq!(holder(&fake), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clean_stop_releases_at_once() {
+        let fake = FakeApi::default();
+        let (mut rx, stop, task) = start(&fake, "a");
+        until_leading(&mut rx).await;
+        let asked = Instant::now();
+        stop.send_replace(Stop::Release);
+        task.await.expect("elector");
+        assert!(asked.elapsed() < Duration::from_millis(10));
+        assert_eq!(holder(&fake), None);
     }
 }

@@ -42,7 +42,7 @@ mod state;
 mod supervise;
 mod timings;
 
-pub use elector::{Elector, Leadership};
-pub use state::{Decision, Observation, Record, Tracker, decide, holding_spec, released_spec};
+pub use elector::{Elector, Leadership, Stop};
+pub use state::{Decision, Observation, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
 pub use supervise::supervise;
 pub use timings::Timings;

@@ -7,13 +7,19 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// The parts of a Lease the election depends on.
+/// The election record: the parts of a Lease the election depends on. Expiry follows this
+/// record, never the resourceVersion, so that a write by a third party that changes nothing here
+/// (a label, an annotation) does not keep a dead leader alive.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Record {
     /// Who holds it; `None` (or empty) when released.
     pub holder: Option<String>,
     /// The holder's lease duration, in seconds.
     pub lease_duration_secs: i32,
+    /// When the holder acquired it (remote clock: compared for change only, never with ours).
+    pub acquire_time: Option<MicroTime>,
+    /// When the holder last renewed it (remote clock: compared for change only).
+    pub renew_time: Option<MicroTime>,
     /// How many times the holder changed.
     pub transitions: i32,
 }
@@ -25,6 +31,8 @@ impl Record {
         Self {
             holder: spec.holder_identity.filter(|h| !h.is_empty()),
             lease_duration_secs: spec.lease_duration_seconds.unwrap_or(0),
+            acquire_time: spec.acquire_time,
+            renew_time: spec.renew_time,
             transitions: spec.lease_transitions.unwrap_or(0),
         }
     }
@@ -37,9 +45,30 @@ pub struct Observation {
     pub record: Record,
     /// Its resourceVersion: the precondition of our next write.
     pub resource_version: String,
-    /// When this replica first saw this version. Expiry counts from here, never from the
-    /// remote `renewTime`, so clock offsets between machines do not matter.
+    /// The Lease object's uid: a new uid is a new Lease (the old one was deleted).
+    pub uid: String,
+    /// When this replica first saw this record, stamped when the read *returned*. Expiry counts
+    /// from here, never from the remote `renewTime`, so clock offsets between machines do not
+    /// matter, and a slow read cannot make a new record look older than it is.
     pub seen_at: Instant,
+}
+
+/// What an observation did to the tracker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// A new record (or a new Lease object): the expiry clock restarted.
+    Changed,
+    /// The same record, perhaps at a newer resourceVersion: the expiry clock runs on.
+    Unchanged,
+    /// Older than what we already saw (a late watch event): ignored.
+    Stale,
+}
+
+/// True when `a` is an older resourceVersion than `b`. resourceVersions are opaque to clients
+/// in general; the API server's (etcd's revision) are integers, and only when both parse does
+/// this compare them. Anything else is taken as not older.
+fn older(a: &str, b: &str) -> bool {
+    matches!((a.parse::<u64>(), b.parse::<u64>()), (Ok(a), Ok(b)) if a < b)
 }
 
 /// Keeps the latest observation.
@@ -49,23 +78,48 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Records a read. `seen_at` moves only when the resourceVersion changed: re-reading an
-    /// unchanged lease does not make it look fresh.
-    pub fn observe(&mut self, record: Record, resource_version: String, now: Instant) {
+    /// Records a read made (returned) at `now`. The expiry clock (`seen_at`) restarts only when
+    /// the election record changed or the Lease is a new object; a late event of an older
+    /// version of the same object is ignored, so it can neither roll the precondition back nor
+    /// make a leader look replaced.
+    pub fn observe(&mut self, record: Record, resource_version: String, uid: String, now: Instant) -> Seen {
         match &mut self.last {
-            Some(o) if o.resource_version == resource_version => o.record = record,
-            _ => self.last = Some(Observation { record, resource_version, seen_at: now }),
+            Some(o) if o.uid == uid && older(&resource_version, &o.resource_version) => Seen::Stale,
+            Some(o) if o.uid == uid && o.record == record => {
+                o.resource_version = resource_version;
+                Seen::Unchanged
+            }
+            _ => {
+                self.last = Some(Observation { record, resource_version, uid, seen_at: now });
+                Seen::Changed
+            }
         }
     }
 
-    /// Records that the Lease does not exist.
-    pub fn forget(&mut self) {
-        self.last = None;
+    /// Records that the Lease with `uid` was deleted (or, with `None`, that no Lease exists).
+    /// A late delete of an older object than the one we track is ignored.
+    pub fn forget(&mut self, uid: Option<&str>) {
+        if uid.is_none_or(|u| self.last.as_ref().is_some_and(|o| o.uid == u)) {
+            self.last = None;
+        }
     }
 
     /// The latest observation.
     pub fn last(&self) -> Option<&Observation> {
         self.last.as_ref()
+    }
+}
+
+/// When a successful write of ours (started at `started`, answered with the Lease object
+/// `written_uid`) may start a leadership. A write to the Lease we had observed leads at once. A
+/// write that made a *new* Lease object (we created it, or the one we saw was deleted and our
+/// write re-created it) leads only a full lease duration later: a leader of the deleted Lease may
+/// not have seen the delete and may still be writing, until its own renew deadline, which is
+/// shorter than the lease duration.
+pub fn leads_from(before: Option<&Observation>, written_uid: &str, started: Instant, timings: &Timings) -> Instant {
+    match before {
+        Some(o) if o.uid == written_uid => started,
+        _ => started + timings.written_lease_duration(),
     }
 }
 
@@ -103,11 +157,12 @@ pub fn holding_spec(me: &str, old: Option<&LeaseSpec>, now: MicroTime, timings: 
     let changed = old_holder.as_deref() != Some(me);
     LeaseSpec {
         holder_identity: Some(me.to_string()),
-        lease_duration_seconds: Some(i32::try_from(timings.lease_duration.as_secs()).unwrap_or(i32::MAX)),
+        lease_duration_seconds: Some(timings.lease_duration_secs()),
         acquire_time: if changed { Some(now.clone()) } else { old.and_then(|s| s.acquire_time.clone()) },
         renew_time: Some(now),
         // As client-go: every change of holder counts, including taking a released lease.
-        lease_transitions: Some(if changed && old.is_some() { transitions + 1 } else { transitions }),
+        // Saturating: the API server refuses a negative count, so a wrap would wedge the Lease.
+        lease_transitions: Some(if changed && old.is_some() { transitions.saturating_add(1) } else { transitions }),
         ..LeaseSpec::default()
     }
 }
@@ -130,7 +185,12 @@ mod tests {
     use super::*;
 
     fn record(holder: Option<&str>, secs: i32) -> Record {
-        Record { holder: holder.map(str::to_string), lease_duration_secs: secs, transitions: 0 }
+        Record { holder: holder.map(str::to_string), lease_duration_secs: secs, ..Record::default() }
+    }
+
+    /// Observes `rec` at `rv` of the Lease object "u1".
+    fn see(tr: &mut Tracker, rec: Record, rv: &str, at: Instant) -> Seen {
+        tr.observe(rec, rv.into(), "u1".into(), at)
     }
 
     fn micro(s: i64) -> MicroTime {
@@ -146,9 +206,9 @@ mod tests {
     fn own_lease_is_renewed_and_free_lease_acquired() {
         let t0 = Instant::now();
         let mut tr = Tracker::default();
-        tr.observe(record(Some("a"), 15), "1".into(), t0);
+        see(&mut tr, record(Some("a"), 15), "1", t0);
         assert_eq!(decide("a", tr.last(), t0, &Timings::default()), Decision::Renew);
-        tr.observe(record(None, 1), "2".into(), t0);
+        see(&mut tr, record(None, 1), "2", t0);
         assert_eq!(decide("a", tr.last(), t0, &Timings::default()), Decision::Acquire);
     }
 
@@ -157,17 +217,19 @@ mod tests {
         let timings = Timings::default();
         let t0 = Instant::now();
         let mut tr = Tracker::default();
-        tr.observe(record(Some("b"), 15), "7".into(), t0);
+        see(&mut tr, record(Some("b"), 15), "7", t0);
         // Re-reading the same version later does not refresh it.
-        tr.observe(record(Some("b"), 15), "7".into(), t0 + Duration::from_secs(10));
+        assert_eq!(see(&mut tr, record(Some("b"), 15), "7", t0 + Duration::from_secs(10)), Seen::Unchanged);
         assert_eq!(tr.last().map(|o| o.seen_at), Some(t0));
         assert_eq!(
             decide("a", tr.last(), t0 + Duration::from_secs(14), &timings),
             Decision::Wait(Duration::from_secs(1))
         );
         assert_eq!(decide("a", tr.last(), t0 + Duration::from_secs(15), &timings), Decision::Acquire);
-        // A renewal by b (new version) restarts the clock.
-        tr.observe(record(Some("b"), 15), "8".into(), t0 + Duration::from_secs(14));
+        // A renewal by b (a new renewTime) restarts the clock.
+        let mut renewed = record(Some("b"), 15);
+        renewed.renew_time = Some(micro(1));
+        assert_eq!(see(&mut tr, renewed, "8", t0 + Duration::from_secs(14)), Seen::Changed);
         assert_eq!(
             decide("a", tr.last(), t0 + Duration::from_secs(15), &timings),
             Decision::Wait(timings.retry_period)
@@ -180,19 +242,103 @@ mod tests {
         let timings = Timings::default();
         let t0 = Instant::now();
         let mut tr = Tracker::default();
-        tr.observe(record(Some("b"), 3600), "1".into(), t0);
+        see(&mut tr, record(Some("b"), 3600), "1", t0);
         assert_eq!(decide("a", tr.last(), t0, &timings), Decision::Wait(timings.retry_period));
     }
 
     #[test]
     fn remote_clock_is_irrelevant() {
-        // The spec's renewTime is never read: two observations with absurd remote times decide
-        // the same way, because only versions and local instants count.
+        // Two holders whose renewTimes are an hour in the past and an hour in the future of our
+        // wall clock, seen at the same local instant, expire at the same local instant: a
+        // comparison of renewTime with our clock anywhere would tell them apart.
+        let timings = Timings::default();
+        let t0 = Instant::now();
+        let wall = k8s_openapi::jiff::Timestamp::now().as_second();
+        let decisions = |renew: i64| {
+            let mut tr = Tracker::default();
+            let mut rec = record(Some("b"), 15);
+            rec.renew_time = Some(micro(wall + renew));
+            rec.acquire_time = Some(micro(wall + renew));
+            see(&mut tr, rec, "1", t0);
+            [0, 5, 14, 15, 16].map(|s| decide("a", tr.last(), t0 + Duration::from_secs(s), &timings))
+        };
+        let past = decisions(-3600);
+        assert_eq!(past, decisions(3600));
+        assert_eq!(past[2], Decision::Wait(Duration::from_secs(1)));
+        assert_eq!(past[3], Decision::Acquire);
+    }
+
+    #[test]
+    fn a_metadata_only_write_does_not_keep_a_dead_leader_alive() {
+        // A third party labels the Lease: new resourceVersion, same election record.
+        let timings = Timings::default();
         let t0 = Instant::now();
         let mut tr = Tracker::default();
-        tr.observe(record(Some("b"), 15), "1".into(), t0);
-        let d1 = decide("a", tr.last(), t0 + Duration::from_secs(5), &Timings::default());
-        assert_eq!(d1, Decision::Wait(Duration::from_secs(2)));
+        see(&mut tr, record(Some("b"), 15), "7", t0);
+        assert_eq!(see(&mut tr, record(Some("b"), 15), "9", t0 + Duration::from_secs(10)), Seen::Unchanged);
+        assert_eq!(tr.last().map(|o| (o.seen_at, o.resource_version.as_str())), Some((t0, "9")));
+        assert_eq!(decide("a", tr.last(), t0 + Duration::from_secs(15), &timings), Decision::Acquire);
+    }
+
+    #[test]
+    fn a_late_event_neither_rolls_back_nor_replaces_the_leader() {
+        let t0 = Instant::now();
+        let mut tr = Tracker::default();
+        // We took the lease at version 12; the watch then delivers b's older version 11.
+        see(&mut tr, record(Some("a"), 15), "12", t0);
+        assert_eq!(see(&mut tr, record(Some("b"), 15), "11", t0), Seen::Stale);
+        assert_eq!(tr.last().map(|o| o.resource_version.as_str()), Some("12"));
+        assert_eq!(decide("a", tr.last(), t0, &Timings::default()), Decision::Renew);
+        // Versions that are not integers are never taken as older.
+        assert_eq!(see(&mut tr, record(Some("b"), 15), "x", t0), Seen::Changed);
+    }
+
+    #[test]
+    fn a_new_lease_object_restarts_the_clock_and_late_deletes_are_ignored() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(3);
+        let mut tr = Tracker::default();
+        see(&mut tr, record(Some("b"), 15), "5", t0);
+        // Deleted and re-created with the same record: a new object, a new clock.
+        assert_eq!(tr.observe(record(Some("b"), 15), "8".into(), "u2".into(), later), Seen::Changed);
+        assert_eq!(tr.last().map(|o| o.seen_at), Some(later));
+        tr.forget(Some("u1"));
+        assert!(tr.last().is_some(), "the delete of the old object does not forget the new one");
+        tr.forget(Some("u2"));
+        assert!(tr.last().is_none());
+    }
+
+    #[test]
+    fn a_new_lease_object_is_led_only_after_a_full_lease_duration() {
+        let timings = Timings::default();
+        let t0 = Instant::now();
+        let mut tr = Tracker::default();
+        assert_eq!(leads_from(None, "u1", t0, &timings), t0 + Duration::from_secs(15), "we created it");
+        see(&mut tr, record(None, 1), "5", t0);
+        assert_eq!(leads_from(tr.last(), "u1", t0, &timings), t0, "the Lease we saw, taken");
+        assert_eq!(leads_from(tr.last(), "u2", t0, &timings), t0 + Duration::from_secs(15), "re-created under us");
+    }
+
+    #[test]
+    fn transitions_saturate_instead_of_overflowing() {
+        let timings = Timings::default();
+        let old =
+            LeaseSpec { holder_identity: Some("b".into()), lease_transitions: Some(i32::MAX), ..LeaseSpec::default() };
+        let taken = holding_spec("a", Some(&old), micro(1), &timings);
+        assert_eq!(taken.lease_transitions, Some(i32::MAX));
+        assert_eq!(taken.holder_identity.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_sub_second_lease_duration_is_written_rounded_up() {
+        let timings = Timings {
+            lease_duration: Duration::from_millis(10_500),
+            renew_deadline: Duration::from_millis(10_200),
+            retry_period: Duration::from_secs(2),
+        };
+        assert_eq!(timings.validate(), Ok(()));
+        // Truncated to 10 s, standbys would take over before the leader's deadline of 10.2 s.
+        assert_eq!(holding_spec("a", None, micro(1), &timings).lease_duration_seconds, Some(11));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Runs the controller exactly while this replica leads.
 
-use super::Leadership;
+use super::{Leadership, Stop};
 use crate::controller::writer::Fence;
 use std::future::Future;
 use std::time::Duration;
@@ -32,26 +32,30 @@ async fn ended(mut rx: watch::Receiver<Leadership>) {
 /// For each leadership term: calls `start(fence, acquired_at)` and drives the future it returns
 /// until the term ends, when the future is dropped at once (so no write leaves after that
 /// point), or until `shutdown` turns true, when the future is expected to finish its in-flight
-/// work by itself (it is dropped after [`SHUTDOWN_GRACE`]). Returns after shutdown.
+/// work by itself (it is dropped after [`SHUTDOWN_GRACE`]). Returns after shutdown, saying how
+/// the elector must release the lease: at once if the controller stopped by itself (every write
+/// it sent was answered), or after the safety margin if it had to be cancelled.
 pub async fn supervise<F, Fut>(
     mut leadership: watch::Receiver<Leadership>,
     mut shutdown: watch::Receiver<bool>,
     mut start: F,
-) where
+) -> Stop
+where
     F: FnMut(Fence, Instant) -> Fut,
     Fut: Future<Output = ()>,
 {
+    let mut how = Stop::Release;
     loop {
         loop {
             if *shutdown.borrow() {
-                return;
+                return how;
             }
             if leadership.borrow_and_update().is_some_and(|until| until > Instant::now()) {
                 break;
             }
             tokio::select! {
-                changed = leadership.changed() => if changed.is_err() { return },
-                changed = shutdown.changed() => if changed.is_err() { return },
+                changed = leadership.changed() => if changed.is_err() { return how },
+                changed = shutdown.changed() => if changed.is_err() { return how },
             }
         }
         let acquired = Instant::now();
@@ -65,12 +69,15 @@ pub async fn supervise<F, Fut>(
         tokio::select! {
             _ = term => {
                 tracing::info!("controller stopped");
+                how = Stop::Release;
             }
             _ = ended(leadership.clone()) => {
                 tracing::warn!("leadership ended: controller cancelled");
+                how = Stop::Release;
             }
             _ = grace => {
                 tracing::warn!("controller did not stop within the grace period: cancelled");
+                how = Stop::ReleaseAfterMargin;
             }
         }
     }

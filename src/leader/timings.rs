@@ -42,10 +42,30 @@ impl Timings {
                 self.renew_deadline, self.retry_period
             ));
         }
-        if self.lease_duration.as_secs() < 1 {
-            return Err("lease duration must be at least 1 s (the Lease API counts whole seconds)".into());
+        // What standbys wait is what is written: whole seconds, rounded up.
+        if self.lease_duration.as_secs_f64().ceil() > f64::from(i32::MAX) {
+            return Err(format!("lease duration ({:?}) does not fit the Lease API", self.lease_duration));
+        }
+        if self.written_lease_duration() <= self.renew_deadline {
+            return Err(format!(
+                "lease duration as written ({} s) must be greater than the renew deadline ({:?})",
+                self.lease_duration_secs(),
+                self.renew_deadline
+            ));
         }
         Ok(())
+    }
+
+    /// `leaseDurationSeconds` as written: the Lease API counts whole seconds, so the duration is
+    /// rounded *up* (a truncation could let standbys take over before the leader's deadline).
+    pub fn lease_duration_secs(&self) -> i32 {
+        let secs = self.lease_duration.as_secs() + u64::from(self.lease_duration.subsec_nanos() > 0);
+        i32::try_from(secs).unwrap_or(i32::MAX)
+    }
+
+    /// The lease duration standbys act on: [`Self::lease_duration_secs`] as a duration.
+    pub fn written_lease_duration(&self) -> Duration {
+        Duration::from_secs(u64::try_from(self.lease_duration_secs()).unwrap_or(0))
     }
 
     /// The timeout of every Lease API call: half the renew deadline, so a leader always gets at
@@ -79,6 +99,11 @@ mod tests {
         assert!(t(15_000, 2_400, 2_000).validate().is_err());
         assert!(t(15_000, 2_401, 2_000).validate().is_ok());
         assert!(t(15_000, 10_000, 0).validate().is_err());
-        assert!(t(900, 800, 100).validate().is_err(), "sub-second leases cannot be written");
+        // Sub-second durations are written rounded up, and that is what is validated.
+        assert!(t(900, 800, 100).validate().is_ok());
+        assert_eq!(t(900, 800, 100).lease_duration_secs(), 1);
+        assert_eq!(t(2_000, 1_500, 500).lease_duration_secs(), 2);
+        assert_eq!(t(2_001, 1_500, 500).lease_duration_secs(), 3);
+        assert!(t(u64::MAX / 2, 10_000, 2_000).validate().is_err(), "too long for the API");
     }
 }

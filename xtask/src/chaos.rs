@@ -57,7 +57,7 @@ pub enum On {
     Pods,
 }
 
-const ALL: &[&str] = &["kill", "term", "pause", "partition", "apiserver-restart"];
+const ALL: &[&str] = &["kill", "term", "pause", "partition", "delete-lease", "apiserver-restart"];
 
 /// Scenarios that hand over gracefully: no admission may fail during them.
 const GRACEFUL: &[&str] = &["term", "delete", "rollout", "pdb"];
@@ -421,9 +421,14 @@ pub async fn finish(
         // through the renewals before the start: read the Lease's history from a lease
         // duration and more before, and judge only the writes of the run.
         let history = audit::parse(&log, r.started_at - 2.0 * r.timings[0]);
-        let intervals = invariants::leadership(&history, operator::NAMESPACE, operator::LEASE, r.timings[1], epoch());
+        let intervals =
+            invariants::leadership(&history, operator::NAMESPACE, operator::LEASE, r.timings[0], r.timings[1], epoch());
         let reqs: Vec<audit::Request> = history.into_iter().filter(|q| q.at >= r.started_at).collect();
         let violations = invariants::writes_outside(&reqs, &intervals, operator::NAMESPACE, operator::LEASE);
+        let gone = invariants::writes_without_lease(&reqs, operator::NAMESPACE, operator::LEASE);
+        if faults.iter().any(|f| f.scenario == "delete-lease") {
+            println!("    controller writes received while the Lease did not exist: {}", gone.len());
+        }
         let writes: Vec<(String, f64)> = reqs
             .iter()
             .filter(|r| invariants::is_controller_write(r))
@@ -523,6 +528,11 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
         "term" => procs::signal(pid, "TERM"),
         "pause" => procs::signal(pid, "STOP"),
         "partition" => h.members[i].proxy.set_partitioned(true),
+        "delete-lease" => {
+            let leases =
+                Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(h.client.clone(), operator::NAMESPACE);
+            leases.delete(operator::LEASE, &DeleteParams::default()).await?;
+        }
         "apiserver-restart" => {
             cluster::restart_apiserver().await?;
         }
@@ -534,7 +544,10 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
     let deadline = t0 + lease * 4 + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Some((hld, rv)) = h.holder().await {
-            let moved = if scenario == "apiserver-restart" { rv != old_rv } else { hld != old };
+            // A restarted API server, or a deleted Lease, may leave the same holder: a new
+            // version (of a new Lease) is the sign.
+            let moved =
+                if matches!(scenario, "apiserver-restart" | "delete-lease") { rv != old_rv } else { hld != old };
             if moved {
                 acquired = Some(t0.elapsed().as_secs_f64());
                 new_leader = Some(hld);
@@ -564,10 +577,11 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
         }
         _ => {}
     }
-    // The new leader's first reconcile of its term, from its log (waiting up to 10 s for it).
+    // The new leader's first reconcile of its term, from its log (waiting up to a lease duration
+    // and 10 s for it: a re-created Lease is led only a lease duration after its creation).
     let mut first_reconcile = None;
     if let Some(j) = new_leader.as_deref().and_then(|nl| h.member_of(nl)) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + lease + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Some((t, _)) = h.members[j].replica.first_reconciles().into_iter().find(|(t, _)| *t >= at) {
                 first_reconcile = Some(t - at);
