@@ -57,7 +57,24 @@ pub enum On {
     Pods,
 }
 
-const ALL: &[&str] = &["kill", "term", "pause", "partition", "delete-lease", "apiserver-restart"];
+const ALL: &[&str] = &[
+    "kill",
+    "term",
+    "pause",
+    "partition",
+    "delete-lease",
+    "apiserver-restart",
+    "slow-apiserver",
+    "throttle",
+    "watch-expiry",
+];
+
+/// Scenarios that need the local control plane (they restart or reconfigure it).
+const LOCAL_ONLY: &[&str] = &["apiserver-restart", "throttle", "watch-expiry"];
+
+/// Scenarios that degrade the API server for a while instead of removing the leader; see
+/// [`degrade`].
+const DEGRADED: &[&str] = &["slow-apiserver", "throttle", "watch-expiry"];
 
 /// Scenarios that hand over gracefully: no admission may fail during them.
 const GRACEFUL: &[&str] = &["term", "delete", "rollout", "pdb"];
@@ -81,6 +98,9 @@ struct Harness {
     flags: Vec<String>,
     env: Vec<(&'static str, String)>,
     timings: [f64; 3],
+    /// The replicas' own credentials, straight to the API server (no proxy): `throttle`'s burst
+    /// comes from the same flow as the operator's requests.
+    operator_kubeconfig: PathBuf,
 }
 
 impl Harness {
@@ -278,7 +298,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
         .clone()
         .unwrap_or_else(|| ALL.iter().map(|s| s.to_string()).collect())
         .into_iter()
-        .filter(|s| target.local || s != "apiserver-restart")
+        .filter(|s| target.local || !LOCAL_ONLY.contains(&s.as_str()))
         .collect();
     for s in &scenarios {
         if !ALL.contains(&s.as_str()) {
@@ -309,7 +329,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
         let replica = operator::start_replica(i, &bin, &kubeconfig, &flags, &env)?;
         members.push(Member { replica, proxy, kubeconfig });
     }
-    let mut h = Harness { bin, client: client.clone(), members, flags, env, timings };
+    let mut h = Harness { bin, client: client.clone(), members, flags, env, timings, operator_kubeconfig };
     operator::wait_ready(&h.members.iter().map(|m| m.replica.clone()).collect::<Vec<_>>()).await?;
     println!(
         "==> chaos profile {}: {} replicas, lease {}s/{}s/{}s, scenarios {scenarios:?} × {rounds}",
@@ -517,6 +537,9 @@ fn rand_suffix() -> String {
 }
 
 async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns: &str) -> Result<Fault> {
+    if DEGRADED.contains(&scenario) {
+        return degrade(h, scenario, round, load, ns).await;
+    }
     let (old, i) = h.leader().await?;
     let (_, old_rv) = h.holder().await.unwrap_or_default();
     let lease = Duration::from_secs_f64(h.timings[0]);
@@ -602,5 +625,118 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
         converged_after,
         longest_gap: None,
         detail: None,
+    })
+}
+
+/// The degraded API server scenarios. Each holds its fault for a while, counts the holder changes
+/// during it (a leader that cannot renew steps down; the election must not flap), heals, and
+/// waits for convergence:
+/// - `slow-apiserver`: every replica's requests are delayed by a random lease/30 to lease/5
+///   (0.5 to 3 s at 15 s leases), for two lease durations;
+/// - `throttle`: the API server restarts with 4 + 2 requests in flight, and a burst of 200
+///   concurrent LISTs under the operator's own identity (its APF flow) runs for two lease
+///   durations; the 429s are counted from the audit log;
+/// - `watch-expiry`: the API server restarts with no watch cache for Deployments, every replica
+///   is cut off for half a lease duration while the workload writes, etcd is compacted, and the
+///   cut heals: each replica's Deployment watch resumes from a compacted revision, gets 410 Gone
+///   and relists (counted from the audit log; none means the scenario did not happen, an error).
+///
+/// The API server is restarted with its usual flags as part of the heal, before convergence is
+/// judged.
+async fn degrade(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns: &str) -> Result<Fault> {
+    let lease = Duration::from_secs_f64(h.timings[0]);
+    let reconfigured = match scenario {
+        "throttle" => vec!["--max-requests-inflight=4".to_string(), "--max-mutating-requests-inflight=2".to_string()],
+        "watch-expiry" => vec!["--watch-cache-sizes=deployments.apps#0".to_string()],
+        _ => vec![],
+    };
+    if !reconfigured.is_empty() {
+        cluster::restart_apiserver_with(&reconfigured).await?;
+        convergence(&h.client, ns, load, Instant::now()).await;
+    }
+    let (old, _) = h.leader().await?;
+    let t0 = Instant::now();
+    let at = epoch();
+    let mut burst = Vec::new();
+    match scenario {
+        "slow-apiserver" => h.members.iter().for_each(|m| m.proxy.set_latency(Some((lease / 30, lease / 5)))),
+        "throttle" => {
+            let mut config = kube::Config::from_custom_kubeconfig(
+                kube::config::Kubeconfig::read_from(&h.operator_kubeconfig)?,
+                &Default::default(),
+            )
+            .await?;
+            config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static("myapp-chaos-burst")));
+            let client = Client::try_from(config)?;
+            for _ in 0..200 {
+                let api: Api<MyApp> = Api::all(client.clone());
+                burst.push(tokio::spawn(async move {
+                    loop {
+                        let _ = api.list(&ListParams::default().limit(50)).await;
+                    }
+                }));
+            }
+        }
+        "watch-expiry" => h.members.iter().for_each(|m| m.proxy.set_partitioned(true)),
+        _ => bail!("unknown scenario {scenario}"),
+    }
+    let window = if scenario == "watch-expiry" { lease / 2 } else { lease * 2 };
+    let mut holders = vec![old.clone()];
+    while t0.elapsed() < window {
+        if let Some((holder, _)) = h.holder().await
+            && holders.last() != Some(&holder)
+        {
+            holders.push(holder);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut detail = vec![format!("{} holder changes during the fault", holders.len() - 1)];
+    match scenario {
+        "slow-apiserver" => h.members.iter().for_each(|m| m.proxy.set_latency(None)),
+        "throttle" => burst.iter().for_each(|b| b.abort()),
+        _ => {
+            let rev = cluster::compact_etcd()?;
+            h.members.iter().for_each(|m| m.proxy.set_partitioned(false));
+            detail.push(format!("etcd compacted at revision {rev}"));
+        }
+    }
+    let healed = epoch();
+    if !reconfigured.is_empty() {
+        // The usual flags are part of the heal: convergence is judged after them.
+        cluster::restart_apiserver().await?;
+    }
+    let (new, _) = h.leader().await?;
+    let converged_after = convergence(&h.client, ns, load, t0).await;
+    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log")).unwrap_or_default();
+    let reqs = audit::parse(&log, at);
+    match scenario {
+        "throttle" => {
+            let refused = reqs.iter().filter(|r| r.code == 429 && r.at <= healed).count();
+            let ours = reqs.iter().filter(|r| r.code == 429 && r.at <= healed && r.replica.is_some()).count();
+            detail.push(format!("{refused} requests refused with 429 ({ours} of them the replicas')"));
+        }
+        "watch-expiry" => {
+            let relists = reqs
+                .iter()
+                .filter(|r| r.verb == "list" && r.resource == "deployments" && r.replica.is_some() && r.at >= healed)
+                .count();
+            detail.push(format!("{relists} Deployment relists by the replicas after the heal"));
+            if relists == 0 {
+                bail!("watch-expiry: no replica relisted Deployments after the compaction (no 410 Gone was seen)");
+            }
+        }
+        _ => {}
+    }
+    Ok(Fault {
+        scenario: scenario.to_string(),
+        round,
+        at,
+        old_leader: Some(old),
+        new_leader: Some(new),
+        acquired_after: None,
+        first_reconcile_after: None,
+        converged_after,
+        longest_gap: None,
+        detail: Some(detail.join(", ")),
     })
 }

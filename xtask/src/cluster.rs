@@ -450,6 +450,13 @@ fn apiserver_args(run: &Path) -> Vec<String> {
 /// Restarts kube-apiserver with the same command line (the chaos suite's `apiserver-restart`)
 /// and waits until it is ready again. Returns how long it was unavailable.
 pub async fn restart_apiserver() -> Result<Duration> {
+    restart_apiserver_with(&[]).await
+}
+
+/// Restarts kube-apiserver with `extra` flags after its usual ones (a later flag wins), e.g. lower
+/// in-flight limits for the chaos suite's `throttle`; [`restart_apiserver`] puts the usual ones
+/// back.
+pub async fn restart_apiserver_with(extra: &[String]) -> Result<Duration> {
     let run = paths::run_dir();
     let (_, pid, bin) = procs::recorded(&run)
         .into_iter()
@@ -458,10 +465,30 @@ pub async fn restart_apiserver() -> Result<Duration> {
     let started = Instant::now();
     // A hard restart: its graceful shutdown waits for long-running watches.
     procs::stop(&run, "kube-apiserver", pid, &bin, Duration::from_secs(1));
-    let proc = procs::spawn(&run, "kube-apiserver", Path::new(&bin), &apiserver_args(&run), &[])?;
+    let mut args = apiserver_args(&run);
+    args.extend(extra.iter().cloned());
+    let proc = procs::spawn(&run, "kube-apiserver", Path::new(&bin), &args, &[])?;
     let admin = client_from(&paths::kubeconfig()).await?;
     wait_for(&run, &[&proc], "kube-apiserver (restarted)", Duration::from_secs(60), || readyz(&admin)).await?;
     Ok(started.elapsed())
+}
+
+/// Compacts etcd's history up to its current revision (physically), so that a watch resuming
+/// from an older revision gets 410 Gone; returns that revision.
+pub fn compact_etcd() -> Result<u64> {
+    // The gRPC gateway: any range read answers with the current revision in its header.
+    let (code, body) = procs::http_post(ports::ETCD, "/v3/kv/range", r#"{"key":"AA==","limit":1}"#)?;
+    let v: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("etcd range: {code} {body}"))?;
+    let rev: u64 = v["header"]["revision"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .with_context(|| format!("no revision in etcd's answer: {body}"))?;
+    let (code, body) =
+        procs::http_post(ports::ETCD, "/v3/kv/compaction", &format!(r#"{{"revision":"{rev}","physical":true}}"#))?;
+    if code != 200 {
+        bail!("etcd compaction at {rev}: {code} {body}");
+    }
+    Ok(rev)
 }
 
 /// Nodes that are Ready and carry no not-ready taint.

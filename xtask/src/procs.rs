@@ -132,10 +132,24 @@ pub fn port_in_use(port: u16) -> bool {
 
 /// A plain-HTTP GET on loopback; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    http(port, "GET", path, None)
+}
+
+/// POSTs a JSON `body` over plain HTTP/1.0 to 127.0.0.1:`port`: (status, body).
+pub fn http_post(port: u16, path: &str, body: &str) -> Result<(u16, String)> {
+    http(port, "POST", path, Some(body))
+}
+
+fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n")?;
+    if let Some(b) = body {
+        write!(s, "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())?;
+    } else {
+        write!(s, "\r\n")?;
+    }
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
