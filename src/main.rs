@@ -178,6 +178,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    // One policy for the webhooks (admission) and the controller (what is rolled out).
+    let policy = Policy {
+        allowed_registries: args.allowed_registries.iter().filter(|s| !s.is_empty()).cloned().collect(),
+        forbidden_env: args.forbidden_env.iter().filter(|s| !s.is_empty()).cloned().collect(),
+        max_replicas: args.max_replicas,
+    };
     let webhooks = if args.webhooks {
         let (svc, ns) = (&args.webhook_service, &args.lease_namespace);
         let source = match &args.webhook_cert_dir {
@@ -201,12 +207,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         };
-        let policy = Policy {
-            allowed_registries: args.allowed_registries.iter().filter(|s| !s.is_empty()).cloned().collect(),
-            forbidden_env: args.forbidden_env.iter().filter(|s| !s.is_empty()).cloned().collect(),
-            max_replicas: args.max_replicas,
-        };
-        let shared = Arc::new(webhook::Shared { policy, metrics: metrics.clone(), draining: AtomicBool::new(false) });
+        let shared = Arc::new(webhook::Shared::new(policy.clone(), metrics.clone()));
         let w = Webhooks::start(client.clone(), args.webhook_addr, source, shared.clone())
             .await
             .context("start the webhooks")?;
@@ -262,7 +263,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     fence,
                     acquired,
                 )
-                .with_resync(resync),
+                .with_resync(resync)
+                .with_policy(policy.clone()),
             );
             controller::run(ctx, stopped(stop_rx.clone()))
         }))

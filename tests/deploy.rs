@@ -60,6 +60,36 @@ fn cluster_role_grants_what_the_operator_writes() {
     assert!(!grants("", "secrets", "get"), "secrets are granted in the operator's namespace only");
 }
 
+/// The rules of the webhook configuration of `kind` in deploy/webhook/webhooks.yaml: the resources
+/// its rules match.
+fn webhook_resources(kind: &str) -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/webhook/webhooks.yaml");
+    let text = std::fs::read_to_string(path).expect("read webhooks.yaml");
+    let mut resources = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let doc: serde_yaml::Value = serde::Deserialize::deserialize(doc).expect("yaml");
+        if doc["kind"].as_str() != Some(kind) {
+            continue;
+        }
+        for webhook in doc["webhooks"].as_sequence().expect("webhooks") {
+            for rule in webhook["rules"].as_sequence().expect("rules") {
+                let listed = rule["resources"].as_sequence().expect("resources");
+                resources.extend(listed.iter().filter_map(|r| r.as_str().map(str::to_string)));
+            }
+        }
+    }
+    resources
+}
+
+#[test]
+fn kubectl_scale_goes_through_the_validating_webhook_only() {
+    let validated = webhook_resources("ValidatingWebhookConfiguration");
+    assert!(validated.iter().any(|r| r == "myapps"), "{validated:?}");
+    assert!(validated.iter().any(|r| r == "myapps/scale"), "the scale subresource bypasses the policy: {validated:?}");
+    let mutated = webhook_resources("MutatingWebhookConfiguration");
+    assert_eq!(mutated, ["myapps"], "a Scale has nothing to default");
+}
+
 fn kubectl(args: &[&str]) -> (bool, String) {
     let bin = std::env::var("MYAPP_E2E_KUBECTL").unwrap_or_else(|_| "kubectl".into());
     let out = Command::new(bin).args(args).output().expect("run kubectl");

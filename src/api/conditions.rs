@@ -5,7 +5,8 @@
 //! - `Reconciling`: True while the operator is still working towards the spec (rollout in
 //!   progress, children being created, deletion in progress).
 //! - `Stalled`: True when progress is impossible without a change from the user (an invalid spec,
-//!   a Deployment past its progress deadline, a child's name held by an object the `MyApp` does
+//!   a name that cannot name the children, more replicas than the operator's policy allows, a
+//!   Deployment past its progress deadline, a child's name held by an object the `MyApp` does
 //!   not control).
 //!
 //! Every condition carries `observedGeneration`, and `lastTransitionTime` changes only when the
@@ -76,8 +77,6 @@ impl RolloutFacts {
 /// Where a `MyApp` stands, as far as its status is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Observation {
-    /// The spec broke a rule; nothing was rolled out.
-    Invalid(String),
     /// Writing a child failed (the reconcile retries with backoff); the message says why.
     ApplyFailed(String),
     /// The Deployment exists and reports these facts.
@@ -87,6 +86,30 @@ pub enum Observation {
     /// An object that the `MyApp` does not control holds a child's name; the message names it.
     /// Nothing was written to any child.
     NameConflict(String),
+    /// The `MyApp` breaks a rule (of its spec, its name or the operator's policy), so nothing was
+    /// rolled out: no child was written. `reason` names the rule; the message, the field.
+    Refused {
+        /// The CamelCase reason of the conditions, e.g. [`INVALID_SPEC`].
+        reason: &'static str,
+        /// What is wrong, starting with the field path.
+        message: String,
+    },
+}
+
+/// The reason of the conditions when the spec breaks a rule of the API.
+pub const INVALID_SPEC: &str = "InvalidSpec";
+/// The reason of the conditions when the `MyApp`'s name cannot name its children.
+pub const INVALID_NAME: &str = "InvalidName";
+/// The reason of the conditions when `spec.replicas` is more than the operator's policy allows.
+pub const REPLICAS_OVER_POLICY: &str = "ReplicasOverPolicy";
+
+/// The three conditions of a `MyApp` that cannot progress without a change from its owner.
+fn stalled(reason: &str, message: &str, generation: i64) -> Vec<Condition> {
+    vec![
+        condition(READY, false, reason, message.to_string(), generation),
+        condition(RECONCILING, false, reason, String::new(), generation),
+        condition(STALLED, true, reason, message.to_string(), generation),
+    ]
 }
 
 fn condition(type_: &str, status: bool, reason: &str, message: String, generation: i64) -> Condition {
@@ -109,21 +132,13 @@ pub fn desired_status(generation: i64, selector: &str, obs: &Observation) -> MyA
     };
     let g = generation;
     let conditions = match obs {
-        Observation::Invalid(msg) => vec![
-            condition(READY, false, "InvalidSpec", msg.clone(), g),
-            condition(RECONCILING, false, "InvalidSpec", String::new(), g),
-            condition(STALLED, true, "InvalidSpec", msg.clone(), g),
-        ],
+        Observation::Refused { reason, message } => stalled(reason, message, g),
         Observation::ApplyFailed(msg) => vec![
             condition(READY, false, "ApplyFailed", msg.clone(), g),
             condition(RECONCILING, true, "ApplyFailed", msg.clone(), g),
             condition(STALLED, false, "ApplyFailed", String::new(), g),
         ],
-        Observation::NameConflict(msg) => vec![
-            condition(READY, false, NAME_CONFLICT, msg.clone(), g),
-            condition(RECONCILING, false, NAME_CONFLICT, String::new(), g),
-            condition(STALLED, true, NAME_CONFLICT, msg.clone(), g),
-        ],
+        Observation::NameConflict(msg) => stalled(NAME_CONFLICT, msg, g),
         Observation::Deleting => vec![
             condition(READY, false, "Deleting", "waiting for the Deployment and Service to be deleted".into(), g),
             condition(RECONCILING, true, "Deleting", "waiting for the Deployment and Service to be deleted".into(), g),
@@ -274,7 +289,8 @@ mod tests {
 
     #[test]
     fn invalid_and_deleting() {
-        let s = desired_status(1, "sel", &Observation::Invalid("spec.image: bad".into()));
+        let s =
+            desired_status(1, "sel", &Observation::Refused { reason: INVALID_SPEC, message: "spec.image: bad".into() });
         assert!(is_true(&s.conditions, STALLED));
         assert_eq!(find(&s.conditions, READY).map(|c| c.message.as_str()), Some("spec.image: bad"));
         let s = desired_status(1, "sel", &Observation::Deleting);
@@ -312,8 +328,10 @@ mod tests {
     #[test]
     fn reasons_are_camel_case() {
         for obs in [
-            Observation::Invalid("x".into()),
+            Observation::Refused { reason: INVALID_SPEC, message: "x".into() },
             Observation::NameConflict("x".into()),
+            Observation::Refused { reason: INVALID_NAME, message: "x".into() },
+            Observation::Refused { reason: REPLICAS_OVER_POLICY, message: "x".into() },
             Observation::ApplyFailed("x".into()),
             Observation::Deleting,
             Observation::Rollout(facts(1, 1, 1)),

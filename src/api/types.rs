@@ -24,6 +24,16 @@ use serde::{Deserialize, Serialize};
     shortname = "mya",
     category = "all",
     doc = "A MyApp runs one container image as a Deployment behind a Service.",
+    // The name becomes the Service's name and a label value (see `validate_name`). Checked on
+    // creation only (`oldSelf` is empty then): a name never changes, and an object created before
+    // this rule must still take updates, such as the removal of its finalizer.
+    validation = Rule::new(format!(
+        "oldSelf.hasValue() || (self.metadata.name.size() <= {} && self.metadata.name.matches('{}'))",
+        super::validation::MAX_NAME_LENGTH,
+        super::validation::NAME_PATTERN
+    ))
+    .message(kube::core::Message::Message(format!("metadata.name {}", super::validation::NAME_RULE)))
+    .optional_old_self(true),
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",

@@ -101,12 +101,38 @@ fn validate_amounts(path: &str, amounts: &ResourceAmounts, errors: &mut Vec<Fiel
     }
 }
 
+/// The most a MyApp name may have: it is the name of its Service, a DNS-1035 label.
+pub const MAX_NAME_LENGTH: usize = 63;
+
+/// The characters of a DNS-1035 label, as a regular expression (for the CRD's CEL rule).
+pub const NAME_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
+
+/// What [`validate_name`] demands, as the message of its error (and of the CRD's CEL rule).
+pub const NAME_RULE: &str = "must be a DNS-1035 label, because it names the MyApp's Service and is a label value: \
+     at most 63 characters, lowercase letters, digits and '-', starting with a letter and ending with a letter or digit";
+
+/// The rule a `MyApp`'s name follows so that its children can carry it: it names the Service (a
+/// DNS-1035 label) and the Deployment, and it is the value of the pods' labels (at most 63
+/// characters). A DNS-1035 label is valid for all three, while the API server lets a `MyApp` have
+/// any DNS subdomain (dots, 253 characters, a leading digit). The CRD holds the same rule in CEL.
+pub fn validate_name(name: &str) -> Option<FieldError> {
+    let bytes = name.as_bytes();
+    let valid = bytes.len() <= MAX_NAME_LENGTH
+        && bytes.first().is_some_and(u8::is_ascii_lowercase)
+        && bytes.last().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    (!valid).then(|| FieldError::new("metadata.name", format!("{name:?} {NAME_RULE}")))
+}
+
+/// Checks the replica count against the API's range.
+pub fn validate_replicas(replicas: i32) -> Option<FieldError> {
+    (!(0..=1000).contains(&replicas)).then(|| FieldError::new("spec.replicas", "must be between 0 and 1000"))
+}
+
 /// Checks every rule of the API. An empty result means the spec is valid.
 pub fn validate_spec(spec: &MyAppSpec) -> Vec<FieldError> {
     let mut errors = validate_image(&spec.image);
-    if !(0..=1000).contains(&spec.replicas) {
-        errors.push(FieldError::new("spec.replicas", "must be between 0 and 1000"));
-    }
+    errors.extend(validate_replicas(spec.replicas));
     if !(1..=65535).contains(&spec.port) {
         errors.push(FieldError::new("spec.port", "must be between 1 and 65535"));
     }
@@ -207,6 +233,29 @@ mod tests {
             r.memory = Some("lots".into());
         }
         assert_eq!(validate_spec(&s)[0].field, "spec.resources.requests.memory");
+    }
+
+    #[test]
+    fn names_must_suit_a_service_and_a_label() {
+        for ok in ["web", "a", "web-1", "a1", &format!("a{}", "b".repeat(62))] {
+            assert_eq!(validate_name(ok), None, "{ok:?}");
+        }
+        let too_long = format!("a{}", "b".repeat(63));
+        for bad in ["", "a.b", "1web", "-web", "web-", "Web", "web_1", "wéb", too_long.as_str()] {
+            let e = validate_name(bad).unwrap_or_else(|| panic!("{bad:?} was accepted"));
+            assert_eq!(e.field, "metadata.name");
+            assert!(e.message.contains("DNS-1035"), "the rule is named: {}", e.message);
+        }
+    }
+
+    proptest::proptest! {
+        /// The Rust rule and the CRD's CEL rule (its length bound and regular expression) agree.
+        #[test]
+        fn the_name_rule_is_the_cel_rule(name in "[a-z0-9.A-Z_-]{0,70}|[a-z][-a-z0-9]{0,70}") {
+            let pattern = regex::Regex::new(NAME_PATTERN).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            let cel = name.len() <= MAX_NAME_LENGTH && pattern.is_match(&name);
+            proptest::prop_assert_eq!(validate_name(&name).is_none(), cel, "{:?}", name);
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod writer;
 
 use crate::api::MyApp;
 use crate::telemetry::metrics::Metrics;
+use crate::webhook::policy::Policy;
 use crate::{Error, backoff_delay};
 use cache::Caches;
 use futures::StreamExt;
@@ -54,6 +55,8 @@ pub struct Context {
     term_started: Mutex<Option<tokio::time::Instant>>,
     /// MyApps waiting for a reconcile in this term.
     pending: queue::Pending,
+    /// The policy the webhooks enforce; the reconciler holds `spec.replicas` to it as well.
+    pub policy: Policy,
 }
 
 impl Context {
@@ -81,7 +84,14 @@ impl Context {
             term_started: Mutex::new(Some(acquired)),
 
             resync: RESYNC,
+            policy: Policy::default(),
         }
+    }
+
+    /// Sets the policy (see [`Context::policy`]).
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Sets the resync period.

@@ -8,9 +8,12 @@
 use super::Context;
 use super::children::{self, selector_string};
 use super::ownership::{self, Claim, Conflict};
-use crate::api::conditions::{self, NAME_CONFLICT, Observation, READY, RolloutFacts};
-use crate::api::validation::{join, validate_spec};
+use crate::api::conditions::{
+    self, INVALID_NAME, INVALID_SPEC, NAME_CONFLICT, Observation, READY, REPLICAS_OVER_POLICY, RolloutFacts,
+};
+use crate::api::validation::{join, validate_name, validate_spec};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
+use crate::webhook::policy::Policy;
 use crate::{Error, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
@@ -67,14 +70,9 @@ impl MyApp {
             &owned
         };
 
-        let errors = validate_spec(&app.spec);
-        if !errors.is_empty() {
-            let message = join(&errors);
-            let was_stalled = conditions::is_true(&app.current_status().conditions, conditions::STALLED);
-            app.update_status(ctx, &Observation::Invalid(message.clone())).await?;
-            if !was_stalled {
-                ctx.writer.event(app, EventType::Warning, "InvalidSpec", "Validate", message).await;
-            }
+        if let Some((reason, message)) = refusal(app, &ctx.policy) {
+            // Touch no child, so that nothing against the rules is rolled out.
+            app.report_stall(ctx, reason, "Validate", message).await?;
             return Ok(None);
         }
 
@@ -82,7 +80,7 @@ impl MyApp {
             Ok(d) => d,
             Err(Error::NameConflict(conflicts)) => {
                 // Touch nothing but our own status; retry with backoff until the name is free.
-                app.report_conflict(ctx, &conflicts).await?;
+                app.report_stall(ctx, NAME_CONFLICT, "Apply", ownership::describe(&conflicts)).await?;
                 return Err(Error::NameConflict(conflicts));
             }
             Err(e) => {
@@ -129,15 +127,18 @@ impl MyApp {
         Ok(deployment)
     }
 
-    /// Reports that a child's name is taken: the status says `NameConflict` (written only if it
-    /// changed), with a Warning Event when that is news. Writes nothing else.
-    async fn report_conflict(&self, ctx: &Context, conflicts: &[Conflict]) -> Result<()> {
-        let message = ownership::describe(conflicts);
+    /// Reports that the `MyApp` cannot progress until its owner acts: the status says `reason`
+    /// (written only if it changed), with a Warning Event when that is news. Writes nothing else.
+    async fn report_stall(&self, ctx: &Context, reason: &'static str, action: &str, message: String) -> Result<()> {
         let known = conditions::find(&self.current_status().conditions, READY)
-            .is_some_and(|c| c.reason == NAME_CONFLICT && c.message == message);
-        self.update_status(ctx, &Observation::NameConflict(message.clone())).await?;
+            .is_some_and(|c| c.reason == reason && c.message == message);
+        let obs = match reason {
+            NAME_CONFLICT => Observation::NameConflict(message.clone()),
+            _ => Observation::Refused { reason, message: message.clone() },
+        };
+        self.update_status(ctx, &obs).await?;
         if !known {
-            ctx.writer.event(self, EventType::Warning, NAME_CONFLICT, "Apply", message).await;
+            ctx.writer.event(self, EventType::Warning, reason, action, message).await;
         }
         Ok(())
     }
@@ -220,6 +221,24 @@ pub fn cleanup_recheck(waited: Duration) -> Duration {
     waited.clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
+/// Why `app` must get no children, if it must not: as the `(reason, message)` of its conditions,
+/// the message naming the field. In order: a name that cannot name a Service or be a label value
+/// ([`validate_name`]; reason [`INVALID_NAME`]), a spec against the API's rules ([`validate_spec`];
+/// [`INVALID_SPEC`]), and more replicas than `policy` allows ([`Policy::replicas_over_max`];
+/// [`REPLICAS_OVER_POLICY`]). The webhook refuses all three at admission; this catches what got
+/// past it: objects written while it was not called, or before the policy was tightened (which
+/// admission lets keep their replicas, see [`Policy::check`]).
+pub fn refusal(app: &MyApp, policy: &Policy) -> Option<(&'static str, String)> {
+    if let Some(e) = validate_name(&app.name_any()) {
+        return Some((INVALID_NAME, e.to_string()));
+    }
+    let errors = validate_spec(&app.spec);
+    if !errors.is_empty() {
+        return Some((INVALID_SPEC, join(&errors)));
+    }
+    policy.replicas_over_max(app.spec.replicas).map(|e| (REPLICAS_OVER_POLICY, e.to_string()))
+}
+
 /// The object the API server holds under a child's name: the cached one, or, when the cache has
 /// none, the answer of a GET. The caches hold only objects labelled as managed by the operator, so
 /// this is how an unlabelled object of the same name (one made by hand) is seen. The GET is made
@@ -242,6 +261,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::MyAppSpec;
 
     #[test]
     fn cleanup_rechecks_back_off() {
@@ -257,5 +277,47 @@ mod tests {
             })
             .collect();
         assert_eq!(delays, vec![1, 1, 2, 4, 8, 16, 32, 60, 60]);
+    }
+
+    fn app(name: &str, replicas: i32) -> MyApp {
+        let mut spec = MyAppSpec::test("nginx:1.27");
+        spec.replicas = replicas;
+        MyApp::new(name, spec)
+    }
+
+    fn capped(max: i32) -> Policy {
+        Policy { max_replicas: Some(max), ..Policy::default() }
+    }
+
+    #[test]
+    fn more_replicas_than_the_policy_allows_get_no_children() {
+        assert_eq!(refusal(&app("web", 3), &capped(3)), None);
+        assert_eq!(refusal(&app("web", 4), &Policy::default()), None, "no cap, no refusal");
+        let (reason, message) = refusal(&app("web", 4), &capped(3)).expect("refused");
+        assert_eq!(reason, REPLICAS_OVER_POLICY);
+        assert_eq!(message, "spec.replicas: 4 is more than the allowed 3");
+        let status = conditions::desired_status(1, "s", &Observation::Refused { reason, message: message.clone() });
+        let ready = conditions::find(&status.conditions, READY).expect("Ready");
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReplicasOverPolicy"));
+        assert!(ready.reason.contains("Replicas") && ready.message.starts_with("spec.replicas: "));
+        assert!(conditions::is_true(&status.conditions, conditions::STALLED));
+    }
+
+    #[test]
+    fn a_name_that_cannot_name_a_service_gets_no_children() {
+        for name in ["a.b", "1web", &"a".repeat(64)] {
+            let (reason, message) = refusal(&app(name, 1), &Policy::default()).expect("refused");
+            assert_eq!(reason, INVALID_NAME, "{name}");
+            assert!(message.starts_with("metadata.name: ") && message.contains("DNS-1035"), "{message}");
+        }
+        assert_eq!(refusal(&app(&"a".repeat(63), 1), &Policy::default()), None);
+    }
+
+    #[test]
+    fn the_first_broken_rule_is_reported() {
+        let (reason, message) = refusal(&app("a.b", 2000), &capped(3)).expect("refused");
+        assert_eq!((reason, message.starts_with("metadata.name")), (INVALID_NAME, true));
+        let (reason, message) = refusal(&app("web", 2000), &capped(3)).expect("refused");
+        assert_eq!((reason, message.as_str()), (INVALID_SPEC, "spec.replicas: must be between 0 and 1000"));
     }
 }

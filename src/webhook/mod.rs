@@ -31,3 +31,10 @@ pub struct Shared {
     /// this replica before it stops listening.
     pub draining: std::sync::atomic::AtomicBool,
 }
+
+impl Shared {
+    /// What handlers of `policy` share, not draining.
+    pub fn new(policy: Policy, metrics: Arc<Metrics>) -> Self {
+        Self { policy, metrics, draining: std::sync::atomic::AtomicBool::new(false) }
+    }
+}
