@@ -5,9 +5,17 @@
 //! API server in the `traceparent` header, so the API server's own spans join the trace. The API
 //! server honours an incoming parent only for privileged callers (`system:masters`, or users
 //! allowed the `tracing` verb); for others it starts its own trace with a link to ours.
+//!
+//! Incoming, we do the same as the API server does for callers it does not trust, for every
+//! caller: anything that reaches the webhook port can send a `traceparent`, so [`caller_link`]
+//! reads it only as a *link*. The webhook's span is a new root: our sampler decides whether it is
+//! recorded (a caller cannot force sampling, or make us export spans into a trace of its choosing),
+//! and the caller's trace stays one click away through the link. The caller's `tracestate` is
+//! dropped. This is also what a trace of the API server's own call looks like when its caller is
+//! not privileged, so both sides read the same way.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::propagation::Injector;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -22,19 +30,6 @@ impl Injector for HeaderInjector<'_> {
         if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(key.as_bytes()), HeaderValue::from_str(&value)) {
             self.0.insert(name, value);
         }
-    }
-}
-
-/// Reads propagation fields from HTTP headers.
-pub struct HeaderExtractor<'a>(pub &'a HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(HeaderName::as_str).collect()
     }
 }
 
@@ -90,10 +85,15 @@ pub fn parse_traceparent(value: &str) -> Option<opentelemetry::trace::SpanContex
     sc.is_valid().then_some(sc)
 }
 
-/// Sets `span`'s parent from the `traceparent` of incoming `headers`, if any.
-pub fn set_parent_from(span: &tracing::Span, headers: &HeaderMap) {
-    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
-    let _ = span.set_parent(cx);
+/// The caller's span context, to be *linked* from a server span, never made its parent (see the
+/// module doc). Only a single, valid `traceparent` header counts: W3C asks a receiver to ignore
+/// one that is repeated.
+pub fn caller_link(headers: &HeaderMap) -> Option<opentelemetry::trace::SpanContext> {
+    let mut values = headers.get_all("traceparent").iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => parse_traceparent(v.to_str().ok()?),
+        _ => None,
+    }
 }
 
 /// A tower layer for `kube::client::ClientBuilder::with_layer`.
@@ -265,5 +265,20 @@ mod tests {
         ] {
             assert!(parse_traceparent(&bad).is_none(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn caller_link_takes_a_single_valid_header() {
+        let tp = format!("00-{TRACE}-{SPAN}-01");
+        let mut one = HeaderMap::new();
+        one.insert("traceparent", HeaderValue::from_str(&tp).expect("value"));
+        one.insert("tracestate", HeaderValue::from_static("vendor=chosen-by-the-caller"));
+        let link = caller_link(&one).expect("a link");
+        assert_eq!(link.trace_id().to_string(), TRACE);
+        assert_eq!(link.trace_state().header(), "", "the caller's tracestate is dropped");
+        let mut two = one.clone();
+        two.append("traceparent", HeaderValue::from_str(&tp).expect("value"));
+        assert!(caller_link(&two).is_none());
+        assert!(caller_link(&HeaderMap::new()).is_none());
     }
 }

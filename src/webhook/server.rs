@@ -10,6 +10,8 @@
 //!   AdmissionReview, `413` for one over [`super::limits::MAX_BODY`], `408` for one that does not
 //!   arrive in time, `503` (with `Retry-After`) at the in-flight cap or the body budget. No input
 //!   makes a handler panic.
+//! - **Traces**: the span of an admission is a new root, linked to the caller's `traceparent`
+//!   (see [`crate::telemetry::propagation`]): a caller cannot force sampling or pick the parent.
 //! - **Drain**: after [`begin_drain`], each connection that carries a request is closed gracefully
 //!   once that request is answered: a GOAWAY on HTTP/2 (where hyper drops a `Connection: close`
 //!   header), `Connection: close` on HTTP/1. The server still accepts new connections, so callers
@@ -20,7 +22,7 @@
 use super::Shared;
 use super::limits::{BodyError, ConnectionCap, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, MAX_HEADERS};
 use super::review::{self, Kind, NotAReview};
-use crate::telemetry::propagation::{current_traceparent, set_parent_from};
+use crate::telemetry::propagation::{caller_link, current_traceparent};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
@@ -34,6 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// An HTTP error answer. On HTTP/1, `close` ends the connection after it (the body may be
 /// unread, and the client must not go on sending it).
@@ -71,8 +74,10 @@ async fn handle(shared: Arc<Shared>, kind: Kind, req: Request) -> Response {
     if declared.is_some_and(|n| n > max as u64) {
         return refuse(StatusCode::PAYLOAD_TOO_LARGE, BodyError::TooLarge(max), close);
     }
-    let span = tracing::info_span!("admission", otel.name = %format!("webhook {path}"), otel.kind = "server", allowed = tracing::field::Empty);
-    set_parent_from(&span, req.headers());
+    let span = tracing::info_span!(parent: None, "admission", otel.name = %format!("webhook {path}"), otel.kind = "server", allowed = tracing::field::Empty);
+    if let Some(caller) = caller_link(req.headers()) {
+        span.add_link(caller);
+    }
     async move {
         let body = match shared.gate.read_body(req.into_body(), &mut ticket).await {
             Ok(b) => b,

@@ -377,3 +377,69 @@ async fn shutdown_answers_every_admission_in_flight_over_http2_then_refuses() {
         .expect("join")
         .expect("drained within the grace");
 }
+
+mod traces {
+    use super::*;
+    use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+    use std::sync::Mutex;
+    use tower::ServiceExt;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[derive(Clone, Debug, Default)]
+    struct Capture(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Capture {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            if let Ok(mut spans) = self.0.lock() {
+                spans.extend(batch);
+            }
+            Ok(())
+        }
+    }
+
+    const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+    /// The spans exported while `/validate` answers one request carrying a sampled
+    /// `traceparent`, under `sampler` (the replica's own sampling decision).
+    async fn admission_spans(sampler: Sampler) -> Vec<SpanData> {
+        opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+        let capture = Capture::default();
+        let provider = SdkTracerProvider::builder().with_sampler(sampler).with_simple_exporter(capture.clone()).build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let shared = Arc::new(Shared::new(Policy::default(), Arc::new(Metrics::default()), Limits::default()));
+        let req = axum::http::Request::post("/validate")
+            .header("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"))
+            .body(Body::from(review("u-trace", myapp("nginx:1.27"))))
+            .expect("request");
+        let res = router(shared).oneshot(req).await.expect("answer");
+        assert_eq!(res.status(), StatusCode::OK);
+        let _ = provider.force_flush();
+        let spans = capture.0.lock().map(|s| s.clone()).unwrap_or_default();
+        spans.into_iter().filter(|s| s.name == "webhook /validate").collect()
+    }
+
+    #[tokio::test]
+    async fn the_admission_span_is_a_new_root_linked_to_the_caller() {
+        let spans = admission_spans(Sampler::AlwaysOn).await;
+        assert_eq!(spans.len(), 1, "one admission span");
+        let span = &spans[0];
+        assert_eq!(span.parent_span_id, SpanId::INVALID, "a root, not a child of the caller");
+        let caller = TraceId::from_hex(CALLER_TRACE).expect("trace id");
+        assert_ne!(span.span_context.trace_id(), caller, "a trace of its own");
+        let linked: Vec<(TraceId, SpanId)> =
+            span.links.iter().map(|l| (l.span_context.trace_id(), l.span_context.span_id())).collect();
+        assert_eq!(linked, vec![(caller, SpanId::from_hex(CALLER_SPAN).expect("span id"))]);
+    }
+
+    #[tokio::test]
+    async fn a_caller_cannot_force_sampling() {
+        // Our sampler says no to roots; the caller's traceparent says "sampled".
+        let spans = admission_spans(Sampler::ParentBased(Box::new(Sampler::AlwaysOff))).await;
+        assert!(spans.is_empty(), "the caller's flag decided: {spans:?}");
+    }
+}
