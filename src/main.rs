@@ -207,18 +207,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         };
-        let shared = Arc::new(webhook::Shared::new(policy.clone(), metrics.clone()));
-        let w = Webhooks::start(client.clone(), args.webhook_addr, source, shared.clone())
-            .await
-            .context("start the webhooks")?;
-        Some((w, shared))
+        let shared =
+            Arc::new(webhook::Shared::new(policy.clone(), metrics.clone(), webhook::limits::Limits::default()));
+        let w =
+            Webhooks::start(client.clone(), args.webhook_addr, source, shared).await.context("start the webhooks")?;
+        Some(w)
     } else {
         None
     };
     let probes = Probes {
         metrics: metrics.clone(),
         ready: ready.clone(),
-        webhooks_ready: webhooks.as_ref().map(|(w, _)| w.ready.clone()),
+        webhooks_ready: webhooks.as_ref().map(|w| w.ready.clone()),
     };
     let probe_task = tokio::spawn(http::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
 
@@ -273,8 +273,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutdown requested: stopping the controller, then releasing the lease");
     ready.store(false, Ordering::Relaxed);
-    if let Some((_, shared)) = &webhooks {
-        shared.draining.store(true, Ordering::Relaxed);
+    if let Some(w) = &webhooks {
+        w.begin_drain();
     }
     let _ = stop_tx.send(true);
     let drain = tokio::time::sleep(args.webhook_drain);
@@ -284,10 +284,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(task) = elector_task {
         let _ = task.await;
     }
-    if let Some((w, _)) = &webhooks {
-        // Keep answering admissions while callers move to the other replicas.
+    if let Some(w) = webhooks {
+        // Keep answering admissions while callers move to the other replicas, then stop
+        // accepting and wait (bounded) for the admissions in flight.
         drain.await;
-        w.shutdown(Duration::from_secs(5));
+        if let Err(e) = w.shutdown(Duration::from_secs(5)).await {
+            tracing::warn!(error = %e, "webhook drain");
+        }
     }
     match probe_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "probe server"),

@@ -11,6 +11,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::{FINALIZER, MyApp};
 use myapp_operator::telemetry::metrics::Metrics;
+use myapp_operator::webhook::limits::Limits;
 use myapp_operator::webhook::policy::Policy;
 use myapp_operator::webhook::{CertSource, Shared, Webhooks, certs};
 use serde_json::json;
@@ -127,7 +128,8 @@ async fn certificate_rotation_drops_no_admission() {
     ns.cleanup().await;
 }
 
-/// The chain of (service, operation) from a span up to its trace's root.
+/// The chain of (service, operation) from a span up to its trace's root, through parents
+/// (`CHILD_OF`) only.
 fn ancestry(trace: &serde_json::Value, span: &serde_json::Value) -> Vec<(String, String)> {
     let spans = trace["spans"].as_array().cloned().unwrap_or_default();
     let mut out = Vec::new();
@@ -135,8 +137,7 @@ fn ancestry(trace: &serde_json::Value, span: &serde_json::Value) -> Vec<(String,
     while let Some(s) = cur {
         let service = common::service_of(trace, &s).unwrap_or_default();
         out.push((service, s["operationName"].as_str().unwrap_or_default().to_string()));
-        let parent =
-            s["references"].as_array().and_then(|r| r.first()).and_then(|r| r["spanID"].as_str()).map(str::to_string);
+        let parent = references(&s, "CHILD_OF").into_iter().next().map(|(_, span)| span);
         cur = parent.and_then(|p| spans.iter().find(|x| x["spanID"].as_str() == Some(p.as_str())).cloned());
         if out.len() > 64 {
             break;
@@ -145,9 +146,29 @@ fn ancestry(trace: &serde_json::Value, span: &serde_json::Value) -> Vec<(String,
     out
 }
 
+/// The (trace id, span id) that `span` references with `kind` (`CHILD_OF` for its parent,
+/// `FOLLOWS_FROM` for its links).
+fn references(span: &serde_json::Value, kind: &str) -> Vec<(String, String)> {
+    span["references"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["refType"] == kind)
+        .filter_map(|r| Some((r["traceID"].as_str()?.to_string(), r["spanID"].as_str()?.to_string())))
+        .collect()
+}
+
+/// One trace by id from the local Jaeger.
+fn jaeger_trace(id: &str) -> Option<serde_json::Value> {
+    let (_, body) = common::http_get(&format!("{}/api/traces/{id}", common::jaeger()))?;
+    serde_json::from_str::<serde_json::Value>(&body).ok()?["data"].as_array()?.first().cloned()
+}
+
+/// The webhook's span is a root of its own trace (the caller does not choose its parent, nor
+/// whether it is sampled), with a link to the API server's call of the webhook.
 #[tokio::test]
 #[ignore = "needs a cluster: run `cargo xtask test`"]
-async fn local_only_webhook_spans_are_children_of_the_api_servers_webhook_calls() {
+async fn local_only_webhook_spans_are_roots_linked_to_the_api_servers_webhook_calls() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "whtrace").await;
     let api: Api<MyApp> = Api::namespaced(client.clone(), &ns.name);
@@ -155,22 +176,29 @@ async fn local_only_webhook_spans_are_children_of_the_api_servers_webhook_calls(
     for (operation, call) in
         [("webhook /mutate", "Call mutating webhook"), ("webhook /validate", "Call validating webhook")]
     {
-        let chain = eventually(&format!("a webhook span under {call:?}"), Duration::from_secs(30), || async {
-            let traces = common::jaeger_traces("myapp-operator", Some(operation), None, 50)?;
-            traces.iter().find_map(|t| {
-                t["spans"]
-                    .as_array()?
-                    .iter()
-                    .filter(|s| s["operationName"].as_str().is_some_and(|o| o.starts_with("webhook ")))
-                    .find_map(|s| {
-                        let chain = ancestry(t, s);
-                        chain.iter().any(|(svc, op)| svc == "apiserver" && op == call).then_some(chain)
+        let (own, linked) =
+            eventually(&format!("a webhook span linked to {call:?}"), Duration::from_secs(30), || async {
+                let traces = common::jaeger_traces("myapp-operator", Some(operation), None, 50)?;
+                traces.iter().find_map(|t| {
+                    t["spans"].as_array()?.iter().filter(|s| s["operationName"] == operation).find_map(|s| {
+                        references(s, "FOLLOWS_FROM").into_iter().find_map(|(trace_id, span_id)| {
+                            let linked = jaeger_trace(&trace_id)?;
+                            let target =
+                                linked["spans"].as_array()?.iter().find(|x| x["spanID"] == span_id.as_str())?;
+                            let chain = ancestry(&linked, target);
+                            chain.iter().any(|(svc, op)| svc == "apiserver" && op == call).then(|| {
+                                let own = s["traceID"].as_str().unwrap_or_default().to_string();
+                                ((own, references(s, "CHILD_OF")), (trace_id, chain))
+                            })
+                        })
                     })
+                })
             })
-        })
-        .await;
-        assert_eq!(chain[0].0, "myapp-operator");
-        assert_eq!(chain[1].0, "apiserver", "the webhook span's parent is the API server's call: {chain:?}");
+            .await;
+        let ((own_trace, parents), (linked_trace, chain)) = (own, linked);
+        assert!(parents.is_empty(), "the webhook's span is a root, not a child of {parents:?}");
+        assert_ne!(own_trace, linked_trace, "the webhook's span is in a trace of its own");
+        assert_eq!(chain[0].0, "apiserver", "the link points at the API server's side: {chain:?}");
     }
     ns.cleanup().await;
 }
@@ -226,7 +254,7 @@ impl PolicyWebhook {
             std::fs::write(dir.join(file), pem).expect("write the certificate");
         }
         let source = CertSource::Dir { dir: dir.clone(), server_name: "127.0.0.1".into() };
-        let shared = Arc::new(Shared::new(policy, Arc::new(Metrics::default())));
+        let shared = Arc::new(Shared::new(policy, Arc::new(Metrics::default()), Limits::default()));
         let addr = "127.0.0.1:0".parse().expect("address");
         let server = Webhooks::start(client.clone(), addr, source, shared).await.expect("serve /validate");
 
@@ -267,7 +295,7 @@ impl PolicyWebhook {
         let outcome = tokio::spawn(test).await;
         let configs: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
         let _ = configs.delete(&self.name, &DeleteParams::default()).await;
-        self.server.shutdown(Duration::from_secs(1));
+        let _ = self.server.shutdown(Duration::from_secs(1)).await;
         let _ = std::fs::remove_dir_all(&self.dir);
         if let Err(e) = outcome {
             match e.try_into_panic() {

@@ -3,12 +3,13 @@
 //! - [`review`]: AdmissionReview in, AdmissionReview out (pure);
 //! - [`mutate`]: defaulting as a JSON Patch; [`policy`]: what `/validate` enforces;
 //! - [`certs`]: serving certificates, self-managed in a Secret or read from files;
-//! - [`server`]: axum over rustls.
+//! - [`server`]: axum over rustls; [`limits`]: what one caller can make it hold.
 //!
 //! Readiness includes the webhooks: a replica is ready only once it has a certificate loaded and
 //! a real TLS handshake with its own webhook port succeeds.
 
 pub mod certs;
+pub mod limits;
 pub mod mutate;
 pub mod policy;
 pub mod review;
@@ -27,14 +28,17 @@ pub struct Shared {
     pub policy: Policy,
     /// Metrics of this replica.
     pub metrics: Arc<Metrics>,
-    /// Set on shutdown: answers carry `Connection: close`, so callers stop reusing connections to
-    /// this replica before it stops listening.
+    /// Set by [`server::begin_drain`] on shutdown: each connection that carries a request is
+    /// then closed gracefully after it (GOAWAY on HTTP/2), so callers stop reusing connections
+    /// to this replica before it stops listening.
     pub draining: std::sync::atomic::AtomicBool,
+    /// The in-flight cap and the body budget.
+    pub gate: limits::Gate,
 }
 
 impl Shared {
-    /// What handlers of `policy` share, not draining.
-    pub fn new(policy: Policy, metrics: Arc<Metrics>) -> Self {
-        Self { policy, metrics, draining: std::sync::atomic::AtomicBool::new(false) }
+    /// Handler state for `policy` under `limits`.
+    pub fn new(policy: Policy, metrics: Arc<Metrics>, limits: limits::Limits) -> Self {
+        Self { policy, metrics, draining: std::sync::atomic::AtomicBool::new(false), gate: limits::Gate::new(limits) }
     }
 }

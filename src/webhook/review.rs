@@ -146,20 +146,50 @@ pub fn answer_traced(
     policy: &Policy,
     traceparent: Option<&str>,
 ) -> AdmissionReview<DynamicObject> {
+    answer_review(body, kind, policy, traceparent).unwrap_or_else(|NotAReview(e)| malformed(e))
+}
+
+/// A body that is no AdmissionReview with a request uid, so no answer can be tied to a request:
+/// the server answers it with HTTP 400.
+#[derive(Debug)]
+pub struct NotAReview(pub String);
+
+/// [`answer_traced`], telling apart a body that is no AdmissionReview (`Err`) from a review whose
+/// object is unreadable, which gets a denial carrying its uid.
+pub fn answer_review(
+    body: &[u8],
+    kind: Kind,
+    policy: &Policy,
+    traceparent: Option<&str>,
+) -> Result<AdmissionReview<DynamicObject>, NotAReview> {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
-        Err(e) => return malformed(e),
+        Err(e) => return unreadable_request(body, e),
     };
     let req: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
-        Err(_) => return malformed("no request"),
+        Err(_) => return Err(NotAReview("no request".into())),
     };
     let resp = AdmissionResponse::from(&req);
     let resp = match kind {
         Kind::Mutate => mutate(&req, resp, traceparent),
         Kind::Validate => validate(&req, resp, policy),
     };
-    resp.into_review()
+    Ok(resp.into_review())
+}
+
+/// An AdmissionReview whose request has a uid but does not decode (e.g. an `object` that is no
+/// object) is denied under that uid; anything else is [`NotAReview`].
+fn unreadable_request(body: &[u8], e: serde_json::Error) -> Result<AdmissionReview<DynamicObject>, NotAReview> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| NotAReview(e.to_string()))?;
+    match (value["kind"].as_str(), value["request"]["uid"].as_str()) {
+        (Some("AdmissionReview"), Some(uid)) if !uid.is_empty() => {
+            let mut resp = deny(AdmissionResponse::invalid(""), format!("cannot read the request: {e}"));
+            resp.uid = uid.to_string();
+            Ok(resp.into_review())
+        }
+        _ => Err(NotAReview(e.to_string())),
+    }
 }
 
 #[cfg(test)]

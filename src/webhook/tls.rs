@@ -49,7 +49,8 @@ pub struct Webhooks {
     pub ready: Arc<AtomicBool>,
     /// Where it listens.
     pub addr: SocketAddr,
-    handle: axum_server::Handle<SocketAddr>,
+    shared: Arc<Shared>,
+    server: server::Server,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -182,7 +183,6 @@ impl Webhooks {
         let listener = server::bind(addr).with_context(|| format!("bind the webhook server on {addr}"))?;
         listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
-        let handle = axum_server::Handle::new();
         let ready = Arc::new(AtomicBool::new(false));
         let server_name = match &source {
             CertSource::SelfManaged { sans, .. } => sans.first().cloned().unwrap_or_else(|| "localhost".into()),
@@ -190,14 +190,7 @@ impl Webhooks {
         };
         let ca = Arc::new(std::sync::Mutex::new(pem.ca.clone()));
         let mut tasks = Vec::new();
-        {
-            let (tls, handle) = (tls.clone(), handle.clone());
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = server::serve(listener, tls, shared, handle).await {
-                    tracing::error!(error = %e, "webhook server stopped");
-                }
-            }));
-        }
+        let server = server::Server::spawn(listener, tls.clone(), shared.clone())?;
         tracing::info!(addr = %local, "webhook server listening");
         {
             let (ready, ca, name) = (ready.clone(), ca.clone(), server_name.clone());
@@ -215,15 +208,22 @@ impl Webhooks {
             }));
         }
         tasks.push(tokio::spawn(maintain(client, source, tls, pem.crt, ca)));
-        Ok(Self { ready, addr: local, handle, tasks })
+        Ok(Self { ready, addr: local, shared, server, tasks })
     }
 
-    /// Stops accepting, lets in-flight requests finish for up to `grace`, then stops.
-    pub fn shutdown(&self, grace: Duration) {
-        self.handle.graceful_shutdown(Some(grace));
-        for t in &self.tasks[1..] {
+    /// Starts the drain: each connection is closed after its next request (GOAWAY on HTTP/2),
+    /// while the server still accepts, for callers that have not yet seen this replica leave.
+    pub fn begin_drain(&self) {
+        server::begin_drain(&self.shared);
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `grace`, then stops; returns
+    /// once the server has stopped (see [`server::Server::shutdown`]).
+    pub async fn shutdown(self, grace: Duration) -> Result<(), server::DrainTimeout> {
+        for t in &self.tasks {
             t.abort();
         }
+        self.server.shutdown(grace).await
     }
 }
 

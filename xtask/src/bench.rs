@@ -14,6 +14,9 @@
 //! 7. **ceiling**: the same writes (create, Deployment, Service, status) from a plain client with no
 //!    operator, on the same machine in the same run;
 //!
+//! `--webhook-abuse` runs only the webhook server under abuse, with no cluster (see
+//! [`crate::webhook_bench::abuse`]), and writes `<out>/webhook-abuse.json`.
+//!
 //! API economy (writes and reads per MyApp) comes from the audit log, by the operator's
 //! ServiceAccount user, so it is measured on the local control plane only. Prints a table, writes
 //! `<out>/<N>.json` and `<out>/<N>-convergence.svg`.
@@ -53,12 +56,28 @@ pub struct BenchArgs {
     /// Where to write the JSON report and the SVG plot (relative to the repository).
     #[arg(long, default_value = ".run/bench")]
     out: PathBuf,
+    /// Only the webhook server, alone in a child process with no cluster: legitimate admissions
+    /// and its RSS while slow connections and oversized bodies hit it.
+    #[arg(long)]
+    webhook_abuse: bool,
+    /// Slow connections held during `--webhook-abuse`.
+    #[arg(long, default_value_t = 500)]
+    slow_connections: usize,
 }
 
 impl BenchArgs {
     /// The `--quick` profile against `target`.
     pub fn quick(target: TargetArgs) -> Self {
-        Self { target, quick: true, count: None, release: false, failover_rounds: None, out: ".run/bench".into() }
+        Self {
+            target,
+            quick: true,
+            count: None,
+            release: false,
+            failover_rounds: None,
+            out: ".run/bench".into(),
+            webhook_abuse: false,
+            slow_connections: 500,
+        }
     }
 }
 
@@ -82,7 +101,8 @@ fn reconciles(port: u16) -> f64 {
     metric(port, "myapp_operator_reconcile_duration_seconds_count").unwrap_or(0.0)
 }
 
-fn rss_mib(pid: u32) -> Option<f64> {
+/// Resident memory of a process, MiB.
+pub(crate) fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status
         .lines()
@@ -299,6 +319,9 @@ async fn ceiling(client: &Client, ns: &str, n: usize) -> Result<(f64, Vec<(f64, 
 
 /// Runs the benchmark.
 pub async fn bench(args: BenchArgs) -> Result<()> {
+    if args.webhook_abuse {
+        return webhook_abuse(&args).await;
+    }
     let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
     let failover_rounds = args.failover_rounds.unwrap_or(if args.quick { 0 } else { 10 });
     let compare_traces = !args.quick;
@@ -483,6 +506,37 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     std::fs::write(&svg, line_chart(&format!("{n} fresh MyApps"), "seconds", "MyApps", &series))?;
     print_table(&report);
     println!("    report: {}\n    plot:   {}", file.display(), svg.display());
+    Ok(())
+}
+
+/// The pod's memory limit in MiB, read from the operator's Deployment.
+fn pod_memory_limit_mib() -> Result<f64> {
+    let path = paths::repo().join("deploy/manager/deployment.yaml");
+    let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+    let limit = doc["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        .as_str()
+        .with_context(|| format!("no memory limit in {}", path.display()))?;
+    let mib = limit.strip_suffix("Mi").and_then(|n| n.parse::<f64>().ok());
+    mib.with_context(|| format!("memory limit {limit:?} is not in Mi"))
+}
+
+async fn webhook_abuse(args: &BenchArgs) -> Result<()> {
+    let report = crate::webhook_bench::abuse(crate::webhook_bench::AbuseArgs {
+        slow: args.slow_connections,
+        oversized: 4,
+        workers: 4,
+        period: Duration::from_secs(if args.quick { 10 } else { 20 }),
+        limit_mib: pod_memory_limit_mib()?,
+    })
+    .await?;
+    let out = paths::repo().join(&args.out);
+    std::fs::create_dir_all(&out)?;
+    let file = out.join("webhook-abuse.json");
+    let json = serde_json::to_string_pretty(&json!({"machine": machine(), "webhook_abuse": report}))?;
+    std::fs::write(&file, &json)?;
+    println!("{json}");
+    crate::webhook_bench::print_abuse(&report);
+    println!("    report: {}", file.display());
     Ok(())
 }
 

@@ -48,6 +48,9 @@ enum Command {
     Image(image::ImageArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
     GenGoMod,
+    /// The webhook server alone, for `bench --webhook-abuse` (runs until stdin closes).
+    #[command(hide = true)]
+    WebhookServer,
 }
 
 #[derive(Subcommand)]
@@ -75,5 +78,6 @@ fn main() -> Result<()> {
         Command::Test(args) => rt.block_on(test::test(args)),
         Command::Image(args) => image::image(args),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
+        Command::WebhookServer => rt.block_on(webhook_bench::serve()),
     }
 }

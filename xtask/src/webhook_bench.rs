@@ -1,9 +1,16 @@
 //! Webhook latency: the handler in process, and over TLS on loopback against a running replica
 //! from this separate process (sequential for latency, 16 at a time for throughput).
+//!
+//! [`abuse`] needs no cluster: it starts the webhook server alone in a child process (the hidden
+//! `cargo xtask webhook-server`, with the operator's default limits and a throwaway certificate),
+//! and measures legitimate admissions and the server's RSS while this process holds hundreds of
+//! slow connections and sends oversized bodies in a loop.
 
 use anyhow::{Context, Result};
 use myapp_operator::webhook::policy::Policy;
 use myapp_operator::webhook::review::{self, Kind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 fn body() -> Vec<u8> {
@@ -55,14 +62,7 @@ pub async fn run(tls: Option<(&str, &str)>) -> Result<Figures> {
     }
     let (mut tls_lat, mut tls_rps) = (None, None);
     if let Some((url, ca)) = tls {
-        let mut config = kube::Config::new(url.parse().context("webhook URL")?);
-        config.root_cert = Some(pem_certs(ca).context("CA")?);
-        config.tls_server_name = Some("127.0.0.1".into());
-        let client = kube::Client::try_from(config)?;
-        let call = |client: kube::Client, body: Vec<u8>| async move {
-            let req = http::Request::post("/validate").header("content-type", "application/json").body(body)?;
-            client.request_text(req).await.map_err(anyhow::Error::from)
-        };
+        let client = tls_client(url, ca)?;
         for _ in 0..200 {
             call(client.clone(), body.clone()).await?;
         }
@@ -97,8 +97,321 @@ pub async fn run(tls: Option<(&str, &str)>) -> Result<Figures> {
     Ok(Figures { in_process, tls: tls_lat, tls_rps })
 }
 
+/// A client of the webhook server at `url` that trusts `ca` (HTTP/1.1, connections reused).
+fn tls_client(url: &str, ca: &str) -> Result<kube::Client> {
+    let mut config = kube::Config::new(url.parse().context("webhook URL")?);
+    config.root_cert = Some(pem_certs(ca).context("CA")?);
+    config.tls_server_name = Some("127.0.0.1".into());
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// One `/validate` admission.
+async fn call(client: kube::Client, body: Vec<u8>) -> Result<String> {
+    let req = http::Request::post("/validate").header("content-type", "application/json").body(body)?;
+    client.request_text(req).await.map_err(anyhow::Error::from)
+}
+
 fn pem_certs(pem: &str) -> Result<Vec<Vec<u8>>> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| Ok(c?.to_vec())).collect()
+}
+
+/// The hidden `cargo xtask webhook-server`: the operator's webhook server with its default
+/// limits, on 127.0.0.1:0 with a throwaway certificate, until stdin closes. Prints one JSON line,
+/// `{"addr": …, "ca": …}`.
+pub async fn serve() -> Result<()> {
+    use myapp_operator::telemetry::metrics::Metrics;
+    use myapp_operator::webhook::{Shared, certs, limits::Limits, server};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let bundle = certs::issue(&["127.0.0.1".into()], None, time::OffsetDateTime::now_utc())?;
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(bundle.tls_crt.into_bytes(), bundle.tls_key.into_bytes())
+        .await?;
+    let listener = server::bind("127.0.0.1:0".parse()?)?;
+    listener.set_nonblocking(true)?;
+    let shared = Arc::new(Shared::new(Policy::default(), Arc::new(Metrics::default()), Limits::default()));
+    let running = server::Server::spawn(listener, tls, shared)?;
+    println!("{}", serde_json::json!({"addr": running.addr.to_string(), "ca": bundle.ca_crt}));
+    let _ = tokio::task::spawn_blocking(|| std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())).await;
+    running.shutdown(Duration::from_secs(1)).await?;
+    Ok(())
+}
+
+/// What the attackers saw, counted as it happens.
+#[derive(Default)]
+struct Attack {
+    /// Slow connections open now.
+    slow_open: AtomicUsize,
+    /// Slow connections the server cut off.
+    slow_cut: AtomicUsize,
+    /// Oversized bodies sent, and those answered 413.
+    oversized_sent: AtomicUsize,
+    oversized_413: AtomicUsize,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+async fn connect(addr: std::net::SocketAddr, tls: &tokio_rustls::TlsConnector) -> Option<Tls> {
+    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").ok()?;
+    tokio::time::timeout(Duration::from_secs(5), tls.connect(name, tcp)).await.ok()?.ok()
+}
+
+/// A slowloris: sends half a request head (even `i`) or a whole head and then a body (odd `i`),
+/// one line or byte a second, until the server cuts it off; then again.
+async fn slow_client(i: usize, addr: std::net::SocketAddr, tls: tokio_rustls::TlsConnector, attack: Arc<Attack>) {
+    use tokio::io::AsyncWriteExt;
+    while !attack.stop.load(Ordering::Relaxed) {
+        let Some(mut conn) = connect(addr, &tls).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        attack.slow_open.fetch_add(1, Ordering::Relaxed);
+        let headers_only = i.is_multiple_of(2);
+        let head: &[u8] = if headers_only {
+            b"POST /validate HTTP/1.1\r\nHost: x\r\n"
+        } else {
+            b"POST /validate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3000000\r\n\r\n{"
+        };
+        let mut ok = conn.write_all(head).await.is_ok() && conn.flush().await.is_ok();
+        while ok && !attack.stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let more: &[u8] = if headers_only { b"X-Slow: 1\r\n" } else { b" " };
+            ok = conn.write_all(more).await.is_ok() && conn.flush().await.is_ok();
+        }
+        attack.slow_open.fetch_sub(1, Ordering::Relaxed);
+        if !ok {
+            attack.slow_cut.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sends oversized bodies in a loop, announced (`Content-Length` over the limit) and not
+/// (chunked, 4 MiB as fast as the server reads), and counts the 413s.
+async fn oversized_client(i: usize, addr: std::net::SocketAddr, tls: tokio_rustls::TlsConnector, attack: Arc<Attack>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chunk = vec![b' '; 64 * 1024];
+    let mut n = i;
+    while !attack.stop.load(Ordering::Relaxed) {
+        n += 1;
+        let Some(conn) = connect(addr, &tls).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (mut rd, mut wr) = tokio::io::split(conn);
+        let writer = async {
+            if n.is_multiple_of(2) {
+                let head = "POST /validate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8388608\r\n\r\n";
+                let _ = wr.write_all(head.as_bytes()).await;
+                for _ in 0..128 {
+                    if wr.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            } else {
+                let head = "POST /validate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+                let _ = wr.write_all(head.as_bytes()).await;
+                for _ in 0..64 {
+                    let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+                    if wr.write_all(&framed).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = wr.write_all(b"0\r\n\r\n").await;
+            }
+            let _ = wr.flush().await;
+        };
+        let reader = async {
+            let mut status = [0u8; 12];
+            let got = rd.read_exact(&mut status).await.is_ok();
+            got && &status[9..12] == b"413"
+        };
+        attack.oversized_sent.fetch_add(1, Ordering::Relaxed);
+        let (_, refused) = tokio::join!(tokio::time::timeout(Duration::from_secs(15), writer), reader);
+        if refused {
+            attack.oversized_413.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Legitimate `/validate` admissions from `workers` clients, sequential each, for `period`:
+/// latencies in milliseconds and the number that failed.
+async fn legitimate(client: &kube::Client, workers: usize, period: Duration) -> (Vec<f64>, usize) {
+    let until = Instant::now() + period;
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let (mut lat, mut failed) = (Vec::new(), 0);
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    match call(client.clone(), body()).await {
+                        Ok(answer) if answer.contains("\"uid\":\"bench\"") => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                        _ => failed += 1,
+                    }
+                }
+                (lat, failed)
+            })
+        })
+        .collect();
+    let (mut all, mut failed) = (Vec::new(), 0);
+    for t in tasks {
+        if let Ok((lat, f)) = t.await {
+            all.extend(lat);
+            failed += f;
+        }
+    }
+    (all, failed)
+}
+
+fn summary(lat: &[f64], failed: usize) -> serde_json::Value {
+    let mut v = lat.to_vec();
+    v.sort_by(f64::total_cmp);
+    let (p50, p99) = percentiles(v.clone());
+    serde_json::json!({"n": v.len(), "failed": failed, "p50_ms": p50, "p99_ms": p99, "max_ms": v.last().copied().unwrap_or(0.0)})
+}
+
+/// Options of the abuse run.
+pub struct AbuseArgs {
+    /// Slow connections held at once.
+    pub slow: usize,
+    /// Clients sending oversized bodies in a loop.
+    pub oversized: usize,
+    /// Legitimate clients (sequential each).
+    pub workers: usize,
+    /// How long legitimate admissions are measured, before and under the abuse.
+    pub period: Duration,
+    /// The pod's memory limit, MiB (deploy/manager/deployment.yaml).
+    pub limit_mib: f64,
+}
+
+/// Runs the webhook server alone in a child process and measures it before and under abuse.
+pub async fn abuse(args: AbuseArgs) -> Result<serde_json::Value> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("webhook-server")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start the webhook server")?;
+    let pid = child.id();
+    let line = {
+        let out = child.stdout.take().context("server stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        line
+    };
+    let info: serde_json::Value = serde_json::from_str(&line).context("the server's address line")?;
+    let (addr, ca) = (info["addr"].as_str().unwrap_or_default(), info["ca"].as_str().unwrap_or_default());
+    let addr: std::net::SocketAddr = addr.parse().context("server address")?;
+    let client = tls_client(&format!("https://{addr}"), ca)?;
+    let tls = {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in pem_certs(ca)? {
+            roots.add(c.into())?;
+        }
+        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    };
+    for _ in 0..200 {
+        call(client.clone(), body()).await?;
+    }
+    let idle = crate::bench::rss_mib(pid).unwrap_or(0.0);
+    println!("==> webhook abuse: {} legitimate clients alone for {:?}", args.workers, args.period);
+    let (base, base_failed) = legitimate(&client, args.workers, args.period).await;
+
+    // The attackers run on a runtime of their own, as if from another pod: the legitimate
+    // client's tasks do not queue behind theirs in this process (the CPU is still shared).
+    let attack = Arc::new(Attack::default());
+    let attackers = {
+        let (attack, tls, slow, oversized) = (attack.clone(), tls.clone(), args.slow, args.oversized);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for i in 0..slow {
+                    tasks.push(tokio::spawn(slow_client(i, addr, tls.clone(), attack.clone())));
+                }
+                for i in 0..oversized {
+                    tasks.push(tokio::spawn(oversized_client(i, addr, tls.clone(), attack.clone())));
+                }
+                while !attack.stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                for t in tasks {
+                    t.abort();
+                }
+            });
+            rt.shutdown_background();
+        })
+    };
+    let held =
+        crate::procs::poll("the slow connections open", Duration::from_secs(60), Duration::from_millis(100), || {
+            let n = attack.slow_open.load(Ordering::Relaxed);
+            async move { (n * 10 >= args.slow * 9).then_some(n) }
+        })
+        .await
+        .unwrap_or(0);
+    println!("==> under abuse: {held} slow connections, {} oversized senders, for {:?}", args.oversized, args.period);
+    let sampler = {
+        let attack = attack.clone();
+        tokio::spawn(async move {
+            let (mut rss_max, mut open_min, mut open_max) = (0.0f64, usize::MAX, 0);
+            while !attack.stop.load(Ordering::Relaxed) {
+                rss_max = rss_max.max(crate::bench::rss_mib(pid).unwrap_or(0.0));
+                let open = attack.slow_open.load(Ordering::Relaxed);
+                (open_min, open_max) = (open_min.min(open), open_max.max(open));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (rss_max, open_min, open_max)
+        })
+    };
+    let (under, under_failed) = legitimate(&client, args.workers, args.period).await;
+    attack.stop.store(true, Ordering::Relaxed);
+    let (rss_max, open_min, open_max) = sampler.await.unwrap_or((0.0, 0, 0));
+    let _ = tokio::task::spawn_blocking(move || attackers.join()).await;
+    let (sent, refused) = (attack.oversized_sent.load(Ordering::Relaxed), attack.oversized_413.load(Ordering::Relaxed));
+    drop(child.stdin.take());
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    Ok(serde_json::json!({
+        "load_average_at_end": load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "server_build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "legitimate_clients": args.workers,
+        "period_s": args.period.as_secs_f64(),
+        "alone": summary(&base, base_failed),
+        "under_abuse": summary(&under, under_failed),
+        "slow_connections": {"target": args.slow, "open_min": open_min, "open_max": open_max, "cut_off_total": attack.slow_cut.load(Ordering::Relaxed)},
+        "oversized": {"senders": args.oversized, "sent": sent, "answered_413": refused},
+        "rss_mib": {"idle": idle, "max_under_abuse": rss_max, "pod_limit": args.limit_mib},
+    }))
+}
+
+/// Prints an [`abuse`] report as a table.
+pub fn print_abuse(r: &serde_json::Value) {
+    let row = |k: &str, v: String| println!("{k:<52} {v:>22}");
+    let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
+    println!("\n{:<52} {:>22}", "measure", "value");
+    row("server build", r["server_build"].as_str().unwrap_or("").into());
+    row("load average (1, 5, 15 min) at the end", r["load_average_at_end"].as_str().unwrap_or("").into());
+    for (label, key) in [("alone", "alone"), ("under abuse", "under_abuse")] {
+        let s = &r[key];
+        row(
+            &format!("legitimate /validate {label}: p50 / p99 / max (ms)"),
+            format!("{} / {} / {}", f(&s["p50_ms"]), f(&s["p99_ms"]), f(&s["max_ms"])),
+        );
+        row(&format!("legitimate /validate {label}: answered / failed"), format!("{} / {}", s["n"], s["failed"]));
+    }
+    let slow = &r["slow_connections"];
+    row(
+        "slow connections held (min..max of target)",
+        format!("{}..{} of {}", slow["open_min"], slow["open_max"], slow["target"]),
+    );
+    row("slow connections cut off by the server", slow["cut_off_total"].to_string());
+    let big = &r["oversized"];
+    row("oversized bodies sent / answered 413 (whole attack)", format!("{} / {}", big["sent"], big["answered_413"]));
+    let rss = &r["rss_mib"];
+    row("server RSS idle -> max under abuse (MiB)", format!("{} -> {}", f(&rss["idle"]), f(&rss["max_under_abuse"])));
+    row("pod memory limit (MiB)", f(&rss["pod_limit"]));
 }
