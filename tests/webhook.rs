@@ -338,9 +338,12 @@ async fn local_only_kubectl_scale_is_held_to_the_replica_cap() {
         let message = refusal(api.patch_scale("web", &PatchParams::default(), &scale(5)).await, "spec.replicas");
         assert!(message.contains("5 is more than the allowed 3"), "{message}");
         if let Ok(kubectl) = std::env::var("MYAPP_E2E_KUBECTL") {
-            let out = std::process::Command::new(kubectl)
+            // Async: a blocking wait would hold a runtime worker, and with it, possibly, the
+            // in-process webhook server that must answer this very request.
+            let out = tokio::process::Command::new(kubectl)
                 .args(["-n", &namespace, "scale", "myapp/web", "--replicas=7"])
                 .output()
+                .await
                 .expect("run kubectl");
             let said = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success() && said.contains("spec.replicas"), "kubectl scale was not refused: {said}");
