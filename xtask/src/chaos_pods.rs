@@ -264,9 +264,14 @@ async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns
             Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
                 .patch(install::DEPLOYMENT, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
-            // Wait for the Deployment controller to start it, then for it to finish.
+            // Wait for the Deployment controller to start it, then for it to finish, and for the
+            // old leader (whose pod may be the last one replaced, after the Deployment already
+            // counts as rolled out) to have handed over.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let rollout_done = async || install::is_rolled_out(client).await;
+            let rollout_done = async || {
+                install::is_rolled_out(client).await
+                    && operator::lease_holder(client).await.is_some_and(|(h, _)| h != old)
+            };
             let (gaps, handovers, first_change) =
                 reconcile_gaps(client, t0 + Duration::from_secs(300), rollout_done).await;
             handed_over = first_change;
