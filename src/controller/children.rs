@@ -208,7 +208,7 @@ pub fn up_to_date<K: serde::Serialize>(desired: &K, actual: &K) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::api::{EnvVar as AppEnv, MyAppSpec, ResourceAmounts, Resources};
     use serde_json::json;

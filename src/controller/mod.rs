@@ -14,6 +14,7 @@ pub mod cache;
 pub mod children;
 pub mod fenced;
 pub mod ownership;
+pub mod prune;
 pub mod queue;
 pub mod reconcile;
 pub mod writer;
