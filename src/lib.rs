@@ -2,13 +2,13 @@
 //!
 //! One binary, every replica identical. The modules follow the runtime architecture in
 //! `DESIGN.md` §3: [`api`] (types, conditions, validation), [`controller`] (caches, reconcile,
-//! children, status), [`telemetry`] (logs, metrics) and [`http`] (probes and metrics endpoint).
+//! children, status), [`telemetry`] (logs, metrics) and [`probes`] (probes and metrics endpoint).
 
 pub mod api;
 pub mod client;
 pub mod controller;
-pub mod http;
 pub mod leader;
+pub mod probes;
 pub mod telemetry;
 pub mod webhook;
 

@@ -161,7 +161,7 @@ where
 }
 
 #[cfg(test)]
-mod lag_tests {
+mod tests {
     use super::*;
 
     #[tokio::test]

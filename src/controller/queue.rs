@@ -53,11 +53,6 @@ impl Pending {
         self.update(|w| w.retain(|o| !(o.name == name && o.namespace.as_deref() == namespace)));
     }
 
-    /// The term ended: nothing waits on this replica any more.
-    pub fn clear(&self) {
-        self.update(HashSet::clear);
-    }
-
     /// The current depth.
     pub fn depth(&self) -> usize {
         self.waiting.lock().map(|w| w.len()).unwrap_or(0)
@@ -103,9 +98,6 @@ mod tests {
         assert_eq!((q.depth(), gauge.get()), (2, 2));
         q.remove(Some("ns"), "missing");
         assert_eq!(q.depth(), 2);
-        q.clear();
-        assert_eq!((q.depth(), gauge.get()), (0, 0));
-        q.add(ObjectRef::new("c").within("ns"));
         drop(q);
         assert_eq!(gauge.get(), 0, "a cancelled term leaves no stale depth");
     }
