@@ -2,10 +2,12 @@
 //!
 //! kube's `Controller` keeps its scheduler private, so the depth is counted from outside it: a
 //! MyApp enters the queue when a watch event concerns it (its own, or one of its children's through
-//! the controller owner reference) or when a term starts, and leaves it when its reconcile starts.
-//! Like the scheduler, the queue holds each object once however many events arrive. Requeues by
-//! delay count from when they fire, as watch events; a trigger for an object that is gone leaves
-//! the queue when the controller reports it missing.
+//! the controller owner reference), when a term starts or after a subscriber lagged (everything
+//! waits then), and leaves it when its reconcile starts. Like the scheduler, the queue holds each
+//! object once however many events arrive. Requeues by delay (resyncs, retries after an error)
+//! happen inside the scheduler and are not counted, even while one waits for a free reconcile
+//! slot. A trigger for an object that is gone leaves the queue when the controller reports it
+//! missing.
 
 use crate::api::MyApp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
