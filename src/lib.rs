@@ -1,14 +1,26 @@
 //! myapp-operator: a high-availability Kubernetes operator for `MyApp` resources.
 //!
 //! One binary, every replica identical. The modules follow the runtime architecture in
-//! `DESIGN.md` §3: [`api`] (types, conditions, validation), [`controller`] (caches, reconcile,
-//! children, status), [`telemetry`] (logs, metrics) and [`http`] (probes and metrics endpoint).
+//! `ARCHITECTURE.md` ("Runtime", and "Module map" for every file):
+//!
+//! - [`api`]: the `MyApp` types the CRD is generated from, its status conditions, and the
+//!   validation rules shared by the reconciler and the webhook;
+//! - [`leader`]: leader election on a Lease, with a renew deadline and fencing, and the
+//!   supervisor that runs the controller exactly while this replica leads;
+//! - [`controller`]: the warm caches (on every replica), reconcile and cleanup, the children,
+//!   ownership, and the fenced single door for writes (leader only);
+//! - [`webhook`]: the admission webhooks (`/mutate`, `/validate`), their certificates and their
+//!   bounded HTTPS server (every replica);
+//! - [`telemetry`]: logs, traces with W3C propagation, metrics, and the reconcile trigger;
+//! - [`probes`]: the probe and metrics server (`/livez`, `/readyz`, `/metrics`);
+//! - [`client`]: the timeout on every API call;
+//! - `fake_api` (tests only): an in-memory API server with watches, for tests without a cluster.
 
 pub mod api;
 pub mod client;
 pub mod controller;
-pub mod http;
 pub mod leader;
+pub mod probes;
 pub mod telemetry;
 pub mod webhook;
 

@@ -5,8 +5,8 @@ use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use myapp_operator::api::MyApp;
 use myapp_operator::controller::{self, Context, cache::Caches, writer::Fence};
-use myapp_operator::http::{self, Probes};
 use myapp_operator::leader::{self, Elector, Timings};
+use myapp_operator::probes::{self, Probes};
 use myapp_operator::telemetry::propagation::TraceParentLayer;
 use myapp_operator::telemetry::{logging, metrics::Metrics};
 use myapp_operator::webhook::{self, CertSource, Webhooks, policy::Policy};
@@ -220,7 +220,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ready: ready.clone(),
         webhooks_ready: webhooks.as_ref().map(|w| w.ready.clone()),
     };
-    let probe_task = tokio::spawn(http::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
+    let probe_task = tokio::spawn(probes::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
 
     tracing::info!(%identity, leader_elect = args.leader_elect, traces = telemetry.exporting(), "starting");
     let caches = Caches::start(client.clone(), args.namespace.as_deref());

@@ -74,9 +74,10 @@ impl RolloutFacts {
     }
 }
 
-/// Where a `MyApp` stands, as far as its status is concerned.
+/// What a reconcile found or did, reduced to what the status reports: the input of
+/// [`desired_status`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Observation {
+pub enum Outcome {
     /// Writing a child failed (the reconcile retries with backoff); the message says why.
     ApplyFailed(String),
     /// The Deployment exists and reports these facts.
@@ -123,28 +124,28 @@ fn condition(type_: &str, status: bool, reason: &str, message: String, generatio
     }
 }
 
-/// Computes the status for `generation` from an observation. Transition times are placeholders:
+/// Computes the status for `generation` from the outcome of a reconcile. Transition times are placeholders:
 /// pass the result through [`carry_transition_times`].
-pub fn desired_status(generation: i64, selector: &str, obs: &Observation) -> MyAppStatus {
-    let (replicas, ready_replicas) = match obs {
-        Observation::Rollout(f) => (f.replicas, f.ready),
+pub fn desired_status(generation: i64, selector: &str, outcome: &Outcome) -> MyAppStatus {
+    let (replicas, ready_replicas) = match outcome {
+        Outcome::Rollout(f) => (f.replicas, f.ready),
         _ => (0, 0),
     };
     let g = generation;
-    let conditions = match obs {
-        Observation::Refused { reason, message } => stalled(reason, message, g),
-        Observation::ApplyFailed(msg) => vec![
+    let conditions = match outcome {
+        Outcome::Refused { reason, message } => stalled(reason, message, g),
+        Outcome::ApplyFailed(msg) => vec![
             condition(READY, false, "ApplyFailed", msg.clone(), g),
             condition(RECONCILING, true, "ApplyFailed", msg.clone(), g),
             condition(STALLED, false, "ApplyFailed", String::new(), g),
         ],
-        Observation::NameConflict(msg) => stalled(NAME_CONFLICT, msg, g),
-        Observation::Deleting => vec![
+        Outcome::NameConflict(msg) => stalled(NAME_CONFLICT, msg, g),
+        Outcome::Deleting => vec![
             condition(READY, false, "Deleting", "waiting for the Deployment and Service to be deleted".into(), g),
             condition(RECONCILING, true, "Deleting", "waiting for the Deployment and Service to be deleted".into(), g),
             condition(STALLED, false, "Deleting", String::new(), g),
         ],
-        Observation::Rollout(f) if f.deadline_exceeded && !f.complete() => {
+        Outcome::Rollout(f) if f.deadline_exceeded && !f.complete() => {
             let msg =
                 format!("the rollout exceeded its progress deadline: {}/{} pods available", f.available, f.desired);
             vec![
@@ -153,7 +154,7 @@ pub fn desired_status(generation: i64, selector: &str, obs: &Observation) -> MyA
                 condition(STALLED, true, "ProgressDeadlineExceeded", msg, g),
             ]
         }
-        Observation::Rollout(f) if f.complete() => {
+        Outcome::Rollout(f) if f.complete() => {
             let msg = format!("{}/{} pods available", f.available, f.desired);
             vec![
                 condition(READY, true, "RolloutComplete", msg, g),
@@ -161,7 +162,7 @@ pub fn desired_status(generation: i64, selector: &str, obs: &Observation) -> MyA
                 condition(STALLED, false, "RolloutComplete", String::new(), g),
             ]
         }
-        Observation::Rollout(f) => {
+        Outcome::Rollout(f) => {
             let msg = format!(
                 "rolling out: {} updated, {} available, {} desired, {} total",
                 f.updated, f.available, f.desired, f.replicas
@@ -244,7 +245,7 @@ mod tests {
 
     #[test]
     fn complete_rollout_is_ready() {
-        let s = desired_status(3, "sel", &Observation::Rollout(facts(2, 2, 2)));
+        let s = desired_status(3, "sel", &Outcome::Rollout(facts(2, 2, 2)));
         assert!(is_true(&s.conditions, READY));
         assert!(!is_true(&s.conditions, RECONCILING));
         assert!(!is_true(&s.conditions, STALLED));
@@ -255,7 +256,7 @@ mod tests {
 
     #[test]
     fn partial_rollout_is_reconciling() {
-        let s = desired_status(1, "sel", &Observation::Rollout(facts(3, 1, 1)));
+        let s = desired_status(1, "sel", &Outcome::Rollout(facts(3, 1, 1)));
         assert!(!is_true(&s.conditions, READY));
         assert!(is_true(&s.conditions, RECONCILING));
         assert_eq!(find(&s.conditions, READY).map(|c| c.reason.as_str()), Some("RollingOut"));
@@ -266,7 +267,7 @@ mod tests {
         let mut f = facts(1, 1, 1);
         f.observed_generation = 1;
         assert!(!f.complete());
-        let s = desired_status(1, "sel", &Observation::Rollout(f));
+        let s = desired_status(1, "sel", &Outcome::Rollout(f));
         assert!(is_true(&s.conditions, RECONCILING));
     }
 
@@ -281,7 +282,7 @@ mod tests {
     fn deadline_exceeded_is_stalled() {
         let mut f = facts(2, 1, 0);
         f.deadline_exceeded = true;
-        let s = desired_status(1, "sel", &Observation::Rollout(f));
+        let s = desired_status(1, "sel", &Outcome::Rollout(f));
         assert!(is_true(&s.conditions, STALLED));
         assert!(!is_true(&s.conditions, RECONCILING));
         assert_eq!(find(&s.conditions, STALLED).map(|c| c.reason.as_str()), Some("ProgressDeadlineExceeded"));
@@ -289,17 +290,16 @@ mod tests {
 
     #[test]
     fn invalid_and_deleting() {
-        let s =
-            desired_status(1, "sel", &Observation::Refused { reason: INVALID_SPEC, message: "spec.image: bad".into() });
+        let s = desired_status(1, "sel", &Outcome::Refused { reason: INVALID_SPEC, message: "spec.image: bad".into() });
         assert!(is_true(&s.conditions, STALLED));
         assert_eq!(find(&s.conditions, READY).map(|c| c.message.as_str()), Some("spec.image: bad"));
-        let s = desired_status(1, "sel", &Observation::Deleting);
+        let s = desired_status(1, "sel", &Outcome::Deleting);
         assert_eq!(find(&s.conditions, READY).map(|c| c.reason.as_str()), Some("Deleting"));
     }
 
     #[test]
     fn apply_failures_are_reported_as_retrying() {
-        let s = desired_status(2, "sel", &Observation::ApplyFailed("services \"web\": range is full".into()));
+        let s = desired_status(2, "sel", &Outcome::ApplyFailed("services \"web\": range is full".into()));
         assert_eq!(find(&s.conditions, READY).map(|c| c.reason.as_str()), Some("ApplyFailed"));
         assert!(find(&s.conditions, READY).is_some_and(|c| c.message.contains("range is full")));
         assert!(is_true(&s.conditions, RECONCILING), "the operator keeps retrying");
@@ -309,7 +309,7 @@ mod tests {
     #[test]
     fn a_name_conflict_is_stalled_and_names_the_object() {
         let msg = "Service \"web\" already exists and is not controlled by this MyApp (it has no controller)";
-        let s = desired_status(3, "sel", &Observation::NameConflict(msg.into()));
+        let s = desired_status(3, "sel", &Outcome::NameConflict(msg.into()));
         let ready = find(&s.conditions, READY).expect("Ready");
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", NAME_CONFLICT));
         assert_eq!(ready.message, msg);
@@ -327,17 +327,17 @@ mod tests {
 
     #[test]
     fn reasons_are_camel_case() {
-        for obs in [
-            Observation::Refused { reason: INVALID_SPEC, message: "x".into() },
-            Observation::NameConflict("x".into()),
-            Observation::Refused { reason: INVALID_NAME, message: "x".into() },
-            Observation::Refused { reason: REPLICAS_OVER_POLICY, message: "x".into() },
-            Observation::ApplyFailed("x".into()),
-            Observation::Deleting,
-            Observation::Rollout(facts(1, 1, 1)),
-            Observation::Rollout(facts(2, 1, 1)),
+        for outcome in [
+            Outcome::Refused { reason: INVALID_SPEC, message: "x".into() },
+            Outcome::NameConflict("x".into()),
+            Outcome::Refused { reason: INVALID_NAME, message: "x".into() },
+            Outcome::Refused { reason: REPLICAS_OVER_POLICY, message: "x".into() },
+            Outcome::ApplyFailed("x".into()),
+            Outcome::Deleting,
+            Outcome::Rollout(facts(1, 1, 1)),
+            Outcome::Rollout(facts(2, 1, 1)),
         ] {
-            for c in desired_status(1, "s", &obs).conditions {
+            for c in desired_status(1, "s", &outcome).conditions {
                 assert!(c.reason.chars().next().is_some_and(|ch| ch.is_ascii_uppercase()), "{}", c.reason);
                 assert!(c.reason.chars().all(|ch| ch.is_ascii_alphanumeric()), "{}", c.reason);
             }
@@ -346,17 +346,17 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_on_status_change() {
-        let mut first = desired_status(1, "s", &Observation::Rollout(facts(2, 1, 1))).conditions;
+        let mut first = desired_status(1, "s", &Outcome::Rollout(facts(2, 1, 1))).conditions;
         carry_transition_times(&[], &mut first, &t(100));
         assert!(first.iter().all(|c| c.last_transition_time == t(100)));
 
         // Same statuses, new message: times kept.
-        let mut second = desired_status(1, "s", &Observation::Rollout(facts(2, 2, 1))).conditions;
+        let mut second = desired_status(1, "s", &Outcome::Rollout(facts(2, 2, 1))).conditions;
         carry_transition_times(&first, &mut second, &t(200));
         assert!(second.iter().all(|c| c.last_transition_time == t(100)));
 
         // Ready and Reconciling flip; Stalled stays False.
-        let mut third = desired_status(1, "s", &Observation::Rollout(facts(2, 2, 2))).conditions;
+        let mut third = desired_status(1, "s", &Outcome::Rollout(facts(2, 2, 2))).conditions;
         carry_transition_times(&second, &mut third, &t(300));
         assert_eq!(find(&third, READY).map(|c| c.last_transition_time.clone()), Some(t(300)));
         assert_eq!(find(&third, RECONCILING).map(|c| c.last_transition_time.clone()), Some(t(300)));
@@ -369,21 +369,21 @@ mod tests {
         assert!(!app.ready_at_generation(), "no generation, no status");
         assert_eq!(app.ready_reason(), "Pending");
         app.metadata.generation = Some(3);
-        app.status = Some(desired_status(3, "s", &Observation::Rollout(facts(2, 2, 2))));
+        app.status = Some(desired_status(3, "s", &Outcome::Rollout(facts(2, 2, 2))));
         assert!(app.ready_at_generation());
         assert_eq!(app.ready_reason(), "RolloutComplete");
         app.metadata.generation = Some(4);
         assert!(!app.ready_at_generation(), "a newer spec is not Ready yet");
-        app.status = Some(desired_status(4, "s", &Observation::Rollout(facts(2, 1, 1))));
+        app.status = Some(desired_status(4, "s", &Outcome::Rollout(facts(2, 1, 1))));
         assert!(!app.ready_at_generation());
     }
 
     #[test]
     fn unchanged_world_gives_identical_status() {
-        let obs = Observation::Rollout(facts(2, 2, 2));
-        let mut a = desired_status(4, "s", &obs);
+        let outcome = Outcome::Rollout(facts(2, 2, 2));
+        let mut a = desired_status(4, "s", &outcome);
         carry_transition_times(&[], &mut a.conditions, &t(1));
-        let mut b = desired_status(4, "s", &obs);
+        let mut b = desired_status(4, "s", &outcome);
         carry_transition_times(&a.conditions, &mut b.conditions, &t(99));
         assert_eq!(a, b);
     }

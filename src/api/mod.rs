@@ -8,8 +8,6 @@ pub mod validation;
 
 pub use types::*;
 
-/// The API group of every resource this operator defines.
-pub const GROUP: &str = "myapp.dev";
 /// The finalizer that holds a `MyApp` until its children are gone.
 pub const FINALIZER: &str = "myapp.dev/cleanup";
 /// The field manager of every server-side apply the operator makes.

@@ -5,8 +5,7 @@
 //! the wire yet when that check passes. It still waits in the client's buffer, hyper's connection
 //! pool and the connection task, and a retry can send it again later. A process paused inside that
 //! gap (SIGSTOP, a frozen VM, a stalled node) resumes after its leadership has ended and would send
-//! the request anyway. The chaos suite's pause scenario caught exactly that: one status patch,
-//! received by the API server after the paused leader's term.
+//! the request anyway, into the next leader's term.
 //!
 //! Here the check sits in the connection's `poll_write`, under TLS. A request that fails it never
 //! leaves: the write errors, hyper drops the connection and the call returns an error.

@@ -223,20 +223,23 @@ pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> 
     ctx.caches.wait_ready().await;
     ctx.metrics.controller_running.set(1);
     let caches = &ctx.caches;
-    let (q1, q2, q3, q4) = (ctx.clone(), ctx.clone(), ctx.clone(), ctx.clone());
+    // Each stream below counts what it triggers in the queue-depth metric, through its own
+    // handle on the context.
+    let (on_myapp, on_deployment, on_service, on_reconcile_all) = (ctx.clone(), ctx.clone(), ctx.clone(), ctx.clone());
     // Everything is reconciled at the start of the term, and again whenever a subscriber lagged
     // behind its channel (it missed triggers): then every object waits.
     let (lagged, lags) = tokio::sync::mpsc::unbounded_channel();
     let reconcile_all = futures::stream::once(async {})
         .chain(tokio_stream::wrappers::UnboundedReceiverStream::new(lags))
         .map(move |()| {
-            for app in q4.caches.myapps.state() {
-                q4.pending.add(ObjectRef::from_obj(app.as_ref()));
+            for app in on_reconcile_all.caches.myapps.state() {
+                on_reconcile_all.pending.add(ObjectRef::from_obj(app.as_ref()));
             }
         });
-    let myapps = caches.myapp_events(&lagged).inspect(move |a| q1.pending.add(ObjectRef::from_obj(a.as_ref())));
-    let deployments = caches.deployment_events(&lagged).inspect(move |d| q2.pending.add_owner_of(&d.metadata));
-    let services = caches.service_events(&lagged).inspect(move |s| q3.pending.add_owner_of(&s.metadata));
+    let myapps = caches.myapp_events(&lagged).inspect(move |a| on_myapp.pending.add(ObjectRef::from_obj(a.as_ref())));
+    let deployments =
+        caches.deployment_events(&lagged).inspect(move |d| on_deployment.pending.add_owner_of(&d.metadata));
+    let services = caches.service_events(&lagged).inspect(move |s| on_service.pending.add_owner_of(&s.metadata));
     let controller = Controller::for_shared_stream(myapps, caches.myapps.clone())
         .owns_shared_stream(deployments)
         .owns_shared_stream(services)

@@ -2,10 +2,12 @@
 //!
 //! kube's `Controller` keeps its scheduler private, so the depth is counted from outside it: a
 //! MyApp enters the queue when a watch event concerns it (its own, or one of its children's through
-//! the controller owner reference) or when a term starts, and leaves it when its reconcile starts.
-//! Like the scheduler, the queue holds each object once however many events arrive. Requeues by
-//! delay count from when they fire, as watch events; a trigger for an object that is gone leaves
-//! the queue when the controller reports it missing.
+//! the controller owner reference), when a term starts or after a subscriber lagged (everything
+//! waits then), and leaves it when its reconcile starts. Like the scheduler, the queue holds each
+//! object once however many events arrive. Requeues by delay (resyncs, retries after an error)
+//! happen inside the scheduler and are not counted, even while one waits for a free reconcile
+//! slot. A trigger for an object that is gone leaves the queue when the controller reports it
+//! missing.
 
 use crate::api::MyApp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -53,11 +55,6 @@ impl Pending {
         self.update(|w| w.retain(|o| !(o.name == name && o.namespace.as_deref() == namespace)));
     }
 
-    /// The term ended: nothing waits on this replica any more.
-    pub fn clear(&self) {
-        self.update(HashSet::clear);
-    }
-
     /// The current depth.
     pub fn depth(&self) -> usize {
         self.waiting.lock().map(|w| w.len()).unwrap_or(0)
@@ -103,9 +100,6 @@ mod tests {
         assert_eq!((q.depth(), gauge.get()), (2, 2));
         q.remove(Some("ns"), "missing");
         assert_eq!(q.depth(), 2);
-        q.clear();
-        assert_eq!((q.depth(), gauge.get()), (0, 0));
-        q.add(ObjectRef::new("c").within("ns"));
         drop(q);
         assert_eq!(gauge.get(), 0, "a cancelled term leaves no stale depth");
     }

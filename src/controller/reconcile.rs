@@ -9,7 +9,7 @@ use super::Context;
 use super::children::{self, selector_string};
 use super::ownership::{self, Claim, Conflict};
 use crate::api::conditions::{
-    self, INVALID_NAME, INVALID_SPEC, NAME_CONFLICT, Observation, READY, REPLICAS_OVER_POLICY, RolloutFacts,
+    self, INVALID_NAME, INVALID_SPEC, NAME_CONFLICT, Outcome, READY, REPLICAS_OVER_POLICY, RolloutFacts,
 };
 use crate::api::validation::{join, validate_name, validate_spec};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
@@ -34,12 +34,12 @@ impl MyApp {
         self.status.clone().unwrap_or_default()
     }
 
-    /// Writes the status computed from `obs` unless it is what the object already has.
+    /// Writes the status computed from `outcome` unless it is what the object already has.
     /// Returns whether `Ready` became true with this write.
-    async fn update_status(&self, ctx: &Context, obs: &Observation) -> Result<bool> {
+    async fn update_status(&self, ctx: &Context, outcome: &Outcome) -> Result<bool> {
         let generation = self.metadata.generation.ok_or(Error::MissingField("metadata.generation"))?;
         let old = self.current_status();
-        let mut new = conditions::desired_status(generation, &selector_string(&self.name_any()), obs);
+        let mut new = conditions::desired_status(generation, &selector_string(&self.name_any()), outcome);
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         conditions::carry_transition_times(&old.conditions, &mut new.conditions, &now);
         if new == old {
@@ -85,15 +85,15 @@ impl MyApp {
             }
             Err(e) => {
                 // Say so in the status (written only if it changed), then retry with backoff.
-                if let Err(status_error) = app.update_status(ctx, &Observation::ApplyFailed(e.to_string())).await {
+                if let Err(status_error) = app.update_status(ctx, &Outcome::ApplyFailed(e.to_string())).await {
                     tracing::debug!(error = %status_error, "could not report the apply failure");
                 }
                 return Err(e);
             }
         };
 
-        let obs = Observation::Rollout(RolloutFacts::from_deployment(&deployment));
-        if app.update_status(ctx, &obs).await? {
+        let outcome = Outcome::Rollout(RolloutFacts::from_deployment(&deployment));
+        if app.update_status(ctx, &outcome).await? {
             let note = format!("{}/{} pods ready with image {}", app.spec.replicas, app.spec.replicas, app.spec.image);
             ctx.writer.event(app, EventType::Normal, "RolloutComplete", "Rollout", note).await;
         }
@@ -132,11 +132,11 @@ impl MyApp {
     async fn report_stall(&self, ctx: &Context, reason: &'static str, action: &str, message: String) -> Result<()> {
         let known = conditions::find(&self.current_status().conditions, READY)
             .is_some_and(|c| c.reason == reason && c.message == message);
-        let obs = match reason {
-            NAME_CONFLICT => Observation::NameConflict(message.clone()),
-            _ => Observation::Refused { reason, message: message.clone() },
+        let outcome = match reason {
+            NAME_CONFLICT => Outcome::NameConflict(message.clone()),
+            _ => Outcome::Refused { reason, message: message.clone() },
         };
-        self.update_status(ctx, &obs).await?;
+        self.update_status(ctx, &outcome).await?;
         if !known {
             ctx.writer.event(self, EventType::Warning, reason, action, message).await;
         }
@@ -178,7 +178,7 @@ impl MyApp {
         let name = self.name_any();
         let first_time =
             conditions::find(&self.current_status().conditions, READY).is_none_or(|c| c.reason != "Deleting");
-        self.update_status(ctx, &Observation::Deleting).await?;
+        self.update_status(ctx, &Outcome::Deleting).await?;
         if first_time {
             let note = format!("deleting Deployment and Service {name}");
             ctx.writer.event(self, EventType::Normal, "Deleting", "Delete", note).await;
@@ -296,7 +296,7 @@ mod tests {
         let (reason, message) = refusal(&app("web", 4), &capped(3)).expect("refused");
         assert_eq!(reason, REPLICAS_OVER_POLICY);
         assert_eq!(message, "spec.replicas: 4 is more than the allowed 3");
-        let status = conditions::desired_status(1, "s", &Observation::Refused { reason, message: message.clone() });
+        let status = conditions::desired_status(1, "s", &Outcome::Refused { reason, message: message.clone() });
         let ready = conditions::find(&status.conditions, READY).expect("Ready");
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReplicasOverPolicy"));
         assert!(ready.reason.contains("Replicas") && ready.message.starts_with("spec.replicas: "));

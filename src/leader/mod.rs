@@ -2,16 +2,23 @@
 //!
 //! Several replicas run [`Elector`]s on the same Lease; the one holding it runs the controller.
 //! Written here rather than taken from a crate because none fits kube 5 with optimistic
-//! concurrency, a renew deadline and fencing (see `DESIGN.md` §3).
+//! concurrency, a renew deadline and fencing (see `ARCHITECTURE.md`, "Runtime"; "Invariants"
+//! says which item keeps each guarantee below).
 //!
 //! # What is guaranteed
 //! - **At most one holder per Lease version.** Every write of the Lease carries the
 //!   resourceVersion this replica last saw; the API server refuses it with 409 if anyone wrote in
 //!   between. Two candidates can never both succeed in taking the same version.
 //! - **Expiry on the local monotonic clock.** A standby takes over only after it has seen the same
-//!   Lease version, unchanged, for the holder's `leaseDurationSeconds`. The remote `renewTime` is
-//!   written (for humans and other tools) but never read, so clock offsets between machines do
-//!   not matter; only clock *rates* do.
+//!   election record ([`Record`]: holder, lease duration, acquire and renew times, transitions)
+//!   unchanged for the holder's `leaseDurationSeconds`, counted from when the read that showed
+//!   the change returned. A write that changes nothing in the record (a label, an annotation)
+//!   does not restart the count. The remote times are compared for change only, never with the
+//!   local clock, so clock offsets between machines do not matter; only clock *rates* do.
+//! - **A new Lease object waits.** A write that made a new Lease object (a create, or a renewal
+//!   that re-created a deleted Lease) leads only a full lease duration later ([`leads_from`]): a
+//!   leader of the deleted Lease that did not see the delete stops by its renew deadline, before
+//!   that.
 //! - **A bounded leadership.** A leader's leadership is valid until the instant its last
 //!   successful renewal *started* plus `renewDeadline` (`valid_until`). If it cannot renew by then
 //!   it steps down by itself. Since `renewDeadline < leaseDuration`, a leader's window closes at
@@ -19,13 +26,16 @@
 //!   expire: that margin absorbs the latency of a write sent just before `valid_until` and any
 //!   difference in clock rates.
 //! - **Fencing.** The leadership is published as a `watch` channel of `valid_until`. Every write
-//!   the controller makes checks it first ([`crate::controller::writer::Fence`]), and the
-//!   controller future is dropped the moment it passes or the lease is lost
-//!   ([`supervise`]), so no new write leaves this replica after that point.
+//!   the controller makes checks it first ([`crate::controller::writer::Fence`]), and again at
+//!   the socket before every byte ([`crate::controller::fenced`]). The controller future is
+//!   dropped the moment it passes or the lease is lost ([`supervise`]), so no new write leaves
+//!   this replica after that point.
 //! - **Fast handover.** Standbys watch the Lease as well as poll it: a released lease is taken
 //!   as soon as the release is seen, not at the next poll.
 //! - **Release on shutdown.** On SIGTERM the controller stops first, then the holder is cleared
-//!   (transitions kept) so a standby takes over without waiting for expiry.
+//!   (transitions kept) so a standby takes over without waiting for expiry. If the controller had
+//!   to be cancelled, a write it sent may still be in flight, so the release waits
+//!   `leaseDuration − renewDeadline` first ([`Stop::ReleaseAfterMargin`]).
 //!
 //! # What is not guaranteed
 //! - A write that left before `valid_until` may still be in flight when another replica takes

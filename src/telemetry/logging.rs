@@ -100,8 +100,7 @@ pub fn init(format: LogFormat, identity: &str) -> Telemetry {
             .with_target("kube_runtime::controller", Level::INFO);
         tracing_opentelemetry::layer().with_tracer(p.tracer("myapp-operator")).with_filter(targets)
     });
-    let trigger = super::trigger::TriggerLayer.with_filter(Targets::new().with_target("kube_runtime", Level::INFO));
-    tracing_subscriber::registry().with(logs).with(traces).with(trigger).init();
+    tracing_subscriber::registry().with(logs).with(traces).with(super::trigger::layer()).init();
     if let Some(e) = error {
         tracing::warn!(error = %e, "OTLP exporter could not be built: traces are off");
     }

@@ -42,7 +42,7 @@ pub struct WebhookLabels {
 
 /// All metrics of one replica.
 pub struct Metrics {
-    /// Registry that [`crate::http`] encodes.
+    /// Registry that [`crate::probes`] encodes.
     pub registry: Registry,
     /// Reconciles by result.
     pub reconciles: Family<ResultLabels, Counter>,

@@ -3,6 +3,7 @@
 //! - [`review`]: AdmissionReview in, AdmissionReview out (pure);
 //! - [`mutate`]: defaulting as a JSON Patch; [`policy`]: what `/validate` enforces;
 //! - [`certs`]: serving certificates, self-managed in a Secret or read from files;
+//! - `tls`: the server's life: certificate source, hot reload, caBundle, readiness self-check;
 //! - [`server`]: axum over rustls; [`limits`]: what one caller can make it hold.
 //!
 //! Readiness includes the webhooks: a replica is ready only once it has a certificate loaded and

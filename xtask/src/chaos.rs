@@ -502,7 +502,7 @@ pub async fn finish(
 /// Creates a namespace `<prefix>-<suffix>` and starts the workload in it (giving it 2 s to get
 /// going).
 pub async fn start_workload(client: &Client, prefix: &str) -> Result<(String, Workload)> {
-    let ns = format!("{prefix}-{}", rand_suffix());
+    let ns = format!("{prefix}-{}", clock_suffix());
     let nsobj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
     let load = workload(client.clone(), ns.clone());
@@ -531,8 +531,9 @@ fn ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |s| format!("{:.0} ms", s * 1000.0))
 }
 
-/// A suffix for the workload's namespace.
-fn rand_suffix() -> String {
+/// A suffix for the workload's namespace: the wall clock's milliseconds modulo 10⁶, so it repeats
+/// only every 1000 s.
+fn clock_suffix() -> String {
     format!("{:06}", (epoch() * 1000.0) as u64 % 1_000_000)
 }
 
