@@ -233,3 +233,12 @@ fn secret_round_trip() {
     assert_eq!(s.metadata.resource_version.as_deref(), Some("7"));
     assert_eq!(from_secret(&s), Some((b.ca_crt.clone(), b.tls_crt.clone(), b.tls_key.clone())));
 }
+
+#[test]
+fn pem_is_written_as_rcgen_writes_it() {
+    // Secrets written by earlier versions (rcgen's PEM) must not look unclean, or every replica
+    // would rewrite the bundle once on upgrade.
+    let key = KeyPair::generate().expect("key");
+    let crt = ca_params(t0()).self_signed(&key).expect("CA");
+    assert_eq!(pem("CERTIFICATE", crt.der()), crt.pem());
+}
