@@ -8,6 +8,10 @@
 //! - `POST` of an existing name gets 409 AlreadyExists; `GET`/`DELETE` of an absent one 404.
 //! - `GET` of a collection lists it (honouring `fieldSelector=metadata.name=…`); with
 //!   `watch=true` it streams every event after the given resourceVersion, then stays open.
+//! - `PATCH` of an object: a JSON patch (`application/json-patch+json`, whose failed `test`
+//!   operation gets 422 as on the real server) or a JSON merge patch
+//!   (`application/merge-patch+json`). A resourceVersion in the patched object is a
+//!   precondition (409 when stale), as on the real server; other patch types get 415.
 //! - Faults: a delay before each request is served, or a blackhole that never answers.
 //!
 //! Time comes from tokio, so tests run with `start_paused = true` and take no wall time.
@@ -212,11 +216,16 @@ impl FakeApi {
         let body: Option<Value> = serde_json::from_slice(&body).ok();
         let (collection, name) = split(parts.uri.path());
         let q = query(&parts.uri);
+        let content_type =
+            parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
         let (code, chunks) =
             if parts.method == Method::GET && name.is_none() && q.get("watch").is_some_and(|w| w == "true") {
                 (200, self.watch(&collection, &q))
             } else {
-                let (code, v) = self.answer(&parts.method, &collection, name, &q, body.clone());
+                let (code, v) = match parts.method {
+                    Method::PATCH => self.patch(&collection, name, &content_type, body.clone()),
+                    _ => self.answer(&parts.method, &collection, name, &q, body.clone()),
+                };
                 (code, one(v))
             };
         self.lock().log.push(Seen {
@@ -307,6 +316,34 @@ impl FakeApi {
         }
     }
 
+    fn patch(&self, collection: &str, name: Option<String>, content_type: &str, body: Option<Value>) -> (u16, Value) {
+        let (Some(name), Some(patch)) = (name, body) else { return status(400, "BadRequest", "no name or no body") };
+        let mut s = self.lock();
+        let key = (collection.to_string(), name.clone());
+        let Some(existing) = s.objects.get(&key).cloned() else {
+            return status(404, "NotFound", &format!("{name} not found"));
+        };
+        let mut obj = existing.clone();
+        match content_type {
+            "application/json-patch+json" => {
+                let Ok(ops) = serde_json::from_value::<json_patch::Patch>(patch) else {
+                    return status(400, "BadRequest", "not a JSON patch");
+                };
+                if let Err(e) = json_patch::patch(&mut obj, &ops) {
+                    return status(422, "Invalid", &e.to_string());
+                }
+            }
+            "application/merge-patch+json" => json_patch::merge(&mut obj, &patch),
+            other => return status(415, "UnsupportedMediaType", &format!("{other} is not supported by the fake")),
+        }
+        let rv = |o: &Value| o.pointer("/metadata/resourceVersion").cloned();
+        if rv(&obj) != rv(&existing) {
+            return status(409, "Conflict", "the object has been modified");
+        }
+        obj["metadata"]["uid"] = existing["metadata"]["uid"].clone();
+        (200, self.commit(&mut s, key, obj, "MODIFIED"))
+    }
+
     fn watch(&self, collection: &str, q: &BTreeMap<String, String>) -> Chunks {
         let since: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
         let only = q.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name=")).map(str::to_string);
@@ -363,5 +400,32 @@ mod tests {
         let err = api.replace("x", &PostParams::default(), &created).await.expect_err("stale");
         assert!(matches!(err, kube::Error::Api(s) if s.code == 409));
         assert!(api.get_opt("y").await.expect("get").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn patches_honour_tests_and_resource_versions_like_the_real_server() {
+        use kube::api::{Patch, PatchParams};
+        let fake = FakeApi::default();
+        let api: Api<ConfigMap> = Api::namespaced(fake.client(), "a");
+        let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "x"}})).expect("cm");
+        let rv = api.create(&PostParams::default(), &cm).await.expect("create").metadata.resource_version;
+        let pp = PatchParams::default();
+        let set = |rv: &str| {
+            serde_json::from_value::<json_patch::Patch>(json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+                {"op": "add", "path": "/data", "value": {"k": "v"}},
+            ]))
+            .expect("patch")
+        };
+        let patched = api.patch("x", &pp, &Patch::<()>::Json(set(rv.as_deref().unwrap_or_default()))).await;
+        assert_eq!(patched.expect("a test that holds").data.and_then(|d| d.get("k").cloned()).as_deref(), Some("v"));
+        let stale = api.patch("x", &pp, &Patch::<()>::Json(set(rv.as_deref().unwrap_or_default()))).await;
+        assert!(matches!(stale, Err(kube::Error::Api(s)) if s.code == 422), "a failed test");
+        let merge = Patch::Merge(json!({"metadata": {"resourceVersion": rv}, "data": {"k": "w"}}));
+        assert!(matches!(api.patch("x", &pp, &merge).await, Err(kube::Error::Api(s)) if s.code == 409), "stale");
+        let merge = Patch::Merge(json!({"data": {"k": "w"}}));
+        let merged = api.patch("x", &pp, &merge).await.expect("an unconditional merge");
+        assert_eq!(merged.data.and_then(|d| d.get("k").cloned()).as_deref(), Some("w"));
+        assert!(matches!(api.patch("y", &pp, &merge).await, Err(kube::Error::Api(s)) if s.code == 404));
     }
 }

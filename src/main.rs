@@ -162,6 +162,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     timings.validate().map_err(|e| anyhow::anyhow!("invalid lease timings: {e}"))?;
 
+    // The probe server comes first, before anything that talks to the API server: `/livez` is
+    // served from the first moment and never depends on the API server; `/readyz` stays false
+    // until the caches are synced and the webhook server answers TLS with its certificate.
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let webhooks_ready = args.webhooks.then(|| Arc::new(AtomicBool::new(false)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let probes = Probes { metrics: metrics.clone(), ready: ready.clone(), webhooks_ready: webhooks_ready.clone() };
+    let probe_task = tokio::spawn(probes::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
+
     let mut config = kube::Config::infer().await.context("find Kubernetes credentials")?;
     let agent = format!("myapp-operator/{} ({identity})", env!("CARGO_PKG_VERSION"));
     config.headers.push((::http::header::USER_AGENT, ::http::HeaderValue::from_str(&agent)?));
@@ -171,12 +184,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_layer(&myapp_operator::client::CallTimeoutLayer::default())
         .with_layer(&TraceParentLayer)
         .build();
-    let metrics = Arc::new(Metrics::default());
-    let ready = Arc::new(AtomicBool::new(false));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
 
     // One policy for the webhooks (admission) and the controller (what is rolled out).
     let policy = Policy {
@@ -184,7 +191,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         forbidden_env: args.forbidden_env.iter().filter(|s| !s.is_empty()).cloned().collect(),
         max_replicas: args.max_replicas,
     };
-    let webhooks = if args.webhooks {
+    let webhooks = if let Some(webhooks_ready) = webhooks_ready {
         let (svc, ns) = (&args.webhook_service, &args.lease_namespace);
         let source = match &args.webhook_cert_dir {
             Some(dir) => CertSource::Dir {
@@ -209,18 +216,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let shared =
             Arc::new(webhook::Shared::new(policy.clone(), metrics.clone(), webhook::limits::Limits::default()));
-        let w =
-            Webhooks::start(client.clone(), args.webhook_addr, source, shared).await.context("start the webhooks")?;
+        // Returns at once: the certificate is obtained in the background, with retries, so a
+        // replica that cannot reach the API server stays alive (and not ready) instead of exiting.
+        let options = webhook::Options::with_ready(webhooks_ready);
+        let w = Webhooks::start_with(client.clone(), args.webhook_addr, source, shared, options)
+            .context("start the webhooks")?;
         Some(w)
     } else {
         None
     };
-    let probes = Probes {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-        webhooks_ready: webhooks.as_ref().map(|w| w.ready.clone()),
-    };
-    let probe_task = tokio::spawn(probes::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
 
     tracing::info!(%identity, leader_elect = args.leader_elect, traces = telemetry.exporting(), "starting");
     let caches = Caches::start(client.clone(), args.namespace.as_deref());

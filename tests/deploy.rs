@@ -90,6 +90,28 @@ fn kubectl_scale_goes_through_the_validating_webhook_only() {
     assert_eq!(mutated, ["myapps"], "a Scale has nothing to default");
 }
 
+/// The operator container of deploy/manager/deployment.yaml.
+fn manager_container() -> serde_yaml::Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/manager/deployment.yaml");
+    let doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).expect("read")).expect("yaml");
+    let containers = doc["spec"]["template"]["spec"]["containers"].as_sequence().expect("containers").clone();
+    containers.into_iter().find(|c| c["name"] == "manager").expect("the manager container")
+}
+
+#[test]
+fn probes_never_depend_on_the_api_server_except_readiness() {
+    let c = manager_container();
+    let path = |probe: &str| c[probe]["httpGet"]["path"].as_str().map(str::to_string);
+    assert_eq!(path("livenessProbe").as_deref(), Some("/livez"));
+    assert_eq!(path("readinessProbe").as_deref(), Some("/readyz"));
+    // A startup probe on /readyz would restart a replica that cannot reach the API server.
+    assert_eq!(path("startupProbe").as_deref(), Some("/livez"));
+    let int = |probe: &str, key: &str| c[probe][key].as_i64().unwrap_or(0);
+    let budget = int("startupProbe", "periodSeconds") * int("startupProbe", "failureThreshold");
+    assert!(budget >= 20, "room for a slow start: {budget} s");
+    assert!(int("startupProbe", "periodSeconds") <= 2, "probing begins soon after a normal start");
+}
+
 fn kubectl(args: &[&str]) -> (bool, String) {
     let bin = std::env::var("MYAPP_E2E_KUBECTL").unwrap_or_else(|_| "kubectl".into());
     let out = Command::new(bin).args(args).output().expect("run kubectl");

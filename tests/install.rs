@@ -12,8 +12,8 @@ use common::{TestNamespace, client, eventually};
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use myapp_operator::api::MyApp;
 use std::process::Command;
@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 
 const NAMESPACE: &str = "myapp-system";
 const SELECTOR: &str = "app.kubernetes.io/name=myapp-operator,app.kubernetes.io/component=controller";
+/// The webhook configurations (both kinds) and the certificate Secret of the install.
+const WEBHOOKS: &str = "myapp-operator";
+const CERT_SECRET: &str = "myapp-operator-webhook-cert";
 
 fn node() -> String {
     std::env::var("MYAPP_E2E_NODE").expect("MYAPP_E2E_NODE (the real node) is set by `cargo xtask test`")
@@ -88,6 +91,63 @@ async fn rolled_out(client: &kube::Client, want: i32, timeout: Duration) -> Dura
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The caBundle of every webhook of both configurations.
+async fn ca_bundles(client: &kube::Client) -> Option<Vec<Option<Vec<u8>>>> {
+    let m = Api::<MutatingWebhookConfiguration>::all(client.clone()).get(WEBHOOKS).await.ok()?;
+    let v = Api::<ValidatingWebhookConfiguration>::all(client.clone()).get(WEBHOOKS).await.ok()?;
+    let m = m.webhooks.unwrap_or_default().into_iter().map(|w| w.client_config.ca_bundle);
+    let v = v.webhooks.unwrap_or_default().into_iter().map(|w| w.client_config.ca_bundle);
+    Some(m.chain(v).map(|b| b.map(|b| b.0)).collect())
+}
+
+/// The trust bundle (`ca.crt`) of the certificate Secret, when all webhooks carry exactly it.
+async fn ca_everywhere(client: &kube::Client) -> Option<Vec<u8>> {
+    let secret = Api::<Secret>::namespaced(client.clone(), NAMESPACE).get_opt(CERT_SECRET).await.ok()??;
+    let ca = secret.data?.get("ca.crt")?.0.clone();
+    let bundles = ca_bundles(client).await?;
+    (bundles.len() >= 2 && bundles.iter().all(|b| b.as_ref() == Some(&ca))).then_some(ca)
+}
+
+/// Replaces both webhook configurations with what `deploy/overlays/local` renders, which carries
+/// no caBundle: a re-apply with replace semantics (`kubectl replace`, or a tool that does the
+/// same) wipes the caBundle the pods patched in.
+fn replace_webhook_configurations() {
+    let overlay = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/overlays/local");
+    let (ok, rendered) = kubectl(&["kustomize", overlay]);
+    assert!(ok, "kubectl kustomize:\n{rendered}");
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&rendered) {
+        let doc: serde_yaml::Value = serde::Deserialize::deserialize(doc).expect("yaml");
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        if kind.ends_with("WebhookConfiguration") {
+            assert!(doc["webhooks"][0]["clientConfig"]["caBundle"].is_null(), "the manifest carries no caBundle");
+            docs.push(serde_yaml::to_string(&doc).expect("yaml"));
+        }
+    }
+    assert_eq!(docs.len(), 2, "both webhook configurations rendered");
+    let file = std::env::temp_dir().join("myapp-e2e-webhooks.yaml");
+    std::fs::write(&file, docs.join("---\n")).expect("write the manifest");
+    // kubectl replace reads the resourceVersion and then writes at it: a write by a pod in between
+    // is a conflict, and the replace is tried again.
+    let mut out = String::new();
+    for _ in 0..3 {
+        let (ok, said) = kubectl(&["replace", "-f", &file.display().to_string()]);
+        if ok {
+            return;
+        }
+        assert!(said.contains("the object has been modified"), "kubectl replace:\n{said}");
+        out = said;
+    }
+    panic!("kubectl replace kept conflicting:\n{out}");
+}
+
+/// The restarts of the operator's containers, summed.
+async fn restarts(pods: &Api<Pod>) -> i32 {
+    let list = pods.list(&ListParams::default().labels(SELECTOR)).await.expect("pods");
+    let statuses = list.items.into_iter().filter_map(|p| p.status?.container_statuses).flatten();
+    statuses.map(|c| c.restart_count).sum()
 }
 
 fn myapp_api(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
@@ -202,6 +262,16 @@ async fn node_only_apply_k_runs_three_pods_that_lead_admit_reconcile_and_trace()
         Some("plain")
     );
 
+    // A re-apply that wipes the caBundle is repaired within seconds, on the pods' watch of the
+    // configurations (not on their 60 s check), with the same CA. (The next step retries until
+    // the API server calls the webhook again, so its informer may lag the repair a little.)
+    let ca = eventually("the Secret's CA in every webhook", Duration::from_secs(30), || ca_everywhere(&client)).await;
+    replace_webhook_configurations();
+    let wiped = Instant::now();
+    let repaired = eventually("the wiped caBundle repaired", Duration::from_secs(5), || ca_everywhere(&client)).await;
+    assert_eq!(repaired, ca, "the same CA");
+    eprintln!("install: a wiped caBundle was repaired {:.2} s after the replace", wiped.elapsed().as_secs_f64());
+
     // A policy only the validating webhook holds (the CRD cannot see the old object's port).
     let moved = serde_json::json!({"spec": {"port": 9999}});
     let refused = eventually("the validating webhook refuses a port change", Duration::from_secs(30), || async {
@@ -242,5 +312,29 @@ async fn node_only_apply_k_runs_three_pods_that_lead_admit_reconcile_and_trace()
         (a.ready_at_generation() && a.status?.ready_replicas == 2).then_some(())
     })
     .await;
+
+    // The certificate Secret deleted: the pods make a new CA and serving certificate (one of them
+    // creates it, the others take it), patch both caBundles and reload, and the webhooks admit
+    // again through the Service; no pod restarts.
+    let restarted = restarts(&pods).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    secrets.delete(CERT_SECRET, &DeleteParams::default()).await.expect("delete the certificate Secret");
+    let deleted = Instant::now();
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    let healed: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": "healed"},
+        "spec": {"image": "nginx:1.27"}
+    }))
+    .expect("myapp");
+    eventually("a new CA everywhere, and admissions through it", Duration::from_secs(60), || async {
+        let new_ca = ca_everywhere(&client).await.filter(|new_ca| new_ca != &ca)?;
+        apps.create(&dry_run, &healed).await.ok().map(|_| new_ca)
+    })
+    .await;
+    eprintln!(
+        "install: a deleted certificate Secret was replaced, patched in and admitting {:.1} s later",
+        deleted.elapsed().as_secs_f64()
+    );
+    assert_eq!(restarts(&pods).await, restarted, "no pod restarted:\n{}", pod_logs(&pods).await);
     ns.cleanup().await;
 }

@@ -58,12 +58,7 @@ pub fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
         .into()
 }
 
-fn spawn_watch<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    tx: broadcast::Sender<Arc<K>>,
-    prune: fn(&mut K),
-) -> Store<K>
+fn spawn_watch<K>(api: Api<K>, config: watcher::Config, tx: broadcast::Sender<Arc<K>>, prune: fn(&mut K)) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -118,9 +113,8 @@ impl Caches {
         let (service_tx, _) = broadcast::channel(CHANNEL);
         let myapps =
             spawn_watch(scoped(&client, namespace), watcher::Config::default(), myapp_tx.clone(), prune::myapp);
-        let deployments =
-            spawn_watch(scoped(&client, namespace), managed.clone(), deployment_tx.clone(), prune::deployment);
-        let services = spawn_watch(scoped(&client, namespace), managed, service_tx.clone(), prune::service);
+        let deployments = spawn_watch(scoped(&client, namespace), managed.clone(), deployment_tx.clone(), prune::child);
+        let services = spawn_watch(scoped(&client, namespace), managed, service_tx.clone(), prune::child);
         Self { myapps, deployments, services, myapp_tx, deployment_tx, service_tx }
     }
 

@@ -2,22 +2,26 @@
 //!
 //! - [`review`]: AdmissionReview in, AdmissionReview out (pure);
 //! - [`mutate`]: defaulting as a JSON Patch; [`policy`]: what `/validate` enforces;
-//! - [`certs`]: serving certificates, self-managed in a Secret or read from files;
-//! - `tls`: the server's life: certificate source, hot reload, caBundle, readiness self-check;
+//! - [`certs`]: serving certificates, self-managed in a Secret or read from files, and what the
+//!   Secret must hold next (healing, SAN merging, CA rotation);
+//! - `secret` and `ca_bundle`: the Secret and the caBundles, written under compare-and-swap;
+//! - `tls`: the server's life (start without the API server, retries, watches, hot reload);
 //! - [`server`]: axum over rustls; [`limits`]: what one caller can make it hold.
 //!
 //! Readiness includes the webhooks: a replica is ready only once it has a certificate loaded and
 //! a real TLS handshake with its own webhook port succeeds.
 
+mod ca_bundle;
 pub mod certs;
 pub mod limits;
 pub mod mutate;
 pub mod policy;
 pub mod review;
+mod secret;
 pub mod server;
 mod tls;
 
-pub use tls::{CertSource, Webhooks};
+pub use tls::{CertSource, Options, StartError, UpkeepError, Webhooks};
 
 use crate::telemetry::metrics::Metrics;
 use policy::Policy;

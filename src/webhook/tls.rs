@@ -1,23 +1,59 @@
 //! The webhook server's life: certificate source, hot reload, caBundle, readiness self-check.
+//!
+//! # Guarantees
+//!
+//! - **Starting never waits for the API server, and never fails because of it.**
+//!   [`Webhooks::start`] binds the port and returns; a task then obtains the certificate. Each
+//!   pass of its upkeep is bounded by [`PASS_TIMEOUT`] per step, and a failed pass is retried
+//!   with backoff (from [`RETRY_MIN`], doubling, at most [`RETRY_MAX`]), for as long as it takes.
+//!   While it backs off, watch events do not cut the wait short. Until a certificate is loaded the port completes no TLS handshake and `ready`
+//!   stays false; the process lives on (`/livez` does not depend on any of this).
+//! - **Heals.** Each pass re-judges the certificate Secret ([`super::secret`]) and the caBundle of
+//!   both webhook configurations ([`super::ca_bundle`]). A pass runs on every watch event of the
+//!   Secret (its deletion included) and of either configuration, so drift is repaired within
+//!   seconds; after a failure, with backoff; and at least every [`CHECK_PERIOD`] (for time-based
+//!   steps: renewal, the CA rotation schedule), or every [`DIR_CHECK_PERIOD`] for files.
+//! - **Reloads without a restart.** A changed certificate is swapped into the running server
+//!   (connections in flight are untouched). One that does not load is an error of the pass,
+//!   retried; the server keeps the last good one.
+//! - **Readiness** (`ready`) is true only while a TLS handshake with our own port, verified
+//!   against the current trust bundle, succeeds.
+//!
+//! # Caveats
+//!
+//! The caBundle is patched only in self-managed mode; with certificates from files, whoever
+//! provides them (e.g. cert-manager's cainjector) owns the caBundle.
 
-use super::certs::{self, Plan};
-use super::{Shared, server};
-use anyhow::{Context, Result, bail};
+use super::{Shared, ca_bundle, certs, secret, server};
 use axum_server::tls_rustls::RustlsConfig;
-use futures::StreamExt;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::Client;
+use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use time::OffsetDateTime;
+use tokio::sync::{oneshot, watch};
+
+/// The bound on each step of an upkeep pass (the Secret, then the caBundle), on top of the
+/// client's own per-call timeout.
+pub const PASS_TIMEOUT: Duration = Duration::from_secs(30);
+/// The first retry after a failed pass.
+pub const RETRY_MIN: Duration = Duration::from_millis(500);
+/// The longest wait between retries.
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
+/// The longest time between two passes in self-managed mode (events trigger them sooner).
+pub const CHECK_PERIOD: Duration = Duration::from_secs(60);
+/// How often the files are read again.
+pub const DIR_CHECK_PERIOD: Duration = Duration::from_secs(10);
 
 /// Where the serving certificate comes from.
 #[derive(Clone, Debug)]
@@ -43,6 +79,87 @@ pub enum CertSource {
     },
 }
 
+/// Why [`Webhooks::start`] failed: only local causes, never the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The port could not be bound.
+    #[error("bind the webhook server on {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+}
+
+/// Why a pass of the certificate upkeep failed; it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum UpkeepError {
+    /// The Kubernetes API refused or failed a call.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A certificate could not be made.
+    #[error("certificate: {0}")]
+    Cert(#[from] certs::CertError),
+    /// Other writers kept winning.
+    #[error("{what} did not settle after {attempts} conflicting writes")]
+    Contended {
+        /// What was written.
+        what: &'static str,
+        /// How many rounds were tried.
+        attempts: u32,
+    },
+    /// A step of the pass took longer than [`PASS_TIMEOUT`].
+    #[error("{0} did not finish within {PASS_TIMEOUT:?}")]
+    Timeout(&'static str),
+    /// A certificate file could not be read.
+    #[error("read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate and key do not load into the TLS server.
+    #[error("load the certificate into the server: {0}")]
+    Load(#[source] std::io::Error),
+    /// A Secret judged usable lacks a key (cannot happen with [`certs::next_state`]).
+    #[error("the certificate Secret is incomplete")]
+    Incomplete,
+    /// An object from the API server has no resourceVersion.
+    #[error("an object has no resourceVersion")]
+    NoResourceVersion,
+}
+
+/// The PEM material served: the trust bundle, the certificate and its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Pem {
+    pub(crate) ca: String,
+    pub(crate) crt: String,
+    pub(crate) key: String,
+}
+
+/// The wall clock the certificates are judged by (a test sets its own).
+pub(crate) type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
+
+/// How [`Webhooks::start_with`] runs; the default is production's.
+#[derive(Clone)]
+pub struct Options {
+    /// The readiness flag to keep (the probe server may hold it before the webhooks start).
+    pub ready: Arc<AtomicBool>,
+    pub(crate) clock: Clock,
+    pub(crate) self_check: bool,
+}
+
+impl Options {
+    /// The defaults, keeping `ready` as the readiness flag.
+    pub fn with_ready(ready: Arc<AtomicBool>) -> Self {
+        Self { ready, ..Self::default() }
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { ready: Arc::default(), clock: Arc::new(OffsetDateTime::now_utc), self_check: true }
+    }
+}
+
 /// A running webhook server.
 pub struct Webhooks {
     /// True while a certificate is loaded and a TLS handshake with the server succeeds.
@@ -50,110 +167,26 @@ pub struct Webhooks {
     /// Where it listens.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    server: server::Server,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: oneshot::Sender<Duration>,
+    life: tokio::task::JoinHandle<Result<(), server::DrainTimeout>>,
+    check: Option<tokio::task::JoinHandle<()>>,
+    #[cfg(test)]
+    loaded: watch::Receiver<Option<Pem>>,
 }
 
-struct Pem {
-    ca: String,
-    crt: String,
-    key: String,
-}
-
-async fn ensure_secret(api: &Api<Secret>, name: &str, namespace: &str, sans: &[String]) -> Result<Pem> {
-    for _ in 0..10 {
-        let now = OffsetDateTime::now_utc();
-        let found = api.get_opt(name).await?;
-        let (bundle, rv) = match &found {
-            None => (certs::issue(sans, None, now)?, None),
-            Some(s) => match certs::plan(s, sans, now) {
-                Plan::Keep => {
-                    let (ca, crt, key) = certs::from_secret(s).context("certificate Secret is incomplete")?;
-                    return Ok(Pem { ca, crt, key });
-                }
-                Plan::Renew => {
-                    let data = s.data.clone().unwrap_or_default();
-                    let text =
-                        |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok()).unwrap_or_default();
-                    let (ca, ca_key) = (text(certs::CA_CRT), text(certs::CA_KEY));
-                    (certs::issue(sans, Some((&ca, &ca_key)), now)?, s.resource_version())
-                }
-                Plan::Recreate => (certs::issue(sans, None, now)?, s.resource_version()),
-            },
-        };
-        let secret = certs::to_secret(&bundle, name, namespace, rv.clone());
-        let result = match rv {
-            None => api.create(&PostParams::default(), &secret).await,
-            Some(_) => api.replace(name, &PostParams::default(), &secret).await,
-        };
-        match result {
-            Ok(_) => {
-                tracing::info!(secret = name, "webhook certificate issued");
-                return Ok(Pem { ca: bundle.ca_crt, crt: bundle.tls_crt, key: bundle.tls_key });
-            }
-            // Another replica created or renewed it first: use theirs.
-            Err(kube::Error::Api(s)) if s.code == 409 => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    bail!("could not settle the webhook certificate Secret after 10 attempts")
-}
-
-/// Adds `ca` as the caBundle of every webhook of `api`'s object `name` that does not carry it.
-/// A missing object, or one that carries it everywhere, costs no write.
-async fn patch_ca_bundles<K>(
-    api: Api<K>,
-    name: &str,
-    ca: &[u8],
-    bundles: impl Fn(&K) -> Vec<Option<Vec<u8>>>,
-) -> Result<()>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    use base64::Engine;
-    use json_patch::{AddOperation, PatchOperation};
-    let Some(obj) = api.get_opt(name).await? else { return Ok(()) };
-    let value = serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(ca));
-    let ops: Vec<PatchOperation> = bundles(&obj)
-        .iter()
-        .enumerate()
-        .filter(|(_, current)| current.as_deref() != Some(ca))
-        .map(|(i, _)| {
-            let path = jsonptr::PointerBuf::from_tokens(["webhooks", &i.to_string(), "clientConfig", "caBundle"]);
-            PatchOperation::Add(AddOperation { path, value: value.clone() })
-        })
-        .collect();
-    if ops.is_empty() {
-        return Ok(());
-    }
-    api.patch(name, &PatchParams::default(), &Patch::<()>::Json(json_patch::Patch(ops))).await?;
-    tracing::info!(config = name, kind = %K::kind(&()), "caBundle patched");
-    Ok(())
-}
-
-/// Patches the CA into every webhook of the configurations named `config`, where it differs.
-async fn ensure_ca_bundle(client: &Client, config: &str, ca: &str) -> Result<()> {
-    let ca = ca.as_bytes();
-    patch_ca_bundles(Api::<MutatingWebhookConfiguration>::all(client.clone()), config, ca, |m| {
-        m.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone())).collect()
-    })
-    .await?;
-    patch_ca_bundles(Api::<ValidatingWebhookConfiguration>::all(client.clone()), config, ca, |v| {
-        v.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone())).collect()
-    })
-    .await
-}
-
-fn read_dir(dir: &std::path::Path) -> Result<Pem> {
-    let r = |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("read {}/{f}", dir.display()));
+fn read_dir(dir: &Path) -> Result<Pem, UpkeepError> {
+    let r = |f: &str| {
+        let path = dir.join(f);
+        std::fs::read_to_string(&path).map_err(|source| UpkeepError::Read { path, source })
+    };
     Ok(Pem { ca: r(certs::CA_CRT)?, crt: r(certs::TLS_CRT)?, key: r(certs::TLS_KEY)? })
 }
 
 /// One TLS handshake with our own server, verifying its certificate against `ca`.
-async fn handshake(port: u16, ca: &str, server_name: &str) -> Result<()> {
+async fn handshake(port: u16, ca: &str, server_name: &str) -> anyhow::Result<()> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(c.context("CA PEM")?)?;
+        roots.add(c?)?;
     }
     let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -164,51 +197,268 @@ async fn handshake(port: u16, ca: &str, server_name: &str) -> Result<()> {
     Ok(())
 }
 
-impl Webhooks {
-    /// Obtains a certificate (blocking until there is one), starts serving on `addr`, and keeps
-    /// the certificate, the caBundle and the readiness up to date in the background.
-    pub async fn start(client: Client, addr: SocketAddr, source: CertSource, shared: Arc<Shared>) -> Result<Self> {
-        let pem = match &source {
-            CertSource::SelfManaged { namespace, secret, sans, config } => {
-                let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-                let pem = ensure_secret(&api, secret, namespace, sans).await?;
-                if let Err(e) = ensure_ca_bundle(&client, config, &pem.ca).await {
-                    tracing::warn!(error = %e, "could not patch the caBundle; retrying later");
+/// Keeps `ready` equal to "a handshake against the loaded trust bundle succeeds": every 5 s
+/// while it does, every second while it does not, and at once when the certificate changes.
+async fn self_check(port: u16, name: String, ready: Arc<AtomicBool>, mut loaded: watch::Receiver<Option<Pem>>) {
+    loop {
+        let current = loaded.borrow_and_update().clone();
+        let ok = match current {
+            Some(pem) => match handshake(port, &pem.ca, &name).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "webhook self-check failed");
+                    false
                 }
-                pem
-            }
-            CertSource::Dir { dir, .. } => read_dir(dir)?,
+            },
+            None => false,
         };
-        let tls = RustlsConfig::from_pem(pem.crt.clone().into_bytes(), pem.key.clone().into_bytes()).await?;
-        let listener = server::bind(addr).with_context(|| format!("bind the webhook server on {addr}"))?;
-        listener.set_nonblocking(true)?;
-        let local = listener.local_addr()?;
-        let ready = Arc::new(AtomicBool::new(false));
+        ready.store(ok, Ordering::Relaxed);
+        let wait = Duration::from_secs(if ok { 5 } else { 1 });
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            changed = loaded.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Unit events (an object named `name` changed, was deleted, or was relisted) of a watch.
+fn changes<K>(api: Api<K>, name: &str) -> BoxStream<'static, ()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(api, config)
+        .backoff(crate::controller::cache::watch_backoff())
+        .filter_map(|event| {
+            futures::future::ready(match event {
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => Some(()),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = %K::kind(&()), "certificate upkeep watch failed; retrying");
+                    None
+                }
+            })
+        })
+        .boxed()
+}
+
+/// The wait after `failures` consecutive failed passes: [`RETRY_MIN`], doubling with each, at
+/// most [`RETRY_MAX`], shortened by up to a fifth at random so that replicas drift apart.
+fn retry_delay(failures: u32) -> Duration {
+    let base = RETRY_MIN.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(RETRY_MAX);
+    base.mul_f64(1.0 - 0.2 * rand::random::<f64>())
+}
+
+/// Obtains and checks the PEM to serve, from `source`.
+struct Upkeep {
+    client: Client,
+    source: CertSource,
+    clock: Clock,
+}
+
+impl Upkeep {
+    /// One pass: the PEM to serve, if it got that far, and whether everything succeeded.
+    async fn pass(&self) -> (Option<Pem>, Result<(), UpkeepError>) {
+        match &self.source {
+            CertSource::SelfManaged { namespace, secret, sans, config } => {
+                let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+                let ensured =
+                    tokio::time::timeout(PASS_TIMEOUT, secret::ensure(&api, secret, namespace, sans, (self.clock)()))
+                        .await
+                        .unwrap_or(Err(UpkeepError::Timeout("the certificate Secret")));
+                let pem = match ensured {
+                    Ok(p) => p,
+                    Err(e) => return (None, Err(e)),
+                };
+                let patched = tokio::time::timeout(PASS_TIMEOUT, ca_bundle::ensure(&self.client, config, &pem.ca))
+                    .await
+                    .unwrap_or(Err(UpkeepError::Timeout("the caBundle")));
+                (Some(pem), patched.map(|_| ()))
+            }
+            CertSource::Dir { dir, .. } => match read_dir(dir) {
+                Ok(p) => (Some(p), Ok(())),
+                Err(e) => (None, Err(e)),
+            },
+        }
+    }
+
+    /// What makes a pass due before the period is over.
+    fn triggers(&self) -> BoxStream<'static, ()> {
+        match &self.source {
+            CertSource::SelfManaged { namespace, secret, config, .. } => futures::stream::select_all([
+                changes(Api::<Secret>::namespaced(self.client.clone(), namespace), secret),
+                changes(Api::<MutatingWebhookConfiguration>::all(self.client.clone()), config),
+                changes(Api::<ValidatingWebhookConfiguration>::all(self.client.clone()), config),
+            ])
+            .boxed(),
+            CertSource::Dir { .. } => futures::stream::pending().boxed(),
+        }
+    }
+
+    fn period(&self) -> Duration {
+        match self.source {
+            CertSource::SelfManaged { .. } => CHECK_PERIOD,
+            CertSource::Dir { .. } => DIR_CHECK_PERIOD,
+        }
+    }
+}
+
+/// The state of the life task: the server once a certificate is loaded.
+struct Life {
+    upkeep: Upkeep,
+    shared: Arc<Shared>,
+    /// The bound listener, until the server takes it.
+    listener: Option<std::net::TcpListener>,
+    server: Option<(server::Server, RustlsConfig)>,
+    loaded: watch::Sender<Option<Pem>>,
+}
+
+impl Life {
+    /// Serves `pem`: starts the server with it, or swaps it in.
+    async fn load(&mut self, pem: Pem) -> Result<(), UpkeepError> {
+        let same_key = self.loaded.borrow().as_ref().is_some_and(|l| l.crt == pem.crt && l.key == pem.key);
+        if !same_key {
+            let (crt, key) = (pem.crt.clone().into_bytes(), pem.key.clone().into_bytes());
+            match &self.server {
+                Some((_, tls)) => tls.reload_from_pem(crt, key).await.map_err(UpkeepError::Load)?,
+                None => {
+                    let tls = RustlsConfig::from_pem(crt, key).await.map_err(UpkeepError::Load)?;
+                    let listener = match &self.listener {
+                        Some(l) => l.try_clone().map_err(UpkeepError::Load)?,
+                        None => return Err(UpkeepError::Load(std::io::Error::other("the listener is gone"))),
+                    };
+                    let server =
+                        server::Server::spawn(listener, tls.clone(), self.shared.clone()).map_err(UpkeepError::Load)?;
+                    tracing::info!(addr = %server.addr, "webhook server serving");
+                    self.listener = None;
+                    self.server = Some((server, tls));
+                }
+            }
+            tracing::info!("webhook certificate loaded");
+        }
+        self.loaded.send_if_modified(|l| {
+            let changed = l.as_ref() != Some(&pem);
+            *l = Some(pem);
+            changed
+        });
+        Ok(())
+    }
+
+    async fn stop(self, grace: Duration) -> Result<(), server::DrainTimeout> {
+        match self.server {
+            Some((s, _)) => s.shutdown(grace).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Passes until told to stop: at once, then on events, on failure with backoff, and at
+    /// least every period.
+    async fn run(mut self, mut stop: oneshot::Receiver<Duration>) -> Result<(), server::DrainTimeout> {
+        let mut triggers = self.upkeep.triggers();
+        let (mut wait, mut failures) = (Duration::ZERO, 0u32);
+        loop {
+            let woke = tokio::select! {
+                grace = &mut stop => Err(grace.unwrap_or_default()),
+                () = tokio::time::sleep(wait) => Ok(()),
+                Some(()) = triggers.next(), if failures == 0 => {
+                    // One pass for a burst of events.
+                    while let Some(Some(())) = triggers.next().now_or_never() {}
+                    Ok(())
+                }
+            };
+            if let Err(grace) = woke {
+                return self.stop(grace).await;
+            }
+            let passed = tokio::select! {
+                grace = &mut stop => Err(grace.unwrap_or_default()),
+                p = self.upkeep.pass() => Ok(p),
+            };
+            let (pem, mut result) = match passed {
+                Ok(p) => p,
+                Err(grace) => return self.stop(grace).await,
+            };
+            if let Some(pem) = pem {
+                result = self.load(pem).await.and(result);
+            }
+            match result {
+                Ok(()) => (wait, failures) = (self.upkeep.period(), 0),
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    wait = retry_delay(failures);
+                    tracing::warn!(error = %e, retry_in = ?wait, "webhook certificate upkeep failed");
+                }
+            }
+        }
+    }
+}
+
+impl Webhooks {
+    /// Binds `addr` and returns at once; in the background, obtains a certificate (retrying
+    /// until it has one), serves, and keeps the certificate, the caBundle and the readiness up to
+    /// date. See the [module documentation](self) for the guarantees.
+    pub async fn start(
+        client: Client,
+        addr: SocketAddr,
+        source: CertSource,
+        shared: Arc<Shared>,
+    ) -> Result<Self, StartError> {
+        Self::start_with(client, addr, source, shared, Options::default())
+    }
+
+    /// [`Webhooks::start`] with options.
+    pub fn start_with(
+        client: Client,
+        addr: SocketAddr,
+        source: CertSource,
+        shared: Arc<Shared>,
+        options: Options,
+    ) -> Result<Self, StartError> {
+        let bind = |e| StartError::Bind(addr, e);
+        let listener = server::bind(addr).map_err(bind)?;
+        listener.set_nonblocking(true).map_err(bind)?;
+        let local = listener.local_addr().map_err(bind)?;
         let server_name = match &source {
             CertSource::SelfManaged { sans, .. } => sans.first().cloned().unwrap_or_else(|| "localhost".into()),
             CertSource::Dir { server_name, .. } => server_name.clone(),
         };
-        let ca = Arc::new(std::sync::Mutex::new(pem.ca.clone()));
-        let mut tasks = Vec::new();
-        let server = server::Server::spawn(listener, tls.clone(), shared.clone())?;
-        tracing::info!(addr = %local, "webhook server listening");
-        {
-            let (ready, ca, name) = (ready.clone(), ca.clone(), server_name.clone());
-            let port = local.port();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let current = ca.lock().map(|c| c.clone()).unwrap_or_default();
-                    let ok = handshake(port, &current, &name).await;
-                    if let Err(e) = &ok {
-                        tracing::debug!(error = %e, "webhook self-check failed");
-                    }
-                    ready.store(ok.is_ok(), Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_secs(if ok.is_ok() { 5 } else { 1 })).await;
-                }
-            }));
-        }
-        tasks.push(tokio::spawn(maintain(client, source, tls, pem.crt, ca)));
-        Ok(Self { ready, addr: local, shared, server, tasks })
+        let (loaded_tx, loaded) = watch::channel(None);
+        let ready = options.ready.clone();
+        ready.store(false, Ordering::Relaxed);
+        let check = options
+            .self_check
+            .then(|| tokio::spawn(self_check(local.port(), server_name, ready.clone(), loaded.clone())));
+        let life = Life {
+            upkeep: Upkeep { client, source, clock: options.clock },
+            shared: shared.clone(),
+            listener: Some(listener),
+            server: None,
+            loaded: loaded_tx,
+        };
+        let (stop, stop_rx) = oneshot::channel();
+        let life = tokio::spawn(life.run(stop_rx));
+        tracing::info!(addr = %local, "webhook port bound; obtaining a certificate");
+        Ok(Self {
+            ready,
+            addr: local,
+            shared,
+            stop,
+            life,
+            check,
+            #[cfg(test)]
+            loaded,
+        })
+    }
+
+    /// The PEM being served, once there is one.
+    #[cfg(test)]
+    pub(crate) fn loaded(&self) -> watch::Receiver<Option<Pem>> {
+        self.loaded.clone()
+    }
+
+    /// True while the background task runs (it ends only on shutdown).
+    #[cfg(test)]
+    pub(crate) fn is_running(&self) -> bool {
+        !self.life.is_finished()
     }
 
     /// Starts the drain: each connection is closed after its next request (GOAWAY on HTTP/2),
@@ -220,78 +470,15 @@ impl Webhooks {
     /// Stops accepting, lets in-flight requests finish for up to `grace`, then stops; returns
     /// once the server has stopped (see [`server::Server::shutdown`]).
     pub async fn shutdown(self, grace: Duration) -> Result<(), server::DrainTimeout> {
-        for t in &self.tasks {
-            t.abort();
+        if let Some(c) = &self.check {
+            c.abort();
         }
-        self.server.shutdown(grace).await
+        self.ready.store(false, Ordering::Relaxed);
+        let _ = self.stop.send(grace);
+        self.life.await.unwrap_or(Ok(()))
     }
 }
 
-/// Keeps the certificate current: on every change of the Secret (or the files) and at least
-/// once a minute, renew if due, reload if changed, and fix the caBundle if it drifted.
-async fn maintain(
-    client: Client,
-    source: CertSource,
-    tls: RustlsConfig,
-    mut loaded: String,
-    ca: Arc<std::sync::Mutex<String>>,
-) {
-    let mut changes = match &source {
-        CertSource::SelfManaged { namespace, secret, .. } => {
-            let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-            let config = watcher::Config::default().fields(&format!("metadata.name={secret}"));
-            watcher(api, config)
-                .backoff(crate::controller::cache::watch_backoff())
-                .applied_objects()
-                .map(|_| ())
-                .boxed()
-        }
-        CertSource::Dir { .. } => futures::stream::pending().boxed(),
-    };
-    loop {
-        let period = match source {
-            CertSource::SelfManaged { .. } => Duration::from_secs(60),
-            CertSource::Dir { .. } => Duration::from_secs(10),
-        };
-        tokio::select! {
-            _ = changes.next() => {}
-            _ = tokio::time::sleep(period) => {}
-        }
-        let pem = match &source {
-            CertSource::SelfManaged { namespace, secret, sans, config } => {
-                let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-                match ensure_secret(&api, secret, namespace, sans).await {
-                    Ok(p) => {
-                        if let Err(e) = ensure_ca_bundle(&client, config, &p.ca).await {
-                            tracing::warn!(error = %e, "could not patch the caBundle");
-                        }
-                        p
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "webhook certificate check failed");
-                        continue;
-                    }
-                }
-            }
-            CertSource::Dir { dir, .. } => match read_dir(dir) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the webhook certificate failed");
-                    continue;
-                }
-            },
-        };
-        if pem.crt != loaded {
-            match tls.reload_from_pem(pem.crt.clone().into_bytes(), pem.key.into_bytes()).await {
-                Ok(()) => {
-                    tracing::info!("webhook certificate reloaded");
-                    loaded = pem.crt;
-                    if let Ok(mut c) = ca.lock() {
-                        *c = pem.ca;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "reloading the webhook certificate failed"),
-            }
-        }
-    }
-}
+#[cfg(test)]
+#[path = "tls_tests.rs"]
+mod tests;

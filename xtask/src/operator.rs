@@ -165,8 +165,8 @@ async fn apply_manifest(client: &Client, manifest: serde_json::Value) -> Result<
 }
 
 /// Applies the files `deploy/rbac/kustomization.yaml` lists. On the local control plane it adds
-/// one grant: local replicas patch the caBundle of the URL-based webhook configurations named
-/// [`LOCAL_WEBHOOKS`], which `deploy/rbac` (rightly) does not name.
+/// one grant: local replicas watch and patch the caBundle of the URL-based webhook configurations
+/// named [`LOCAL_WEBHOOKS`], which `deploy/rbac` (rightly) does not name.
 pub async fn install_rbac(client: &Client, target: &Target) -> Result<()> {
     let dir = paths::repo().join("deploy/rbac");
     let kustomization: serde_yaml::Value =
@@ -190,7 +190,7 @@ pub async fn install_rbac(client: &Client, target: &Target) -> Result<()> {
                     "apiGroups": ["admissionregistration.k8s.io"],
                     "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
                     "resourceNames": [LOCAL_WEBHOOKS],
-                    "verbs": ["get", "patch"],
+                    "verbs": ["get", "list", "watch", "patch"],
                 }],
             }),
         )
