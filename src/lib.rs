@@ -75,8 +75,9 @@ impl Error {
 /// each consecutive failure, capped at 5 minutes, with `jitter` (in `[0, 1)`) adding up to 20 %
 /// so that objects failing together do not retry in lockstep. Conflicts retry fast: they mean
 /// someone else wrote first, not that something is broken.
-pub fn backoff_delay(failures: u32, error_kind: &str, jitter: f64) -> Duration {
-    let base_ms: u64 = if error_kind == "conflict" { 100 } else { 500 };
+pub fn backoff_delay(failures: u32, error: &Error, jitter: f64) -> Duration {
+    let conflict = matches!(error, Error::Kube(kube::Error::Api(s)) if s.code == 409);
+    let base_ms: u64 = if conflict { 100 } else { 500 };
     let exp = failures.saturating_sub(1).min(20);
     let ms = base_ms.saturating_mul(1u64 << exp).min(300_000);
     let jitter = jitter.clamp(0.0, 1.0);
@@ -87,25 +88,29 @@ pub fn backoff_delay(failures: u32, error_kind: &str, jitter: f64) -> Duration {
 mod tests {
     use super::*;
 
+    fn api(code: u16) -> Error {
+        Error::Kube(kube::Error::Api(Box::new(kube::core::Status::failure("x", "y").with_code(code))))
+    }
+
     #[test]
     fn backoff_grows_and_caps() {
-        assert_eq!(backoff_delay(1, "api", 0.0), Duration::from_millis(500));
-        assert_eq!(backoff_delay(2, "api", 0.0), Duration::from_millis(1000));
-        assert_eq!(backoff_delay(4, "api", 0.0), Duration::from_millis(4000));
-        assert_eq!(backoff_delay(30, "api", 0.0), Duration::from_secs(300));
-        assert_eq!(backoff_delay(u32::MAX, "api", 0.0), Duration::from_secs(300));
+        assert_eq!(backoff_delay(1, &api(500), 0.0), Duration::from_millis(500));
+        assert_eq!(backoff_delay(2, &api(500), 0.0), Duration::from_millis(1000));
+        assert_eq!(backoff_delay(4, &api(500), 0.0), Duration::from_millis(4000));
+        assert_eq!(backoff_delay(30, &api(500), 0.0), Duration::from_secs(300));
+        assert_eq!(backoff_delay(u32::MAX, &api(500), 0.0), Duration::from_secs(300));
     }
 
     #[test]
     fn backoff_jitter_is_bounded() {
-        assert_eq!(backoff_delay(1, "api", 0.999_999), Duration::from_millis(599));
-        assert_eq!(backoff_delay(1, "api", 7.0), Duration::from_millis(600));
-        assert!(backoff_delay(3, "api", 0.5) > backoff_delay(3, "api", 0.0));
+        assert_eq!(backoff_delay(1, &api(500), 0.999_999), Duration::from_millis(599));
+        assert_eq!(backoff_delay(1, &api(500), 7.0), Duration::from_millis(600));
+        assert!(backoff_delay(3, &api(500), 0.5) > backoff_delay(3, &api(500), 0.0));
     }
 
     #[test]
     fn conflicts_retry_fast() {
-        assert_eq!(backoff_delay(1, "conflict", 0.0), Duration::from_millis(100));
-        assert!(backoff_delay(1, "conflict", 0.0) < backoff_delay(1, "api", 0.0));
+        assert_eq!(backoff_delay(1, &api(409), 0.0), Duration::from_millis(100));
+        assert!(backoff_delay(1, &api(409), 0.0) < backoff_delay(1, &api(500), 0.0));
     }
 }

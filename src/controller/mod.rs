@@ -206,7 +206,7 @@ pub fn jittered(period: Duration, r: f64) -> Duration {
 
 fn error_policy(app: Arc<MyApp>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = ctx.record_failure(ObjectRef::from_obj(app.as_ref()));
-    let delay = backoff_delay(failures, error.kind(), rand::random::<f64>());
+    let delay = backoff_delay(failures, error, rand::random::<f64>());
     tracing::warn!(
         myapp = %ObjectRef::from_obj(app.as_ref()),
         error = %error,

@@ -55,4 +55,4 @@ mod timings;
 pub use elector::{Elector, Leadership, Stop};
 pub use state::{Decision, Observation, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
 pub use supervise::supervise;
-pub use timings::Timings;
+pub use timings::{Timings, TimingsError};

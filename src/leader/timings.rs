@@ -2,6 +2,33 @@
 
 use std::time::Duration;
 
+/// Why a set of lease timings cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimingsError {
+    /// The retry period is zero.
+    #[error("retry period must be positive")]
+    ZeroRetryPeriod,
+    /// The lease does not outlast the renew deadline.
+    #[error("lease duration ({lease:?}) must be greater than the renew deadline ({renew:?})")]
+    LeaseNotAboveRenewDeadline {
+        /// The lease duration (as written, for [`TimingsError::LeaseNotAboveRenewDeadline`] after rounding).
+        lease: Duration,
+        /// The renew deadline.
+        renew: Duration,
+    },
+    /// The renew deadline leaves no room for a retry.
+    #[error("renew deadline ({renew:?}) must be greater than 1.2 × the retry period ({retry:?})")]
+    RenewDeadlineTooShort {
+        /// The renew deadline.
+        renew: Duration,
+        /// The retry period.
+        retry: Duration,
+    },
+    /// The lease duration does not fit the Lease API's 32-bit seconds.
+    #[error("lease duration ({0:?}) does not fit the Lease API")]
+    TooLong(Duration),
+}
+
 /// How long a lease lasts, how long a leader keeps trying to renew, and how often anyone acts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timings {
@@ -26,32 +53,28 @@ impl Default for Timings {
 
 impl Timings {
     /// Checks `lease_duration > renew_deadline > retry_period × 1.2`, as client-go requires.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), TimingsError> {
         if self.retry_period.is_zero() {
-            return Err("retry period must be positive".into());
+            return Err(TimingsError::ZeroRetryPeriod);
         }
         if self.lease_duration <= self.renew_deadline {
-            return Err(format!(
-                "lease duration ({:?}) must be greater than the renew deadline ({:?})",
-                self.lease_duration, self.renew_deadline
-            ));
+            return Err(TimingsError::LeaseNotAboveRenewDeadline {
+                lease: self.lease_duration,
+                renew: self.renew_deadline,
+            });
         }
         if self.renew_deadline.as_secs_f64() <= self.retry_period.as_secs_f64() * 1.2 {
-            return Err(format!(
-                "renew deadline ({:?}) must be greater than 1.2 × the retry period ({:?})",
-                self.renew_deadline, self.retry_period
-            ));
+            return Err(TimingsError::RenewDeadlineTooShort { renew: self.renew_deadline, retry: self.retry_period });
         }
         // What standbys wait is what is written: whole seconds, rounded up.
         if self.lease_duration.as_secs_f64().ceil() > f64::from(i32::MAX) {
-            return Err(format!("lease duration ({:?}) does not fit the Lease API", self.lease_duration));
+            return Err(TimingsError::TooLong(self.lease_duration));
         }
         if self.written_lease_duration() <= self.renew_deadline {
-            return Err(format!(
-                "lease duration as written ({} s) must be greater than the renew deadline ({:?})",
-                self.lease_duration_secs(),
-                self.renew_deadline
-            ));
+            return Err(TimingsError::LeaseNotAboveRenewDeadline {
+                lease: self.written_lease_duration(),
+                renew: self.renew_deadline,
+            });
         }
         Ok(())
     }
@@ -95,15 +118,15 @@ mod tests {
 
     #[test]
     fn ordering_is_enforced() {
-        assert!(t(10_000, 10_000, 2_000).validate().is_err());
-        assert!(t(15_000, 2_400, 2_000).validate().is_err());
+        assert!(matches!(t(10_000, 10_000, 2_000).validate(), Err(TimingsError::LeaseNotAboveRenewDeadline { .. })));
+        assert!(matches!(t(15_000, 2_400, 2_000).validate(), Err(TimingsError::RenewDeadlineTooShort { .. })));
         assert!(t(15_000, 2_401, 2_000).validate().is_ok());
-        assert!(t(15_000, 10_000, 0).validate().is_err());
+        assert_eq!(t(15_000, 10_000, 0).validate(), Err(TimingsError::ZeroRetryPeriod));
         // Sub-second durations are written rounded up, and that is what is validated.
         assert!(t(900, 800, 100).validate().is_ok());
         assert_eq!(t(900, 800, 100).lease_duration_secs(), 1);
         assert_eq!(t(2_000, 1_500, 500).lease_duration_secs(), 2);
         assert_eq!(t(2_001, 1_500, 500).lease_duration_secs(), 3);
-        assert!(t(u64::MAX / 2, 10_000, 2_000).validate().is_err(), "too long for the API");
+        assert!(matches!(t(u64::MAX / 2, 10_000, 2_000).validate(), Err(TimingsError::TooLong(_))));
     }
 }

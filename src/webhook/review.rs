@@ -32,16 +32,38 @@ fn deny(resp: AdmissionResponse, message: String) -> AdmissionResponse {
     r
 }
 
-fn read_app(obj: &DynamicObject) -> Result<MyApp, String> {
-    let value = serde_json::to_value(obj).map_err(|e| e.to_string())?;
-    serde_json::from_value(value).map_err(|e| format!("cannot read the MyApp: {e}"))
+/// Why `/validate` could not judge a request.
+#[derive(Debug, thiserror::Error)]
+enum Unjudgeable {
+    /// The object is not a readable `what`.
+    #[error("cannot read the {what}: {source}")]
+    Unreadable {
+        /// What was expected, e.g. `MyApp`.
+        what: &'static str,
+        /// Why it does not decode.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A subresource other than `scale` claims to change `spec`.
+    #[error("cannot judge a change of spec through the subresource {0:?}")]
+    Subresource(String),
+}
+
+/// Decodes an admitted object as a `T` (`what` names it in the error).
+fn read<T: serde::de::DeserializeOwned>(obj: &DynamicObject, what: &'static str) -> Result<T, Unjudgeable> {
+    serde_json::to_value(obj)
+        .and_then(serde_json::from_value)
+        .map_err(|source| Unjudgeable::Unreadable { what, source })
+}
+
+fn read_app(obj: &DynamicObject) -> Result<MyApp, Unjudgeable> {
+    read(obj, "MyApp")
 }
 
 /// `spec.replicas` of an `autoscaling/v1` `Scale`. The API server leaves out a count of 0
 /// (`omitempty`), so an absent one is 0.
-fn read_scale_replicas(obj: &DynamicObject) -> Result<i32, String> {
-    let value = serde_json::to_value(obj).map_err(|e| e.to_string())?;
-    let scale: Scale = serde_json::from_value(value).map_err(|e| format!("cannot read the Scale: {e}"))?;
+fn read_scale_replicas(obj: &DynamicObject) -> Result<i32, Unjudgeable> {
+    let scale: Scale = read(obj, "Scale")?;
     Ok(scale.spec.and_then(|s| s.replicas).unwrap_or(0))
 }
 
@@ -80,7 +102,7 @@ fn app_errors(
     obj: &DynamicObject,
     old: Option<&DynamicObject>,
     policy: &Policy,
-) -> Result<Vec<FieldError>, String> {
+) -> Result<Vec<FieldError>, Unjudgeable> {
     let app = read_app(obj)?;
     let mut errors = Vec::new();
     // A name never changes, so it is checked once, on creation: the object's, which the API server
@@ -125,12 +147,12 @@ fn validate(req: &AdmissionRequest<DynamicObject>, resp: AdmissionResponse, poli
             let before = old.map(read_scale_replicas).transpose()?;
             Ok(policy.check_scale(replicas, before))
         }),
-        Some(other) => Err(format!("cannot judge a change of spec through the subresource {other:?}")),
+        Some(other) => Err(Unjudgeable::Subresource(other.to_string())),
     };
     match errors {
         Ok(errors) if errors.is_empty() => resp,
         Ok(errors) => deny(resp, join(&errors)),
-        Err(e) => deny(resp, e),
+        Err(e) => deny(resp, e.to_string()),
     }
 }
 

@@ -182,8 +182,28 @@ fn read_dir(dir: &Path) -> Result<Pem, UpkeepError> {
     Ok(Pem { ca: r(certs::CA_CRT)?, crt: r(certs::TLS_CRT)?, key: r(certs::TLS_KEY)? })
 }
 
+/// Why the self-check's handshake failed.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    /// The trust bundle does not parse.
+    #[error("the trust bundle: {0}")]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    /// A CA in the bundle is not usable as a root.
+    #[error("a CA in the trust bundle: {0}")]
+    Root(#[from] rustls::Error),
+    /// The server name is not a valid DNS name or address.
+    #[error("the server name: {0}")]
+    Name(#[from] rustls::pki_types::InvalidDnsNameError),
+    /// Connecting or the handshake failed.
+    #[error("connect or handshake: {0}")]
+    Io(#[from] std::io::Error),
+    /// Connecting or the handshake took over 2 s.
+    #[error("timed out")]
+    Timeout(#[from] tokio::time::error::Elapsed),
+}
+
 /// One TLS handshake with our own server, verifying its certificate against `ca`.
-async fn handshake(port: u16, ca: &str, server_name: &str) -> anyhow::Result<()> {
+async fn handshake(port: u16, ca: &str, server_name: &str) -> Result<(), HandshakeError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
         roots.add(c?)?;
