@@ -1,4 +1,7 @@
-//! A bound on every API call the operator makes.
+//! How the operator talks to the API server: who it says it is, a bound on every call, and how
+//! its watches back off.
+//!
+//! # A bound on every call
 //!
 //! kube's client has connect and write timeouts but no read timeout (a read timeout would break
 //! idle watches), so a request sent on a half-open connection waits for its answer forever: the
@@ -11,6 +14,37 @@
 //! more tightly itself (half the renew deadline).
 
 use http::Request;
+
+/// The product token of the operator's User-Agent.
+pub const USER_AGENT_PRODUCT: &str = "myapp-operator";
+
+/// The User-Agent of replica `identity`: `myapp-operator/<version> (<identity>)`. The audit log
+/// records it with every request, which is how the chaos suite and the tests tell the replicas'
+/// writes apart ([`identity_in_user_agent`] reads it back).
+pub fn user_agent(identity: &str) -> String {
+    format!("{USER_AGENT_PRODUCT}/{} ({identity})", env!("CARGO_PKG_VERSION"))
+}
+
+/// The replica identity in a [`user_agent`], of any version; `None` for anyone else's.
+pub fn identity_in_user_agent(user_agent: &str) -> Option<&str> {
+    let rest = user_agent.strip_prefix(USER_AGENT_PRODUCT)?.strip_prefix('/')?;
+    let (_, inner) = rest.split_once('(')?;
+    let id = inner.strip_suffix(')')?.trim();
+    (!id.is_empty()).then_some(id)
+}
+
+/// Backoff of every watch the operator keeps: from 200 ms, doubling, at most 5 s, with jitter,
+/// reset by any event. kube's default grows to 30 s, and a cache waiting that long after an API
+/// server restart is stale for all that time.
+pub fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -92,6 +126,17 @@ mod tests {
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::Api;
     use tower::ServiceBuilder;
+
+    #[test]
+    fn user_agents_round_trip() {
+        let ua = user_agent("op-0-x");
+        assert!(ua.starts_with("myapp-operator/"), "{ua}");
+        assert_eq!(identity_in_user_agent(&ua), Some("op-0-x"));
+        assert_eq!(identity_in_user_agent("myapp-operator/0.0.9 (old-1)"), Some("old-1"));
+        assert_eq!(identity_in_user_agent("kube-controller-manager/v1.37.2"), None);
+        assert_eq!(identity_in_user_agent("myapp-operator/0.1.0"), None);
+        assert_eq!(identity_in_user_agent("myapp-operator-e2e/1 (x)"), None);
+    }
 
     #[test]
     fn watches_are_told_apart() {

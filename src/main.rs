@@ -176,7 +176,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let probe_task = tokio::spawn(probes::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
 
     let mut config = kube::Config::infer().await.context("find Kubernetes credentials")?;
-    let agent = format!("myapp-operator/{} ({identity})", env!("CARGO_PKG_VERSION"));
+    let agent = myapp_operator::client::user_agent(&identity);
     config.headers.push((::http::header::USER_AGENT, ::http::HeaderValue::from_str(&agent)?));
     // Every API call becomes a client span whose context reaches the API server in `traceparent`.
     let client = kube::client::ClientBuilder::try_from(config.clone())

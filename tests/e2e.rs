@@ -318,7 +318,7 @@ fn reconcile_trace(ns: &str, name: &str) -> Option<(String, usize, ApiServerSide
         }
         // Not privileged: look for the API server's traces of this replica's calls that link back.
         let leader = tag("leader")?;
-        let agent = format!("myapp-operator/{} ({leader})", env!("CARGO_PKG_VERSION"));
+        let agent = myapp_operator::client::user_agent(&leader);
         let theirs =
             common::jaeger_traces("apiserver", None, Some(&serde_json::json!({ "user_agent.original": agent })), 500)?;
         let linked = common::spans_of(&theirs).any(|s| {

@@ -45,10 +45,7 @@ impl Request {
 
 /// The replica identity in an operator user agent.
 pub fn replica_of(user_agent: &str) -> Option<String> {
-    let rest = user_agent.strip_prefix("myapp-operator/")?;
-    let (_, inner) = rest.split_once('(')?;
-    let id = inner.strip_suffix(')')?.trim();
-    (!id.is_empty()).then(|| id.to_string())
+    myapp_operator::client::identity_in_user_agent(user_agent).map(str::to_string)
 }
 
 /// Parses an RFC 3339 timestamp into seconds since the epoch.

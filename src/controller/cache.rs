@@ -45,26 +45,13 @@ pub struct Caches {
     service_tx: broadcast::Sender<Arc<Service>>,
 }
 
-/// Backoff of every watch the operator keeps: from 200 ms, doubling, at most 5 s, with jitter,
-/// reset by any event. kube's default grows to 30 s, and a cache waiting that long after an API
-/// server restart is stale for all that time.
-pub fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(std::time::Duration::from_millis(200))
-        .with_max_delay(std::time::Duration::from_secs(5))
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .into()
-}
-
 fn spawn_watch<K>(api: Api<K>, config: watcher::Config, tx: broadcast::Sender<Arc<K>>, prune: fn(&mut K)) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config)
-        .backoff(watch_backoff())
+        .backoff(crate::client::watch_backoff())
         // Before the store and the fan-out: only what is read is kept (see `prune`).
         .modify(prune)
         .reflect(writer)

@@ -256,8 +256,7 @@ impl Elector {
     /// tells how it went.
     pub async fn run(mut self, mut stop: watch::Receiver<Stop>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let mut events =
-            std::pin::pin!(watcher(self.api.clone(), config).backoff(crate::controller::cache::watch_backoff()));
+        let mut events = std::pin::pin!(watcher(self.api.clone(), config).backoff(crate::client::watch_backoff()));
         let mut fresh = false;
         // Whether the Lease appeared in the watcher's current (re)list.
         let mut listed = false;

@@ -248,7 +248,7 @@ where
 {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     watcher(api, config)
-        .backoff(crate::controller::cache::watch_backoff())
+        .backoff(crate::client::watch_backoff())
         .filter_map(|event| {
             futures::future::ready(match event {
                 Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => Some(()),
