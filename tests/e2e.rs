@@ -10,8 +10,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::conditions;
 use myapp_operator::api::quantity;
-use myapp_operator::api::{FIELD_MANAGER, FINALIZER, MyApp, MyAppSpec, ResourceAmounts};
-use myapp_operator::controller::children;
+use myapp_operator::api::{APPLIED_HASH, FIELD_MANAGER, FINALIZER, MyApp, MyAppSpec, ResourceAmounts};
 use myapp_operator::webhook::policy::ALLOW_PORT_CHANGE;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -628,10 +627,7 @@ async fn assert_untouched(foreign: Foreign, client: &Client, ns: &str, before: &
         .filter_map(|m| m["manager"].as_str())
         .collect();
     assert!(!managers.contains(&FIELD_MANAGER), "the operator wrote to the foreign {kind}: managers {managers:?}");
-    assert!(
-        now["metadata"]["annotations"].get(children::APPLIED_HASH).is_none(),
-        "the operator applied to the foreign {kind}"
-    );
+    assert!(now["metadata"]["annotations"].get(APPLIED_HASH).is_none(), "the operator applied to the foreign {kind}");
 }
 
 /// Waits until the MyApp `web` reports, for its current generation, that `kind` "web" holds its

@@ -11,9 +11,9 @@
 //! The channel keeps its last [`CHANNEL`] events until they are overwritten, read or not, so its
 //! size bounds the stale copies of objects the leader keeps alive.
 
-use super::children::{MANAGED_BY, MANAGED_BY_LABEL};
 use super::prune;
 use crate::api::MyApp;
+use crate::api::{MANAGED_BY, MANAGED_BY_LABEL};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;

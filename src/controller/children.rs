@@ -18,6 +18,7 @@
 //! A child last applied by a version of the operator that did not stamp it, or whose builders
 //! produced a different document, is applied once more.
 
+use crate::api::{APPLIED_HASH, INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::api::{MyApp, ServiceType, quantity};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
@@ -31,17 +32,8 @@ use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
-/// Label that selects the pods of one `MyApp`.
-pub const INSTANCE_LABEL: &str = "myapp.dev/name";
-/// Label on everything the operator manages; its watches select on it.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Value of [`MANAGED_BY_LABEL`].
-pub const MANAGED_BY: &str = "myapp-operator";
 /// Name of the container and of the port.
 pub const CONTAINER: &str = "app";
-/// Annotation on every child: the digest of the document the operator last applied to it (see
-/// [`stamp`]).
-pub const APPLIED_HASH: &str = "myapp.dev/applied-hash";
 
 /// The labels selecting the pods of `app`.
 pub fn selector_labels(name: &str) -> BTreeMap<String, String> {

@@ -154,7 +154,7 @@ async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> 
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(crate::telemetry::propagation::TRACE_ANNOTATION))
+        .and_then(|a| a.get(crate::api::TRACE_ANNOTATION))
         .and_then(|tp| crate::telemetry::propagation::parse_traceparent(tp))
     {
         use tracing_opentelemetry::OpenTelemetrySpanExt;

@@ -33,11 +33,6 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
-/// The annotation that carries the trace context of the request that last changed a MyApp's
-/// spec. The reconcile of that generation links to it. It is metadata: it bumps no generation and
-/// no drift check looks at it.
-pub const TRACE_ANNOTATION: &str = "myapp.dev/traceparent";
-
 /// The W3C `traceparent` of the current span, if it is sampled.
 pub fn current_traceparent() -> Option<String> {
     let cx = tracing::Span::current().context();

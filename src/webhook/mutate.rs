@@ -1,8 +1,7 @@
 //! Defaulting: a JSON Patch that fills in what the user left out. Idempotent: applied to its own
 //! output it yields an empty patch, so the API server may call it again (reinvocation) safely.
 
-use crate::controller::children::{MANAGED_BY, MANAGED_BY_LABEL};
-use crate::telemetry::propagation::TRACE_ANNOTATION;
+use crate::api::{MANAGED_BY, MANAGED_BY_LABEL, TRACE_ANNOTATION};
 use json_patch::{AddOperation, Patch, PatchOperation};
 use jsonptr::PointerBuf;
 use serde_json::{Value, json};
