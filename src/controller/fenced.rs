@@ -15,7 +15,7 @@
 //! lease is valid. Closing the last gap would need a fencing token that the API server checks, and
 //! Kubernetes has none for arbitrary objects.
 
-use super::writer::Fence;
+use crate::leader::Fence;
 use crate::telemetry::propagation::TraceParentLayer;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};

@@ -20,6 +20,7 @@ pub mod reconcile;
 pub mod writer;
 
 use crate::api::MyApp;
+use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
 use crate::webhook::policy::Policy;
 use crate::{Error, backoff_delay};
@@ -32,7 +33,7 @@ use kube::{Client, ResourceExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use writer::{Fence, Writer};
+use writer::Writer;
 
 /// How often an unchanged `MyApp` is reconciled again (a resync that must write nothing).
 pub const RESYNC: Duration = Duration::from_secs(300);

@@ -3,6 +3,7 @@
 //! checks the [`Fence`] first and counts the write in the metrics.
 
 use crate::api::{FIELD_MANAGER, MyApp, MyAppStatus};
+use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
 use crate::{Error, Result};
 use k8s_openapi::NamespaceResourceScope;
@@ -14,37 +15,6 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::fmt::Debug;
 use std::sync::Arc;
-use tokio::sync::watch;
-use tokio::time::Instant;
-
-/// Permission to write, bounded in time. The leader elector publishes the instant until which
-/// this replica's leadership is certain (`valid_until`); every write checks it first. Without an
-/// elector (a single replica, `--leader-elect=false`) the fence is open.
-#[derive(Clone, Debug)]
-pub struct Fence(Option<watch::Receiver<Option<Instant>>>);
-
-impl Fence {
-    /// A fence that always allows writes.
-    pub fn open() -> Self {
-        Self(None)
-    }
-
-    /// A fence that follows the elector's `valid_until`; `None` means "not the leader".
-    pub fn new(valid_until: watch::Receiver<Option<Instant>>) -> Self {
-        Self(Some(valid_until))
-    }
-
-    /// `Ok` while writes are allowed at this instant.
-    pub fn check(&self) -> Result<()> {
-        match &self.0 {
-            None => Ok(()),
-            Some(rx) => match *rx.borrow() {
-                Some(until) if Instant::now() < until => Ok(()),
-                _ => Err(Error::Fenced),
-            },
-        }
-    }
-}
 
 /// Writes on behalf of the controller.
 pub struct Writer {

@@ -26,7 +26,7 @@
 //!   expire: that margin absorbs the latency of a write sent just before `valid_until` and any
 //!   difference in clock rates.
 //! - **Fencing.** The leadership is published as a `watch` channel of `valid_until`. Every write
-//!   the controller makes checks it first ([`crate::controller::writer::Fence`]), and again at
+//!   the controller makes checks it first ([`Fence`]), and again at
 //!   the socket before every byte ([`crate::controller::fenced`]). The controller future is
 //!   dropped the moment it passes or the lease is lost ([`supervise`]), so no new write leaves
 //!   this replica after that point.
@@ -48,11 +48,13 @@
 //!   serving webhooks, probes and metrics, and its caches stay warm for the next term.
 
 mod elector;
+mod fence;
 mod state;
 mod supervise;
 mod timings;
 
 pub use elector::{Elector, Leadership, Stop};
+pub use fence::Fence;
 pub use state::{Decision, Observation, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
 pub use supervise::supervise;
 pub use timings::{Timings, TimingsError};

@@ -1,7 +1,7 @@
 //! Runs the controller exactly while this replica leads.
 
+use super::Fence;
 use super::{Leadership, Stop};
-use crate::controller::writer::Fence;
 use std::future::Future;
 use std::time::Duration;
 use tokio::sync::watch;
