@@ -12,6 +12,26 @@
 //!   operation gets 422 as on the real server) or a JSON merge patch
 //!   (`application/merge-patch+json`). A resourceVersion in the patched object is a
 //!   precondition (409 when stale), as on the real server; other patch types get 415.
+//! - Server-side apply (`application/apply-patch+yaml`; kube sends JSON, which is YAML) creates
+//!   the object when absent (201) and otherwise is approximated by a JSON merge of the applied
+//!   document: there are no managedFields, so a field that an earlier apply set and this one
+//!   omits is NOT removed, and lists are replaced rather than merged by key. Tests that depend on
+//!   field ownership need a real API server.
+//! - The status subresource (`…/NAME/status`): a patch there changes only `status`, whatever
+//!   else it carries, as on the real server. Writes to the object itself do not protect its
+//!   status (the real server ignores them for kinds with a status subresource; the fake does not).
+//! - `DELETE` of an object with finalizers only sets its `deletionTimestamp` (a MODIFIED event);
+//!   a write that leaves an object with a `deletionTimestamp` and no finalizer removes it (a
+//!   DELETED event), as on the real server. A `DELETE` with `propagationPolicy: Foreground` adds
+//!   the `foregroundDeletion` finalizer, as the real server does. There is no garbage collector:
+//!   owner references are ignored, nothing removes `foregroundDeletion` but the test (playing
+//!   the collector, e.g. with [`FakeApi::finish_foreground_deletion`]), and a deleted owner
+//!   leaves its dependents in place.
+//! - `labelSelector` (equality terms `k=v`, comma-separated) and `fieldSelector=metadata.name=…`
+//!   filter lists and watches; other selector forms are not supported (they match nothing).
+//! - `metadata.generation` is not maintained: objects keep the generation they were written with.
+//! - Any collection takes a `POST`: Events (`events.k8s.io`) are stored like any object, and
+//!   their repeats (a merge patch with a series count) patch the stored Event.
 //! - Faults: a delay before each request is served, or a blackhole that never answers.
 //!
 //! Time comes from tokio, so tests run with `start_paused = true` and take no wall time.
@@ -44,8 +64,22 @@ pub struct Seen {
     pub uri: String,
     /// The response status.
     pub status: u16,
+    /// The request's `Content-Type`, empty if none.
+    pub content_type: String,
     /// The request body, if JSON.
     pub body: Option<Value>,
+}
+
+impl Seen {
+    /// True for a request that writes (`POST`, `PUT`, `PATCH` or `DELETE`).
+    pub fn is_write(&self) -> bool {
+        [Method::POST, Method::PUT, Method::PATCH, Method::DELETE].contains(&self.method)
+    }
+
+    /// The method and the path without the query, e.g. `"PATCH /apis/…/myapps/web/status"`.
+    pub fn line(&self) -> String {
+        format!("{} {}", self.method, self.uri.split('?').next().unwrap_or_default())
+    }
 }
 
 #[derive(Default)]
@@ -74,7 +108,14 @@ impl Default for FakeApi {
 }
 
 fn split(path: &str) -> (String, Option<String>) {
-    // A collection path ends in its plural; an object path has one more segment.
+    let (collection, name, _) = split_sub(path);
+    (collection, name)
+}
+
+/// The collection, the object's name and the subresource (`status`) of a path.
+fn split_sub(path: &str) -> (String, Option<String>, Option<String>) {
+    // A collection path ends in its plural; an object path has one more segment, and a
+    // subresource path one more again.
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     let plural_at = match parts.get(1) {
         Some(&"api") => 3,
@@ -82,10 +123,56 @@ fn split(path: &str) -> (String, Option<String>) {
     };
     let plural_at = if parts.get(plural_at) == Some(&"namespaces") { plural_at + 2 } else { plural_at };
     if parts.len() > plural_at + 1 {
-        (parts[..=plural_at].join("/"), Some(parts[plural_at + 1].to_string()))
+        let sub = parts.get(plural_at + 2).map(|s| s.to_string());
+        (parts[..=plural_at].join("/"), Some(parts[plural_at + 1].to_string()), sub)
     } else {
-        (parts.join("/"), None)
+        (parts.join("/"), None, None)
     }
+}
+
+/// Decodes `%XX` escapes and `+` (a space) in a query value.
+fn unescape(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `obj` matches the query's `fieldSelector` (only `metadata.name=…`) and
+/// `labelSelector` (only equality terms); an unsupported form matches nothing.
+fn selected(obj: &Value, q: &BTreeMap<String, String>) -> bool {
+    let name = obj.pointer("/metadata/name").and_then(Value::as_str);
+    let by_field = match q.get("fieldSelector").filter(|f| !f.is_empty()) {
+        None => true,
+        Some(f) => f.strip_prefix("metadata.name=").is_some_and(|n| Some(n) == name),
+    };
+    let by_label = match q.get("labelSelector").filter(|l| !l.is_empty()) {
+        None => true,
+        Some(l) => l.split(',').all(|term| match term.split_once('=') {
+            Some((k, v)) if !k.ends_with('!') => {
+                obj.pointer("/metadata/labels").and_then(|ls| ls.get(k)).and_then(Value::as_str) == Some(v)
+            }
+            _ => false,
+        }),
+    };
+    by_field && by_label
 }
 
 fn query(uri: &http::Uri) -> BTreeMap<String, String> {
@@ -93,7 +180,7 @@ fn query(uri: &http::Uri) -> BTreeMap<String, String> {
         .unwrap_or_default()
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("%3D", "=").replace("%3d", "=")))
+        .map(|(k, v)| (k.to_string(), unescape(v)))
         .collect()
 }
 
@@ -106,6 +193,21 @@ fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
 
 fn name_of(obj: &Value) -> Option<String> {
     obj.pointer("/metadata/name").and_then(Value::as_str).map(str::to_string)
+}
+
+/// The finalizer the garbage collector removes once a foreground deletion's dependents are gone.
+pub const FOREGROUND: &str = "foregroundDeletion";
+
+fn has_finalizer(obj: &Value, finalizer: &str) -> bool {
+    obj.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| f.iter().any(|x| x == finalizer))
+}
+
+fn has_finalizers(obj: &Value) -> bool {
+    obj.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty())
+}
+
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 fn one(body: Value) -> Chunks {
@@ -168,6 +270,18 @@ impl FakeApi {
         self.commit(&mut s, key, obj, if existed.is_some() { "MODIFIED" } else { "ADDED" })
     }
 
+    /// Plays the garbage collector once the dependents of a foreground deletion are gone: removes
+    /// the `foregroundDeletion` finalizer of the object, which then goes if it was its last.
+    pub fn finish_foreground_deletion(&self, collection: &str, name: &str) -> Option<Value> {
+        let mut s = self.lock();
+        let key = (collection.to_string(), name.to_string());
+        let mut obj = s.objects.get(&key).cloned()?;
+        if let Some(f) = obj.pointer_mut("/metadata/finalizers").and_then(Value::as_array_mut) {
+            f.retain(|x| x != FOREGROUND);
+        }
+        Some(self.commit(&mut s, key, obj, "MODIFIED"))
+    }
+
     /// Deletes an object without telling any watch: what a client sees whose watch was down.
     pub fn delete_unwatched(&self, collection: &str, name: &str) -> Option<Value> {
         let mut s = self.lock();
@@ -195,7 +309,15 @@ impl FakeApi {
         s.revision += 1;
         let rev = s.revision;
         obj["metadata"]["resourceVersion"] = json!(rev.to_string());
-        s.objects.insert(key.clone(), obj.clone());
+        let deleting = obj.pointer("/metadata/deletionTimestamp").is_some_and(|t| !t.is_null());
+        let kind = if deleting && !has_finalizers(&obj) {
+            // The last finalizer is gone from an object being deleted: the server removes it.
+            s.objects.remove(&key);
+            "DELETED"
+        } else {
+            s.objects.insert(key.clone(), obj.clone());
+            kind
+        };
         let ev = (rev, key.0, json!({"type": kind, "object": obj.clone()}));
         s.history.push(ev.clone());
         let _ = self.events.send(ev);
@@ -214,7 +336,7 @@ impl FakeApi {
         let (parts, body) = req.into_parts();
         let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let body: Option<Value> = serde_json::from_slice(&body).ok();
-        let (collection, name) = split(parts.uri.path());
+        let (collection, name, sub) = split_sub(parts.uri.path());
         let q = query(&parts.uri);
         let content_type =
             parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
@@ -223,7 +345,7 @@ impl FakeApi {
                 (200, self.watch(&collection, &q))
             } else {
                 let (code, v) = match parts.method {
-                    Method::PATCH => self.patch(&collection, name, &content_type, body.clone()),
+                    Method::PATCH => self.patch(&collection, name, sub.as_deref(), &content_type, body.clone()),
                     _ => self.answer(&parts.method, &collection, name, &q, body.clone()),
                 };
                 (code, one(v))
@@ -233,6 +355,7 @@ impl FakeApi {
             method: parts.method.clone(),
             uri: parts.uri.to_string(),
             status: code,
+            content_type,
             body,
         });
         let mut resp = Response::new(StreamBody::new(chunks));
@@ -256,11 +379,10 @@ impl FakeApi {
                 None => status(404, "NotFound", &format!("{name} not found")),
             },
             (Method::GET, None) => {
-                let only = q.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name=")).map(str::to_string);
                 let items: Vec<Value> = s
                     .objects
                     .iter()
-                    .filter(|((c, n), _)| c == collection && only.as_ref().is_none_or(|o| o == n))
+                    .filter(|((c, _), o)| c == collection && selected(o, q))
                     .map(|(_, o)| o.clone())
                     .collect();
                 let kind = items
@@ -306,6 +428,27 @@ impl FakeApi {
                 }
             }
             (Method::DELETE, Some(name)) => {
+                let key = (collection.to_string(), name.clone());
+                let foreground = body
+                    .as_ref()
+                    .and_then(|b| b.get("propagationPolicy"))
+                    .is_some_and(|p| p.as_str() == Some("Foreground"));
+                if let Some(mut existing) = s.objects.get(&key).cloned()
+                    && (foreground || has_finalizers(&existing))
+                {
+                    if foreground && !has_finalizer(&existing, FOREGROUND) {
+                        match existing.pointer_mut("/metadata/finalizers").and_then(Value::as_array_mut) {
+                            Some(f) => f.push(json!(FOREGROUND)),
+                            None => existing["metadata"]["finalizers"] = json!([FOREGROUND]),
+                        }
+                    }
+                    // Marked for deletion; gone once the last finalizer is removed.
+                    let mut obj = existing;
+                    if obj.pointer("/metadata/deletionTimestamp").is_none_or(Value::is_null) {
+                        obj["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+                    }
+                    return (200, self.commit(&mut s, key, obj, "MODIFIED"));
+                }
                 drop(s);
                 match self.delete(collection, &name) {
                     Some(o) => (200, o),
@@ -316,13 +459,34 @@ impl FakeApi {
         }
     }
 
-    fn patch(&self, collection: &str, name: Option<String>, content_type: &str, body: Option<Value>) -> (u16, Value) {
+    fn patch(
+        &self,
+        collection: &str,
+        name: Option<String>,
+        sub: Option<&str>,
+        content_type: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let (Some(name), Some(patch)) = (name, body) else { return status(400, "BadRequest", "no name or no body") };
         let mut s = self.lock();
         let key = (collection.to_string(), name.clone());
+        let apply = content_type == "application/apply-patch+yaml";
         let Some(existing) = s.objects.get(&key).cloned() else {
+            if apply && sub.is_none() {
+                // Server-side apply creates what is absent.
+                let mut obj = patch;
+                if name_of(&obj).as_deref() != Some(name.as_str()) {
+                    return status(400, "BadRequest", "the applied name differs from the path's");
+                }
+                s.uids += 1;
+                obj["metadata"]["uid"] = json!(format!("uid-{}", s.uids));
+                return (201, self.commit(&mut s, key, obj, "ADDED"));
+            }
             return status(404, "NotFound", &format!("{name} not found"));
         };
+        if sub.is_some_and(|r| r != "status") {
+            return status(404, "NotFound", "the fake knows no subresource but status");
+        }
         let mut obj = existing.clone();
         match content_type {
             "application/json-patch+json" => {
@@ -334,6 +498,8 @@ impl FakeApi {
                 }
             }
             "application/merge-patch+json" => json_patch::merge(&mut obj, &patch),
+            // An approximation: see the module's doc.
+            "application/apply-patch+yaml" => json_patch::merge(&mut obj, &patch),
             other => return status(415, "UnsupportedMediaType", &format!("{other} is not supported by the fake")),
         }
         let rv = |o: &Value| o.pointer("/metadata/resourceVersion").cloned();
@@ -341,12 +507,25 @@ impl FakeApi {
             return status(409, "Conflict", "the object has been modified");
         }
         obj["metadata"]["uid"] = existing["metadata"]["uid"].clone();
+        if sub == Some("status") {
+            // Only the status changes through the status subresource.
+            let status = obj.get("status").cloned();
+            obj = existing;
+            match status {
+                Some(st) => obj["status"] = st,
+                None => {
+                    if let Some(o) = obj.as_object_mut() {
+                        o.remove("status");
+                    }
+                }
+            }
+        }
         (200, self.commit(&mut s, key, obj, "MODIFIED"))
     }
 
     fn watch(&self, collection: &str, q: &BTreeMap<String, String>) -> Chunks {
         let since: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let only = q.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name=")).map(str::to_string);
+        let q = q.clone();
         // Subscribe before reading the history, so that nothing falls between the two.
         let rx = self.events.subscribe();
         let past: Vec<(u64, String, Value)> =
@@ -356,8 +535,7 @@ impl FakeApi {
         let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |e| async move { e.ok() });
         let live = live.filter(move |(rev, _, _)| futures::future::ready(*rev > last));
         Box::pin(futures::stream::iter(past).chain(live).filter_map(move |(_, c, ev)| {
-            let keep = c == collection
-                && only.as_ref().is_none_or(|o| ev.pointer("/object/metadata/name").and_then(Value::as_str) == Some(o));
+            let keep = c == collection && ev.get("object").is_some_and(|o| selected(o, &q));
             let line = keep.then(|| {
                 let mut bytes = serde_json::to_vec(&ev).unwrap_or_default();
                 bytes.push(b'\n');
@@ -427,5 +605,56 @@ mod tests {
         let merged = api.patch("x", &pp, &merge).await.expect("an unconditional merge");
         assert_eq!(merged.data.and_then(|d| d.get("k").cloned()).as_deref(), Some("w"));
         assert!(matches!(api.patch("y", &pp, &merge).await, Err(kube::Error::Api(s)) if s.code == 404));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn apply_status_finalizers_and_selectors_like_the_real_server() {
+        use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+        let fake = FakeApi::default();
+        let api: Api<ConfigMap> = Api::namespaced(fake.client(), "a");
+        let apply = PatchParams::apply("me").force();
+        let doc = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "labels": {"k": "v"}}, "data": {"a": "1"}});
+        let created = api.patch("x", &apply, &Patch::Apply(&doc)).await.expect("an apply creates");
+        assert_eq!(fake.requests().last().map(|r| r.status), Some(201));
+        let doc = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"b": "2"}});
+        let merged = api.patch("x", &apply, &Patch::Apply(&doc)).await.expect("an apply merges");
+        let data = merged.data.unwrap_or_default();
+        assert_eq!(
+            (data.get("a"), data.get("b")),
+            (Some(&"1".to_string()), Some(&"2".to_string())),
+            "merged, not owned"
+        );
+        assert_eq!(merged.metadata.uid, created.metadata.uid);
+
+        // Only the status changes through the status subresource.
+        let coll = "/api/v1/namespaces/a/configmaps";
+        let patch = Patch::Merge(json!({"status": {"s": 1}, "data": {"a": "changed"}}));
+        api.patch_status("x", &PatchParams::default(), &patch).await.expect("status");
+        let stored = fake.get(coll, "x").expect("stored");
+        assert_eq!((stored["status"]["s"].clone(), stored["data"]["a"].clone()), (json!(1), json!("1")));
+
+        // Selectors, as kube encodes them.
+        let selected = |l: &str| {
+            let api = api.clone();
+            let lp = ListParams::default().labels(l);
+            async move { api.list(&lp).await.expect("list").items.len() }
+        };
+        assert_eq!((selected("k=v").await, selected("k=w").await, selected("").await), (1, 0, 1));
+
+        // A finalizer holds a delete; removing the last one completes it.
+        let hold = Patch::Merge(json!({"metadata": {"finalizers": ["f"]}}));
+        api.patch("x", &PatchParams::default(), &hold).await.expect("finalizer");
+        api.delete("x", &DeleteParams::default()).await.expect("delete");
+        assert!(fake.get(coll, "x").and_then(|o| o.pointer("/metadata/deletionTimestamp").cloned()).is_some());
+        let release = Patch::Merge(json!({"metadata": {"finalizers": []}}));
+        api.patch("x", &PatchParams::default(), &release).await.expect("release");
+        assert!(fake.get(coll, "x").is_none(), "gone with its last finalizer");
+
+        // A foreground delete waits for the collector, which the test plays.
+        api.patch("x", &apply, &Patch::Apply(&doc)).await.expect("again");
+        api.delete("x", &DeleteParams::foreground()).await.expect("foreground");
+        assert!(fake.get(coll, "x").is_some(), "held by foregroundDeletion");
+        fake.finish_foreground_deletion(coll, "x");
+        assert!(fake.get(coll, "x").is_none());
     }
 }

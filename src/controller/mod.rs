@@ -13,6 +13,10 @@
 pub mod cache;
 pub mod children;
 pub mod fenced;
+#[cfg(test)]
+pub(crate) mod fixtures;
+#[cfg(test)]
+mod io_tests;
 pub mod ownership;
 pub mod prune;
 pub mod queue;

@@ -1,0 +1,191 @@
+//! Reconcile and cleanup against the fake API server ([`crate::fake_api`]): what they write, in
+//! which order, and what the server then holds. No cluster; paused time, so each runs in
+//! milliseconds.
+
+use super::Context;
+use super::cache::Caches;
+use super::fixtures::{DEPLOYMENTS, MYAPPS, NS, SERVICES};
+use crate::api::{FINALIZER, MyApp};
+use crate::fake_api::{FakeApi, Seen};
+use crate::leader::Fence;
+use crate::telemetry::metrics::Metrics;
+use kube::api::{Api, DeleteParams};
+use kube::runtime::reflector::ObjectRef;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The path of the events collection in [`NS`].
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
+
+/// A fake API server holding `app`, and a context over it whose caches have synced.
+async fn start(app: &MyApp) -> (FakeApi, Context) {
+    let fake = FakeApi::default();
+    fake.put(MYAPPS, app.json());
+    let caches = Caches::start(fake.client(), Some(NS));
+    tokio::time::timeout(Duration::from_secs(30), caches.wait_ready()).await.expect("the caches sync");
+    let ctx = Context::new(
+        fake.client(),
+        fake.client(),
+        caches,
+        Arc::new(Metrics::default()),
+        "test-replica",
+        Fence::open(),
+        tokio::time::Instant::now(),
+    );
+    (fake, ctx)
+}
+
+/// The MyApp as the server now holds it.
+async fn stored(fake: &FakeApi) -> MyApp {
+    Api::<MyApp>::namespaced(fake.client(), NS).get("web").await.expect("the MyApp is stored")
+}
+
+/// The writes among the requests from the `from`th on, as `"METHOD path"`.
+fn writes(fake: &FakeApi, from: usize) -> Vec<String> {
+    fake.requests().iter().skip(from).filter(|r| r.is_write()).map(Seen::line).collect()
+}
+
+/// Waits (in paused time) until `done` holds of the caches.
+async fn until(ctx: &Context, what: &str, done: impl Fn(&Caches) -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while !done(&ctx.caches) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the caches never saw {what}");
+}
+
+fn child_ref<K: kube::Resource<DynamicType = ()>>() -> ObjectRef<K> {
+    ObjectRef::new("web").within(NS)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_finalizer_is_added_before_any_child() {
+    let (fake, ctx) = start(&MyApp::test()).await;
+    let app = stored(&fake).await;
+    let from = fake.requests().len();
+
+    let requeue = app.reconcile(&ctx).await.expect("reconciled");
+    assert!(requeue.is_some(), "a running MyApp is resynced");
+
+    let writes = writes(&fake, from);
+    assert_eq!(writes.first().map(String::as_str), Some(format!("PATCH {MYAPPS}/web").as_str()), "{writes:#?}");
+    let first = fake.requests().into_iter().skip(from).find(Seen::is_write).expect("a write");
+    assert_eq!(first.content_type, "application/merge-patch+json");
+    let finalizers = first.body.as_ref().and_then(|b| b.pointer("/metadata/finalizers")).cloned();
+    assert_eq!(finalizers, Some(serde_json::json!([FINALIZER])), "the first write adds the finalizer");
+    let child_writes: Vec<usize> = writes
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.contains("/deployments/") || w.contains("/services/"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(child_writes.len(), 2, "both children are applied: {writes:#?}");
+    assert!(child_writes.iter().all(|&i| i > 0), "no child before the finalizer: {writes:#?}");
+    for r in fake.requests().iter().skip(from).filter(|r| r.line().contains("/deployments/") && r.is_write()) {
+        assert_eq!((r.method.as_str(), r.content_type.as_str()), ("PATCH", "application/apply-patch+yaml"));
+        assert!(r.uri.contains("fieldManager=myapp-operator") && r.uri.contains("force=true"), "{}", r.uri);
+    }
+
+    let app = stored(&fake).await;
+    assert_eq!(app.metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+    assert!(app.status.is_some_and(|s| !s.conditions.is_empty()), "the status is reported");
+    let deployment = fake.get(DEPLOYMENTS, "web").expect("the Deployment exists");
+    let owner = deployment.pointer("/metadata/ownerReferences/0/uid").and_then(|u| u.as_str());
+    assert_eq!(owner, app.metadata.uid.as_deref(), "controlled by the MyApp");
+    assert!(fake.get(SERVICES, "web").is_some(), "the Service exists");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_spec_only_updates_the_status() {
+    let (fake, ctx) = start(&MyApp::test().finalized().with_spec(|s| s.replicas = 2000)).await;
+    let app = stored(&fake).await;
+    let from = fake.requests().len();
+
+    assert_eq!(app.reconcile(&ctx).await.expect("reconciled"), None, "nothing to look at until it changes");
+
+    let writes = writes(&fake, from);
+    assert_eq!(writes, vec![format!("PATCH {MYAPPS}/web/status"), format!("POST {EVENTS}")], "{writes:#?}");
+    assert!(fake.get(DEPLOYMENTS, "web").is_none() && fake.get(SERVICES, "web").is_none(), "no child");
+    let status = stored(&fake).await.status.expect("a status");
+    let ready = crate::api::conditions::find(&status.conditions, crate::api::conditions::READY).expect("Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", crate::api::conditions::INVALID_SPEC));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unchanged_object_makes_no_write() {
+    let (fake, ctx) = start(&MyApp::test()).await;
+    stored(&fake).await.reconcile(&ctx).await.expect("the first reconcile");
+    assert!(!writes(&fake, 0).is_empty(), "the first reconcile writes");
+    until(&ctx, "both children", |c| {
+        c.deployments.get(&child_ref()).is_some() && c.services.get(&child_ref()).is_some()
+    })
+    .await;
+
+    let app = stored(&fake).await;
+    let from = fake.requests().len();
+    assert!(app.reconcile(&ctx).await.expect("the second reconcile").is_some());
+    assert_eq!(writes(&fake, from), Vec::<String>::new(), "a reconcile of an unchanged object writes nothing");
+    assert_eq!(stored(&fake).await.metadata.resource_version, app.metadata.resource_version);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cleanup_waits_for_the_children() {
+    let (fake, ctx) = start(&MyApp::test().finalized()).await;
+    stored(&fake).await.reconcile(&ctx).await.expect("the children are made");
+    until(&ctx, "both children", |c| {
+        c.deployments.get(&child_ref()).is_some() && c.services.get(&child_ref()).is_some()
+    })
+    .await;
+    // The user deletes it: with our finalizer on, the server only marks it.
+    Api::<MyApp>::namespaced(fake.client(), NS).delete("web", &DeleteParams::default()).await.expect("delete");
+    let app = stored(&fake).await;
+    assert!(app.metadata.deletion_timestamp.is_some());
+
+    // First look: both children are deleted in the foreground, so they stay (marked) until
+    // their own dependents are gone; the finalizer stays too.
+    let from = fake.requests().len();
+    assert!(app.reconcile(&ctx).await.expect("cleanup").is_some(), "it looks again while the children exist");
+    assert_eq!(
+        writes(&fake, from),
+        vec![
+            format!("PATCH {MYAPPS}/web/status"),
+            format!("POST {EVENTS}"),
+            format!("DELETE {DEPLOYMENTS}/web"),
+            format!("DELETE {SERVICES}/web"),
+        ],
+        "the Deleting status, its Event, and the children's deletes"
+    );
+    let app = stored(&fake).await;
+    assert_eq!(app.metadata.finalizers, Some(vec![FINALIZER.to_string()]), "the finalizer stays");
+    for collection in [DEPLOYMENTS, SERVICES] {
+        let child = fake.get(collection, "web").expect("a child in foreground deletion stays");
+        assert!(child.pointer("/metadata/deletionTimestamp").is_some(), "{collection}: marked");
+    }
+
+    // Second look, the children still being deleted: nothing to write, the finalizer stays.
+    until(&ctx, "the children marked", |c| {
+        c.deployments.get(&child_ref()).is_some_and(|d| d.metadata.deletion_timestamp.is_some())
+            && c.services.get(&child_ref()).is_some_and(|s| s.metadata.deletion_timestamp.is_some())
+    })
+    .await;
+    let from = fake.requests().len();
+    assert!(app.reconcile(&ctx).await.expect("cleanup").is_some(), "still waiting");
+    assert_eq!(writes(&fake, from), Vec::<String>::new(), "no second delete, no finalizer removal");
+    assert_eq!(stored(&fake).await.metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+
+    // The garbage collector finishes; once the caches see the children gone, the finalizer goes.
+    fake.finish_foreground_deletion(DEPLOYMENTS, "web");
+    fake.finish_foreground_deletion(SERVICES, "web");
+    assert!(fake.get(DEPLOYMENTS, "web").is_none() && fake.get(SERVICES, "web").is_none());
+    until(&ctx, "the children gone", |c| {
+        c.deployments.get(&child_ref()).is_none() && c.services.get(&child_ref()).is_none()
+    })
+    .await;
+    let app = stored(&fake).await;
+    let from = fake.requests().len();
+    assert_eq!(app.reconcile(&ctx).await.expect("cleanup"), None, "done");
+    assert_eq!(writes(&fake, from), vec![format!("PATCH {MYAPPS}/web")], "only the finalizer's removal");
+    assert!(fake.get(MYAPPS, "web").is_none(), "without its finalizer the MyApp is gone");
+}
