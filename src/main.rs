@@ -5,11 +5,11 @@ use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use myapp_operator::api::MyApp;
 use myapp_operator::controller::{self, Context, cache::Caches};
-use myapp_operator::leader::{self, Elector, Fence, Timings};
+use myapp_operator::leader::{self, Elector, Fence};
 use myapp_operator::probes::{self, Probes};
 use myapp_operator::telemetry::propagation::TraceParentLayer;
 use myapp_operator::telemetry::{logging, metrics::Metrics};
-use myapp_operator::webhook::{self, CertSource, Webhooks, policy::Policy};
+use myapp_operator::webhook::{self, Webhooks};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,77 +33,24 @@ enum Command {
     Version,
 }
 
+/// The flags of `run`: each module owns its group (`--help` lists them all, flattened).
 #[derive(clap::Args)]
 struct RunArgs {
     /// Address of the probe and metrics server.
     #[arg(long, env = "PROBE_ADDR", default_value = "0.0.0.0:8081")]
     probe_addr: SocketAddr,
-    /// Log format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
-    log_format: logging::LogFormat,
-    /// Watch one namespace only (default: all).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
     /// Name of this replica; a random suffix is added to form its identity (default: POD_NAME,
     /// else the host name).
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
-    /// Run for leadership on a Lease (true), or reconcile unconditionally as a single replica.
-    #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
-    leader_elect: bool,
-    /// Name of the Lease.
-    #[arg(long, env = "LEASE_NAME", default_value = "myapp-operator")]
-    lease_name: String,
-    /// Namespace of the Lease (default: POD_NAMESPACE, else myapp-system).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "myapp-system")]
-    lease_namespace: String,
-    /// How long a standby waits from the last change it saw before taking over.
-    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
-    lease_duration: Duration,
-    /// How long a leader tries to renew before stepping down.
-    #[arg(long, env = "RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
-    renew_deadline: Duration,
-    /// How often the leader renews and standbys poll.
-    #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
-    retry_period: Duration,
-    /// Serve the admission webhooks (every replica does).
-    #[arg(long, env = "WEBHOOKS", default_value_t = true, action = clap::ArgAction::Set)]
-    webhooks: bool,
-    /// Address of the webhook HTTPS server (bound with SO_REUSEPORT).
-    #[arg(long, env = "WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
-    webhook_addr: SocketAddr,
-    /// Read `tls.crt`, `tls.key` and `ca.crt` from this folder (e.g. a cert-manager Secret)
-    /// instead of managing the certificate in a Secret.
-    #[arg(long, env = "WEBHOOK_CERT_DIR")]
-    webhook_cert_dir: Option<std::path::PathBuf>,
-    /// Secret holding the self-managed CA and serving certificate.
-    #[arg(long, env = "WEBHOOK_SECRET", default_value = "myapp-operator-webhook-cert")]
-    webhook_secret: String,
-    /// Service in front of the webhooks; its DNS names go into the certificate.
-    #[arg(long, env = "WEBHOOK_SERVICE", default_value = "myapp-operator-webhook")]
-    webhook_service: String,
-    /// More SANs for the certificate, comma-separated (e.g. 127.0.0.1 for a local run).
-    #[arg(long, env = "WEBHOOK_EXTRA_SANS", value_delimiter = ',')]
-    webhook_extra_sans: Vec<String>,
-    /// Name of the Mutating- and ValidatingWebhookConfiguration whose caBundle is kept current.
-    #[arg(long, env = "WEBHOOK_CONFIG", default_value = "myapp-operator")]
-    webhook_config: String,
-    /// How long the webhooks keep serving after SIGTERM (while not ready), so that callers move
-    /// to the other replicas first.
-    #[arg(long, env = "WEBHOOK_DRAIN", default_value = "2s", value_parser = humantime::parse_duration)]
-    webhook_drain: Duration,
-    /// Registries images may come from, comma-separated (empty: all).
-    #[arg(long, env = "ALLOWED_REGISTRIES", value_delimiter = ',')]
-    allowed_registries: Vec<String>,
-    /// Environment variable names a MyApp may not set, comma-separated.
-    #[arg(long, env = "FORBIDDEN_ENV", value_delimiter = ',')]
-    forbidden_env: Vec<String>,
-    /// The most replicas a MyApp may ask for.
-    #[arg(long, env = "MAX_REPLICAS")]
-    max_replicas: Option<i32>,
-    /// How often an unchanged MyApp is reconciled again.
-    #[arg(long, env = "RESYNC_PERIOD", default_value = "5m", value_parser = humantime::parse_duration)]
-    resync_period: Duration,
+    #[command(flatten)]
+    log: logging::LogArgs,
+    #[command(flatten)]
+    controller: controller::ControllerArgs,
+    #[command(flatten)]
+    lease: leader::LeaseArgs,
+    #[command(flatten)]
+    webhook: webhook::WebhookArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -154,12 +101,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pod =
         args.pod_name.clone().or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "myapp-operator".into());
     let identity = format!("{pod}-{}", random_suffix());
-    let telemetry = logging::init(args.log_format, &identity);
-    let timings = Timings {
-        lease_duration: args.lease_duration,
-        renew_deadline: args.renew_deadline,
-        retry_period: args.retry_period,
-    };
+    let telemetry = logging::init(args.log.log_format, &identity);
+    let timings = args.lease.timings();
     timings.validate().map_err(|e| anyhow::anyhow!("invalid lease timings: {e}"))?;
 
     // The probe server comes first, before anything that talks to the API server: `/livez` is
@@ -167,7 +110,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // until the caches are synced and the webhook server answers TLS with its certificate.
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let webhooks_ready = args.webhooks.then(|| Arc::new(AtomicBool::new(false)));
+    let webhooks_ready = args.webhook.webhooks.then(|| Arc::new(AtomicBool::new(false)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -186,48 +129,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .build();
 
     // One policy for the webhooks (admission) and the controller (what is rolled out).
-    let policy = Policy {
-        allowed_registries: args.allowed_registries.iter().filter(|s| !s.is_empty()).cloned().collect(),
-        forbidden_env: args.forbidden_env.iter().filter(|s| !s.is_empty()).cloned().collect(),
-        max_replicas: args.max_replicas,
-    };
+    let policy = args.webhook.policy();
     let webhooks = if let Some(webhooks_ready) = webhooks_ready {
-        let (svc, ns) = (&args.webhook_service, &args.lease_namespace);
-        let source = match &args.webhook_cert_dir {
-            Some(dir) => CertSource::Dir {
-                dir: dir.clone(),
-                server_name: args.webhook_extra_sans.first().cloned().unwrap_or_else(|| format!("{svc}.{ns}.svc")),
-            },
-            None => {
-                let mut sans = vec![
-                    format!("{svc}.{ns}.svc"),
-                    format!("{svc}.{ns}.svc.cluster.local"),
-                    format!("{svc}.{ns}"),
-                    svc.clone(),
-                ];
-                sans.extend(args.webhook_extra_sans.iter().filter(|s| !s.is_empty()).cloned());
-                CertSource::SelfManaged {
-                    namespace: ns.clone(),
-                    secret: args.webhook_secret.clone(),
-                    sans,
-                    config: args.webhook_config.clone(),
-                }
-            }
-        };
+        let source = args.webhook.cert_source(&args.lease.lease_namespace);
         let shared =
             Arc::new(webhook::Shared::new(policy.clone(), metrics.clone(), webhook::limits::Limits::default()));
         // Returns at once: the certificate is obtained in the background, with retries, so a
         // replica that cannot reach the API server stays alive (and not ready) instead of exiting.
         let options = webhook::Options::with_ready(webhooks_ready);
-        let w = Webhooks::start_with(client.clone(), args.webhook_addr, source, shared, options)
+        let w = Webhooks::start_with(client.clone(), args.webhook.webhook_addr, source, shared, options)
             .context("start the webhooks")?;
         Some(w)
     } else {
         None
     };
 
-    tracing::info!(%identity, leader_elect = args.leader_elect, traces = telemetry.exporting(), "starting");
-    let caches = Caches::start(client.clone(), args.namespace.as_deref());
+    tracing::info!(%identity, leader_elect = args.lease.leader_elect, traces = telemetry.exporting(), "starting");
+    let caches = Caches::start(client.clone(), args.controller.namespace.as_deref());
     // One waiter at a time: the store's readiness signal wakes a single task.
     caches.wait_ready().await;
     ready.store(true, Ordering::Relaxed);
@@ -236,9 +154,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The elector stops only after the controller has: a separate signal, sent in order below.
     let (release_tx, release_rx) = watch::channel(leader::Stop::No);
     let mut _open_fence = None;
-    let (leadership, elector_task) = if args.leader_elect {
+    let (leadership, elector_task) = if args.lease.leader_elect {
         let (elector, leadership) =
-            Elector::new(client.clone(), &args.lease_namespace, &args.lease_name, &identity, timings);
+            Elector::new(client.clone(), &args.lease.lease_namespace, &args.lease.lease_name, &identity, timings);
         let elector = elector.with_metrics(metrics.clone());
         (leadership, Some(tokio::spawn(elector.run(release_rx))))
     } else {
@@ -252,7 +170,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // write (see controller::fenced): a request delayed past the end of the term never leaves.
     let writes = controller::fenced::client(&config, Fence::new(leadership.clone()))
         .context("build the fenced Kubernetes client")?;
-    let resync = args.resync_period;
+    let resync: Duration = args.controller.resync_period.into();
     let supervisor = {
         let (client, caches, metrics, identity, stop_rx) =
             (client.clone(), caches.clone(), metrics.clone(), identity.clone(), stop_rx.clone());
@@ -281,7 +199,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         w.begin_drain();
     }
     let _ = stop_tx.send(true);
-    let drain = tokio::time::sleep(args.webhook_drain);
+    let drain = tokio::time::sleep(args.webhook.webhook_drain);
     // How the controller stopped decides how soon the lease may be released.
     let how = supervisor.await.unwrap_or(leader::Stop::ReleaseAfterMargin);
     let _ = release_tx.send(how);

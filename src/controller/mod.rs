@@ -42,6 +42,18 @@ use writer::Writer;
 /// How often an unchanged `MyApp` is reconciled again (a resync that must write nothing).
 pub const RESYNC: Duration = Duration::from_secs(300);
 
+/// What the controller watches and how often it resyncs. Flattened into the binary's `run`
+/// flags; each flag also reads an environment variable.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControllerArgs {
+    /// Watch one namespace only (default: all).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// How often an unchanged MyApp is reconciled again (with ±10 % jitter).
+    #[arg(long, env = "RESYNC_PERIOD", default_value_t = RESYNC.into())]
+    pub resync_period: humantime::Duration,
+}
+
 /// What every reconcile shares.
 pub struct Context {
     client: Client,

@@ -47,12 +47,14 @@
 //! - Losing the lease does not stop the process: the replica drops back to standby and keeps
 //!   serving webhooks, probes and metrics, and its caches stay warm for the next term.
 
+mod args;
 mod elector;
 mod fence;
 mod state;
 mod supervise;
 mod timings;
 
+pub use args::LeaseArgs;
 pub use elector::{Elector, Leadership, Stop};
 pub use fence::Fence;
 pub use state::{Decision, Observation, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};

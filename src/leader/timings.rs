@@ -41,17 +41,19 @@ pub struct Timings {
 }
 
 impl Default for Timings {
-    /// client-go's defaults: 15 s / 10 s / 2 s.
     fn default() -> Self {
-        Self {
-            lease_duration: Duration::from_secs(15),
-            renew_deadline: Duration::from_secs(10),
-            retry_period: Duration::from_secs(2),
-        }
+        Self::DEFAULT
     }
 }
 
 impl Timings {
+    /// client-go's defaults: 15 s / 10 s / 2 s.
+    pub const DEFAULT: Timings = Timings {
+        lease_duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
+        retry_period: Duration::from_secs(2),
+    };
+
     /// Checks `lease_duration > renew_deadline > retry_period × 1.2`, as client-go requires.
     pub fn validate(&self) -> Result<(), TimingsError> {
         if self.retry_period.is_zero() {

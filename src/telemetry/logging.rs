@@ -17,6 +17,15 @@ use tracing::Level;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*};
 
+/// How this replica logs. Flattened into the binary's `run` flags. (Traces are configured by the
+/// standard `OTEL_*` environment variables, not by flags.)
+#[derive(clap::Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {

@@ -11,6 +11,7 @@
 //! Readiness includes the webhooks: a replica is ready only once it has a certificate loaded and
 //! a real TLS handshake with its own webhook port succeeds.
 
+mod args;
 mod ca_bundle;
 pub mod certs;
 pub mod limits;
@@ -21,6 +22,7 @@ mod secret;
 pub mod server;
 mod tls;
 
+pub use args::WebhookArgs;
 pub use tls::{CertSource, Options, StartError, UpkeepError, Webhooks};
 
 use crate::telemetry::metrics::Metrics;

@@ -1,0 +1,59 @@
+//! The election's command-line flags.
+
+use super::Timings;
+
+/// How this replica runs for leadership. Flattened into the binary's `run` flags; each flag also
+/// reads an environment variable. The timing defaults are [`Timings::DEFAULT`], stated once.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LeaseArgs {
+    /// Run for leadership on a Lease (true), or reconcile unconditionally as a single replica.
+    #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "myapp-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: POD_NAMESPACE, else myapp-system).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "myapp-system")]
+    pub lease_namespace: String,
+    /// How long a standby waits from the last change it saw before taking over.
+    #[arg(long, env = "LEASE_DURATION", default_value_t = Timings::DEFAULT.lease_duration.into())]
+    pub lease_duration: humantime::Duration,
+    /// How long a leader tries to renew before stepping down.
+    #[arg(long, env = "RENEW_DEADLINE", default_value_t = Timings::DEFAULT.renew_deadline.into())]
+    pub renew_deadline: humantime::Duration,
+    /// How often the leader renews and standbys poll.
+    #[arg(long, env = "RETRY_PERIOD", default_value_t = Timings::DEFAULT.retry_period.into())]
+    pub retry_period: humantime::Duration,
+}
+
+impl LeaseArgs {
+    /// The timings these flags ask for (not yet validated: see [`Timings::validate`]).
+    pub fn timings(&self) -> Timings {
+        Timings {
+            lease_duration: self.lease_duration.into(),
+            renew_deadline: self.renew_deadline.into(),
+            retry_period: self.retry_period.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        lease: LeaseArgs,
+    }
+
+    #[test]
+    fn defaults_are_the_timings_defaults_and_flags_parse_durations() {
+        let cli = Cli::parse_from(["x"]);
+        assert_eq!(cli.lease.timings(), Timings::default());
+        let cli = Cli::parse_from(["x", "--lease-duration=4s", "--renew-deadline=3s", "--retry-period=500ms"]);
+        assert_eq!(cli.lease.timings().retry_period, std::time::Duration::from_millis(500));
+        assert_eq!(cli.lease.timings().lease_duration, std::time::Duration::from_secs(4));
+    }
+}
