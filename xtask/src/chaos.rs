@@ -642,8 +642,9 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
 ///   cut heals: each replica's Deployment watch resumes from a compacted revision, gets 410 Gone
 ///   and relists (counted from the audit log; none means the scenario did not happen, an error).
 ///
-/// The API server is restarted with its usual flags as part of the heal, before convergence is
-/// judged.
+/// The API server gets its usual flags back: for `throttle` as part of the heal, before
+/// convergence is judged; for `watch-expiry` after it (those flags were only the setup), with time
+/// to settle.
 async fn degrade(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns: &str) -> Result<Fault> {
     let lease = Duration::from_secs_f64(h.timings[0]);
     let reconfigured = match scenario {
@@ -702,12 +703,47 @@ async fn degrade(h: &mut Harness, scenario: &str, round: u32, load: &Workload, n
         }
     }
     let healed = epoch();
-    if !reconfigured.is_empty() {
-        // The usual flags are part of the heal: convergence is judged after them.
+    // `throttle`'s flags are its fault: the usual ones are part of the heal, and convergence is
+    // judged after them. `watch-expiry`'s are only its setup (the fault is the compaction), so it
+    // is judged before they are restored; the restore, one more API server restart, then gets
+    // time to settle before the next scenario.
+    if scenario == "throttle" {
         cluster::restart_apiserver().await?;
     }
     let (new, _) = h.leader().await?;
     let converged_after = convergence(&h.client, ns, load, t0).await;
+    // Every replica's Deployment watch resumes (and relists) after its own backoff: wait for all
+    // of them, up to 20 s. Relists are counted up to here: the restart below makes every watch
+    // relist anyway.
+    let relisted = |log: &str| {
+        let reqs = audit::parse(log, healed);
+        let mut who: Vec<String> = reqs
+            .iter()
+            .filter(|r| r.verb == "list" && r.resource == "deployments")
+            .filter_map(|r| r.replica.clone())
+            .collect();
+        who.sort();
+        who.dedup();
+        who.len()
+    };
+    if scenario == "watch-expiry" {
+        let until = Instant::now() + Duration::from_secs(20);
+        let audit_log = paths::run_dir().join("logs/audit.log");
+        while Instant::now() < until
+            && relisted(&std::fs::read_to_string(&audit_log).unwrap_or_default()) < h.members.len()
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let judged = epoch();
+    if scenario == "watch-expiry" {
+        cluster::restart_apiserver().await?;
+        let restored = Instant::now();
+        match convergence(&h.client, ns, load, restored).await {
+            Some(s) => detail.push(format!("settled {:.1} s after the usual flags were restored", s)),
+            None => detail.push("not settled 90 s after the usual flags were restored".into()),
+        }
+    }
     let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log")).unwrap_or_default();
     let reqs = audit::parse(&log, at);
     match scenario {
@@ -719,7 +755,8 @@ async fn degrade(h: &mut Harness, scenario: &str, round: u32, load: &Workload, n
         "watch-expiry" => {
             let relists = reqs
                 .iter()
-                .filter(|r| r.verb == "list" && r.resource == "deployments" && r.replica.is_some() && r.at >= healed)
+                .filter(|r| r.verb == "list" && r.resource == "deployments" && r.replica.is_some())
+                .filter(|r| healed <= r.at && r.at < judged)
                 .count();
             detail.push(format!("{relists} Deployment relists by the replicas after the heal"));
             if relists == 0 {
