@@ -257,17 +257,13 @@ impl FakeApi {
         let mut s = self.lock();
         let name = name_of(&obj).unwrap_or_default();
         let key = (collection.to_string(), name);
-        let existed = s.objects.get(&key).cloned();
-        let uid = existed.as_ref().and_then(|o| o.pointer("/metadata/uid").cloned());
-        let uid = match uid {
-            Some(u) => u,
-            None => {
-                s.uids += 1;
-                json!(format!("uid-{}", s.uids))
+        match s.objects.get(&key).and_then(|o| o.pointer("/metadata/uid")).cloned() {
+            Some(uid) => {
+                obj["metadata"]["uid"] = uid;
+                self.commit(&mut s, key, obj, "MODIFIED")
             }
-        };
-        obj["metadata"]["uid"] = uid;
-        self.commit(&mut s, key, obj, if existed.is_some() { "MODIFIED" } else { "ADDED" })
+            None => self.create(&mut s, key, obj),
+        }
     }
 
     /// Plays the garbage collector once the dependents of a foreground deletion are gone: removes
@@ -294,10 +290,7 @@ impl FakeApi {
         let mut s = self.lock();
         let obj = s.objects.remove(&(collection.to_string(), name.to_string()))?;
         s.revision += 1;
-        let rev = s.revision;
-        let ev = (rev, collection.to_string(), json!({"type": "DELETED", "object": obj}));
-        s.history.push(ev.clone());
-        let _ = self.events.send(ev);
+        self.announce(&mut s, collection.to_string(), "DELETED", &obj);
         Some(obj)
     }
 
@@ -305,10 +298,23 @@ impl FakeApi {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Records a watch event at the current revision and sends it to open watches.
+    fn announce(&self, s: &mut State, collection: String, kind: &str, obj: &Value) {
+        let ev = (s.revision, collection, json!({"type": kind, "object": obj}));
+        s.history.push(ev.clone());
+        let _ = self.events.send(ev);
+    }
+
+    /// Stores a new object under a fresh uid.
+    fn create(&self, s: &mut State, key: (String, String), mut obj: Value) -> Value {
+        s.uids += 1;
+        obj["metadata"]["uid"] = json!(format!("uid-{}", s.uids));
+        self.commit(s, key, obj, "ADDED")
+    }
+
     fn commit(&self, s: &mut State, key: (String, String), mut obj: Value, kind: &str) -> Value {
         s.revision += 1;
-        let rev = s.revision;
-        obj["metadata"]["resourceVersion"] = json!(rev.to_string());
+        obj["metadata"]["resourceVersion"] = json!(s.revision.to_string());
         let deleting = obj.pointer("/metadata/deletionTimestamp").is_some_and(|t| !t.is_null());
         let kind = if deleting && !has_finalizers(&obj) {
             // The last finalizer is gone from an object being deleted: the server removes it.
@@ -318,9 +324,7 @@ impl FakeApi {
             s.objects.insert(key.clone(), obj.clone());
             kind
         };
-        let ev = (rev, key.0, json!({"type": kind, "object": obj.clone()}));
-        s.history.push(ev.clone());
-        let _ = self.events.send(ev);
+        self.announce(s, key.0, kind, &obj);
         obj
     }
 
@@ -397,15 +401,13 @@ impl FakeApi {
                 )
             }
             (Method::POST, None) => {
-                let Some(mut obj) = body else { return status(400, "BadRequest", "no body") };
+                let Some(obj) = body else { return status(400, "BadRequest", "no body") };
                 let name = name_of(&obj).unwrap_or_default();
                 let key = (collection.to_string(), name.clone());
                 if s.objects.contains_key(&key) {
                     return status(409, "AlreadyExists", &format!("{name} already exists"));
                 }
-                s.uids += 1;
-                obj["metadata"]["uid"] = json!(format!("uid-{}", s.uids));
-                (201, self.commit(&mut s, key, obj, "ADDED"))
+                (201, self.create(&mut s, key, obj))
             }
             (Method::PUT, Some(name)) => {
                 let Some(mut obj) = body else { return status(400, "BadRequest", "no body") };
@@ -420,11 +422,7 @@ impl FakeApi {
                         obj["metadata"]["uid"] = existing["metadata"]["uid"].clone();
                         (200, self.commit(&mut s, key, obj, "MODIFIED"))
                     }
-                    None => {
-                        s.uids += 1;
-                        obj["metadata"]["uid"] = json!(format!("uid-{}", s.uids));
-                        (201, self.commit(&mut s, key, obj, "ADDED"))
-                    }
+                    None => (201, self.create(&mut s, key, obj)),
                 }
             }
             (Method::DELETE, Some(name)) => {
@@ -474,13 +472,10 @@ impl FakeApi {
         let Some(existing) = s.objects.get(&key).cloned() else {
             if apply && sub.is_none() {
                 // Server-side apply creates what is absent.
-                let mut obj = patch;
-                if name_of(&obj).as_deref() != Some(name.as_str()) {
+                if name_of(&patch).as_deref() != Some(name.as_str()) {
                     return status(400, "BadRequest", "the applied name differs from the path's");
                 }
-                s.uids += 1;
-                obj["metadata"]["uid"] = json!(format!("uid-{}", s.uids));
-                return (201, self.commit(&mut s, key, obj, "ADDED"));
+                return (201, self.create(&mut s, key, patch));
             }
             return status(404, "NotFound", &format!("{name} not found"));
         };

@@ -56,6 +56,23 @@ fn leaders(cs: &[Contender]) -> Vec<usize> {
     cs.iter().enumerate().filter(|(_, c)| c.leads()).map(|(i, _)| i).collect()
 }
 
+/// The one contender leading, waiting up to `timeout` for exactly one.
+async fn sole_leader(cs: &[Contender], what: &str, timeout: Duration) -> usize {
+    eventually(what, timeout, || async {
+        let l = leaders(cs);
+        (l.len() == 1).then(|| l[0])
+    })
+    .await
+}
+
+/// Stops every contender (releasing the lease) and waits for each, at most 5 s.
+async fn stop_all(cs: Vec<Contender>) {
+    for c in cs {
+        c.stop.send_replace(Stop::Release);
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.task).await;
+    }
+}
+
 /// A leadership term as a contender published it: from when it was published to when it was
 /// withdrawn or its `valid_until` passed, whichever came first.
 type Term = (usize, Instant, Instant);
@@ -126,6 +143,13 @@ impl Terms {
         }
         all
     }
+
+    /// Stops recording.
+    fn stop(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,14 +158,10 @@ async fn exactly_one_leader_then_release_and_crash_takeover() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "leader").await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
-    let mut cs = contenders(&ns.name, 4).await;
+    let cs = contenders(&ns.name, 4).await;
     let terms = Terms::record(&cs);
 
-    let first = eventually("a leader", Duration::from_secs(10), || async {
-        let l = leaders(&cs);
-        (l.len() == 1).then(|| l[0])
-    })
-    .await;
+    let first = sole_leader(&cs, "a leader", Duration::from_secs(10)).await;
     assert_eq!(holder(&leases).await.as_deref(), Some(cs[first].id.as_str()));
 
     // The leader keeps renewing over a few renewal periods.
@@ -180,13 +200,8 @@ async fn exactly_one_leader_then_release_and_crash_takeover() {
     // Never two leaders, over every term of the whole test: election, release and crash.
     let all = terms.check();
     assert!(all.len() >= 3, "three terms at least: {all:?}");
-    for t in terms.tasks {
-        t.abort();
-    }
-    for c in cs.drain(..) {
-        c.stop.send_replace(Stop::Release);
-        let _ = tokio::time::timeout(Duration::from_secs(5), c.task).await;
-    }
+    terms.stop();
+    stop_all(cs).await;
     ns.cleanup().await;
 }
 
@@ -212,10 +227,7 @@ async fn a_leader_steps_down_as_soon_as_the_watch_shows_another_holder() {
     eventually("stepping down", Duration::from_secs(5), || async { (!cs[0].leads()).then_some(()) }).await;
     let took = lost.elapsed();
     assert!(took < fast().retry_period, "stepped down on the watch event, before any renewal ({took:?})");
-    for c in cs {
-        c.stop.send_replace(Stop::Release);
-        let _ = tokio::time::timeout(Duration::from_secs(5), c.task).await;
-    }
+    stop_all(cs).await;
     ns.cleanup().await;
 }
 
@@ -225,13 +237,9 @@ async fn a_deleted_lease_stops_its_leader_at_once_and_the_next_term_waits_a_leas
     let client = client().await;
     let ns = TestNamespace::new(&client, "deleted").await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
-    let mut cs = contenders(&ns.name, 3).await;
+    let cs = contenders(&ns.name, 3).await;
     let terms = Terms::record(&cs);
-    let first = eventually("a leader", Duration::from_secs(10), || async {
-        let l = leaders(&cs);
-        (l.len() == 1).then(|| l[0])
-    })
-    .await;
+    let first = sole_leader(&cs, "a leader", Duration::from_secs(10)).await;
 
     leases.delete("election", &Default::default()).await.expect("delete the lease");
     let deleted = Instant::now();
@@ -243,23 +251,14 @@ async fn a_deleted_lease_stops_its_leader_at_once_and_the_next_term_waits_a_leas
 
     // Someone re-creates the Lease at once, but nobody leads it before a full lease duration.
     eventually("a new lease", Duration::from_secs(5), || async { holder(&leases).await }).await;
-    let next = eventually("a new leader", Duration::from_secs(15), || async {
-        let l = leaders(&cs);
-        (l.len() == 1).then(|| l[0])
-    })
-    .await;
+    let next = sole_leader(&cs, "a new leader", Duration::from_secs(15)).await;
     let waited = deleted.elapsed();
     println!("new leader {} ms after the delete", waited.as_millis());
     assert!(waited >= fast().lease_duration, "a new Lease is led only after a lease duration ({waited:?})");
     assert_eq!(holder(&leases).await.as_deref(), Some(cs[next].id.as_str()));
     terms.check();
-    for t in terms.tasks {
-        t.abort();
-    }
-    for c in cs.drain(..) {
-        c.stop.send_replace(Stop::Release);
-        let _ = tokio::time::timeout(Duration::from_secs(5), c.task).await;
-    }
+    terms.stop();
+    stop_all(cs).await;
     ns.cleanup().await;
 }
 
