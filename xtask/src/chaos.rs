@@ -629,6 +629,25 @@ async fn inject(h: &mut Harness, scenario: &str, round: u32, load: &Workload, ns
     })
 }
 
+/// The local API server's audit log from `since` (epoch seconds); empty if it cannot be read.
+fn audit_since(since: f64) -> Vec<audit::Request> {
+    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log")).unwrap_or_default();
+    audit::parse(&log, since)
+}
+
+/// The replicas' LISTs of Deployments since `since`: relists, after a watch was refused (410).
+fn deployment_relists(since: f64) -> Vec<audit::Request> {
+    audit_since(since)
+        .into_iter()
+        .filter(|r| r.verb == "list" && r.resource == "deployments" && r.replica.is_some())
+        .collect()
+}
+
+/// How many distinct replicas made `requests`.
+fn distinct_replicas(requests: &[audit::Request]) -> usize {
+    requests.iter().filter_map(|r| r.replica.as_deref()).collect::<std::collections::BTreeSet<_>>().len()
+}
+
 /// The degraded API server scenarios. Each holds its fault for a while, counts the holder changes
 /// during it (a leader that cannot renew steps down; the election must not flap), heals, and
 /// waits for convergence:
@@ -663,11 +682,7 @@ async fn degrade(h: &mut Harness, scenario: &str, round: u32, load: &Workload, n
     match scenario {
         "slow-apiserver" => h.members.iter().for_each(|m| m.proxy.set_latency(Some((lease / 30, lease / 5)))),
         "throttle" => {
-            let mut config = kube::Config::from_custom_kubeconfig(
-                kube::config::Kubeconfig::read_from(&h.operator_kubeconfig)?,
-                &Default::default(),
-            )
-            .await?;
+            let mut config = cluster::config_from(&h.operator_kubeconfig).await?;
             config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static("myapp-chaos-burst")));
             let client = Client::try_from(config)?;
             for _ in 0..200 {
@@ -712,31 +727,20 @@ async fn degrade(h: &mut Harness, scenario: &str, round: u32, load: &Workload, n
     }
     let (new, _) = h.leader().await?;
     let converged_after = convergence(&h.client, ns, load, t0).await;
-    // Every replica's Deployment watch resumes (and relists) after its own backoff: wait for all
-    // of them, up to 20 s. Relists are counted up to here: the restart below makes every watch
-    // relist anyway.
-    let relisted = |log: &str| {
-        let reqs = audit::parse(log, healed);
-        let mut who: Vec<String> = reqs
-            .iter()
-            .filter(|r| r.verb == "list" && r.resource == "deployments")
-            .filter_map(|r| r.replica.clone())
-            .collect();
-        who.sort();
-        who.dedup();
-        who.len()
-    };
     if scenario == "watch-expiry" {
+        // Every replica's Deployment watch resumes (and relists) after its own backoff: wait for
+        // all of them, up to 20 s. Relists are counted before the restore below, which makes
+        // every watch relist anyway.
         let until = Instant::now() + Duration::from_secs(20);
-        let audit_log = paths::run_dir().join("logs/audit.log");
-        while Instant::now() < until
-            && relisted(&std::fs::read_to_string(&audit_log).unwrap_or_default()) < h.members.len()
-        {
+        let mut relists = deployment_relists(healed);
+        while Instant::now() < until && distinct_replicas(&relists) < h.members.len() {
             tokio::time::sleep(Duration::from_millis(200)).await;
+            relists = deployment_relists(healed);
         }
-    }
-    let judged = epoch();
-    if scenario == "watch-expiry" {
+        detail.push(format!("{} Deployment relists by the replicas after the heal", relists.len()));
+        if relists.is_empty() {
+            bail!("watch-expiry: no replica relisted Deployments after the compaction (no 410 Gone was seen)");
+        }
         cluster::restart_apiserver().await?;
         let restored = Instant::now();
         match convergence(&h.client, ns, load, restored).await {
@@ -744,26 +748,11 @@ async fn degrade(h: &mut Harness, scenario: &str, round: u32, load: &Workload, n
             None => detail.push("not settled 90 s after the usual flags were restored".into()),
         }
     }
-    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log")).unwrap_or_default();
-    let reqs = audit::parse(&log, at);
-    match scenario {
-        "throttle" => {
-            let refused = reqs.iter().filter(|r| r.code == 429 && r.at <= healed).count();
-            let ours = reqs.iter().filter(|r| r.code == 429 && r.at <= healed && r.replica.is_some()).count();
-            detail.push(format!("{refused} requests refused with 429 ({ours} of them the replicas')"));
-        }
-        "watch-expiry" => {
-            let relists = reqs
-                .iter()
-                .filter(|r| r.verb == "list" && r.resource == "deployments" && r.replica.is_some())
-                .filter(|r| healed <= r.at && r.at < judged)
-                .count();
-            detail.push(format!("{relists} Deployment relists by the replicas after the heal"));
-            if relists == 0 {
-                bail!("watch-expiry: no replica relisted Deployments after the compaction (no 410 Gone was seen)");
-            }
-        }
-        _ => {}
+    if scenario == "throttle" {
+        let refused: Vec<audit::Request> =
+            audit_since(at).into_iter().filter(|r| r.code == 429 && r.at <= healed).collect();
+        let ours = refused.iter().filter(|r| r.replica.is_some()).count();
+        detail.push(format!("{} requests refused with 429 ({ours} of them the replicas')", refused.len()));
     }
     Ok(Fault {
         scenario: scenario.to_string(),

@@ -79,9 +79,14 @@ pub const NODES: usize = 3;
 
 /// The admin client of a kubeconfig file.
 pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
+    Ok(Client::try_from(config_from(kubeconfig).await?)?)
+}
+
+/// The client configuration of a kubeconfig file, for a client that needs more (e.g. its own
+/// User-Agent) than [`client_from`] gives.
+pub async fn config_from(kubeconfig: &Path) -> Result<Config> {
     let kc = Kubeconfig::read_from(kubeconfig).with_context(|| format!("read {}", kubeconfig.display()))?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
+    Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
 }
 
 /// Polls `check` every 100 ms until it returns true or `timeout` passes. While waiting, fails
