@@ -582,8 +582,9 @@ fn mounts_under(mountinfo: &str, under: &str) -> Vec<String> {
     out
 }
 
-/// Chains kubelet makes on start (its canary and its localnet firewall), removed with the node.
-const KUBELET_CHAINS: &[&str] = &["KUBE-FIREWALL", "KUBE-KUBELET-CANARY"];
+/// Chains kubelet makes on start (its canaries, its localnet firewall and the hint of its
+/// iptables mode, the last two in mangle), removed with the node.
+const KUBELET_CHAINS: &[&str] = &["KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT"];
 
 /// What of an `iptables -S` listing (one table) belongs to the node: the rules of our CNI network
 /// and of the bridge, and the jumps to kubelet's chains (as `-D` commands); and the chains to
@@ -632,7 +633,7 @@ pub fn cleanup_host(kube_proxy: Option<&Path>) {
     // Sandboxes' network namespaces that containerd pinned under its state dir are covered above;
     // the bridge goes with its rules.
     let _ = ip(&["link", "del", BRIDGE]);
-    for table in ["nat", "filter"] {
+    for table in ["nat", "filter", "mangle"] {
         let save = Command::new("iptables")
             .args(["-t", table, "-S"])
             .output()
@@ -806,6 +807,9 @@ mod tests {
         assert!(rules.iter().all(|r| r.starts_with("-D ")));
         assert!(!rules.iter().any(|r| r.contains("SOMEONE-ELSES") || r.contains("10.0.0.0/8")));
         assert_eq!(chains, ["CNI-1", "KUBE-FIREWALL"]);
+        // kubelet's empty chains in mangle go too, and nobody else's.
+        let mangle = "-P PREROUTING ACCEPT\n-N KUBE-IPTABLES-HINT\n-N KUBE-KUBELET-CANARY\n-N SOMEONE-ELSES\n";
+        assert_eq!(our_rules(mangle), (vec![], vec!["KUBE-IPTABLES-HINT".into(), "KUBE-KUBELET-CANARY".into()]));
     }
 
     #[test]
