@@ -11,6 +11,7 @@
 //! The channel keeps its last [`CHANNEL`] events until they are overwritten, read or not, so its
 //! size bounds the stale copies of objects the leader keeps alive.
 
+use super::cached::Cached;
 use super::prune;
 use crate::api::MyApp;
 use crate::api::{MANAGED_BY, MANAGED_BY_LABEL};
@@ -36,13 +37,13 @@ pub const CHANNEL: usize = 1024;
 pub struct Caches {
     /// Every `MyApp` in the watched scope.
     pub myapps: Store<MyApp>,
-    /// Deployments labelled as managed by the operator.
-    pub deployments: Store<Deployment>,
-    /// Services labelled as managed by the operator.
-    pub services: Store<Service>,
+    /// Deployments labelled as managed by the operator, in compact form.
+    pub deployments: Store<Cached<Deployment>>,
+    /// Services labelled as managed by the operator, in compact form.
+    pub services: Store<Cached<Service>>,
     myapp_tx: broadcast::Sender<Arc<MyApp>>,
-    deployment_tx: broadcast::Sender<Arc<Deployment>>,
-    service_tx: broadcast::Sender<Arc<Service>>,
+    deployment_tx: broadcast::Sender<Arc<Cached<Deployment>>>,
+    service_tx: broadcast::Sender<Arc<Cached<Service>>>,
 }
 
 fn spawn_watch<K>(api: Api<K>, config: watcher::Config, tx: broadcast::Sender<Arc<K>>, prune: fn(&mut K)) -> Store<K>
@@ -100,8 +101,8 @@ impl Caches {
         let (service_tx, _) = broadcast::channel(CHANNEL);
         let myapps =
             spawn_watch(scoped(&client, namespace), watcher::Config::default(), myapp_tx.clone(), prune::myapp);
-        let deployments = spawn_watch(scoped(&client, namespace), managed.clone(), deployment_tx.clone(), prune::child);
-        let services = spawn_watch(scoped(&client, namespace), managed, service_tx.clone(), prune::child);
+        let deployments = spawn_watch(scoped(&client, namespace), managed.clone(), deployment_tx.clone(), |_| ());
+        let services = spawn_watch(scoped(&client, namespace), managed, service_tx.clone(), |_| ());
         Self { myapps, deployments, services, myapp_tx, deployment_tx, service_tx }
     }
 
@@ -124,7 +125,7 @@ impl Caches {
     pub fn deployment_events(
         &self,
         lagged: &mpsc::UnboundedSender<()>,
-    ) -> impl Stream<Item = Arc<Deployment>> + Send + use<> {
+    ) -> impl Stream<Item = Arc<Cached<Deployment>>> + Send + use<> {
         subscribe(&self.deployment_tx, lagged)
     }
 
@@ -132,7 +133,7 @@ impl Caches {
     pub fn service_events(
         &self,
         lagged: &mpsc::UnboundedSender<()>,
-    ) -> impl Stream<Item = Arc<Service>> + Send + use<> {
+    ) -> impl Stream<Item = Arc<Cached<Service>>> + Send + use<> {
         subscribe(&self.service_tx, lagged)
     }
 }

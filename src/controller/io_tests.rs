@@ -83,6 +83,10 @@ async fn the_finalizer_is_added_before_any_child() {
         .collect();
     assert_eq!(child_writes.len(), 2, "both children are applied: {writes:#?}");
     assert!(child_writes.iter().all(|&i| i > 0), "no child before the finalizer: {writes:#?}");
+    // The finalizer, two applies and the status: a fresh MyApp's writes before it is Ready. No
+    // Event for creating the children.
+    assert_eq!(writes.len(), 4, "{writes:#?}");
+    assert!(!writes.iter().any(|w| w.contains("/events")), "no Event: {writes:#?}");
     for r in fake.requests().iter().skip(from).filter(|r| r.line().contains("/deployments/") && r.is_write()) {
         assert_eq!((r.method.as_str(), r.content_type.as_str()), ("PATCH", "application/apply-patch+yaml"));
         assert!(r.uri.contains("fieldManager=myapp-operator") && r.uri.contains("force=true"), "{}", r.uri);
@@ -166,8 +170,12 @@ async fn cleanup_waits_for_the_children() {
 
     // Second look, the children still being deleted: nothing to write, the finalizer stays.
     until(&ctx, "the children marked", |c| {
-        c.deployments.get(&child_ref()).is_some_and(|d| d.metadata.deletion_timestamp.is_some())
-            && c.services.get(&child_ref()).is_some_and(|s| s.metadata.deletion_timestamp.is_some())
+        c.deployments
+            .get(&child_ref())
+            .is_some_and(|d| d.object().is_ok_and(|d| d.metadata.deletion_timestamp.is_some()))
+            && c.services
+                .get(&child_ref())
+                .is_some_and(|s| s.object().is_ok_and(|s| s.metadata.deletion_timestamp.is_some()))
     })
     .await;
     let from = fake.requests().len();

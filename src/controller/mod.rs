@@ -3,6 +3,7 @@
 //! - [`cache`]: the watches and stores of MyApps, Deployments and Services. They run on every
 //!   replica, leader or not, so a new leader starts from warm caches.
 //! - [`reconcile`]: the reconcile and cleanup logic, as methods on `MyApp`.
+//! - [`cached`]: the compact form in which the caches keep a child.
 //! - [`children`]: pure builders of the Deployment and Service.
 //! - [`ownership`]: the pure decision of which existing objects a `MyApp` may write.
 //! - [`fenced`]: the client those writes use, whose sockets check the fence before every write.
@@ -11,6 +12,7 @@
 //!   counted in one place.
 
 pub mod cache;
+pub mod cached;
 pub mod children;
 pub mod fenced;
 #[cfg(test)]
@@ -33,7 +35,7 @@ use futures::StreamExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,7 +74,7 @@ pub struct Context {
     /// When this leadership term began, until its first reconcile is recorded.
     term_started: Mutex<Option<tokio::time::Instant>>,
     /// MyApps waiting for a reconcile in this term.
-    pending: queue::Pending,
+    pending: Arc<queue::Pending>,
     /// The policy the webhooks enforce; the reconciler holds `spec.replicas` to it as well.
     pub policy: Policy,
 }
@@ -95,7 +97,7 @@ impl Context {
             identity: identity.to_string(),
             client: client.clone(),
             caches,
-            pending: queue::Pending::new(metrics.queue_depth.clone()),
+            pending: Arc::new(queue::Pending::new(metrics.queue_depth.clone())),
             writer: Writer::new(writes, recorder, metrics.clone()).with_fence(fence),
             metrics,
             failures: Mutex::new(HashMap::new()),
@@ -242,25 +244,22 @@ pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> 
     let caches = &ctx.caches;
     // Each stream below counts what it triggers in the queue-depth metric, through its own
     // handle on the context.
-    let (on_myapp, on_deployment, on_service, on_reconcile_all) = (ctx.clone(), ctx.clone(), ctx.clone(), ctx.clone());
+    let (on_myapp, on_deployment, on_service) = (ctx.clone(), ctx.clone(), ctx.clone());
     // Everything is reconciled at the start of the term, and again whenever a subscriber lagged
-    // behind its channel (it missed triggers): then every object waits.
+    // behind its channel (it missed triggers), at low priority (see [`queue::bulk_pass`]).
     let (lagged, lags) = tokio::sync::mpsc::unbounded_channel();
-    let reconcile_all = futures::stream::once(async {})
-        .chain(tokio_stream::wrappers::UnboundedReceiverStream::new(lags))
-        .map(move |()| {
-            for app in on_reconcile_all.caches.myapps.state() {
-                on_reconcile_all.pending.add(ObjectRef::from_obj(app.as_ref()));
-            }
-        });
+    let passes = futures::stream::once(async {}).chain(tokio_stream::wrappers::UnboundedReceiverStream::new(lags));
+    let store = caches.myapps.clone();
+    let bulk = queue::bulk_pass(passes, ctx.pending.clone(), move || {
+        store.state().iter().map(|app| ObjectRef::from_obj(app.as_ref())).collect()
+    });
     let myapps = caches.myapp_events(&lagged).inspect(move |a| on_myapp.pending.add(ObjectRef::from_obj(a.as_ref())));
-    let deployments =
-        caches.deployment_events(&lagged).inspect(move |d| on_deployment.pending.add_owner_of(&d.metadata));
-    let services = caches.service_events(&lagged).inspect(move |s| on_service.pending.add_owner_of(&s.metadata));
+    let deployments = caches.deployment_events(&lagged).inspect(move |d| on_deployment.pending.add_owner_of(d.meta()));
+    let services = caches.service_events(&lagged).inspect(move |s| on_service.pending.add_owner_of(s.meta()));
     let controller = Controller::for_shared_stream(myapps, caches.myapps.clone())
         .owns_shared_stream(deployments)
         .owns_shared_stream(services)
-        .reconcile_all_on(reconcile_all)
+        .reconcile_on(bulk)
         .with_config(Config::default().concurrency(16).debounce(Duration::from_millis(50)))
         .graceful_shutdown_on(stop);
     controller

@@ -4,29 +4,28 @@
 //! memory a replica needs. Dropped as each object arrives, before it is stored or fanned out:
 //! - from every object, `managedFields`, which nothing reads;
 //! - from a MyApp, annotations outside `myapp.dev/`: above all `kubectl`'s last-applied
-//!   configuration, a second copy of the whole object for MyApps applied with `kubectl apply`.
+//!   configuration, a second copy of the whole object for MyApps applied with `kubectl apply`;
+//! - from a MyApp, its labels: the children's labels come from its name, and nothing reads them
+//!   (a map of a few labels costs more than half a KiB of heap).
 //!
-//! Children keep their bodies: the drift check ([`super::children::up_to_date`]) compares the
-//! applied fields, and status reads the Deployment's. (Pruning them down to those fields, through
-//! a JSON round trip per event, was measured with 1,000 MyApps and saved about 0.5 MiB per replica
-//! of 17 to 28 MiB: not worth its CPU; see `bench/README.md`.)
+//! Children are kept in their own compact form ([`super::cached`]).
 
 use crate::api::MyApp;
-use kube::Resource;
 
 /// Annotations of ours (the applied hash, the trace link, the port-change opt-in).
 const OUR_ANNOTATIONS: &str = "myapp.dev/";
 
-/// Drops `managedFields` from a cached child.
-pub fn child<K: Resource>(obj: &mut K) {
-    obj.meta_mut().managed_fields = None;
-}
-
-/// Drops `managedFields` and every annotation outside `myapp.dev/` from a cached MyApp.
+/// Drops `managedFields`, the labels and every annotation outside `myapp.dev/` from a cached
+/// MyApp.
 pub fn myapp(app: &mut MyApp) {
-    child(app);
-    if let Some(annotations) = app.metadata.annotations.as_mut() {
+    let meta = &mut app.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
         annotations.retain(|k, _| k.starts_with(OUR_ANNOTATIONS));
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
     }
 }
 
@@ -46,7 +45,9 @@ mod tests {
             .into(),
         );
         app.metadata.managed_fields = Some(vec![Default::default()]);
+        app.metadata.labels = Some([("app.kubernetes.io/name".to_string(), "web".to_string())].into());
         myapp(&mut app);
+        assert_eq!(app.metadata.labels, None);
         let kept: Vec<&String> = app.metadata.annotations.iter().flatten().map(|(k, _)| k).collect();
         assert_eq!(kept, ["myapp.dev/traceparent"]);
         assert_eq!(app.metadata.managed_fields, None);

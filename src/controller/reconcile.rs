@@ -6,6 +6,7 @@
 //! writes to, nor deletes, an object that the `MyApp` does not control (see [`ownership`]).
 
 use super::Context;
+use super::cached::{Cached, Shape};
 use super::children::{self, selector_string};
 use super::ownership::{self, Claim, Conflict};
 use crate::api::conditions::{
@@ -22,7 +23,6 @@ use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
-use std::sync::Arc;
 use std::time::Duration;
 
 impl MyApp {
@@ -112,8 +112,8 @@ impl MyApp {
         let live_d = live_child(ctx, &ctx.caches.deployments, ns, name).await?;
         let live_s = live_child(ctx, &ctx.caches.services, ns, name).await?;
         let conflicts: Vec<Conflict> = [
-            ownership::claim("Deployment", name, live_d.as_deref().map(|d| &d.metadata), &uid),
-            ownership::claim("Service", name, live_s.as_deref().map(|s| &s.metadata), &uid),
+            ownership::claim("Deployment", name, live_d.as_ref().map(|d| &d.metadata), &uid),
+            ownership::claim("Service", name, live_s.as_ref().map(|s| &s.metadata), &uid),
         ]
         .into_iter()
         .filter_map(Claim::conflict)
@@ -122,8 +122,8 @@ impl MyApp {
             return Err(Error::NameConflict(conflicts));
         }
         let desired_d = children::stamp(children::deployment(self))?;
-        let deployment = self.apply_child(ctx, desired_d, live_d.as_deref(), "deployment").await?;
-        self.apply_child(ctx, children::stamp(children::service(self))?, live_s.as_deref(), "service").await?;
+        let deployment = self.apply_child(ctx, desired_d, live_d.as_ref(), "deployment").await?;
+        self.apply_child(ctx, children::stamp(children::service(self))?, live_s.as_ref(), "service").await?;
         Ok(deployment)
     }
 
@@ -144,8 +144,9 @@ impl MyApp {
     }
 
     /// Server-side applies `desired` (a [`children::stamp`]ed document) unless `live`, the object
-    /// the API server holds (one this `MyApp` controls), already carries all of it, with an Event
-    /// saying whether it was created or updated. Returns the child as it now is. The apply is
+    /// the API server holds (one this `MyApp` controls), already carries all of it. No Event: the
+    /// children and the status show it, and an Event per apply was a third of a fresh `MyApp`'s
+    /// writes (Events are kept for failures, the first Ready and a deletion). Returns the child as it now is. The apply is
     /// forced under one field manager, so fields the last applied document had and `desired`
     /// lacks are removed from the child.
     async fn apply_child<K>(&self, ctx: &Context, desired: K, live: Option<&K>, label: &str) -> Result<K>
@@ -161,12 +162,7 @@ impl MyApp {
         {
             return Ok(actual.clone());
         }
-        let applied = ctx.writer.apply(&desired, label).await?;
-        let (reason, verb) = if live.is_some() { ("Updated", "updated") } else { ("Created", "created") };
-        let kind = K::kind(&());
-        let note = format!("{verb} {kind} {}", desired.meta().name.as_deref().unwrap_or_default());
-        ctx.writer.event(self, EventType::Normal, reason, &format!("Apply{kind}"), note).await;
-        Ok(applied)
+        ctx.writer.apply(&desired, label).await
     }
 
     /// Deletes the children and releases the finalizer once both are gone.
@@ -244,18 +240,15 @@ pub fn refusal(app: &MyApp, policy: &Policy) -> Option<(&'static str, String)> {
 /// this is how an unlabelled object of the same name (one made by hand) is seen. The GET is made
 /// only when the cache has nothing: for a new `MyApp`, a child deleted or unlabelled by someone, a
 /// cache behind our own write, or a conflict. A child in the cache costs no call.
-async fn live_child<K>(ctx: &Context, cache: &Store<K>, ns: &str, name: &str) -> Result<Option<Arc<K>>>
+async fn live_child<K>(ctx: &Context, cache: &Store<Cached<K>>, ns: &str, name: &str) -> Result<Option<K>>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + serde::de::DeserializeOwned
-        + Clone
-        + std::fmt::Debug,
+    K: Shape + Clone + std::fmt::Debug,
 {
     if let Some(cached) = cache.get(&ObjectRef::new(name).within(ns)) {
-        return Ok(Some(cached));
+        return Ok(Some(cached.object()?));
     }
     let api: Api<K> = Api::namespaced(ctx.client(), ns);
-    Ok(api.get_opt(name).await?.map(Arc::new))
+    Ok(api.get_opt(name).await?)
 }
 
 #[cfg(test)]

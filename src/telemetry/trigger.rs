@@ -71,7 +71,15 @@ pub fn current() -> Option<String> {
         let span = registry.span(&id)?;
         span.scope().find_map(|s| s.extensions().get::<Trigger>().map(|t| t.0.clone()))
     })
+    .map(|reason| if reason == UNKNOWN { BULK_PASS.to_string() } else { reason })
 }
+
+/// kube's reason for a reconcile requested through `Controller::reconcile_on`.
+const UNKNOWN: &str = "unknown";
+
+/// What [`current`] says instead: the controller's only `reconcile_on` stream is the bulk pass
+/// ([`crate::controller::queue::bulk_pass`]).
+pub const BULK_PASS: &str = "bulk pass";
 
 #[cfg(test)]
 mod tests {

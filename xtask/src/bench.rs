@@ -9,10 +9,20 @@
 //! 3. **webhooks**: latency in process and over TLS from this (separate) process, and throughput;
 //! 4. **warm handover**: SIGTERM to the leader; acquire → first reconcile on the new leader (warm
 //!    caches), and the writes of its pass over all N unchanged MyApps (an unchanged resync: 0);
+//!    Then **priority**: SIGTERM to that leader too; right as the last replica takes over (and
+//!    starts its pass over all N), 20 MyApps change; change → the operator's apply of that MyApp's
+//!    Deployment (audit log), beside how long the pass took;
 //! 5. **cold start**: all replicas stopped, one started: process start → first reconcile;
 //! 6. **traces on** (not with `--quick`): the fresh phase again with traces exported, for the ratio;
 //! 7. **ceiling**: the same writes (create, Deployment, Service, status) from a plain client with no
-//!    operator, on the same machine in the same run;
+//!    operator, on the same machine in the same run.
+//!
+//! Memory: RSS of every replica idle and loaded, its peak (`VmHWM`), and the heap bytes per cached
+//! object of each kind ([`crate::cache_cost`]).
+//!
+//! Above [`LARGE`] MyApps (`--count 10000`), the run fits a 2-CPU machine: the MyApps have 0
+//! replicas (no pods for the scheduler and kwok), and the spec-change, traces and ceiling phases are
+//! skipped (the control plane, not the operator, is what they would measure).
 //!
 //! `--webhook-abuse` runs only the webhook server under abuse, with no cluster (see
 //! [`crate::webhook_bench::abuse`]), and writes `<out>/webhook-abuse.json`.
@@ -81,6 +91,12 @@ impl BenchArgs {
     }
 }
 
+/// Above this many MyApps, the large profile (see the module docs).
+const LARGE: usize = 2000;
+
+/// How many MyApps change during the priority phase.
+const CHANGES: usize = 20;
+
 /// How many creates or patches are in flight at once.
 const CONCURRENCY: usize = 16;
 
@@ -107,6 +123,16 @@ pub(crate) fn rss_mib(pid: u32) -> Option<f64> {
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    Some(kib / 1024.0)
+}
+
+/// Peak resident memory of a process (`VmHWM`), MiB.
+fn peak_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
     Some(kib / 1024.0)
 }
@@ -171,22 +197,23 @@ where
     }
 }
 
-fn myapp(i: usize) -> Result<MyApp> {
+fn myapp(i: usize, replicas: i32) -> Result<MyApp> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": format!("app-{i:05}")},
-        "spec": {"image": "nginx:1.27", "replicas": 1}
+        "spec": {"image": "nginx:1.27", "replicas": replicas}
     }))?)
 }
 
 /// Creates N MyApps (`image` None) or sets every MyApp's image, then waits until all are Ready.
 async fn converge(api: &Api<MyApp>, n: usize, image: Option<&str>) -> Result<Convergence> {
+    let replicas = if n > LARGE { 0 } else { 1 };
     let started = now();
     let clock = Instant::now();
     all(n, "driving MyApps", |i| {
         let api = api.clone();
         async move {
             match image {
-                None => api.create(&PostParams::default(), &myapp(i)?).await.map(|_| ()).context("create"),
+                None => api.create(&PostParams::default(), &myapp(i, replicas)?).await.map(|_| ()).context("create"),
                 Some(image) => {
                     let patch = Patch::Merge(json!({"spec": {"image": image}}));
                     api.patch(&format!("app-{i:05}"), &PatchParams::default(), &patch)
@@ -279,6 +306,61 @@ async fn first_reconcile(replica: &Replica, since: f64) -> Result<(f64, f64)> {
     .await
 }
 
+/// Phase 4b: SIGTERM to `leader`; right as one of `standbys` holds the Lease (its pass over all
+/// `n` MyApps begins), [`CHANGES`] MyApps change. Returns change → the operator's apply of that
+/// MyApp's Deployment (both from the audit log), and how long the pass took.
+async fn priority(
+    client: &Client,
+    api: &Api<MyApp>,
+    n: usize,
+    leader: &Replica,
+    standbys: &[Replica],
+) -> Result<Value> {
+    println!("==> priority: {CHANGES} changes as a new leader starts its pass over {n}");
+    let before: Vec<f64> = standbys.iter().map(|r| reconciles(r.probe_port)).collect();
+    procs::signal(leader.pid, "TERM");
+    let next = procs::poll("a new leader", Duration::from_secs(60), Duration::from_millis(5), || async {
+        let (holder, _) = operator::lease_holder(client).await?;
+        standbys.iter().position(|r| r.holds(&holder))
+    })
+    .await?;
+    let acquired = now();
+    let names: Vec<String> = (0..CHANGES).map(|k| format!("app-{:05}", k * n / CHANGES)).collect();
+    let patch = Patch::Merge(json!({"spec": {"env": [{"name": "CHANGED", "value": "1"}]}}));
+    let params = PatchParams::default();
+    futures::future::try_join_all(names.iter().map(|name| api.patch(name, &params, &patch))).await?;
+    let new = &standbys[next];
+    reconciled(new, before.get(next).copied().unwrap_or(0.0), n, Duration::from_secs(900)).await?;
+    let pass_s = now() - acquired;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log"))?;
+    let requests = chaos::audit::parse(&log, acquired - 1.0);
+    let user = operator::service_account_user();
+    let mut ms: Vec<f64> = names
+        .iter()
+        .filter_map(|name| {
+            let changed = requests
+                .iter()
+                .find(|r| r.resource == "myapps" && r.verb == "patch" && &r.name == name && r.user != user)?
+                .at;
+            let applied = requests
+                .iter()
+                .find(|r| {
+                    r.resource == "deployments" && r.is_write() && &r.name == name && r.user == user && r.at >= changed
+                })?
+                .at;
+            Some((applied - changed) * 1000.0)
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| ms.get(((p * ms.len() as f64).ceil() as usize).saturating_sub(1)).copied();
+    println!("    change -> apply p50 {:?} ms, p99 {:?} ms; the pass took {pass_s:.1} s", pct(0.5), pct(0.99));
+    Ok(json!({
+        "changes": CHANGES, "applied": ms.len(), "pass_s": pass_s,
+        "change_to_apply_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": ms.last()},
+    }))
+}
+
 /// The API server's ceiling: the same writes as a fresh MyApp costs the operator at minimum (create
 /// it, apply its Deployment and Service, write its status), from a plain client, no operator.
 async fn ceiling(client: &Client, ns: &str, n: usize) -> Result<(f64, Vec<(f64, f64)>)> {
@@ -290,7 +372,7 @@ async fn ceiling(client: &Client, ns: &str, n: usize) -> Result<(f64, Vec<(f64, 
     all(n, "ceiling writes", |i| {
         let (api, client, done, clock) = (api.clone(), client.clone(), &done, &clock);
         async move {
-            let app = api.create(&PostParams::default(), &myapp(i)?).await?;
+            let app = api.create(&PostParams::default(), &myapp(i, 1)?).await?;
             let apply = PatchParams::apply(FIELD_MANAGER).force();
             let d = children::deployment(&app);
             Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), ns)
@@ -324,7 +406,8 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     }
     let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
     let failover_rounds = args.failover_rounds.unwrap_or(if args.quick { 0 } else { 10 });
-    let compare_traces = !args.quick;
+    let large = n > LARGE;
+    let compare_traces = !args.quick && !large;
     let target = args.target.resolve().await?;
     let bin = operator::build_profile(args.release)?;
     let client = cluster::client_from(&target.kubeconfig).await?;
@@ -374,15 +457,23 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let lead = leader(&client, &replicas).await?;
     let (cpu1, rec1) = (cpu_seconds(lead.pid).unwrap_or(0.0), reconciles(lead.probe_port));
     let loaded: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
+    let peak: Vec<f64> = replicas.iter().filter_map(|r| peak_mib(r.pid)).collect();
+    let cache_bytes = crate::cache_cost::measure(&client, &ns_a).await?;
+    println!("    heap bytes per cached object: {cache_bytes}");
     let cpu_per_1000 = (rec1 > rec0).then(|| (cpu1 - cpu0) / (rec1 - rec0) * 1000.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let fresh_economy = if local { Some(economy(&ns_a, fresh.started, now(), n)?) } else { None };
 
     // 2. Spec change.
-    println!("==> spec change: every image to nginx:1.28");
-    let change = converge(&api, n, Some("nginx:1.28")).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let change_economy = if local { Some(economy(&ns_a, change.started, now(), n)?) } else { None };
+    let (change, change_economy) = if large {
+        (None, None)
+    } else {
+        println!("==> spec change: every image to nginx:1.28");
+        let change = converge(&api, n, Some("nginx:1.28")).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let economy = if local { Some(economy(&ns_a, change.started, now(), n)?) } else { None };
+        (Some(change), economy)
+    };
 
     // 3. Webhooks, from this process against a replica over TLS (local control plane only).
     println!("==> webhooks");
@@ -413,6 +504,10 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let resync_economy = if local { Some(economy(&ns_a, handover_at, now(), n)?) } else { None };
 
+    // 4b. Real changes during a new leader's pass.
+    let last: Vec<Replica> = others.iter().filter(|r| r.name != new.name).cloned().collect();
+    let priority = if local { Some(priority(&client, &api, n, &new, &last).await?) } else { None };
+
     // 5. Cold start: one replica from nothing.
     println!("==> cold start with {n} MyApps");
     operator::stop_replicas();
@@ -437,15 +532,20 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     };
 
     // 7. The API server's ceiling, with no operator and no webhooks.
-    println!("==> ceiling: the same writes from a plain client");
-    if local {
-        operator::remove_local_webhooks(&client).await?;
-    }
     let ns_c = format!("bench-{n}-ceiling-{run_id}");
-    let (ceiling_s, ceiling_curve) = ceiling(&client, &ns_c, n).await?;
-    if local {
-        operator::install_local_webhooks(&client).await?;
-    }
+    let (ceiling_s, ceiling_curve) = if large {
+        (None, Vec::new())
+    } else {
+        println!("==> ceiling: the same writes from a plain client");
+        if local {
+            operator::remove_local_webhooks(&client).await?;
+        }
+        let (seconds, curve) = ceiling(&client, &ns_c, n).await?;
+        if local {
+            operator::install_local_webhooks(&client).await?;
+        }
+        (Some(seconds), curve)
+    };
     // Clean up with a replica running: the MyApps' finalizers need the operator.
     println!("==> cleaning up");
     let cleaner = operator::start_replicas(&bin, &sa_kubeconfig, 1, &[], &off_env)?;
@@ -475,17 +575,19 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     }
     operator::stop_replicas();
 
-    let ratio = ceiling_s.max(f64::EPSILON);
+    let ratio = ceiling_s.map(|c| fresh.ready_s / c.max(f64::EPSILON));
     let report = json!({
         "machine": machine(),
         "operator_build": if args.release { "release" } else { "debug" },
         "myapps": n,
         "fresh": {"requests_s": fresh.requested_s, "all_ready_s": fresh.ready_s, "myapps_per_s": n as f64 / fresh.ready_s,
-                  "ratio_to_ceiling": fresh.ready_s / ratio, "api": fresh_economy},
-        "spec_change": {"all_ready_s": change.ready_s, "api": change_economy},
+                  "ratio_to_ceiling": ratio, "api": fresh_economy},
+        "spec_change": change.as_ref().map(|c| json!({"all_ready_s": c.ready_s, "api": change_economy})),
         "unchanged_resync": {"api": resync_economy},
-        "ceiling": {"writes": 4 * n, "seconds": ceiling_s},
-        "rss_mib": {"idle": idle, "loaded": loaded, "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
+        "ceiling": ceiling_s.map(|c| json!({"writes": 4 * n, "seconds": c})),
+        "rss_mib": {"idle": idle, "loaded": loaded, "peak": peak, "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
+        "cache_bytes_per_object": cache_bytes,
+        "priority": priority,
         "cpu_seconds_per_1000_reconciles": cpu_per_1000,
         "acquire_to_first_reconcile_ms": {"warm_handover": warm_ms, "cold_process": cold_acquire_ms, "cold_start_to_first_reconcile": cold_start_ms},
         "traces_on": traced.as_ref().map(|(_, c)| json!({"all_ready_s": c.ready_s, "ratio_on_off": c.ready_s / fresh.ready_s})),
@@ -501,7 +603,9 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     if let Some((_, c)) = &traced {
         series.push(Series { name: "operator, traces exported", colour: "#ff7f0e", points: &c.curve });
     }
-    series.push(Series { name: "ceiling: plain client, same writes", colour: "#2ca02c", points: &ceiling_curve });
+    if !ceiling_curve.is_empty() {
+        series.push(Series { name: "ceiling: plain client, same writes", colour: "#2ca02c", points: &ceiling_curve });
+    }
     let svg = out.join(format!("{n}-convergence.svg"));
     std::fs::write(&svg, line_chart(&format!("{n} fresh MyApps"), "seconds", "MyApps", &series))?;
     print_table(&report);
@@ -549,7 +653,7 @@ fn print_table(r: &Value) {
     row("fresh: all Ready (s)", f(&r["fresh"]["all_ready_s"]));
     row("fresh: MyApps Ready per second", f(&r["fresh"]["myapps_per_s"]));
     row("ceiling: same writes from a plain client (s)", f(&r["ceiling"]["seconds"]));
-    row("fresh all Ready / ceiling", format!("{:.2}", r["fresh"]["ratio_to_ceiling"].as_f64().unwrap_or(0.0)));
+    row("fresh all Ready / ceiling", f(&r["fresh"]["ratio_to_ceiling"]));
     row("spec change: all Ready (s)", f(&r["spec_change"]["all_ready_s"]));
     for (label, key) in [("fresh", "fresh"), ("spec change", "spec_change"), ("unchanged resync", "unchanged_resync")] {
         let api = &r[key]["api"];
@@ -568,13 +672,29 @@ fn print_table(r: &Value) {
     if let (Some(names), Some(idle), Some(loaded)) =
         (rss["replicas"].as_array(), rss["idle"].as_array(), rss["loaded"].as_array())
     {
-        for ((name, i), l) in names.iter().zip(idle).zip(loaded) {
+        for (i, name) in names.iter().enumerate() {
             let role = if name == &rss["leader"] { "leader" } else { "standby" };
             row(
-                &format!("RSS {} ({role}) idle -> loaded (MiB)", name.as_str().unwrap_or("")),
-                format!("{} -> {}", f(i), f(l)),
+                &format!("RSS {} ({role}) idle -> loaded, peak (MiB)", name.as_str().unwrap_or("")),
+                format!("{} -> {}, {}", f(&idle[i]), f(&loaded[i]), f(&rss["peak"][i])),
             );
         }
+    }
+    let bytes = &r["cache_bytes_per_object"];
+    for kind in ["myapp", "deployment", "service", "per_myapp"] {
+        row(
+            &format!("heap bytes per cached {kind}: as sent -> as cached"),
+            format!("{} -> {}", f(&bytes[kind]["as_sent"]), f(&bytes[kind]["as_cached"])),
+        );
+    }
+    let p = &r["priority"];
+    if !p.is_null() {
+        let ms = &p["change_to_apply_ms"];
+        row(
+            "priority: change -> apply p50 / p99 / max (ms)",
+            format!("{} / {} / {}", f(&ms["p50"]), f(&ms["p99"]), f(&ms["max"])),
+        );
+        row("priority: the new leader's pass over all (s)", f(&p["pass_s"]));
     }
     row("leader CPU seconds per 1000 reconciles", f(&r["cpu_seconds_per_1000_reconciles"]));
     let a = &r["acquire_to_first_reconcile_ms"];

@@ -1,6 +1,7 @@
 //! The task runner: `cargo xtask <command>`. See `cargo xtask --help`.
 
 mod bench;
+mod cache_cost;
 mod chaos;
 mod chaos_pods;
 mod cluster;
@@ -19,6 +20,10 @@ mod webhook_bench;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+/// Counts heap bytes in use, for the bench's bytes per cached object.
+#[global_allocator]
+static ALLOCATOR: cache_cost::Counting = cache_cost::Counting;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Tasks of the myapp-operator workspace")]

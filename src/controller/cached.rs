@@ -1,0 +1,360 @@
+//! What the caches keep of a child (Deployment, Service): only what reconcile reads, in compact
+//! form.
+//!
+//! A `k8s_openapi` Deployment costs about 11 KiB of heap however few of its fields are set (its
+//! `PodSpec` and `Container` structs alone are 1.5 and 2.3 KiB), and about 28 KiB with the
+//! `managedFields` the API server sends. Every replica caches every child, so that size sets the
+//! memory a replica needs. A [`Cached`] child instead holds:
+//! - a small `ObjectMeta` (name, namespace, resourceVersion, ownerReferences), which the watch,
+//!   the store and the controller's owner mapping read;
+//! - everything else reconcile reads, as one compact JSON string: the fields the operator applies
+//!   ([`Shape::shape`]: labels, the applied-hash annotation, the spec fields of the builders), the
+//!   deletion mark, and for a Deployment the generation and the status counts.
+//!
+//! [`Cached::object`] rebuilds the `k8s_openapi` object from that, for the one reconcile that
+//! reads it, and drops it afterwards.
+//!
+//! # Guarantees
+//!
+//! - For every document the builders make, [`super::children::up_to_date`] judges the rebuilt
+//!   object as it would the object the API server sent: the shape keeps every field path a
+//!   document of the builders can set (tests check this over random specs), and
+//!   [`super::children::is_subset`] reads no other.
+//! - `managedFields` are never deserialized into structs: an object arrives as JSON, is projected,
+//!   and the rest is dropped at once, so a relist costs one object's worth of transient memory per
+//!   object being read, not a page of full objects.
+
+use super::children;
+use crate::api::{MyApp, MyAppSpec, ResourceAmounts, Resources, ServiceType};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value, json};
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::LazyLock;
+
+/// A kind of child the caches keep in compact form: which fields of it are kept.
+pub trait Shape: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + DeserializeOwned {
+    /// The tree of fields kept, beyond the typed metadata: an object keeps the keys it lists
+    /// (each projected by its value), an array projects every element by its first element, and
+    /// any other value keeps the field whole.
+    fn shape() -> &'static Value;
+}
+
+/// Every field path a document of the builders can carry, from a `MyApp` that sets every
+/// optional field, merged with what reconcile reads beyond them.
+fn union(applied: Value, read: Value) -> Value {
+    let mut shape = applied;
+    merge(&mut shape, read);
+    // The typed metadata holds these, and the object's kind is in its type.
+    for key in ["apiVersion", "kind"] {
+        if let Some(o) = shape.as_object_mut() {
+            o.remove(key);
+        }
+    }
+    if let Some(meta) = shape.get_mut("metadata").and_then(Value::as_object_mut) {
+        for key in TYPED_META {
+            meta.remove(*key);
+        }
+    }
+    shape
+}
+
+fn merge(into: &mut Value, from: Value) {
+    match (into, from) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        a.insert(k, v);
+                    }
+                }
+            }
+        }
+        (into, from) => *into = from,
+    }
+}
+
+/// The metadata fields kept typed, outside the JSON.
+const TYPED_META: &[&str] = &["name", "namespace", "resourceVersion", "ownerReferences"];
+
+/// A `MyApp` with every optional field set, so its children carry every field the builders can
+/// write.
+fn maximal() -> MyApp {
+    let amounts = || Some(ResourceAmounts { cpu: Some("1".into()), memory: Some("1Mi".into()) });
+    let mut app = MyApp::new(
+        "shape",
+        MyAppSpec {
+            image: "shape:1".into(),
+            replicas: 1,
+            port: 1,
+            env: vec![crate::api::EnvVar { name: "A".into(), value: "a".into() }],
+            resources: Some(Resources { requests: amounts(), limits: amounts() }),
+            service_type: Some(ServiceType::NodePort),
+        },
+    );
+    app.metadata.namespace = Some("shape".into());
+    app.metadata.uid = Some("shape".into());
+    app
+}
+
+fn applied<K: serde::Serialize + Resource + Clone>(doc: K) -> Value {
+    let doc = children::stamp(doc.clone()).unwrap_or(doc);
+    serde_json::to_value(doc).unwrap_or_default()
+}
+
+/// The deletion mark, which cleanup reads.
+fn deletion() -> Value {
+    json!({"metadata": {"deletionTimestamp": true}})
+}
+
+impl Shape for Deployment {
+    fn shape() -> &'static Value {
+        static SHAPE: LazyLock<Value> = LazyLock::new(|| {
+            let mut read = deletion();
+            // What `RolloutFacts::from_deployment` reads.
+            merge(
+                &mut read,
+                json!({
+                    "metadata": {"generation": true},
+                    "status": {
+                        "observedGeneration": true, "replicas": true, "updatedReplicas": true,
+                        "readyReplicas": true, "availableReplicas": true,
+                        "conditions": [{"type": true, "reason": true}],
+                    },
+                }),
+            );
+            union(applied(children::deployment(&maximal())), read)
+        });
+        &SHAPE
+    }
+}
+
+impl Shape for Service {
+    fn shape() -> &'static Value {
+        static SHAPE: LazyLock<Value> = LazyLock::new(|| union(applied(children::service(&maximal())), deletion()));
+        &SHAPE
+    }
+}
+
+/// `value` cut down to `shape` (see [`Shape::shape`]).
+pub fn project(value: &Value, shape: &Value) -> Value {
+    match (value, shape) {
+        (Value::Object(v), Value::Object(s)) => Value::Object(
+            s.iter()
+                .filter_map(|(k, sub)| v.get(k).map(|field| (k.clone(), project(field, sub))))
+                .collect::<Map<_, _>>(),
+        ),
+        (Value::Array(v), Value::Array(s)) => match s.first() {
+            Some(element) => Value::Array(v.iter().map(|x| project(x, element)).collect()),
+            None => Value::Array(v.clone()),
+        },
+        (v, _) => v.clone(),
+    }
+}
+
+/// A child as the caches keep it (see the module docs).
+pub struct Cached<K> {
+    metadata: ObjectMeta,
+    rest: Box<str>,
+    kind: PhantomData<fn() -> K>,
+}
+
+impl<K> Clone for Cached<K> {
+    fn clone(&self) -> Self {
+        Self { metadata: self.metadata.clone(), rest: self.rest.clone(), kind: PhantomData }
+    }
+}
+
+impl<K> fmt::Debug for Cached<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cached").field("metadata", &self.metadata).field("rest", &self.rest).finish()
+    }
+}
+
+impl<K: Shape> Cached<K> {
+    /// The compact form of `object`, a child as the API server sends it (JSON).
+    pub fn from_json(mut object: Value) -> Result<Self, serde_json::Error> {
+        let meta = object.get_mut("metadata").map(Value::take).unwrap_or_default();
+        let typed = TYPED_META.iter().filter_map(|k| meta.get(*k).map(|v| (k.to_string(), v.clone())));
+        let metadata: ObjectMeta = serde_json::from_value(Value::Object(typed.collect()))?;
+        object["metadata"] = meta;
+        let rest = serde_json::to_string(&project(&object, K::shape()))?.into_boxed_str();
+        Ok(Self { metadata, rest, kind: PhantomData })
+    }
+
+    /// The child rebuilt as a `k8s_openapi` object: the kept fields only.
+    pub fn object(&self) -> Result<K, serde_json::Error> {
+        let mut object: K = serde_json::from_str(&self.rest)?;
+        let meta = object.meta_mut();
+        meta.name.clone_from(&self.metadata.name);
+        meta.namespace.clone_from(&self.metadata.namespace);
+        meta.resource_version.clone_from(&self.metadata.resource_version);
+        meta.owner_references.clone_from(&self.metadata.owner_references);
+        Ok(object)
+    }
+
+    /// Heap bytes this entry holds, roughly (for the bench's per-kind figures).
+    pub fn json_len(&self) -> usize {
+        self.rest.len()
+    }
+}
+
+impl<'de, K: Shape> Deserialize<'de> for Cached<K> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::from_json(Value::deserialize(d)?).map_err(D::Error::custom)
+    }
+}
+
+impl<K: Shape> Resource for Cached<K> {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+    fn api_version(dt: &()) -> Cow<'_, str> {
+        K::api_version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::EnvVar;
+    use proptest::prelude::*;
+
+    /// A Deployment as the API server sends it: the applied document plus defaults, status,
+    /// managedFields and fields of other managers.
+    fn served(app: &MyApp) -> Value {
+        let mut d = applied(children::deployment(app));
+        merge(
+            &mut d,
+            json!({
+                "metadata": {
+                    "resourceVersion": "42", "uid": "d-uid", "generation": 3,
+                    "creationTimestamp": "2026-12-01T00:00:00Z",
+                    "annotations": {"deployment.kubernetes.io/revision": "2"},
+                    "managedFields": [{"manager": "myapp-operator", "operation": "Apply", "fieldsV1": {"f:spec": {}}}],
+                },
+                "spec": {"progressDeadlineSeconds": 600, "revisionHistoryLimit": 10,
+                         "strategy": {"type": "RollingUpdate"},
+                         "template": {"spec": {"restartPolicy": "Always", "dnsPolicy": "ClusterFirst"}}},
+                "status": {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2,
+                           "availableReplicas": 2,
+                           "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+                                           "message": "long text", "lastUpdateTime": "2026-12-01T00:00:00Z"}]},
+            }),
+        );
+        if let Some(c) = d.pointer_mut("/spec/template/spec/containers/0").and_then(Value::as_object_mut) {
+            c.insert("imagePullPolicy".into(), "IfNotPresent".into());
+            c.insert("terminationMessagePath".into(), "/dev/termination-log".into());
+        }
+        d
+    }
+
+    #[test]
+    fn a_cached_deployment_keeps_what_reconcile_reads_and_drops_the_rest() {
+        let app = children::tests::app();
+        let cached = Cached::<Deployment>::from_json(served(&app)).expect("cached");
+        assert_eq!(cached.metadata.name.as_deref(), Some("web"));
+        assert_eq!(cached.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!(cached.metadata.owner_references.as_ref().map(Vec::len), Some(1));
+        for dropped in ["managedFields", "progressDeadlineSeconds", "imagePullPolicy", "lastUpdateTime", "long text"] {
+            assert!(!cached.rest.contains(dropped), "{dropped} is dropped: {}", cached.rest);
+        }
+        let d = cached.object().expect("rebuilt");
+        let desired = children::stamp(children::deployment(&app)).expect("stamped");
+        assert!(children::up_to_date(&desired, &d), "an unchanged child is up to date");
+        let facts = crate::api::conditions::RolloutFacts::from_deployment(&d);
+        assert!(facts.complete() && facts.generation == 3 && facts.ready == 2, "{facts:?}");
+        assert!(d.meta().annotations.as_ref().is_some_and(|a| a.contains_key(crate::api::APPLIED_HASH)));
+    }
+
+    #[test]
+    fn a_cached_child_shows_drift_and_deletion() {
+        let app = children::tests::app();
+        let desired = children::stamp(children::deployment(&app)).expect("stamped");
+        let mut changed = served(&app);
+        changed["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1".into();
+        changed["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z".into();
+        let d = Cached::<Deployment>::from_json(changed).expect("cached").object().expect("rebuilt");
+        assert!(!children::up_to_date(&desired, &d), "a hand-changed image is drift");
+        assert!(d.metadata.deletion_timestamp.is_some());
+        let mut s = applied(children::service(&app));
+        s["spec"]["clusterIP"] = "10.0.0.1".into();
+        s["spec"]["ports"][0]["nodePort"] = 30001.into();
+        let cached = Cached::<Service>::from_json(s).expect("cached");
+        assert!(!cached.rest.contains("clusterIP") && !cached.rest.contains("30001"));
+        let desired = children::stamp(children::service(&app)).expect("stamped");
+        assert!(children::up_to_date(&desired, &cached.object().expect("rebuilt")));
+    }
+
+    fn spec() -> impl Strategy<Value = MyAppSpec> {
+        let amounts = (proptest::option::of("[1-9]00m"), proptest::option::of("[1-9]Mi"))
+            .prop_map(|(cpu, memory)| ResourceAmounts { cpu, memory });
+        (
+            "[a-z]{1,8}:[0-9]",
+            0..5i32,
+            1..65535i32,
+            proptest::collection::vec(("[A-Z]{1,4}", "[a-z]{0,3}"), 0..3),
+            proptest::option::of((proptest::option::of(amounts.clone()), proptest::option::of(amounts))),
+            proptest::option::of(prop_oneof![Just(ServiceType::ClusterIP), Just(ServiceType::NodePort)]),
+        )
+            .prop_map(|(image, replicas, port, env, resources, service_type)| MyAppSpec {
+                image,
+                replicas,
+                port,
+                env: env.into_iter().map(|(name, value)| EnvVar { name, value }).collect(),
+                resources: resources.map(|(requests, limits)| Resources { requests, limits }),
+                service_type,
+            })
+    }
+
+    proptest! {
+        /// The shape keeps every field a document of the builders has: so `is_subset` of a
+        /// document against a cached child reads exactly what it reads against the whole child.
+        #[test]
+        fn the_shapes_keep_every_field_the_builders_write(spec in spec()) {
+            let mut app = children::tests::app();
+            app.spec = spec;
+            for (doc, shape) in [
+                (applied(children::deployment(&app)), Deployment::shape()),
+                (applied(children::service(&app)), Service::shape()),
+            ] {
+                let mut expected = doc.clone();
+                if let Some(o) = expected.as_object_mut() {
+                    o.remove("apiVersion");
+                    o.remove("kind");
+                }
+                if let Some(meta) = expected.get_mut("metadata").and_then(Value::as_object_mut) {
+                    for key in TYPED_META {
+                        meta.remove(*key);
+                    }
+                }
+                prop_assert_eq!(project(&doc, shape), expected);
+            }
+        }
+    }
+}
