@@ -112,36 +112,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let webhooks_ready = args.webhook.webhooks.then(|| Arc::new(AtomicBool::new(false)));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
     let probes = Probes { metrics: metrics.clone(), ready: ready.clone(), webhooks_ready: webhooks_ready.clone() };
     let probe_task = tokio::spawn(probes::serve(args.probe_addr, probes, stopped(stop_rx.clone())));
 
-    let mut config = kube::Config::infer().await.context("find Kubernetes credentials")?;
-    let agent = myapp_operator::client::user_agent(&identity);
-    config.headers.push((::http::header::USER_AGENT, ::http::HeaderValue::from_str(&agent)?));
-    // Every API call becomes a client span whose context reaches the API server in `traceparent`.
-    let client = kube::client::ClientBuilder::try_from(config.clone())
-        .context("build the Kubernetes client")?
-        .with_layer(&myapp_operator::client::CallTimeoutLayer::default())
-        .with_layer(&TraceParentLayer)
-        .build();
-
+    let (config, client) = api_client(&identity).await?;
     // One policy for the webhooks (admission) and the controller (what is rolled out).
     let policy = args.webhook.policy();
-    let webhooks = if let Some(webhooks_ready) = webhooks_ready {
-        let source = args.webhook.cert_source(&args.lease.lease_namespace);
-        let shared =
-            Arc::new(webhook::Shared::new(policy.clone(), metrics.clone(), webhook::limits::Limits::default()));
-        // Returns at once: the certificate is obtained in the background, with retries, so a
-        // replica that cannot reach the API server stays alive (and not ready) instead of exiting.
-        let options = webhook::Options::with_ready(webhooks_ready);
-        let w = Webhooks::start_with(client.clone(), args.webhook.webhook_addr, source, shared, options)
-            .context("start the webhooks")?;
-        Some(w)
-    } else {
-        None
+    let webhooks = match webhooks_ready {
+        Some(flag) => Some(start_webhooks(&args, client.clone(), policy.clone(), metrics.clone(), flag)?),
+        None => None,
     };
 
     tracing::info!(%identity, leader_elect = args.lease.leader_elect, traces = telemetry.exporting(), "starting");
@@ -153,42 +132,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // The elector stops only after the controller has: a separate signal, sent in order below.
     let (release_tx, release_rx) = watch::channel(leader::Stop::No);
-    let mut _open_fence = None;
-    let (leadership, elector_task) = if args.lease.leader_elect {
-        let (elector, leadership) =
-            Elector::new(client.clone(), &args.lease.lease_namespace, &args.lease.lease_name, &identity, timings);
-        let elector = elector.with_metrics(metrics.clone());
-        (leadership, Some(tokio::spawn(elector.run(release_rx))))
-    } else {
-        // Without election the fence stays open for the life of the process.
-        let (tx, rx) = watch::channel(Some(tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400)));
-        _open_fence = Some(tx);
-        (rx, None)
-    };
+    let election = Election::start(&args, client.clone(), &identity, metrics.clone(), release_rx);
 
     // The controller writes through its own client, whose sockets check the fence before every
     // write (see controller::fenced): a request delayed past the end of the term never leaves.
-    let writes = controller::fenced::client(&config, Fence::new(leadership.clone()))
+    let writes = controller::fenced::client(&config, Fence::new(election.leadership.clone()))
         .context("build the fenced Kubernetes client")?;
     let resync: Duration = args.controller.resync_period.into();
     let supervisor = {
-        let (client, caches, metrics, identity, stop_rx) =
-            (client.clone(), caches.clone(), metrics.clone(), identity.clone(), stop_rx.clone());
-        tokio::spawn(leader::supervise(leadership, stop_rx.clone(), move |fence, acquired| {
-            let ctx = Arc::new(
-                Context::new(
-                    client.clone(),
-                    writes.clone(),
-                    caches.clone(),
-                    metrics.clone(),
-                    &identity,
-                    fence,
-                    acquired,
-                )
-                .with_resync(resync)
-                .with_policy(policy.clone()),
+        let (caches, metrics, identity, stop_rx) = (caches.clone(), metrics.clone(), identity.clone(), stop_rx.clone());
+        tokio::spawn(leader::supervise(election.leadership.clone(), stop_rx.clone(), move |fence, acquired| {
+            let ctx = Context::new(
+                client.clone(),
+                writes.clone(),
+                caches.clone(),
+                metrics.clone(),
+                &identity,
+                fence,
+                acquired,
             );
-            controller::run(ctx, stopped(stop_rx.clone()))
+            controller::run(Arc::new(ctx.with_resync(resync).with_policy(policy.clone())), stopped(stop_rx.clone()))
         }))
     };
 
@@ -203,9 +166,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // How the controller stopped decides how soon the lease may be released.
     let how = supervisor.await.unwrap_or(leader::Stop::ReleaseAfterMargin);
     let _ = release_tx.send(how);
-    if let Some(task) = elector_task {
-        let _ = task.await;
-    }
+    election.stopped().await;
     if let Some(w) = webhooks {
         // Keep answering admissions while callers move to the other replicas, then stop
         // accepting and wait (bounded) for the admissions in flight.
@@ -222,4 +183,76 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("stopped");
     telemetry.shutdown();
     Ok(())
+}
+
+/// Resolves once `rx` says stop.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// The API client: this replica's User-Agent, a timeout on every call but watches, and a client
+/// span per call whose context reaches the API server in `traceparent`. Also returns the
+/// configuration, for the fenced write client.
+async fn api_client(identity: &str) -> anyhow::Result<(kube::Config, kube::Client)> {
+    let mut config = kube::Config::infer().await.context("find Kubernetes credentials")?;
+    let agent = myapp_operator::client::user_agent(identity);
+    config.headers.push((::http::header::USER_AGENT, ::http::HeaderValue::from_str(&agent)?));
+    let client = kube::client::ClientBuilder::try_from(config.clone())
+        .context("build the Kubernetes client")?
+        .with_layer(&myapp_operator::client::CallTimeoutLayer::default())
+        .with_layer(&TraceParentLayer)
+        .build();
+    Ok((config, client))
+}
+
+/// Starts the webhook server. Returns at once: the certificate is obtained in the background,
+/// with retries, so a replica that cannot reach the API server stays alive (and not ready)
+/// instead of exiting.
+fn start_webhooks(
+    args: &RunArgs,
+    client: kube::Client,
+    policy: webhook::policy::Policy,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+) -> anyhow::Result<Webhooks> {
+    let source = args.webhook.cert_source(&args.lease.lease_namespace);
+    let shared = Arc::new(webhook::Shared::new(policy, metrics, webhook::limits::Limits::default()));
+    Webhooks::start_with(client, args.webhook.webhook_addr, source, shared, webhook::Options::with_ready(ready))
+        .context("start the webhooks")
+}
+
+/// Leadership: the elector's, or, without election, a fence open for the life of the process.
+struct Election {
+    leadership: watch::Receiver<Option<tokio::time::Instant>>,
+    elector: Option<tokio::task::JoinHandle<()>>,
+    _open_fence: Option<watch::Sender<Option<tokio::time::Instant>>>,
+}
+
+impl Election {
+    fn start(
+        args: &RunArgs,
+        client: kube::Client,
+        identity: &str,
+        metrics: Arc<Metrics>,
+        release: watch::Receiver<leader::Stop>,
+    ) -> Self {
+        let lease = &args.lease;
+        if lease.leader_elect {
+            let (elector, leadership) =
+                Elector::new(client, &lease.lease_namespace, &lease.lease_name, identity, lease.timings());
+            let elector = tokio::spawn(elector.with_metrics(metrics).run(release));
+            Self { leadership, elector: Some(elector), _open_fence: None }
+        } else {
+            let forever = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+            let (tx, leadership) = watch::channel(Some(forever));
+            Self { leadership, elector: None, _open_fence: Some(tx) }
+        }
+    }
+
+    /// Waits for the elector to finish (it releases the Lease as told).
+    async fn stopped(self) {
+        if let Some(task) = self.elector {
+            let _ = task.await;
+        }
+    }
 }

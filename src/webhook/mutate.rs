@@ -1,7 +1,7 @@
 //! Defaulting: a JSON Patch that fills in what the user left out. Idempotent: applied to its own
 //! output it yields an empty patch, so the API server may call it again (reinvocation) safely.
 
-use crate::api::{MANAGED_BY, MANAGED_BY_LABEL, TRACE_ANNOTATION};
+use crate::api::{FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, TRACE_ANNOTATION};
 use json_patch::{AddOperation, Patch, PatchOperation};
 use jsonptr::PointerBuf;
 use serde_json::{Value, json};
@@ -24,6 +24,20 @@ pub fn record_trace(obj: &Value, traceparent: &str) -> Vec<PatchOperation> {
         None => add(&mut ops, &["metadata", "annotations"], json!({ TRACE_ANNOTATION: traceparent })),
         Some(a) if a.get(TRACE_ANNOTATION).and_then(Value::as_str) == Some(traceparent) => {}
         Some(_) => add(&mut ops, &["metadata", "annotations", TRACE_ANNOTATION], json!(traceparent)),
+    }
+    ops
+}
+
+/// The patch that puts the operator's [`FINALIZER`] on `obj`, unless it is there. Call it for a
+/// create only: an update may be the operator's own cleanup taking the finalizer off. It saves
+/// the reconciler the write that would add it (the reconciler still adds it when it is missing,
+/// for MyApps created while the webhook was not called).
+pub fn finalizer(obj: &Value) -> Vec<PatchOperation> {
+    let mut ops = Vec::new();
+    match obj["metadata"].get("finalizers").and_then(Value::as_array) {
+        None => add(&mut ops, &["metadata", "finalizers"], json!([FINALIZER])),
+        Some(f) if f.iter().any(|v| v.as_str() == Some(FINALIZER)) => {}
+        Some(_) => add(&mut ops, &["metadata", "finalizers", "-"], json!(FINALIZER)),
     }
     ops
 }
@@ -152,6 +166,17 @@ mod tests {
         let updated = apply(&other, &Patch(record_trace(&other, newer)));
         assert_eq!(updated["metadata"]["annotations"][TRACE_ANNOTATION], newer);
         assert_eq!(updated["metadata"]["annotations"]["team"], "a");
+    }
+
+    #[test]
+    fn a_created_myapp_gets_the_finalizer_once() {
+        let obj = json!({"metadata": {"name": "web"}, "spec": {}});
+        let out = apply(&obj, &Patch(finalizer(&obj)));
+        assert_eq!(out["metadata"]["finalizers"], json!([FINALIZER]));
+        assert!(finalizer(&out).is_empty(), "reinvoked: nothing more");
+        let theirs = json!({"metadata": {"name": "web", "finalizers": ["example.com/keep"]}, "spec": {}});
+        let out = apply(&theirs, &Patch(finalizer(&theirs)));
+        assert_eq!(out["metadata"]["finalizers"], json!(["example.com/keep", FINALIZER]), "theirs kept, ours added");
     }
 
     #[test]

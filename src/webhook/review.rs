@@ -87,6 +87,9 @@ fn mutate(
     if let (true, Some(tp)) = (spec_changed, traceparent) {
         patch.0.extend(mutate::record_trace(&value, tp));
     }
+    if req.operation == Operation::Create {
+        patch.0.extend(mutate::finalizer(&value));
+    }
     if patch.0.is_empty() {
         return resp;
     }

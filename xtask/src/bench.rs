@@ -14,8 +14,9 @@
 //!    Deployment (audit log), beside how long the pass took;
 //! 5. **cold start**: all replicas stopped, one started: process start → first reconcile;
 //! 6. **traces on** (not with `--quick`): the fresh phase again with traces exported, for the ratio;
-//! 7. **ceiling**: the same writes (create, Deployment, Service, status) from a plain client with no
-//!    operator, on the same machine in the same run.
+//! 7. **ceiling**: the same writes (create, Deployment, Service, status) from a plain client, on the
+//!    same machine in the same run, through the same admission webhooks (served by replicas that
+//!    reconcile nothing).
 //!
 //! Memory: RSS of every replica idle and loaded, its peak (`VmHWM`), and the heap bytes per cached
 //! object of each kind ([`crate::cache_cost`]).
@@ -70,6 +71,13 @@ pub struct BenchArgs {
     /// and its RSS while slow connections and oversized bodies hit it.
     #[arg(long)]
     webhook_abuse: bool,
+    /// The soak instead (see [`crate::soak`]): steady churn over `--count` MyApps (default 2000)
+    /// for `--minutes`.
+    #[arg(long)]
+    soak: bool,
+    /// How long the soak churns.
+    #[arg(long, default_value_t = 30)]
+    minutes: u64,
     /// Slow connections held during `--webhook-abuse`.
     #[arg(long, default_value_t = 500)]
     slow_connections: usize,
@@ -86,6 +94,8 @@ impl BenchArgs {
             failover_rounds: None,
             out: ".run/bench".into(),
             webhook_abuse: false,
+            soak: false,
+            minutes: 30,
             slow_connections: 500,
         }
     }
@@ -105,7 +115,7 @@ fn now() -> f64 {
 }
 
 /// A counter or sum of a replica's metrics.
-fn metric(port: u16, name: &str) -> Option<f64> {
+pub(crate) fn metric(port: u16, name: &str) -> Option<f64> {
     let (_, body) = procs::http_get(port, "/metrics").ok()?;
     body.lines()
         .find(|l| l.split_whitespace().next() == Some(name))
@@ -205,7 +215,13 @@ fn myapp(i: usize, replicas: i32) -> Result<MyApp> {
 }
 
 /// Creates N MyApps (`image` None) or sets every MyApp's image, then waits until all are Ready.
-async fn converge(api: &Api<MyApp>, n: usize, image: Option<&str>) -> Result<Convergence> {
+/// `created` counts the creates answered.
+async fn converge(
+    api: &Api<MyApp>,
+    n: usize,
+    image: Option<&str>,
+    created: Option<&std::sync::atomic::AtomicUsize>,
+) -> Result<Convergence> {
     let replicas = if n > LARGE { 0 } else { 1 };
     let started = now();
     let clock = Instant::now();
@@ -213,7 +229,13 @@ async fn converge(api: &Api<MyApp>, n: usize, image: Option<&str>) -> Result<Con
         let api = api.clone();
         async move {
             match image {
-                None => api.create(&PostParams::default(), &myapp(i, replicas)?).await.map(|_| ()).context("create"),
+                None => {
+                    api.create(&PostParams::default(), &myapp(i, replicas)?).await.context("create")?;
+                    if let Some(c) = created {
+                        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(())
+                }
                 Some(image) => {
                     let patch = Patch::Merge(json!({"spec": {"image": image}}));
                     api.patch(&format!("app-{i:05}"), &PatchParams::default(), &patch)
@@ -404,6 +426,12 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     if args.webhook_abuse {
         return webhook_abuse(&args).await;
     }
+    if args.soak {
+        let target = args.target.resolve().await?;
+        let bin = operator::build_profile(args.release)?;
+        let out = args.out.display().to_string();
+        return crate::soak::soak(&target, &bin, args.count.unwrap_or(2000), args.minutes, &out).await;
+    }
     let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
     let failover_rounds = args.failover_rounds.unwrap_or(if args.quick { 0 } else { 10 });
     let large = n > LARGE;
@@ -453,7 +481,28 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let lead = leader(&client, &replicas).await?;
     let (cpu0, rec0) = (cpu_seconds(lead.pid).unwrap_or(0.0), reconciles(lead.probe_port));
     println!("==> fresh: {n} MyApps in {ns_a}");
-    let fresh = converge(&api, n, None).await?;
+    // RSS of every replica as the MyApps are created: the sizing table's rows.
+    let created = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = {
+        let (created, pids) = (created.clone(), replicas.iter().map(|r| r.pid).collect::<Vec<_>>());
+        tokio::spawn(async move {
+            let mut rows: Vec<Value> = Vec::new();
+            let mut next = 1000;
+            while next <= n {
+                if created.load(std::sync::atomic::Ordering::Relaxed) >= next {
+                    // Let the watches deliver the last creates.
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let rss: Vec<Option<f64>> = pids.iter().map(|p| rss_mib(*p)).collect();
+                    rows.push(json!({"myapps": next, "rss_mib": rss}));
+                    next += 1000;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            rows
+        })
+    };
+    let fresh = converge(&api, n, None, Some(&created)).await?;
+    let rss_by_count = sampler.await.unwrap_or_default();
     let lead = leader(&client, &replicas).await?;
     let (cpu1, rec1) = (cpu_seconds(lead.pid).unwrap_or(0.0), reconciles(lead.probe_port));
     let loaded: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
@@ -469,7 +518,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         (None, None)
     } else {
         println!("==> spec change: every image to nginx:1.28");
-        let change = converge(&api, n, Some("nginx:1.28")).await?;
+        let change = converge(&api, n, Some("nginx:1.28"), None).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let economy = if local { Some(economy(&ns_a, change.started, now(), n)?) } else { None };
         (Some(change), economy)
@@ -524,26 +573,27 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         operator::wait_ready(&replicas).await?;
         let ns_b = format!("bench-{n}-traces-{run_id}");
         let api_b = namespace(&client, &ns_b).await?;
-        let c = converge(&api_b, n, None).await?;
+        let c = converge(&api_b, n, None, None).await?;
         operator::stop_replicas();
         Some((ns_b, c))
     } else {
         None
     };
 
-    // 7. The API server's ceiling, with no operator and no webhooks.
+    // 7. The API server's ceiling: no reconciles, the same webhooks.
     let ns_c = format!("bench-{n}-ceiling-{run_id}");
     let (ceiling_s, ceiling_curve) = if large {
         (None, Vec::new())
     } else {
-        println!("==> ceiling: the same writes from a plain client");
-        if local {
-            operator::remove_local_webhooks(&client).await?;
-        }
+        println!("==> ceiling: the same writes from a plain client, through the same webhooks");
+        // Replicas that watch a namespace with nothing in it: they serve the webhooks every
+        // create goes through, and reconcile nothing.
+        let mut env = off_env.clone();
+        env.push(("WATCH_NAMESPACE", format!("bench-nothing-{run_id}")));
+        let webhooks = operator::start_replicas(&bin, &sa_kubeconfig, 3, &[], &env)?;
+        operator::wait_ready(&webhooks).await?;
         let (seconds, curve) = ceiling(&client, &ns_c, n).await?;
-        if local {
-            operator::install_local_webhooks(&client).await?;
-        }
+        operator::stop_replicas();
         (Some(seconds), curve)
     };
     // Clean up with a replica running: the MyApps' finalizers need the operator.
@@ -585,7 +635,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         "spec_change": change.as_ref().map(|c| json!({"all_ready_s": c.ready_s, "api": change_economy})),
         "unchanged_resync": {"api": resync_economy},
         "ceiling": ceiling_s.map(|c| json!({"writes": 4 * n, "seconds": c})),
-        "rss_mib": {"idle": idle, "loaded": loaded, "peak": peak, "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
+        "rss_mib": {"idle": idle, "loaded": loaded, "peak": peak, "by_myapps_created": rss_by_count, "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
         "cache_bytes_per_object": cache_bytes,
         "priority": priority,
         "cpu_seconds_per_1000_reconciles": cpu_per_1000,
@@ -679,6 +729,10 @@ fn print_table(r: &Value) {
                 format!("{} -> {}, {}", f(&idle[i]), f(&loaded[i]), f(&rss["peak"][i])),
             );
         }
+    }
+    for at in rss["by_myapps_created"].as_array().into_iter().flatten() {
+        let each: Vec<String> = at["rss_mib"].as_array().into_iter().flatten().map(&f).collect();
+        row(&format!("RSS of each replica at {} MyApps created (MiB)", at["myapps"]), each.join(" / "));
     }
     let bytes = &r["cache_bytes_per_object"];
     for kind in ["myapp", "deployment", "service", "per_myapp"] {

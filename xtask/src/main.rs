@@ -15,6 +15,7 @@ mod paths;
 mod pki;
 mod plot;
 mod procs;
+mod soak;
 mod test;
 mod webhook_bench;
 

@@ -1,0 +1,214 @@
+//! `cargo xtask bench --soak`: steady churn over many MyApps for a long time, to show that memory
+//! does not creep and that every change converges. Not part of CI (it takes half an hour).
+//!
+//! Three replicas run as the operator's ServiceAccount. `--count` MyApps (default 2,000, 0
+//! replicas) are created first; then, every second, one of each: a create, a delete, a scale and an
+//! image change, on MyApps chosen in turn. Every 30 s each replica's RSS, the leader's queue depth
+//! and the reconcile error rate since the last sample are recorded. After the churn, every MyApp
+//! must be Ready at its generation and the deleted ones gone.
+//!
+//! It passes when, for every replica, the mean RSS of the last 5 minutes is at most 5 % above that
+//! of the first 5 minutes, and everything converged. Writes `<out>/soak.json` and
+//! `<out>/soak-rss.svg`.
+
+use crate::bench::{metric, rss_mib};
+use crate::operator::{self, Replica};
+use crate::plot::{Series, line_chart};
+use crate::{cluster, paths, procs};
+use anyhow::{Result, bail};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use myapp_operator::api::MyApp;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// How often the soak samples.
+const SAMPLE: Duration = Duration::from_secs(30);
+
+/// The window compared at the start and at the end.
+const WINDOW_S: f64 = 300.0;
+
+/// The largest RSS growth between the first and the last window that passes.
+const MAX_GROWTH: f64 = 0.05;
+
+fn myapp(i: usize, replicas: i32) -> Result<MyApp> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": format!("soak-{i:05}")},
+        "spec": {"image": "nginx:1.27", "replicas": replicas}
+    }))?)
+}
+
+/// The reconcile error count and total, from a replica's metrics.
+fn reconcile_counts(port: u16) -> (f64, f64) {
+    let ok = metric(port, "myapp_operator_reconciles_total{result=\"ok\"}").unwrap_or(0.0);
+    let all = metric(port, "myapp_operator_reconcile_duration_seconds_count").unwrap_or(0.0);
+    ((all - ok).max(0.0), all)
+}
+
+/// One churn step, `step` of the run: a create, a delete, a scale and an image change.
+async fn churn(api: &Api<MyApp>, live: &mut BTreeSet<usize>, next: &mut usize, step: usize) -> Result<()> {
+    api.create(&PostParams::default(), &myapp(*next, 0)?).await?;
+    live.insert(*next);
+    *next += 1;
+    if let Some(&victim) = live.iter().next() {
+        api.delete(&format!("soak-{victim:05}"), &DeleteParams::default()).await?;
+        live.remove(&victim);
+    }
+    let pick = |k: usize| live.iter().nth((step * 7919 + k) % live.len().max(1)).copied();
+    if let Some(i) = pick(1) {
+        let replicas = (step % 3) as i32;
+        let patch = Patch::Merge(json!({"spec": {"replicas": replicas}}));
+        api.patch(&format!("soak-{i:05}"), &PatchParams::default(), &patch).await?;
+    }
+    if let Some(i) = pick(2) {
+        let patch = Patch::Merge(json!({"spec": {"image": format!("nginx:1.{}", 20 + step % 9)}}));
+        api.patch(&format!("soak-{i:05}"), &PatchParams::default(), &patch).await?;
+    }
+    Ok(())
+}
+
+fn mean_between(points: &[(f64, f64)], from: f64, to: f64) -> Option<f64> {
+    let xs: Vec<f64> = points.iter().filter(|(t, _)| *t >= from && *t <= to).map(|(_, v)| *v).collect();
+    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+}
+
+/// Runs the soak with `n` MyApps for `minutes`, writing its report under `out`.
+pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, minutes: u64, out: &str) -> Result<()> {
+    let client = cluster::client_from(&target.kubeconfig).await?;
+    let sa_kubeconfig = operator::prepare(&client, target).await?;
+    operator::stop_replicas();
+    let env = vec![("RUST_LOG", "info".to_string())];
+    let replicas = operator::start_replicas(bin, &sa_kubeconfig, 3, &[], &env)?;
+    operator::wait_ready(&replicas).await?;
+    let ns = format!("soak-{}", std::process::id());
+    let namespace: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+    Api::all(client.clone()).create(&PostParams::default(), &namespace).await?;
+    let api: Api<MyApp> = Api::namespaced(client.clone(), &ns);
+
+    println!("==> soak: {n} MyApps in {ns}");
+    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
+        futures::future::try_join_all(chunk.iter().map(|&i| {
+            let api = api.clone();
+            async move { api.create(&PostParams::default(), &myapp(i, 0)?).await.map_err(anyhow::Error::from) }
+        }))
+        .await?;
+    }
+    let mut live: BTreeSet<usize> = (0..n).collect();
+    let mut next = n;
+
+    println!("==> churn for {minutes} minutes: a create, a delete, a scale and an image change every second");
+    let clock = Instant::now();
+    let end = Duration::from_secs(minutes * 60);
+    let mut samples: Vec<Value> = Vec::new();
+    let mut rss: Vec<Vec<(f64, f64)>> = vec![Vec::new(); replicas.len()];
+    let mut last_counts: Vec<(f64, f64)> = replicas.iter().map(|r| reconcile_counts(r.probe_port)).collect();
+    let mut next_sample = Duration::ZERO;
+    let mut step = 0;
+    let mut failed_steps = 0;
+    while clock.elapsed() < end {
+        if clock.elapsed() >= next_sample {
+            let t = clock.elapsed().as_secs_f64();
+            let sample = sample(&replicas, &mut last_counts, t);
+            for (i, r) in replicas.iter().enumerate() {
+                if let Some(v) = rss_mib(r.pid) {
+                    rss[i].push((t, v));
+                }
+            }
+            println!("    {t:>6.0} s  {sample}");
+            samples.push(sample);
+            next_sample += SAMPLE;
+        }
+        if let Err(e) = churn(&api, &mut live, &mut next, step).await {
+            failed_steps += 1;
+            println!("    churn step {step} failed: {e:#}");
+        }
+        step += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let churn_s = clock.elapsed().as_secs_f64();
+
+    println!("==> waiting for every change to converge");
+    let converged =
+        procs::poll("every MyApp Ready, the deleted ones gone", Duration::from_secs(600), SAMPLE / 30, || async {
+            let list = api.list(&ListParams::default()).await.ok()?;
+            let names: BTreeSet<String> = list.items.iter().filter_map(|a| a.metadata.name.clone()).collect();
+            let expected: BTreeSet<String> = live.iter().map(|i| format!("soak-{i:05}")).collect();
+            (names == expected && list.items.iter().all(MyApp::ready_at_generation)).then_some(())
+        })
+        .await;
+    let converged_s = clock.elapsed().as_secs_f64() - churn_s;
+
+    let growth: Vec<Option<f64>> = rss
+        .iter()
+        .map(|points| {
+            let first = mean_between(points, 0.0, WINDOW_S)?;
+            let last = mean_between(points, churn_s - WINDOW_S, churn_s)?;
+            Some(last / first - 1.0)
+        })
+        .collect();
+    let flat = growth.iter().all(|g| g.is_some_and(|g| g <= MAX_GROWTH));
+    let passed = flat && converged.is_ok() && failed_steps == 0;
+    let report = json!({
+        "myapps": n, "minutes": minutes, "churn_steps": step, "failed_steps": failed_steps,
+        "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+        "rss_growth_first_to_last_5_min": growth, "max_growth": MAX_GROWTH,
+        "converged": converged.is_ok(), "converged_after_churn_s": converged_s,
+        "samples": samples, "passed": passed,
+    });
+    let dir = paths::repo().join(out);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("soak.json"), serde_json::to_string_pretty(&report)?)?;
+    let colours = ["#1f77b4", "#ff7f0e", "#2ca02c"];
+    let series: Vec<Series<'_>> = replicas
+        .iter()
+        .zip(&rss)
+        .zip(colours)
+        .map(|((r, points), colour)| Series { name: &r.name, colour, points })
+        .collect();
+    std::fs::write(dir.join("soak-rss.svg"), line_chart("RSS during the soak", "seconds", "MiB", &series))?;
+
+    println!("==> cleaning up");
+    let _ =
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
+    for (r, g) in replicas.iter().zip(&growth) {
+        println!(
+            "    {}: RSS first 5 min -> last 5 min: {}",
+            r.name,
+            g.map_or("-".into(), |g| format!("{:+.1} %", g * 100.0))
+        );
+    }
+    println!("    converged {converged_s:.0} s after the churn: {}", converged.is_ok());
+    println!("    report: {}", dir.join("soak.json").display());
+    let _ = procs::poll("the soak namespace gone", Duration::from_secs(300), Duration::from_secs(1), || async {
+        matches!(Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).get_opt(&ns).await, Ok(None))
+            .then_some(())
+    })
+    .await;
+    operator::stop_replicas();
+    if !passed {
+        bail!(
+            "the soak failed: RSS growth {growth:?} (at most {MAX_GROWTH}), converged {}, failed steps {failed_steps}",
+            converged.is_ok()
+        );
+    }
+    Ok(())
+}
+
+/// One sample: every replica's RSS, and the leader's queue depth and error rate since the last.
+fn sample(replicas: &[Replica], last: &mut [(f64, f64)], t: f64) -> Value {
+    let mut errors = 0.0;
+    let mut reconciles = 0.0;
+    let mut depth = 0.0;
+    for (i, r) in replicas.iter().enumerate() {
+        let (e, all) = reconcile_counts(r.probe_port);
+        errors += e - last[i].0;
+        reconciles += all - last[i].1;
+        last[i] = (e, all);
+        depth += metric(r.probe_port, "myapp_operator_queue_depth").unwrap_or(0.0);
+    }
+    let rss: Vec<Option<f64>> = replicas.iter().map(|r| rss_mib(r.pid)).collect();
+    json!({
+        "t_s": t, "rss_mib": rss, "queue_depth": depth, "reconciles": reconciles,
+        "error_rate": if reconciles > 0.0 { errors / reconciles } else { 0.0 },
+    })
+}
