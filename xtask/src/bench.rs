@@ -208,8 +208,13 @@ where
 }
 
 fn myapp(i: usize, replicas: i32) -> Result<MyApp> {
+    named(&format!("app-{i:05}"), replicas)
+}
+
+/// A MyApp of `nginx:1.27` with `replicas`, everything else defaulted.
+pub(crate) fn named(name: &str, replicas: i32) -> Result<MyApp> {
     Ok(serde_json::from_value(json!({
-        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": format!("app-{i:05}")},
+        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": name},
         "spec": {"image": "nginx:1.27", "replicas": replicas}
     }))?)
 }
@@ -564,6 +569,10 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let cold = operator::start_replica(0, &bin, &sa_kubeconfig, &[], &off_env)?;
     let (cold_at, cold_acquire_ms) = first_reconcile(&cold, spawned).await?;
     let cold_start_ms = (cold_at - spawned) * 1000.0;
+    // Its pass over everything, then its memory: what a full list of N costs at its peak (a 410
+    // Gone relist lists the same, beside the old store) and once settled.
+    reconciled(&cold, 0.0, n, Duration::from_secs(900)).await?;
+    let cold_memory = json!({"rss_mib": rss_mib(cold.pid), "peak_mib": peak_mib(cold.pid)});
     operator::stop_replicas();
 
     // 6. Traces on.
@@ -637,6 +646,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         "ceiling": ceiling_s.map(|c| json!({"writes": 4 * n, "seconds": c})),
         "rss_mib": {"idle": idle, "loaded": loaded, "peak": peak, "by_myapps_created": rss_by_count, "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
         "cache_bytes_per_object": cache_bytes,
+        "cold_start_memory": cold_memory,
         "priority": priority,
         "cpu_seconds_per_1000_reconciles": cpu_per_1000,
         "acquire_to_first_reconcile_ms": {"warm_handover": warm_ms, "cold_process": cold_acquire_ms, "cold_start_to_first_reconcile": cold_start_ms},
@@ -755,6 +765,8 @@ fn print_table(r: &Value) {
     row("acquire -> first reconcile, warm handover (ms)", f(&a["warm_handover"]));
     row("acquire -> first reconcile, fresh process (ms)", f(&a["cold_process"]));
     row("process start -> first reconcile, cold (ms)", f(&a["cold_start_to_first_reconcile"]));
+    let cold = &r["cold_start_memory"];
+    row("cold replica after its pass: RSS, peak (MiB)", format!("{}, {}", f(&cold["rss_mib"]), f(&cold["peak_mib"])));
     if !r["traces_on"].is_null() {
         row("traces exported: all Ready (s)", f(&r["traces_on"]["all_ready_s"]));
         row(

@@ -32,10 +32,7 @@ const WINDOW_S: f64 = 300.0;
 const MAX_GROWTH: f64 = 0.05;
 
 fn myapp(i: usize, replicas: i32) -> Result<MyApp> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": format!("soak-{i:05}")},
-        "spec": {"image": "nginx:1.27", "replicas": replicas}
-    }))?)
+    crate::bench::named(&format!("soak-{i:05}"), replicas)
 }
 
 /// The reconcile error count and total, from a replica's metrics.
