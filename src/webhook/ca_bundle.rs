@@ -17,7 +17,7 @@
 //! The caller runs [`ensure`] on every event of either configuration (see [`super::tls`]), so a
 //! re-apply that wipes the caBundle is repaired within a round trip of its watch event.
 
-use super::tls::UpkeepError;
+use super::lifecycle::UpkeepError;
 use json_patch::{AddOperation, PatchOperation, TestOperation};
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use kube::api::{Api, Patch, PatchParams};

@@ -290,7 +290,7 @@ impl Gate {
 mod tests {
     use super::*;
     use crate::webhook::policy::Policy;
-    use crate::webhook::review::{self, Kind};
+    use crate::webhook::review::{self, Endpoint};
     use serde_json::{Value, json};
 
     /// A MyApp as the API server sends it: metadata with managedFields and a last-applied
@@ -356,8 +356,8 @@ mod tests {
         assert!(body.len() <= MAX_BODY, "{} bytes > MAX_BODY {MAX_BODY}", body.len());
         assert!(body.len() > 2 * ETCD_MAX_OBJECT, "the review really carries two maximal objects");
         // And it is answered, not refused as malformed.
-        for kind in [Kind::Validate, Kind::Mutate] {
-            let out = serde_json::to_value(review::answer(&body, kind, &Policy::default())).expect("json");
+        for endpoint in [Endpoint::Validate, Endpoint::Mutate] {
+            let out = serde_json::to_value(review::answer(&body, endpoint, &Policy::default())).expect("json");
             assert_eq!(out["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
         }
     }

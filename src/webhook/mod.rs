@@ -5,7 +5,7 @@
 //! - [`certs`]: serving certificates, self-managed in a Secret or read from files, and what the
 //!   Secret must hold next (healing, SAN merging, CA rotation);
 //! - `secret` and `ca_bundle`: the Secret and the caBundles, written under compare-and-swap;
-//! - `tls`: the server's life (start without the API server, retries, watches, hot reload);
+//! - `lifecycle`: the server's life (start without the API server, retries, watches, hot reload);
 //! - [`server`]: axum over rustls; [`limits`]: what one caller can make it hold.
 //!
 //! Readiness includes the webhooks: a replica is ready only once it has a certificate loaded and
@@ -14,16 +14,16 @@
 mod args;
 mod ca_bundle;
 pub mod certs;
+mod lifecycle;
 pub mod limits;
 pub mod mutate;
 pub mod policy;
 pub mod review;
 mod secret;
 pub mod server;
-mod tls;
 
 pub use args::WebhookArgs;
-pub use tls::{CertSource, Options, StartError, UpkeepError, Webhooks};
+pub use lifecycle::{CertSource, Options, StartError, UpkeepError, Webhooks};
 
 use crate::telemetry::metrics::Metrics;
 use policy::Policy;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 /// Which webhook is answering.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub enum Endpoint {
     /// `/mutate`: defaulting.
     Mutate,
     /// `/validate`: policy.
@@ -160,18 +160,18 @@ fn validate(req: &AdmissionRequest<DynamicObject>, resp: AdmissionResponse, poli
 }
 
 /// Answers one AdmissionReview body.
-pub fn answer(body: &[u8], kind: Kind, policy: &Policy) -> AdmissionReview<DynamicObject> {
-    answer_traced(body, kind, policy, None)
+pub fn answer(body: &[u8], endpoint: Endpoint, policy: &Policy) -> AdmissionReview<DynamicObject> {
+    answer_traced(body, endpoint, policy, None)
 }
 
 /// [`answer`], recording `traceparent` on objects whose spec the request changes.
 pub fn answer_traced(
     body: &[u8],
-    kind: Kind,
+    endpoint: Endpoint,
     policy: &Policy,
     traceparent: Option<&str>,
 ) -> AdmissionReview<DynamicObject> {
-    answer_review(body, kind, policy, traceparent).unwrap_or_else(|NotAReview(e)| malformed(e))
+    answer_review(body, endpoint, policy, traceparent).unwrap_or_else(|NotAReview(e)| malformed(e))
 }
 
 /// A body that is no AdmissionReview with a request uid, so no answer can be tied to a request:
@@ -183,7 +183,7 @@ pub struct NotAReview(pub String);
 /// object is unreadable, which gets a denial carrying its uid.
 pub fn answer_review(
     body: &[u8],
-    kind: Kind,
+    endpoint: Endpoint,
     policy: &Policy,
     traceparent: Option<&str>,
 ) -> Result<AdmissionReview<DynamicObject>, NotAReview> {
@@ -196,9 +196,9 @@ pub fn answer_review(
         Err(_) => return Err(NotAReview("no request".into())),
     };
     let resp = AdmissionResponse::from(&req);
-    let resp = match kind {
-        Kind::Mutate => mutate(&req, resp, traceparent),
-        Kind::Validate => validate(&req, resp, policy),
+    let resp = match endpoint {
+        Endpoint::Mutate => mutate(&req, resp, traceparent),
+        Endpoint::Validate => validate(&req, resp, policy),
     };
     Ok(resp.into_review())
 }
@@ -279,23 +279,23 @@ mod tests {
     }
 
     /// The whole AdmissionReview answered to `body` under `policy`, as JSON.
-    fn answered_under(body: &[u8], kind: Kind, policy: &Policy) -> Value {
-        serde_json::to_value(answer(body, kind, policy)).expect("json")
+    fn answered_under(body: &[u8], endpoint: Endpoint, policy: &Policy) -> Value {
+        serde_json::to_value(answer(body, endpoint, policy)).expect("json")
     }
 
     /// The whole AdmissionReview answered to `body` under the default policy, as JSON.
-    fn answered(body: &[u8], kind: Kind) -> Value {
-        answered_under(body, kind, &Policy::default())
+    fn answered(body: &[u8], endpoint: Endpoint) -> Value {
+        answered_under(body, endpoint, &Policy::default())
     }
 
     /// Its `response`.
-    fn response(body: &[u8], kind: Kind) -> Value {
-        answered(body, kind)["response"].clone()
+    fn response(body: &[u8], endpoint: Endpoint) -> Value {
+        answered(body, endpoint)["response"].clone()
     }
 
     /// `/validate`'s response to `body` under `policy`.
     fn verdict(body: &[u8], policy: &Policy) -> Value {
-        answered_under(body, Kind::Validate, policy)["response"].clone()
+        answered_under(body, Endpoint::Validate, policy)["response"].clone()
     }
 
     fn message(out: &Value) -> &str {
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn latest_is_denied_naming_the_field() {
-        let out = response(&review("CREATE", json!({"image": "nginx:latest"}), None), Kind::Validate);
+        let out = response(&review("CREATE", json!({"image": "nginx:latest"}), None), Endpoint::Validate);
         assert_eq!(out["uid"], UID);
         assert_eq!(out["allowed"], false);
         let msg = message(&out);
@@ -362,9 +362,9 @@ mod tests {
 
     #[test]
     fn valid_create_is_allowed_and_deletes_pass() {
-        let ok = response(&review("CREATE", json!({"image": "nginx:1.27"}), None), Kind::Validate);
+        let ok = response(&review("CREATE", json!({"image": "nginx:1.27"}), None), Endpoint::Validate);
         assert_eq!(ok["allowed"], true);
-        let del = response(&review("DELETE", json!({"image": "nginx:latest"}), None), Kind::Validate);
+        let del = response(&review("DELETE", json!({"image": "nginx:latest"}), None), Endpoint::Validate);
         assert_eq!(del["allowed"], true);
     }
 
@@ -375,7 +375,7 @@ mod tests {
             json!({"image": "nginx:1.27", "port": 9090}),
             Some(json!({"image": "nginx:1.27", "port": 8080})),
         );
-        let out = response(&body, Kind::Validate);
+        let out = response(&body, Endpoint::Validate);
         assert_eq!(out["allowed"], false);
         assert!(message(&out).starts_with("spec.port: "));
     }
@@ -457,7 +457,7 @@ mod tests {
     #[test]
     fn mutate_leaves_a_scale_alone() {
         let body = admission("UPDATE", "web", scale_object(2), Some(scale_object(1)), Some("scale"));
-        let out = response(&body, Kind::Mutate);
+        let out = response(&body, Endpoint::Mutate);
         assert_eq!(out["allowed"], true);
         assert!(out.get("patch").is_none_or(Value::is_null), "a Scale was patched: {out}");
     }
@@ -468,7 +468,7 @@ mod tests {
         for name in ["a.b", "1web", long.as_str()] {
             let body =
                 admission("CREATE", name, myapp_object(name, json!({"image": "nginx:1.27"}), json!({})), None, None);
-            let out = response(&body, Kind::Validate);
+            let out = response(&body, Endpoint::Validate);
             assert_eq!(out["allowed"], false, "{name}");
             assert!(message(&out).starts_with("metadata.name: "), "{}", message(&out));
             assert!(message(&out).contains("DNS-1035"), "the rule is named: {}", message(&out));
@@ -476,12 +476,12 @@ mod tests {
         // One created before the rule keeps taking updates.
         let obj = |image: &str| myapp_object("a.b", json!({ "image": image }), json!({}));
         let body = admission("UPDATE", "a.b", obj("nginx:1.28"), Some(obj("nginx:1.27")), None);
-        assert_eq!(response(&body, Kind::Validate)["allowed"], true);
+        assert_eq!(response(&body, Endpoint::Validate)["allowed"], true);
     }
 
     #[test]
     fn mutate_returns_a_json_patch() {
-        let out = response(&review("CREATE", json!({"image": "nginx:1.27"}), None), Kind::Mutate);
+        let out = response(&review("CREATE", json!({"image": "nginx:1.27"}), None), Endpoint::Mutate);
         assert_eq!(out["allowed"], true);
         assert_eq!(out["patchType"], "JSONPatch");
         // kube serializes the bytes as a JSON array of numbers, which the API server's decoder
@@ -495,7 +495,7 @@ mod tests {
     #[test]
     fn malformed_bodies_get_a_well_formed_denial() {
         for body in [&b""[..], b"{", b"null", b"[]", b"{\"kind\":\"AdmissionReview\"}", &[0xff, 0xfe, 0x00]] {
-            let out = answered(body, Kind::Validate);
+            let out = answered(body, Endpoint::Validate);
             assert_eq!(out["kind"], "AdmissionReview");
             assert_eq!(out["response"]["allowed"], false, "{body:?}");
         }
@@ -504,7 +504,7 @@ mod tests {
     #[test]
     fn wrong_types_in_the_object_are_denied_not_panics() {
         let body = review("CREATE", json!({"image": 42, "replicas": "many"}), None);
-        let out = response(&body, Kind::Validate);
+        let out = response(&body, Endpoint::Validate);
         assert_eq!(out["allowed"], false);
         assert!(message(&out).contains("cannot read the MyApp"));
     }

@@ -12,7 +12,7 @@
 //!   retries with backoff. Time is bounded by the caller (see [`super::tls`]).
 
 use super::certs;
-use super::tls::{Pem, UpkeepError};
+use super::lifecycle::{Pem, UpkeepError};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};

@@ -21,7 +21,7 @@
 
 use super::Shared;
 use super::limits::{BodyError, ConnectionCap, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, MAX_HEADERS};
-use super::review::{self, Kind, NotAReview};
+use super::review::{self, Endpoint, NotAReview};
 use crate::telemetry::propagation::{caller_link, current_traceparent};
 use axum::Router;
 use axum::body::Body;
@@ -51,11 +51,11 @@ fn refuse(status: StatusCode, why: impl std::fmt::Display, close: Option<&Connec
     r
 }
 
-async fn handle(shared: Arc<Shared>, kind: Kind, req: Request) -> Response {
+async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Response {
     let started = Instant::now();
-    let path = match kind {
-        Kind::Mutate => "/mutate",
-        Kind::Validate => "/validate",
+    let path = match endpoint {
+        Endpoint::Mutate => "/mutate",
+        Endpoint::Validate => "/validate",
     };
     let connection = req.extensions().get::<ConnectionShutdown>().cloned();
     if shared.draining.load(Ordering::Relaxed)
@@ -92,7 +92,7 @@ async fn handle(shared: Arc<Shared>, kind: Kind, req: Request) -> Response {
             }
         };
         let tp = current_traceparent();
-        let review = match review::answer_review(&body, kind, &shared.policy, tp.as_deref()) {
+        let review = match review::answer_review(&body, endpoint, &shared.policy, tp.as_deref()) {
             Ok(r) => r,
             Err(NotAReview(e)) => return refuse(StatusCode::BAD_REQUEST, format!("not an AdmissionReview: {e}"), None),
         };
@@ -114,8 +114,8 @@ async fn handle(shared: Arc<Shared>, kind: Kind, req: Request) -> Response {
 pub fn router(shared: Arc<Shared>) -> Router {
     let (m, v) = (shared.clone(), shared);
     Router::new()
-        .route("/mutate", post(move |req: Request| handle(m.clone(), Kind::Mutate, req)))
-        .route("/validate", post(move |req: Request| handle(v.clone(), Kind::Validate, req)))
+        .route("/mutate", post(move |req: Request| handle(m.clone(), Endpoint::Mutate, req)))
+        .route("/validate", post(move |req: Request| handle(v.clone(), Endpoint::Validate, req)))
 }
 
 /// Binds `addr` with SO_REUSEPORT, so that several replicas on one host (the local harness) share

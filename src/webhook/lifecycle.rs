@@ -500,5 +500,5 @@ impl Webhooks {
 }
 
 #[cfg(test)]
-#[path = "tls_tests.rs"]
+#[path = "lifecycle_tests.rs"]
 mod tests;
