@@ -4,6 +4,7 @@
 //!   replica, leader or not, so a new leader starts from warm caches.
 //! - [`reconcile`]: the reconcile and cleanup logic, as methods on `MyApp`.
 //! - [`cached`]: the compact form in which the caches keep a child.
+//! - [`events`]: Events about MyApps, repeats aggregated, in bounded memory.
 //! - [`children`]: pure builders of the Deployment and Service.
 //! - [`ownership`]: the pure decision of which existing objects a `MyApp` may write.
 //! - [`fenced`]: the client those writes use, whose sockets check the fence before every write.
@@ -14,6 +15,7 @@
 pub mod cache;
 pub mod cached;
 pub mod children;
+pub mod events;
 pub mod fenced;
 #[cfg(test)]
 pub(crate) mod fixtures;
@@ -33,7 +35,6 @@ use crate::{Error, backoff_delay};
 use cache::Caches;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Config, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use std::collections::HashMap;
@@ -91,14 +92,13 @@ impl Context {
         fence: Fence,
         acquired: tokio::time::Instant,
     ) -> Self {
-        let reporter = Reporter { controller: "myapp-operator".into(), instance: Some(identity.into()) };
-        let recorder = Recorder::new(writes.clone(), reporter);
+        let events = events::Publisher::new(writes.clone(), "myapp-operator", identity);
         Self {
             identity: identity.to_string(),
             client: client.clone(),
             caches,
             pending: Arc::new(queue::Pending::new(metrics.queue_depth.clone())),
-            writer: Writer::new(writes, recorder, metrics.clone()).with_fence(fence),
+            writer: Writer::new(writes, events, metrics.clone()).with_fence(fence),
             metrics,
             failures: Mutex::new(HashMap::new()),
             term_started: Mutex::new(Some(acquired)),

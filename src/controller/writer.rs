@@ -2,13 +2,14 @@
 //! children, status patches, finalizer changes, deletes and Events — goes through [`Writer`], which
 //! checks the [`Fence`] first and counts the write in the metrics.
 
+use super::events::Publisher;
 use crate::api::{FIELD_MANAGER, MyApp, MyAppStatus};
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
 use crate::{Error, Result};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -19,15 +20,15 @@ use std::sync::Arc;
 /// Writes on behalf of the controller.
 pub struct Writer {
     client: Client,
-    recorder: Recorder,
+    events: Publisher,
     metrics: Arc<Metrics>,
     fence: Fence,
 }
 
 impl Writer {
     /// A writer with an open fence.
-    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
-        Self { client, recorder, metrics, fence: Fence::open() }
+    pub fn new(client: Client, events: Publisher, metrics: Arc<Metrics>) -> Self {
+        Self { client, events, metrics, fence: Fence::open() }
     }
 
     /// Replaces the fence.
@@ -99,8 +100,7 @@ impl Writer {
             return;
         }
         self.metrics.write("event", "create");
-        let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
-        if let Err(e) = self.recorder.publish(&ev, &app.object_ref(&())).await {
+        if let Err(e) = self.events.publish(&app.object_ref(&()), type_, reason, action, note).await {
             tracing::warn!(error = %e, reason, "could not publish event");
         }
     }

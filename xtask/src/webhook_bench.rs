@@ -8,7 +8,7 @@
 
 use anyhow::{Context, Result};
 use myapp_operator::webhook::policy::Policy;
-use myapp_operator::webhook::review::{self, Kind};
+use myapp_operator::webhook::review::{self, Endpoint};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -50,11 +50,11 @@ pub async fn run(tls: Option<(&str, &str)>) -> Result<Figures> {
     let body = body();
     let policy = Policy::default();
     let mut in_process = [(0.0, 0.0); 2];
-    for (i, kind) in [Kind::Validate, Kind::Mutate].into_iter().enumerate() {
+    for (i, endpoint) in [Endpoint::Validate, Endpoint::Mutate].into_iter().enumerate() {
         let mut samples = Vec::with_capacity(20_000);
         for _ in 0..20_000 {
             let t = Instant::now();
-            let r = review::answer(&body, kind, &policy);
+            let r = review::answer(&body, endpoint, &policy);
             samples.push(t.elapsed().as_secs_f64() * 1e6);
             std::hint::black_box(r);
         }
