@@ -254,7 +254,10 @@ async fn converge(
     .await?;
     let requested_s = clock.elapsed().as_secs_f64();
     let mut curve = vec![(0.0, 0.0)];
-    let deadline = Instant::now() + Duration::from_secs(900);
+    // 15 minutes, or 4 per 1000 MyApps when there are more (the control plane makes about 10
+    // MyApps Ready a second on 2 CPUs).
+    let limit = Duration::from_secs(900.max(n as u64 * 240 / 1000));
+    let deadline = Instant::now() + limit;
     loop {
         let list = api.list(&ListParams::default()).await?;
         let ready = list
@@ -268,7 +271,7 @@ async fn converge(
             return Ok(Convergence { started, requested_s, ready_s: clock.elapsed().as_secs_f64(), curve });
         }
         if Instant::now() > deadline {
-            bail!("{ready} of {n} MyApps Ready after 15 minutes");
+            bail!("{ready} of {n} MyApps Ready after {} s", limit.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
