@@ -129,20 +129,20 @@ fn reconciles(port: u16) -> f64 {
 
 /// Resident memory of a process, MiB.
 pub(crate) fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
-    Some(kib / 1024.0)
+    status_mib(pid, "VmRSS:")
 }
 
 /// Peak resident memory of a process (`VmHWM`), MiB.
 fn peak_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmHWM:")
+}
+
+/// A field of `/proc/<pid>/status` given in kB, in MiB.
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
     Some(kib / 1024.0)
 }
