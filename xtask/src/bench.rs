@@ -140,10 +140,8 @@ fn peak_mib(pid: u32) -> Option<f64> {
 /// A field of `/proc/<pid>/status` given in kB, in MiB.
 fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    let kib: f64 =
+        status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok())?;
     Some(kib / 1024.0)
 }
 
