@@ -163,3 +163,20 @@ fn cert_manager_overlay_renders_with_ca_injection() {
     assert!(out.contains("name: WEBHOOK_CERT_DIR"), "the operator reads the mounted certificate");
     assert!(out.contains("kind: Certificate"));
 }
+
+/// The README's sizing paragraph states the memory request and limit `deploy/` ships.
+#[test]
+fn the_readme_sizing_matches_the_shipped_memory() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let deployment: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo.join("deploy/manager/deployment.yaml")).expect("the operator's Deployment"),
+    )
+    .expect("YAML");
+    let resources = &deployment["spec"]["template"]["spec"]["containers"][0]["resources"];
+    let readme = std::fs::read_to_string(repo.join("README.md")).expect("README.md");
+    for (what, value) in [("requests", &resources["requests"]["memory"]), ("limits", &resources["limits"]["memory"])] {
+        let value = value.as_str().expect("a memory quantity");
+        let stated = format!("`{what}.memory: {value}`");
+        assert!(readme.contains(&stated), "README.md's sizing must state {stated}, as deploy/ ships it");
+    }
+}
