@@ -84,7 +84,13 @@ async fn create_then_ready_with_owned_children() {
     // in the children themselves), so a fresh MyApp costs one Event write, not three.
     let events = eventually("a RolloutComplete event", Duration::from_secs(10), || async {
         let ev = Api::<Event>::namespaced(client.clone(), &ns.name).list(&ListParams::default()).await.ok()?;
-        let reasons: Vec<String> = ev.items.into_iter().filter_map(|e| e.reason).collect();
+        // Ours only: the namespace also has the scheduler's and the controller-manager's.
+        let reasons: Vec<String> = ev
+            .items
+            .into_iter()
+            .filter(|e| e.reporting_component.as_deref() == Some("myapp-operator"))
+            .filter_map(|e| e.reason)
+            .collect();
         reasons.iter().any(|r| r == "RolloutComplete").then_some(reasons)
     })
     .await;

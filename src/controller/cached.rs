@@ -181,7 +181,13 @@ impl<K> fmt::Debug for Cached<K> {
 impl<K: Shape> Cached<K> {
     /// The compact form of `object`, a child as the API server sends it (JSON).
     pub fn from_json(mut object: Value) -> Result<Self, serde_json::Error> {
+        if !object.is_object() {
+            return Err(serde_json::Error::custom("a Kubernetes object must be a JSON object"));
+        }
         let meta = object.get_mut("metadata").map(Value::take).unwrap_or_default();
+        if !meta.is_object() {
+            return Err(serde_json::Error::custom("a Kubernetes object must have metadata"));
+        }
         let typed = TYPED_META.iter().filter_map(|k| meta.get(*k).map(|v| (k.to_string(), v.clone())));
         let metadata: ObjectMeta = serde_json::from_value(Value::Object(typed.collect()))?;
         object["metadata"] = meta;
@@ -290,6 +296,13 @@ mod tests {
         let facts = crate::api::conditions::RolloutFacts::from_deployment(&d);
         assert!(facts.complete() && facts.generation == 3 && facts.ready == 2, "{facts:?}");
         assert!(d.meta().annotations.as_ref().is_some_and(|a| a.contains_key(crate::api::APPLIED_HASH)));
+    }
+
+    #[test]
+    fn what_is_not_an_object_is_an_error_not_a_panic() {
+        for bad in [json!([]), json!("x"), json!(null), json!({"metadata": "x"})] {
+            assert!(Cached::<Deployment>::from_json(bad.clone()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -31,7 +31,9 @@ pub fn record_trace(obj: &Value, traceparent: &str) -> Vec<PatchOperation> {
 /// The patch that puts the operator's [`FINALIZER`] on `obj`, unless it is there. Call it for a
 /// create only: an update may be the operator's own cleanup taking the finalizer off. It saves
 /// the reconciler the write that would add it (the reconciler still adds it when it is missing,
-/// for MyApps created while the webhook was not called).
+/// for MyApps created while the webhook was not called). Caveat: with server-side apply, the
+/// finalizer counts as set by the applier's field manager, so a later apply by the same manager
+/// that leaves it out removes it; the reconciler then adds it back, under its own manager.
 pub fn finalizer(obj: &Value) -> Vec<PatchOperation> {
     let mut ops = Vec::new();
     match obj["metadata"].get("finalizers").and_then(Value::as_array) {
