@@ -2,7 +2,7 @@
 //! does not creep and that every change converges. Not part of CI (it takes half an hour).
 //!
 //! Three replicas run as the operator's ServiceAccount. `--count` MyApps (default 2,000, 0
-//! replicas) are created first; then, every second, one of each: a create, a delete, a scale and an
+//! replicas) are created first, and the churn starts once all are Ready; then, every second, one of each: a create, a delete, a scale and an
 //! image change, on MyApps chosen in turn. Every 30 s each replica's RSS, the leader's queue depth
 //! and the reconcile error rate since the last sample are recorded. After the churn, every MyApp
 //! must be Ready at its generation and the deleted ones gone.
@@ -92,6 +92,14 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
     }
     let mut live: BTreeSet<usize> = (0..n).collect();
     let mut next = n;
+    // The soak measures steady churn: the first window must not hold the initial settling (every
+    // MyApp's first status, the children entering the caches), which grew RSS by a fifth.
+    println!("==> waiting for all {n} to be Ready before the churn starts");
+    procs::poll("every MyApp Ready", Duration::from_secs(900), Duration::from_secs(1), || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        (list.items.len() == n && list.items.iter().all(MyApp::ready_at_generation)).then_some(())
+    })
+    .await?;
 
     println!("==> churn for {minutes} minutes: a create, a delete, a scale and an image change every second");
     let clock = Instant::now();
