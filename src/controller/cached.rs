@@ -51,18 +51,22 @@ pub trait Shape: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResour
 fn union(applied: Value, read: Value) -> Value {
     let mut shape = applied;
     merge(&mut shape, read);
-    // The typed metadata holds these, and the object's kind is in its type.
-    for key in ["apiVersion", "kind"] {
-        if let Some(o) = shape.as_object_mut() {
-            o.remove(key);
-        }
+    untyped(&mut shape);
+    shape
+}
+
+/// Removes from `doc` what a [`Cached`] keeps outside its JSON: the typed metadata, and the
+/// object's kind, which is in its type.
+fn untyped(doc: &mut Value) {
+    if let Some(o) = doc.as_object_mut() {
+        o.remove("apiVersion");
+        o.remove("kind");
     }
-    if let Some(meta) = shape.get_mut("metadata").and_then(Value::as_object_mut) {
+    if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
         for key in TYPED_META {
             meta.remove(*key);
         }
     }
-    shape
 }
 
 fn merge(into: &mut Value, from: Value) {
@@ -204,11 +208,6 @@ impl<K: Shape> Cached<K> {
         meta.resource_version.clone_from(&self.metadata.resource_version);
         meta.owner_references.clone_from(&self.metadata.owner_references);
         Ok(object)
-    }
-
-    /// Heap bytes this entry holds, roughly (for the bench's per-kind figures).
-    pub fn json_len(&self) -> usize {
-        self.rest.len()
     }
 }
 
@@ -357,15 +356,7 @@ mod tests {
                 (applied(children::service(&app)), Service::shape()),
             ] {
                 let mut expected = doc.clone();
-                if let Some(o) = expected.as_object_mut() {
-                    o.remove("apiVersion");
-                    o.remove("kind");
-                }
-                if let Some(meta) = expected.get_mut("metadata").and_then(Value::as_object_mut) {
-                    for key in TYPED_META {
-                        meta.remove(*key);
-                    }
-                }
+                untyped(&mut expected);
                 prop_assert_eq!(project(&doc, shape), expected);
             }
         }

@@ -84,10 +84,6 @@ impl Recent {
         self.seen.insert(key, seen);
         self.trim(self.order.back().map_or_else(Instant::now, |(_, at)| *at));
     }
-
-    fn len(&self) -> usize {
-        self.seen.len()
-    }
 }
 
 impl Publisher {
@@ -166,11 +162,6 @@ impl Publisher {
             ..Event::default()
         }
     }
-
-    /// How many events are remembered now.
-    pub fn remembered(&self) -> usize {
-        self.recent.lock().map(|r| r.len()).unwrap_or(0)
-    }
 }
 
 #[cfg(test)]
@@ -192,10 +183,10 @@ mod tests {
         for i in 0..10 * CAPACITY {
             r.remember(key(i), seen(start));
         }
-        assert_eq!(r.len(), CAPACITY, "a burst keeps the newest {CAPACITY}");
+        assert_eq!(r.seen.len(), CAPACITY, "a burst keeps the newest {CAPACITY}");
         assert!(r.seen.contains_key(&key(10 * CAPACITY - 1)) && !r.seen.contains_key(&key(0)));
         r.trim(start + TTL);
-        assert_eq!(r.len(), 0, "nothing outlives the TTL");
+        assert_eq!(r.seen.len(), 0, "nothing outlives the TTL");
         assert!(r.order.is_empty());
     }
 
@@ -210,6 +201,6 @@ mod tests {
         r.trim(start + TTL);
         assert_eq!(r.seen.get(&key(1)).map(|s| s.count), Some(2));
         r.trim(later + TTL);
-        assert_eq!(r.len(), 0);
+        assert_eq!(r.seen.len(), 0);
     }
 }

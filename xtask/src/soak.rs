@@ -64,6 +64,14 @@ async fn churn(api: &Api<MyApp>, live: &mut BTreeSet<usize>, next: &mut usize, s
     Ok(())
 }
 
+/// Some when the MyApps are exactly those of `live`, each Ready at its generation.
+async fn settled(api: &Api<MyApp>, live: &BTreeSet<usize>) -> Option<()> {
+    let list = api.list(&ListParams::default()).await.ok()?;
+    let names: BTreeSet<String> = list.items.iter().filter_map(|a| a.metadata.name.clone()).collect();
+    let expected: BTreeSet<String> = live.iter().map(|i| format!("soak-{i:05}")).collect();
+    (names == expected && list.items.iter().all(MyApp::ready_at_generation)).then_some(())
+}
+
 fn mean_between(points: &[(f64, f64)], from: f64, to: f64) -> Option<f64> {
     let xs: Vec<f64> = points.iter().filter(|(t, _)| *t >= from && *t <= to).map(|(_, v)| *v).collect();
     (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
@@ -95,11 +103,7 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
     // The soak measures steady churn: the first window must not hold the initial settling (every
     // MyApp's first status, the children entering the caches), which grew RSS by a fifth.
     println!("==> waiting for all {n} to be Ready before the churn starts");
-    procs::poll("every MyApp Ready", Duration::from_secs(900), Duration::from_secs(1), || async {
-        let list = api.list(&ListParams::default()).await.ok()?;
-        (list.items.len() == n && list.items.iter().all(MyApp::ready_at_generation)).then_some(())
-    })
-    .await?;
+    procs::poll("every MyApp Ready", Duration::from_secs(900), Duration::from_secs(1), || settled(&api, &live)).await?;
 
     println!("==> churn for {minutes} minutes: a create, a delete, a scale and an image change every second");
     let clock = Instant::now();
@@ -114,9 +118,9 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
         if clock.elapsed() >= next_sample {
             let t = clock.elapsed().as_secs_f64();
             let sample = sample(&replicas, &mut last_counts, t);
-            for (i, r) in replicas.iter().enumerate() {
-                if let Some(v) = rss_mib(r.pid) {
-                    rss[i].push((t, v));
+            for (i, v) in sample["rss_mib"].as_array().into_iter().flatten().enumerate() {
+                if let (Some(points), Some(v)) = (rss.get_mut(i), v.as_f64()) {
+                    points.push((t, v));
                 }
             }
             println!("    {t:>6.0} s  {sample}");
@@ -134,11 +138,8 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
 
     println!("==> waiting for every change to converge");
     let converged =
-        procs::poll("every MyApp Ready, the deleted ones gone", Duration::from_secs(600), SAMPLE / 30, || async {
-            let list = api.list(&ListParams::default()).await.ok()?;
-            let names: BTreeSet<String> = list.items.iter().filter_map(|a| a.metadata.name.clone()).collect();
-            let expected: BTreeSet<String> = live.iter().map(|i| format!("soak-{i:05}")).collect();
-            (names == expected && list.items.iter().all(MyApp::ready_at_generation)).then_some(())
+        procs::poll("every MyApp Ready, the deleted ones gone", Duration::from_secs(600), SAMPLE / 30, || {
+            settled(&api, &live)
         })
         .await;
     let converged_s = clock.elapsed().as_secs_f64() - churn_s;
