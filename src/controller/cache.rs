@@ -12,7 +12,6 @@
 //! size bounds the stale copies of objects the leader keeps alive.
 
 use super::cached::Cached;
-use super::prune;
 use crate::api::MyApp;
 use crate::api::{MANAGED_BY, MANAGED_BY_LABEL};
 use futures::{Stream, StreamExt};
@@ -35,28 +34,23 @@ pub const CHANNEL: usize = 1024;
 /// The stores and event channels of the three watched kinds.
 #[derive(Clone)]
 pub struct Caches {
-    /// Every `MyApp` in the watched scope.
-    pub myapps: Store<MyApp>,
+    /// Every `MyApp` in the watched scope, in compact form.
+    pub myapps: Store<Cached<MyApp>>,
     /// Deployments labelled as managed by the operator, in compact form.
     pub deployments: Store<Cached<Deployment>>,
     /// Services labelled as managed by the operator, in compact form.
     pub services: Store<Cached<Service>>,
-    myapp_tx: broadcast::Sender<Arc<MyApp>>,
+    myapp_tx: broadcast::Sender<Arc<Cached<MyApp>>>,
     deployment_tx: broadcast::Sender<Arc<Cached<Deployment>>>,
     service_tx: broadcast::Sender<Arc<Cached<Service>>>,
 }
 
-fn spawn_watch<K>(api: Api<K>, config: watcher::Config, tx: broadcast::Sender<Arc<K>>, prune: fn(&mut K)) -> Store<K>
+fn spawn_watch<K>(api: Api<K>, config: watcher::Config, tx: broadcast::Sender<Arc<K>>) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .backoff(crate::client::watch_backoff())
-        // Before the store and the fan-out: only what is read is kept (see `prune`).
-        .modify(prune)
-        .reflect(writer)
-        .touched_objects();
+    let stream = watcher(api, config).backoff(crate::client::watch_backoff()).reflect(writer).touched_objects();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
@@ -99,10 +93,9 @@ impl Caches {
         let (myapp_tx, _) = broadcast::channel(CHANNEL);
         let (deployment_tx, _) = broadcast::channel(CHANNEL);
         let (service_tx, _) = broadcast::channel(CHANNEL);
-        let myapps =
-            spawn_watch(scoped(&client, namespace), watcher::Config::default(), myapp_tx.clone(), prune::myapp);
-        let deployments = spawn_watch(scoped(&client, namespace), managed.clone(), deployment_tx.clone(), |_| ());
-        let services = spawn_watch(scoped(&client, namespace), managed, service_tx.clone(), |_| ());
+        let myapps = spawn_watch(scoped(&client, namespace), watcher::Config::default(), myapp_tx.clone());
+        let deployments = spawn_watch(scoped(&client, namespace), managed.clone(), deployment_tx.clone());
+        let services = spawn_watch(scoped(&client, namespace), managed, service_tx.clone());
         Self { myapps, deployments, services, myapp_tx, deployment_tx, service_tx }
     }
 
@@ -117,7 +110,10 @@ impl Caches {
     }
 
     /// MyApp changes, from now on; `lagged` hears when some were missed.
-    pub fn myapp_events(&self, lagged: &mpsc::UnboundedSender<()>) -> impl Stream<Item = Arc<MyApp>> + Send + use<> {
+    pub fn myapp_events(
+        &self,
+        lagged: &mpsc::UnboundedSender<()>,
+    ) -> impl Stream<Item = Arc<Cached<MyApp>>> + Send + use<> {
         subscribe(&self.myapp_tx, lagged)
     }
 

@@ -1,18 +1,23 @@
-//! What the caches keep of a child (Deployment, Service): only what reconcile reads, in compact
-//! form.
+//! What the caches keep of each object (MyApp, Deployment, Service): only what reconcile reads,
+//! in compact form.
 //!
 //! A `k8s_openapi` Deployment costs about 11 KiB of heap however few of its fields are set (its
 //! `PodSpec` and `Container` structs alone are 1.5 and 2.3 KiB), and about 28 KiB with the
-//! `managedFields` the API server sends. Every replica caches every child, so that size sets the
-//! memory a replica needs. A [`Cached`] child instead holds:
+//! `managedFields` the API server sends. A typed MyApp costs about 1.4 KiB once pruned, most of
+//! it the many small allocations of its status conditions and metadata. Every replica caches
+//! every MyApp and every child, so that size sets the memory a replica needs. A [`Cached`] object
+//! instead holds:
 //! - a small `ObjectMeta` (name, namespace, resourceVersion, ownerReferences), which the watch,
 //!   the store and the controller's owner mapping read;
-//! - everything else reconcile reads, as one compact JSON string: the fields the operator applies
-//!   ([`Shape::shape`]: labels, the applied-hash annotation, the spec fields of the builders), the
-//!   deletion mark, and for a Deployment the generation and the status counts.
+//! - everything else reconcile reads, as one compact JSON string ([`Shape::shape`]):
+//!   - of a child, the fields the operator applies (labels, the applied-hash annotation, the
+//!     spec fields of the builders), the deletion mark, and for a Deployment the generation and
+//!     the status counts;
+//!   - of a MyApp, its spec and status, and the metadata reconcile reads (uid, generation,
+//!     deletion mark, finalizers, and the `myapp.dev/` annotations: see [`Shape::trim`]).
 //!
-//! [`Cached::object`] rebuilds the `k8s_openapi` object from that, for the one reconcile that
-//! reads it, and drops it afterwards.
+//! [`Cached::object`] rebuilds the typed object from that, for the one reconcile that reads it,
+//! and drops it afterwards.
 //!
 //! # Guarantees
 //!
@@ -44,6 +49,9 @@ pub trait Shape: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResour
     /// (each projected by its value), an array projects every element by its first element, and
     /// any other value keeps the field whole.
     fn shape() -> &'static Value;
+
+    /// Drops, from the object as sent, what the shape keeps whole but reconcile does not read.
+    fn trim(_object: &mut Value) {}
 }
 
 /// Every field path a document of the builders can carry, from a `MyApp` that sets every
@@ -147,6 +155,31 @@ impl Shape for Service {
     }
 }
 
+impl Shape for MyApp {
+    fn shape() -> &'static Value {
+        static SHAPE: LazyLock<Value> = LazyLock::new(|| {
+            let mut shape = json!({"spec": true, "status": true});
+            merge(&mut shape, deletion());
+            merge(
+                &mut shape,
+                json!({"metadata": {"uid": true, "generation": true, "finalizers": true, "annotations": true}}),
+            );
+            shape
+        });
+        &SHAPE
+    }
+
+    /// Keeps only the annotations under `myapp.dev/` (the applied hash, the trace link, the
+    /// port-change opt-in). Above all this drops `kubectl`'s last-applied configuration, a second
+    /// copy of the whole object for MyApps applied with `kubectl apply`. Labels and
+    /// `managedFields` are outside the shape: nothing reads them.
+    fn trim(object: &mut Value) {
+        if let Some(annotations) = object.pointer_mut("/metadata/annotations").and_then(Value::as_object_mut) {
+            annotations.retain(|k, _| k.starts_with("myapp.dev/"));
+        }
+    }
+}
+
 /// `value` cut down to `shape` (see [`Shape::shape`]).
 pub fn project(value: &Value, shape: &Value) -> Value {
     match (value, shape) {
@@ -163,7 +196,7 @@ pub fn project(value: &Value, shape: &Value) -> Value {
     }
 }
 
-/// A child as the caches keep it (see the module docs).
+/// An object as the caches keep it (see the module docs).
 pub struct Cached<K> {
     metadata: ObjectMeta,
     rest: Box<str>,
@@ -183,7 +216,7 @@ impl<K> fmt::Debug for Cached<K> {
 }
 
 impl<K: Shape> Cached<K> {
-    /// The compact form of `object`, a child as the API server sends it (JSON).
+    /// The compact form of `object`, as the API server sends it (JSON).
     pub fn from_json(mut object: Value) -> Result<Self, serde_json::Error> {
         if !object.is_object() {
             return Err(serde_json::Error::custom("a Kubernetes object must be a JSON object"));
@@ -195,11 +228,12 @@ impl<K: Shape> Cached<K> {
         let typed = TYPED_META.iter().filter_map(|k| meta.get(*k).map(|v| (k.to_string(), v.clone())));
         let metadata: ObjectMeta = serde_json::from_value(Value::Object(typed.collect()))?;
         object["metadata"] = meta;
+        K::trim(&mut object);
         let rest = serde_json::to_string(&project(&object, K::shape()))?.into_boxed_str();
         Ok(Self { metadata, rest, kind: PhantomData })
     }
 
-    /// The child rebuilt as a `k8s_openapi` object: the kept fields only.
+    /// The object rebuilt as its typed self: the kept fields only.
     pub fn object(&self) -> Result<K, serde_json::Error> {
         let mut object: K = serde_json::from_str(&self.rest)?;
         let meta = object.meta_mut();
@@ -321,6 +355,60 @@ mod tests {
         assert!(!cached.rest.contains("clusterIP") && !cached.rest.contains("30001"));
         let desired = children::stamp(children::service(&app)).expect("stamped");
         assert!(children::up_to_date(&desired, &cached.object().expect("rebuilt")));
+    }
+
+    #[test]
+    fn a_cached_myapp_keeps_what_reconcile_reads_and_drops_the_rest() {
+        let mut app = children::tests::app();
+        app.metadata.generation = Some(4);
+        app.metadata.resource_version = Some("77".into());
+        app.metadata.finalizers = Some(vec![crate::api::FINALIZER.into()]);
+        app.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-12-01T00:00:00Z".parse().expect("a timestamp"),
+        ));
+        app.status = Some(crate::api::MyAppStatus {
+            observed_generation: Some(3),
+            replicas: 2,
+            ready_replicas: 1,
+            selector: "app=web".into(),
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: "Progressing".into(),
+                message: "1 of 2 ready".into(),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    "2026-12-01T00:00:00Z".parse().expect("a timestamp"),
+                ),
+                observed_generation: Some(3),
+            }],
+        });
+        let mut served = serde_json::to_value(&app).expect("a MyApp serializes");
+        merge(
+            &mut served,
+            json!({"metadata": {
+                "labels": {"team": "a"},
+                "creationTimestamp": "2026-12-01T00:00:00Z",
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"big\": true}",
+                    "myapp.dev/traceparent": "00-1-2-01",
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:spec": {}}}],
+            }}),
+        );
+        let cached = Cached::<MyApp>::from_json(served).expect("cached");
+        for dropped in ["managedFields", "last-applied", "team", "creationTimestamp"] {
+            assert!(!cached.rest.contains(dropped), "{dropped} is dropped: {}", cached.rest);
+        }
+        let rebuilt = cached.object().expect("rebuilt");
+        assert_eq!(rebuilt.spec, app.spec);
+        assert_eq!(rebuilt.status, app.status);
+        let kept: Vec<&String> = rebuilt.metadata.annotations.iter().flatten().map(|(k, _)| k).collect();
+        assert_eq!(kept, ["myapp.dev/traceparent"]);
+        let (m, want) = (&rebuilt.metadata, &app.metadata);
+        assert_eq!((&m.name, &m.namespace, &m.uid, m.generation), (&want.name, &want.namespace, &want.uid, Some(4)));
+        assert_eq!((&m.resource_version, &m.finalizers), (&want.resource_version, &want.finalizers));
+        assert_eq!(m.deletion_timestamp, want.deletion_timestamp);
+        assert_eq!(m.labels, None);
     }
 
     fn spec() -> impl Strategy<Value = MyAppSpec> {

@@ -22,7 +22,6 @@ pub(crate) mod fixtures;
 #[cfg(test)]
 mod io_tests;
 pub mod ownership;
-pub mod prune;
 pub mod queue;
 pub mod reconcile;
 pub mod writer;
@@ -33,6 +32,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::webhook::policy::Policy;
 use crate::{Error, backoff_delay};
 use cache::Caches;
+use cached::Cached;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -41,6 +41,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use writer::Writer;
+
+/// A MyApp's key in the controller's queue and the caches.
+pub type AppRef = ObjectRef<Cached<MyApp>>;
 
 /// How often an unchanged `MyApp` is reconciled again (a resync that must write nothing).
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -69,7 +72,7 @@ pub struct Context {
     /// Metrics of this replica.
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for the backoff.
-    failures: Mutex<HashMap<ObjectRef<MyApp>, u32>>,
+    failures: Mutex<HashMap<AppRef, u32>>,
     /// How often an unchanged object is reconciled again.
     resync: Duration,
     /// When this leadership term began, until its first reconcile is recorded.
@@ -136,13 +139,13 @@ impl Context {
         self.client.clone()
     }
 
-    fn record_success(&self, obj: &ObjectRef<MyApp>) {
+    fn record_success(&self, obj: &AppRef) {
         if let Ok(mut f) = self.failures.lock() {
             f.remove(obj);
         }
     }
 
-    fn record_failure(&self, obj: ObjectRef<MyApp>) -> u32 {
+    fn record_failure(&self, obj: AppRef) -> u32 {
         match self.failures.lock() {
             Ok(mut f) => {
                 let n = f.entry(obj).or_insert(0);
@@ -154,8 +157,9 @@ impl Context {
     }
 }
 
-async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
+    let app = cached.object()?;
     let span = tracing::info_span!(
         "reconcile",
         otel.name = "reconcile",
@@ -207,7 +211,7 @@ async fn reconcile(app: Arc<MyApp>, ctx: Arc<Context>) -> Result<Action, Error> 
     };
     ctx.metrics.reconciles.get_or_create(&crate::telemetry::metrics::ResultLabels { result: label.into() }).inc();
     if result.is_ok() {
-        ctx.record_success(&ObjectRef::from_obj(app.as_ref()));
+        ctx.record_success(&ObjectRef::from_obj(cached.as_ref()));
         let term_started = ctx.term_started.lock().ok().and_then(|mut t| t.take());
         if let Some(t) = term_started {
             let secs = t.elapsed().as_secs_f64();
@@ -223,7 +227,7 @@ pub fn jittered(period: Duration, r: f64) -> Duration {
     period.mul_f64(0.9 + 0.2 * r.clamp(0.0, 1.0))
 }
 
-fn error_policy(app: Arc<MyApp>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(app: Arc<Cached<MyApp>>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = ctx.record_failure(ObjectRef::from_obj(app.as_ref()));
     let delay = backoff_delay(failures, error, rand::random::<f64>());
     tracing::warn!(

@@ -18,7 +18,7 @@
 //! drifted) enters a queue at most that deep, while the pass still keeps every reconcile slot busy.
 //! Periodic resyncs need no such care: each is scheduled on its own, spread by jitter.
 
-use crate::api::MyApp;
+use super::AppRef;
 use futures::{Stream, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
@@ -35,7 +35,7 @@ pub const BULK_WINDOW: usize = 16;
 /// The set of waiting MyApps, mirrored into a gauge.
 #[derive(Debug, Default)]
 pub struct Pending {
-    waiting: Mutex<HashSet<ObjectRef<MyApp>>>,
+    waiting: Mutex<HashSet<AppRef>>,
     gauge: Gauge,
     /// Told whenever an object leaves.
     left: Notify,
@@ -47,7 +47,7 @@ impl Pending {
         Self { waiting: Mutex::default(), gauge, left: Notify::new() }
     }
 
-    fn update(&self, f: impl FnOnce(&mut HashSet<ObjectRef<MyApp>>)) {
+    fn update(&self, f: impl FnOnce(&mut HashSet<AppRef>)) {
         if let Ok(mut w) = self.waiting.lock() {
             f(&mut w);
             self.gauge.set(i64::try_from(w.len()).unwrap_or(i64::MAX));
@@ -55,7 +55,7 @@ impl Pending {
     }
 
     /// `obj` was triggered.
-    pub fn add(&self, obj: ObjectRef<MyApp>) {
+    pub fn add(&self, obj: AppRef) {
         self.update(|w| {
             w.insert(obj);
         });
@@ -110,9 +110,9 @@ pub fn bulk_pass<F>(
     passes: impl Stream<Item = ()> + Send + 'static,
     pending: Arc<Pending>,
     all: F,
-) -> impl Stream<Item = ObjectRef<MyApp>> + Send + 'static
+) -> impl Stream<Item = AppRef> + Send + 'static
 where
-    F: Fn() -> Vec<ObjectRef<MyApp>> + Send + 'static,
+    F: Fn() -> Vec<AppRef> + Send + 'static,
 {
     passes.flat_map(move |()| {
         let pending = pending.clone();
@@ -128,7 +128,7 @@ where
 }
 
 /// The MyApp a child's event triggers: its controller owner reference of kind MyApp.
-pub fn owner(meta: &ObjectMeta) -> Option<ObjectRef<MyApp>> {
+pub fn owner(meta: &ObjectMeta) -> Option<AppRef> {
     let owner = meta.owner_references.as_ref()?.iter().find(|o| o.controller == Some(true) && o.kind == "MyApp")?;
     let mut r = ObjectRef::new(&owner.name);
     if let Some(ns) = &meta.namespace {
@@ -166,7 +166,7 @@ mod tests {
     #[tokio::test]
     async fn a_bulk_pass_waits_for_room_and_a_real_change_does_not() {
         let q = Arc::new(Pending::default());
-        let all: Vec<ObjectRef<MyApp>> = (0..100).map(|i| ObjectRef::new(&format!("app-{i}")).within("ns")).collect();
+        let all: Vec<AppRef> = (0..100).map(|i| ObjectRef::new(&format!("app-{i}")).within("ns")).collect();
         let snapshot = all.clone();
         let mut pass = Box::pin(bulk_pass(futures::stream::once(async {}), q.clone(), move || snapshot.clone()));
         let mut handed = Vec::new();

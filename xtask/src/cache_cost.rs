@@ -1,6 +1,6 @@
 //! Heap bytes per cached object, by kind: the bench's MyApps and children, read from the API
 //! server as it sends them, then deserialized in this process into what the operator's caches
-//! keep (the same types and pruning), counted by this process's allocator ([`Counting`]).
+//! keep (the same compact form), counted by this process's allocator ([`Counting`]).
 
 use anyhow::Result;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::{Client, Resource};
 use myapp_operator::api::MyApp;
-use myapp_operator::controller::{cached::Cached, prune};
+use myapp_operator::controller::cached::Cached;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -39,13 +39,12 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-/// Heap bytes held per object by `docs` deserialized as `K` and passed through `keep`.
-fn per_object<K: DeserializeOwned>(docs: &[Vec<u8>], keep: impl Fn(&mut K)) -> f64 {
+/// Heap bytes held per object by `docs` deserialized as `K`.
+fn per_object<K: DeserializeOwned>(docs: &[Vec<u8>]) -> f64 {
     let mut kept = Vec::with_capacity(docs.len());
     let before = IN_USE.load(Ordering::Relaxed);
     for doc in docs {
-        if let Ok(mut k) = serde_json::from_slice::<K>(doc) {
-            keep(&mut k);
+        if let Ok(k) = serde_json::from_slice::<K>(doc) {
             kept.push(std::sync::Arc::new(k));
         }
     }
@@ -69,17 +68,13 @@ pub async fn measure(client: &Client, namespace: &str) -> Result<Value> {
     let services = served::<Service>(client, namespace).await?;
     let entry =
         |n: usize, sent: f64, cached: f64| json!({"objects": n, "as_sent": sent.round(), "as_cached": cached.round()});
-    let m = entry(myapps.len(), per_object::<MyApp>(&myapps, |_| ()), per_object::<MyApp>(&myapps, prune::myapp));
+    let m = entry(myapps.len(), per_object::<MyApp>(&myapps), per_object::<Cached<MyApp>>(&myapps));
     let d = entry(
         deployments.len(),
-        per_object::<Deployment>(&deployments, |_| ()),
-        per_object::<Cached<Deployment>>(&deployments, |_| ()),
+        per_object::<Deployment>(&deployments),
+        per_object::<Cached<Deployment>>(&deployments),
     );
-    let s = entry(
-        services.len(),
-        per_object::<Service>(&services, |_| ()),
-        per_object::<Cached<Service>>(&services, |_| ()),
-    );
+    let s = entry(services.len(), per_object::<Service>(&services), per_object::<Cached<Service>>(&services));
     let total = |k: &str| m[k].as_f64().unwrap_or(0.0) + d[k].as_f64().unwrap_or(0.0) + s[k].as_f64().unwrap_or(0.0);
     let per_myapp = json!({"as_sent": total("as_sent"), "as_cached": total("as_cached")});
     Ok(json!({"myapp": m, "deployment": d, "service": s, "per_myapp": per_myapp}))
