@@ -4,7 +4,10 @@
 //! 0. **failover** (not with `--quick`): graceful and crash, through the chaos suite's machinery,
 //!    before anything else loads the cluster;
 //! 1. **fresh**: N MyApps created (16 at a time) until all are Ready, with the Ready count over time;
-//!    the leader's CPU seconds per 1000 reconciles; RSS of every replica idle and loaded;
+//!    the leader's CPU seconds per 1000 reconciles; RSS of every replica idle and loaded (the large
+//!    profile also pauses the creates at N/2 until those are Ready, for a settled sample there);
+//!    Then **relist** (local control plane): etcd compacted and the API server restarted, so every
+//!    watch of every replica gets 410 Gone and lists everything again; RSS before, peak, after;
 //! 2. **spec change**: every MyApp's image changed until all are Ready at the new generation;
 //! 3. **webhooks**: latency in process and over TLS from this (separate) process, and throughput;
 //! 4. **warm handover**: SIGTERM to the leader; acquire → first reconcile on the new leader (warm
@@ -217,20 +220,34 @@ pub(crate) fn named(name: &str, replicas: i32) -> Result<MyApp> {
     }))?)
 }
 
+/// Where creates wait: from MyApp `at` on, until `open` turns true (the large profile's settled
+/// sample at half the count, taken by [`sample_rss`]).
+#[derive(Clone)]
+struct Hold {
+    at: usize,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
 /// Creates N MyApps (`image` None) or sets every MyApp's image, then waits until all are Ready.
-/// `created` counts the creates answered.
+/// `created` counts the creates answered; creates wait at `hold`, if any.
 async fn converge(
     api: &Api<MyApp>,
     n: usize,
     image: Option<&str>,
     created: Option<&std::sync::atomic::AtomicUsize>,
+    hold: Option<Hold>,
 ) -> Result<Convergence> {
     let replicas = if n > LARGE { 0 } else { 1 };
     let started = now();
     let clock = Instant::now();
     all(n, "driving MyApps", |i| {
-        let api = api.clone();
+        let (api, hold) = (api.clone(), hold.clone());
         async move {
+            if let Some(Hold { at, mut open }) = hold
+                && i >= at
+            {
+                open.wait_for(|o| *o).await.context("the settled sample ended")?;
+            }
             match image {
                 None => {
                     api.create(&PostParams::default(), &myapp(i, replicas)?).await.context("create")?;
@@ -257,12 +274,7 @@ async fn converge(
     let limit = Duration::from_secs(900.max(n as u64 * 240 / 1000));
     let deadline = Instant::now() + limit;
     loop {
-        let list = api.list(&ListParams::default()).await?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|a| a.ready_at_generation() && image.is_none_or(|img| a.spec.image == img))
-            .count();
+        let ready = ready_count(api, image).await?;
         curve.push((clock.elapsed().as_secs_f64(), ready as f64));
         if ready == n {
             println!("    all {n} Ready in {:.1} s", clock.elapsed().as_secs_f64());
@@ -273,6 +285,104 @@ async fn converge(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// MyApps Ready at their generation (with `image`, if given).
+async fn ready_count(api: &Api<MyApp>, image: Option<&str>) -> Result<usize> {
+    let list = api.list(&ListParams::default()).await?;
+    Ok(list.items.iter().filter(|a| a.ready_at_generation() && image.is_none_or(|img| a.spec.image == img)).count())
+}
+
+/// What [`sample_rss`] found: a row per 1000 created, the settled sample, and how long the
+/// creates waited for it (seconds).
+struct RssSamples {
+    by_created: Vec<Value>,
+    settled: Option<Value>,
+    paused_s: f64,
+}
+
+/// RSS of every replica (`pids`) as the fresh phase creates MyApps: a row per 1000 created. With a
+/// `settle` count, once that many are created (the creates after it wait, see [`Hold`]), it waits
+/// until they are all Ready, samples RSS settled, and opens `open`.
+fn sample_rss(
+    api: Api<MyApp>,
+    pids: Vec<u32>,
+    created: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    n: usize,
+    settle: Option<usize>,
+    open: tokio::sync::watch::Sender<bool>,
+) -> tokio::task::JoinHandle<Result<RssSamples>> {
+    let rss = move || pids.iter().map(|p| rss_mib(*p)).collect::<Vec<_>>();
+    tokio::spawn(async move {
+        let count = || created.load(std::sync::atomic::Ordering::Relaxed);
+        let (mut rows, mut settled, mut paused_s) = (Vec::new(), None, 0.0);
+        let mut next = 1000;
+        while next <= n {
+            if let Some(at) = settle.filter(|at| settled.is_none() && count() >= *at) {
+                let paused = Instant::now();
+                procs::poll(
+                    &format!("{at} MyApps Ready before the settled sample"),
+                    Duration::from_secs(900.max(at as u64 * 240 / 1000)),
+                    Duration::from_secs(1),
+                    || async { (ready_count(&api, None).await.ok()? >= at).then_some(()) },
+                )
+                .await?;
+                // Let the last statuses and the children's updates reach every cache.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                settled = Some(json!({"myapps": at, "rss_mib": rss()}));
+                println!("    settled at {at} MyApps: RSS {:?} MiB", rss());
+                let _ = open.send(true);
+                paused_s = paused.elapsed().as_secs_f64();
+            }
+            if count() >= next {
+                // Let the watches deliver the last creates.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                rows.push(json!({"myapps": next, "rss_mib": rss()}));
+                next += 1000;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(RssSamples { by_created: rows, settled, paused_s })
+    })
+}
+
+/// Resets the peak resident memory (`VmHWM`) of a process to its current RSS.
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// Phase 1b (local control plane): every watch relists at once. etcd is compacted and the API
+/// server restarted, so each replica's watches resume from a revision that is gone, get 410 Gone,
+/// and list everything again beside the store they hold. Returns each replica's RSS before, its
+/// peak from the restart until no peak has grown for 15 s, and its RSS then; and which replicas
+/// listed MyApps again (audit log).
+async fn relist(replicas: &[Replica]) -> Result<Value> {
+    let rss = || replicas.iter().map(|r| rss_mib(r.pid)).collect::<Vec<_>>();
+    let peaks = || replicas.iter().map(|r| peak_mib(r.pid)).collect::<Vec<_>>();
+    let before = rss();
+    replicas.iter().for_each(|r| reset_peak(r.pid));
+    let t0 = now();
+    let revision = cluster::compact_etcd()?;
+    let restart = cluster::restart_apiserver().await?;
+    let (deadline, mut still, mut peak) = (Instant::now() + Duration::from_secs(180), Instant::now(), peaks());
+    while still.elapsed() < Duration::from_secs(15) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if peaks() != peak {
+            (peak, still) = (peaks(), Instant::now());
+        }
+    }
+    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log"))?;
+    let relisted: std::collections::BTreeSet<String> = chaos::audit::parse(&log, t0)
+        .into_iter()
+        .filter(|r| r.verb == "list" && r.resource == "myapps")
+        .filter_map(|r| r.replica)
+        .collect();
+    println!("    relist: RSS {before:?} -> peak {peak:?} MiB; replicas that listed MyApps again: {relisted:?}");
+    Ok(json!({
+        "etcd_compacted_at": revision, "apiserver_restart_s": restart.as_secs_f64(),
+        "rss_before_mib": before, "peak_mib": peak, "rss_after_mib": rss(),
+        "settled_after_s": now() - t0, "replicas_relisted": relisted,
+    }))
 }
 
 /// Writes and reads by the operator's ServiceAccount in `namespace` between two instants.
@@ -487,28 +597,16 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let lead = leader(&client, &replicas).await?;
     let (cpu0, rec0) = (cpu_seconds(lead.pid).unwrap_or(0.0), reconciles(lead.probe_port));
     println!("==> fresh: {n} MyApps in {ns_a}");
-    // RSS of every replica as the MyApps are created: the sizing table's rows.
+    // RSS of every replica as the MyApps are created, and settled at half the count (large
+    // profile) and at the end: the sizing table's rows.
     let created = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let sampler = {
-        let (created, pids) = (created.clone(), replicas.iter().map(|r| r.pid).collect::<Vec<_>>());
-        tokio::spawn(async move {
-            let mut rows: Vec<Value> = Vec::new();
-            let mut next = 1000;
-            while next <= n {
-                if created.load(std::sync::atomic::Ordering::Relaxed) >= next {
-                    // Let the watches deliver the last creates.
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    let rss: Vec<Option<f64>> = pids.iter().map(|p| rss_mib(*p)).collect();
-                    rows.push(json!({"myapps": next, "rss_mib": rss}));
-                    next += 1000;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            rows
-        })
-    };
-    let fresh = converge(&api, n, None, Some(&created)).await?;
-    let rss_by_count = sampler.await.unwrap_or_default();
+    let settle = large.then_some(n / 2);
+    let (open, opened) = tokio::sync::watch::channel(settle.is_none());
+    let pids = replicas.iter().map(|r| r.pid).collect();
+    let sampler = sample_rss(api.clone(), pids, created.clone(), n, settle, open);
+    let hold = settle.map(|at| Hold { at, open: opened });
+    let fresh = converge(&api, n, None, Some(&created), hold).await?;
+    let RssSamples { by_created: rss_by_count, settled: settled_half, paused_s } = sampler.await??;
     let lead = leader(&client, &replicas).await?;
     let (cpu1, rec1) = (cpu_seconds(lead.pid).unwrap_or(0.0), reconciles(lead.probe_port));
     let loaded: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
@@ -519,12 +617,20 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let fresh_economy = if local { Some(economy(&ns_a, fresh.started, now(), n)?) } else { None };
 
+    // 1b. Every watch relists at once.
+    let relisted = if local {
+        println!("==> relist: etcd compacted and the API server restarted, with {n} MyApps");
+        Some(relist(&replicas).await?)
+    } else {
+        None
+    };
+
     // 2. Spec change.
     let (change, change_economy) = if large {
         (None, None)
     } else {
         println!("==> spec change: every image to nginx:1.28");
-        let change = converge(&api, n, Some("nginx:1.28"), None).await?;
+        let change = converge(&api, n, Some("nginx:1.28"), None, None).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let economy = if local { Some(economy(&ns_a, change.started, now(), n)?) } else { None };
         (Some(change), economy)
@@ -583,7 +689,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         operator::wait_ready(&replicas).await?;
         let ns_b = format!("bench-{n}-traces-{run_id}");
         let api_b = namespace(&client, &ns_b).await?;
-        let c = converge(&api_b, n, None, None).await?;
+        let c = converge(&api_b, n, None, None, None).await?;
         operator::stop_replicas();
         Some((ns_b, c))
     } else {
@@ -636,18 +742,22 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     operator::stop_replicas();
 
     let ratio = ceiling_s.map(|c| fresh.ready_s / c.max(f64::EPSILON));
+    let settled: Vec<Value> = settled_half.into_iter().chain([json!({"myapps": n, "rss_mib": loaded})]).collect();
     let report = json!({
         "machine": machine(),
         "operator_build": if args.release { "release" } else { "debug" },
         "myapps": n,
-        "fresh": {"requests_s": fresh.requested_s, "all_ready_s": fresh.ready_s, "myapps_per_s": n as f64 / fresh.ready_s,
+        "fresh": {"requests_s": fresh.requested_s, "all_ready_s": fresh.ready_s,
+                  "settled_sample_pause_s": paused_s, "myapps_per_s": n as f64 / (fresh.ready_s - paused_s).max(f64::EPSILON),
                   "ratio_to_ceiling": ratio, "api": fresh_economy},
         "spec_change": change.as_ref().map(|c| json!({"all_ready_s": c.ready_s, "api": change_economy})),
         "unchanged_resync": {"api": resync_economy},
         "ceiling": ceiling_s.map(|c| json!({"writes": 4 * n, "seconds": c})),
-        "rss_mib": {"idle": idle, "loaded": loaded, "peak": peak, "by_myapps_created": rss_by_count, "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
+        "rss_mib": {"idle": idle, "loaded": loaded, "peak": peak, "by_myapps_created": rss_by_count,
+                    "settled": settled, "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
         "cache_bytes_per_object": cache_bytes,
         "cold_start_memory": cold_memory,
+        "relist": relisted,
         "priority": priority,
         "cpu_seconds_per_1000_reconciles": cpu_per_1000,
         "acquire_to_first_reconcile_ms": {"warm_handover": warm_ms, "cold_process": cold_acquire_ms, "cold_start_to_first_reconcile": cold_start_ms},
@@ -740,6 +850,22 @@ fn print_table(r: &Value) {
                 format!("{} -> {}, {}", f(&idle[i]), f(&loaded[i]), f(&rss["peak"][i])),
             );
         }
+    }
+    let each = |v: &Value| v.as_array().into_iter().flatten().map(&f).collect::<Vec<String>>().join(" / ");
+    for at in rss["settled"].as_array().into_iter().flatten() {
+        row(&format!("RSS of each replica, {} MyApps all Ready (MiB)", at["myapps"]), each(&at["rss_mib"]));
+    }
+    let relist = &r["relist"];
+    if !relist.is_null() {
+        row(
+            "relist at once: RSS before -> peak -> after (MiB)",
+            format!(
+                "{} -> {} -> {}",
+                each(&relist["rss_before_mib"]),
+                each(&relist["peak_mib"]),
+                each(&relist["rss_after_mib"])
+            ),
+        );
     }
     for at in rss["by_myapps_created"].as_array().into_iter().flatten() {
         let each: Vec<String> = at["rss_mib"].as_array().into_iter().flatten().map(&f).collect();
