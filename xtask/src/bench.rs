@@ -712,35 +712,8 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         operator::stop_replicas();
         (Some(seconds), curve)
     };
-    // Clean up with a replica running: the MyApps' finalizers need the operator.
-    println!("==> cleaning up");
-    let cleaner = operator::start_replicas(&bin, &sa_kubeconfig, 1, &[], &off_env)?;
-    operator::wait_ready(&cleaner).await?;
     let namespaces: Vec<String> =
         [Some(ns_c.clone()), traced.as_ref().map(|t| t.0.clone()), Some(ns_a.clone())].into_iter().flatten().collect();
-    for ns in &namespaces {
-        delete_namespace(&client, ns).await;
-    }
-    let all_ns = Api::<Namespace>::all(client.clone());
-    let gone = procs::poll(
-        "the benchmark's namespaces deleted",
-        Duration::from_secs(600),
-        Duration::from_millis(500),
-        || async {
-            for ns in &namespaces {
-                if !matches!(all_ns.get_opt(ns).await, Ok(None)) {
-                    return None;
-                }
-            }
-            Some(())
-        },
-    )
-    .await;
-    if let Err(e) = gone {
-        println!("    warning: {e:#}");
-    }
-    operator::stop_replicas();
-
     let ratio = ceiling_s.map(|c| fresh.ready_s / c.max(f64::EPSILON));
     let settled: Vec<Value> = settled_half.into_iter().chain([json!({"myapps": n, "rss_mib": loaded})]).collect();
     let report = json!({
@@ -781,6 +754,44 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     std::fs::write(&svg, line_chart(&format!("{n} fresh MyApps"), "seconds", "MyApps", &series))?;
     print_table(&report);
     println!("    report: {}\n    plot:   {}", file.display(), svg.display());
+    clean_up(&client, &bin, &sa_kubeconfig, &off_env, &namespaces).await
+}
+
+/// Deletes the benchmark's `namespaces` with a replica running (the MyApps' finalizers need the
+/// operator), and waits up to 10 minutes for them to go. After the report, so that a large run's
+/// figures do not wait on its cleanup.
+async fn clean_up(
+    client: &Client,
+    bin: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    env: &[(&'static str, String)],
+    namespaces: &[String],
+) -> Result<()> {
+    println!("==> cleaning up");
+    let cleaner = operator::start_replicas(bin, kubeconfig, 1, &[], env)?;
+    operator::wait_ready(&cleaner).await?;
+    for ns in namespaces {
+        delete_namespace(client, ns).await;
+    }
+    let all_ns = Api::<Namespace>::all(client.clone());
+    let gone = procs::poll(
+        "the benchmark's namespaces deleted",
+        Duration::from_secs(600),
+        Duration::from_millis(500),
+        || async {
+            for ns in namespaces {
+                if !matches!(all_ns.get_opt(ns).await, Ok(None)) {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    if let Err(e) = gone {
+        println!("    warning: {e:#}");
+    }
+    operator::stop_replicas();
     Ok(())
 }
 
