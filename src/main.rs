@@ -10,13 +10,6 @@ use myapp_operator::probes::{self, Probes};
 use myapp_operator::telemetry::propagation::TraceParentLayer;
 use myapp_operator::telemetry::{logging, metrics::Metrics};
 use myapp_operator::webhook::{self, Webhooks};
-
-/// mimalloc, not the C library's allocator: the same allocator in the image (musl) and on a
-/// host (glibc), so that the bench's memory figures are the pod's. It returns freed pages to the
-/// system, so a replica's memory falls back after a relist, where glibc kept the peak. musl's own
-/// allocator is also slow under the contention of a multi-threaded runtime.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -7,7 +7,8 @@
 //! it the many small allocations of its status conditions and metadata. Every replica caches
 //! every MyApp and every child, so that size sets the memory a replica needs. A [`Cached`] object
 //! instead holds:
-//! - a small `ObjectMeta` (name, namespace, resourceVersion), which the watch and the store read;
+//! - a small `ObjectMeta` (name, namespace, resourceVersion, ownerReferences), which the watch,
+//!   the store and the controller's owner mapping read;
 //! - everything else reconcile reads, as one compact JSON string ([`Shape::shape`]):
 //!   - of a child, the fields the operator applies (labels, the applied-hash annotation, the
 //!     spec fields of the builders), the deletion mark, and for a Deployment the generation and
@@ -32,7 +33,7 @@ use super::children;
 use crate::api::{MyApp, MyAppSpec, ResourceAmounts, Resources, ServiceType};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
@@ -92,10 +93,8 @@ fn merge(into: &mut Value, from: Value) {
     }
 }
 
-/// The metadata fields kept typed, outside the JSON: what the watch and the store read. Owner
-/// references stay in the JSON (see [`Cached::owner_references`]): typed, they cost about 250
-/// bytes of heap per child.
-const TYPED_META: &[&str] = &["name", "namespace", "resourceVersion"];
+/// The metadata fields kept typed, outside the JSON.
+const TYPED_META: &[&str] = &["name", "namespace", "resourceVersion", "ownerReferences"];
 
 /// A `MyApp` with every optional field set, so its children carry every field the builders can
 /// write.
@@ -241,22 +240,8 @@ impl<K: Shape> Cached<K> {
         meta.name.clone_from(&self.metadata.name);
         meta.namespace.clone_from(&self.metadata.namespace);
         meta.resource_version.clone_from(&self.metadata.resource_version);
+        meta.owner_references.clone_from(&self.metadata.owner_references);
         Ok(object)
-    }
-
-    /// The object's owner references, read from the kept JSON (empty if it has none).
-    pub fn owner_references(&self) -> Vec<OwnerReference> {
-        #[derive(Deserialize)]
-        struct Doc {
-            #[serde(default)]
-            metadata: Meta,
-        }
-        #[derive(Deserialize, Default)]
-        struct Meta {
-            #[serde(default, rename = "ownerReferences")]
-            owner_references: Vec<OwnerReference>,
-        }
-        serde_json::from_str::<Doc>(&self.rest).map(|d| d.metadata.owner_references).unwrap_or_default()
     }
 }
 
@@ -334,7 +319,7 @@ mod tests {
         let cached = Cached::<Deployment>::from_json(served(&app)).expect("cached");
         assert_eq!(cached.metadata.name.as_deref(), Some("web"));
         assert_eq!(cached.metadata.resource_version.as_deref(), Some("42"));
-        assert_eq!(cached.owner_references().len(), 1);
+        assert_eq!(cached.metadata.owner_references.as_ref().map(Vec::len), Some(1));
         for dropped in ["managedFields", "progressDeadlineSeconds", "imagePullPolicy", "lastUpdateTime", "long text"] {
             assert!(!cached.rest.contains(dropped), "{dropped} is dropped: {}", cached.rest);
         }

@@ -36,7 +36,7 @@ use cached::Cached;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -258,14 +258,11 @@ pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> 
         store.state().iter().map(|app| ObjectRef::from_obj(app.as_ref())).collect()
     });
     let myapps = caches.myapp_events(&lagged).inspect(move |a| on_myapp.pending.add(ObjectRef::from_obj(a.as_ref())));
-    let deployments =
-        caches.deployment_events(&lagged).inspect(move |d| on_deployment.pending.add_owner_of(d.as_ref()));
-    let services = caches.service_events(&lagged).inspect(move |s| on_service.pending.add_owner_of(s.as_ref()));
-    // A child triggers its controller owner, read from the child's kept JSON (the compact form
-    // keeps no typed owner references, which kube's `owns_shared_stream` would read).
+    let deployments = caches.deployment_events(&lagged).inspect(move |d| on_deployment.pending.add_owner_of(d.meta()));
+    let services = caches.service_events(&lagged).inspect(move |s| on_service.pending.add_owner_of(s.meta()));
     let controller = Controller::for_shared_stream(myapps, caches.myapps.clone())
-        .watches_shared_stream(deployments, |d| queue::owner(d.as_ref()))
-        .watches_shared_stream(services, |s| queue::owner(s.as_ref()))
+        .owns_shared_stream(deployments)
+        .owns_shared_stream(services)
         .reconcile_on(bulk)
         .with_config(Config::default().concurrency(16).debounce(Duration::from_millis(50)))
         .graceful_shutdown_on(stop);

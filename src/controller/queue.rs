@@ -19,9 +19,8 @@
 //! Periodic resyncs need no such care: each is scheduled on its own, spread by jitter.
 
 use super::AppRef;
-use super::cached::{Cached, Shape};
 use futures::{Stream, StreamExt};
-use kube::Resource;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashSet;
@@ -63,7 +62,7 @@ impl Pending {
     }
 
     /// A child (Deployment, Service) changed: its controller owner, if a MyApp, was triggered.
-    pub fn add_owner_of<K: Shape>(&self, child: &Cached<K>) {
+    pub fn add_owner_of(&self, child: &ObjectMeta) {
         if let Some(obj) = owner(child) {
             self.add(obj);
         }
@@ -129,11 +128,10 @@ where
 }
 
 /// The MyApp a child's event triggers: its controller owner reference of kind MyApp.
-pub fn owner<K: Shape>(child: &Cached<K>) -> Option<AppRef> {
-    let owners = child.owner_references();
-    let owner = owners.iter().find(|o| o.controller == Some(true) && o.kind == "MyApp")?;
+pub fn owner(meta: &ObjectMeta) -> Option<AppRef> {
+    let owner = meta.owner_references.as_ref()?.iter().find(|o| o.controller == Some(true) && o.kind == "MyApp")?;
     let mut r = ObjectRef::new(&owner.name);
-    if let Some(ns) = &child.meta().namespace {
+    if let Some(ns) = &meta.namespace {
         r = r.within(ns);
     }
     Some(r)
@@ -143,12 +141,9 @@ pub fn owner<K: Shape>(child: &Cached<K>) -> Option<AppRef> {
 mod tests {
     use super::*;
 
-    /// A Service named `web` in `ns`, as the caches keep it, with `owners`.
-    fn meta(owners: serde_json::Value) -> Cached<k8s_openapi::api::core::v1::Service> {
-        Cached::from_json(
-            serde_json::json!({"metadata": {"name": "web", "namespace": "ns", "ownerReferences": owners}}),
-        )
-        .expect("cached")
+    fn meta(owners: serde_json::Value) -> ObjectMeta {
+        serde_json::from_value(serde_json::json!({"name": "web", "namespace": "ns", "ownerReferences": owners}))
+            .expect("meta")
     }
 
     #[test]
