@@ -60,9 +60,13 @@ pub struct BenchArgs {
     /// Number of MyApps (default 1000, or 100 with --quick).
     #[arg(long)]
     count: Option<usize>,
-    /// Build the operator with the release profile (the figures to publish).
+    /// Build the operator with the release profile.
     #[arg(long)]
     release: bool,
+    /// Run the binary the image ships (static musl, release) as the replicas: the figures to
+    /// publish, memory above all, since musl's allocator is the pod's.
+    #[arg(long, conflicts_with = "release")]
+    musl: bool,
     /// Failover rounds of each kind, graceful and crash, with 15s/10s/2s leases (default 10; 0
     /// with --quick).
     #[arg(long)]
@@ -94,12 +98,29 @@ impl BenchArgs {
             quick: true,
             count: None,
             release: false,
+            musl: false,
             failover_rounds: None,
             out: ".run/bench".into(),
             webhook_abuse: false,
             soak: false,
             minutes: 30,
             slow_connections: 500,
+        }
+    }
+}
+
+impl BenchArgs {
+    /// The operator binary the replicas run, built.
+    fn binary(&self) -> Result<PathBuf> {
+        if self.musl { crate::image::shipped_binary() } else { operator::build_profile(self.release) }
+    }
+
+    /// What the report calls the build.
+    fn build_name(&self) -> &'static str {
+        match (self.musl, self.release) {
+            (true, _) => "release, static musl (as the image ships it)",
+            (false, true) => "release",
+            (false, false) => "debug",
         }
     }
 }
@@ -544,7 +565,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     }
     if args.soak {
         let target = args.target.resolve().await?;
-        let bin = operator::build_profile(args.release)?;
+        let bin = args.binary()?;
         let out = args.out.display().to_string();
         return crate::soak::soak(&target, &bin, args.count.unwrap_or(2000), args.minutes, &out).await;
     }
@@ -553,7 +574,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let large = n > LARGE;
     let compare_traces = !args.quick && !large;
     let target = args.target.resolve().await?;
-    let bin = operator::build_profile(args.release)?;
+    let bin = args.binary()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
     let sa_kubeconfig = operator::prepare(&client, &target).await?;
     let out = paths::repo().join(&args.out);
@@ -718,7 +739,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let settled: Vec<Value> = settled_half.into_iter().chain([json!({"myapps": n, "rss_mib": loaded})]).collect();
     let report = json!({
         "machine": machine(),
-        "operator_build": if args.release { "release" } else { "debug" },
+        "operator_build": args.build_name(),
         "myapps": n,
         "fresh": {"requests_s": fresh.requested_s, "all_ready_s": fresh.ready_s,
                   "settled_sample_pause_s": paused_s, "myapps_per_s": n as f64 / (fresh.ready_s - paused_s).max(f64::EPSILON),

@@ -84,6 +84,14 @@ fn have(tool: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
 }
 
+/// The binary the image ships (static musl, release), built, with musl-gcc installed when
+/// missing; for `cargo xtask bench --musl`.
+pub fn shipped_binary() -> Result<PathBuf> {
+    println!("==> building the operator as the image ships it (static musl, release)");
+    ensure_tools(&[("musl-gcc", "musl-tools")])?;
+    build_binary()
+}
+
 /// Builds the static binary and returns its path.
 fn build_binary() -> Result<PathBuf> {
     let installed = output(Command::new("rustup").args(["target", "list", "--installed"]), "rustup")?;
