@@ -10,17 +10,23 @@
 //!
 //! The channel keeps its last [`CHANNEL`] events until they are overwritten, read or not, so its
 //! size bounds the stale copies of objects the leader keeps alive.
+//!
+//! A relist (after 410 Gone, or a watch that broke off) updates a store in place ([`InPlace`]):
+//! kube's reflector would fill a second store beside the first and swap them at the end, so a
+//! replica would briefly hold its whole cache twice.
 
 use super::cached::Cached;
 use crate::api::MyApp;
 use crate::api::{MANAGED_BY, MANAGED_BY_LABEL};
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
+use std::collections::HashSet;
 use std::fmt::Debug;
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
@@ -50,7 +56,14 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, config).backoff(crate::client::watch_backoff()).reflect(writer).touched_objects();
+    let mut in_place = InPlace::new(writer, reader.clone());
+    let stream = watcher(api, config)
+        .backoff(crate::client::watch_backoff())
+        .map_ok(move |event| {
+            in_place.apply(&event);
+            event
+        })
+        .touched_objects();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
@@ -64,6 +77,48 @@ where
         }
     });
     reader
+}
+
+/// A reflector store's writer that applies a relist in place. The first list goes through kube's
+/// own path, which makes the store ready. On a later list, each object listed replaces its entry
+/// as it arrives, and at the end of the list the entries it did not name are deleted: the store
+/// holds one copy of each object throughout, plus the set of names seen so far.
+///
+/// During such a relist, the store mixes objects as they were before and as listed; it never lacks
+/// one that existed before the list began and is still there.
+struct InPlace<K: Resource<DynamicType = ()> + Clone + 'static> {
+    writer: reflector::store::Writer<K>,
+    reader: Store<K>,
+    /// Whether the first list has completed (the store is ready).
+    listed: bool,
+    /// During a relist: the objects listed so far.
+    seen: Option<HashSet<ObjectRef<K>>>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone + 'static> InPlace<K> {
+    fn new(writer: reflector::store::Writer<K>, reader: Store<K>) -> Self {
+        Self { writer, reader, listed: false, seen: None }
+    }
+
+    fn apply(&mut self, event: &Event<K>) {
+        match (event, self.seen.as_mut()) {
+            (Event::Init, _) if self.listed => self.seen = Some(HashSet::new()),
+            (Event::InitApply(obj), Some(seen)) => {
+                seen.insert(ObjectRef::from_obj(obj));
+                self.writer.apply_watcher_event(&Event::Apply(obj.clone()));
+            }
+            (Event::InitDone, Some(_)) => {
+                let seen = self.seen.take().unwrap_or_default();
+                for gone in self.reader.state().iter().filter(|o| !seen.contains(&ObjectRef::from_obj(o.as_ref()))) {
+                    self.writer.apply_watcher_event(&Event::Delete(gone.as_ref().clone()));
+                }
+            }
+            (event, _) => {
+                self.writer.apply_watcher_event(event);
+                self.listed |= matches!(event, Event::InitDone);
+            }
+        }
+    }
 }
 
 fn subscribe<K: Send + Sync + 'static>(
@@ -147,6 +202,59 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    fn cm(name: &str, version: &str) -> ConfigMap {
+        let mut c = ConfigMap::default();
+        c.metadata.name = Some(name.into());
+        c.metadata.namespace = Some("ns".into());
+        c.metadata.resource_version = Some(version.into());
+        c
+    }
+
+    fn held(store: &Store<ConfigMap>) -> Vec<(String, String)> {
+        let mut all: Vec<_> = store
+            .state()
+            .iter()
+            .map(|c| {
+                (c.metadata.name.clone().unwrap_or_default(), c.metadata.resource_version.clone().unwrap_or_default())
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[tokio::test]
+    async fn a_relist_updates_the_store_in_place_and_drops_what_it_did_not_list() {
+        let (reader, writer) = reflector::store();
+        let mut w = InPlace::new(writer, reader.clone());
+        for e in [Event::Init, Event::InitApply(cm("a", "1")), Event::InitApply(cm("b", "1")), Event::InitDone] {
+            w.apply(&e);
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(1), reader.wait_until_ready())
+            .await
+            .expect("the first list makes the store ready")
+            .expect("ready");
+        assert_eq!(held(&reader), pairs(&[("a", "1"), ("b", "1")]));
+
+        // A relist: `a` was deleted while the watch was away, `b` changed, `c` is new.
+        w.apply(&Event::Init);
+        assert_eq!(held(&reader), pairs(&[("a", "1"), ("b", "1")]), "nothing is dropped when the list begins");
+        w.apply(&Event::InitApply(cm("b", "2")));
+        assert_eq!(held(&reader), pairs(&[("a", "1"), ("b", "2")]), "a listed object replaces its entry at once");
+        w.apply(&Event::InitApply(cm("c", "2")));
+        w.apply(&Event::InitDone);
+        assert_eq!(held(&reader), pairs(&[("b", "2"), ("c", "2")]), "what the list did not name is gone at its end");
+
+        // Watch events after it apply as usual.
+        w.apply(&Event::Delete(cm("b", "3")));
+        w.apply(&Event::Apply(cm("d", "4")));
+        assert_eq!(held(&reader), pairs(&[("c", "2"), ("d", "4")]));
+    }
 
     #[tokio::test]
     async fn a_lagging_subscriber_is_told_and_keeps_the_newest_events() {
