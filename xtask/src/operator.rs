@@ -445,15 +445,11 @@ pub fn start_replicas(
 pub async fn wait_ready(replicas: &[Replica]) -> Result<()> {
     let run = paths::run_dir();
     let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
     for r in replicas {
-        loop {
-            if matches!(procs::http_get(r.probe_port, "/readyz"), Ok((200, _))) {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                bail!("{} not ready after 60 s; last log lines:\n{}", r.name, procs::tail(&run, &r.name, 30));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let ready = || async { matches!(chaos::plain_http::get(r.probe_port, "/readyz"), Ok((200, _))).then_some(()) };
+        if chaos::wait::until(deadline, Duration::from_millis(100), ready).await.is_none() {
+            bail!("{} not ready after 60 s; last log lines:\n{}", r.name, procs::tail(&run, &r.name, 30));
         }
     }
     println!("    {} operator replica(s) ready ({:.1} s)", replicas.len(), started.elapsed().as_secs_f64());

@@ -65,7 +65,7 @@ pub async fn test(args: TestArgs) -> Result<()> {
 
 /// The tests against the cluster; true when they built the image (for the real node).
 async fn against_cluster(target: &operator::Target) -> Result<bool> {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    let since = chaos::audit::now();
     let t = step("end-to-end tests against the API server, with three operator replicas");
     let bin = operator::build()?;
     let client = cluster::client_from(&target.kubeconfig).await?;
