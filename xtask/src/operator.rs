@@ -118,6 +118,27 @@ pub async fn prepare(client: &Client, target: &Target) -> Result<PathBuf> {
     service_account_kubeconfig(client, &target.kubeconfig).await
 }
 
+/// What a command that runs its own replicas starts from: see [`setup`].
+pub struct Setup {
+    /// The operator binary.
+    pub bin: PathBuf,
+    /// A client of the target, as its admin.
+    pub client: Client,
+    /// The kubeconfig the replicas run with (see [`prepare`]).
+    pub kubeconfig: PathBuf,
+}
+
+/// The opening of every command that runs replicas as processes (`demo --processes`, `test`,
+/// `chaos`; `bench` does the same steps): builds the operator (`release` or debug), connects to
+/// the target, [`prepare`]s it, and stops the replicas an earlier run left behind.
+pub async fn setup(target: &Target, release: bool) -> Result<Setup> {
+    let bin = build_profile(release)?;
+    let client = cluster::client_from(&target.kubeconfig).await?;
+    let kubeconfig = prepare(&client, target).await?;
+    stop_replicas();
+    Ok(Setup { bin, client, kubeconfig })
+}
+
 /// The operator's Lease, in [`NAMESPACE`] (the replicas' default `--lease-name`).
 pub const LEASE: &str = "myapp-operator";
 
