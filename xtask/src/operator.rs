@@ -83,11 +83,6 @@ pub fn run(mut cmd: Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds the operator binary (debug profile, shared with the tests) and returns its path.
-pub fn build() -> Result<PathBuf> {
-    build_profile(false)
-}
-
 /// Builds the operator binary for the host, in the release profile or the debug one.
 pub fn build_profile(release: bool) -> Result<PathBuf> {
     let profile = if release { "release" } else { "debug" };
