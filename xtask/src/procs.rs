@@ -132,7 +132,7 @@ pub fn port_in_use(port: u16) -> bool {
 
 // Plain HTTP on loopback and the poll loop live in the `chaos` crate, shared with `tests/`; the
 // names here are kept for `bench.rs` and `soak.rs`, which still call them through `procs`.
-pub use chaos::plain_http::{get as http_get, post as http_post};
+pub use chaos::plain_http::get as http_get;
 pub use chaos::wait::poll;
 
 /// Installs Debian packages with apt-get (as root); nothing when `packages` is empty.
