@@ -112,6 +112,19 @@ fn split(path: &str) -> (String, Option<String>) {
     (collection, name)
 }
 
+/// A LIST of `collection`, filtered by the selectors in `q`, at the current revision.
+fn list(s: &State, collection: &str, q: &BTreeMap<String, String>) -> Value {
+    let items: Vec<Value> =
+        s.objects.iter().filter(|((c, _), o)| c == collection && selected(o, q)).map(|(_, o)| o.clone()).collect();
+    let kind = items
+        .first()
+        .and_then(|o| o.get("kind"))
+        .and_then(Value::as_str)
+        .map(|k| format!("{k}List"))
+        .unwrap_or_else(|| "List".into());
+    json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": s.revision.to_string()}, "items": items})
+}
+
 /// The collection, the object's name and the subresource (`status`) of a path.
 fn split_sub(path: &str) -> (String, Option<String>, Option<String>) {
     // A collection path ends in its plural; an object path has one more segment, and a
@@ -382,24 +395,7 @@ impl FakeApi {
                 Some(o) => (200, o.clone()),
                 None => status(404, "NotFound", &format!("{name} not found")),
             },
-            (Method::GET, None) => {
-                let items: Vec<Value> = s
-                    .objects
-                    .iter()
-                    .filter(|((c, _), o)| c == collection && selected(o, q))
-                    .map(|(_, o)| o.clone())
-                    .collect();
-                let kind = items
-                    .first()
-                    .and_then(|o| o.get("kind"))
-                    .and_then(Value::as_str)
-                    .map(|k| format!("{k}List"))
-                    .unwrap_or_else(|| "List".into());
-                (
-                    200,
-                    json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": s.revision.to_string()}, "items": items}),
-                )
-            }
+            (Method::GET, None) => (200, list(&s, collection, q)),
             (Method::POST, None) => {
                 let Some(obj) = body else { return status(400, "BadRequest", "no body") };
                 let name = name_of(&obj).unwrap_or_default();
@@ -410,20 +406,8 @@ impl FakeApi {
                 (201, self.create(&mut s, key, obj))
             }
             (Method::PUT, Some(name)) => {
-                let Some(mut obj) = body else { return status(400, "BadRequest", "no body") };
-                let key = (collection.to_string(), name.clone());
-                let sent = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).map(str::to_string);
-                match s.objects.get(&key).cloned() {
-                    Some(existing) => {
-                        let current = existing.pointer("/metadata/resourceVersion").and_then(Value::as_str);
-                        if sent.is_some() && sent.as_deref() != current {
-                            return status(409, "Conflict", "the object has been modified");
-                        }
-                        obj["metadata"]["uid"] = existing["metadata"]["uid"].clone();
-                        (200, self.commit(&mut s, key, obj, "MODIFIED"))
-                    }
-                    None => (201, self.create(&mut s, key, obj)),
-                }
+                let Some(obj) = body else { return status(400, "BadRequest", "no body") };
+                self.replace(&mut s, (collection.to_string(), name), obj)
             }
             (Method::DELETE, Some(name)) => {
                 let key = (collection.to_string(), name.clone());
@@ -431,21 +415,8 @@ impl FakeApi {
                     .as_ref()
                     .and_then(|b| b.get("propagationPolicy"))
                     .is_some_and(|p| p.as_str() == Some("Foreground"));
-                if let Some(mut existing) = s.objects.get(&key).cloned()
-                    && (foreground || has_finalizers(&existing))
-                {
-                    if foreground && !has_finalizer(&existing, FOREGROUND) {
-                        match existing.pointer_mut("/metadata/finalizers").and_then(Value::as_array_mut) {
-                            Some(f) => f.push(json!(FOREGROUND)),
-                            None => existing["metadata"]["finalizers"] = json!([FOREGROUND]),
-                        }
-                    }
-                    // Marked for deletion; gone once the last finalizer is removed.
-                    let mut obj = existing;
-                    if obj.pointer("/metadata/deletionTimestamp").is_none_or(Value::is_null) {
-                        obj["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
-                    }
-                    return (200, self.commit(&mut s, key, obj, "MODIFIED"));
+                if let Some(answer) = self.mark_deleted(&mut s, &key, foreground) {
+                    return answer;
                 }
                 drop(s);
                 match self.delete(collection, &name) {
@@ -455,6 +426,39 @@ impl FakeApi {
             }
             _ => status(405, "MethodNotAllowed", "not supported by the fake"),
         }
+    }
+
+    /// A PUT: an update, conditional on the resourceVersion sent if any, or a create.
+    fn replace(&self, s: &mut State, key: (String, String), mut obj: Value) -> (u16, Value) {
+        let sent = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).map(str::to_string);
+        match s.objects.get(&key).cloned() {
+            Some(existing) => {
+                let current = existing.pointer("/metadata/resourceVersion").and_then(Value::as_str);
+                if sent.is_some() && sent.as_deref() != current {
+                    return status(409, "Conflict", "the object has been modified");
+                }
+                obj["metadata"]["uid"] = existing["metadata"]["uid"].clone();
+                (200, self.commit(s, key, obj, "MODIFIED"))
+            }
+            None => (201, self.create(s, key, obj)),
+        }
+    }
+
+    /// A DELETE of an object with finalizers, or in the foreground: marked for deletion (the
+    /// foreground finalizer added), gone once the last finalizer is removed. None when the object
+    /// can go at once, or does not exist.
+    fn mark_deleted(&self, s: &mut State, key: &(String, String), foreground: bool) -> Option<(u16, Value)> {
+        let mut obj = s.objects.get(key).cloned().filter(|o| foreground || has_finalizers(o))?;
+        if foreground && !has_finalizer(&obj, FOREGROUND) {
+            match obj.pointer_mut("/metadata/finalizers").and_then(Value::as_array_mut) {
+                Some(f) => f.push(json!(FOREGROUND)),
+                None => obj["metadata"]["finalizers"] = json!([FOREGROUND]),
+            }
+        }
+        if obj.pointer("/metadata/deletionTimestamp").is_none_or(Value::is_null) {
+            obj["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+        }
+        Some((200, self.commit(s, key.clone(), obj, "MODIFIED")))
     }
 
     fn patch(

@@ -156,33 +156,57 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     shutdown_signal().await;
-    tracing::info!("shutdown requested: stopping the controller, then releasing the lease");
-    ready.store(false, Ordering::Relaxed);
-    if let Some(w) = &webhooks {
-        w.begin_drain();
-    }
-    let _ = stop_tx.send(true);
-    let drain = tokio::time::sleep(args.webhook.webhook_drain);
-    // How the controller stopped decides how soon the lease may be released.
-    let how = supervisor.await.unwrap_or(leader::Stop::ReleaseAfterMargin);
-    let _ = release_tx.send(how);
-    election.stopped().await;
-    if let Some(w) = webhooks {
-        // Keep answering admissions while callers move to the other replicas, then stop
-        // accepting and wait (bounded) for the admissions in flight.
-        drain.await;
-        if let Err(e) = w.shutdown(Duration::from_secs(5)).await {
-            tracing::warn!(error = %e, "webhook drain");
-        }
-    }
-    match probe_task.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "probe server"),
-        Err(e) => tracing::warn!(error = %e, "probe server task"),
-        Ok(Ok(())) => {}
-    }
-    tracing::info!("stopped");
+    let running = Running { ready, webhooks, stop_tx, supervisor, release_tx, election, probe_task };
+    running.shut_down(args.webhook.webhook_drain).await;
     telemetry.shutdown();
     Ok(())
+}
+
+/// What [`run`] started, to stop in order.
+struct Running {
+    ready: Arc<AtomicBool>,
+    webhooks: Option<Webhooks>,
+    /// Tells the supervisor (and the probe server) to stop.
+    stop_tx: watch::Sender<bool>,
+    /// Answers how the controller stopped.
+    supervisor: tokio::task::JoinHandle<leader::Stop>,
+    /// Tells the elector how to release the lease.
+    release_tx: watch::Sender<leader::Stop>,
+    election: Election,
+    probe_task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// The shutdown on SIGTERM: not ready, the webhooks draining, the controller stopped, the
+    /// lease released as the controller's stop allows; the webhooks, given `drain` since the
+    /// signal, stop; then the probe server.
+    async fn shut_down(self, drain: Duration) {
+        tracing::info!("shutdown requested: stopping the controller, then releasing the lease");
+        self.ready.store(false, Ordering::Relaxed);
+        if let Some(w) = &self.webhooks {
+            w.begin_drain();
+        }
+        let _ = self.stop_tx.send(true);
+        let drain = tokio::time::sleep(drain);
+        // How the controller stopped decides how soon the lease may be released.
+        let how = self.supervisor.await.unwrap_or(leader::Stop::ReleaseAfterMargin);
+        let _ = self.release_tx.send(how);
+        self.election.stopped().await;
+        if let Some(w) = self.webhooks {
+            // Keep answering admissions while callers move to the other replicas, then stop
+            // accepting and wait (bounded) for the admissions in flight.
+            drain.await;
+            if let Err(e) = w.shutdown(Duration::from_secs(5)).await {
+                tracing::warn!(error = %e, "webhook drain");
+            }
+        }
+        match self.probe_task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "probe server"),
+            Err(e) => tracing::warn!(error = %e, "probe server task"),
+            Ok(Ok(())) => {}
+        }
+        tracing::info!("stopped");
+    }
 }
 
 /// Resolves once `rx` says stop.

@@ -19,13 +19,8 @@ use std::time::Duration;
 const ROLLOUT: Duration = Duration::from_secs(60);
 
 fn myapp(name: &str, image: &str, replicas: i32) -> MyApp {
-    serde_json::from_value(json!({
-        "apiVersion": "myapp.dev/v1",
-        "kind": "MyApp",
-        "metadata": {"name": name},
-        "spec": {"image": image, "replicas": replicas, "env": [{"name": "MODE", "value": "e2e"}]}
-    }))
-    .expect("MyApp")
+    let spec = json!({"image": image, "replicas": replicas, "env": [{"name": "MODE", "value": "e2e"}]});
+    chaos::fixtures::myapp(name, spec).expect("MyApp")
 }
 
 /// Waits until the MyApp is Ready for its current generation; returns it.
@@ -231,10 +226,7 @@ async fn invalid_specs_are_rejected_naming_the_field() {
         ),
     ];
     for (i, (spec, field)) in cases.into_iter().enumerate() {
-        let app: MyApp = serde_json::from_value(json!({
-            "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": format!("bad-{i}")}, "spec": spec
-        }))
-        .expect("MyApp");
+        let app = chaos::fixtures::myapp(&format!("bad-{i}"), spec).expect("MyApp");
         match api.create(&PostParams::default(), &app).await {
             Err(kube::Error::Api(s)) => {
                 assert_eq!(s.code, 422, "case {i}: {s:?}");

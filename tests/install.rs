@@ -13,7 +13,7 @@ use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use myapp_operator::api::MyApp;
 use std::process::Command;
@@ -35,36 +35,13 @@ fn kubectl(args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-/// The last lines each operator pod logged (and its previous container's, after a restart).
+/// The state and last log lines of every operator pod (and its previous container's, after a
+/// restart).
 async fn pod_logs(pods: &Api<Pod>) -> String {
-    let mut out = String::new();
-    let Ok(list) = pods.list(&ListParams::default().labels(SELECTOR)).await else {
-        return "cannot list the operator pods".into();
-    };
-    for p in list.items {
-        let name = p.metadata.name.clone().unwrap_or_default();
-        let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-        let restarts = p
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum::<i32>());
-        out += &format!("--- pod {name}: {phase}, ready {}, {restarts} restarts\n", ready(&p));
-        for previous in [true, false] {
-            let lp = LogParams { tail_lines: Some(30), previous, ..Default::default() };
-            if let Ok(text) = pods.logs(&name, &lp).await {
-                out += &format!("  [{}]\n{text}\n", if previous { "previous container" } else { "current container" });
-            }
-        }
+    match pods.list(&ListParams::default().labels(SELECTOR)).await {
+        Ok(list) => chaos::pods::logs(pods, &list.items).await,
+        Err(_) => "cannot list the operator pods".into(),
     }
-    out
 }
 
 /// Waits until the operator's Deployment has rolled out `want` ready pods; on timeout, fails with
@@ -73,24 +50,13 @@ async fn rolled_out(client: &kube::Client, want: i32, timeout: Duration) -> Dura
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let started = Instant::now();
-    loop {
-        if let Ok(d) = deployments.get("myapp-operator").await {
-            let generation = d.metadata.generation;
-            let s = d.status.unwrap_or_default();
-            let done = s.observed_generation == generation
-                && s.updated_replicas == Some(want)
-                && s.ready_replicas == Some(want)
-                && s.available_replicas == Some(want)
-                && s.replicas == Some(want);
-            if done {
-                return started.elapsed();
-            }
-        }
-        if started.elapsed() > timeout {
-            panic!("the operator's pods were not {want}/{want} ready within {timeout:?}:\n{}", pod_logs(&pods).await);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let done = || async {
+        deployments.get("myapp-operator").await.is_ok_and(|d| chaos::pods::rolled_out(&d, want)).then_some(())
+    };
+    if chaos::wait::within(timeout, Duration::from_millis(200), done).await.is_none() {
+        panic!("the operator's pods were not {want}/{want} ready within {timeout:?}:\n{}", pod_logs(&pods).await);
     }
+    started.elapsed()
 }
 
 /// The caBundle of every webhook of both configurations.
@@ -146,8 +112,7 @@ fn replace_webhook_configurations() {
 /// The restarts of the operator's containers, summed.
 async fn restarts(pods: &Api<Pod>) -> i32 {
     let list = pods.list(&ListParams::default().labels(SELECTOR)).await.expect("pods");
-    let statuses = list.items.into_iter().filter_map(|p| p.status?.container_statuses).flatten();
-    statuses.map(|c| c.restart_count).sum()
+    list.items.iter().map(chaos::pods::restarts).sum()
 }
 
 fn myapp_api(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
@@ -189,7 +154,7 @@ async fn node_only_apply_k_runs_three_pods_that_lead_admit_reconcile_and_trace()
         let spec = p.spec.as_ref().expect("spec");
         assert_eq!(spec.node_name.as_deref(), Some(node.as_str()), "{:?} runs on the real node", p.metadata.name);
         let status = p.status.as_ref().expect("status");
-        assert!(ready(p), "{:?} is Ready", p.metadata.name);
+        assert!(chaos::pods::is_ready(p), "{:?} is Ready", p.metadata.name);
         let c = &status.container_statuses.as_ref().expect("container statuses")[0];
         assert_eq!(c.restart_count, 0, "{:?} never restarted", p.metadata.name);
         assert!(c.image.contains("myapp-operator"), "runs the operator image, not {}", c.image);

@@ -20,10 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn myapp(name: &str, spec: serde_json::Value) -> MyApp {
-    serde_json::from_value(
-        json!({"apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": name}, "spec": spec}),
-    )
-    .expect("MyApp")
+    chaos::fixtures::myapp(name, spec).expect("MyApp")
 }
 
 #[tokio::test]

@@ -34,13 +34,24 @@ pub struct Request {
 impl Request {
     /// True for a mutating verb.
     pub fn is_write(&self) -> bool {
-        matches!(self.verb.as_str(), "create" | "update" | "patch" | "delete" | "deletecollection")
+        is_write_verb(&self.verb)
     }
 
     /// True when the request succeeded.
     pub fn succeeded(&self) -> bool {
         (200..300).contains(&self.code)
     }
+}
+
+/// True for an audit verb that mutates: `create`, `update`, `patch`, `delete`, `deletecollection`.
+pub fn is_write_verb(verb: &str) -> bool {
+    matches!(verb, "create" | "update" | "patch" | "delete" | "deletecollection")
+}
+
+/// Now, in seconds since the Unix epoch: the clock of [`Request::at`] (the API server's, on this
+/// machine).
+pub fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// The replica identity in an operator user agent.

@@ -33,6 +33,43 @@ pub struct Fault {
     pub detail: Option<String>,
 }
 
+impl Fault {
+    /// A fault of `scenario`, round `round`, injected at `at` on the leader `old_leader`, before
+    /// anything that follows is observed.
+    pub fn new(scenario: impl Into<String>, round: u32, at: f64, old_leader: String) -> Self {
+        Fault {
+            scenario: scenario.into(),
+            round,
+            at,
+            old_leader: Some(old_leader),
+            new_leader: None,
+            acquired_after: None,
+            first_reconcile_after: None,
+            converged_after: None,
+            longest_gap: None,
+            detail: None,
+        }
+    }
+}
+
+/// The replicas' lease timings, in seconds; written as `[duration, renew deadline, retry period]`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(into = "[f64; 3]")]
+pub struct LeaseTimings {
+    /// The lease duration.
+    pub duration: f64,
+    /// The renew deadline.
+    pub renew_deadline: f64,
+    /// The retry period.
+    pub retry_period: f64,
+}
+
+impl From<LeaseTimings> for [f64; 3] {
+    fn from(t: LeaseTimings) -> Self {
+        [t.duration, t.renew_deadline, t.retry_period]
+    }
+}
+
 /// Distribution of one measurement.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Stats {
@@ -79,8 +116,8 @@ pub struct Summary {
 pub struct Report {
     /// `smoke` or `full`.
     pub profile: String,
-    /// Lease duration, renew deadline, retry period (seconds).
-    pub timings: [f64; 3],
+    /// The replicas' lease timings.
+    pub timings: LeaseTimings,
     /// Operator replicas.
     pub replicas: usize,
     /// Per scenario.
@@ -147,7 +184,7 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(
         out,
         "chaos profile {} — {} replicas, lease {}s / renew {}s / retry {}s",
-        r.profile, r.replicas, r.timings[0], r.timings[1], r.timings[2]
+        r.profile, r.replicas, r.timings.duration, r.timings.renew_deadline, r.timings.retry_period
     );
     let _ = writeln!(
         out,
@@ -262,16 +299,10 @@ mod tests {
 
     fn fault(scenario: &str, at: f64, acquired: f64) -> Fault {
         Fault {
-            scenario: scenario.into(),
-            round: 1,
-            at,
-            old_leader: Some("a".into()),
             new_leader: Some("b".into()),
             acquired_after: Some(acquired),
-            first_reconcile_after: None,
             converged_after: Some(1.0),
-            longest_gap: None,
-            detail: None,
+            ..Fault::new(scenario, 1, at, "a".into())
         }
     }
 
@@ -299,7 +330,7 @@ mod tests {
         let faults = vec![fault("kill", 10.0, 4.0)];
         let r = Report {
             profile: "smoke".into(),
-            timings: [4.0, 3.0, 0.5],
+            timings: LeaseTimings { duration: 4.0, renew_deadline: 3.0, retry_period: 0.5 },
             replicas: 3,
             summary: summarize(&faults, &[], &[]),
             faults,
@@ -309,6 +340,8 @@ mod tests {
             operator_writes: 1,
             failed_admissions: None,
         };
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["timings"], serde_json::json!([4.0, 3.0, 0.5]), "the report's JSON keeps its shape");
         let t = table(&r);
         assert!(t.contains("kill") && t.contains("4000"), "{t}");
         let svg = svg(&r, &[("a".into(), 5.0)]);

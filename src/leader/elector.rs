@@ -268,7 +268,6 @@ impl Elector {
             {
                 tracing::warn!(error = %e, "reading the lease failed; retrying");
             }
-            fresh = false;
             let started = Instant::now();
             let next = match decide(&self.identity, self.tracker.last(), started, &self.timings) {
                 Decision::Wait(d) => started + d,
@@ -278,55 +277,84 @@ impl Elector {
                 }
             };
             self.check_leadership();
-            // A leader wakes to renew (or at its deadline); a holder of a new Lease when it may
-            // lead; a standby at the next poll, when the lease would expire, or as soon as the
-            // watch shows something to act on.
-            let mut wake = next;
-            if let Some(until) = self.leading() {
-                wake = wake.min(until);
-            }
-            if let Some((_, from)) = self.hold
-                && from > started
-            {
-                wake = wake.min(from);
-            }
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(wake) => break,
-                    ev = events.next() => {
-                        let now = Instant::now();
-                        match ev {
-                            Some(Ok(Event::Apply(lease) | Event::InitApply(lease))) => {
-                                listed = true;
-                                self.observe(&lease, now);
-                            }
-                            Some(Ok(Event::Delete(lease))) => {
-                                tracing::info!(lease = %self.name, "the Lease was deleted");
-                                self.forget(lease.uid().as_deref());
-                            }
-                            Some(Ok(Event::Init)) => listed = false,
-                            Some(Ok(Event::InitDone)) => if !listed {
-                                // Deleted while the watch was down.
-                                self.forget(None);
-                            },
-                            Some(Err(_)) => continue,
-                            None => break,
+            let wake = self.wake_at(next, started);
+            fresh = self.sleep_or_watch(wake, &mut events, &mut stop, &mut listed, &mut how).await;
+        }
+        self.stop_as(how).await;
+    }
+
+    /// When to wake after a turn that started at `started` and planned its next at `next`: a
+    /// leader wakes to renew (or at its deadline); a holder of a new Lease when it may lead; a
+    /// standby at the next poll, when the lease would expire, or as soon as the watch shows
+    /// something to act on ([`Self::sleep_or_watch`]).
+    fn wake_at(&self, next: Instant, started: Instant) -> Instant {
+        let mut wake = next;
+        if let Some(until) = self.leading() {
+            wake = wake.min(until);
+        }
+        if let Some((_, from)) = self.hold
+            && from > started
+        {
+            wake = wake.min(from);
+        }
+        wake
+    }
+
+    /// Follows the Lease's watch until `wake`. True when what it saw calls for a write now, which
+    /// is then fresh enough to act on without a read. Returns early, with `how` set, when `stop`
+    /// asks to stop (or its sender goes away).
+    async fn sleep_or_watch<S>(
+        &mut self,
+        wake: Instant,
+        events: &mut std::pin::Pin<&mut S>,
+        stop: &mut watch::Receiver<Stop>,
+        listed: &mut bool,
+        how: &mut Stop,
+    ) -> bool
+    where
+        S: futures::Stream<Item = watcher::Result<Event<Lease>>>,
+    {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => return false,
+                ev = events.next() => {
+                    let now = Instant::now();
+                    match ev {
+                        Some(Ok(Event::Apply(lease) | Event::InitApply(lease))) => {
+                            *listed = true;
+                            self.observe(&lease, now);
                         }
-                        self.check_leadership();
-                        if self.must_act() {
-                            fresh = true;
-                            break;
+                        Some(Ok(Event::Delete(lease))) => {
+                            tracing::info!(lease = %self.name, "the Lease was deleted");
+                            self.forget(lease.uid().as_deref());
                         }
+                        Some(Ok(Event::Init)) => *listed = false,
+                        Some(Ok(Event::InitDone)) => if !*listed {
+                            // Deleted while the watch was down.
+                            self.forget(None);
+                        },
+                        Some(Err(_)) => continue,
+                        None => return false,
                     }
-                    changed = stop.changed() => {
-                        how = if changed.is_err() { Stop::Release } else { *stop.borrow() };
-                        if how != Stop::No {
-                            break;
-                        }
+                    self.check_leadership();
+                    if self.must_act() {
+                        return true;
+                    }
+                }
+                changed = stop.changed() => {
+                    *how = if changed.is_err() { Stop::Release } else { *stop.borrow() };
+                    if *how != Stop::No {
+                        return false;
                     }
                 }
             }
         }
+    }
+
+    /// Gives the lease up as `how` says: at once, or, when the controller had to be cancelled, a
+    /// safety margin after the fence closed, so that a write still in flight cannot land in the
+    /// next term.
+    async fn stop_as(&mut self, how: Stop) {
         if how == Stop::ReleaseAfterMargin
             && let Some(until) = self.leading()
         {

@@ -15,7 +15,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The user agent of the test client, to tell its writes from the operator's in the audit log.
 pub const USER_AGENT: &str = "myapp-e2e";
@@ -66,18 +66,14 @@ impl TestNamespace {
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or panics after `timeout` naming `what`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let started = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(started.elapsed() < timeout, "timed out after {:?} waiting for {what}", timeout);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    match chaos::wait::within(timeout, Duration::from_millis(100), f).await {
+        Some(v) => v,
+        None => panic!("timed out after {:?} waiting for {what}", timeout),
     }
 }
 
@@ -98,7 +94,7 @@ pub fn audit_writes(namespace: &str, agent_prefix: &str) -> Vec<serde_json::Valu
     audit_events()
         .into_iter()
         .filter(|e| {
-            matches!(e["verb"].as_str(), Some("create" | "update" | "patch" | "delete" | "deletecollection"))
+            e["verb"].as_str().is_some_and(chaos::audit::is_write_verb)
                 && e["objectRef"]["namespace"].as_str() == Some(namespace)
                 && e["userAgent"].as_str().is_some_and(|a| a.starts_with(agent_prefix))
         })
@@ -106,18 +102,7 @@ pub fn audit_writes(namespace: &str, agent_prefix: &str) -> Vec<serde_json::Valu
 }
 
 /// A plain HTTP GET on loopback (Jaeger's query API, the operator's metrics).
-pub fn http_get(url: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
-    let mut s = std::net::TcpStream::connect(host).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
-}
+pub use chaos::plain_http::get_url as http_get;
 
 /// Percent-encodes `s` for a URL query value (everything but unreserved characters).
 pub fn query_escape(s: &str) -> String {

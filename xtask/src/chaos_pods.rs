@@ -14,10 +14,12 @@
 //! - `pdb`: every pod evicted through the Eviction API, one after another; a second eviction
 //!   while a replacement is not ready must be refused by the PodDisruptionBudget.
 
-use crate::chaos::{self, ChaosArgs, Run, Workload};
+use crate::chaos::{self, ChaosArgs, Profile, Run, Scenario, Workload, names};
 use crate::operator::{self, NAMESPACE};
 use crate::{cluster, install, node, paths, procs};
-use ::chaos::report::{Fault, Report};
+use ::chaos::audit::now;
+use ::chaos::report::{Fault, LeaseTimings, Report};
+use ::chaos::wait;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -27,11 +29,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Scenarios against pods, in the order they run.
-pub const ALL: &[&str] = &["delete", "kill", "partition", "rollout", "pdb"];
+pub const ALL: &[Scenario] = &[Scenario::Delete, Scenario::Kill, Scenario::Partition, Scenario::Rollout, Scenario::Pdb];
 /// The smoke profile's (CI's) scenarios.
-pub const SMOKE: &[&str] = &["delete", "kill", "partition", "rollout"];
+pub const SMOKE: &[Scenario] = &[Scenario::Delete, Scenario::Kill, Scenario::Partition, Scenario::Rollout];
 /// The lease timings the install ships (the operator's defaults; `deploy/` sets none).
-pub const TIMINGS: [f64; 3] = [15.0, 10.0, 2.0];
+pub const TIMINGS: LeaseTimings = LeaseTimings { duration: 15.0, renew_deadline: 10.0, retry_period: 2.0 };
 
 /// The partition that `chaos/chaos-mesh/networkchaos-partition-leader.yaml` describes.
 #[derive(Debug, PartialEq)]
@@ -134,7 +136,7 @@ async fn first_reconciles(client: &Client, pod: &str) -> Vec<f64> {
 
 /// The leader, waiting up to `timeout` for one.
 async fn leader(client: &Client, timeout: Duration) -> Result<(String, String)> {
-    procs::poll("a leader pod", timeout, Duration::from_millis(20), || install::leader(client)).await
+    wait::poll("a leader pod", timeout, Duration::from_millis(20), || install::leader(client)).await
 }
 
 /// Runs the pod scenarios; see the module doc.
@@ -144,38 +146,29 @@ pub async fn chaos(args: &ChaosArgs, rounds: u32) -> Result<Report> {
         bail!("--target pods needs the local control plane's real node (the image is imported there)");
     }
     let client = cluster::client_from(&target.kubeconfig).await?;
-    let scenarios: Vec<String> = args.scenarios.clone().unwrap_or_else(|| {
-        let list = if args.profile == "smoke" { SMOKE } else { ALL };
-        list.iter().map(|s| s.to_string()).collect()
-    });
-    if let Some(s) = scenarios.iter().find(|s| !ALL.contains(&s.as_str())) {
-        bail!("unknown pod scenario {s:?}; known: {ALL:?}");
+    let default = if args.profile == Profile::Smoke { SMOKE } else { ALL };
+    let scenarios: Vec<Scenario> = args.scenarios.clone().unwrap_or_else(|| default.to_vec());
+    if let Some(s) = scenarios.iter().find(|s| !ALL.contains(s)) {
+        bail!("unknown pod scenario {:?}; known: {:?}", s.to_string(), names(ALL));
     }
     if !install::is_rolled_out(&client).await {
         install::prepare(&client).await?;
         install::apply(&client, &target.kubeconfig).await?;
     }
-    let started_at = chaos::epoch();
+    let started_at = now();
     println!(
-        "==> chaos against pods ({}): the install of {}, lease {}s/{}s/{}s, scenarios {scenarios:?} × {rounds}",
+        "==> chaos against pods ({}): the install of {}, lease {}s/{}s/{}s, scenarios {:?} × {rounds}",
         args.profile,
         install::OVERLAY,
-        TIMINGS[0],
-        TIMINGS[1],
-        TIMINGS[2]
+        TIMINGS.duration,
+        TIMINGS.renew_deadline,
+        TIMINGS.retry_period,
+        names(&scenarios)
     );
     let (ns, load) = chaos::start_workload(&client, "chaos-pods").await?;
-    let mut faults = Vec::new();
-    let result = async {
-        for scenario in &scenarios {
-            for round in 1..=rounds {
-                let f = inject(&client, scenario, round, &load, &ns).await?;
-                println!("    {}", chaos::progress(&f));
-                faults.push(f);
-            }
-        }
-        anyhow::Ok(())
-    }
+    let (faults, result) = chaos::run_rounds(&scenarios, rounds, async |scenario, round| {
+        inject(&client, scenario, round, &load, &ns).await
+    })
     .await;
     let run = Run { profile: format!("pods-{}", args.profile), timings: TIMINGS, replicas: 3, started_at, local: true };
     chaos::finish(&client, &run, &ns, load, faults, result, || {}).await
@@ -197,27 +190,28 @@ async fn reconcile_gaps(
     let mut handovers = 0;
     let mut first_change = None;
     let mut current = operator::lease_holder(client).await.map(|(h, _)| h).unwrap_or_default();
-    let mut last_held = chaos::epoch();
+    let mut last_held = now();
     while Instant::now() < deadline && !until().await {
         let h = operator::lease_holder(client).await.map(|(h, _)| h).unwrap_or_default();
-        let now = chaos::epoch();
+        let seen = now();
         if h == current {
             if !h.is_empty() {
-                last_held = now;
+                last_held = seen;
             }
         } else {
-            first_change = first_change.or(Some(now));
+            first_change = first_change.or(Some(seen));
             if let Some(pod) = install::pod_of(&h).filter(|_| !h.is_empty()) {
                 handovers += 1;
-                let wait = Instant::now() + Duration::from_secs(10);
-                while Instant::now() < wait {
-                    if let Some(t) = first_reconciles(client, pod).await.into_iter().find(|t| *t >= last_held - 0.5) {
-                        gaps.push(t - last_held);
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                last_held = chaos::epoch();
+                let gap = wait::within(Duration::from_secs(10), Duration::from_millis(50), || async {
+                    first_reconciles(client, pod)
+                        .await
+                        .into_iter()
+                        .find(|t| *t >= last_held - 0.5)
+                        .map(|t| t - last_held)
+                })
+                .await;
+                gaps.extend(gap);
+                last_held = now();
             }
             current = h;
         }
@@ -226,110 +220,133 @@ async fn reconcile_gaps(
     (gaps, handovers, first_change)
 }
 
-async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns: &str) -> Result<Fault> {
+/// What breaking the leader pod left to follow up.
+#[derive(Default)]
+struct Broken {
+    /// What the scenario observed.
+    detail: Option<String>,
+    /// The longest time with no leader reconciling (a rollout).
+    longest_gap: Option<f64>,
+    /// A partition to remove once it has lasted its duration: the pid whose network namespace
+    /// has the rules, the rules, and the duration.
+    heal: Option<(u32, Vec<Vec<String>>, Duration)>,
+    /// When the scenario saw the Lease change hands itself (epoch seconds).
+    handed_over: Option<f64>,
+}
+
+async fn inject(client: &Client, scenario: Scenario, round: u32, load: &Workload, ns: &str) -> Result<Fault> {
     install::rolled_out(client, Duration::from_secs(120)).await?;
     let (old, pod) = leader(client, Duration::from_secs(60)).await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let t0 = Instant::now();
-    let at = chaos::epoch();
-    let mut detail = None;
-    let mut longest = None;
-    let mut heal: Option<(u32, Vec<Vec<String>>, Duration)> = None;
-    // When a scenario saw the Lease change hands itself (epoch seconds).
-    let mut handed_over: Option<f64> = None;
-    match scenario {
-        "delete" => {
-            pods.delete(&pod, &DeleteParams::default()).await?;
-        }
-        "kill" => procs::signal(manager_pid(client, &pod).await?, "KILL"),
-        "partition" => {
-            let api_ip = Api::<Service>::namespaced(client.clone(), "default")
-                .get("kubernetes")
-                .await?
-                .spec
-                .and_then(|s| s.cluster_ip)
-                .context("Service default/kubernetes has no ClusterIP")?;
-            let p = partition_of(&fill(&manifest("networkchaos-partition-leader.yaml")?, &pod, &api_ip))?;
-            let pid = manager_pid(client, &pod).await?;
-            for rule in partition_rules(&p, "-I") {
-                iptables_in(pid, &rule)?;
-            }
-            detail = Some(format!("{} cut off ({}) for {:?}", p.targets.join(","), p.direction, p.duration));
-            heal = Some((pid, partition_rules(&p, "-D"), p.duration));
-        }
-        "rollout" => {
-            let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
-                "kubectl.kubernetes.io/restartedAt": format!("{at:.3}")
-            }}}}});
-            Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
-                .patch(install::DEPLOYMENT, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-            // Wait for the Deployment controller to start it, then for it to finish, and for the
-            // old leader (whose pod may be the last one replaced, after the Deployment already
-            // counts as rolled out) to have handed over.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let rollout_done = async || {
-                install::is_rolled_out(client).await
-                    && operator::lease_holder(client).await.is_some_and(|(h, _)| h != old)
-            };
-            let (gaps, handovers, first_change) =
-                reconcile_gaps(client, t0 + Duration::from_secs(300), rollout_done).await;
-            handed_over = first_change;
-            let total = t0.elapsed().as_secs_f64();
-            longest = gaps.iter().copied().reduce(f64::max);
-            detail = Some(format!(
-                "rollout of 3 pods took {total:.1} s, {handovers} handovers ({} with the gap measured)",
-                gaps.len()
-            ));
-        }
-        "pdb" => detail = Some(evict_all(client).await?),
-        _ => bail!("unknown pod scenario {scenario}"),
-    }
+    let at = now();
+    let broken = break_leader(client, scenario, &old, &pod, t0, at).await?;
     // Fault -> another holder.
-    let lease = Duration::from_secs_f64(TIMINGS[0]);
-    let mut acquired = handed_over.map(|t| t - at);
-    let mut new_leader = None;
-    let deadline = t0 + lease * 3 + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Some((h, _)) = operator::lease_holder(client).await
-            && h != old
-        {
-            acquired = acquired.or(Some(t0.elapsed().as_secs_f64()));
-            new_leader = Some(h);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if let Some((pid, rules, duration)) = heal {
-        tokio::time::sleep_until((t0 + duration).into()).await;
+    let lease = Duration::from_secs_f64(TIMINGS.duration);
+    let moved = || async {
+        let (holder, _) = operator::lease_holder(client).await?;
+        (holder != old).then(|| (t0.elapsed().as_secs_f64(), holder))
+    };
+    let taken = wait::until(t0 + lease * 3 + Duration::from_secs(30), Duration::from_millis(10), moved).await;
+    let (seen_after, new_leader) = taken.unzip();
+    let acquired = broken.handed_over.map(|t| t - at).or(seen_after);
+    if let Some((pid, rules, duration)) = &broken.heal {
+        tokio::time::sleep_until((t0 + *duration).into()).await;
         for rule in rules {
-            iptables_in(pid, &rule)?;
+            iptables_in(*pid, rule)?;
         }
     }
-    let mut first_reconcile = None;
-    if let Some(p) = new_leader.as_deref().and_then(install::pod_of) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Some(t) = first_reconciles(client, p).await.into_iter().find(|t| *t >= at) {
-                first_reconcile = Some(t - at);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    let first_reconcile = match new_leader.as_deref().and_then(install::pod_of) {
+        Some(p) => {
+            wait::within(Duration::from_secs(15), Duration::from_millis(100), || async {
+                first_reconciles(client, p).await.into_iter().find(|t| *t >= at).map(|t| t - at)
+            })
+            .await
         }
-    }
+        None => None,
+    };
     install::rolled_out(client, Duration::from_secs(180)).await?;
     let converged_after = chaos::convergence(client, ns, load, t0).await;
     Ok(Fault {
-        scenario: scenario.to_string(),
-        round,
-        at,
-        old_leader: Some(old),
         new_leader,
         acquired_after: acquired,
         first_reconcile_after: first_reconcile,
         converged_after,
-        longest_gap: longest,
-        detail,
+        longest_gap: broken.longest_gap,
+        detail: broken.detail,
+        ..Fault::new(scenario.to_string(), round, at, old)
+    })
+}
+
+/// Injects `scenario` into `pod`, the leader `old`'s, at `t0` (`at` in epoch seconds).
+async fn break_leader(
+    client: &Client,
+    scenario: Scenario,
+    old: &str,
+    pod: &str,
+    t0: Instant,
+    at: f64,
+) -> Result<Broken> {
+    let mut broken = Broken::default();
+    match scenario {
+        Scenario::Delete => {
+            Api::<Pod>::namespaced(client.clone(), NAMESPACE).delete(pod, &DeleteParams::default()).await?;
+        }
+        Scenario::Kill => procs::signal(manager_pid(client, pod).await?, "KILL"),
+        Scenario::Partition => {
+            let (detail, heal) = partition(client, pod).await?;
+            (broken.detail, broken.heal) = (Some(detail), Some(heal));
+        }
+        Scenario::Rollout => broken = rollout(client, old, t0, at).await?,
+        Scenario::Pdb => broken.detail = Some(evict_all(client).await?),
+        other => bail!("unknown pod scenario {other}"),
+    }
+    Ok(broken)
+}
+
+/// Cuts `pod` off the API server as the NetworkChaos manifest says; what was cut, and how to heal
+/// it.
+async fn partition(client: &Client, pod: &str) -> Result<(String, (u32, Vec<Vec<String>>, Duration))> {
+    let api_ip = Api::<Service>::namespaced(client.clone(), "default")
+        .get("kubernetes")
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("Service default/kubernetes has no ClusterIP")?;
+    let p = partition_of(&fill(&manifest("networkchaos-partition-leader.yaml")?, pod, &api_ip))?;
+    let pid = manager_pid(client, pod).await?;
+    for rule in partition_rules(&p, "-I") {
+        iptables_in(pid, &rule)?;
+    }
+    let detail = format!("{} cut off ({}) for {:?}", p.targets.join(","), p.direction, p.duration);
+    Ok((detail, (pid, partition_rules(&p, "-D"), p.duration)))
+}
+
+/// `kubectl rollout restart` of the operator's Deployment at `t0` (`at` in epoch seconds), followed
+/// until it finished and the old leader `old` handed over.
+async fn rollout(client: &Client, old: &str, t0: Instant, at: f64) -> Result<Broken> {
+    let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
+        "kubectl.kubernetes.io/restartedAt": format!("{at:.3}")
+    }}}}});
+    Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
+        .patch(install::DEPLOYMENT, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    // Wait for the Deployment controller to start it, then for it to finish, and for the
+    // old leader (whose pod may be the last one replaced, after the Deployment already
+    // counts as rolled out) to have handed over.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rollout_done = async || {
+        install::is_rolled_out(client).await && operator::lease_holder(client).await.is_some_and(|(h, _)| h != old)
+    };
+    let (gaps, handovers, first_change) = reconcile_gaps(client, t0 + Duration::from_secs(300), rollout_done).await;
+    let total = t0.elapsed().as_secs_f64();
+    Ok(Broken {
+        detail: Some(format!(
+            "rollout of 3 pods took {total:.1} s, {handovers} handovers ({} with the gap measured)",
+            gaps.len()
+        )),
+        longest_gap: gaps.iter().copied().reduce(f64::max),
+        heal: None,
+        handed_over: first_change,
     })
 }
 
@@ -340,7 +357,7 @@ async fn inject(client: &Client, scenario: &str, round: u32, load: &Workload, ns
 /// eviction after the first must have been refused at least once before it was accepted.
 async fn evict_all(client: &Client) -> Result<String> {
     let api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let since = chaos::epoch() - 1.0;
+    let since = now() - 1.0;
     // Pods already terminating (the rollout's, say) are evicted without asking the budget.
     let names: Vec<String> = install::pods(client)
         .await?
@@ -349,7 +366,7 @@ async fn evict_all(client: &Client) -> Result<String> {
         .filter_map(|p| p.metadata.name)
         .collect();
     for name in &names {
-        procs::poll(
+        wait::poll(
             &format!("eviction of {name} accepted"),
             Duration::from_secs(120),
             Duration::from_millis(100),

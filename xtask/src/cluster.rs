@@ -136,7 +136,7 @@ async fn https_healthy(port: u16, path: &str) -> bool {
 }
 
 fn http_healthy(port: u16, path: &str) -> bool {
-    matches!(procs::http_get(port, path), Ok((200, _)))
+    matches!(chaos::plain_http::get(port, path), Ok((200, _)))
 }
 
 /// Assembles kwok's configuration from the Stage manifests that ship in the pinned kwok module:
@@ -204,7 +204,7 @@ async fn readyz(client: &Client) -> bool {
 /// Starts the local control plane (building what is missing) and waits until it is all ready.
 pub async fn up() -> Result<()> {
     let total = Instant::now();
-    let bins = gobuild::ensure_all()?;
+    let bins = Bins(gobuild::ensure_all()?);
     let run = paths::run_dir();
     if is_up().await {
         println!("==> the local control plane is already up");
@@ -218,16 +218,86 @@ pub async fn up() -> Result<()> {
     }
     let started = Instant::now();
     println!("==> starting the local control plane in {}", run.display());
+    let dirs = Dirs { pki: run.join("pki"), run };
+    write_configuration(&dirs)?;
+    let run = &dirs.run;
+    start_jaeger_and_etcd(run, &bins).await?;
+
+    let apiserver = procs::spawn(run, "kube-apiserver", &bins.get("kube-apiserver")?, &apiserver_args(run), &[])?;
+    let admin = client_from(&paths::kubeconfig()).await?;
+    wait_for(run, &[&apiserver], "kube-apiserver", Duration::from_secs(60), || readyz(&admin)).await?;
+    let (cm, kwok) = start_controllers(&dirs, &bins).await?;
+
+    register_nodes(&admin).await?;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    wait_for(run, &[&kwok], &format!("{NODES} nodes Ready"), Duration::from_secs(60), || async {
+        ready_nodes(&nodes).await == NODES
+    })
+    .await?;
+    if node::enabled() {
+        let containerd = gobuild::component("containerd")?.bin_dir()?;
+        let bins = node::Bins {
+            containerd: &containerd,
+            kubelet: &bins.get("kubelet")?,
+            kube_proxy: &bins.get("kube-proxy")?,
+            kubernetes_module: || module_dir("kubernetes", "k8s.io/kubernetes"),
+        };
+        node::up(run, &bins, &admin).await?;
+    }
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "default");
+    wait_for(run, &[&cm], "default service account", Duration::from_secs(60), || async {
+        matches!(sas.get_opt("default").await, Ok(Some(_)))
+    })
+    .await?;
+    println!(
+        "==> local control plane ready: start-up {:.1} s (total including builds {:.1} s)",
+        started.elapsed().as_secs_f64(),
+        total.elapsed().as_secs_f64()
+    );
+    print_usage();
+    Ok(())
+}
+
+/// The control plane's binaries, by component name.
+struct Bins(HashMap<&'static str, PathBuf>);
+
+impl Bins {
+    fn get(&self, name: &str) -> Result<PathBuf> {
+        self.0.get(name).cloned().with_context(|| format!("no binary {name}"))
+    }
+}
+
+/// The run directory and its PKI.
+struct Dirs {
+    run: PathBuf,
+    pki: PathBuf,
+}
+
+impl Dirs {
+    /// A file of the run directory, as a flag value.
+    fn run_file(&self, f: &str) -> String {
+        self.run.join(f).display().to_string()
+    }
+
+    /// A file of the PKI, as a flag value.
+    fn pki_file(&self, f: &str) -> String {
+        self.pki.join(f).display().to_string()
+    }
+}
+
+/// A fresh run directory: the PKI and kubeconfigs, the audit policy, the tracing, kwok and Jaeger
+/// configurations; checks what the real node needs and says what is missing.
+fn write_configuration(dirs: &Dirs) -> Result<()> {
+    let run = &dirs.run;
     for d in ["etcd", "logs", "pids"] {
         let _ = std::fs::remove_dir_all(run.join(d));
     }
     std::fs::create_dir_all(run.join("logs"))?;
-    let pki_dir = run.join("pki");
-    pki::ensure(&pki_dir)?;
+    pki::ensure(&dirs.pki)?;
     let server = format!("https://127.0.0.1:{}", ports::APISERVER);
     for c in pki::CLIENTS {
         let file = if c.file == "admin" { paths::kubeconfig() } else { run.join(format!("{}.kubeconfig", c.file)) };
-        std::fs::write(file, pki::kubeconfig(&pki_dir, &server, c.file)?)?;
+        std::fs::write(file, pki::kubeconfig(&dirs.pki, &server, c.file)?)?;
     }
     std::fs::copy(paths::repo().join("cluster/audit-policy.yaml"), run.join("audit-policy.yaml"))?;
     std::fs::write(
@@ -246,24 +316,25 @@ pub async fn up() -> Result<()> {
         run.join("jaeger.yaml"),
         jaeger_config(&std::fs::read_to_string(paths::repo().join("cluster/jaeger.yaml"))?, node::enabled())?,
     )?;
-    let bin = |name: &str| -> Result<PathBuf> { bins.get(name).cloned().with_context(|| format!("no binary {name}")) };
-    let p = |f: &str| run.join(f).display().to_string();
-    let pk = |f: &str| pki_dir.join(f).display().to_string();
+    Ok(())
+}
 
+/// Starts Jaeger and etcd, and waits until both are healthy.
+async fn start_jaeger_and_etcd(run: &Path, bins: &Bins) -> Result<()> {
     let jaeger = procs::spawn(
-        &run,
+        run,
         "jaeger",
-        &bin("jaeger")?,
+        &bins.get("jaeger")?,
         &[format!("--config={}", run.join("jaeger.yaml").display())],
         &[],
     )?;
     let etcd = procs::spawn(
-        &run,
+        run,
         "etcd",
-        &bin("etcd")?,
+        &bins.get("etcd")?,
         &[
             arg("name", "local"),
-            arg("data-dir", p("etcd")),
+            arg("data-dir", run.join("etcd").display()),
             arg("listen-client-urls", format!("http://127.0.0.1:{}", ports::ETCD)),
             arg("advertise-client-urls", format!("http://127.0.0.1:{}", ports::ETCD)),
             arg("listen-peer-urls", format!("http://127.0.0.1:{}", ports::ETCD_PEER)),
@@ -274,67 +345,35 @@ pub async fn up() -> Result<()> {
         ],
         &[],
     )?;
-    wait_for(&run, &[&jaeger], "jaeger", Duration::from_secs(30), || async {
+    wait_for(run, &[&jaeger], "jaeger", Duration::from_secs(30), || async {
         http_healthy(ports::JAEGER_HEALTH, "/status")
     })
     .await?;
-    wait_for(&run, &[&etcd], "etcd", Duration::from_secs(30), || async {
-        matches!(procs::http_get(ports::ETCD, "/health"), Ok((200, b)) if b.contains("\"true\""))
+    wait_for(run, &[&etcd], "etcd", Duration::from_secs(30), || async {
+        matches!(chaos::plain_http::get(ports::ETCD, "/health"), Ok((200, b)) if b.contains("\"true\""))
     })
-    .await?;
+    .await
+}
 
-    let apiserver = procs::spawn(&run, "kube-apiserver", &bin("kube-apiserver")?, &apiserver_args(&run), &[])?;
-    let admin = client_from(&paths::kubeconfig()).await?;
-    wait_for(&run, &[&apiserver], "kube-apiserver", Duration::from_secs(60), || readyz(&admin)).await?;
-
-    let cm = procs::spawn(
-        &run,
-        "kube-controller-manager",
-        &bin("kube-controller-manager")?,
-        &[
-            arg("kubeconfig", p("controller-manager.kubeconfig")),
-            arg("authentication-kubeconfig", p("controller-manager.kubeconfig")),
-            arg("authorization-kubeconfig", p("controller-manager.kubeconfig")),
-            arg("bind-address", "127.0.0.1"),
-            arg("secure-port", ports::CONTROLLER_MANAGER),
-            arg(
-                "controllers",
-                "garbage-collector-controller,deployment-controller,replicaset-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,node-lifecycle-controller,root-ca-certificate-publisher-controller,endpointslice-controller,taint-eviction-controller,disruption-controller",
-            ),
-            arg("use-service-account-credentials", true),
-            arg("service-account-private-key-file", pk("sa.key")),
-            arg("root-ca-file", pk("ca.crt")),
-            arg("cluster-name", "myapp-local"),
-            arg("leader-elect", false),
-            arg("kube-api-qps", 200),
-            arg("kube-api-burst", 400),
-            arg("concurrent-deployment-syncs", 20),
-            arg("concurrent-replicaset-syncs", 20),
-            arg("concurrent-gc-syncs", 40),
-        ],
-        &[],
-    )?;
+/// Starts kube-controller-manager, kube-scheduler and kwok, and waits until they are healthy;
+/// returns the controller manager and kwok.
+async fn start_controllers(dirs: &Dirs, bins: &Bins) -> Result<(procs::Proc, procs::Proc)> {
+    let run = &dirs.run;
+    let cm = procs::spawn(run, "kube-controller-manager", &bins.get("kube-controller-manager")?, &cm_args(dirs), &[])?;
     let scheduler = procs::spawn(
-        &run,
+        run,
         "kube-scheduler",
-        &bin("kube-scheduler")?,
-        &[
-            arg("kubeconfig", p("scheduler.kubeconfig")),
-            arg("authentication-kubeconfig", p("scheduler.kubeconfig")),
-            arg("authorization-kubeconfig", p("scheduler.kubeconfig")),
-            arg("bind-address", "127.0.0.1"),
-            arg("secure-port", ports::SCHEDULER),
-            arg("leader-elect", false),
-        ],
+        &bins.get("kube-scheduler")?,
+        &[served(dirs, "scheduler.kubeconfig", ports::SCHEDULER), vec![arg("leader-elect", false)]].concat(),
         &[],
     )?;
     let kwok = procs::spawn(
-        &run,
+        run,
         "kwok",
-        &bin("kwok")?,
+        &bins.get("kwok")?,
         &[
-            arg("kubeconfig", p("kwok.kubeconfig")),
-            arg("config", p("kwok.yaml")),
+            arg("kubeconfig", dirs.run_file("kwok.kubeconfig")),
+            arg("config", dirs.run_file("kwok.yaml")),
             arg("manage-all-nodes", false),
             arg("manage-nodes-with-annotation-selector", "kwok.x-k8s.io/node=fake"),
             arg("server-address", format!("127.0.0.1:{}", ports::KWOK)),
@@ -343,45 +382,51 @@ pub async fn up() -> Result<()> {
         ],
         &[],
     )?;
-    wait_for(&run, &[&cm], "kube-controller-manager", Duration::from_secs(60), || {
+    wait_for(run, &[&cm], "kube-controller-manager", Duration::from_secs(60), || {
         https_healthy(ports::CONTROLLER_MANAGER, "/healthz")
     })
     .await?;
-    wait_for(&run, &[&scheduler], "kube-scheduler", Duration::from_secs(60), || {
+    wait_for(run, &[&scheduler], "kube-scheduler", Duration::from_secs(60), || {
         https_healthy(ports::SCHEDULER, "/healthz")
     })
     .await?;
-    wait_for(&run, &[&kwok], "kwok", Duration::from_secs(60), || async { http_healthy(ports::KWOK, "/healthz") })
+    wait_for(run, &[&kwok], "kwok", Duration::from_secs(60), || async { http_healthy(ports::KWOK, "/healthz") })
         .await?;
+    Ok((cm, kwok))
+}
 
-    register_nodes(&admin).await?;
-    let nodes: Api<Node> = Api::all(admin.clone());
-    wait_for(&run, &[&kwok], &format!("{NODES} nodes Ready"), Duration::from_secs(60), || async {
-        ready_nodes(&nodes).await == NODES
-    })
-    .await?;
-    if node::enabled() {
-        let containerd = gobuild::component("containerd")?.bin_dir()?;
-        let bins = node::Bins {
-            containerd: &containerd,
-            kubelet: &bin("kubelet")?,
-            kube_proxy: &bin("kube-proxy")?,
-            kubernetes_module: || module_dir("kubernetes", "k8s.io/kubernetes"),
-        };
-        node::up(&run, &bins, &admin).await?;
-    }
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "default");
-    wait_for(&run, &[&cm], "default service account", Duration::from_secs(60), || async {
-        matches!(sas.get_opt("default").await, Ok(Some(_)))
-    })
-    .await?;
-    println!(
-        "==> local control plane ready: start-up {:.1} s (total including builds {:.1} s)",
-        started.elapsed().as_secs_f64(),
-        total.elapsed().as_secs_f64()
-    );
-    print_usage();
-    Ok(())
+/// The flags of a component that talks to the API server with `kubeconfig` (for its calls, and
+/// to authenticate and authorize its own callers) and serves HTTPS on 127.0.0.1:`port`.
+fn served(dirs: &Dirs, kubeconfig: &str, port: u16) -> Vec<String> {
+    vec![
+        arg("kubeconfig", dirs.run_file(kubeconfig)),
+        arg("authentication-kubeconfig", dirs.run_file(kubeconfig)),
+        arg("authorization-kubeconfig", dirs.run_file(kubeconfig)),
+        arg("bind-address", "127.0.0.1"),
+        arg("secure-port", port),
+    ]
+}
+
+/// kube-controller-manager's flags: only the controllers the operator and the tests need.
+fn cm_args(dirs: &Dirs) -> Vec<String> {
+    let mut args = served(dirs, "controller-manager.kubeconfig", ports::CONTROLLER_MANAGER);
+    args.extend([
+        arg(
+            "controllers",
+            "garbage-collector-controller,deployment-controller,replicaset-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,node-lifecycle-controller,root-ca-certificate-publisher-controller,endpointslice-controller,taint-eviction-controller,disruption-controller",
+        ),
+        arg("use-service-account-credentials", true),
+        arg("service-account-private-key-file", dirs.pki_file("sa.key")),
+        arg("root-ca-file", dirs.pki_file("ca.crt")),
+        arg("cluster-name", "myapp-local"),
+        arg("leader-elect", false),
+        arg("kube-api-qps", 200),
+        arg("kube-api-burst", 400),
+        arg("concurrent-deployment-syncs", 20),
+        arg("concurrent-replicaset-syncs", 20),
+        arg("concurrent-gc-syncs", 40),
+    ]);
+    args
 }
 
 /// Jaeger's configuration: `cluster/jaeger.yaml`, plus, with the real node, a second OTLP gRPC
@@ -482,14 +527,17 @@ pub async fn restart_apiserver_with(extra: &[String]) -> Result<Duration> {
 /// from an older revision gets 410 Gone; returns that revision.
 pub fn compact_etcd() -> Result<u64> {
     // The gRPC gateway: any range read answers with the current revision in its header.
-    let (code, body) = procs::http_post(ports::ETCD, "/v3/kv/range", r#"{"key":"AA==","limit":1}"#)?;
+    let (code, body) = chaos::plain_http::post(ports::ETCD, "/v3/kv/range", r#"{"key":"AA==","limit":1}"#)?;
     let v: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("etcd range: {code} {body}"))?;
     let rev: u64 = v["header"]["revision"]
         .as_str()
         .and_then(|r| r.parse().ok())
         .with_context(|| format!("no revision in etcd's answer: {body}"))?;
-    let (code, body) =
-        procs::http_post(ports::ETCD, "/v3/kv/compaction", &format!(r#"{{"revision":"{rev}","physical":true}}"#))?;
+    let (code, body) = chaos::plain_http::post(
+        ports::ETCD,
+        "/v3/kv/compaction",
+        &format!(r#"{{"revision":"{rev}","physical":true}}"#),
+    )?;
     if code != 200 {
         bail!("etcd compaction at {rev}: {code} {body}");
     }

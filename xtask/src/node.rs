@@ -521,7 +521,7 @@ pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
                 .and_then(|s| s.conditions)
                 .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
         });
-        ready && matches!(procs::http_get(ports::PROXY_HEALTHZ, "/healthz"), Ok((200, _)))
+        ready && matches!(chaos::plain_http::get(ports::PROXY_HEALTHZ, "/healthz"), Ok((200, _)))
     };
     let what = format!("node {NAME} (Ready, kube-proxy healthy)");
     wait_for(run, &[&kubelet, &kube_proxy], &what, Duration::from_secs(90), ready).await

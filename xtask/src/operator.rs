@@ -83,11 +83,6 @@ pub fn run(mut cmd: Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds the operator binary (debug profile, shared with the tests) and returns its path.
-pub fn build() -> Result<PathBuf> {
-    build_profile(false)
-}
-
 /// Builds the operator binary for the host, in the release profile or the debug one.
 pub fn build_profile(release: bool) -> Result<PathBuf> {
     let profile = if release { "release" } else { "debug" };
@@ -116,6 +111,27 @@ pub async fn prepare(client: &Client, target: &Target) -> Result<PathBuf> {
         install_local_webhooks(client).await?;
     }
     service_account_kubeconfig(client, &target.kubeconfig).await
+}
+
+/// What a command that runs its own replicas starts from: see [`setup`].
+pub struct Setup {
+    /// The operator binary.
+    pub bin: PathBuf,
+    /// A client of the target, as its admin.
+    pub client: Client,
+    /// The kubeconfig the replicas run with (see [`prepare`]).
+    pub kubeconfig: PathBuf,
+}
+
+/// The opening of every command that runs replicas as processes (`demo --processes`, `test`,
+/// `chaos`; `bench` does the same steps): builds the operator (`release` or debug), connects to
+/// the target, [`prepare`]s it, and stops the replicas an earlier run left behind.
+pub async fn setup(target: &Target, release: bool) -> Result<Setup> {
+    let bin = build_profile(release)?;
+    let client = cluster::client_from(&target.kubeconfig).await?;
+    let kubeconfig = prepare(&client, target).await?;
+    stop_replicas();
+    Ok(Setup { bin, client, kubeconfig })
 }
 
 /// The operator's Lease, in [`NAMESPACE`] (the replicas' default `--lease-name`).
@@ -445,15 +461,11 @@ pub fn start_replicas(
 pub async fn wait_ready(replicas: &[Replica]) -> Result<()> {
     let run = paths::run_dir();
     let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
     for r in replicas {
-        loop {
-            if matches!(procs::http_get(r.probe_port, "/readyz"), Ok((200, _))) {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                bail!("{} not ready after 60 s; last log lines:\n{}", r.name, procs::tail(&run, &r.name, 30));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let ready = || async { matches!(chaos::plain_http::get(r.probe_port, "/readyz"), Ok((200, _))).then_some(()) };
+        if chaos::wait::until(deadline, Duration::from_millis(100), ready).await.is_none() {
+            bail!("{} not ready after 60 s; last log lines:\n{}", r.name, procs::tail(&run, &r.name, 30));
         }
     }
     println!("    {} operator replica(s) ready ({:.1} s)", replicas.len(), started.elapsed().as_secs_f64());

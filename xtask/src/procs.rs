@@ -130,32 +130,10 @@ pub fn port_in_use(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
 }
 
-/// A plain-HTTP GET on loopback; returns (status, body).
-pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    http(port, "GET", path, None)
-}
-
-/// POSTs a JSON `body` over plain HTTP/1.0 to 127.0.0.1:`port`: (status, body).
-pub fn http_post(port: u16, path: &str, body: &str) -> Result<(u16, String)> {
-    http(port, "POST", path, Some(body))
-}
-
-fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n")?;
-    if let Some(b) = body {
-        write!(s, "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())?;
-    } else {
-        write!(s, "\r\n")?;
-    }
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
-}
+// Plain HTTP on loopback and the poll loop live in the `chaos` crate, shared with `tests/`; the
+// names here are kept for `bench.rs` and `soak.rs`, which still call them through `procs`.
+pub use chaos::plain_http::get as http_get;
+pub use chaos::wait::poll;
 
 /// Installs Debian packages with apt-get (as root); nothing when `packages` is empty.
 pub fn apt_install(packages: &[&str]) -> Result<()> {
@@ -175,41 +153,4 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
         bail!("apt-get install {packages} failed ({status}); install them yourself (as root)");
     }
     Ok(())
-}
-
-/// Calls `check` every `every` until it yields a value, or fails naming `what` after `timeout`.
-pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, every: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not within {} s", timeout.as_secs());
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn poll_returns_the_first_value_or_names_what_timed_out() {
-        let mut calls = 0;
-        let v = poll("third call", Duration::from_secs(5), Duration::from_millis(1), || {
-            calls += 1;
-            let n = calls;
-            async move { (n == 3).then_some(n) }
-        })
-        .await;
-        assert_eq!(v.ok(), Some(3));
-        let e = poll("never", Duration::from_millis(20), Duration::from_millis(5), || async { None::<()> }).await;
-        assert!(e.err().is_some_and(|e| e.to_string().starts_with("never: not within")));
-    }
 }

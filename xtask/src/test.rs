@@ -65,13 +65,10 @@ pub async fn test(args: TestArgs) -> Result<()> {
 
 /// The tests against the cluster; true when they built the image (for the real node).
 async fn against_cluster(target: &operator::Target) -> Result<bool> {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    let since = chaos::audit::now();
     let t = step("end-to-end tests against the API server, with three operator replicas");
-    let bin = operator::build()?;
-    let client = cluster::client_from(&target.kubeconfig).await?;
-    let operator_kubeconfig = operator::prepare(&client, target).await?;
-    operator::stop_replicas();
-    let replicas = operator::start_replicas(&bin, &operator_kubeconfig, 3, &[], &operator::replica_env(target))?;
+    let setup = operator::setup(target, false).await?;
+    let replicas = operator::start_replicas(&setup.bin, &setup.kubeconfig, 3, &[], &operator::replica_env(target))?;
     operator::wait_ready(&replicas).await?;
     let logs = replicas.iter().map(|r| r.log.display().to_string()).collect::<Vec<_>>().join(":");
 

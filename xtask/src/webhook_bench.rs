@@ -286,8 +286,8 @@ pub struct AbuseArgs {
     pub limit_mib: f64,
 }
 
-/// Runs the webhook server alone in a child process and measures it before and under abuse.
-pub async fn abuse(args: AbuseArgs) -> Result<serde_json::Value> {
+/// Starts `cargo xtask webhook-server` as a child process: the child, its address and its CA.
+fn start_server() -> Result<(std::process::Child, std::net::SocketAddr, String)> {
     use std::io::BufRead;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg("webhook-server")
@@ -295,7 +295,6 @@ pub async fn abuse(args: AbuseArgs) -> Result<serde_json::Value> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("start the webhook server")?;
-    let pid = child.id();
     let line = {
         let out = child.stdout.take().context("server stdout")?;
         let mut line = String::new();
@@ -305,15 +304,71 @@ pub async fn abuse(args: AbuseArgs) -> Result<serde_json::Value> {
     let info: serde_json::Value = serde_json::from_str(&line).context("the server's address line")?;
     let (addr, ca) = (info["addr"].as_str().unwrap_or_default(), info["ca"].as_str().unwrap_or_default());
     let addr: std::net::SocketAddr = addr.parse().context("server address")?;
-    let client = tls_client(&format!("https://{addr}"), ca)?;
-    let tls = {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in pem_certs(ca)? {
-            roots.add(c.into())?;
+    Ok((child, addr, ca.to_string()))
+}
+
+/// A raw TLS connector that trusts `ca`, for the attackers.
+fn tls_connector(ca: &str) -> Result<tokio_rustls::TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem_certs(ca)? {
+        roots.add(c.into())?;
+    }
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Starts `slow` slow clients and `oversized` senders against `addr`, until `attack.stop`. They
+/// run on a runtime of their own, as if from another pod: the legitimate client's tasks do not
+/// queue behind theirs in this process (the CPU is still shared).
+fn spawn_attackers(
+    attack: Arc<Attack>,
+    tls: tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    slow: usize,
+    oversized: usize,
+) -> Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    Ok(std::thread::spawn(move || {
+        rt.block_on(async move {
+            let mut tasks = Vec::new();
+            for i in 0..slow {
+                tasks.push(tokio::spawn(slow_client(i, addr, tls.clone(), attack.clone())));
+            }
+            for i in 0..oversized {
+                tasks.push(tokio::spawn(oversized_client(i, addr, tls.clone(), attack.clone())));
+            }
+            while !attack.stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            for t in tasks {
+                t.abort();
+            }
+        });
+        rt.shutdown_background();
+    }))
+}
+
+/// Samples the server's RSS (max, MiB) and the slow connections open (min, max) every 50 ms until
+/// `attack.stop`.
+fn sample(attack: Arc<Attack>, pid: u32) -> tokio::task::JoinHandle<(f64, usize, usize)> {
+    tokio::spawn(async move {
+        let (mut rss_max, mut open_min, mut open_max) = (0.0f64, usize::MAX, 0);
+        while !attack.stop.load(Ordering::Relaxed) {
+            rss_max = rss_max.max(crate::bench::rss_mib(pid).unwrap_or(0.0));
+            let open = attack.slow_open.load(Ordering::Relaxed);
+            (open_min, open_max) = (open_min.min(open), open_max.max(open));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    };
+        (rss_max, open_min, open_max)
+    })
+}
+
+/// Runs the webhook server alone in a child process and measures it before and under abuse.
+pub async fn abuse(args: AbuseArgs) -> Result<serde_json::Value> {
+    let (mut child, addr, ca) = start_server()?;
+    let pid = child.id();
+    let client = tls_client(&format!("https://{addr}"), &ca)?;
+    let tls = tls_connector(&ca)?;
     for _ in 0..200 {
         call(client.clone(), body()).await?;
     }
@@ -321,52 +376,17 @@ pub async fn abuse(args: AbuseArgs) -> Result<serde_json::Value> {
     println!("==> webhook abuse: {} legitimate clients alone for {:?}", args.workers, args.period);
     let (base, base_failed) = legitimate(&client, args.workers, args.period).await;
 
-    // The attackers run on a runtime of their own, as if from another pod: the legitimate
-    // client's tasks do not queue behind theirs in this process (the CPU is still shared).
     let attack = Arc::new(Attack::default());
-    let attackers = {
-        let (attack, tls, slow, oversized) = (attack.clone(), tls.clone(), args.slow, args.oversized);
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        std::thread::spawn(move || {
-            rt.block_on(async move {
-                let mut tasks = Vec::new();
-                for i in 0..slow {
-                    tasks.push(tokio::spawn(slow_client(i, addr, tls.clone(), attack.clone())));
-                }
-                for i in 0..oversized {
-                    tasks.push(tokio::spawn(oversized_client(i, addr, tls.clone(), attack.clone())));
-                }
-                while !attack.stop.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                for t in tasks {
-                    t.abort();
-                }
-            });
-            rt.shutdown_background();
-        })
-    };
+    let attackers = spawn_attackers(attack.clone(), tls, addr, args.slow, args.oversized)?;
     let held =
-        crate::procs::poll("the slow connections open", Duration::from_secs(60), Duration::from_millis(100), || {
+        chaos::wait::poll("the slow connections open", Duration::from_secs(60), Duration::from_millis(100), || {
             let n = attack.slow_open.load(Ordering::Relaxed);
             async move { (n * 10 >= args.slow * 9).then_some(n) }
         })
         .await
         .unwrap_or(0);
     println!("==> under abuse: {held} slow connections, {} oversized senders, for {:?}", args.oversized, args.period);
-    let sampler = {
-        let attack = attack.clone();
-        tokio::spawn(async move {
-            let (mut rss_max, mut open_min, mut open_max) = (0.0f64, usize::MAX, 0);
-            while !attack.stop.load(Ordering::Relaxed) {
-                rss_max = rss_max.max(crate::bench::rss_mib(pid).unwrap_or(0.0));
-                let open = attack.slow_open.load(Ordering::Relaxed);
-                (open_min, open_max) = (open_min.min(open), open_max.max(open));
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (rss_max, open_min, open_max)
-        })
-    };
+    let sampler = sample(attack.clone(), pid);
     let (under, under_failed) = legitimate(&client, args.workers, args.period).await;
     attack.stop.store(true, Ordering::Relaxed);
     let (rss_max, open_min, open_max) = sampler.await.unwrap_or((0.0, 0, 0));
