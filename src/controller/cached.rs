@@ -77,7 +77,9 @@ fn untyped(doc: &mut Value) {
     }
 }
 
-fn merge(into: &mut Value, from: Value) {
+/// Merges `from` into `into`: objects key by key, recursively; any other value of `from` replaces
+/// what `into` has there.
+pub fn merge(into: &mut Value, from: Value) {
     match (into, from) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in b {

@@ -39,15 +39,17 @@ use crate::operator::{self, Replica, TargetArgs};
 use crate::plot::{Series, line_chart};
 use crate::{cluster, paths, procs};
 use anyhow::{Context, Result, bail};
+use chaos::audit::now;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::MyApp;
+use myapp_operator::controller::cached::merge;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
@@ -133,10 +135,6 @@ const CHANGES: usize = 20;
 
 /// How many creates or patches are in flight at once.
 const CONCURRENCY: usize = 16;
-
-fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
 
 /// A counter or sum of a replica's metrics.
 pub(crate) fn metric(port: u16, name: &str) -> Option<f64> {
@@ -230,15 +228,7 @@ where
 }
 
 fn myapp(i: usize, replicas: i32) -> Result<MyApp> {
-    named(&format!("app-{i:05}"), replicas)
-}
-
-/// A MyApp of `nginx:1.27` with `replicas`, everything else defaulted.
-pub(crate) fn named(name: &str, replicas: i32) -> Result<MyApp> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "myapp.dev/v1", "kind": "MyApp", "metadata": {"name": name},
-        "spec": {"image": "nginx:1.27", "replicas": replicas}
-    }))?)
+    Ok(chaos::fixtures::nginx(&format!("app-{i:05}"), replicas)?)
 }
 
 /// Where creates wait: from MyApp `at` on, until `open` turns true (the large profile's settled
@@ -558,109 +548,189 @@ async fn ceiling(client: &Client, ns: &str, n: usize) -> Result<(f64, Vec<(f64, 
     Ok((total, curve))
 }
 
+/// What the phases of one run share.
+struct Run {
+    /// How many MyApps.
+    n: usize,
+    /// The large profile (see the module docs).
+    large: bool,
+    /// On the local control plane (audit log, relist, priority).
+    local: bool,
+    /// Names this run's namespaces.
+    id: u32,
+    client: Client,
+    bin: PathBuf,
+    /// The kubeconfig the replicas run with (the operator's ServiceAccount).
+    kubeconfig: PathBuf,
+    /// The replicas' environment with traces exported, and without.
+    on_env: Vec<(&'static str, String)>,
+    off_env: Vec<(&'static str, String)>,
+}
+
+impl Run {
+    /// Starts `count` replicas with `env` and waits until they are ready.
+    async fn replicas(&self, count: usize, env: &[(&'static str, String)]) -> Result<Vec<Replica>> {
+        let replicas = operator::start_replicas(&self.bin, &self.kubeconfig, count, &[], env)?;
+        operator::wait_ready(&replicas).await?;
+        Ok(replicas)
+    }
+
+    /// The operator's writes and reads in `namespace` since `from`, on the local control plane.
+    fn economy(&self, namespace: &str, from: f64) -> Result<Option<Value>> {
+        if self.local { Ok(Some(economy(namespace, from, now(), self.n)?)) } else { Ok(None) }
+    }
+}
+
 /// Runs the benchmark.
 pub async fn bench(args: BenchArgs) -> Result<()> {
     if args.webhook_abuse {
         return webhook_abuse(&args).await;
     }
+    let target = args.target.resolve().await?;
     if args.soak {
-        let target = args.target.resolve().await?;
-        let bin = args.binary()?;
         let out = args.out.display().to_string();
-        return crate::soak::soak(&target, &bin, args.count.unwrap_or(2000), args.minutes, &out).await;
+        return crate::soak::soak(&target, &args.binary()?, args.count.unwrap_or(2000), args.minutes, &out).await;
     }
     let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
     let failover_rounds = args.failover_rounds.unwrap_or(if args.quick { 0 } else { 10 });
-    let large = n > LARGE;
-    let compare_traces = !args.quick && !large;
-    let target = args.target.resolve().await?;
-    let bin = args.binary()?;
-    let client = cluster::client_from(&target.kubeconfig).await?;
-    let sa_kubeconfig = operator::prepare(&client, &target).await?;
+    let setup = operator::setup_with(&target, args.binary()?).await?;
     let out = paths::repo().join(&args.out);
     std::fs::create_dir_all(&out)?;
-    let local = target.local;
-    let run_id = std::process::id();
-    let quiet = vec![("RUST_LOG", "info".to_string())];
-    let (off_env, on_env) = {
-        let mut on = operator::replica_env(&target);
-        on.extend(quiet.clone());
+    let mut on_env = operator::replica_env(&target);
+    on_env.push(("RUST_LOG", "info".to_string()));
+    let run = Run {
+        n,
+        large: n > LARGE,
+        local: target.local,
+        id: std::process::id(),
+        client: setup.client,
+        bin: setup.bin,
+        kubeconfig: setup.kubeconfig,
         // Webhooks stay on (or off, remotely) in both; only the trace export differs.
-        let off: Vec<_> = on.iter().filter(|(k, _)| !k.starts_with("OTEL_")).cloned().collect();
-        (off, on)
+        off_env: on_env.iter().filter(|(k, _)| !k.starts_with("OTEL_")).cloned().collect(),
+        on_env,
     };
-
-    // 0. Failover through the chaos suite, first, on a cluster with nothing else to do.
-    let failover = if failover_rounds > 0 {
-        println!("==> failover: {failover_rounds} graceful and {failover_rounds} crash handovers (chaos suite)");
-        let report = crate::chaos::chaos(crate::chaos::ChaosArgs {
-            target: target.args(),
-            profile: "full".into(),
-            rounds: Some(failover_rounds),
-            scenarios: Some(vec!["term".into(), "kill".into()]),
-            replicas: 3,
-            on: crate::chaos::On::Processes,
-        })
-        .await?;
-        Some(json!({"timings_s": report.timings, "summary": report.summary}))
-    } else {
-        None
-    };
+    let mut report = json!({"machine": machine(), "operator_build": args.build_name(), "myapps": n});
+    merge(&mut report, json!({"failover": failover(&target, failover_rounds).await?}));
 
     operator::stop_replicas();
-    let replicas = operator::start_replicas(&bin, &sa_kubeconfig, 3, &[], &off_env)?;
-    operator::wait_ready(&replicas).await?;
-    let idle: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
+    let replicas = run.replicas(3, &run.off_env).await?;
+    let ns_a = format!("bench-{n}-{}", run.id);
+    let api = namespace(&run.client, &ns_a).await?;
+    let (fresh, part) = fresh(&run, &replicas, &api, &ns_a).await?;
+    merge(&mut report, part);
+    if run.local {
+        println!("==> relist: etcd compacted and the API server restarted, with {n} MyApps");
+        merge(&mut report, json!({"relist": relist(&replicas).await?}));
+    }
+    merge(&mut report, spec_change(&run, &api, &ns_a).await?);
+    merge(&mut report, webhooks(&run).await?);
+    merge(&mut report, handover(&run, &replicas, &api, &ns_a).await?);
+    merge(&mut report, cold_start(&run).await?);
+    let traced = if !args.quick && !run.large { Some(traces(&run).await?) } else { None };
+    let ceiling = if run.large { None } else { Some(ceiling_phase(&run).await?) };
+    let ratio = ceiling.as_ref().map(|(_, c)| fresh.ready_s / c.ready_s.max(f64::EPSILON));
+    merge(
+        &mut report,
+        json!({
+            "fresh": {"ratio_to_ceiling": ratio},
+            "ceiling": ceiling.as_ref().map(|(_, c)| json!({"writes": 4 * n, "seconds": c.ready_s})),
+            "traces_on": traced.as_ref().map(|(_, c)| json!({"all_ready_s": c.ready_s, "ratio_on_off": c.ready_s / fresh.ready_s})),
+        }),
+    );
 
-    // 1. Fresh MyApps.
-    let ns_a = format!("bench-{n}-{run_id}");
-    let api = namespace(&client, &ns_a).await?;
-    let lead = leader(&client, &replicas).await?;
+    let file = out.join(format!("{n}.json"));
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    let mut series = vec![Series { name: "operator: MyApps Ready", colour: "#1f77b4", points: &fresh.curve }];
+    if let Some((_, c)) = &traced {
+        series.push(Series { name: "operator, traces exported", colour: "#ff7f0e", points: &c.curve });
+    }
+    if let Some((_, c)) = &ceiling {
+        series.push(Series { name: "ceiling: plain client, same writes", colour: "#2ca02c", points: &c.curve });
+    }
+    let svg = out.join(format!("{n}-convergence.svg"));
+    std::fs::write(&svg, line_chart(&format!("{n} fresh MyApps"), "seconds", "MyApps", &series))?;
+    print_table(&report);
+    println!("    report: {}\n    plot:   {}", file.display(), svg.display());
+    let namespaces: Vec<String> =
+        [Some(ns_a), traced.map(|t| t.0), ceiling.map(|c| c.0)].into_iter().flatten().collect();
+    clean_up(&run, &namespaces).await
+}
+
+/// Phase 0: failover through the chaos suite, first, on a cluster with nothing else to do.
+async fn failover(target: &operator::Target, rounds: u32) -> Result<Option<Value>> {
+    if rounds == 0 {
+        return Ok(None);
+    }
+    println!("==> failover: {rounds} graceful and {rounds} crash handovers (chaos suite)");
+    let report = crate::chaos::chaos(crate::chaos::ChaosArgs {
+        target: target.args(),
+        profile: crate::chaos::Profile::Full,
+        rounds: Some(rounds),
+        scenarios: Some(vec![crate::chaos::Scenario::Term, crate::chaos::Scenario::Kill]),
+        replicas: 3,
+        on: crate::chaos::On::Processes,
+    })
+    .await?;
+    Ok(Some(json!({"timings_s": report.timings, "summary": report.summary})))
+}
+
+/// Phase 1: N fresh MyApps in `ns`, with the memory of every replica (see [`sample_rss`]), the
+/// heap per cached object, the leader's CPU and the API economy.
+async fn fresh(run: &Run, replicas: &[Replica], api: &Api<MyApp>, ns: &str) -> Result<(Convergence, Value)> {
+    let n = run.n;
+    let idle: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
+    let lead = leader(&run.client, replicas).await?;
     let (cpu0, rec0) = (cpu_seconds(lead.pid).unwrap_or(0.0), reconciles(lead.probe_port));
-    println!("==> fresh: {n} MyApps in {ns_a}");
+    println!("==> fresh: {n} MyApps in {ns}");
     // RSS of every replica as the MyApps are created, and settled at half the count (large
     // profile) and at the end: the sizing table's rows.
     let created = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let settle = large.then_some(n / 2);
+    let settle = run.large.then_some(n / 2);
     let (open, opened) = tokio::sync::watch::channel(settle.is_none());
     let pids = replicas.iter().map(|r| r.pid).collect();
     let sampler = sample_rss(api.clone(), pids, created.clone(), n, settle, open);
     let hold = settle.map(|at| Hold { at, open: opened });
-    let fresh = converge(&api, n, None, Some(&created), hold).await?;
-    let RssSamples { by_created: rss_by_count, settled: settled_half, paused_s } = sampler.await??;
-    let lead = leader(&client, &replicas).await?;
+    let fresh = converge(api, n, None, Some(&created), hold).await?;
+    let RssSamples { by_created, settled, paused_s } = sampler.await??;
+    let lead = leader(&run.client, replicas).await?;
     let (cpu1, rec1) = (cpu_seconds(lead.pid).unwrap_or(0.0), reconciles(lead.probe_port));
     let loaded: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
     let peak: Vec<f64> = replicas.iter().filter_map(|r| peak_mib(r.pid)).collect();
-    let cache_bytes = crate::cache_cost::measure(&client, &ns_a).await?;
+    let cache_bytes = crate::cache_cost::measure(&run.client, ns).await?;
     println!("    heap bytes per cached object: {cache_bytes}");
     let cpu_per_1000 = (rec1 > rec0).then(|| (cpu1 - cpu0) / (rec1 - rec0) * 1000.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let fresh_economy = if local { Some(economy(&ns_a, fresh.started, now(), n)?) } else { None };
+    let settled: Vec<Value> = settled.into_iter().chain([json!({"myapps": n, "rss_mib": loaded})]).collect();
+    let part = json!({
+        "fresh": {"requests_s": fresh.requested_s, "all_ready_s": fresh.ready_s,
+                  "settled_sample_pause_s": paused_s, "myapps_per_s": n as f64 / (fresh.ready_s - paused_s).max(f64::EPSILON),
+                  "api": run.economy(ns, fresh.started)?},
+        "rss_mib": {"idle": idle, "loaded": loaded, "peak": peak, "by_myapps_created": by_created, "settled": settled,
+                    "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
+        "cache_bytes_per_object": cache_bytes,
+        "cpu_seconds_per_1000_reconciles": cpu_per_1000,
+    });
+    Ok((fresh, part))
+}
 
-    // 1b. Every watch relists at once.
-    let relisted = if local {
-        println!("==> relist: etcd compacted and the API server restarted, with {n} MyApps");
-        Some(relist(&replicas).await?)
-    } else {
-        None
-    };
+/// Phase 2: every image changed (not in the large profile).
+async fn spec_change(run: &Run, api: &Api<MyApp>, ns: &str) -> Result<Value> {
+    if run.large {
+        return Ok(json!({"spec_change": null}));
+    }
+    println!("==> spec change: every image to nginx:1.28");
+    let change = converge(api, run.n, Some("nginx:1.28"), None, None).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(json!({"spec_change": {"all_ready_s": change.ready_s, "api": run.economy(ns, change.started)?}}))
+}
 
-    // 2. Spec change.
-    let (change, change_economy) = if large {
-        (None, None)
-    } else {
-        println!("==> spec change: every image to nginx:1.28");
-        let change = converge(&api, n, Some("nginx:1.28"), None, None).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let economy = if local { Some(economy(&ns_a, change.started, now(), n)?) } else { None };
-        (Some(change), economy)
-    };
-
-    // 3. Webhooks, from this process against a replica over TLS (local control plane only).
+/// Phase 3: the webhooks, from this process against a replica over TLS (local control plane
+/// only), and in process.
+async fn webhooks(run: &Run) -> Result<Value> {
     println!("==> webhooks");
-    let ca = if local {
-        let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), operator::NAMESPACE);
+    let ca = if run.local {
+        let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(run.client.clone(), operator::NAMESPACE);
         secrets
             .get("myapp-operator-webhook-cert")
             .await
@@ -671,130 +741,91 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     };
     let url = format!("https://{}", operator::LOCAL_WEBHOOK_ADDR);
     let wh = crate::webhook_bench::run(ca.as_deref().map(|c| (url.as_str(), c))).await?;
-
-    // 4. Warm handover, and the new leader's pass over N unchanged MyApps.
-    println!("==> warm handover with {n} MyApps");
-    let old = leader(&client, &replicas).await?;
-    let others: Vec<Replica> = replicas.iter().filter(|r| r.name != old.name).cloned().collect();
-    let before: Vec<f64> = others.iter().map(|r| reconciles(r.probe_port)).collect();
-    let handover_at = now();
-    procs::signal(old.pid, "TERM");
-    let new = leader(&client, &others).await?;
-    let (_, warm_ms) = first_reconcile(&new, handover_at).await?;
-    let idx = others.iter().position(|r| r.name == new.name).unwrap_or(0);
-    reconciled(&new, before.get(idx).copied().unwrap_or(0.0), n, Duration::from_secs(300)).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let resync_economy = if local { Some(economy(&ns_a, handover_at, now(), n)?) } else { None };
-
-    // 4b. Real changes during a new leader's pass.
-    let last: Vec<Replica> = others.iter().filter(|r| r.name != new.name).cloned().collect();
-    let priority = if local { Some(priority(&client, &api, n, &new, &last).await?) } else { None };
-
-    // 5. Cold start: one replica from nothing.
-    println!("==> cold start with {n} MyApps");
-    operator::stop_replicas();
-    let spawned = now();
-    let cold = operator::start_replica(0, &bin, &sa_kubeconfig, &[], &off_env)?;
-    let (cold_at, cold_acquire_ms) = first_reconcile(&cold, spawned).await?;
-    let cold_start_ms = (cold_at - spawned) * 1000.0;
-    // Its pass over everything, then its memory: what a full list of N costs at its peak (a 410
-    // Gone relist lists the same, beside the old store) and once settled.
-    reconciled(&cold, 0.0, n, Duration::from_secs(900)).await?;
-    let cold_memory = json!({"rss_mib": rss_mib(cold.pid), "peak_mib": peak_mib(cold.pid)});
-    operator::stop_replicas();
-
-    // 6. Traces on.
-    let traced = if compare_traces {
-        println!("==> fresh again, traces exported");
-        let replicas = operator::start_replicas(&bin, &sa_kubeconfig, 3, &[], &on_env)?;
-        operator::wait_ready(&replicas).await?;
-        let ns_b = format!("bench-{n}-traces-{run_id}");
-        let api_b = namespace(&client, &ns_b).await?;
-        let c = converge(&api_b, n, None, None, None).await?;
-        operator::stop_replicas();
-        Some((ns_b, c))
-    } else {
-        None
-    };
-
-    // 7. The API server's ceiling: no reconciles, the same webhooks.
-    let ns_c = format!("bench-{n}-ceiling-{run_id}");
-    let (ceiling_s, ceiling_curve) = if large {
-        (None, Vec::new())
-    } else {
-        println!("==> ceiling: the same writes from a plain client, through the same webhooks");
-        // Replicas that watch a namespace with nothing in it: they serve the webhooks every
-        // create goes through, and reconcile nothing.
-        let mut env = off_env.clone();
-        env.push(("WATCH_NAMESPACE", format!("bench-nothing-{run_id}")));
-        let webhooks = operator::start_replicas(&bin, &sa_kubeconfig, 3, &[], &env)?;
-        operator::wait_ready(&webhooks).await?;
-        let (seconds, curve) = ceiling(&client, &ns_c, n).await?;
-        operator::stop_replicas();
-        (Some(seconds), curve)
-    };
-    let namespaces: Vec<String> =
-        [Some(ns_c.clone()), traced.as_ref().map(|t| t.0.clone()), Some(ns_a.clone())].into_iter().flatten().collect();
-    let ratio = ceiling_s.map(|c| fresh.ready_s / c.max(f64::EPSILON));
-    let settled: Vec<Value> = settled_half.into_iter().chain([json!({"myapps": n, "rss_mib": loaded})]).collect();
-    let report = json!({
-        "machine": machine(),
-        "operator_build": args.build_name(),
-        "myapps": n,
-        "fresh": {"requests_s": fresh.requested_s, "all_ready_s": fresh.ready_s,
-                  "settled_sample_pause_s": paused_s, "myapps_per_s": n as f64 / (fresh.ready_s - paused_s).max(f64::EPSILON),
-                  "ratio_to_ceiling": ratio, "api": fresh_economy},
-        "spec_change": change.as_ref().map(|c| json!({"all_ready_s": c.ready_s, "api": change_economy})),
-        "unchanged_resync": {"api": resync_economy},
-        "ceiling": ceiling_s.map(|c| json!({"writes": 4 * n, "seconds": c})),
-        "rss_mib": {"idle": idle, "loaded": loaded, "peak": peak, "by_myapps_created": rss_by_count,
-                    "settled": settled, "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
-        "cache_bytes_per_object": cache_bytes,
-        "cold_start_memory": cold_memory,
-        "relist": relisted,
-        "priority": priority,
-        "cpu_seconds_per_1000_reconciles": cpu_per_1000,
-        "acquire_to_first_reconcile_ms": {"warm_handover": warm_ms, "cold_process": cold_acquire_ms, "cold_start_to_first_reconcile": cold_start_ms},
-        "traces_on": traced.as_ref().map(|(_, c)| json!({"all_ready_s": c.ready_s, "ratio_on_off": c.ready_s / fresh.ready_s})),
+    Ok(json!({
         "webhook_in_process_us": {"validate_p50": wh.in_process[0].0, "validate_p99": wh.in_process[0].1,
                                   "mutate_p50": wh.in_process[1].0, "mutate_p99": wh.in_process[1].1},
         "webhook_tls_us": wh.tls.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
         "webhook_tls_rps_16_clients": wh.tls_rps,
-        "failover": failover,
-    });
-    let file = out.join(format!("{n}.json"));
-    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
-    let mut series = vec![Series { name: "operator: MyApps Ready", colour: "#1f77b4", points: &fresh.curve }];
-    if let Some((_, c)) = &traced {
-        series.push(Series { name: "operator, traces exported", colour: "#ff7f0e", points: &c.curve });
-    }
-    if !ceiling_curve.is_empty() {
-        series.push(Series { name: "ceiling: plain client, same writes", colour: "#2ca02c", points: &ceiling_curve });
-    }
-    let svg = out.join(format!("{n}-convergence.svg"));
-    std::fs::write(&svg, line_chart(&format!("{n} fresh MyApps"), "seconds", "MyApps", &series))?;
-    print_table(&report);
-    println!("    report: {}\n    plot:   {}", file.display(), svg.display());
-    clean_up(&client, &bin, &sa_kubeconfig, &off_env, &namespaces).await
+    }))
+}
+
+/// Phase 4: SIGTERM to the leader; the new leader's first reconcile and the writes of its pass
+/// over N unchanged MyApps. Then the priority phase ([`priority`]) on the last replica.
+async fn handover(run: &Run, replicas: &[Replica], api: &Api<MyApp>, ns: &str) -> Result<Value> {
+    let n = run.n;
+    println!("==> warm handover with {n} MyApps");
+    let old = leader(&run.client, replicas).await?;
+    let others: Vec<Replica> = replicas.iter().filter(|r| r.name != old.name).cloned().collect();
+    let before: Vec<f64> = others.iter().map(|r| reconciles(r.probe_port)).collect();
+    let handover_at = now();
+    procs::signal(old.pid, "TERM");
+    let new = leader(&run.client, &others).await?;
+    let (_, warm_ms) = first_reconcile(&new, handover_at).await?;
+    let idx = others.iter().position(|r| r.name == new.name).unwrap_or(0);
+    reconciled(&new, before.get(idx).copied().unwrap_or(0.0), n, Duration::from_secs(300)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resync = run.economy(ns, handover_at)?;
+    let last: Vec<Replica> = others.iter().filter(|r| r.name != new.name).cloned().collect();
+    let priority = if run.local { Some(priority(&run.client, api, n, &new, &last).await?) } else { None };
+    Ok(json!({
+        "unchanged_resync": {"api": resync},
+        "priority": priority,
+        "acquire_to_first_reconcile_ms": {"warm_handover": warm_ms},
+    }))
+}
+
+/// Phase 5: all replicas stopped, one started from nothing: process start → first reconcile, and
+/// its memory once it has passed over everything (a full list of N at its peak, and settled).
+async fn cold_start(run: &Run) -> Result<Value> {
+    println!("==> cold start with {} MyApps", run.n);
+    operator::stop_replicas();
+    let spawned = now();
+    let cold = operator::start_replica(0, &run.bin, &run.kubeconfig, &[], &run.off_env)?;
+    let (cold_at, acquire_ms) = first_reconcile(&cold, spawned).await?;
+    reconciled(&cold, 0.0, run.n, Duration::from_secs(900)).await?;
+    let memory = json!({"rss_mib": rss_mib(cold.pid), "peak_mib": peak_mib(cold.pid)});
+    operator::stop_replicas();
+    Ok(json!({
+        "cold_start_memory": memory,
+        "acquire_to_first_reconcile_ms": {"cold_process": acquire_ms, "cold_start_to_first_reconcile": (cold_at - spawned) * 1000.0},
+    }))
+}
+
+/// Phase 6: the fresh phase again, with traces exported, in a namespace of its own (returned).
+async fn traces(run: &Run) -> Result<(String, Convergence)> {
+    println!("==> fresh again, traces exported");
+    run.replicas(3, &run.on_env).await?;
+    let ns = format!("bench-{}-traces-{}", run.n, run.id);
+    let api = namespace(&run.client, &ns).await?;
+    let c = converge(&api, run.n, None, None, None).await?;
+    operator::stop_replicas();
+    Ok((ns, c))
+}
+
+/// Phase 7: the API server's ceiling, in a namespace of its own (returned): no reconciles, the
+/// same webhooks, served by replicas that watch a namespace with nothing in it.
+async fn ceiling_phase(run: &Run) -> Result<(String, Convergence)> {
+    println!("==> ceiling: the same writes from a plain client, through the same webhooks");
+    let mut env = run.off_env.clone();
+    env.push(("WATCH_NAMESPACE", format!("bench-nothing-{}", run.id)));
+    run.replicas(3, &env).await?;
+    let ns = format!("bench-{}-ceiling-{}", run.n, run.id);
+    let started = now();
+    let (seconds, curve) = ceiling(&run.client, &ns, run.n).await?;
+    operator::stop_replicas();
+    Ok((ns, Convergence { started, requested_s: seconds, ready_s: seconds, curve }))
 }
 
 /// Deletes the benchmark's `namespaces` with a replica running (the MyApps' finalizers need the
 /// operator), and waits up to 10 minutes for them to go. After the report, so that a large run's
 /// figures do not wait on its cleanup.
-async fn clean_up(
-    client: &Client,
-    bin: &std::path::Path,
-    kubeconfig: &std::path::Path,
-    env: &[(&'static str, String)],
-    namespaces: &[String],
-) -> Result<()> {
+async fn clean_up(run: &Run, namespaces: &[String]) -> Result<()> {
     println!("==> cleaning up");
-    let cleaner = operator::start_replicas(bin, kubeconfig, 1, &[], env)?;
-    operator::wait_ready(&cleaner).await?;
+    run.replicas(1, &run.off_env).await?;
     for ns in namespaces {
-        delete_namespace(client, ns).await;
+        delete_namespace(&run.client, ns).await;
     }
-    let all_ns = Api::<Namespace>::all(client.clone());
+    let all_ns = Api::<Namespace>::all(run.client.clone());
     let gone = procs::poll(
         "the benchmark's namespaces deleted",
         Duration::from_secs(600),
@@ -847,6 +878,7 @@ async fn webhook_abuse(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+// Over 80 lines: one row per figure, in the report's order; split, the table would be scattered.
 fn print_table(r: &Value) {
     let row = |k: &str, v: String| println!("{k:<52} {v:>22}");
     let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));

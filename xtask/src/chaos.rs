@@ -167,21 +167,6 @@ impl std::fmt::Display for Scenario {
     }
 }
 
-/// For names written in code (`bench.rs` names its failover run's profile and scenarios so): an
-/// unknown name there is a bug, and panics.
-impl From<&str> for Profile {
-    fn from(name: &str) -> Self {
-        <Self as ValueEnum>::from_str(name, false).unwrap_or_else(|e| panic!("profile {name:?}: {e}"))
-    }
-}
-
-/// As for [`Profile`]: names written in code.
-impl From<&str> for Scenario {
-    fn from(name: &str) -> Self {
-        Scenario::named(name).unwrap_or_else(|| panic!("unknown scenario {name:?}"))
-    }
-}
-
 /// The names of `scenarios`, for the progress lines and errors.
 pub fn names(scenarios: &[Scenario]) -> Vec<String> {
     scenarios.iter().map(Scenario::to_string).collect()

@@ -124,10 +124,14 @@ pub struct Setup {
 }
 
 /// The opening of every command that runs replicas as processes (`demo --processes`, `test`,
-/// `chaos`; `bench` does the same steps): builds the operator (`release` or debug), connects to
+/// `chaos`, and `bench` through [`setup_with`]): builds the operator (`release` or debug), connects to
 /// the target, [`prepare`]s it, and stops the replicas an earlier run left behind.
 pub async fn setup(target: &Target, release: bool) -> Result<Setup> {
-    let bin = build_profile(release)?;
+    setup_with(target, build_profile(release)?).await
+}
+
+/// [`setup`] with a binary already built.
+pub async fn setup_with(target: &Target, bin: PathBuf) -> Result<Setup> {
     let client = cluster::client_from(&target.kubeconfig).await?;
     let kubeconfig = prepare(&client, target).await?;
     stop_replicas();

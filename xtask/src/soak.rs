@@ -32,7 +32,7 @@ const WINDOW_S: f64 = 300.0;
 const MAX_GROWTH: f64 = 0.05;
 
 fn myapp(i: usize, replicas: i32) -> Result<MyApp> {
-    crate::bench::named(&format!("soak-{i:05}"), replicas)
+    Ok(chaos::fixtures::nginx(&format!("soak-{i:05}"), replicas)?)
 }
 
 /// The reconcile error count and total, from a replica's metrics.
@@ -91,13 +91,7 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
     let api: Api<MyApp> = Api::namespaced(client.clone(), &ns);
 
     println!("==> soak: {n} MyApps in {ns}");
-    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
-        futures::future::try_join_all(chunk.iter().map(|&i| {
-            let api = api.clone();
-            async move { api.create(&PostParams::default(), &myapp(i, 0)?).await.map_err(anyhow::Error::from) }
-        }))
-        .await?;
-    }
+    create_all(&api, n).await?;
     let mut live: BTreeSet<usize> = (0..n).collect();
     let mut next = n;
     // The soak measures steady churn: the first window must not hold the initial settling (every
@@ -105,36 +99,9 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
     println!("==> waiting for all {n} to be Ready before the churn starts");
     procs::poll("every MyApp Ready", Duration::from_secs(900), Duration::from_secs(1), || settled(&api, &live)).await?;
 
-    println!("==> churn for {minutes} minutes: a create, a delete, a scale and an image change every second");
     let clock = Instant::now();
-    let end = Duration::from_secs(minutes * 60);
-    let mut samples: Vec<Value> = Vec::new();
-    let mut rss: Vec<Vec<(f64, f64)>> = vec![Vec::new(); replicas.len()];
-    let mut last_counts: Vec<(f64, f64)> = replicas.iter().map(|r| reconcile_counts(r.probe_port)).collect();
-    let mut next_sample = Duration::ZERO;
-    let mut step = 0;
-    let mut failed_steps = 0;
-    while clock.elapsed() < end {
-        if clock.elapsed() >= next_sample {
-            let t = clock.elapsed().as_secs_f64();
-            let sample = sample(&replicas, &mut last_counts, t);
-            for (i, v) in sample["rss_mib"].as_array().into_iter().flatten().enumerate() {
-                if let (Some(points), Some(v)) = (rss.get_mut(i), v.as_f64()) {
-                    points.push((t, v));
-                }
-            }
-            println!("    {t:>6.0} s  {sample}");
-            samples.push(sample);
-            next_sample += SAMPLE;
-        }
-        if let Err(e) = churn(&api, &mut live, &mut next, step).await {
-            failed_steps += 1;
-            println!("    churn step {step} failed: {e:#}");
-        }
-        step += 1;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    let churn_s = clock.elapsed().as_secs_f64();
+    let churned = churn_for(&api, &replicas, &mut live, &mut next, minutes).await;
+    let (churn_s, step, failed_steps, rss) = (churned.seconds, churned.steps, churned.failed, churned.rss);
 
     println!("==> waiting for every change to converge");
     let converged =
@@ -159,23 +126,16 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
         "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
         "rss_growth_first_to_last_5_min": growth, "max_growth": MAX_GROWTH,
         "converged": converged.is_ok(), "converged_after_churn_s": converged_s,
-        "samples": samples, "passed": passed,
+        "samples": churned.samples, "passed": passed,
     });
     let dir = paths::repo().join(out);
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("soak.json"), serde_json::to_string_pretty(&report)?)?;
-    let colours = ["#1f77b4", "#ff7f0e", "#2ca02c"];
-    let series: Vec<Series<'_>> = replicas
-        .iter()
-        .zip(&rss)
-        .zip(colours)
-        .map(|((r, points), colour)| Series { name: &r.name, colour, points })
-        .collect();
-    std::fs::write(dir.join("soak-rss.svg"), line_chart("RSS during the soak", "seconds", "MiB", &series))?;
+    plot(&dir, &replicas, &rss)?;
 
     println!("==> cleaning up");
-    let _ =
-        Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
     for (r, g) in replicas.iter().zip(&growth) {
         println!(
             "    {}: RSS first 5 min -> last 5 min: {}",
@@ -185,11 +145,8 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
     }
     println!("    converged {converged_s:.0} s after the churn: {}", converged.is_ok());
     println!("    report: {}", dir.join("soak.json").display());
-    let _ = procs::poll("the soak namespace gone", Duration::from_secs(300), Duration::from_secs(1), || async {
-        matches!(Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).get_opt(&ns).await, Ok(None))
-            .then_some(())
-    })
-    .await;
+    let gone = || async { matches!(namespaces.get_opt(&ns).await, Ok(None)).then_some(()) };
+    let _ = procs::poll("the soak namespace gone", Duration::from_secs(300), Duration::from_secs(1), gone).await;
     operator::stop_replicas();
     if !passed {
         bail!(
@@ -197,6 +154,82 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
             converged.is_ok()
         );
     }
+    Ok(())
+}
+
+/// Creates MyApps `0..n`, 16 at a time.
+async fn create_all(api: &Api<MyApp>, n: usize) -> Result<()> {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
+        futures::future::try_join_all(chunk.iter().map(|&i| {
+            let api = api.clone();
+            async move { api.create(&PostParams::default(), &myapp(i, 0)?).await.map_err(anyhow::Error::from) }
+        }))
+        .await?;
+    }
+    Ok(())
+}
+
+/// What [`churn_for`] saw.
+struct Churned {
+    /// A sample every [`SAMPLE`].
+    samples: Vec<Value>,
+    /// Each replica's (seconds, RSS MiB).
+    rss: Vec<Vec<(f64, f64)>>,
+    steps: usize,
+    failed: usize,
+    /// How long the churn ran.
+    seconds: f64,
+}
+
+/// Churns for `minutes`: a step ([`churn`]) every second, a [`sample`] every [`SAMPLE`].
+async fn churn_for(
+    api: &Api<MyApp>,
+    replicas: &[Replica],
+    live: &mut BTreeSet<usize>,
+    next: &mut usize,
+    minutes: u64,
+) -> Churned {
+    println!("==> churn for {minutes} minutes: a create, a delete, a scale and an image change every second");
+    let clock = Instant::now();
+    let end = Duration::from_secs(minutes * 60);
+    let mut c =
+        Churned { samples: Vec::new(), rss: vec![Vec::new(); replicas.len()], steps: 0, failed: 0, seconds: 0.0 };
+    let mut last_counts: Vec<(f64, f64)> = replicas.iter().map(|r| reconcile_counts(r.probe_port)).collect();
+    let mut next_sample = Duration::ZERO;
+    while clock.elapsed() < end {
+        if clock.elapsed() >= next_sample {
+            let t = clock.elapsed().as_secs_f64();
+            let sample = sample(replicas, &mut last_counts, t);
+            for (i, v) in sample["rss_mib"].as_array().into_iter().flatten().enumerate() {
+                if let (Some(points), Some(v)) = (c.rss.get_mut(i), v.as_f64()) {
+                    points.push((t, v));
+                }
+            }
+            println!("    {t:>6.0} s  {sample}");
+            c.samples.push(sample);
+            next_sample += SAMPLE;
+        }
+        if let Err(e) = churn(api, live, next, c.steps).await {
+            c.failed += 1;
+            println!("    churn step {} failed: {e:#}", c.steps);
+        }
+        c.steps += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    c.seconds = clock.elapsed().as_secs_f64();
+    c
+}
+
+/// `soak-rss.svg` in `dir`: each replica's RSS over the churn.
+fn plot(dir: &std::path::Path, replicas: &[Replica], rss: &[Vec<(f64, f64)>]) -> Result<()> {
+    let colours = ["#1f77b4", "#ff7f0e", "#2ca02c"];
+    let series: Vec<Series<'_>> = replicas
+        .iter()
+        .zip(rss)
+        .zip(colours)
+        .map(|((r, points), colour)| Series { name: &r.name, colour, points })
+        .collect();
+    std::fs::write(dir.join("soak-rss.svg"), line_chart("RSS during the soak", "seconds", "MiB", &series))?;
     Ok(())
 }
 
