@@ -159,7 +159,19 @@ impl Context {
 
 async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
-    let app = cached.object()?;
+    ctx.pending.remove(cached.meta().namespace.as_deref(), &cached.name_any());
+    let app = match cached.object() {
+        Ok(app) => app,
+        Err(e) => {
+            // Never expected: the cache made this JSON from the object the API server sent.
+            let e = Error::from(e);
+            ctx.metrics
+                .reconciles
+                .get_or_create(&crate::telemetry::metrics::ResultLabels { result: e.kind().into() })
+                .inc();
+            return Err(e);
+        }
+    };
     let span = tracing::info_span!(
         "reconcile",
         otel.name = "reconcile",
@@ -183,7 +195,6 @@ async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Acti
         use tracing_opentelemetry::OpenTelemetrySpanExt;
         span.add_link(sc);
     }
-    ctx.pending.remove(app.metadata.namespace.as_deref(), &app.name_any());
     let (trace_id, sampled) = span
         .in_scope(|| (crate::telemetry::logging::current_trace_id(), crate::telemetry::logging::sampled_trace_id()));
     span.record("trace_id", trace_id);
