@@ -165,10 +165,7 @@ async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Acti
         Err(e) => {
             // Never expected: the cache made this JSON from the object the API server sent.
             let e = Error::from(e);
-            ctx.metrics
-                .reconciles
-                .get_or_create(&crate::telemetry::metrics::ResultLabels { result: e.kind().into() })
-                .inc();
+            ctx.metrics.reconciled(e.kind());
             return Err(e);
         }
     };
@@ -220,7 +217,7 @@ async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Acti
         Ok(_) => "ok",
         Err(e) => e.kind(),
     };
-    ctx.metrics.reconciles.get_or_create(&crate::telemetry::metrics::ResultLabels { result: label.into() }).inc();
+    ctx.metrics.reconciled(label);
     if result.is_ok() {
         ctx.record_success(&ObjectRef::from_obj(cached.as_ref()));
         let term_started = ctx.term_started.lock().ok().and_then(|mut t| t.take());

@@ -124,6 +124,11 @@ impl Metrics {
         self.writes.get_or_create(&WriteLabels { resource: resource.into(), verb: verb.into() }).inc();
     }
 
+    /// Counts one reconcile, by its result (`ok`, or the error's kind).
+    pub fn reconciled(&self, result: &str) {
+        self.reconciles.get_or_create(&ResultLabels { result: result.into() }).inc();
+    }
+
     /// Records a reconcile's duration, with its trace id (if it was sampled) as exemplar.
     pub fn reconcile_took(&self, seconds: f64, trace_id: Option<String>) {
         self.reconcile_duration.observe(seconds, trace_id.map(|trace_id| TraceLabels { trace_id }), None);
