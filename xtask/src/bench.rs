@@ -384,8 +384,7 @@ async fn relist(replicas: &[Replica]) -> Result<Value> {
             (peak, still) = (peaks(), Instant::now());
         }
     }
-    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log"))?;
-    let relisted: std::collections::BTreeSet<String> = chaos::audit::parse(&log, t0)
+    let relisted: std::collections::BTreeSet<String> = audited_since(t0)?
         .into_iter()
         .filter(|r| r.verb == "list" && r.resource == "myapps")
         .filter_map(|r| r.replica)
@@ -398,14 +397,16 @@ async fn relist(replicas: &[Replica]) -> Result<Value> {
     }))
 }
 
+/// The local control plane's audited requests since `from` (epoch seconds).
+fn audited_since(from: f64) -> Result<Vec<chaos::audit::Request>> {
+    Ok(chaos::audit::parse(&std::fs::read_to_string(paths::audit_log())?, from))
+}
+
 /// Writes and reads by the operator's ServiceAccount in `namespace` between two instants.
 fn economy(namespace: &str, from: f64, to: f64, per: usize) -> Result<Value> {
-    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log"))?;
     let user = operator::service_account_user();
-    let mine: Vec<_> = chaos::audit::parse(&log, from)
-        .into_iter()
-        .filter(|r| r.user == user && r.namespace == namespace && r.at <= to)
-        .collect();
+    let mine: Vec<_> =
+        audited_since(from)?.into_iter().filter(|r| r.user == user && r.namespace == namespace && r.at <= to).collect();
     let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
     for r in mine.iter().filter(|r| r.is_write()) {
         let sub = if r.subresource.is_empty() { String::new() } else { format!("/{}", r.subresource) };
@@ -484,8 +485,7 @@ async fn priority(
     reconciled(new, before.get(next).copied().unwrap_or(0.0), n, Duration::from_secs(900)).await?;
     let pass_s = now() - acquired;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log"))?;
-    let requests = chaos::audit::parse(&log, acquired - 1.0);
+    let requests = audited_since(acquired - 1.0)?;
     let user = operator::service_account_user();
     let mut ms: Vec<f64> = names
         .iter()

@@ -555,7 +555,7 @@ fn leadership(
     r: &Run,
     faults: &[Fault],
 ) -> Result<(Vec<invariants::Interval>, Vec<invariants::Violation>, Vec<(String, f64)>)> {
-    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log")).context("read the audit log")?;
+    let log = std::fs::read_to_string(paths::audit_log()).context("read the audit log")?;
     // A leader already in office when the run starts (the install's pods) shows its term
     // through the renewals before the start: read the Lease's history from a lease
     // duration and more before, and judge only the writes of the run.
@@ -760,7 +760,7 @@ impl Harness {
 
 /// The local API server's audit log from `since` (epoch seconds); empty if it cannot be read.
 fn audit_since(since: f64) -> Vec<audit::Request> {
-    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(paths::audit_log()).unwrap_or_default();
     audit::parse(&log, since)
 }
 

@@ -381,7 +381,7 @@ async fn evict_all(client: &Client) -> Result<String> {
         .await?;
     }
     install::rolled_out(client, Duration::from_secs(120)).await?;
-    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log")).context("read the audit log")?;
+    let log = std::fs::read_to_string(paths::audit_log()).context("read the audit log")?;
     let evictions: Vec<_> = ::chaos::audit::parse(&log, since)
         .into_iter()
         .filter(|r| r.resource == "pods" && r.subresource == "eviction" && r.verb == "create")

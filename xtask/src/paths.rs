@@ -33,6 +33,11 @@ pub fn run_dir() -> PathBuf {
     }
 }
 
+/// The local control plane's audit log (every request, as `cluster.rs` configures it).
+pub fn audit_log() -> PathBuf {
+    run_dir().join("logs/audit.log")
+}
+
 /// The admin kubeconfig of the local control plane, at a stable path.
 pub fn kubeconfig() -> PathBuf {
     run_dir().join("kubeconfig")

@@ -96,7 +96,7 @@ async fn against_cluster(target: &operator::Target) -> Result<bool> {
         e2e.env("MYAPP_E2E_KUBECTL", kubectl);
     }
     if target.local {
-        e2e.env("MYAPP_E2E_AUDIT_LOG", paths::run_dir().join("logs/audit.log"))
+        e2e.env("MYAPP_E2E_AUDIT_LOG", paths::audit_log())
             .env("MYAPP_E2E_JAEGER", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_QUERY))
             .env("MYAPP_E2E_OTLP", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_OTLP));
     } else {
@@ -170,7 +170,7 @@ async fn on_the_node(target: &operator::Target) -> Result<bool> {
 /// Every request the replicas made since `since` (end-to-end tests and chaos) ran under the
 /// ServiceAccount from `deploy/rbac`; none may have been refused.
 fn rbac_proof(since: f64) -> Result<()> {
-    let log = std::fs::read_to_string(paths::run_dir().join("logs/audit.log"))?;
+    let log = std::fs::read_to_string(paths::audit_log())?;
     let requests = chaos::audit::parse(&log, since);
     let user = operator::service_account_user();
     let a = chaos::audit::authorization(&requests, &user);
