@@ -342,8 +342,9 @@ fn sample_rss(
                 .await?;
                 // Let the last statuses and the children's updates reach every cache.
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                settled = Some(json!({"myapps": at, "rss_mib": rss()}));
-                println!("    settled at {at} MyApps: RSS {:?} MiB", rss());
+                let sample = rss();
+                println!("    settled at {at} MyApps: RSS {sample:?} MiB");
+                settled = Some(json!({"myapps": at, "rss_mib": sample}));
                 let _ = open.send(true);
                 paused_s = paused.elapsed().as_secs_f64();
             }
@@ -380,8 +381,9 @@ async fn relist(replicas: &[Replica]) -> Result<Value> {
     let (deadline, mut still, mut peak) = (Instant::now() + Duration::from_secs(180), Instant::now(), peaks());
     while still.elapsed() < Duration::from_secs(15) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if peaks() != peak {
-            (peak, still) = (peaks(), Instant::now());
+        let now_peak = peaks();
+        if now_peak != peak {
+            (peak, still) = (now_peak, Instant::now());
         }
     }
     let relisted: std::collections::BTreeSet<String> = audited_since(t0)?
