@@ -10,7 +10,6 @@ use crate::fake_api::{FakeApi, Seen};
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
 use kube::api::{Api, DeleteParams};
-use kube::runtime::reflector::ObjectRef;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,10 +53,6 @@ async fn until(ctx: &Context, what: &str, done: impl Fn(&Caches) -> bool) {
     })
     .await;
     assert!(waited.is_ok(), "the caches never saw {what}");
-}
-
-fn child_ref<K: kube::Resource<DynamicType = ()>>() -> ObjectRef<K> {
-    ObjectRef::new("web").within(NS)
 }
 
 #[tokio::test(start_paused = true)]
@@ -122,10 +117,8 @@ async fn an_unchanged_object_makes_no_write() {
     let (fake, ctx) = start(&MyApp::test()).await;
     stored(&fake).await.reconcile(&ctx).await.expect("the first reconcile");
     assert!(!writes(&fake, 0).is_empty(), "the first reconcile writes");
-    until(&ctx, "both children", |c| {
-        c.deployments.get(&child_ref()).is_some() && c.services.get(&child_ref()).is_some()
-    })
-    .await;
+    until(&ctx, "both children", |c| c.deployments.get(NS, "web").is_some() && c.services.get(NS, "web").is_some())
+        .await;
 
     let app = stored(&fake).await;
     let from = fake.requests().len();
@@ -138,10 +131,8 @@ async fn an_unchanged_object_makes_no_write() {
 async fn cleanup_waits_for_the_children() {
     let (fake, ctx) = start(&MyApp::test().finalized()).await;
     stored(&fake).await.reconcile(&ctx).await.expect("the children are made");
-    until(&ctx, "both children", |c| {
-        c.deployments.get(&child_ref()).is_some() && c.services.get(&child_ref()).is_some()
-    })
-    .await;
+    until(&ctx, "both children", |c| c.deployments.get(NS, "web").is_some() && c.services.get(NS, "web").is_some())
+        .await;
     // The user deletes it: with our finalizer on, the server only marks it.
     Api::<MyApp>::namespaced(fake.client(), NS).delete("web", &DeleteParams::default()).await.expect("delete");
     let app = stored(&fake).await;
@@ -170,11 +161,9 @@ async fn cleanup_waits_for_the_children() {
 
     // Second look, the children still being deleted: nothing to write, the finalizer stays.
     until(&ctx, "the children marked", |c| {
-        c.deployments
-            .get(&child_ref())
-            .is_some_and(|d| d.object().is_ok_and(|d| d.metadata.deletion_timestamp.is_some()))
+        c.deployments.get(NS, "web").is_some_and(|d| d.object().is_ok_and(|d| d.metadata.deletion_timestamp.is_some()))
             && c.services
-                .get(&child_ref())
+                .get(NS, "web")
                 .is_some_and(|s| s.object().is_ok_and(|s| s.metadata.deletion_timestamp.is_some()))
     })
     .await;
@@ -187,10 +176,8 @@ async fn cleanup_waits_for_the_children() {
     fake.finish_foreground_deletion(DEPLOYMENTS, "web");
     fake.finish_foreground_deletion(SERVICES, "web");
     assert!(fake.get(DEPLOYMENTS, "web").is_none() && fake.get(SERVICES, "web").is_none());
-    until(&ctx, "the children gone", |c| {
-        c.deployments.get(&child_ref()).is_none() && c.services.get(&child_ref()).is_none()
-    })
-    .await;
+    until(&ctx, "the children gone", |c| c.deployments.get(NS, "web").is_none() && c.services.get(NS, "web").is_none())
+        .await;
     let app = stored(&fake).await;
     let from = fake.requests().len();
     assert_eq!(app.reconcile(&ctx).await.expect("cleanup"), None, "done");

@@ -3,7 +3,8 @@
 //! - [`cache`]: the watches and stores of MyApps, Deployments and Services. They run on every
 //!   replica, leader or not, so a new leader starts from warm caches.
 //! - [`reconcile`]: the reconcile and cleanup logic, as methods on `MyApp`.
-//! - [`cached`]: the compact form in which the caches keep a child.
+//! - [`cached`]: the compact form in which the caches keep a MyApp or a child.
+//! - [`store`]: the store of the children, each packed in one string.
 //! - [`events`]: Events about MyApps, repeats aggregated, in bounded memory.
 //! - [`children`]: pure builders of the Deployment and Service.
 //! - [`ownership`]: the pure decision of which existing objects a `MyApp` may write.
@@ -24,6 +25,7 @@ mod io_tests;
 pub mod ownership;
 pub mod queue;
 pub mod reconcile;
+pub mod store;
 pub mod writer;
 
 use crate::api::MyApp;

@@ -6,9 +6,10 @@
 //! writes to, nor deletes, an object that the `MyApp` does not control (see [`ownership`]).
 
 use super::Context;
-use super::cached::{Cached, Shape};
+use super::cached::Shape;
 use super::children::{self, selector_string};
 use super::ownership::{self, Claim, Conflict};
+use super::store::Children;
 use crate::api::conditions::{
     self, INVALID_NAME, INVALID_SPEC, NAME_CONFLICT, Outcome, READY, REPLICAS_OVER_POLICY, RolloutFacts,
 };
@@ -21,7 +22,6 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use std::time::Duration;
 
@@ -240,12 +240,12 @@ pub fn refusal(app: &MyApp, policy: &Policy) -> Option<(&'static str, String)> {
 /// this is how an unlabelled object of the same name (one made by hand) is seen. The GET is made
 /// only when the cache has nothing: for a new `MyApp`, a child deleted or unlabelled by someone, a
 /// cache behind our own write, or a conflict. A child in the cache costs no call.
-async fn live_child<K>(ctx: &Context, cache: &Store<Cached<K>>, ns: &str, name: &str) -> Result<Option<K>>
+async fn live_child<K>(ctx: &Context, cache: &Children<K>, ns: &str, name: &str) -> Result<Option<K>>
 where
     K: Shape + Clone + std::fmt::Debug,
 {
-    if let Some(cached) = cache.get(&ObjectRef::new(name).within(ns)) {
-        return Ok(Some(cached.object()?));
+    if let Some(packed) = cache.get(ns, name) {
+        return Ok(Some(packed.object()?));
     }
     let api: Api<K> = Api::namespaced(ctx.client(), ns);
     Ok(api.get_opt(name).await?)

@@ -943,12 +943,18 @@ fn print_table(r: &Value) {
         row(&format!("RSS of each replica at {} MyApps created (MiB)", at["myapps"]), each.join(" / "));
     }
     let bytes = &r["cache_bytes_per_object"];
-    for kind in ["myapp", "deployment", "service", "per_myapp"] {
+    for kind in ["myapp", "deployment", "service"] {
+        let b = &bytes[kind];
         row(
-            &format!("heap bytes per cached {kind}: as sent -> as cached"),
-            format!("{} -> {}", f(&bytes[kind]["as_sent"]), f(&bytes[kind]["as_cached"])),
+            &format!("heap bytes per {kind}: as sent -> cached -> in its store"),
+            format!("{} -> {} -> {}", f(&b["as_sent"]), f(&b["as_cached"]), f(&b["in_store"])),
         );
     }
+    let b = &bytes["per_myapp"];
+    row(
+        "heap bytes per MyApp and its children in the stores: kube's -> ours",
+        format!("{} -> {}", f(&b["in_kube_stores"]), f(&b["in_stores"])),
+    );
     let p = &r["priority"];
     if !p.is_null() {
         let ms = &p["change_to_apply_ms"];

@@ -1,17 +1,23 @@
 //! Heap bytes per cached object, by kind: the bench's MyApps and children, read from the API
 //! server as it sends them, then deserialized in this process into what the operator's caches
-//! keep (the same compact form), counted by this process's allocator ([`Counting`]).
+//! keep (the same compact form, in the same stores), counted by this process's allocator
+//! ([`Counting`]).
 
 use anyhow::Result;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::Event;
 use kube::{Client, Resource};
 use myapp_operator::api::MyApp;
-use myapp_operator::controller::cached::Cached;
+use myapp_operator::controller::cache::Apply;
+use myapp_operator::controller::cached::{Cached, Shape};
+use myapp_operator::controller::store::Children;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 /// The system allocator, counting the bytes in use (requested sizes, without the allocator's own
@@ -39,17 +45,57 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-/// Heap bytes held per object by `docs` deserialized as `K`.
-fn per_object<K: DeserializeOwned>(docs: &[Vec<u8>]) -> f64 {
-    let mut kept = Vec::with_capacity(docs.len());
+/// Heap bytes held per object by what `keep` builds from `n` objects (and holds until it returns).
+fn per_object<T>(n: usize, keep: impl FnOnce() -> T) -> f64 {
     let before = IN_USE.load(Ordering::Relaxed);
+    let kept = keep();
+    let held = IN_USE.load(Ordering::Relaxed) - before;
+    drop(kept);
+    held as f64 / n.max(1) as f64
+}
+
+/// `docs` deserialized as `K`, each in an `Arc` (as an event or a store holds it).
+fn decoded<K: DeserializeOwned>(docs: &[Vec<u8>]) -> Vec<Arc<K>> {
+    docs.iter().filter_map(|d| serde_json::from_slice::<K>(d).ok()).map(Arc::new).collect()
+}
+
+/// `docs` in a kube reflector `Store`, keys included.
+fn in_kube_store<K>(docs: &[Vec<u8>]) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + 'static,
+{
+    let (reader, mut writer) = reflector::store();
     for doc in docs {
         if let Ok(k) = serde_json::from_slice::<K>(doc) {
-            kept.push(std::sync::Arc::new(k));
+            writer.apply_watcher_event(&Event::Apply(k));
         }
     }
-    let held = IN_USE.load(Ordering::Relaxed) - before;
-    held as f64 / kept.len().max(1) as f64
+    reader
+}
+
+/// Child `docs` packed in the operator's store of children.
+fn in_child_store<K: Shape>(docs: &[Vec<u8>]) -> Children<K> {
+    let store = Children::default();
+    let mut writer = store.writer();
+    for doc in docs {
+        if let Ok(k) = serde_json::from_slice::<Cached<K>>(doc) {
+            writer.apply(&Event::Apply(k));
+        }
+    }
+    store
+}
+
+/// One child kind's figures: as sent, as a [`Cached`] object, in kube's `Store` (where the
+/// caches kept children before [`Children`]), and in the store the caches use.
+fn child<K: Shape + Clone + 'static>(docs: &[Vec<u8>]) -> Value {
+    let n = docs.len();
+    json!({
+        "objects": n,
+        "as_sent": per_object(n, || decoded::<K>(docs)).round(),
+        "as_cached": per_object(n, || decoded::<Cached<K>>(docs)).round(),
+        "in_kube_store": per_object(n, || in_kube_store::<Cached<K>>(docs)).round(),
+        "in_store": per_object(n, || in_child_store::<K>(docs)).round(),
+    })
 }
 
 /// The objects of kind `K` in `namespace`, as the API server sends them (JSON, with
@@ -61,21 +107,28 @@ async fn served<K: Resource<DynamicType = ()>>(client: &Client, namespace: &str)
 }
 
 /// Bytes per object of each kind in `namespace`: as a `k8s_openapi` object with everything the
-/// server sent, and as the caches keep it.
+/// server sent, as a [`Cached`] object, and as a replica's store holds it, the store's keys and
+/// table included (`in_store`; for children, also `in_kube_store`, their store before).
 pub async fn measure(client: &Client, namespace: &str) -> Result<Value> {
     let myapps = served::<MyApp>(client, namespace).await?;
     let deployments = served::<Deployment>(client, namespace).await?;
     let services = served::<Service>(client, namespace).await?;
-    let entry =
-        |n: usize, sent: f64, cached: f64| json!({"objects": n, "as_sent": sent.round(), "as_cached": cached.round()});
-    let m = entry(myapps.len(), per_object::<MyApp>(&myapps), per_object::<Cached<MyApp>>(&myapps));
-    let d = entry(
-        deployments.len(),
-        per_object::<Deployment>(&deployments),
-        per_object::<Cached<Deployment>>(&deployments),
-    );
-    let s = entry(services.len(), per_object::<Service>(&services), per_object::<Cached<Service>>(&services));
-    let total = |k: &str| m[k].as_f64().unwrap_or(0.0) + d[k].as_f64().unwrap_or(0.0) + s[k].as_f64().unwrap_or(0.0);
-    let per_myapp = json!({"as_sent": total("as_sent"), "as_cached": total("as_cached")});
+    let n = myapps.len();
+    let m = json!({
+        "objects": n,
+        "as_sent": per_object(n, || decoded::<MyApp>(&myapps)).round(),
+        "as_cached": per_object(n, || decoded::<Cached<MyApp>>(&myapps)).round(),
+        "in_store": per_object(n, || in_kube_store::<Cached<MyApp>>(&myapps)).round(),
+    });
+    let (d, s) = (child::<Deployment>(&deployments), child::<Service>(&services));
+    let total = |k: &str, m_k: &str| {
+        m[m_k].as_f64().unwrap_or(0.0) + d[k].as_f64().unwrap_or(0.0) + s[k].as_f64().unwrap_or(0.0)
+    };
+    let per_myapp = json!({
+        "as_sent": total("as_sent", "as_sent"),
+        "as_cached": total("as_cached", "as_cached"),
+        "in_kube_stores": total("in_kube_store", "in_store"),
+        "in_stores": total("in_store", "in_store"),
+    });
     Ok(json!({"myapp": m, "deployment": d, "service": s, "per_myapp": per_myapp}))
 }

@@ -1,0 +1,234 @@
+//! The store of the children the operator manages (Deployments, Services), each packed in one
+//! string ([`Packed`]) in a set keyed by namespace and name.
+//!
+//! kube's reflector `Store` keeps an `Arc` of a `Resource` per object (so an `ObjectMeta` struct
+//! each) under an `ObjectRef` key that repeats its name, namespace and resourceVersion in strings
+//! of their own. For a child that is about as much again as the fields reconcile reads. The
+//! controller needs kube's `Store` for the MyApps it reconciles; it reads children only by name
+//! (see `reconcile::live_child`), so they are kept here.
+//!
+//! A relist (after 410 Gone, or a watch that broke off) updates the store in place, as
+//! [`super::cache`]'s writer of kube's stores does, and reports what it found gone, so that the
+//! owner of a child deleted while the watch was away is woken.
+
+use super::cache::Apply;
+use super::cached::{Cached, Packed, Shape, child_key};
+use kube::runtime::watcher::Event;
+use std::collections::HashSet;
+use std::sync::{Arc, PoisonError, RwLock};
+use tokio::sync::watch;
+
+/// Packed children of kind `K`, shared by the watch that writes them and every reader.
+pub struct Children<K> {
+    set: Arc<RwLock<HashSet<Packed<K>>>>,
+    ready: watch::Sender<bool>,
+}
+
+impl<K> Clone for Children<K> {
+    fn clone(&self) -> Self {
+        Self { set: self.set.clone(), ready: self.ready.clone() }
+    }
+}
+
+impl<K: Shape> Default for Children<K> {
+    fn default() -> Self {
+        Self { set: Arc::default(), ready: watch::Sender::new(false) }
+    }
+}
+
+impl<K: Shape> Children<K> {
+    /// The child `name` in `namespace`, if the store holds it.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Packed<K>> {
+        self.set.read().unwrap_or_else(PoisonError::into_inner).get(child_key(namespace, name).as_str()).cloned()
+    }
+
+    /// How many children it holds.
+    pub fn len(&self) -> usize {
+        self.set.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves once the first list is in. Any number of tasks may wait.
+    pub async fn wait_until_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        let _ = ready.wait_for(|r| *r).await;
+    }
+
+    /// A writer: the one the watch of this kind feeds.
+    pub fn writer(&self) -> ChildWriter<K> {
+        ChildWriter { store: self.clone(), seen: None }
+    }
+
+    fn insert(&self, cached: &Cached<K>) {
+        let mut set = self.set.write().unwrap_or_else(PoisonError::into_inner);
+        match cached.pack() {
+            Ok(packed) => {
+                set.replace(packed);
+            }
+            Err(e) => {
+                // Never expected (the owner references serialize). Without an entry, a reader
+                // asks the API server: slower, still right.
+                tracing::warn!(kind = %K::kind(&()), error = %e, "a child could not be packed; it is read from the API server");
+                let meta = kube::Resource::meta(cached);
+                let key =
+                    child_key(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
+                set.remove(key.as_str());
+            }
+        }
+    }
+
+    fn remove(&self, cached: &Cached<K>) {
+        let meta = kube::Resource::meta(cached);
+        let key = child_key(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
+        self.set.write().unwrap_or_else(PoisonError::into_inner).remove(key.as_str());
+    }
+
+    /// Drops every child whose key is not in `seen`, and returns them.
+    fn retain_seen(&self, seen: &HashSet<String>) -> Vec<Packed<K>> {
+        let mut set = self.set.write().unwrap_or_else(PoisonError::into_inner);
+        let gone: Vec<Packed<K>> = set.iter().filter(|p| !seen.contains(p.key())).cloned().collect();
+        for p in &gone {
+            set.remove(p.key());
+        }
+        gone
+    }
+}
+
+/// Applies a watch's events to a [`Children`] store. Every list, the first one or a relist, updates
+/// the store in place: each listed child replaces its entry as it arrives, and at the end of the
+/// list the children it did not name are dropped, and returned.
+pub struct ChildWriter<K> {
+    store: Children<K>,
+    /// During a list: the keys listed so far.
+    seen: Option<HashSet<String>>,
+}
+
+impl<K: Shape> Apply<Cached<K>> for ChildWriter<K> {
+    fn apply(&mut self, event: &Event<Cached<K>>) -> Vec<Cached<K>> {
+        match event {
+            Event::Init => self.seen = Some(HashSet::new()),
+            Event::InitApply(child) => {
+                if let Some(seen) = self.seen.as_mut() {
+                    let meta = kube::Resource::meta(child);
+                    seen.insert(child_key(
+                        meta.namespace.as_deref().unwrap_or_default(),
+                        meta.name.as_deref().unwrap_or_default(),
+                    ));
+                }
+                self.store.insert(child);
+            }
+            Event::InitDone => {
+                let seen = self.seen.take().unwrap_or_default();
+                let gone = self.store.retain_seen(&seen);
+                self.store.ready.send_replace(true);
+                return gone.iter().filter_map(|p| p.unpack().ok()).collect();
+            }
+            Event::Apply(child) => self.store.insert(child),
+            Event::Delete(child) => self.store.remove(child),
+        }
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::children;
+    use k8s_openapi::api::core::v1::Service;
+    use kube::Resource;
+    use serde_json::json;
+
+    fn service(name: &str, port: i32) -> Cached<Service> {
+        let mut app = children::tests::app();
+        app.metadata.name = Some(name.into());
+        app.spec.port = port;
+        let mut doc = serde_json::to_value(children::service(&app)).expect("a Service serializes");
+        doc["metadata"]["resourceVersion"] = json!("7");
+        Cached::from_json(doc).expect("cached")
+    }
+
+    fn held(store: &Children<Service>) -> Vec<(String, i32)> {
+        let set = store.set.read().expect("not poisoned");
+        let mut all: Vec<(String, i32)> = set
+            .iter()
+            .map(|p| {
+                let s = p.object().expect("unpacks");
+                (s.metadata.name.unwrap_or_default(), s.spec.and_then(|s| s.ports).unwrap_or_default()[0].port)
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    fn names(v: &[(&str, i32)]) -> Vec<(String, i32)> {
+        v.iter().map(|(n, p)| (n.to_string(), *p)).collect()
+    }
+
+    #[test]
+    fn a_packed_child_rebuilds_as_it_was_cached_but_its_resource_version() {
+        let cached = service("web", 8080);
+        let packed = cached.pack().expect("packs");
+        assert_eq!(packed.key(), "ns/web");
+        let (a, b) = (cached.object().expect("rebuilt"), packed.object().expect("rebuilt"));
+        assert_eq!(b.metadata.resource_version, None, "not kept");
+        assert_eq!(a.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!((&a.metadata.name, &a.metadata.namespace), (&b.metadata.name, &b.metadata.namespace));
+        assert_eq!(a.metadata.owner_references, b.metadata.owner_references);
+        assert!(b.metadata.owner_references.as_ref().is_some_and(|o| o.len() == 1), "its owner is kept");
+        assert_eq!((&a.metadata.labels, &a.metadata.annotations), (&b.metadata.labels, &b.metadata.annotations));
+        assert_eq!(a.spec, b.spec);
+        let unpacked = packed.unpack().expect("unpacks");
+        assert_eq!(unpacked.meta().owner_references, cached.meta().owner_references);
+    }
+
+    #[test]
+    fn a_child_without_owners_or_with_line_breaks_in_its_fields_packs_and_unpacks() {
+        let mut doc = serde_json::to_value(children::service(&children::tests::app())).expect("serializes");
+        doc["metadata"].as_object_mut().expect("metadata").remove("ownerReferences");
+        doc["metadata"]["annotations"][crate::api::APPLIED_HASH] = json!("a\nb");
+        let cached: Cached<Service> = Cached::from_json(doc).expect("cached");
+        let back = cached.pack().expect("packs").object().expect("unpacks");
+        assert_eq!(back.metadata.owner_references, None);
+        assert_eq!(
+            back.metadata.annotations.and_then(|a| a.get(crate::api::APPLIED_HASH).cloned()).as_deref(),
+            Some("a\nb")
+        );
+    }
+
+    #[tokio::test]
+    async fn lists_update_the_store_in_place_and_report_what_they_did_not_list() {
+        let store = Children::<Service>::default();
+        let mut w = store.writer();
+        let mut gone = Vec::new();
+        for e in [Event::Init, Event::InitApply(service("a", 1)), Event::InitApply(service("b", 1)), Event::InitDone] {
+            gone.extend(w.apply(&e));
+        }
+        assert!(gone.is_empty(), "a first list finds nothing gone");
+        tokio::time::timeout(std::time::Duration::from_secs(1), store.wait_until_ready())
+            .await
+            .expect("the first list makes the store ready");
+        assert_eq!(held(&store), names(&[("a", 1), ("b", 1)]));
+        assert!(store.get("ns", "a").is_some() && store.get("other", "a").is_none());
+
+        // A relist: `a` was deleted while the watch was away, `b` changed, `c` is new.
+        assert!(w.apply(&Event::Init).is_empty());
+        assert_eq!(held(&store), names(&[("a", 1), ("b", 1)]), "nothing is dropped when the list begins");
+        assert!(w.apply(&Event::InitApply(service("b", 2))).is_empty());
+        assert_eq!(held(&store), names(&[("a", 1), ("b", 2)]), "a listed child replaces its entry at once");
+        assert!(w.apply(&Event::InitApply(service("c", 2))).is_empty());
+        let gone = w.apply(&Event::InitDone);
+        assert_eq!(held(&store), names(&[("b", 2), ("c", 2)]), "what the list did not name is gone at its end");
+        let gone: Vec<_> = gone.iter().map(|c| (c.meta().name.clone(), c.meta().owner_references.clone())).collect();
+        assert_eq!(gone, vec![(Some("a".to_string()), service("a", 1).meta().owner_references.clone())]);
+
+        // Watch events after it apply as usual.
+        assert!(w.apply(&Event::Delete(service("b", 2))).is_empty());
+        assert!(w.apply(&Event::Apply(service("d", 4))).is_empty());
+        assert_eq!(held(&store), names(&[("c", 2), ("d", 4)]));
+        assert_eq!(store.len(), 2);
+    }
+}
