@@ -32,7 +32,9 @@
 //! - `metadata.generation` is not maintained: objects keep the generation they were written with.
 //! - Any collection takes a `POST`: Events (`events.k8s.io`) are stored like any object, and
 //!   their repeats (a merge patch with a series count) patch the stored Event.
-//! - Faults: a delay before each request is served, or a blackhole that never answers.
+//! - Faults: a delay before each request is served, or a blackhole that never answers; a
+//!   compaction ([`FakeApi::compact`]) ends every open watch and answers a watch resumed from
+//!   before it with 410 Gone.
 //!
 //! Time comes from tokio, so tests run with `start_paused = true` and take no wall time.
 #![allow(dead_code)]
@@ -92,6 +94,8 @@ struct State {
     delay: Duration,
     blackhole: bool,
     log: Vec<Seen>,
+    /// The revision of the last [`FakeApi::compact`]: a watch from before it gets 410 Gone.
+    compacted: u64,
 }
 
 /// The fake server; clone it freely, every clone sees the same store.
@@ -99,11 +103,17 @@ struct State {
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<(u64, String, Value)>,
+    /// Counts compactions; every open watch ends at the next one.
+    compactions: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for FakeApi {
     fn default() -> Self {
-        Self { state: Arc::default(), events: broadcast::channel(4096).0 }
+        Self {
+            state: Arc::default(),
+            events: broadcast::channel(4096).0,
+            compactions: tokio::sync::watch::Sender::new(0),
+        }
     }
 }
 
@@ -296,6 +306,17 @@ impl FakeApi {
         let mut s = self.lock();
         s.revision += 1;
         s.objects.remove(&(collection.to_string(), name.to_string()))
+    }
+
+    /// Compacts the history, as etcd's compaction does: every watch open now ends, and a watch
+    /// resumed from an earlier resourceVersion gets 410 Gone, so that its client lists again.
+    pub fn compact(&self) {
+        {
+            let mut s = self.lock();
+            s.compacted = s.revision;
+            s.history.clear();
+        }
+        self.compactions.send_modify(|n| *n += 1);
     }
 
     /// Deletes an object directly, as another client would.
@@ -524,6 +545,16 @@ impl FakeApi {
 
     fn watch(&self, collection: &str, q: &BTreeMap<String, String>) -> Chunks {
         let since: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if since != 0 && since < self.lock().compacted {
+            let (_, gone) = status(410, "Expired", "too old resource version");
+            let mut line = serde_json::to_vec(&json!({"type": "ERROR", "object": gone})).unwrap_or_default();
+            line.push(b'\n');
+            return Box::pin(futures::stream::once(async move { Ok(Frame::data(Bytes::from(line))) }));
+        }
+        let mut compactions = self.compactions.subscribe();
+        let compacted = async move {
+            let _ = compactions.changed().await;
+        };
         let q = q.clone();
         // Subscribe before reading the history, so that nothing falls between the two.
         let rx = self.events.subscribe();
@@ -533,7 +564,7 @@ impl FakeApi {
         let last = past.last().map(|(r, _, _)| *r).unwrap_or(since);
         let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |e| async move { e.ok() });
         let live = live.filter(move |(rev, _, _)| futures::future::ready(*rev > last));
-        Box::pin(futures::stream::iter(past).chain(live).filter_map(move |(_, c, ev)| {
+        Box::pin(futures::stream::iter(past).chain(live).take_until(compacted).filter_map(move |(_, c, ev)| {
             let keep = c == collection && ev.get("object").is_some_and(|o| selected(o, &q));
             let line = keep.then(|| {
                 let mut bytes = serde_json::to_vec(&ev).unwrap_or_default();

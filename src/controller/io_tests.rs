@@ -184,3 +184,32 @@ async fn cleanup_waits_for_the_children() {
     assert_eq!(writes(&fake, from), vec![format!("PATCH {MYAPPS}/web")], "only the finalizer's removal");
     assert!(fake.get(MYAPPS, "web").is_none(), "without its finalizer the MyApp is gone");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_child_a_relist_finds_gone_is_sent_on_like_a_deletion() {
+    use futures::StreamExt;
+    use kube::Resource;
+    let (fake, ctx) = start(&MyApp::test().finalized()).await;
+    let app = stored(&fake).await;
+    app.reconcile(&ctx).await.expect("the children are made");
+    until(&ctx, "both children", |c| c.deployments.get(NS, "web").is_some() && c.services.get(NS, "web").is_some())
+        .await;
+    let (lagged, _lags) = tokio::sync::mpsc::unbounded_channel();
+    let mut deployments = std::pin::pin!(ctx.caches.deployment_events(&lagged));
+
+    // The Deployment goes while the watches are away (no DELETED event reaches them), and the
+    // history is compacted: every watch gets 410 Gone and lists again.
+    fake.delete_unwatched(DEPLOYMENTS, "web").expect("the Deployment was there");
+    fake.compact();
+
+    // Its owner must hear of it: the controller maps the Deployment to the MyApp waiting for it.
+    let heard = tokio::time::timeout(Duration::from_secs(60), deployments.next())
+        .await
+        .expect("the relist's end sends the Deployment it found gone")
+        .expect("the stream is open");
+    assert_eq!(heard.meta().name.as_deref(), Some("web"));
+    let owner = heard.meta().owner_references.iter().flatten().find(|o| o.controller == Some(true));
+    assert_eq!(owner.map(|o| o.uid.as_str()), app.metadata.uid.as_deref(), "with its owner, to map it to");
+    assert!(ctx.caches.deployments.get(NS, "web").is_none(), "gone from the store");
+    assert!(ctx.caches.services.get(NS, "web").is_some(), "what the relist listed stays");
+}
