@@ -122,9 +122,12 @@ async fn image_change_rolls_out_and_status_follows() {
     ns.cleanup().await;
 }
 
+/// `spec.replicas` is the MyApp's: scaling it through its `/scale` subresource (as `kubectl
+/// scale myapp/web` and a HorizontalPodAutoscaler aimed at the MyApp do) reaches the Deployment,
+/// and scaling the Deployment by hand (or an autoscaler aimed at it) is taken back.
 #[tokio::test]
 #[ignore = "needs a cluster: run `cargo xtask test`"]
-async fn scale_subresource_scales_the_deployment() {
+async fn scale_subresource_scales_the_deployment_and_hand_scaling_is_taken_back() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "scale").await;
     let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 1)).await;
@@ -139,10 +142,25 @@ async fn scale_subresource_scales_the_deployment() {
     let app = wait_ready(&api, "web").await;
     assert_eq!(app.spec.replicas, 3);
     assert_eq!(app.status.as_ref().map(|s| s.ready_replicas), Some(3));
-    let d = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("web").await.expect("Deployment");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let d = deployments.get("web").await.expect("Deployment");
     assert_eq!(d.spec.replicas, Some(3));
     let scale = api.get_scale("web").await.expect("get scale");
-    assert_eq!(scale.status.map(|s| s.replicas), Some(3));
+    let status = scale.status.expect("the scale's status");
+    assert_eq!(status.replicas, 3);
+    // What a HorizontalPodAutoscaler reads to find the pods whose metrics it averages.
+    assert_eq!(status.selector.as_deref(), Some("myapp.dev/name=web"));
+
+    // What `kubectl scale deployment/web --replicas=5` does: the operator takes it back.
+    let hand = Patch::Merge(json!({"spec": {"replicas": 5}}));
+    let scaled = deployments.patch_scale("web", &PatchParams::default(), &hand).await.expect("scale the Deployment");
+    assert_eq!(scaled.spec.and_then(|s| s.replicas), Some(5), "the hand scaling was written");
+    eventually("the Deployment scaled back to 3", Duration::from_secs(15), || async {
+        let d = deployments.get("web").await.ok()?;
+        (d.spec.replicas == Some(3)).then_some(())
+    })
+    .await;
+    assert_eq!(api.get("web").await.expect("MyApp").spec.replicas, 3, "the MyApp is untouched");
     ns.cleanup().await;
 }
 
@@ -250,6 +268,20 @@ fn reconciles_logged(ns: &str, name: &str) -> usize {
         .sum()
 }
 
+/// Touches the MyApp `web` `rounds` times without changing its spec (an annotation), waiting after
+/// each for one more reconcile of it in the operator's logs.
+async fn touch_and_wait_reconciles(api: &Api<MyApp>, ns: &str, rounds: usize) {
+    let logged = reconciles_logged(ns, "web");
+    for round in 0..rounds {
+        let touch = Patch::Merge(json!({"metadata": {"annotations": {"e2e/touch": round.to_string()}}}));
+        api.patch("web", &PatchParams::default(), &touch).await.expect("touch");
+        eventually("a reconcile of the touched MyApp", Duration::from_secs(15), || async {
+            (reconciles_logged(ns, "web") > logged + round).then_some(())
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs a cluster: run `cargo xtask test`"]
 async fn local_only_unchanged_resync_makes_zero_writes() {
@@ -275,19 +307,82 @@ async fn local_only_unchanged_resync_makes_zero_writes() {
     assert!(settled >= 3, "a fresh MyApp needs its children and status written ({settled} writes)");
 
     // Touch the MyApp without changing its spec: it is reconciled again, and must write nothing.
-    let logged = reconciles_logged(&ns.name, "web");
-    for round in 0..3 {
-        let touch = Patch::Merge(json!({"metadata": {"annotations": {"e2e/touch": round.to_string()}}}));
-        api.patch("web", &PatchParams::default(), &touch).await.expect("touch");
-        eventually("a reconcile of the touched MyApp", Duration::from_secs(15), || async {
-            (reconciles_logged(&ns.name, "web") > logged + round).then_some(())
-        })
-        .await;
-    }
+    touch_and_wait_reconciles(&api, &ns.name, 3).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let writes = common::audit_writes(&ns.name, operator);
     let extra: Vec<_> = writes[settled..].iter().map(|e| format!("{} {}", e["verb"], e["requestURI"])).collect();
     assert!(extra.is_empty(), "unchanged resyncs wrote: {extra:?}");
+    ns.cleanup().await;
+}
+
+/// The operator's writes to Deployments in `ns`, as the audit log records them.
+fn operator_deployment_writes(ns: &str) -> Vec<String> {
+    common::audit_writes(ns, "myapp-operator/")
+        .iter()
+        .filter(|e| e["objectRef"]["resource"] == "deployments")
+        .map(|e| format!("{} {}", e["verb"], e["requestURI"]))
+        .collect()
+}
+
+/// The env of the `app` container of `d`, as `name=value` (`name=<from>` for a reference), sorted:
+/// where server-side apply puts an entry it merges is not what these tests are about.
+fn app_env(d: &Deployment) -> Vec<String> {
+    let containers = d.spec.template.spec.iter().flat_map(|s| &s.containers);
+    let app = containers.into_iter().find(|c| c.name == "app");
+    let env = app.into_iter().flat_map(|c| c.env.iter().flatten());
+    let mut env: Vec<String> = env.map(|e| format!("{}={}", e.name, e.value.as_deref().unwrap_or("<from>"))).collect();
+    env.sort();
+    env
+}
+
+/// Another manager adds to the Deployment (`kubectl set env`, a sidecar, a label): the additions
+/// stay, as server-side apply keeps them, and the operator makes no write for them, however often
+/// the MyApp is reconciled. A field of the operator's changed by hand is still taken back.
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn local_only_additions_by_other_managers_are_kept_without_a_write() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "shared").await;
+    let api = create(&client, &ns.name, &myapp("web", "nginx:1.27", 2)).await;
+    wait_ready(&api, "web").await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let before = operator_deployment_writes(&ns.name);
+    assert!(!before.is_empty(), "the Deployment was applied");
+
+    // What `kubectl set env deployment/web X=1` sends (a strategic merge patch under its own
+    // field manager), with a sidecar and a label added the same way.
+    let other = PatchParams { field_manager: Some("kubectl-set".into()), ..PatchParams::default() };
+    let addition = Patch::Strategic(json!({
+        "metadata": {"labels": {"team": "a"}},
+        "spec": {"template": {"spec": {"containers": [
+            {"name": "app", "env": [{"name": "X", "value": "1"}]},
+            {"name": "proxy", "image": "envoy:1"},
+        ]}}},
+    }));
+    deployments.patch("web", &other, &addition).await.expect("the additions");
+
+    // The Deployment's change, then each touch of the MyApp, is a reconcile.
+    touch_and_wait_reconciles(&api, &ns.name, 3).await;
+    let after = operator_deployment_writes(&ns.name);
+    let extra = after.get(before.len()..).unwrap_or_default();
+    assert!(extra.is_empty(), "the additions made the operator write: {extra:?}");
+    let d = deployments.get("web").await.expect("Deployment");
+    assert_eq!(app_env(&d), ["MODE=e2e", "X=1"], "ours and the addition");
+    let names: Vec<&str> = d.spec.template.spec.iter().flat_map(|s| &s.containers).map(|c| c.name.as_str()).collect();
+    assert!(names.contains(&"app") && names.contains(&"proxy"), "the sidecar stays: {names:?}");
+    assert_eq!(d.labels().get("team").map(String::as_str), Some("a"), "the label stays");
+
+    // `kubectl set env deployment/web MODE=hacked` changes a field of ours: taken back, while
+    // the addition stays.
+    let ours = Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "app", "env": [{"name": "MODE", "value": "hacked"}]},
+    ]}}}}));
+    deployments.patch("web", &other, &ours).await.expect("the hand change");
+    eventually("MODE taken back, X kept", Duration::from_secs(15), || async {
+        let env = app_env(&deployments.get("web").await.ok()?);
+        (env == ["MODE=e2e", "X=1"]).then_some(())
+    })
+    .await;
     ns.cleanup().await;
 }
 

@@ -24,7 +24,9 @@
 //! - For every document the builders make, [`super::children::up_to_date`] judges the rebuilt
 //!   object as it would the object the API server sent: the shape keeps every field path a
 //!   document of the builders can set (tests check this over random specs), and
-//!   [`super::children::is_subset`] reads no other.
+//!   [`super::children::is_subset`] reads no other. In a list merged by key it also reads the key
+//!   fields of entries that other managers added; every entry of a list is projected by the shape
+//!   of the builders' entry, which carries those keys.
 //! - `managedFields` are never deserialized into structs: an object arrives as JSON, is projected,
 //!   and the rest is dropped at once, so a relist costs one object's worth of transient memory per
 //!   object being read, not a page of full objects.
@@ -466,6 +468,32 @@ mod tests {
         assert!(!cached.rest.contains("clusterIP") && !cached.rest.contains("30001"));
         let desired = children::stamp(children::service(&app)).expect("stamped");
         assert!(children::up_to_date(&desired, &cached.object().expect("rebuilt")));
+    }
+
+    /// What other managers add to a child survives the cache's projection as far as
+    /// `up_to_date` reads it: entries of lists merged by key are kept with their keys, so the
+    /// rebuilt child is judged as the API server's own (see `children::KEYED_LISTS`).
+    #[test]
+    fn a_cached_child_with_additions_by_others_is_still_up_to_date() {
+        let app = children::tests::app();
+        let desired = children::stamp(children::deployment(&app)).expect("stamped");
+        let mut shared = served(&app);
+        let containers = shared.pointer_mut("/spec/template/spec/containers").and_then(Value::as_array_mut);
+        let containers = containers.expect("containers");
+        if let Some(env) = containers[0].get_mut("env").and_then(Value::as_array_mut) {
+            env.insert(0, json!({"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}));
+            env.push(json!({"name": "X", "value": "1"}));
+        }
+        containers.insert(0, json!({"name": "proxy", "image": "envoy:1", "args": ["--long", "--list"]}));
+        merge(&mut shared, json!({"metadata": {"labels": {"team": "a"}}}));
+        let cached = Cached::<Deployment>::from_json(shared.clone()).expect("cached");
+        assert!(!cached.rest.contains("secretKeyRef") && !cached.rest.contains("--long"), "{}", cached.rest);
+        let rebuilt = cached.object().expect("rebuilt");
+        assert!(children::up_to_date(&desired, &rebuilt), "additions by others are no drift: {}", cached.rest);
+
+        shared["spec"]["template"]["spec"]["containers"][1]["env"][1]["value"] = "debug".into();
+        let rebuilt = Cached::<Deployment>::from_json(shared).expect("cached").object().expect("rebuilt");
+        assert!(!children::up_to_date(&desired, &rebuilt), "our env entry changed is drift");
     }
 
     #[test]

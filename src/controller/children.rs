@@ -2,6 +2,17 @@
 //! server-side-apply documents the operator sends, and the comparison that tells whether what the
 //! API server holds already matches them (so an unchanged resync writes nothing).
 //!
+//! # Children shared with other managers
+//!
+//! The operator owns the fields it applies, and only those, as server-side apply means it: the
+//! apply is forced under one field manager ([`crate::api::FIELD_MANAGER`]), so a field the
+//! operator sets is taken back when someone else changed it, while what other managers *added*
+//! stays. An env entry added with `kubectl set env`, a sidecar container injected by a webhook, a
+//! label or an annotation: the API server keeps them through every apply, so the operator does
+//! not call the child stale for them either (it would re-apply forever, and change nothing).
+//! `spec.replicas` of the Deployment is the operator's: scaling the Deployment by hand (or by a
+//! HorizontalPodAutoscaler aimed at the Deployment) is taken back; scale the `MyApp` instead.
+//!
 //! # Guarantees
 //!
 //! - [`up_to_date`] is false whenever the document to apply differs from the one last applied,
@@ -9,14 +20,18 @@
 //!   out of the `MyApp`): every document is [`stamp`]ed with a digest of itself in the
 //!   [`APPLIED_HASH`] annotation, which the apply writes on the child. A removal changes the
 //!   digest, and server-side apply then removes the field the operator no longer sends.
-//! - It is also false when a field the operator sets was changed by hand on the child.
+//! - It is also false when a field the operator sets was changed or removed by hand on the
+//!   child (the image, `spec.replicas`, one of its env entries, its label values).
 //! - It is true for a child as the operator last applied it, with whatever the API server or other
-//!   managers added (defaults, status, quantities in canonical form): a resync writes nothing.
+//!   managers added (defaults, status, quantities in canonical form, map keys, entries of the
+//!   lists that server-side apply merges by key: see [`KEYED_LISTS`]): a resync writes nothing.
 //!
 //! # Caveats
 //!
 //! A child last applied by a version of the operator that did not stamp it, or whose builders
-//! produced a different document, is applied once more.
+//! produced a different document, is applied once more. An entry added by someone else to a list
+//! that server-side apply treats as atomic (none in the documents of today's builders) makes the
+//! child stale, and the forced apply removes it.
 
 use crate::api::{APPLIED_HASH, INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::api::{MyApp, ServiceType, quantity};
@@ -175,18 +190,61 @@ pub fn stamp<K: Resource + Serialize + Clone>(mut doc: K) -> Result<K, serde_jso
     Ok(doc)
 }
 
-/// True when every field set in `desired` has the same value in `actual`. Fields that only
-/// `actual` has (defaults, status, fields of other managers) are ignored. Quantities compare by
+/// The lists of the children's documents that server-side apply merges by key: each as the path
+/// of object keys that leads to it from the top of the document (list levels not counted), and the
+/// fields that key its entries. They are the lists of the builders' documents that the API's
+/// schema marks `x-kubernetes-list-type: map` (or, for `env`, with a patch merge key, which
+/// server-side apply reads the same way), with the same keys:
+/// - `metadata.ownerReferences`, by `uid`;
+/// - a pod's `containers`, by `name`, and in each container `env`, by `name`, and `ports`, by
+///   `containerPort` and `protocol`;
+/// - a Service's `ports`, by `port` and `protocol`.
+///
+/// Every other list is atomic: an apply replaces it whole, so it compares whole. The builders set
+/// every key field of every entry (`protocol` too, which the API server would default), so that an
+/// entry is found by the key the API server stores it under.
+pub const KEYED_LISTS: &[(&[&str], &[&str])] = &[
+    (&["metadata", "ownerReferences"], &["uid"]),
+    (&["spec", "template", "spec", "containers"], &["name"]),
+    (&["spec", "template", "spec", "containers", "env"], &["name"]),
+    (&["spec", "template", "spec", "containers", "ports"], &["containerPort", "protocol"]),
+    (&["spec", "ports"], &["port", "protocol"]),
+];
+
+/// True when every field set in `desired` has the same value in `actual`, as the API server
+/// would hold it after applying `desired` over `actual`. Fields that only `actual` has (defaults,
+/// status, fields of other managers) are ignored, and so are entries that only `actual` has in a
+/// list merged by key ([`KEYED_LISTS`]): each entry of `desired` is looked up by its key, in any
+/// order. Other lists must have as many entries, each matching in order. Quantities compare by
 /// value, since the API server stores them in canonical form (`1000m` becomes `1`).
 pub fn is_subset(desired: &Value, actual: &Value) -> bool {
+    subset_at(&mut Vec::new(), desired, actual)
+}
+
+/// [`is_subset`] of the values at `path` (object keys from the top of the document).
+fn subset_at<'a>(path: &mut Vec<&'a str>, desired: &'a Value, actual: &Value) -> bool {
     match (desired, actual) {
-        (Value::Object(d), Value::Object(a)) => {
-            d.iter().all(|(k, dv)| a.get(k).is_some_and(|av| is_subset(dv, av)) || dv.is_null())
-        }
-        (Value::Array(d), Value::Array(a)) => d.len() == a.len() && d.iter().zip(a).all(|(x, y)| is_subset(x, y)),
+        (Value::Object(d), Value::Object(a)) => d.iter().all(|(k, dv)| {
+            path.push(k);
+            let ok = a.get(k).is_some_and(|av| subset_at(path, dv, av)) || dv.is_null();
+            path.pop();
+            ok
+        }),
+        (Value::Array(d), Value::Array(a)) => match list_keys(path) {
+            Some(keys) => d.iter().all(|dv| {
+                let same_key = |av: &&Value| keys.iter().all(|k| dv.get(k) == av.get(k));
+                a.iter().find(same_key).is_some_and(|av| subset_at(path, dv, av))
+            }),
+            None => d.len() == a.len() && d.iter().zip(a).all(|(x, y)| subset_at(path, x, y)),
+        },
         (Value::String(d), Value::String(a)) => d == a || quantity::same_value(d, a),
         (d, a) => d == a,
     }
+}
+
+/// The keys of the list at `path`, if server-side apply merges it by key.
+fn list_keys(path: &[&str]) -> Option<&'static [&'static str]> {
+    KEYED_LISTS.iter().find(|(p, _)| *p == path).map(|(_, keys)| *keys)
 }
 
 /// True when the object the API server holds already carries everything we would apply. With a
@@ -407,6 +465,207 @@ pub(crate) mod tests {
             assert_eq!(d, !d_stale, "{what}: Deployment up to date = {d}");
             assert_eq!(s, !s_stale, "{what}: Service up to date = {s}");
         }
+    }
+
+    /// Whether the operator calls the child last applied from `doc` up to date once another
+    /// manager made `edit` to what the API server holds.
+    fn up_to_date_after_edit<K>(doc: K, edit: fn(&mut Value)) -> bool
+    where
+        K: Resource + Serialize + serde::de::DeserializeOwned + Clone,
+    {
+        let desired = stamp(doc).expect("stamp");
+        let mut live = serde_json::to_value(stored(&desired)).expect("serializes");
+        edit(&mut live);
+        up_to_date(&desired, &serde_json::from_value::<K>(live).expect("deserializes"))
+    }
+
+    fn container(d: &mut Value) -> &mut Value {
+        &mut d["spec"]["template"]["spec"]["containers"][0]
+    }
+
+    fn push(list: &mut Value, entry: Value) {
+        list.as_array_mut().expect("a list").push(entry);
+    }
+
+    fn insert_first(list: &mut Value, entry: Value) {
+        list.as_array_mut().expect("a list").insert(0, entry);
+    }
+
+    type Edit = fn(&mut Value);
+
+    /// Asserts, for each `(what, edit)`, whether the Deployment (or Service) of [`full_app`] is
+    /// still up to date after another manager made `edit` to it.
+    fn judge<K>(doc: fn(&MyApp) -> K, fresh: bool, cases: &[(&str, Edit)])
+    where
+        K: Resource + Serialize + serde::de::DeserializeOwned + Clone,
+    {
+        for (what, edit) in cases {
+            let judged = up_to_date_after_edit(doc(&full_app()), *edit);
+            assert_eq!(judged, fresh, "{what}: up to date = {judged}");
+        }
+    }
+
+    // Server-side apply keeps what other managers added to a child (see the module's doc), so
+    // that is no reason to apply again: it would change nothing, on every resync. What the
+    // operator sets, and someone changed, is.
+
+    #[test]
+    fn an_env_entry_added_by_another_manager_needs_no_write() {
+        judge(
+            deployment,
+            true,
+            &[
+                ("kubectl set env X=1", |d| push(&mut container(d)["env"], json!({"name": "X", "value": "1"}))),
+                ("an entry from a Secret, first", |d| {
+                    let from = json!({"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}});
+                    insert_first(&mut container(d)["env"], from);
+                }),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_sidecar_added_by_another_manager_needs_no_write() {
+        judge(
+            deployment,
+            true,
+            &[
+                ("a sidecar after ours", |d| {
+                    push(
+                        &mut d["spec"]["template"]["spec"]["containers"],
+                        json!({"name": "proxy", "image": "envoy:1"}),
+                    );
+                }),
+                ("a sidecar injected before ours", |d| {
+                    let proxy = json!({"name": "proxy", "image": "envoy:1", "ports": [{"containerPort": 15001, "protocol": "TCP"}]});
+                    insert_first(&mut d["spec"]["template"]["spec"]["containers"], proxy);
+                }),
+            ],
+        );
+    }
+
+    #[test]
+    fn labels_and_annotations_added_by_others_need_no_write() {
+        judge(
+            deployment,
+            true,
+            &[
+                ("a label", |d| d["metadata"]["labels"]["team"] = json!("a")),
+                ("an annotation", |d| d["metadata"]["annotations"]["note"] = json!("hi")),
+                ("kubectl rollout restart", |d| {
+                    d["spec"]["template"]["metadata"]["annotations"] =
+                        json!({"kubectl.kubernetes.io/restartedAt": "2026-12-01T00:00:00Z"});
+                }),
+            ],
+        );
+        judge(service, true, &[("a label", |s| s["metadata"]["labels"]["team"] = json!("a"))]);
+    }
+
+    #[test]
+    fn other_entries_of_lists_merged_by_key_need_no_write() {
+        judge(
+            deployment,
+            true,
+            &[
+                ("a port on our container", |d| {
+                    push(
+                        &mut container(d)["ports"],
+                        json!({"name": "metrics", "containerPort": 9090, "protocol": "TCP"}),
+                    );
+                }),
+                ("our port number over UDP, first", |d| {
+                    insert_first(&mut container(d)["ports"], json!({"containerPort": 8080, "protocol": "UDP"}));
+                }),
+                ("another owner, not the controller", |d| {
+                    let owner = json!({"apiVersion": "v1", "kind": "ConfigMap", "name": "c", "uid": "other"});
+                    push(&mut d["metadata"]["ownerReferences"], owner);
+                }),
+            ],
+        );
+        judge(
+            service,
+            true,
+            &[
+                ("a port", |s| push(&mut s["spec"]["ports"], json!({"name": "m", "port": 9090, "protocol": "TCP"}))),
+                ("our port number over UDP, first", |s| {
+                    insert_first(&mut s["spec"]["ports"], json!({"name": "dns", "port": 8080, "protocol": "UDP"}));
+                }),
+            ],
+        );
+    }
+
+    #[test]
+    fn our_env_entry_changed_or_removed_is_applied_again() {
+        judge(
+            deployment,
+            false,
+            &[
+                ("its value changed", |d| container(d)["env"][0]["value"] = json!("debug")),
+                ("it removed", |d| {
+                    container(d)["env"].as_array_mut().expect("env").remove(0);
+                }),
+                ("it replaced by one from a Secret", |d| {
+                    container(d)["env"][0] =
+                        json!({"name": "MODE", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}});
+                }),
+            ],
+        );
+    }
+
+    #[test]
+    fn replicas_changed_on_the_deployment_are_taken_back() {
+        judge(
+            deployment,
+            false,
+            &[
+                ("kubectl scale deployment --replicas=5", |d| d["spec"]["replicas"] = json!(5)),
+                ("scaled to zero", |d| d["spec"]["replicas"] = json!(0)),
+            ],
+        );
+    }
+
+    #[test]
+    fn other_fields_of_ours_changed_by_others_are_taken_back() {
+        judge(
+            deployment,
+            false,
+            &[
+                ("our image", |d| container(d)["image"] = json!("evil:1")),
+                ("our container renamed", |d| container(d)["name"] = json!("other")),
+                ("our port's protocol", |d| container(d)["ports"][0]["protocol"] = json!("UDP")),
+                ("our label's value", |d| d["metadata"]["labels"][MANAGED_BY_LABEL] = json!("someone")),
+                ("our owner reference removed", |d| d["metadata"]["ownerReferences"] = json!([])),
+            ],
+        );
+        judge(service, false, &[("our port's target", |s| s["spec"]["ports"][0]["targetPort"] = json!(9999))]);
+    }
+
+    /// The values at `path` (object keys; lists are walked through) in `v`.
+    fn at<'a>(v: &'a Value, path: &[&str]) -> Vec<&'a Value> {
+        match (v, path.split_first()) {
+            (_, None) => vec![v],
+            (Value::Array(items), _) => items.iter().flat_map(|x| at(x, path)).collect(),
+            (Value::Object(o), Some((k, rest))) => o.get(*k).map(|x| at(x, rest)).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn every_entry_of_a_keyed_list_carries_its_keys() {
+        let docs = [
+            serde_json::to_value(deployment(&full_app())).expect("serializes"),
+            serde_json::to_value(service(&full_app())).expect("serializes"),
+        ];
+        let mut entries = 0;
+        for (path, keys) in KEYED_LISTS {
+            for list in docs.iter().flat_map(|d| at(d, path)) {
+                for entry in list.as_array().expect("a keyed list is a list") {
+                    entries += 1;
+                    assert!(keys.iter().all(|k| entry.get(k).is_some()), "{path:?}: {entry} lacks one of {keys:?}");
+                }
+            }
+        }
+        assert_eq!(entries, 7, "owner references (2), containers, env (2), container ports, Service ports");
     }
 
     #[test]

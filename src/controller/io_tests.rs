@@ -127,6 +127,37 @@ async fn an_unchanged_object_makes_no_write() {
     assert_eq!(stored(&fake).await.metadata.resource_version, app.metadata.resource_version);
 }
 
+/// Someone else adds to the Deployment (`kubectl set env`, an injected sidecar, a label): the
+/// API server keeps the additions through every apply, so the next reconcile writes nothing
+/// rather than applying again, forever, to no effect.
+#[tokio::test(start_paused = true)]
+async fn additions_to_a_child_by_others_make_no_write() {
+    let mode = crate::api::EnvVar { name: "MODE".into(), value: "prod".into() };
+    let (fake, ctx) = start(&MyApp::test().with_spec(|s| s.env = vec![mode])).await;
+    stored(&fake).await.reconcile(&ctx).await.expect("the first reconcile");
+    let mut deployment = fake.get(DEPLOYMENTS, "web").expect("the Deployment exists");
+    let containers = deployment.pointer_mut("/spec/template/spec/containers").and_then(|c| c.as_array_mut());
+    let containers = containers.expect("containers");
+    let env = containers[0].get_mut("env").and_then(|e| e.as_array_mut()).expect("the app's env");
+    env.push(serde_json::json!({"name": "X", "value": "1"}));
+    containers.push(serde_json::json!({"name": "proxy", "image": "envoy:1"}));
+    deployment["metadata"]["labels"]["team"] = "a".into();
+    fake.put(DEPLOYMENTS, deployment);
+    until(&ctx, "the additions", |c| {
+        c.deployments
+            .get(NS, "web")
+            .and_then(|d| d.object().ok())
+            .is_some_and(|d| d.spec.template.spec.is_some_and(|s| s.containers.len() == 2))
+            && c.services.get(NS, "web").is_some()
+    })
+    .await;
+
+    let app = stored(&fake).await;
+    let from = fake.requests().len();
+    assert!(app.reconcile(&ctx).await.expect("the second reconcile").is_some());
+    assert_eq!(writes(&fake, from), Vec::<String>::new(), "additions by others are kept, not re-applied");
+}
+
 #[tokio::test(start_paused = true)]
 async fn cleanup_waits_for_the_children() {
     let (fake, ctx) = start(&MyApp::test().finalized()).await;
