@@ -42,22 +42,200 @@ fn roles_have_no_wildcards() {
     assert!(rules >= 5, "the roles grant what the operator uses ({rules} rules)");
 }
 
+/// What the roles may grant on one resource: exactly the verbs the operator's code uses there.
+struct Allowed {
+    /// `ClusterRole` or `Role` (the operator's namespace only).
+    kind: &'static str,
+    group: &'static str,
+    resource: &'static str,
+    verbs: &'static [&'static str],
+    /// Every verb but `create` (which cannot be) is granted for named objects only.
+    by_name: bool,
+}
+
+/// The verbs the code uses, per resource, with the code that needs each. A verb the code stops
+/// using comes out of this list and out of `deploy/rbac`; a new call goes into both.
+const ALLOWED: &[Allowed] = &[
+    // list, watch: the warm cache (src/controller/cache.rs, `Caches::start`);
+    // patch: the finalizer (src/controller/writer.rs, `Writer::set_finalizers`). Nothing GETs a MyApp.
+    Allowed {
+        kind: "ClusterRole",
+        group: "myapp.dev",
+        resource: "myapps",
+        verbs: &["list", "watch", "patch"],
+        by_name: false,
+    },
+    // patch: src/controller/writer.rs, `Writer::patch_status`.
+    Allowed { kind: "ClusterRole", group: "myapp.dev", resource: "myapps/status", verbs: &["patch"], by_name: false },
+    // update: the children's owner references set blockOwnerDeletion (src/controller/children.rs,
+    // `metadata`), which the OwnerReferencesPermissionEnforcement admission plugin allows only to
+    // whoever may update the owner's finalizers.
+    Allowed {
+        kind: "ClusterRole",
+        group: "myapp.dev",
+        resource: "myapps/finalizers",
+        verbs: &["update"],
+        by_name: false,
+    },
+    // list, watch: the warm caches (src/controller/cache.rs); get: a child the cache lacks
+    // (src/controller/reconcile.rs, `live_child`); patch: server-side apply, which needs create
+    // too when it makes the object (src/controller/writer.rs, `Writer::apply`); delete: cleanup
+    // (`Writer::delete`).
+    Allowed {
+        kind: "ClusterRole",
+        group: "apps",
+        resource: "deployments",
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
+        by_name: false,
+    },
+    // As for Deployments.
+    Allowed {
+        kind: "ClusterRole",
+        group: "",
+        resource: "services",
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
+        by_name: false,
+    },
+    // create, then patch for the next of a series: src/controller/events.rs, `Publisher::publish`
+    // (events.k8s.io/v1 only; nothing writes core v1 Events).
+    Allowed {
+        kind: "ClusterRole",
+        group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create", "patch"],
+        by_name: false,
+    },
+    // get, patch (a JSON patch testing the resourceVersion): src/webhook/ca_bundle.rs,
+    // `ensure_one`; list, watch by name: src/webhook/lifecycle.rs, `changes`.
+    Allowed {
+        kind: "ClusterRole",
+        group: "admissionregistration.k8s.io",
+        resource: "mutatingwebhookconfigurations",
+        verbs: &["get", "list", "watch", "patch"],
+        by_name: true,
+    },
+    // As for the mutating configuration.
+    Allowed {
+        kind: "ClusterRole",
+        group: "admissionregistration.k8s.io",
+        resource: "validatingwebhookconfigurations",
+        verbs: &["get", "list", "watch", "patch"],
+        by_name: true,
+    },
+    // get: `Elector::refresh`; create, update (replace with the resourceVersion read):
+    // `Elector::write`; list, watch by name: `Elector::run` (src/leader/elector.rs).
+    Allowed {
+        kind: "Role",
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "list", "watch", "create", "update"],
+        by_name: true,
+    },
+    // get, create, update (replace under compare-and-swap): src/webhook/secret.rs, `ensure`;
+    // list, watch by name: src/webhook/lifecycle.rs, `changes`.
+    Allowed {
+        kind: "Role",
+        group: "",
+        resource: "secrets",
+        verbs: &["get", "list", "watch", "create", "update"],
+        by_name: true,
+    },
+];
+
+/// Verbs that hand out more than the operator's own rights: never granted.
+const NEVER: &[&str] = &["*", "escalate", "bind", "impersonate"];
+
+fn strings(v: &serde_yaml::Value) -> Vec<&str> {
+    v.as_sequence().into_iter().flatten().filter_map(serde_yaml::Value::as_str).collect()
+}
+
+/// Every (kind, group, resource, verb, named) the roles of `docs` grant.
+fn grants(docs: &[serde_yaml::Value]) -> Vec<(String, String, String, String, bool)> {
+    let mut grants = Vec::new();
+    for doc in docs {
+        let Some(kind @ ("ClusterRole" | "Role")) = doc["kind"].as_str() else { continue };
+        for rule in doc["rules"].as_sequence().expect("rules") {
+            let named = !strings(&rule["resourceNames"]).is_empty();
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for verb in strings(&rule["verbs"]) {
+                        grants.push((kind.into(), group.into(), resource.into(), verb.into(), named));
+                    }
+                }
+            }
+        }
+    }
+    grants
+}
+
+/// The verbs of the roles, checked against [`ALLOWED`]: `Ok` when they grant exactly those, else
+/// what is wrong.
+fn least_privilege(docs: &[serde_yaml::Value]) -> Result<(), String> {
+    let granted = grants(docs);
+    for (kind, group, resource, verb, named) in &granted {
+        let what = format!("{kind} grants {verb:?} on {group:?}/{resource}");
+        if NEVER.contains(&verb.as_str()) {
+            return Err(format!("{what}: never granted"));
+        }
+        let allowed = ALLOWED.iter().find(|a| a.kind == kind && a.group == group && a.resource == resource);
+        let Some(allowed) = allowed else { return Err(format!("{what}: no code uses that resource")) };
+        if !allowed.verbs.contains(&verb.as_str()) {
+            return Err(format!("{what}: the code does not use it (allowed: {:?})", allowed.verbs));
+        }
+        if allowed.by_name && verb != "create" && !named {
+            return Err(format!("{what} on every object, not by name"));
+        }
+    }
+    for a in ALLOWED {
+        for verb in a.verbs {
+            let has = granted.iter().any(|(k, g, r, v, _)| k == a.kind && g == a.group && r == a.resource && v == verb);
+            if !has {
+                return Err(format!("{} lacks {verb:?} on {:?}/{}, which the code uses", a.kind, a.group, a.resource));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
-fn cluster_role_grants_what_the_operator_writes() {
+fn roles_grant_exactly_the_verbs_the_code_uses() {
     let docs = rbac_docs();
-    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").expect("ClusterRole");
-    let grants = |group: &str, resource: &str, verb: &str| {
-        role["rules"].as_sequence().expect("rules").iter().any(|r| {
-            let has = |k: &str, v: &str| r[k].as_sequence().is_some_and(|s| s.iter().any(|x| x.as_str() == Some(v)));
-            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
-        })
+    assert!(grants(&docs).len() >= 30, "the roles were read");
+    if let Err(e) = least_privilege(&docs) {
+        panic!("deploy/rbac: {e}");
+    }
+}
+
+/// The check refuses what it should: each verb that is not needed, or that hands out rights.
+#[test]
+fn least_privilege_refuses_extra_and_dangerous_verbs() {
+    let with_rule = |kind: &str, rule: serde_yaml::Value| {
+        let mut docs = rbac_docs();
+        let role = docs.iter_mut().find(|d| d["kind"].as_str() == Some(kind)).expect("the role");
+        role["rules"].as_sequence_mut().expect("rules").push(rule);
+        docs
     };
-    assert!(grants("apps", "deployments", "patch"));
-    assert!(grants("", "services", "patch"));
-    assert!(grants("myapp.dev", "myapps/status", "patch"));
-    assert!(grants("myapp.dev", "myapps", "watch"));
-    assert!(grants("events.k8s.io", "events", "create"));
-    assert!(!grants("", "secrets", "get"), "secrets are granted in the operator's namespace only");
+    let rule = |group: &str, resource: &str, verb: &str| {
+        serde_yaml::from_str::<serde_yaml::Value>(&format!(
+            "{{apiGroups: [\"{group}\"], resources: [\"{resource}\"], verbs: [\"{verb}\"]}}"
+        ))
+        .expect("a rule")
+    };
+    let cases = [
+        ("ClusterRole", rule("apps", "deployments", "update")),
+        ("ClusterRole", rule("myapp.dev", "myapps", "update")),
+        ("ClusterRole", rule("", "events", "create")),
+        ("ClusterRole", rule("rbac.authorization.k8s.io", "clusterroles", "escalate")),
+        ("ClusterRole", rule("rbac.authorization.k8s.io", "clusterroles", "bind")),
+        ("ClusterRole", rule("", "serviceaccounts", "impersonate")),
+        ("ClusterRole", rule("", "secrets", "get")),
+        ("Role", rule("", "secrets", "get")),
+        ("Role", rule("", "secrets", "delete")),
+    ];
+    for (kind, extra) in cases {
+        let docs = with_rule(kind, extra.clone());
+        assert!(least_privilege(&docs).is_err(), "{kind} with {extra:?} passed");
+    }
 }
 
 /// The rules of the webhook configuration of `kind` in deploy/webhook/webhooks.yaml: the resources
