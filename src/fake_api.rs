@@ -36,6 +36,10 @@
 //!   compaction ([`FakeApi::compact`]) ends every open watch and answers a watch resumed from
 //!   before it with 410 Gone.
 //!
+//! - Every answer carries a `Date` header, as the real server's do: the wall clock by default,
+//!   or a time a test sets ([`FakeApi::set_time`]) that then runs on with tokio's clock; a test
+//!   can also leave the header out.
+//!
 //! Time comes from tokio, so tests run with `start_paused = true` and take no wall time.
 #![allow(dead_code)]
 
@@ -96,6 +100,33 @@ struct State {
     log: Vec<Seen>,
     /// The revision of the last [`FakeApi::compact`]: a watch from before it gets 410 Gone.
     compacted: u64,
+    /// What the `Date` header says.
+    clock: ServerClock,
+}
+
+/// The fake server's clock, as its `Date` header tells it.
+#[derive(Clone, Copy, Default)]
+enum ServerClock {
+    /// The wall clock.
+    #[default]
+    Wall,
+    /// This time at this tokio instant, running on with tokio's clock.
+    At(time::OffsetDateTime, Instant),
+    /// No `Date` header.
+    Off,
+}
+
+impl ServerClock {
+    /// The `Date` header's value (an HTTP date, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`), if any.
+    fn date(self) -> Option<http::HeaderValue> {
+        let now = match self {
+            ServerClock::Wall => time::OffsetDateTime::now_utc(),
+            ServerClock::At(t, at) => t + Instant::now().saturating_duration_since(at),
+            ServerClock::Off => return None,
+        };
+        let text = now.to_offset(time::UtcOffset::UTC).format(&time::format_description::well_known::Rfc2822).ok()?;
+        http::HeaderValue::from_str(&text.replace("+0000", "GMT")).ok()
+    }
 }
 
 /// The fake server; clone it freely, every clone sees the same store.
@@ -265,6 +296,12 @@ impl FakeApi {
         self.lock().delay = d;
     }
 
+    /// Sets the server's clock to `time` from now on, running with tokio's clock; `None` leaves
+    /// the `Date` header out of every answer.
+    pub fn set_time(&self, time: Option<time::OffsetDateTime>) {
+        self.lock().clock = time.map_or(ServerClock::Off, |t| ServerClock::At(t, Instant::now()));
+    }
+
     /// While on, no request is ever answered (a partition or a hung server).
     pub fn set_blackhole(&self, on: bool) {
         self.lock().blackhole = on;
@@ -399,6 +436,9 @@ impl FakeApi {
         let mut resp = Response::new(StreamBody::new(chunks));
         *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        if let Some(date) = self.lock().clock.date() {
+            resp.headers_mut().insert(http::header::DATE, date);
+        }
         resp
     }
 

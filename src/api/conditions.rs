@@ -103,6 +103,10 @@ pub const INVALID_SPEC: &str = "InvalidSpec";
 pub const INVALID_NAME: &str = "InvalidName";
 /// The reason of the conditions when `spec.replicas` is more than the operator's policy allows.
 pub const REPLICAS_OVER_POLICY: &str = "ReplicasOverPolicy";
+/// The reason of the conditions when `spec.image` comes from a registry the policy does not allow.
+pub const IMAGE_REGISTRY_NOT_ALLOWED: &str = "ImageRegistryNotAllowed";
+/// The reason of the conditions when `spec.env` sets a name the policy forbids.
+pub const ENV_FORBIDDEN: &str = "EnvForbidden";
 
 /// The three conditions of a `MyApp` that cannot progress without a change from its owner.
 fn stalled(reason: &str, message: &str, generation: i64) -> Vec<Condition> {
@@ -332,6 +336,8 @@ mod tests {
             Outcome::NameConflict("x".into()),
             Outcome::Refused { reason: INVALID_NAME, message: "x".into() },
             Outcome::Refused { reason: REPLICAS_OVER_POLICY, message: "x".into() },
+            Outcome::Refused { reason: IMAGE_REGISTRY_NOT_ALLOWED, message: "x".into() },
+            Outcome::Refused { reason: ENV_FORBIDDEN, message: "x".into() },
             Outcome::ApplyFailed("x".into()),
             Outcome::Deleting,
             Outcome::Rollout(facts(1, 1, 1)),

@@ -5,10 +5,11 @@
 use super::Context;
 use super::cache::Caches;
 use super::fixtures::{DEPLOYMENTS, MYAPPS, NS, SERVICES};
-use crate::api::{FINALIZER, MyApp};
+use crate::api::{EnvVar, FINALIZER, MyApp};
 use crate::fake_api::{FakeApi, Seen};
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
+use crate::webhook::policy::Policy;
 use kube::api::{Api, DeleteParams};
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,6 +111,57 @@ async fn an_invalid_spec_only_updates_the_status() {
     let status = stored(&fake).await.status.expect("a status");
     let ready = crate::api::conditions::find(&status.conditions, crate::api::conditions::READY).expect("Ready");
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", crate::api::conditions::INVALID_SPEC));
+}
+
+/// Reconciles `app` under [`Policy::tightened`]: asserts that it writes only the status and a
+/// Warning Event, that the MyApp reports `Stalled` with `reason`, and returns its message.
+async fn refused_by_the_policy(fake: &FakeApi, ctx: &Context, reason: &str) -> String {
+    use crate::api::conditions::{READY, STALLED, find, is_true};
+    let from = fake.requests().len();
+    assert_eq!(stored(fake).await.reconcile(ctx).await.expect("reconciled"), None, "nothing to do until it changes");
+    let writes = writes(fake, from);
+    assert_eq!(writes, vec![format!("PATCH {MYAPPS}/web/status"), format!("POST {EVENTS}")], "{writes:#?}");
+    let status = stored(fake).await.status.expect("a status");
+    assert!(is_true(&status.conditions, STALLED), "Stalled");
+    let ready = find(&status.conditions, READY).expect("Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", reason));
+    ready.message.clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forbidden_registry_gets_no_child_and_is_stalled_by_the_rule() {
+    // nginx comes from docker.io; the tightened policy allows ghcr.io only.
+    let (fake, ctx) = start(&MyApp::test().finalized()).await;
+    let ctx = ctx.with_policy(Policy::tightened());
+    let message = refused_by_the_policy(&fake, &ctx, "ImageRegistryNotAllowed").await;
+    assert!(message.starts_with("spec.image: registry \"docker.io\" is not allowed"), "{message}");
+    assert!(fake.get(DEPLOYMENTS, "web").is_none() && fake.get(SERVICES, "web").is_none(), "no child");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forbidden_env_gets_no_child_and_is_stalled_by_the_rule() {
+    let app = MyApp::test().finalized().with_spec(|s| {
+        s.image = "ghcr.io/org/app:1".into();
+        s.env = vec![EnvVar { name: "LD_PRELOAD".into(), value: "/x.so".into() }];
+    });
+    let (fake, ctx) = start(&app).await;
+    let ctx = ctx.with_policy(Policy::tightened());
+    let message = refused_by_the_policy(&fake, &ctx, "EnvForbidden").await;
+    assert_eq!(message, "spec.env[0].name: \"LD_PRELOAD\" may not be set");
+    assert!(fake.get(DEPLOYMENTS, "web").is_none() && fake.get(SERVICES, "web").is_none(), "no child");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tightened_policy_stalls_the_rollout_but_leaves_running_children_alone() {
+    let (fake, ctx) = start(&MyApp::test().finalized()).await;
+    stored(&fake).await.reconcile(&ctx).await.expect("rolled out under no policy");
+    let (deployment, service) = (fake.get(DEPLOYMENTS, "web"), fake.get(SERVICES, "web"));
+    assert!(deployment.is_some() && service.is_some(), "both children run");
+
+    // The admin tightens the policy; the operator restarts with it.
+    let ctx = ctx.with_policy(Policy::tightened());
+    refused_by_the_policy(&fake, &ctx, "ImageRegistryNotAllowed").await;
+    assert_eq!((fake.get(DEPLOYMENTS, "web"), fake.get(SERVICES, "web")), (deployment, service), "untouched");
 }
 
 #[tokio::test(start_paused = true)]

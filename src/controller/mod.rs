@@ -81,7 +81,7 @@ pub struct Context {
     term_started: Mutex<Option<tokio::time::Instant>>,
     /// MyApps waiting for a reconcile in this term.
     pending: Arc<queue::Pending>,
-    /// The policy the webhooks enforce; the reconciler holds `spec.replicas` to it as well.
+    /// The policy the webhooks enforce; the reconciler holds every MyApp to all of it as well.
     pub policy: Policy,
 }
 

@@ -10,12 +10,10 @@ use super::cached::Shape;
 use super::children::{self, selector_string};
 use super::ownership::{self, Claim, Conflict};
 use super::store::Children;
-use crate::api::conditions::{
-    self, INVALID_NAME, INVALID_SPEC, NAME_CONFLICT, Outcome, READY, REPLICAS_OVER_POLICY, RolloutFacts,
-};
-use crate::api::validation::{join, validate_name, validate_spec};
+use crate::api::conditions::{self, INVALID_NAME, INVALID_SPEC, NAME_CONFLICT, Outcome, READY, RolloutFacts};
+use crate::api::validation::{FieldError, join, validate_name, validate_spec};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
-use crate::webhook::policy::Policy;
+use crate::webhook::policy::{Policy, Rule};
 use crate::{Error, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
@@ -220,10 +218,23 @@ pub fn cleanup_recheck(waited: Duration) -> Duration {
 /// Why `app` must get no children, if it must not: as the `(reason, message)` of its conditions,
 /// the message naming the field. In order: a name that cannot name a Service or be a label value
 /// ([`validate_name`]; reason [`INVALID_NAME`]), a spec against the API's rules ([`validate_spec`];
-/// [`INVALID_SPEC`]), and more replicas than `policy` allows ([`Policy::replicas_over_max`];
-/// [`REPLICAS_OVER_POLICY`]). The webhook refuses all three at admission; this catches what got
-/// past it: objects written while it was not called, or before the policy was tightened (which
-/// admission lets keep their replicas, see [`Policy::check`]).
+/// [`INVALID_SPEC`]), and the whole admission policy ([`Policy::breaches`], the function the
+/// webhook's [`Policy::check`] calls too): reason the first rule broken ([`Rule::reason`]:
+/// `ImageRegistryNotAllowed`, `EnvForbidden`, `ReplicasOverPolicy`), message every breach.
+///
+/// # Guarantees
+///
+/// - **One policy, everywhere**: what `/validate` refuses on creation, this refuses too, so a
+///   `MyApp` the webhook never saw (written in the operator's own namespace, which the webhooks
+///   skip, or while their configuration was absent) rolls out no forbidden registry, env or
+///   replica count.
+/// - **No ratcheting here, and no teardown**: admission lets an update keep a field that a
+///   tightened policy now forbids (see [`Policy::check`]), so that the object can always be
+///   updated and deleted. The reconciler judges the spec as it is against the policy as it is:
+///   such a `MyApp` gets no child write (nothing against the policy is rolled out, nor any other
+///   change of its spec) and reports `Stalled`. Its children are left as they were, never
+///   deleted or scaled down, so tightening a policy does not take running workloads away; they
+///   follow the spec again once it meets the policy.
 pub fn refusal(app: &MyApp, policy: &Policy) -> Option<(&'static str, String)> {
     if let Some(e) = validate_name(&app.name_any()) {
         return Some((INVALID_NAME, e.to_string()));
@@ -232,7 +243,8 @@ pub fn refusal(app: &MyApp, policy: &Policy) -> Option<(&'static str, String)> {
     if !errors.is_empty() {
         return Some((INVALID_SPEC, join(&errors)));
     }
-    policy.replicas_over_max(app.spec.replicas).map(|e| (REPLICAS_OVER_POLICY, e.to_string()))
+    let (rules, errors): (Vec<Rule>, Vec<FieldError>) = policy.breaches(&app.spec).into_iter().unzip();
+    rules.first().map(|rule| (rule.reason(), join(&errors)))
 }
 
 /// The object the API server holds under a child's name: the cached one, or, when the cache has
@@ -255,6 +267,7 @@ where
 mod tests {
     use super::*;
     use crate::api::MyAppSpec;
+    use crate::api::conditions::REPLICAS_OVER_POLICY;
 
     #[test]
     fn cleanup_rechecks_back_off() {
@@ -304,6 +317,33 @@ mod tests {
             assert!(message.starts_with("metadata.name: ") && message.contains("DNS-1035"), "{message}");
         }
         assert_eq!(refusal(&app(&"a".repeat(63), 1), &Policy::default()), None);
+    }
+
+    fn tightened(image: &str, env: &[&str]) -> MyApp {
+        let mut app = app("web", 1);
+        app.spec.image = image.into();
+        app.spec.env = env.iter().map(|n| crate::api::EnvVar { name: (*n).into(), value: "x".into() }).collect();
+        app
+    }
+
+    #[test]
+    fn the_whole_policy_is_enforced_and_each_rule_named() {
+        let p = Policy::tightened();
+        assert_eq!(refusal(&tightened("ghcr.io/org/app:1", &["MODE"]), &p), None);
+        let (reason, message) = refusal(&tightened("nginx:1.27", &[]), &p).expect("refused");
+        assert_eq!(reason, "ImageRegistryNotAllowed");
+        assert_eq!(message, "spec.image: registry \"docker.io\" is not allowed; allowed: ghcr.io");
+        let (reason, message) = refusal(&tightened("ghcr.io/org/app:1", &["MODE", "LD_PRELOAD"]), &p).expect("refused");
+        assert_eq!((reason, message.as_str()), ("EnvForbidden", "spec.env[1].name: \"LD_PRELOAD\" may not be set"));
+        let (reason, message) = refusal(&tightened("nginx:1.27", &["LD_PRELOAD"]), &p).expect("refused");
+        assert_eq!(reason, "ImageRegistryNotAllowed", "the first rule broken names the reason");
+        assert!(
+            message.starts_with("spec.image: ") && message.contains("; spec.env[0].name: "),
+            "every breach: {message}"
+        );
+        // The same judgment as the webhook's on creation.
+        let admitted = p.check(&tightened("nginx:1.27", &["LD_PRELOAD"]).spec, &Default::default(), None);
+        assert_eq!(join(&admitted), message);
     }
 
     #[test]

@@ -38,8 +38,10 @@
 //!
 //! # Caveats
 //!
-//! The schedule is judged on the certificates' own validity times against the local clock; the
-//! certificates are back-dated by [`BACKDATE`] for replicas whose clocks disagree a little.
+//! The schedule is judged on the certificates' own validity times against the `now` it is given.
+//! Replicas whose `now` disagree by more than [`BACKDATE`] judge the same Secret differently: the
+//! caller gives the API server's clock, which every replica shares (see [`super::secret`] for
+//! that rule and for the bound on rewrites when it is not available).
 //! "Published" means written into the Secret: the caBundle follows within seconds (every replica
 //! watches the Secret and both webhook configurations), but the promotion does not wait for the
 //! caBundle to be observed; [`CA_PUBLISH_LEAD`] is the margin for that.
@@ -507,6 +509,26 @@ pub fn next_state(
         changes.push(Change::BundleCleaned);
     }
     Ok((!changes.is_empty()).then_some((out, changes)))
+}
+
+/// True when `secret` can be served as it stands: a signing CA with its key, and a serving
+/// certificate and key that this CA signed and a server can load, all judged at the serving
+/// certificate's own issue time, so whatever any clock says now. A Secret that is not usable is
+/// broken at every time (absent keys, garbage, a key that is not its certificate's); what a
+/// usable one lacks at another time (a renewal, a step of the CA schedule, a SAN) is an opinion
+/// of the judging clock, and [`super::secret`] bounds how often a replica acts on it.
+pub fn usable(secret: &Secret) -> bool {
+    let Some(at) = from_secret(secret).and_then(|(_, crt, _)| issue_time(&crt)) else { return false };
+    let found = Found::read(secret, at);
+    let Some((crt, key)) = found.tls.as_ref() else { return false };
+    found.signer.iter().chain(found.next.iter()).any(|s| Serving::check(crt, key, &s.ca, at).is_some())
+}
+
+/// When the first certificate of `crt` (PEM) was issued: its `notBefore` plus [`BACKDATE`].
+fn issue_time(crt: &str) -> Option<OffsetDateTime> {
+    let der = CertificateDer::pem_slice_iter(crt.as_bytes()).next()?.ok()?;
+    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(unix(x.validity().not_before)? + BACKDATE)
 }
 
 /// The bundle as Secret data and annotations.

@@ -242,3 +242,20 @@ fn pem_is_written_as_rcgen_writes_it() {
     let crt = ca_params(t0()).self_signed(&key).expect("CA");
     assert_eq!(pem("CERTIFICATE", crt.der()), crt.pem());
 }
+
+#[test]
+fn a_secret_is_usable_whatever_the_clock_unless_it_is_broken() {
+    let s = fresh(t0());
+    assert!(usable(&s), "fresh");
+    assert!(step(Some(&s), &sans(), t0() + Duration::days(365)).is_some(), "a clock a year ahead wants a rewrite");
+    assert!(usable(&s), "yet it is usable as it stands: that rewrite is rate-bounded, not urgent");
+    for key in [TLS_CRT, TLS_KEY, CA_CRT, CA_KEY] {
+        let mut broken = s.clone();
+        broken.data.get_or_insert_default().insert(key.into(), ByteString(b"garbage".to_vec()));
+        assert!(!usable(&broken), "garbage in {key}");
+    }
+    let other = to_secret(&issue(&sans(), None, t0()).expect("another CA"), "s", "ns", None);
+    let mut mixed = s.clone();
+    mixed.data.get_or_insert_default().insert(TLS_CRT.into(), ByteString(data(&other, TLS_CRT).into_bytes()));
+    assert!(!usable(&mixed), "a certificate that is not the key's, nor signed by the CA");
+}

@@ -18,6 +18,9 @@
 //!   retried; the server keeps the last good one.
 //! - **Readiness** (`ready`) is true only while a TLS handshake with our own port, verified
 //!   against the current trust bundle, succeeds.
+//! - **A replica's clock cannot make the replicas fight**: the Secret is judged at the API
+//!   server's time, and a replica rewrites a usable Secret at most
+//!   [`secret::MAX_REWRITES`] times an hour whatever any clock says (see [`super::secret`]).
 //!
 //! # Caveats
 //!
@@ -135,7 +138,8 @@ pub(crate) struct Pem {
     pub(crate) key: String,
 }
 
-/// The wall clock the certificates are judged by (a test sets its own).
+/// This replica's wall clock (a test sets its own). Certificates are judged by the API server's
+/// clock; this one only when an answer carries no `Date` (see [`super::secret`]).
 pub(crate) type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
 /// How [`Webhooks::start_with`] runs; the default is production's.
@@ -273,19 +277,21 @@ fn retry_delay(failures: u32) -> Duration {
 struct Upkeep {
     client: Client,
     source: CertSource,
+    /// This replica's clock, used only when the API server's answer has no `Date`.
     clock: Clock,
+    /// This replica's rewrites of a usable Secret, for their bound.
+    rewrites: secret::Rewrites,
 }
 
 impl Upkeep {
     /// One pass: the PEM to serve, if it got that far, and whether everything succeeded.
-    async fn pass(&self) -> (Option<Pem>, Result<(), UpkeepError>) {
+    async fn pass(&mut self) -> (Option<Pem>, Result<(), UpkeepError>) {
         match &self.source {
             CertSource::SelfManaged { namespace, secret, sans, config } => {
-                let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-                let ensured =
-                    tokio::time::timeout(PASS_TIMEOUT, secret::ensure(&api, secret, namespace, sans, (self.clock)()))
-                        .await
-                        .unwrap_or(Err(UpkeepError::Timeout("the certificate Secret")));
+                let ensure = secret::ensure(&self.client, secret, namespace, sans, &self.clock, &mut self.rewrites);
+                let ensured = tokio::time::timeout(PASS_TIMEOUT, ensure)
+                    .await
+                    .unwrap_or(Err(UpkeepError::Timeout("the certificate Secret")));
                 let pem = match ensured {
                     Ok(p) => p,
                     Err(e) => return (None, Err(e)),
@@ -448,7 +454,7 @@ impl Webhooks {
             .self_check
             .then(|| tokio::spawn(self_check(local.port(), server_name, ready.clone(), loaded.clone())));
         let life = Life {
-            upkeep: Upkeep { client, source, clock: options.clock },
+            upkeep: Upkeep { client, source, clock: options.clock, rewrites: secret::Rewrites::default() },
             shared: shared.clone(),
             listener: Some(listener),
             server: None,

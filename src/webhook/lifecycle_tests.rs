@@ -218,7 +218,12 @@ async fn a_ca_near_expiry_rotates_with_both_cas_in_the_ca_bundle() {
         let now = now.clone();
         Arc::new(move || *now.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     };
-    let set = |t: OffsetDateTime| *now.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = t;
+    // The replica's clock and the API server's agree here; certificates follow the server's.
+    fake.set_time(Some(t0));
+    let set = |t: OffsetDateTime| {
+        *now.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = t;
+        fake.set_time(Some(t));
+    };
     let w = start(fake.client(), &["127.0.0.1"], paused(Some(clock)));
     // What `pem` says, once served, in the Secret and in both caBundles alike.
     let settled = |what: &'static str, want: Box<dyn Fn(&Pem) -> bool>| {
@@ -255,6 +260,94 @@ async fn a_ca_near_expiry_rotates_with_both_cas_in_the_ca_bundle() {
     let alone = new_ca.clone();
     let last = settled("the new CA alone, everywhere", Box::new(move |p| p.ca == alone)).await;
     assert_eq!(last.crt, promoted.crt, "the serving certificate stays");
+}
+
+/// A clock `offset` from `t0`, running with tokio's (paused) clock from now on.
+fn skewed(t0: OffsetDateTime, offset: time::Duration) -> Clock {
+    let start = Instant::now();
+    Arc::new(move || t0 + offset + Instant::now().duration_since(start))
+}
+
+/// What three replicas whose clocks are right, a year ahead and a year behind do to one Secret
+/// over `period` (paused time, moved on by hand so that replicas rewriting in a loop cannot
+/// stall the test): fails as soon as the Secret has been written more than `max_writes` times.
+/// Returns the Secret's writes, the distinct caBundles seen, and the replicas.
+async fn three_clocks(
+    fake: &FakeApi,
+    t0: OffsetDateTime,
+    period: Duration,
+    max_writes: usize,
+) -> (usize, Vec<String>, Vec<Webhooks>) {
+    let year = time::Duration::days(365);
+    let replicas: Vec<Webhooks> = [time::Duration::ZERO, year, -year]
+        .into_iter()
+        .map(|offset| start(fake.client(), &["127.0.0.1"], paused(Some(skewed(t0, offset)))))
+        .collect();
+    let mut bundles: Vec<String> = Vec::new();
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        let written = writes(&fake.requests(), SECRETS);
+        assert!(written <= max_writes, "{written} writes of the Secret by {:?}", Instant::now() - (end - period));
+        let set: Vec<String> = ca_bundles(fake).into_iter().flatten().collect();
+        if let Some(ca) = set.first().filter(|_| set.len() == 4 && set.iter().all(|b| b == &set[0]))
+            && bundles.last() != Some(ca)
+        {
+            bundles.push(ca.clone());
+        }
+    }
+    (writes(&fake.requests(), SECRETS), bundles, replicas)
+}
+
+#[tokio::test(start_paused = true)]
+async fn replicas_a_year_ahead_and_behind_agree_with_the_api_servers_clock() {
+    let fake = fake();
+    let t0 = OffsetDateTime::from_unix_timestamp(1_900_000_000).expect("time");
+    fake.set_time(Some(t0));
+    let (written, bundles, replicas) = three_clocks(&fake, t0, Duration::from_secs(2 * 3600), 1).await;
+    assert_eq!(written, 1, "one create, then no rewrite in two hours");
+    assert_eq!(bundles.len(), 1, "the caBundle was set once and never changed");
+    let (ca, crt) = secret_pem(&fake).expect("a Secret");
+    let server_now = t0 + Duration::from_secs(2 * 3600);
+    assert!(certs::trusts(&ca, &crt, server_now), "valid at the API server's time, which verifies it");
+    for (i, w) in replicas.iter().enumerate() {
+        assert_eq!(w.loaded().borrow().as_ref().map(|p| p.crt.as_str()), Some(crt.as_str()), "replica {i} serves it");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_api_servers_clock_skewed_replicas_rewrite_within_the_bound() {
+    let fake = fake();
+    fake.set_time(None);
+    let t0 = OffsetDateTime::from_unix_timestamp(1_900_000_000).expect("time");
+    let hours = 2;
+    // A create, then at most the bound per replica and window: the skewed replicas do disagree.
+    let bound = 1 + 3 * secret::MAX_REWRITES * hours;
+    let period = secret::REWRITE_WINDOW * u32::try_from(hours).expect("hours") - Duration::from_secs(60);
+    let (written, bundles, _replicas) = three_clocks(&fake, t0, period, bound).await;
+    assert!(written <= bound, "{written} writes");
+    assert!(written > 1, "the replicas do disagree without a shared clock, so the bound is what holds");
+    assert!(bundles.len() <= bound, "the caBundle changed {} times", bundles.len());
+    // The last hour alone: within one window's bound for three replicas.
+    let before = fake.requests().len();
+    let (mut last_hour, mut flips) = (0, 0);
+    let mut ca = ca_bundles(&fake);
+    let end = Instant::now() + secret::REWRITE_WINDOW - Duration::from_secs(60);
+    while Instant::now() < end {
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        last_hour = writes(&fake.requests()[before..], SECRETS);
+        assert!(last_hour <= 3 * secret::MAX_REWRITES, "{last_hour} writes in an hour");
+        let now = ca_bundles(&fake);
+        flips += usize::from(now != ca);
+        ca = now;
+    }
+    assert!(flips <= 3 * secret::MAX_REWRITES, "{flips} caBundle changes in an hour ({last_hour} writes)");
 }
 
 #[tokio::test(start_paused = true)]

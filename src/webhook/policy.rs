@@ -2,6 +2,7 @@
 //! in code. Every denial names the field.
 
 use crate::api::MyAppSpec;
+use crate::api::conditions::{ENV_FORBIDDEN, IMAGE_REGISTRY_NOT_ALLOWED, REPLICAS_OVER_POLICY};
 use crate::api::validation::{FieldError, validate_replicas, validate_spec};
 use std::collections::BTreeMap;
 
@@ -29,7 +30,54 @@ pub fn registry(image: &str) -> &str {
     }
 }
 
+/// A rule of the [`Policy`] (the configurable part, beyond the API's own rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// `spec.image` from a registry in [`Policy::allowed_registries`].
+    Registry,
+    /// No `spec.env` name in [`Policy::forbidden_env`].
+    ForbiddenEnv,
+    /// `spec.replicas` at most [`Policy::max_replicas`].
+    MaxReplicas,
+}
+
+impl Rule {
+    /// The CamelCase reason a `MyApp` refused by this rule reports in its conditions.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rule::Registry => IMAGE_REGISTRY_NOT_ALLOWED,
+            Rule::ForbiddenEnv => ENV_FORBIDDEN,
+            Rule::MaxReplicas => REPLICAS_OVER_POLICY,
+        }
+    }
+}
+
 impl Policy {
+    /// Every rule of the policy that `spec` breaks, each with its error naming the field, in the
+    /// order registries, env, replicas; no old spec, no ratcheting. The one judgment of the
+    /// policy: [`Policy::check`] (the webhook) ratchets what it returns on update, and the
+    /// reconciler refuses a `MyApp` for which it returns anything
+    /// ([`crate::controller::reconcile::refusal`]).
+    pub fn breaches(&self, spec: &MyAppSpec) -> Vec<(Rule, FieldError)> {
+        let mut out = Vec::new();
+        if !self.allowed_registries.is_empty() {
+            let reg = registry(&spec.image);
+            if !self.allowed_registries.iter().any(|a| a == reg) {
+                let message =
+                    format!("registry {reg:?} is not allowed; allowed: {}", self.allowed_registries.join(", "));
+                out.push((Rule::Registry, FieldError::new("spec.image", message)));
+            }
+        }
+        for (i, env) in spec.env.iter().enumerate() {
+            if self.forbidden_env.iter().any(|f| f == &env.name) {
+                let error = FieldError::new(format!("spec.env[{i}].name"), format!("{:?} may not be set", env.name));
+                out.push((Rule::ForbiddenEnv, error));
+            }
+        }
+        out.extend(self.replicas_over_max(spec.replicas).map(|e| (Rule::MaxReplicas, e)));
+        out
+    }
+
     /// Problems with a new or updated spec. `old` is the previous spec on update, and
     /// `annotations` are the new object's.
     ///
@@ -42,6 +90,11 @@ impl Policy {
     /// `spec.env` (a list without keys, so any change to it checks every entry, as for an atomic
     /// list) and `spec.resources`; an error about anything else is always reported.
     ///
+    /// The reconciler does not ratchet: it has no old spec, and holds what it rolls out to the
+    /// whole policy as it is now (see [`crate::controller::reconcile::refusal`]). So after a
+    /// tightening, an update that keeps a field now forbidden is admitted but not rolled out,
+    /// and the children already running are left as they are.
+    ///
     /// `spec.port` may change only with [`ALLOW_PORT_CHANGE`] set to `"true"` on the new object,
     /// because the Service's clients know the old port. (A rule that looks at whether the Service
     /// exists would need an API call inside admission; this one is pure, and an owner who means
@@ -53,21 +106,7 @@ impl Policy {
         old: Option<&MyAppSpec>,
     ) -> Vec<FieldError> {
         let mut errors = validate_spec(spec);
-        if !self.allowed_registries.is_empty() {
-            let reg = registry(&spec.image);
-            if !self.allowed_registries.iter().any(|a| a == reg) {
-                errors.push(FieldError::new(
-                    "spec.image",
-                    format!("registry {reg:?} is not allowed; allowed: {}", self.allowed_registries.join(", ")),
-                ));
-            }
-        }
-        for (i, env) in spec.env.iter().enumerate() {
-            if self.forbidden_env.iter().any(|f| f == &env.name) {
-                errors.push(FieldError::new(format!("spec.env[{i}].name"), format!("{:?} may not be set", env.name)));
-            }
-        }
-        errors.extend(self.replicas_over_max(spec.replicas));
+        errors.extend(self.breaches(spec).into_iter().map(|(_, e)| e));
         if let Some(old) = old {
             errors.retain(|e| changed(&e.field, old, spec));
             if old.port != spec.port && annotations.get(ALLOW_PORT_CHANGE).map(String::as_str) != Some("true") {
@@ -83,8 +122,7 @@ impl Policy {
         errors
     }
 
-    /// The error when `replicas` is more than [`Policy::max_replicas`] allows. The reconciler
-    /// asks this too, so that a spec the webhook never saw is not rolled out either.
+    /// The error when `replicas` is more than [`Policy::max_replicas`] allows.
     pub fn replicas_over_max(&self, replicas: i32) -> Option<FieldError> {
         self.max_replicas
             .filter(|max| replicas > *max)
