@@ -63,6 +63,11 @@ pub trait Apply<K> {
     /// Applies `event`. Returns the objects that a list, at its end, found gone: deleted while
     /// the watch was away, they are in no event of their own.
     fn apply(&mut self, event: &Event<K>) -> Vec<K>;
+
+    /// Whether the controller hears of `obj`'s events (it does of every object the store keeps).
+    fn concerns(&self, _obj: &K) -> bool {
+        true
+    }
 }
 
 /// Watches `api`, writes its events with `writer`, and sends every object an event names, or
@@ -84,7 +89,7 @@ where
                         Event::Init | Event::InitDone => None,
                     };
                     // No receiver (a standby) is the normal case, not an error.
-                    for obj in named.into_iter().chain(gone) {
+                    for obj in named.into_iter().chain(gone).filter(|o| writer.concerns(o)) {
                         drop(tx.send(Arc::new(obj)));
                     }
                 }

@@ -107,10 +107,29 @@ pub struct ChildWriter<K> {
     seen: Option<HashSet<String>>,
 }
 
+/// Whether a MyApp controls `child`: only such children are kept. Anyone who can create a
+/// Deployment or a Service can give it the operator's label, so the label alone must not cost
+/// every replica memory; an object some MyApp controls is one the operator wrote, or one whose
+/// owner reference a user forged, which the garbage collector deletes once it finds no such
+/// owner. A reconcile that finds no child in the store reads it from the API server, so a foreign
+/// object of a child's name is still seen, and never taken over.
+fn owned<K: Shape>(child: &Cached<K>) -> bool {
+    super::queue::owner(kube::Resource::meta(child)).is_some()
+}
+
 impl<K: Shape> Apply<Cached<K>> for ChildWriter<K> {
+    fn concerns(&self, child: &Cached<K>) -> bool {
+        owned(child)
+    }
+
     fn apply(&mut self, event: &Event<Cached<K>>) -> Vec<Cached<K>> {
         match event {
             Event::Init => self.seen = Some(HashSet::new()),
+            // Not kept, and not marked seen: had it been kept (a child a MyApp no longer
+            // controls), the end of the list drops it.
+            Event::InitApply(child) if !owned(child) => {}
+            // A child that lost its controller reference leaves the store.
+            Event::Apply(child) if !owned(child) => self.store.remove(child),
             Event::InitApply(child) => {
                 if let Some(seen) = self.seen.as_mut() {
                     let meta = kube::Resource::meta(child);
@@ -197,6 +216,32 @@ mod tests {
             back.metadata.annotations.and_then(|a| a.get(crate::api::APPLIED_HASH).cloned()).as_deref(),
             Some("a\nb")
         );
+    }
+
+    /// `service` as someone else's: the operator's label, no controller reference to a MyApp.
+    fn foreign(name: &str) -> Cached<Service> {
+        let mut app = children::tests::app();
+        app.metadata.name = Some(name.into());
+        let mut doc = serde_json::to_value(children::service(&app)).expect("a Service serializes");
+        doc["metadata"].as_object_mut().expect("metadata").remove("ownerReferences");
+        Cached::from_json(doc).expect("cached")
+    }
+
+    #[tokio::test]
+    async fn an_object_with_our_label_that_no_myapp_controls_is_not_kept_nor_sent_on() {
+        let store = Children::<Service>::default();
+        let mut w = store.writer();
+        for e in [Event::Init, Event::InitApply(foreign("x")), Event::InitApply(service("a", 1)), Event::InitDone] {
+            w.apply(&e);
+        }
+        assert_eq!(held(&store), names(&[("a", 1)]), "only the child a MyApp controls is kept");
+        assert!(!w.concerns(&foreign("x")), "a foreign object's events are not sent to the controller");
+        assert!(w.concerns(&service("a", 1)));
+        w.apply(&Event::Apply(foreign("y")));
+        assert_eq!(store.len(), 1, "nor is one that arrives by a watch event");
+        // A child that loses its controller reference leaves the store.
+        w.apply(&Event::Apply(foreign("a")));
+        assert!(store.is_empty());
     }
 
     #[tokio::test]
