@@ -39,7 +39,7 @@ pub struct Shared {
     /// then closed gracefully after it (GOAWAY on HTTP/2), so callers stop reusing connections
     /// to this replica before it stops listening.
     pub draining: std::sync::atomic::AtomicBool,
-    /// The in-flight cap and the body budget.
+    /// The in-flight cap and the memory budget.
     pub gate: limits::Gate,
 }
 

@@ -203,18 +203,50 @@ pub fn answer_review(
     Ok(resp.into_review())
 }
 
+/// The `kind` and `request.uid` of a body, read without building the rest: serde skips every
+/// other field without allocating, so this costs nothing like a parse of the whole review.
+fn envelope(body: &[u8]) -> Option<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct Request<'a> {
+        #[serde(borrow, default)]
+        uid: Option<std::borrow::Cow<'a, str>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow, default)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, default)]
+        request: Option<Request<'a>>,
+    }
+    let e: Envelope<'_> = serde_json::from_slice(body).ok()?;
+    Some((e.kind?.into_owned(), e.request?.uid?.into_owned()))
+}
+
+/// A denial under the request's uid of a review that is not parsed (`why`, with HTTP-like
+/// `code`), or [`NotAReview`] when the body names no uid of an AdmissionReview.
+pub fn refuse_unparsed(
+    body: &[u8],
+    why: impl std::fmt::Display,
+    code: u16,
+) -> Result<AdmissionReview<DynamicObject>, NotAReview> {
+    match envelope(body) {
+        Some((kind, uid)) if kind == "AdmissionReview" && !uid.is_empty() => {
+            let mut resp = deny(AdmissionResponse::invalid(""), why.to_string());
+            resp.result.code = code;
+            if code == 413 {
+                resp.result.reason = "RequestEntityTooLarge".into();
+            }
+            resp.uid = uid;
+            Ok(resp.into_review())
+        }
+        _ => Err(NotAReview(why.to_string())),
+    }
+}
+
 /// An AdmissionReview whose request has a uid but does not decode (e.g. an `object` that is no
 /// object) is denied under that uid; anything else is [`NotAReview`].
 fn unreadable_request(body: &[u8], e: serde_json::Error) -> Result<AdmissionReview<DynamicObject>, NotAReview> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| NotAReview(e.to_string()))?;
-    match (value["kind"].as_str(), value["request"]["uid"].as_str()) {
-        (Some("AdmissionReview"), Some(uid)) if !uid.is_empty() => {
-            let mut resp = deny(AdmissionResponse::invalid(""), format!("cannot read the request: {e}"));
-            resp.uid = uid.to_string();
-            Ok(resp.into_review())
-        }
-        _ => Err(NotAReview(e.to_string())),
-    }
+    refuse_unparsed(body, format!("cannot read the request: {e}"), 422)
 }
 
 #[cfg(test)]

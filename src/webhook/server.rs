@@ -8,7 +8,7 @@
 //!   AdmissionReview carrying that uid, a denial when its object is bad or unreadable. Anything
 //!   else gets an HTTP error, never a `200` with an empty uid: `400` for a body that is no
 //!   AdmissionReview, `413` for one over [`super::limits::MAX_BODY`], `408` for one that does not
-//!   arrive in time, `503` (with `Retry-After`) at the in-flight cap or the body budget. No input
+//!   arrive in time, `503` (with `Retry-After`) at the in-flight cap or the memory budget. No input
 //!   makes a handler panic.
 //! - **Traces**: the span of an admission is a new root, linked to the caller's `traceparent`
 //!   (see [`crate::telemetry::propagation`]): a caller cannot force sampling or pick the parent.
@@ -20,12 +20,14 @@
 //!   for the requests in flight, within a bound.
 
 use super::Shared;
-use super::limits::{BodyError, ConnectionCap, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, MAX_HEADERS};
+use super::limits::{
+    BodyError, ConnectionCap, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, JsonShape, MAX_HEADERS, MAX_ITEMS,
+};
 use super::review::{self, Endpoint, NotAReview};
 use crate::telemetry::propagation::{caller_link, current_traceparent};
 use axum::Router;
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -66,7 +68,8 @@ async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
     // What to close when a body is left unread: an HTTP/1 connection (an HTTP/2 stream is reset
     // on its own, and its connection carries other streams).
     let close = connection.as_ref().filter(|_| req.version() < Version::HTTP_2);
-    let Some(mut ticket) = shared.gate.enter() else {
+    let source = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let Some(mut ticket) = shared.gate.enter(source) else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many requests in flight", close);
     };
     let max = shared.gate.limits().max_body;
@@ -91,8 +94,24 @@ async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
                 return refuse(status, e, close);
             }
         };
-        let tp = current_traceparent();
-        let review = match review::answer_review(&body, endpoint, &shared.policy, tp.as_deref()) {
+        // What parsing will cost is taken from the budget before parsing starts.
+        let shape = JsonShape::of(&body);
+        let answered = if shape.items > MAX_ITEMS {
+            let why = format!(
+                "the review holds {} JSON values and keys, more than the {MAX_ITEMS} this webhook reads: \
+                 the object's metadata (labels, annotations, managedFields) is too large",
+                shape.items
+            );
+            match review::refuse_unparsed(&body, &why, 413) {
+                Ok(r) => Ok(r),
+                Err(_) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, why, None),
+            }
+        } else if let Err(e) = shared.gate.take(&mut ticket, shape.parse_cost()) {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, e, None);
+        } else {
+            review::answer_review(&body, endpoint, &shared.policy, current_traceparent().as_deref())
+        };
+        let review = match answered {
             Ok(r) => r,
             Err(NotAReview(e)) => return refuse(StatusCode::BAD_REQUEST, format!("not an AdmissionReview: {e}"), None),
         };
@@ -137,9 +156,8 @@ pub async fn serve(
     handle: axum_server::Handle<SocketAddr>,
 ) -> std::io::Result<()> {
     let limits = shared.gate.limits().clone();
-    let acceptor = RustlsAcceptor::new(tls)
-        .handshake_timeout(limits.tls_handshake_timeout)
-        .acceptor(ConnectionCap::new(limits.max_connections));
+    let acceptor =
+        RustlsAcceptor::new(tls).handshake_timeout(limits.tls_handshake_timeout).acceptor(ConnectionCap::of(&limits));
     let mut server = axum_server::from_tcp(listener)?
         .acceptor(acceptor)
         .handle(handle)
@@ -155,7 +173,7 @@ pub async fn serve(
         .max_header_list_size(MAX_HEADERS as u32)
         .keep_alive_interval(limits.h2_keep_alive)
         .keep_alive_timeout(limits.h2_keep_alive);
-    server.serve(router(shared).into_make_service()).await
+    server.serve(router(shared).into_make_service_with_connect_info::<SocketAddr>()).await
 }
 
 /// From now on, close each connection after the request it carries (see the module doc).

@@ -218,9 +218,13 @@ async fn slow_headers_and_silent_connections_are_cut_off() {
 
 #[tokio::test]
 async fn the_connection_cap_holds() {
+    use crate::webhook::limits::LOOPBACK_RESERVE;
     let s = start(Limits { max_connections: 4, ..Limits::default() }).await;
+    // From loopback (these tests' only address) the cap is the shared places and the reserve the
+    // pod's own self-check may use.
+    let cap = 4 + LOOPBACK_RESERVE;
     let mut held = Vec::new();
-    for i in 0..4 {
+    for i in 0..cap {
         let mut c = s.h1().await;
         let (status, _) = read(
             c.send_request(post(Body::from(review(&format!("u-{i}"), myapp("nginx:1.27"))))).await.expect("answer"),
@@ -229,8 +233,8 @@ async fn the_connection_cap_holds() {
         assert_eq!(status, StatusCode::OK);
         held.push(c);
     }
-    // The fifth is closed at once, before any handshake.
-    assert!(s.tls(b"http/1.1").await.is_err(), "a fifth connection was served");
+    // The next is closed at once, before any handshake.
+    assert!(s.tls(b"http/1.1").await.is_err(), "a connection over the cap was served");
     let mut tcp = TcpStream::connect(s.server.addr).await.expect("connect");
     closed_within(&mut tcp, Duration::from_secs(1)).await;
     // One closes, and a place is free again.
@@ -273,20 +277,20 @@ async fn requests_over_the_in_flight_cap_get_a_fast_503() {
 }
 
 #[tokio::test]
-async fn the_body_budget_is_shared_by_all_requests() {
-    let s = start(Limits { body_budget: 256 * 1024, ..Limits::default() }).await;
+async fn the_memory_budget_is_shared_by_all_requests_and_counts_the_parse() {
+    let s = start(Limits { memory_budget: 1024 * 1024, ..Limits::default() }).await;
     let (c, _) = s.h2().await;
     // One request holds most of the budget with a body it has not finished.
     let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
     let mut hog = c.clone();
     let hog =
         tokio::spawn(async move { read(hog.send_request(post(Body::from_stream(rx))).await.expect("answer")).await });
-    tx.send(Ok(vec![b' '; 200 * 1024])).await.expect("send");
+    tx.send(Ok(vec![b' '; 700 * 1024])).await.expect("send");
     within("the first body buffered", Duration::from_secs(5), || async {
-        (s.shared.gate.in_flight() == 1).then_some(())
+        (s.shared.gate.memory_held() >= 700 * 1024).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // 128 KiB of body fit in what is left, but not with what parsing them will cost.
     let mut big = review("u-big", myapp("nginx:1.27"));
     big.resize(128 * 1024, b' ');
     let (status, _) = read(c.clone().send_request(post(Body::from(big))).await.expect("answer")).await;
@@ -298,6 +302,34 @@ async fn the_body_budget_is_shared_by_all_requests() {
     big.resize(128 * 1024, b' ');
     let (status, _) = read(c.clone().send_request(post(Body::from(big))).await.expect("answer")).await;
     assert_eq!(status, StatusCode::OK);
+    within("everything given back", Duration::from_secs(5), || async {
+        (s.shared.gate.memory_held() == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_review_with_more_items_than_any_myapp_is_denied_under_its_uid_unparsed() {
+    let s = start(Limits::default()).await;
+    let (c, _) = s.h2().await;
+    // Well under the body limit, but 30,000 values: a MyApp has nowhere near as many.
+    let mut obj = myapp("nginx:1.27");
+    obj["metadata"]["labels"] = Value::Object((0..15_000).map(|i| (format!("l{i}"), json!("v"))).collect());
+    let body = review("u-many", obj);
+    assert!(body.len() < MAX_BODY / 10);
+    let (status, out) = read(c.clone().send_request(post(Body::from(body))).await.expect("answer")).await;
+    let out: Value = serde_json::from_slice(&out).unwrap_or_default();
+    assert_eq!(status, StatusCode::OK, "a well-formed denial: {out}");
+    assert_eq!(out["response"]["uid"], "u-many");
+    assert_eq!(out["response"]["allowed"], false);
+    assert_eq!(out["response"]["status"]["code"], 413);
+    let message = out["response"]["status"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("JSON values and keys") && message.contains("labels"), "{message}");
+    // Without a uid to answer under, an HTTP error.
+    let bare = serde_json::to_vec(&json!({"kind": "AdmissionReview", "junk": vec![0; 30_000]})).expect("json");
+    let (status, _) = read(c.clone().send_request(post(Body::from(bare))).await.expect("answer")).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(s.shared.gate.memory_held(), 0);
 }
 
 #[tokio::test]
