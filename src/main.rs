@@ -240,7 +240,10 @@ fn start_webhooks(
     ready: Arc<AtomicBool>,
 ) -> anyhow::Result<Webhooks> {
     let source = args.webhook.cert_source(&args.lease.lease_namespace);
-    let shared = Arc::new(webhook::Shared::new(policy, metrics, webhook::limits::Limits::default()));
+    let shared = Arc::new(
+        webhook::Shared::new(policy, metrics, webhook::limits::Limits::default())
+            .with_scope(args.controller.namespace.clone()),
+    );
     Webhooks::start_with(client, args.webhook.webhook_addr, source, shared, webhook::Options::with_ready(ready))
         .context("start the webhooks")
 }

@@ -41,11 +41,27 @@ pub struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// The in-flight cap and the memory budget.
     pub gate: limits::Gate,
+    /// The one namespace the operator manages (`WATCH_NAMESPACE`), if it does not manage all: a
+    /// MyApp elsewhere is left alone (see [`review::answer_in`]).
+    pub scope: Option<String>,
 }
 
 impl Shared {
     /// Handler state for `policy` under `limits`.
     pub fn new(policy: Policy, metrics: Arc<Metrics>, limits: limits::Limits) -> Self {
-        Self { policy, metrics, draining: std::sync::atomic::AtomicBool::new(false), gate: limits::Gate::new(limits) }
+        Self {
+            policy,
+            metrics,
+            draining: std::sync::atomic::AtomicBool::new(false),
+            gate: limits::Gate::new(limits),
+            scope: None,
+        }
+    }
+
+    /// Manages `scope` only, or every namespace for `None`.
+    #[must_use]
+    pub fn with_scope(mut self, scope: Option<String>) -> Self {
+        self.scope = scope;
+        self
     }
 }

@@ -109,7 +109,13 @@ async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
         } else if let Err(e) = shared.gate.take(&mut ticket, shape.parse_cost()) {
             return refuse(StatusCode::SERVICE_UNAVAILABLE, e, None);
         } else {
-            review::answer_review(&body, endpoint, &shared.policy, current_traceparent().as_deref())
+            review::answer_in(
+                &body,
+                endpoint,
+                &shared.policy,
+                current_traceparent().as_deref(),
+                shared.scope.as_deref(),
+            )
         };
         let review = match answered {
             Ok(r) => r,
