@@ -342,6 +342,35 @@ fn cert_manager_overlay_renders_with_ca_injection() {
     assert!(out.contains("kind: Certificate"));
 }
 
+/// The component that narrows the webhook port to the API server's addresses applies to the
+/// shipped install and touches the webhook rule only: the probe port stays open to the kubelet.
+#[test]
+#[ignore = "needs the kubectl built by `cargo xtask cluster up`: run `cargo xtask test`"]
+fn the_api_server_component_narrows_only_the_webhook_port() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    // kustomize reads bases by relative paths only: the overlay lives in the repo's scratch folder.
+    let dir = std::path::Path::new(repo).join(".run").join(format!("netpol-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../deploy\n\
+         components:\n  - ../../deploy/components/webhook-from-api-server\n",
+    )
+    .expect("write");
+    let (ok, out) = kubectl(&["kustomize", &dir.to_string_lossy()]);
+    drop(std::fs::remove_dir_all(&dir));
+    assert!(ok, "{out}");
+    let policy = out
+        .split("\n---\n")
+        .filter_map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).ok())
+        .find(|d| d["kind"] == "NetworkPolicy")
+        .expect("the NetworkPolicy");
+    let rules = policy["spec"]["ingress"].as_sequence().expect("ingress rules");
+    let rule = |port: u64| rules.iter().find(|r| r["ports"][0]["port"].as_u64() == Some(port)).expect("a rule");
+    assert_eq!(rule(9443)["from"][0]["ipBlock"]["cidr"], "192.0.2.10/32");
+    assert!(rule(8081).get("from").is_none(), "the probe port is left open: {policy:?}");
+}
+
 /// The README's sizing paragraph states the memory request and limit `deploy/` ships.
 #[test]
 fn the_readme_sizing_matches_the_shipped_memory() {
