@@ -56,6 +56,14 @@ pub trait Shape: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResour
     fn trim(_object: &mut Value) {}
 }
 
+/// The most bytes of compact JSON a [`Cached`] object keeps. A typical MyApp keeps about 600, its
+/// Deployment about 1,000. An object whose compact form is larger (a MyApp with large env values,
+/// up to what etcd stores, 1.5 MiB) keeps its metadata only ([`Cached::kept`] is false), and
+/// reconcile reads it from the API server. So no object costs a replica more than this plus its
+/// metadata, however large it is: the size a user can give a MyApp cannot grow every replica's
+/// cache.
+pub const MAX_KEPT: usize = 4 * 1024;
+
 /// Every field path a document of the builders can carry, from a `MyApp` that sets every
 /// optional field, merged with what reconcile reads beyond them.
 fn union(applied: Value, read: Value) -> Value {
@@ -233,12 +241,26 @@ impl<K: Shape> Cached<K> {
         let metadata: ObjectMeta = serde_json::from_value(Value::Object(typed.collect()))?;
         object["metadata"] = meta;
         K::trim(&mut object);
-        let rest = serde_json::to_string(&project(&object, K::shape()))?.into_boxed_str();
-        Ok(Self { metadata, rest, kind: PhantomData })
+        let mut rest = serde_json::to_string(&project(&object, K::shape()))?;
+        if rest.len() > MAX_KEPT {
+            rest = String::new();
+        }
+        Ok(Self { metadata, rest: rest.into_boxed_str(), kind: PhantomData })
+    }
+
+    /// Whether the fields reconcile reads are kept; if not (over [`MAX_KEPT`]), only the
+    /// metadata is, and [`Cached::object`] fails.
+    pub fn kept(&self) -> bool {
+        !self.rest.is_empty()
     }
 
     /// The object rebuilt as its typed self: the kept fields only.
     pub fn object(&self) -> Result<K, serde_json::Error> {
+        if !self.kept() {
+            return Err(serde_json::Error::custom(format!(
+                "over {MAX_KEPT} bytes, not kept: read from the API server"
+            )));
+        }
         let mut object: K = serde_json::from_str(&self.rest)?;
         let meta = object.meta_mut();
         meta.name.clone_from(&self.metadata.name);

@@ -179,6 +179,31 @@ async fn an_unchanged_object_makes_no_write() {
     assert_eq!(stored(&fake).await.metadata.resource_version, app.metadata.resource_version);
 }
 
+/// A MyApp too large to cache (large env values) costs the caches its metadata only: reconcile
+/// reads it, and its Deployment, from the API server, rolls it out whole, and an unchanged
+/// resync still writes nothing.
+#[tokio::test(start_paused = true)]
+async fn a_myapp_too_large_to_cache_is_read_from_the_api_server_and_rolled_out_whole() {
+    use super::cached::MAX_KEPT;
+    let env: Vec<EnvVar> = (0..8).map(|i| EnvVar { name: format!("BIG_{i}"), value: "v".repeat(32 * 1024) }).collect();
+    let (fake, ctx) = start(&MyApp::test().with_spec(|s| s.env = env)).await;
+    let cached = ctx.caches.myapps.state().first().cloned().expect("the MyApp is in the store");
+    assert!(!cached.kept(), "over {MAX_KEPT} bytes, only the metadata is kept");
+    let whole = super::whole(&cached, &ctx).await.expect("read").expect("it exists");
+    assert_eq!(whole.spec.env.len(), 8);
+    whole.reconcile(&ctx).await.expect("the first reconcile");
+    let deployment = fake.get(DEPLOYMENTS, "web").expect("the Deployment exists");
+    let applied = deployment.pointer("/spec/template/spec/containers/0/env").and_then(|e| e.as_array()).map(Vec::len);
+    assert_eq!(applied, Some(8), "the whole env is rolled out");
+    until(&ctx, "the Service", |c| c.services.get(NS, "web").is_some()).await;
+    assert!(ctx.caches.deployments.get(NS, "web").is_none(), "nor is its Deployment kept");
+
+    let app = stored(&fake).await;
+    let from = fake.requests().len();
+    assert!(app.reconcile(&ctx).await.expect("the second reconcile").is_some());
+    assert_eq!(writes(&fake, from), Vec::<String>::new(), "an unchanged resync writes nothing");
+}
+
 /// Someone else adds to the Deployment (`kubectl set env`, an injected sidecar, a label): the
 /// API server keeps the additions through every apply, so the next reconcile writes nothing
 /// rather than applying again, forever, to no effect.

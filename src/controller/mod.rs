@@ -159,14 +159,27 @@ impl Context {
     }
 }
 
+/// The MyApp `cached` stands for: rebuilt from the cache, or, for one too large to keep there
+/// (see [`cached::MAX_KEPT`]), read from the API server (`None` if it is gone).
+async fn whole(cached: &Cached<MyApp>, ctx: &Context) -> Result<Option<MyApp>, Error> {
+    if cached.kept() {
+        return Ok(Some(cached.object()?));
+    }
+    let api =
+        kube::Api::<MyApp>::namespaced(ctx.client.clone(), cached.meta().namespace.as_deref().unwrap_or_default());
+    Ok(api.get_opt(&cached.name_any()).await?)
+}
+
 async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     ctx.pending.remove(cached.meta().namespace.as_deref(), &cached.name_any());
-    let app = match cached.object() {
-        Ok(app) => app,
+    let app = match whole(&cached, &ctx).await {
+        Ok(Some(app)) => app,
+        // Deleted since: its deletion event follows.
+        Ok(None) => return Ok(Action::await_change()),
         Err(e) => {
-            // Never expected: the cache made this JSON from the object the API server sent.
-            let e = Error::from(e);
+            // The read of a MyApp too large to cache failed (or, never expected, the JSON the
+            // cache made from the object the API server sent does not decode).
             ctx.metrics.reconciled(e.kind());
             return Err(e);
         }

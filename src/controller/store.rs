@@ -127,9 +127,11 @@ impl<K: Shape> Apply<Cached<K>> for ChildWriter<K> {
             Event::Init => self.seen = Some(HashSet::new()),
             // Not kept, and not marked seen: had it been kept (a child a MyApp no longer
             // controls), the end of the list drops it.
-            Event::InitApply(child) if !owned(child) => {}
-            // A child that lost its controller reference leaves the store.
-            Event::Apply(child) if !owned(child) => self.store.remove(child),
+            // So is one too large to keep (see `cached::MAX_KEPT`): reconcile reads it from the
+            // API server, as any child the store does not hold.
+            Event::InitApply(child) if !owned(child) || !child.kept() => {}
+            // A child that lost its controller reference, or grew too large, leaves the store.
+            Event::Apply(child) if !owned(child) || !child.kept() => self.store.remove(child),
             Event::InitApply(child) => {
                 if let Some(seen) = self.seen.as_mut() {
                     let meta = kube::Resource::meta(child);

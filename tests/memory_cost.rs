@@ -1,5 +1,6 @@
-//! The memory one admission review costs, parse included, measured with a counting allocator for
-//! the worst body shapes at the largest body the server reads. Run with `--nocapture` for the
+//! Memory that input of any shape or size can make a replica hold, measured with a counting
+//! allocator: one admission review, parse included, for the worst body shapes at the largest body
+//! the server reads; and one cached MyApp with its children, up to the largest MyApp etcd stores. Run with `--nocapture` for the
 //! figures.
 
 use myapp_operator::webhook::limits::{JsonShape, MAX_BODY, MAX_ITEMS, MAX_REQUEST_COST};
@@ -41,6 +42,13 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static A: Counting = Counting;
+
+/// The counters are the process's: its tests measure one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 fn body(junk_in_object: &str, junk_in_meta: &str) -> Vec<u8> {
     let obj = |j: &str, m: &str| {
@@ -127,6 +135,7 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> usize {
 /// cap, and denied unparsed (for little more than the body) when they are not.
 #[test]
 fn every_shape_costs_at_most_what_is_reserved_for_it() {
+    let _alone = alone();
     let mut rows = Vec::new();
     for (name, b) in shapes() {
         assert!(b.len() <= MAX_BODY, "{name}: {} bytes", b.len());
@@ -158,3 +167,65 @@ fn every_shape_costs_at_most_what_is_reserved_for_it() {
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// A MyApp as the API server sends it, with `env` entries of `value_len` characters each.
+fn myapp(env: usize, value_len: usize) -> serde_json::Value {
+    let env: Vec<_> =
+        (0..env).map(|i| serde_json::json!({"name": format!("VAR_{i}"), "value": "v".repeat(value_len)})).collect();
+    serde_json::json!({
+        "apiVersion": "myapp.dev/v1", "kind": "MyApp",
+        "metadata": {"name": "web", "namespace": "ns", "uid": "6f1c1f4e-4a51-4d2f-9d5a-0d6f1f0b7c11",
+                     "resourceVersion": "12345", "generation": 1, "finalizers": ["myapp.dev/cleanup"],
+                     "managedFields": [{"manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]},
+        "spec": {"image": "nginx:1.27", "replicas": 2, "port": 8080, "env": env}
+    })
+}
+
+/// What the caches hold for one MyApp and its two children, however large the MyApp: bounded by
+/// `MAX_KEPT` per object plus its metadata, and for the largest MyApp etcd stores (1.5 MiB) no
+/// more than for a small one.
+#[test]
+fn a_cached_myapp_costs_at_most_its_bound_whatever_its_size() {
+    let _alone = alone();
+    use myapp_operator::api::MyApp;
+    use myapp_operator::controller::cached::{Cached, MAX_KEPT};
+    use myapp_operator::controller::children;
+    let held = |doc: serde_json::Value| {
+        let app: MyApp = serde_json::from_value(doc.clone()).expect("a MyApp");
+        // Everything made from here on is consumed, so what is held at the end is the cache's.
+        let before = NOW.load(Relaxed);
+        let mut dep = serde_json::to_value(children::deployment(&app)).expect("json");
+        let mut svc = serde_json::to_value(children::service(&app)).expect("json");
+        for c in [&mut dep, &mut svc] {
+            c["metadata"]["resourceVersion"] = "1".into();
+        }
+        let cached = (
+            Cached::<MyApp>::from_json(doc.clone()).expect("cached"),
+            Cached::from_json(dep)
+                .and_then(|d: Cached<k8s_openapi::api::apps::v1::Deployment>| d.pack())
+                .expect("packed"),
+            Cached::from_json(svc).and_then(|s: Cached<k8s_openapi::api::core::v1::Service>| s.pack()).expect("packed"),
+        );
+        let n = NOW.load(Relaxed).saturating_sub(before);
+        (n, cached.0.kept(), cached.1.len())
+    };
+    // The first use builds the shapes, which live as long as the process.
+    let _warm = held(myapp(1, 1));
+    let mut rows = Vec::new();
+    let mut costs = Vec::new();
+    for (name, env, len) in [
+        ("typical (2 env)", 2, 20),
+        ("just under the bound", 9, 300),
+        ("just over the bound", 12, 300),
+        ("largest etcd stores (1.5 MiB)", 45, 32 * 1024),
+    ] {
+        let doc = myapp(env, len);
+        let size = serde_json::to_vec(&doc).map(|b| b.len()).unwrap_or(0);
+        let (n, kept, _) = held(doc);
+        rows.push(format!("{name:32} object {size:>8} B  cached with children {n:>6} B  spec kept: {kept}"));
+        costs.push(n);
+        assert!(n <= 3 * (MAX_KEPT + 2048), "{name}: {n} B");
+    }
+    println!("{}", rows.join("\n"));
+    assert!(costs[3] <= costs[0] + 2048, "the largest MyApp costs about what a small one does");
+}
