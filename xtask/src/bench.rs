@@ -638,12 +638,23 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         let out = args.out.display().to_string();
         return crate::soak::soak(&target, &args.binary()?, args.count.unwrap_or(2000), args.minutes, &out).await;
     }
+    let setup = operator::setup_with(&target, args.binary()?).await?;
+    crate::install::make_way_for_processes(&setup.client, target.local).await?;
+    let result = measure(&args, &target, setup).await;
+    if result.is_err() {
+        // Stop what it started: replicas left running would hold the Lease.
+        operator::stop_replicas();
+    }
+    result
+}
+
+/// The phases of [`bench`], on replicas it starts.
+async fn measure(args: &BenchArgs, target: &operator::Target, setup: operator::Setup) -> Result<()> {
     let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
     let failover_rounds = args.failover_rounds.unwrap_or(if args.quick { 0 } else { 10 });
-    let setup = operator::setup_with(&target, args.binary()?).await?;
     let out = paths::repo().join(&args.out);
     std::fs::create_dir_all(&out)?;
-    let mut on_env = operator::replica_env(&target);
+    let mut on_env = operator::replica_env(target);
     on_env.push(("RUST_LOG", "info".to_string()));
     let run = Run {
         n,
@@ -658,7 +669,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         on_env,
     };
     let mut report = json!({"machine": machine(), "operator_build": args.build_name(), "myapps": n});
-    merge(&mut report, json!({"failover": failover(&target, failover_rounds).await?}));
+    merge(&mut report, json!({"failover": failover(target, failover_rounds).await?}));
 
     operator::stop_replicas();
     let replicas = run.replicas(3, &run.off_env).await?;

@@ -408,6 +408,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<Report> {
     let target = args.target.resolve().await?;
     let scenarios = process_scenarios(args.scenarios.as_deref(), target.local)?;
     let setup = operator::setup(&target, false).await?;
+    crate::install::make_way_for_processes(&setup.client, target.local).await?;
     let client = setup.client.clone();
     let started_at = audit::now();
     let mut h = Harness::start(setup, &target, timings, args.replicas).await?;

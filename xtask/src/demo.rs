@@ -130,10 +130,7 @@ async fn start_processes(args: &DemoArgs, target: &Target) -> Result<()> {
         }
     }
     let setup = operator::setup(target, false).await?;
-    if target.local {
-        // The pods of an earlier demo would compete for the Lease.
-        install::uninstall(&setup.client).await?;
-    }
+    install::make_way_for_processes(&setup.client, target.local).await?;
     println!(
         "==> starting {} operator replicas (leader election on Lease {}/myapp-operator)",
         args.replicas,

@@ -132,6 +132,20 @@ pub async fn leader(client: &Client) -> Option<(String, String)> {
     exists.then_some((holder, pod))
 }
 
+/// Takes the install's pods down, saying so, if they run on `target`'s local cluster: a command
+/// that runs the replicas as processes (`demo --processes`, `test`, `chaos`, `bench`) would
+/// otherwise compete with them for the Lease, and wait for it in vain.
+pub async fn make_way_for_processes(client: &Client, local: bool) -> Result<()> {
+    let installed = Api::<Deployment>::namespaced(client.clone(), NAMESPACE).get_opt(DEPLOYMENT).await?.is_some();
+    if local && installed {
+        println!(
+            "==> taking the install's pods down: this command runs the replicas as processes, which would compete with them for the Lease"
+        );
+        uninstall(client).await?;
+    }
+    Ok(())
+}
+
 /// Removes the install's pods and its Service-based webhook configurations, keeping the CRD,
 /// the RBAC and the MyApps (the host-process replicas use them too). Waits until the pods are gone.
 pub async fn uninstall(client: &Client) -> Result<()> {

@@ -68,6 +68,7 @@ async fn against_cluster(target: &operator::Target) -> Result<bool> {
     let since = chaos::audit::now();
     let t = step("end-to-end tests against the API server, with three operator replicas");
     let setup = operator::setup(target, false).await?;
+    install::make_way_for_processes(&setup.client, target.local).await?;
     let replicas = operator::start_replicas(&setup.bin, &setup.kubeconfig, 3, &[], &operator::replica_env(target))?;
     operator::wait_ready(&replicas).await?;
     let logs = replicas.iter().map(|r| r.log.display().to_string()).collect::<Vec<_>>().join(":");
