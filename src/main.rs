@@ -136,7 +136,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // The controller writes through its own client, whose sockets check the fence before every
     // write (see controller::fenced): a request delayed past the end of the term never leaves.
-    let writes = controller::fenced::client(&config, Fence::new(election.leadership.clone()))
+    let writes = controller::fenced::client(&config, Fence::new(election.leadership.clone()), timings.write_timeout)
         .context("build the fenced Kubernetes client")?;
     let resync: Duration = args.controller.resync_period.into();
     let supervisor = {

@@ -335,6 +335,7 @@ mod tests {
             lease_duration: Duration::from_millis(10_500),
             renew_deadline: Duration::from_millis(10_200),
             retry_period: Duration::from_secs(2),
+            write_timeout: Duration::from_millis(400),
         };
         assert_eq!(timings.validate(), Ok(()));
         // Truncated to 10 s, standbys would take over before the leader's deadline of 10.2 s.
