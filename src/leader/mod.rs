@@ -50,6 +50,8 @@
 mod args;
 mod elector;
 mod fence;
+mod pods;
+pub mod proof;
 mod state;
 mod supervise;
 mod timings;
@@ -57,6 +59,7 @@ mod timings;
 pub use args::LeaseArgs;
 pub use elector::{Elector, Leadership, Stop};
 pub use fence::Fence;
+pub use proof::Incarnation;
 pub use state::{Decision, Observation, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
 pub use supervise::supervise;
 pub use timings::{Timings, TimingsError};
