@@ -1,5 +1,5 @@
 //! Proof that the Lease holder's process has exited: the only ground for taking the Lease before
-//! it expires. Pure: the I/O (reading the holder's pod) is in [`super::pods`].
+//! it expires. Pure: the I/O (reading the holder's pod) is in `leader/pods.rs`.
 //!
 //! # What counts
 //!
