@@ -60,20 +60,41 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 #[error("the API call did not answer within {0:?}")]
 pub struct CallTimedOut(pub Duration);
 
-/// Bounds every non-watch request by a timeout; see the [module documentation](self).
+/// Bounds every non-watch request by a timeout; see the [module documentation](self). With
+/// [`CallTimeoutLayer::with_write_deadline`], every write (any method but `GET`) is bounded
+/// more tightly, on the API server too.
 #[derive(Clone, Copy, Debug)]
-pub struct CallTimeoutLayer(pub Duration);
+pub struct CallTimeoutLayer {
+    call: Duration,
+    write: Option<Duration>,
+}
 
 impl Default for CallTimeoutLayer {
     fn default() -> Self {
-        Self(CALL_TIMEOUT)
+        Self::new(CALL_TIMEOUT)
+    }
+}
+
+impl CallTimeoutLayer {
+    /// Bounds every call but watches by `call`.
+    pub fn new(call: Duration) -> Self {
+        Self { call, write: None }
+    }
+
+    /// Bounds every write by `deadline` instead, and tells the API server the same in the
+    /// `timeout` query parameter (a Go duration, as client-go sends it for a request with a
+    /// timeout): the server sets it on the request's context from when it received the
+    /// request, and abandons the write when it passes. See [`crate::controller::fenced`].
+    pub fn with_write_deadline(mut self, deadline: Duration) -> Self {
+        self.write = Some(deadline);
+        self
     }
 }
 
 impl<S> tower::Layer<S> for CallTimeoutLayer {
     type Service = CallTimeout<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        CallTimeout { inner, timeout: self.0 }
+        CallTimeout { inner, timeout: self.call, write: self.write }
     }
 }
 
@@ -82,6 +103,18 @@ impl<S> tower::Layer<S> for CallTimeoutLayer {
 pub struct CallTimeout<S> {
     inner: S,
     timeout: Duration,
+    write: Option<Duration>,
+}
+
+/// `uri` with `timeout=<ms>ms` in its query, replacing any `timeout` already there.
+pub fn with_timeout(uri: &http::Uri, deadline: Duration) -> Result<http::Uri, http::Error> {
+    let path = uri.path();
+    let kept = uri.query().unwrap_or_default().split('&').filter(|kv| !kv.is_empty() && !kv.starts_with("timeout="));
+    let query: Vec<String> =
+        kept.map(str::to_string).chain(std::iter::once(format!("timeout={}ms", deadline.as_millis()))).collect();
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(format!("{path}?{}", query.join("&")).parse()?);
+    Ok(http::Uri::from_parts(parts)?)
 }
 
 /// True for a watch request (`?watch=true` or `?watch=1`), which stays open by design.
@@ -103,9 +136,16 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let watch = is_watch(&req);
-        let timeout = self.timeout;
+        let mut timeout = self.timeout;
+        if let Some(deadline) = self.write.filter(|_| req.method() != http::Method::GET) {
+            match with_timeout(req.uri(), deadline) {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(e) => return Box::pin(async move { Err(Box::new(e) as tower::BoxError) }),
+            }
+            timeout = deadline;
+        }
         let call = self.inner.call(req);
         Box::pin(async move {
             if watch {
@@ -139,6 +179,16 @@ mod tests {
     }
 
     #[test]
+    fn the_deadline_goes_into_the_query_once() {
+        let uri: http::Uri =
+            "/api/v1/namespaces/a/configmaps/x?fieldManager=m&timeout=30s&force=true".parse().expect("uri");
+        let with = with_timeout(&uri, Duration::from_millis(400)).expect("uri");
+        assert_eq!(with.to_string(), "/api/v1/namespaces/a/configmaps/x?fieldManager=m&force=true&timeout=400ms");
+        let bare: http::Uri = "/api/v1/namespaces/a/configmaps".parse().expect("uri");
+        assert_eq!(with_timeout(&bare, Duration::from_secs(1)).expect("uri").query(), Some("timeout=1000ms"));
+    }
+
+    #[test]
     fn watches_are_told_apart() {
         let req = |q: &str| Request::get(format!("/api/v1/configmaps?{q}")).body(()).expect("request");
         assert!(is_watch(&req("watch=true&resourceVersion=1")));
@@ -151,7 +201,8 @@ mod tests {
     async fn a_call_that_never_answers_fails_after_the_timeout() {
         let fake = FakeApi::default();
         fake.set_blackhole(true);
-        let service = ServiceBuilder::new().layer(CallTimeoutLayer(Duration::from_secs(3))).service(fake.service());
+        let service =
+            ServiceBuilder::new().layer(CallTimeoutLayer::new(Duration::from_secs(3))).service(fake.service());
         let api: Api<ConfigMap> = Api::namespaced(kube::Client::new(service, "default"), "a");
         let started = tokio::time::Instant::now();
         let result = tokio::time::timeout(Duration::from_secs(60), api.get_opt("x")).await;

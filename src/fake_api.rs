@@ -32,7 +32,11 @@
 //! - `metadata.generation` is not maintained: objects keep the generation they were written with.
 //! - Any collection takes a `POST`: Events (`events.k8s.io`) are stored like any object, and
 //!   their repeats (a merge patch with a series count) patch the stored Event.
-//! - Faults: a delay before each request is served, or a blackhole that never answers; a
+//! - A request's `timeout` query parameter (a Go duration in `ms` or `s`) is its deadline, as
+//!   on the real server: a request that the delay below holds past it is abandoned with 504
+//!   and changes nothing.
+//! - Faults: a delay before each request is served, a blackhole that never answers, paths
+//!   refused with 403 ([`FakeApi::forbid`]), or a
 //!   compaction ([`FakeApi::compact`]) ends every open watch and answers a watch resumed from
 //!   before it with 410 Gone.
 //!
@@ -97,6 +101,8 @@ struct State {
     history: Vec<(u64, String, Value)>,
     delay: Duration,
     blackhole: bool,
+    /// Paths under these prefixes are refused with 403, as RBAC refuses them.
+    forbidden: Vec<String>,
     log: Vec<Seen>,
     /// The revision of the last [`FakeApi::compact`]: a watch from before it gets 410 Gone.
     compacted: u64,
@@ -229,6 +235,14 @@ fn selected(obj: &Value, q: &BTreeMap<String, String>) -> bool {
     by_field && by_label
 }
 
+/// A Go duration as the fake reads it: a whole number of `ms` or `s`.
+fn go_duration(v: &str) -> Option<Duration> {
+    match v.strip_suffix("ms") {
+        Some(ms) => ms.parse().ok().map(Duration::from_millis),
+        None => v.strip_suffix('s')?.parse().ok().map(Duration::from_secs),
+    }
+}
+
 fn query(uri: &http::Uri) -> BTreeMap<String, String> {
     uri.query()
         .unwrap_or_default()
@@ -300,6 +314,11 @@ impl FakeApi {
     /// the `Date` header out of every answer.
     pub fn set_time(&self, time: Option<time::OffsetDateTime>) {
         self.lock().clock = time.map_or(ServerClock::Off, |t| ServerClock::At(t, Instant::now()));
+    }
+
+    /// Refuses every request under `prefix` (a collection path) with 403 Forbidden.
+    pub fn forbid(&self, prefix: &str) {
+        self.lock().forbidden.push(prefix.to_string());
     }
 
     /// While on, no request is ever answered (a partition or a hung server).
@@ -415,16 +434,23 @@ impl FakeApi {
         let q = query(&parts.uri);
         let content_type =
             parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-        let (code, chunks) =
-            if parts.method == Method::GET && name.is_none() && q.get("watch").is_some_and(|w| w == "true") {
-                (200, self.watch(&collection, &q))
-            } else {
-                let (code, v) = match parts.method {
-                    Method::PATCH => self.patch(&collection, name, sub.as_deref(), &content_type, body.clone()),
-                    _ => self.answer(&parts.method, &collection, name, &q, body.clone()),
-                };
-                (code, one(v))
+        let expired = q.get("timeout").and_then(|t| go_duration(t)).is_some_and(|deadline| delay >= deadline);
+        let refused = self.lock().forbidden.iter().any(|f| parts.uri.path().starts_with(f.as_str()));
+        let (code, chunks) = if refused {
+            let (code, v) = status(403, "Forbidden", "forbidden by the fake");
+            (code, one(v))
+        } else if expired {
+            let (code, v) = status(504, "Timeout", "the request's deadline passed before it was served");
+            (code, one(v))
+        } else if parts.method == Method::GET && name.is_none() && q.get("watch").is_some_and(|w| w == "true") {
+            (200, self.watch(&collection, &q))
+        } else {
+            let (code, v) = match parts.method {
+                Method::PATCH => self.patch(&collection, name, sub.as_deref(), &content_type, body.clone()),
+                _ => self.answer(&parts.method, &collection, name, &q, body.clone()),
             };
+            (code, one(v))
+        };
         self.lock().log.push(Seen {
             at: Instant::now(),
             method: parts.method.clone(),

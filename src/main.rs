@@ -98,6 +98,9 @@ fn random_suffix() -> String {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Any instance of this container that ran before has exited by now: a proof of death that
+    // rests on that is dated from here (see leader::proof).
+    let born = tokio::time::Instant::now();
     let pod =
         args.pod_name.clone().or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "myapp-operator".into());
     let identity = format!("{pod}-{}", random_suffix());
@@ -132,11 +135,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // The elector stops only after the controller has: a separate signal, sent in order below.
     let (release_tx, release_rx) = watch::channel(leader::Stop::No);
-    let election = Election::start(&args, client.clone(), &identity, metrics.clone(), release_rx);
+    let election = Election::start(&args, client.clone(), &identity, metrics.clone(), release_rx, born);
 
     // The controller writes through its own client, whose sockets check the fence before every
     // write (see controller::fenced): a request delayed past the end of the term never leaves.
-    let writes = controller::fenced::client(&config, Fence::new(election.leadership.clone()))
+    let writes = controller::fenced::client(&config, Fence::new(election.leadership.clone()), timings.write_timeout)
         .context("build the fenced Kubernetes client")?;
     let resync: Duration = args.controller.resync_period.into();
     let supervisor = {
@@ -262,12 +265,23 @@ impl Election {
         identity: &str,
         metrics: Arc<Metrics>,
         release: watch::Receiver<leader::Stop>,
+        born: tokio::time::Instant,
     ) -> Self {
         let lease = &args.lease;
         if lease.leader_elect {
             let (elector, leadership) =
                 Elector::new(client, &lease.lease_namespace, &lease.lease_name, identity, lease.timings());
-            let elector = tokio::spawn(elector.with_metrics(metrics).run(release));
+            let mut elector = elector.with_metrics(metrics);
+            // Said once, here: whether this replica can take over before expiry on proof of death.
+            let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            match leader::Incarnation::discover(|v| std::env::var(v).ok(), &cgroup) {
+                Ok(me) => {
+                    tracing::info!(pod = %me.pod, container = %me.container_id, "failover on proof of death: on");
+                    elector = elector.with_incarnation(me, born);
+                }
+                Err(why) => tracing::info!(%why, "failover on proof of death: off; a successor waits for lease expiry"),
+            }
+            let elector = tokio::spawn(elector.run(release));
             Self { leadership, elector: Some(elector), _open_fence: None }
         } else {
             let forever = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);

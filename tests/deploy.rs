@@ -131,6 +131,9 @@ const ALLOWED: &[Allowed] = &[
         verbs: &["get", "list", "watch", "create", "update"],
         by_name: true,
     },
+    // list, watch by name (fieldSelector): the Lease holder's pod, for the kubelet's report that
+    // its container exited (src/leader/pods.rs, `HolderPod::follow`). Nothing gets or writes pods.
+    Allowed { kind: "Role", group: "", resource: "pods", verbs: &["list", "watch"], by_name: false },
     // get, create, update (replace under compare-and-swap): src/webhook/secret.rs, `ensure`;
     // list, watch by name: src/webhook/lifecycle.rs, `changes`.
     Allowed {
@@ -231,6 +234,9 @@ fn least_privilege_refuses_extra_and_dangerous_verbs() {
         ("ClusterRole", rule("", "secrets", "get")),
         ("Role", rule("", "secrets", "get")),
         ("Role", rule("", "secrets", "delete")),
+        ("Role", rule("", "pods", "get")),
+        ("Role", rule("", "pods", "delete")),
+        ("ClusterRole", rule("", "pods", "list")),
     ];
     for (kind, extra) in cases {
         let docs = with_rule(kind, extra.clone());

@@ -19,6 +19,7 @@ fn fast() -> Timings {
         lease_duration: Duration::from_secs(3),
         renew_deadline: Duration::from_secs(2),
         retry_period: Duration::from_millis(500),
+        write_timeout: Timings::DEFAULT.write_timeout,
     }
 }
 
@@ -268,7 +269,7 @@ async fn the_fenced_client_sends_nothing_once_the_term_has_ended() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "fenced").await;
     let (valid_until, rx) = watch::channel(Some(Instant::now() + Duration::from_secs(30)));
-    let fenced = fenced::client(&config().await, Fence::new(rx)).expect("fenced client");
+    let fenced = fenced::client(&config().await, Fence::new(rx), fast().write_timeout).expect("fenced client");
     let ours: Api<ConfigMap> = Api::namespaced(fenced, &ns.name);
     let theirs: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
     let cm = |name: &str| -> ConfigMap {

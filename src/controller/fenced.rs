@@ -10,6 +10,20 @@
 //! Here the check sits in the connection's `poll_write`, under TLS. A request that fails it never
 //! leaves: the write errors, hyper drops the connection and the call returns an error.
 //!
+//! # The fence at commit time
+//!
+//! A check at the socket bounds when a write is *sent*, not when the API server *commits* it. So
+//! every write (any method but `GET`) also carries a deadline
+//! ([`CallTimeoutLayer::with_write_deadline`](crate::client::CallTimeoutLayer::with_write_deadline)): the
+//! client gives up on it after [`Timings::write_timeout`](crate::leader::Timings), and the API
+//! server is told the same in the `timeout` query parameter, as client-go does for a request
+//! with a timeout. The server sets that deadline on the request's context from when it received
+//! it; admission webhooks and the etcd transaction run under that context, so a write that has
+//! not reached etcd by then fails instead of landing late. What is left is an etcd transaction
+//! already sent at the deadline, bounded by etcd's commit latency
+//! ([`crate::leader::Timings::in_flight`] allows for it). `ARCHITECTURE.md` ("The fence at commit
+//! time") has the arithmetic.
+//!
 //! What remains is the handful of instructions between reading the monotonic clock and the
 //! `write(2)` call. Bytes handed to the kernel before a pause are still delivered at once, while the
 //! lease is valid. Closing the last gap would need a fencing token that the API server checks, and
@@ -25,12 +39,14 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-/// Builds a kube client for `config` whose every socket write is fenced by `fence`. It has the
-/// same layers as the default client (base URI, credentials, extra headers such as the
+/// Builds a kube client for `config` whose every socket write is fenced by `fence`, and whose
+/// every write request lives at most `write_timeout`, on both ends. It
+/// has the same layers as the default client (base URI, credentials, extra headers such as the
 /// User-Agent, client spans with `traceparent`) and the same timeouts, the
-/// [`crate::client::CALL_TIMEOUT`] included.
-pub fn client(config: &kube::Config, fence: Fence) -> kube::Result<kube::Client> {
+/// [`crate::client::CALL_TIMEOUT`] included (for reads).
+pub fn client(config: &kube::Config, fence: Fence, write_timeout: Duration) -> kube::Result<kube::Client> {
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     let https = config.rustls_https_connector_with_connector(FencedConnector { inner: tcp, fence })?;
@@ -42,7 +58,7 @@ pub fn client(config: &kube::Config, fence: Fence) -> kube::Result<kube::Client>
         hyper_util::client::legacy::Builder::new(TokioExecutor::new()).build(timeouts);
     let service = tower::ServiceBuilder::new()
         .layer(TraceParentLayer)
-        .layer(crate::client::CallTimeoutLayer::default())
+        .layer(crate::client::CallTimeoutLayer::default().with_write_deadline(write_timeout))
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
@@ -141,8 +157,8 @@ impl<T: Connection> Connection for FencedStream<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::{CallTimeoutLayer, with_timeout};
     use hyper_util::rt::TokioIo;
-    use std::time::Duration;
     use tokio::io::AsyncReadExt;
     use tokio::sync::watch;
     use tokio::time::Instant;
@@ -175,5 +191,46 @@ mod tests {
         let vectored =
             std::future::poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &[io::IoSlice::new(b"no")])).await;
         assert!(vectored.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_lives_no_longer_than_its_deadline_on_either_end() {
+        use crate::fake_api::FakeApi;
+        use k8s_openapi::api::core::v1::ConfigMap;
+        use kube::api::{Api, Patch, PatchParams, PostParams};
+
+        let fake = FakeApi::default();
+        let deadline = Duration::from_millis(400);
+        let layer = CallTimeoutLayer::default().with_write_deadline(deadline);
+        let service = tower::ServiceBuilder::new().layer(layer).service(fake.service());
+        let api: Api<ConfigMap> = Api::namespaced(kube::Client::new(service, "default"), "a");
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}, "data": {"k": "1"}}))
+            .expect("configmap");
+        api.create(&PostParams::default(), &cm).await.expect("create");
+        api.get("x").await.expect("get");
+        let seen = fake.requests();
+        assert!(seen.iter().filter(|r| r.is_write()).all(|r| r.uri.contains("timeout=400ms")), "{seen:?}");
+        assert!(seen.iter().filter(|r| !r.is_write()).all(|r| !r.uri.contains("timeout=")), "reads keep theirs");
+
+        // The server is slower than the deadline: the client gives up at it...
+        fake.set_delay(Duration::from_secs(1));
+        let started = Instant::now();
+        let patch = Patch::Merge(serde_json::json!({"data": {"k": "2"}}));
+        let err = api.patch("x", &PatchParams::default(), &patch).await.expect_err("too slow");
+        assert_eq!(started.elapsed(), deadline, "{err}");
+
+        // ... and the server, told the deadline, abandons the write instead of committing it
+        // late, even when the client is no longer there to give up (it died).
+        let told = tower::ServiceBuilder::new()
+            .map_request(move |mut req: http::Request<kube::client::Body>| {
+                *req.uri_mut() = with_timeout(req.uri(), deadline).expect("uri");
+                req
+            })
+            .service(fake.service());
+        let no_client_deadline: Api<ConfigMap> = Api::namespaced(kube::Client::new(told, "default"), "a");
+        let err = no_client_deadline.patch("x", &PatchParams::default(), &patch).await.expect_err("abandoned");
+        assert!(matches!(err, kube::Error::Api(ref s) if s.code == 504), "{err}");
+        let stored = fake.get("/api/v1/namespaces/a/configmaps", "x").expect("stored");
+        assert_eq!(stored.pointer("/data/k").and_then(|v| v.as_str()), Some("1"), "the late write never landed");
     }
 }

@@ -24,6 +24,10 @@ pub struct LeaseArgs {
     /// How often the leader renews and standbys poll.
     #[arg(long, env = "RETRY_PERIOD", default_value_t = Timings::DEFAULT.retry_period.into())]
     pub retry_period: humantime::Duration,
+    /// Deadline of each of the controller's writes, told to the API server too (`?timeout=`);
+    /// a failover on proof of death waits it out (plus 100 ms) before its first write.
+    #[arg(long, env = "WRITE_TIMEOUT", default_value_t = Timings::DEFAULT.write_timeout.into())]
+    pub write_timeout: humantime::Duration,
 }
 
 impl LeaseArgs {
@@ -33,6 +37,7 @@ impl LeaseArgs {
             lease_duration: self.lease_duration.into(),
             renew_deadline: self.renew_deadline.into(),
             retry_period: self.retry_period.into(),
+            write_timeout: self.write_timeout.into(),
         }
     }
 }

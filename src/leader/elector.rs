@@ -1,15 +1,19 @@
 //! The elector's I/O loop around the pure [`super::state`] machine.
 
 use super::Timings;
+use super::pods::HolderPod;
+use super::proof::{self, Incarnation};
 use super::state::{Decision, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
 use crate::telemetry::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -36,6 +40,7 @@ pub enum Stop {
 /// Contends for one Lease. See the [module documentation](super) for the guarantees.
 pub struct Elector {
     api: Api<Lease>,
+    client: Client,
     name: String,
     identity: String,
     timings: Timings,
@@ -45,6 +50,11 @@ pub struct Elector {
     hold: Option<(String, Instant)>,
     tx: watch::Sender<Leadership>,
     metrics: Option<Arc<Metrics>>,
+    /// This process's container incarnation, if it knows it ([`proof`]): written beside the
+    /// holder, and the condition of any takeover before expiry.
+    me: Option<Incarnation>,
+    /// When this process started: a proof that it is its holder's restart dates from here.
+    born: Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +82,8 @@ impl Elector {
     ) -> (Self, watch::Receiver<Leadership>) {
         let (tx, rx) = watch::channel(None);
         let elector = Self {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(client.clone(), namespace),
+            client,
             name: name.to_string(),
             identity: identity.to_string(),
             timings,
@@ -81,8 +92,19 @@ impl Elector {
             hold: None,
             tx,
             metrics: None,
+            me: None,
+            born: Instant::now(),
         };
         (elector, rx)
+    }
+
+    /// Takes over before expiry on proof of the holder's death ([`proof`]), as the container
+    /// incarnation `me`, which started at `born`. Without this, the elector writes no
+    /// incarnation, reads no pods, and takes over only on expiry.
+    pub fn with_incarnation(mut self, me: Incarnation, born: Instant) -> Self {
+        self.me = Some(me);
+        self.born = born;
+        self
     }
 
     /// Records leader status, transitions and renew latency in `metrics`.
@@ -106,10 +128,15 @@ impl Elector {
         }
     }
 
-    /// Records a Lease read that returned at `at`. A stale one changes nothing.
+    /// Records a Lease read that returned at `at`. A stale one changes nothing. A Lease held by
+    /// a previous instance of this very container is proof of its death, dated from this
+    /// process's start ([`proof::succeeds`]).
     fn observe(&mut self, lease: &Lease, at: Instant) -> Seen {
+        let record = Record::from_spec(lease.spec.as_ref());
+        let incarnation = Incarnation::of_holder(lease.metadata.annotations.as_ref(), record.holder.as_deref());
         let seen = self.tracker.observe(
-            Record::from_spec(lease.spec.as_ref()),
+            record,
+            incarnation,
             lease.resource_version().unwrap_or_default(),
             lease.uid().unwrap_or_default(),
             at,
@@ -117,7 +144,46 @@ impl Elector {
         if seen != Seen::Stale {
             self.last_spec = lease.spec.clone();
         }
+        let restarted = self.tracker.last().and_then(|o| {
+            let holder = o.incarnation.as_ref()?;
+            let other = o.record.holder.as_deref() != Some(self.identity.as_str());
+            (other && proof::succeeds(holder, self.me.as_ref()?)).then(|| holder.clone())
+        });
+        if let Some(dead) = restarted
+            && self.tracker.prove(&dead, self.born)
+        {
+            tracing::info!(
+                holder = ?self.tracker.last().and_then(|o| o.record.holder.clone()), container = %dead.container_id,
+                "the Lease is held by this container's previous instance, which has exited: taking over"
+            );
+        }
         seen
+    }
+
+    /// Judges a report of the holder's pod ([`proof::reported_exited`]). True when it is new
+    /// proof of the holder's death.
+    fn judge(&mut self, pod: &Pod) -> bool {
+        let Some(o) = self.tracker.last() else { return false };
+        let Some(holder) = o.incarnation.clone() else { return false };
+        let name = o.record.holder.clone();
+        if name.as_deref() == Some(self.identity.as_str())
+            || !proof::reported_exited(&holder, o.record.renew_time.as_ref(), pod)
+        {
+            return false;
+        }
+        let proven = self.tracker.prove(&holder, Instant::now());
+        if proven {
+            tracing::info!(
+                holder = ?name, pod = %holder.pod, container = %holder.container_id, wait = ?self.timings.in_flight(),
+                "the kubelet reports the holder's container exited: taking over once its writes can no longer land"
+            );
+        }
+        proven
+    }
+
+    /// The annotations of a Lease this replica holds: its incarnation, if it knows it.
+    fn holding_annotations(&self) -> Option<BTreeMap<String, String>> {
+        self.me.as_ref().map(|me| BTreeMap::from([me.annotation(&self.identity)]))
     }
 
     fn forget(&mut self, uid: Option<&str>) {
@@ -147,7 +213,7 @@ impl Elector {
 
     /// Writes the Lease, conditional on the version we saw, within the call timeout or, while
     /// leading, within what is left of the term (so a hung renewal ends with the term).
-    async fn write(&self, spec: LeaseSpec) -> Result<Lease, WriteError> {
+    async fn write(&self, spec: LeaseSpec, annotations: Option<BTreeMap<String, String>>) -> Result<Lease, WriteError> {
         let budget = match self.leading() {
             Some(until) => until.saturating_duration_since(Instant::now()).min(self.timings.call_timeout()),
             None => self.timings.call_timeout(),
@@ -156,6 +222,7 @@ impl Elector {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
                 resource_version: self.tracker.last().map(|o| o.resource_version.clone()),
+                annotations,
                 ..ObjectMeta::default()
             },
             spec: Some(spec),
@@ -181,7 +248,8 @@ impl Elector {
         let started = Instant::now();
         let spec = holding_spec(&self.identity, self.last_spec.as_ref(), now_micro(), &self.timings);
         let span = tracing::info_span!("lease", op = ?decision, lease = %self.name, identity = %self.identity);
-        let result = tracing::Instrument::instrument(self.write(spec), span).await;
+        let proven = self.tracker.last().is_some_and(|o| o.proven_dead_at.is_some());
+        let result = tracing::Instrument::instrument(self.write(spec, self.holding_annotations()), span).await;
         match result {
             Ok(lease) => {
                 let uid = lease.uid().unwrap_or_default();
@@ -203,7 +271,7 @@ impl Elector {
                     return;
                 }
                 if self.leading().is_none() {
-                    tracing::info!(identity = %self.identity, lease = %self.name, "acquired the lease");
+                    tracing::info!(identity = %self.identity, lease = %self.name, on_proof_of_death = proven, "acquired the lease");
                 }
                 if let Some(m) = &self.metrics
                     && decision == Decision::Renew
@@ -257,6 +325,8 @@ impl Elector {
     pub async fn run(mut self, mut stop: watch::Receiver<Stop>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
         let mut events = std::pin::pin!(watcher(self.api.clone(), config).backoff(crate::client::watch_backoff()));
+        // The holder's pod, read only by a replica that can itself be proven dead (in a pod).
+        let mut pod = self.me.as_ref().map(|_| HolderPod::new(self.client.clone()));
         let mut fresh = false;
         // Whether the Lease appeared in the watcher's current (re)list.
         let mut listed = false;
@@ -278,7 +348,7 @@ impl Elector {
             };
             self.check_leadership();
             let wake = self.wake_at(next, started);
-            fresh = self.sleep_or_watch(wake, &mut events, &mut stop, &mut listed, &mut how).await;
+            fresh = self.sleep_or_watch(wake, &mut events, pod.as_mut(), &mut stop, &mut listed, &mut how).await;
         }
         self.stop_as(how).await;
     }
@@ -300,13 +370,22 @@ impl Elector {
         wake
     }
 
-    /// Follows the Lease's watch until `wake`. True when what it saw calls for a write now, which
-    /// is then fresh enough to act on without a read. Returns early, with `how` set, when `stop`
-    /// asks to stop (or its sender goes away).
+    /// The holder incarnation whose pod to follow: another replica's, while we do not lead.
+    fn followed(&self) -> Option<&Incarnation> {
+        let o = self.tracker.last()?;
+        let other = o.record.holder.as_deref().is_some_and(|h| h != self.identity);
+        (other && self.leading().is_none()).then_some(o.incarnation.as_ref()).flatten()
+    }
+
+    /// Follows the Lease's watch (and the holder's pod, if given) until `wake`. True when what it
+    /// saw calls for a write now, which is then fresh enough to act on without a read. Returns
+    /// early on new proof of the holder's death, so that the turn is planned again, and, with
+    /// `how` set, when `stop` asks to stop (or its sender goes away).
     async fn sleep_or_watch<S>(
         &mut self,
         wake: Instant,
         events: &mut std::pin::Pin<&mut S>,
+        mut pod: Option<&mut HolderPod>,
         stop: &mut watch::Receiver<Stop>,
         listed: &mut bool,
         how: &mut Stop,
@@ -315,8 +394,20 @@ impl Elector {
         S: futures::Stream<Item = watcher::Result<Event<Lease>>>,
     {
         loop {
+            if let Some(p) = pod.as_deref_mut() {
+                p.follow(self.followed());
+            }
+            let report = async {
+                match pod.as_deref_mut() {
+                    Some(p) => p.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => return false,
+                report = report => if self.judge(&report) {
+                    return false;
+                },
                 ev = events.next() => {
                     let now = Instant::now();
                     match ev {
@@ -384,7 +475,7 @@ impl Elector {
 
     async fn release_held(&mut self) {
         let spec = released_spec(self.last_spec.as_ref(), now_micro());
-        match self.write(spec).await {
+        match self.write(spec, None).await {
             Ok(_) => tracing::info!(identity = %self.identity, lease = %self.name, "released the lease"),
             Err(e) => tracing::warn!(error = %e, "releasing the lease failed; it will expire instead"),
         }
@@ -395,6 +486,7 @@ impl Elector {
 mod tests {
     use super::*;
     use crate::fake_api::FakeApi;
+    use crate::leader::Incarnation;
     use std::time::Duration;
 
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases";
@@ -543,5 +635,193 @@ mod tests {
         task.await.expect("elector");
         assert!(asked.elapsed() < Duration::from_millis(10));
         assert_eq!(holder(&fake), None);
+    }
+
+    // Takeover on proof of death, and only on it.
+
+    const PODS: &str = "/api/v1/namespaces/ns/pods";
+    const DEAD: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const MINE: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+    /// The holder's pod `op-b`, its container `DEAD` in `state`; returns its uid.
+    fn holder_pod(fake: &FakeApi, state: serde_json::Value) -> String {
+        let pod = fake.put(
+            PODS,
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "op-b", "namespace": "ns"},
+                "status": {"containerStatuses": [{"name": "manager", "image": "i", "imageID": "", "ready": true,
+                    "restartCount": 0, "containerID": format!("containerd://{DEAD}"), "state": state}]},
+            }),
+        );
+        pod.pointer("/metadata/uid").and_then(|u| u.as_str()).unwrap_or_default().to_string()
+    }
+
+    fn running() -> serde_json::Value {
+        serde_json::json!({"running": {"startedAt": "2026-01-01T00:00:00Z"}})
+    }
+
+    /// b holds the Lease as the container `DEAD` of pod `op-b` (uid `uid`); `None` writes it as
+    /// a previous version did, without the annotation.
+    fn held_by_b(fake: &FakeApi, uid: Option<&str>) {
+        let mut l = lease("b", 0);
+        if let Some(uid) = uid {
+            let inc = Incarnation {
+                namespace: "ns".into(),
+                pod: "op-b".into(),
+                pod_uid: uid.into(),
+                container_id: DEAD.into(),
+            };
+            let (k, v) = inc.annotation("b");
+            l["metadata"]["annotations"] = serde_json::json!({ k: v });
+        }
+        fake.put(LEASES, l);
+    }
+
+    /// A fake where b holds the Lease and its pod's container runs; `annotated: false` writes
+    /// the Lease as a previous version did.
+    fn b_holds(annotated: bool) -> FakeApi {
+        let fake = FakeApi::default();
+        let uid = holder_pod(&fake, running());
+        held_by_b(&fake, annotated.then_some(uid.as_str()));
+        fake
+    }
+
+    /// A standby "a" in its own pod, started now, on `fake`.
+    fn standby(fake: &FakeApi) -> (watch::Receiver<Leadership>, watch::Sender<Stop>, tokio::task::JoinHandle<()>) {
+        let me = Incarnation {
+            namespace: "ns".into(),
+            pod: "op-a".into(),
+            pod_uid: "uid-a".into(),
+            container_id: MINE.into(),
+        };
+        let (e, rx) = elector(fake, "a");
+        let (stop, stop_rx) = watch::channel(Stop::No);
+        (rx, stop, tokio::spawn(e.with_incarnation(me, Instant::now()).run(stop_rx)))
+    }
+
+    /// When "a" first wrote the Lease.
+    fn first_write_of_a(fake: &FakeApi) -> Option<Instant> {
+        fake.requests().into_iter().find(|r| r.method == http::Method::PUT && r.uri.contains("/leases/l")).map(|r| r.at)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_takes_over_once_the_holders_container_is_reported_terminated() {
+        let fake = b_holds(true);
+        let seen = Instant::now();
+        let (mut rx, _stop, _task) = standby(&fake);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(rx.borrow().is_none(), "b's container runs: no takeover");
+
+        let terminated = serde_json::json!({"terminated": {"exitCode": 134, "reason": "Error",
+            "containerID": format!("containerd://{DEAD}")}});
+        holder_pod(&fake, terminated);
+        let reported = Instant::now();
+        let led = until_leading(&mut rx).await;
+        let in_flight = timings().in_flight();
+        assert!(led >= reported + in_flight, "not before the dead leader's writes have expired");
+        assert!(led < reported + in_flight + Duration::from_millis(50), "led {:?} after the report", led - reported);
+        assert!(led < seen + timings().lease_duration, "long before expiry");
+        assert!(first_write_of_a(&fake).is_some_and(|w| w >= reported + in_flight), "a's first write waited too");
+        // What a now holds names its own incarnation.
+        let annotation = fake.get(LEASES, "l").and_then(|l| l.pointer("/metadata/annotations").cloned());
+        let annotations: BTreeMap<String, String> =
+            serde_json::from_value(annotation.unwrap_or_default()).expect("annotations");
+        assert_eq!(
+            Incarnation::of_holder(Some(&annotations), Some("a")).map(|i| i.container_id),
+            Some(MINE.to_string())
+        );
+    }
+
+    /// Starts a standby against b's Lease, does `fault` to b's pod (or nothing), and returns
+    /// how long after its first read the standby took over.
+    async fn takeover_after(fake: &FakeApi, fault: impl FnOnce(&FakeApi)) -> Duration {
+        let seen = Instant::now();
+        let (mut rx, _stop, _task) = standby(fake);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        fault(fake);
+        until_leading(&mut rx).await - seen
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_proof_a_standby_waits_for_expiry() {
+        let lease = timings().lease_duration;
+        let at_expiry = |d: Duration| d >= lease && d < lease + timings().retry_period;
+        let terminated = serde_json::json!({"terminated": {"exitCode": 137, "reason": "Error",
+            "containerID": format!("containerd://{DEAD}")}});
+
+        // b stops renewing, its pod still says running (a hung process, a partition).
+        let fake = b_holds(true);
+        let d = takeover_after(&fake, |_| {}).await;
+        assert!(at_expiry(d), "silent holder: {d:?}");
+
+        // The pod object is deleted (a force delete): its absence proves nothing.
+        let fake = b_holds(true);
+        let d = takeover_after(&fake, |f| {
+            f.delete(PODS, "op-b");
+        })
+        .await;
+        assert!(at_expiry(d), "deleted pod: {d:?}");
+
+        // ... and re-created under the same name, as another pod, whose container then exits.
+        let fake = b_holds(true);
+        let d = takeover_after(&fake, |f| {
+            f.delete(PODS, "op-b");
+            holder_pod(f, terminated.clone());
+        })
+        .await;
+        assert!(at_expiry(d), "a new pod of the same name: {d:?}");
+
+        // The pod NotReady, its container still running.
+        let fake = b_holds(true);
+        let d = takeover_after(&fake, |f| {
+            let mut pod = f.get(PODS, "op-b").unwrap_or_default();
+            pod["status"]["conditions"] = serde_json::json!([{"type": "Ready", "status": "False"}]);
+            pod["status"]["containerStatuses"][0]["ready"] = serde_json::json!(false);
+            f.put(PODS, pod);
+        })
+        .await;
+        assert!(at_expiry(d), "NotReady pod: {d:?}");
+
+        // A holder of the previous version (no incarnation written): even its container's
+        // termination is matched to nothing.
+        let fake = b_holds(false);
+        let d = takeover_after(&fake, |f| {
+            holder_pod(f, terminated.clone());
+        })
+        .await;
+        assert!(at_expiry(d), "old-format holder: {d:?}");
+
+        // Pods cannot be read (RBAC without them): expiry.
+        let fake = b_holds(true);
+        fake.forbid(PODS);
+        let d = takeover_after(&fake, |f| {
+            holder_pod(f, terminated.clone());
+        })
+        .await;
+        assert!(at_expiry(d), "pods forbidden: {d:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_restarted_container_takes_the_lease_from_its_previous_instance() {
+        let fake = FakeApi::default();
+        // The previous instance of a's own container (pod op-a, uid-a) held it, as "a-old".
+        let old = Incarnation {
+            namespace: "ns".into(),
+            pod: "op-a".into(),
+            pod_uid: "uid-a".into(),
+            container_id: DEAD.into(),
+        };
+        let mut l = lease("a-old", 0);
+        let (k, v) = old.annotation("a-old");
+        l["metadata"]["annotations"] = serde_json::json!({ k: v });
+        fake.put(LEASES, l);
+        // Pods cannot even be read: the restart is proof enough.
+        fake.forbid(PODS);
+        let born = Instant::now();
+        let (mut rx, _stop, _task) = standby(&fake);
+        let led = until_leading(&mut rx).await;
+        assert_eq!(led, born + timings().in_flight(), "at once, but not before the dead one's writes expired");
+        assert_eq!(holder(&fake).as_deref(), Some("a"));
     }
 }

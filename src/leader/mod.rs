@@ -30,6 +30,16 @@
 //!   the socket before every byte ([`crate::controller::fenced`]). The controller future is
 //!   dropped the moment it passes or the lease is lost ([`supervise`]), so no new write leaves
 //!   this replica after that point.
+//! - **Writes end before a successor may lead.** Every controller write has a deadline
+//!   (`writeTimeout`, 400 ms by default) on the client and on the API server (`?timeout=`), so
+//!   nothing a replica sent can commit later than [`Timings::in_flight`] (the deadline plus
+//!   100 ms) after it left. [`Timings::validate`] requires the margin above to exceed that.
+//! - **Takeover before expiry only on proof of death** ([`proof`]). A holder writes which
+//!   container incarnation it is; a standby takes over early only when the kubelet reports that
+//!   very container exited, or when it is that container's restart. It then writes nothing, the
+//!   Lease included, until [`Timings::in_flight`] after the proof: by then nothing the dead
+//!   process sent can still commit. Nothing else (a missed renewal, a NotReady pod or node, a
+//!   partition, a pod object gone) shortens the wait for expiry.
 //! - **Fast handover.** Standbys watch the Lease as well as poll it: a released lease is taken
 //!   as soon as the release is seen, not at the next poll.
 //! - **Release on shutdown.** On SIGTERM the controller stops first, then the holder is cleared
@@ -38,9 +48,12 @@
 //!   `leaseDuration − renewDeadline` first ([`Stop::ReleaseAfterMargin`]).
 //!
 //! # What is not guaranteed
-//! - A write that left before `valid_until` may still be in flight when another replica takes
-//!   over, if it spends more than the margin above in the network. Kubernetes offers no
-//!   server-side fence token for arbitrary objects; the margin is the defence.
+//! - A write's deadline on the API server counts from when the server *received* it. A request
+//!   that spends longer than the margin (or, after a proof of death, than 100 ms) between
+//!   leaving the process and reaching the server can still commit late, and so can an etcd
+//!   transaction that takes longer than 100 ms to commit after the server's deadline. Kubernetes
+//!   offers no server-side fence token for arbitrary objects; the deadline and the margin are
+//!   the defence.
 //! - A paused process (SIGSTOP) cannot check anything while paused. When it resumes, its fence
 //!   has already expired, so it writes nothing before it has renewed (which fails with 409 if
 //!   another replica took over).
@@ -50,6 +63,8 @@
 mod args;
 mod elector;
 mod fence;
+mod pods;
+pub mod proof;
 mod state;
 mod supervise;
 mod timings;
@@ -57,6 +72,7 @@ mod timings;
 pub use args::LeaseArgs;
 pub use elector::{Elector, Leadership, Stop};
 pub use fence::Fence;
+pub use proof::Incarnation;
 pub use state::{Decision, Observation, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
 pub use supervise::supervise;
-pub use timings::{Timings, TimingsError};
+pub use timings::{COMMIT_SLACK, Timings, TimingsError};

@@ -2,6 +2,7 @@
 //! change (on the local monotonic clock), and what it should do next. No I/O, no wall clock.
 
 use super::Timings;
+use super::proof::Incarnation;
 use k8s_openapi::api::coordination::v1::LeaseSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use std::time::Duration;
@@ -51,6 +52,14 @@ pub struct Observation {
     /// from here, never from the remote `renewTime`, so clock offsets between machines do not
     /// matter, and a slow read cannot make a new record look older than it is.
     pub seen_at: Instant,
+    /// The container incarnation the Lease says holds it, if it says so for this holder
+    /// ([`Incarnation::of_holder`]). Metadata, not part of the record: a change alone does not
+    /// restart the expiry clock, but it voids a proof.
+    pub incarnation: Option<Incarnation>,
+    /// When this replica saw proof that this holder's process has exited
+    /// ([`super::proof`]): it may take the Lease [`Timings::in_flight`] after this instant,
+    /// before expiry. Void when the record or the incarnation changes.
+    pub proven_dead_at: Option<Instant>,
 }
 
 /// What an observation did to the tracker.
@@ -82,17 +91,46 @@ impl Tracker {
     /// the election record changed or the Lease is a new object; a late event of an older
     /// version of the same object is ignored, so it can neither roll the precondition back nor
     /// make a leader look replaced.
-    pub fn observe(&mut self, record: Record, resource_version: String, uid: String, now: Instant) -> Seen {
+    pub fn observe(
+        &mut self,
+        record: Record,
+        incarnation: Option<Incarnation>,
+        resource_version: String,
+        uid: String,
+        now: Instant,
+    ) -> Seen {
         match &mut self.last {
             Some(o) if o.uid == uid && older(&resource_version, &o.resource_version) => Seen::Stale,
             Some(o) if o.uid == uid && o.record == record => {
                 o.resource_version = resource_version;
+                if o.incarnation != incarnation {
+                    o.incarnation = incarnation;
+                    o.proven_dead_at = None;
+                }
                 Seen::Unchanged
             }
             _ => {
-                self.last = Some(Observation { record, resource_version, uid, seen_at: now });
+                let seen_at = now;
+                self.last =
+                    Some(Observation { record, resource_version, uid, seen_at, incarnation, proven_dead_at: None });
                 Seen::Changed
             }
+        }
+    }
+
+    /// Records proof, seen at `at`, that the process of the holder incarnation `dead` has exited.
+    /// It counts only if `dead` is the incarnation of the holder we last saw; the earliest proof
+    /// is kept. True when it counted and is new.
+    pub fn prove(&mut self, dead: &Incarnation, at: Instant) -> bool {
+        match &mut self.last {
+            Some(o) if o.record.holder.is_some() && o.incarnation.as_ref() == Some(dead) => {
+                let new = o.proven_dead_at.is_none_or(|p| at < p);
+                if new {
+                    o.proven_dead_at = Some(at);
+                }
+                new
+            }
+            _ => false,
         }
     }
 
@@ -136,7 +174,9 @@ pub enum Decision {
     Wait(Duration),
 }
 
-/// Decides from the latest observation.
+/// Decides from the latest observation: take a free Lease at once, another holder's once it
+/// expired, or, on proof that the holder's process exited ([`Tracker::prove`]),
+/// [`Timings::in_flight`] after the proof. Nothing else shortens the wait.
 pub fn decide(me: &str, observed: Option<&Observation>, now: Instant, timings: &Timings) -> Decision {
     let Some(o) = observed else { return Decision::Create };
     match o.record.holder.as_deref() {
@@ -145,7 +185,10 @@ pub fn decide(me: &str, observed: Option<&Observation>, now: Instant, timings: &
         Some(_) => {
             let duration = Duration::from_secs(u64::try_from(o.record.lease_duration_secs.max(1)).unwrap_or(1));
             let expiry = o.seen_at + duration;
-            if now >= expiry { Decision::Acquire } else { Decision::Wait((expiry - now).min(timings.retry_period)) }
+            // On proof of death, once whatever the dead process sent can no longer commit.
+            let early = o.proven_dead_at.map(|p| p + timings.in_flight());
+            let at = early.map_or(expiry, |e| e.min(expiry));
+            if now >= at { Decision::Acquire } else { Decision::Wait((at - now).min(timings.retry_period)) }
         }
     }
 }
@@ -190,7 +233,7 @@ mod tests {
 
     /// Observes `rec` at `rv` of the Lease object "u1".
     fn see(tr: &mut Tracker, rec: Record, rv: &str, at: Instant) -> Seen {
-        tr.observe(rec, rv.into(), "u1".into(), at)
+        tr.observe(rec, None, rv.into(), "u1".into(), at)
     }
 
     fn micro(s: i64) -> MicroTime {
@@ -300,7 +343,7 @@ mod tests {
         let mut tr = Tracker::default();
         see(&mut tr, record(Some("b"), 15), "5", t0);
         // Deleted and re-created with the same record: a new object, a new clock.
-        assert_eq!(tr.observe(record(Some("b"), 15), "8".into(), "u2".into(), later), Seen::Changed);
+        assert_eq!(tr.observe(record(Some("b"), 15), None, "8".into(), "u2".into(), later), Seen::Changed);
         assert_eq!(tr.last().map(|o| o.seen_at), Some(later));
         tr.forget(Some("u1"));
         assert!(tr.last().is_some(), "the delete of the old object does not forget the new one");
@@ -335,6 +378,7 @@ mod tests {
             lease_duration: Duration::from_millis(10_500),
             renew_deadline: Duration::from_millis(10_200),
             retry_period: Duration::from_secs(2),
+            write_timeout: Duration::from_millis(400),
         };
         assert_eq!(timings.validate(), Ok(()));
         // Truncated to 10 s, standbys would take over before the leader's deadline of 10.2 s.
@@ -370,5 +414,98 @@ mod tests {
     fn record_treats_empty_holder_as_released() {
         let spec = LeaseSpec { holder_identity: Some(String::new()), ..LeaseSpec::default() };
         assert_eq!(Record::from_spec(Some(&spec)).holder, None);
+    }
+
+    fn incarnation(container: &str) -> Incarnation {
+        Incarnation { namespace: "ns".into(), pod: "p".into(), pod_uid: "u".into(), container_id: container.into() }
+    }
+
+    /// A tracker that saw b hold the Lease as incarnation `c1` at `t0`.
+    fn held_by_b(t0: Instant) -> Tracker {
+        let mut tr = Tracker::default();
+        tr.observe(record(Some("b"), 15), Some(incarnation("c1")), "1".into(), "u1".into(), t0);
+        tr
+    }
+
+    #[test]
+    fn proof_of_death_takes_over_once_nothing_of_the_dead_can_commit() {
+        let timings = Timings::default();
+        let t0 = Instant::now();
+        let mut tr = held_by_b(t0);
+        let proof = t0 + Duration::from_secs(3);
+        assert!(tr.prove(&incarnation("c1"), proof));
+        assert_eq!(decide("a", tr.last(), proof, &timings), Decision::Wait(timings.in_flight()));
+        let just_before = proof + timings.in_flight() - Duration::from_millis(1);
+        assert_eq!(decide("a", tr.last(), just_before, &timings), Decision::Wait(Duration::from_millis(1)));
+        assert_eq!(decide("a", tr.last(), proof + timings.in_flight(), &timings), Decision::Acquire);
+        // A proof seen earlier (a restart counts from its own start) may already be old enough.
+        let mut restarted = held_by_b(t0);
+        assert!(restarted.prove(&incarnation("c1"), t0 - timings.in_flight()));
+        assert_eq!(decide("a", restarted.last(), t0, &timings), Decision::Acquire);
+        // Expiry still comes first if it is sooner.
+        let mut late = held_by_b(t0);
+        late.prove(&incarnation("c1"), t0 + Duration::from_secs(15) - Duration::from_millis(100));
+        assert_eq!(decide("a", late.last(), t0 + Duration::from_secs(15), &timings), Decision::Acquire);
+    }
+
+    #[test]
+    fn without_proof_nothing_shortens_the_wait() {
+        // A missed renewal, a NotReady pod, a pod gone, a partition: the state machine hears of
+        // none of them as proof, and waits out the lease.
+        let timings = Timings::default();
+        let t0 = Instant::now();
+        let tr = held_by_b(t0);
+        for s in [1, 5, 10, 14] {
+            let now = t0 + Duration::from_secs(s);
+            assert!(matches!(decide("a", tr.last(), now, &timings), Decision::Wait(_)), "at {s} s");
+        }
+        assert_eq!(decide("a", tr.last(), t0 + Duration::from_secs(15), &timings), Decision::Acquire);
+    }
+
+    #[test]
+    fn a_proof_counts_only_for_the_incarnation_that_holds() {
+        let timings = Timings::default();
+        let t0 = Instant::now();
+        let mut tr = held_by_b(t0);
+        assert!(!tr.prove(&incarnation("c0"), t0), "another container of the pod");
+        assert_eq!(tr.last().and_then(|o| o.proven_dead_at), None);
+        // An old-format holder (no incarnation) cannot be proven dead at all.
+        let mut old = Tracker::default();
+        old.observe(record(Some("b"), 15), None, "1".into(), "u1".into(), t0);
+        assert!(!old.prove(&incarnation("c1"), t0));
+        assert!(matches!(decide("a", old.last(), t0 + Duration::from_secs(1), &timings), Decision::Wait(_)));
+        // Nor a released Lease (it is free anyway).
+        let mut free = Tracker::default();
+        free.observe(record(None, 1), Some(incarnation("c1")), "1".into(), "u1".into(), t0);
+        assert!(!free.prove(&incarnation("c1"), t0));
+    }
+
+    #[test]
+    fn a_new_holder_or_incarnation_voids_the_proof() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(1);
+        // A new record (here: c took over first) voids it.
+        let mut tr = held_by_b(t0);
+        tr.prove(&incarnation("c1"), t0);
+        tr.observe(record(Some("c"), 15), Some(incarnation("c9")), "2".into(), "u1".into(), later);
+        assert_eq!(tr.last().and_then(|o| o.proven_dead_at), None);
+        // The same record, but the annotation now names another incarnation: void too, and the
+        // expiry clock runs on.
+        let mut tr = held_by_b(t0);
+        tr.prove(&incarnation("c1"), t0);
+        assert_eq!(
+            tr.observe(record(Some("b"), 15), Some(incarnation("c2")), "3".into(), "u1".into(), later),
+            Seen::Unchanged
+        );
+        let o = tr.last().expect("observed");
+        assert_eq!((o.proven_dead_at, o.seen_at), (None, t0));
+        // The same record and incarnation at a newer version (a label): the proof stands.
+        let mut tr = held_by_b(t0);
+        tr.prove(&incarnation("c1"), t0);
+        tr.observe(record(Some("b"), 15), Some(incarnation("c1")), "4".into(), "u1".into(), later);
+        assert_eq!(tr.last().and_then(|o| o.proven_dead_at), Some(t0));
+        // The earliest proof is kept.
+        assert!(!tr.prove(&incarnation("c1"), later));
+        assert!(tr.prove(&incarnation("c1"), t0 - Duration::from_secs(1)));
     }
 }

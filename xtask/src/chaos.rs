@@ -113,6 +113,11 @@ pub enum Scenario {
     Rollout,
     /// Evict every pod through the PodDisruptionBudget.
     Pdb,
+    /// The leader's process crashes (a real fault, SIGSEGV); the kubelet restarts the container.
+    Crash,
+    /// Delete the leader pod with `--grace-period=0 --force`: its process runs on until the
+    /// kubelet stops it, and no early takeover may happen meanwhile.
+    ForceDelete,
 }
 
 impl Scenario {
@@ -585,17 +590,22 @@ fn leadership(
 }
 
 /// Writes the report's JSON and SVG timeline, and prints its table and first violations.
+/// The table and the violations come first, so that a failure to write the files cannot hide
+/// them; the directory is made if missing (a fresh clone has no `.run/chaos/` when the pods are
+/// the target, which starts no host replicas).
 fn write_report(report: &Report, writes: &[(String, f64)]) -> Result<()> {
-    let run = paths::run_dir().join("chaos");
-    let json = run.join(format!("{}.json", report.profile));
-    let svg = run.join(format!("{}.svg", report.profile));
-    std::fs::write(&json, serde_json::to_string_pretty(report)?)?;
-    std::fs::write(&svg, report::svg(report, writes))?;
     println!("\n{}", report::table(report));
-    println!("    report: {}\n    timeline: {}", json.display(), svg.display());
     for v in report.violations.iter().take(10) {
         println!("    VIOLATION: {} wrote outside its leadership at {:.3}: {}", v.replica, v.at, v.what);
     }
+    let run = paths::run_dir().join("chaos");
+    std::fs::create_dir_all(&run).with_context(|| format!("create {}", run.display()))?;
+    let json = run.join(format!("{}.json", report.profile));
+    let svg = run.join(format!("{}.svg", report.profile));
+    std::fs::write(&json, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("write {}", json.display()))?;
+    std::fs::write(&svg, report::svg(report, writes)).with_context(|| format!("write {}", svg.display()))?;
+    println!("    report: {}\n    timeline: {}", json.display(), svg.display());
     Ok(())
 }
 

@@ -6,6 +6,13 @@
 //! - `delete`: `kubectl delete pod` (graceful: the kubelet's SIGTERM, the Lease released);
 //! - `kill`: SIGKILL of the leader container's process; the kubelet restarts the container
 //!   (Chaos Mesh: `chaos-mesh/podchaos-kill-leader.yaml`, `container-kill`);
+//! - `crash`: the leader's process crashes by itself, on a real fault ([`crash`]); the kubelet
+//!   reports the exit and restarts the container. Like `kill`, a successor may take over at once,
+//!   on that proof of death;
+//! - `force-delete`: `kubectl delete pod --grace-period=0 --force` of the leader pod. The object
+//!   goes before the kubelet stops the process, so nothing proves it dead: the successor must
+//!   wait for the lease to expire (or for the old process to release it as it is stopped); the
+//!   round fails on a takeover sooner than that ([`force_delete`]);
 //! - `partition`: iptables DROP in the pod's network namespace, both directions, to the
 //!   `kubernetes` Service's address, for the duration that `chaos-mesh/networkchaos-partition-leader.yaml`
 //!   gives; the scenario reads that manifest, so the two cannot drift apart;
@@ -29,9 +36,18 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Scenarios against pods, in the order they run.
-pub const ALL: &[Scenario] = &[Scenario::Delete, Scenario::Kill, Scenario::Partition, Scenario::Rollout, Scenario::Pdb];
+pub const ALL: &[Scenario] = &[
+    Scenario::Delete,
+    Scenario::Kill,
+    Scenario::Crash,
+    Scenario::ForceDelete,
+    Scenario::Partition,
+    Scenario::Rollout,
+    Scenario::Pdb,
+];
 /// The smoke profile's (CI's) scenarios.
-pub const SMOKE: &[Scenario] = &[Scenario::Delete, Scenario::Kill, Scenario::Partition, Scenario::Rollout];
+pub const SMOKE: &[Scenario] =
+    &[Scenario::Delete, Scenario::Kill, Scenario::Crash, Scenario::ForceDelete, Scenario::Partition, Scenario::Rollout];
 /// The lease timings the install ships (the operator's defaults; `deploy/` sets none).
 pub const TIMINGS: LeaseTimings = LeaseTimings { duration: 15.0, renew_deadline: 10.0, retry_period: 2.0 };
 
@@ -292,6 +308,8 @@ async fn break_leader(
             Api::<Pod>::namespaced(client.clone(), NAMESPACE).delete(pod, &DeleteParams::default()).await?;
         }
         Scenario::Kill => procs::signal(manager_pid(client, pod).await?, "KILL"),
+        Scenario::Crash => crash(manager_pid(client, pod).await?)?,
+        Scenario::ForceDelete => broken = force_delete(client, old, pod, at).await?,
         Scenario::Partition => {
             let (detail, heal) = partition(client, pod).await?;
             (broken.detail, broken.heal) = (Some(detail), Some(heal));
@@ -301,6 +319,71 @@ async fn break_leader(
         other => bail!("unknown pod scenario {other}"),
     }
     Ok(broken)
+}
+
+/// Crashes the process `pid` for real. A `kill -ABRT` (or any signal but SIGKILL and SIGSTOP) is
+/// ignored by the first process of a PID namespace unless it handles that signal, and the
+/// operator is that process in its container. A fault is not: gdb sets the main thread's
+/// program counter to 0 and detaches, the next instruction faults, and the kernel's SIGSEGV
+/// ends the process (exit code 139) as any crash would. Needs gdb on the node.
+fn crash(pid: u32) -> Result<()> {
+    let out = Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-nx", "-ex", "set $pc = 0", "-ex", "detach"])
+        .output()
+        .context("run gdb, which the crash scenario needs (apt-get install gdb)")?;
+    if !out.status.success() {
+        bail!("gdb could not crash pid {pid}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// The Lease's holder and its last renewal (epoch seconds, as the holder wrote it; the holder's
+/// node is this machine, so its clock is ours).
+async fn holder_and_renewal(client: &Client) -> Option<(String, Option<f64>)> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let lease = Api::<Lease>::namespaced(client.clone(), NAMESPACE).get_opt(operator::LEASE).await.ok()??;
+    let spec = lease.spec?;
+    let renewed = spec.renew_time.map(|t| t.0.as_millisecond() as f64 / 1000.0);
+    Some((spec.holder_identity.unwrap_or_default(), renewed))
+}
+
+/// Force-deletes `pod`, the leader `old`'s, at `at` (epoch seconds), and follows the Lease until
+/// someone else holds it. Nothing proves the old process dead, so the successor may take it only
+/// once the old leader released it (the kubelet's SIGTERM) or its lease expired, counted from
+/// its last renewal; a takeover sooner fails the round.
+async fn force_delete(client: &Client, old: &str, pod: &str, at: f64) -> Result<Broken> {
+    let before = holder_and_renewal(client).await.and_then(|(h, r)| r.filter(|_| h == old));
+    let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+    Api::<Pod>::namespaced(client.clone(), NAMESPACE).delete(pod, &params).await?;
+    let lease = TIMINGS.duration;
+    let deadline = Instant::now() + Duration::from_secs_f64(lease * 3.0);
+    let (mut renewed, mut released) = (before, false);
+    let taken = loop {
+        if Instant::now() > deadline {
+            bail!("force-delete: nobody took the Lease from {old} within {:.0} s", lease * 3.0);
+        }
+        if let Some((holder, r)) = holder_and_renewal(client).await {
+            let seen = now();
+            match holder.as_str() {
+                h if h == old => renewed = r.or(renewed),
+                "" => released = true,
+                _ => break seen,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let since_renewal = renewed.map(|r| taken - r);
+    let early = !released && since_renewal.is_some_and(|s| s < lease - 0.1);
+    let detail = format!(
+        "acquired {:.2} s after the force delete, {} after the old leader's last renewal (lease {lease} s); {}",
+        taken - at,
+        since_renewal.map_or("?".into(), |s| format!("{s:.2} s")),
+        if released { "the old process released it as it was stopped" } else { "taken on expiry" },
+    );
+    if early {
+        bail!("force-delete: EARLY TAKEOVER while the old process may still run: {detail}");
+    }
+    Ok(Broken { detail: Some(format!("no early takeover: {detail}")), handed_over: Some(taken), ..Broken::default() })
 }
 
 /// Cuts `pod` off the API server as the NetworkChaos manifest says; what was cut, and how to heal
@@ -457,6 +540,16 @@ mod tests {
             Some("container-kill"),
             "the `kill` scenario: SIGKILL, the kubelet restarts"
         );
+    }
+
+    #[test]
+    fn the_smoke_runs_every_death_and_a_force_delete() {
+        for name in ["kill", "crash", "force-delete"] {
+            let s = Scenario::named(name).expect(name);
+            assert!(SMOKE.contains(&s) && ALL.contains(&s), "{name}");
+            assert_eq!(s.to_string(), name);
+        }
+        assert!(SMOKE.iter().all(|s| ALL.contains(s)));
     }
 
     #[test]

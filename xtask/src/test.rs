@@ -160,7 +160,9 @@ async fn on_the_node(target: &operator::Target) -> Result<bool> {
     result?;
     println!("    install test passed ({:.0} s)", t.elapsed().as_secs_f64());
 
-    let t = step("chaos smoke against the pods: delete, kill, partition the leader pod, rollout restart");
+    let t = step(
+        "chaos smoke against the pods: delete, kill, crash, force-delete, partition the leader pod, rollout restart",
+    );
     let result = crate::chaos::chaos(ChaosArgs::smoke(target.args(), On::Pods)).await;
     install::uninstall(&client).await?;
     result?;
