@@ -155,7 +155,7 @@ pub(crate) fn rss_mib(pid: u32) -> Option<f64> {
 }
 
 /// Peak resident memory of a process (`VmHWM`), MiB.
-fn peak_mib(pid: u32) -> Option<f64> {
+pub(crate) fn peak_mib(pid: u32) -> Option<f64> {
     status_mib(pid, "VmHWM:")
 }
 
@@ -404,7 +404,7 @@ fn sample_rss(
 }
 
 /// Resets the peak resident memory (`VmHWM`) of a process to its current RSS.
-fn reset_peak(pid: u32) {
+pub(crate) fn reset_peak(pid: u32) {
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
@@ -731,6 +731,7 @@ async fn failover(target: &operator::Target, rounds: u32) -> Result<Option<Value
         scenarios: Some(vec![crate::chaos::Scenario::Term, crate::chaos::Scenario::Kill]),
         replicas: 3,
         on: crate::chaos::On::Processes,
+        seconds: None,
     })
     .await?;
     Ok(Some(json!({"timings_s": report.timings, "summary": report.summary})))

@@ -24,9 +24,13 @@ use tokio::sync::Mutex;
 pub struct ChaosArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// `smoke`: each scenario once with 4s/3s/0.5s leases; `full`: each 10 times with 15s/10s/2s.
+    /// `smoke`: each scenario once with 4s/3s/0.5s leases; `full`: each 10 times with 15s/10s/2s;
+    /// `hostile` (with `--target pods`): every attack on the replicas at once, see `hostile.rs`.
     #[arg(long, value_enum, default_value_t = Profile::Smoke)]
     pub profile: Profile,
+    /// How long the hostile profile's attacks run, in seconds (default 120).
+    #[arg(long)]
+    pub seconds: Option<u64>,
     /// Repetitions of each scenario (overrides the profile).
     #[arg(long)]
     pub rounds: Option<u32>,
@@ -45,7 +49,7 @@ pub struct ChaosArgs {
 impl ChaosArgs {
     /// The smoke profile against `target`, on processes or pods.
     pub fn smoke(target: TargetArgs, on: On) -> Self {
-        ChaosArgs { target, profile: Profile::Smoke, rounds: None, scenarios: None, replicas: 3, on }
+        ChaosArgs { target, profile: Profile::Smoke, rounds: None, scenarios: None, replicas: 3, on, seconds: None }
     }
 }
 
@@ -65,6 +69,9 @@ pub enum Profile {
     Smoke,
     /// Each scenario 10 times (5 against pods), with 15s/10s/2s leases.
     Full,
+    /// Against pods: parse-cost reviews, a connection flood, foreign labelled objects and large
+    /// MyApps at once, under a legitimate workload (`crate::hostile`).
+    Hostile,
 }
 
 impl Profile {
@@ -72,14 +79,16 @@ impl Profile {
     pub fn timings(self) -> LeaseTimings {
         match self {
             Profile::Smoke => LeaseTimings { duration: 4.0, renew_deadline: 3.0, retry_period: 0.5 },
-            Profile::Full => LeaseTimings { duration: 15.0, renew_deadline: 10.0, retry_period: 2.0 },
+            Profile::Full | Profile::Hostile => {
+                LeaseTimings { duration: 15.0, renew_deadline: 10.0, retry_period: 2.0 }
+            }
         }
     }
 
     /// Rounds of each scenario, unless `--rounds` says otherwise.
     pub fn rounds(self, on: On) -> u32 {
         match (self, on) {
-            (Profile::Smoke, _) => 1,
+            (Profile::Smoke | Profile::Hostile, _) => 1,
             (Profile::Full, On::Processes) => 10,
             (Profile::Full, On::Pods) => 5,
         }
@@ -405,6 +414,9 @@ fn upstream(admin: &Path) -> Result<std::net::SocketAddr> {
 
 /// Runs the chaos suite; fails when an invariant is broken.
 pub async fn chaos(args: ChaosArgs) -> Result<Report> {
+    if args.profile == Profile::Hostile {
+        bail!("the hostile profile has a report of its own: run it through crate::hostile::chaos");
+    }
     if args.on == On::Pods {
         return crate::chaos_pods::chaos(&args, args.rounds.unwrap_or(args.profile.rounds(On::Pods))).await;
     }

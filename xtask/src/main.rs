@@ -7,6 +7,7 @@ mod chaos_pods;
 mod cluster;
 mod demo;
 mod gobuild;
+mod hostile;
 mod image;
 mod install;
 mod node;
@@ -79,6 +80,7 @@ fn main() -> Result<()> {
             ClusterAction::Status => rt.block_on(cluster::status()),
         },
         Command::Bench(args) => rt.block_on(bench::bench(args)),
+        Command::Chaos(args) if args.profile == chaos::Profile::Hostile => rt.block_on(hostile::chaos(&args)),
         Command::Chaos(args) => rt.block_on(chaos::chaos(args)).map(|_| ()),
         Command::Demo(args) => rt.block_on(demo::demo(args)),
         Command::Test(args) => rt.block_on(test::test(args)),

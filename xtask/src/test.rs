@@ -123,7 +123,7 @@ async fn against_cluster(target: &operator::Target) -> Result<bool> {
 }
 
 /// The install as users run it, on the real node: the image, `kubectl apply -k` (the install
-/// test), and the chaos smoke against its pods. Skipped, with the reason, when there is no real
+/// test), the chaos smoke against its pods, and the hostile profile's short form. Skipped, with the reason, when there is no real
 /// node; under CI (`CI` set) that fails the run instead. True when it built the image.
 async fn on_the_node(target: &operator::Target) -> Result<bool> {
     let why = if target.local {
@@ -164,9 +164,20 @@ async fn on_the_node(target: &operator::Target) -> Result<bool> {
         "chaos smoke against the pods: delete, kill, crash, force-delete, partition the leader pod, rollout restart",
     );
     let result = crate::chaos::chaos(ChaosArgs::smoke(target.args(), On::Pods)).await;
+    let result = match result {
+        Ok(_) => {
+            println!("    pod chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
+            let t = step("hostile, short: parse-cost reviews and a connection flood on every pod for 30 s");
+            let hostile = crate::hostile::hostile(&target.args(), crate::hostile::SHORT).await;
+            if hostile.is_ok() {
+                println!("    hostile short form passed ({:.0} s)", t.elapsed().as_secs_f64());
+            }
+            hostile
+        }
+        Err(e) => Err(e),
+    };
     install::uninstall(&client).await?;
     result?;
-    println!("    pod chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
     Ok(true)
 }
 

@@ -29,7 +29,7 @@ fn body() -> Vec<u8> {
     .unwrap_or_default()
 }
 
-fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
+pub(crate) fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(f64::total_cmp);
     let at = |p: f64| v.get(((p * v.len() as f64).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
     (at(0.5), at(0.99))
