@@ -33,9 +33,12 @@
 //! attacker that used the API server's address would be throttled together with the API server;
 //! the threat is another pod, with an address of its own. The API server (a host process) reaches
 //! the pods from the address the kernel picks for the pod network (`ip route get <pod IP>`: the
-//! bridge's). The attackers' sockets are bound to [`ATTACKER_IP`] instead, a /32 this run adds to
-//! `lo` (and removes at the end, unless it was there before), which the pods reach back through
-//! their default route, as they reach the node's address. The report prints both addresses.
+//! bridge's). The attackers' sockets are bound to [`ATTACKERS`] instead: the parse-cost clients to
+//! the first, the flood to the second, as two attacking pods would (from one address, the flood
+//! would hold every connection place of that address, and the parse-cost clients would be closed
+//! at accept). Each is a /32 this run adds to `lo` (and removes at the end, unless it was there
+//! before), which the pods reach back through their default route, as they reach the node's
+//! address. The report prints the addresses.
 //!
 //! The attackers run on a runtime of their own (two threads), so the workload's requests do not
 //! queue behind their tasks in this process; the two CPUs of the machine are still shared with
@@ -75,8 +78,8 @@ pub const FOREIGN: usize = 150;
 pub const LARGE: usize = 3;
 /// MyApps made before the attack and never changed: their writes must stay 0.
 pub const STILL: usize = 5;
-/// The host address the attackers' sockets are bound to.
-pub const ATTACKER_IP: &str = "10.255.0.66";
+/// The host addresses the attackers' sockets are bound to: the parse-cost clients', the flood's.
+pub const ATTACKERS: [&str; 2] = ["10.255.0.66", "10.255.0.67"];
 /// The size of a parse-cost body: 3.2 MiB, under the server's 3.25 MiB body limit.
 pub const PARSE_BODY: usize = 3_355_443;
 /// Items of a padded parse-cost body: just under the 20,000 the server parses.
@@ -145,14 +148,14 @@ pub async fn hostile(args: &TargetArgs, run: Hostile) -> Result<()> {
     let replicas = replicas(&client).await?;
     let first = replicas.first().context("no operator pod")?;
     let sources = Sources::set_up(first.ip)?;
-    for r in &replicas {
-        reachable(sources.attacker, SocketAddr::new(r.ip, PROBE_PORT)).await?;
+    for (r, src) in replicas.iter().flat_map(|r| sources.attackers.iter().map(move |a| (r, *a))) {
+        reachable(src, SocketAddr::new(r.ip, PROBE_PORT)).await?;
     }
     let ns = format!("hostile-{:06}", (audit::now() * 1000.0) as u64 % 1_000_000);
     let nsobj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
     let result = attack(&client, &target.kubeconfig, &replicas, &sources, &ns, run).await;
-    println!("==> cleanup: namespace {ns} (the foreign objects, the large and still MyApps), address {ATTACKER_IP}");
+    println!("==> cleanup: namespace {ns} (the foreign objects, the large and still MyApps), addresses {ATTACKERS:?}");
     let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
     let gone = chaos::wait::within(Duration::from_secs(120), Duration::from_millis(500), || async {
         matches!(Api::<Namespace>::all(client.clone()).get_opt(&ns).await, Ok(None)).then_some(())
@@ -196,12 +199,13 @@ fn manager_container(p: &Pod) -> Option<String> {
         .and_then(|c| c.container_id.clone())
 }
 
-/// The host's source addresses: the API server's toward the pods, and the attackers'.
+/// The host's source addresses: the API server's toward the pods, and the attackers'
+/// ([`ATTACKERS`]).
 struct Sources {
     api: IpAddr,
-    attacker: IpAddr,
-    /// This run added [`ATTACKER_IP`] to `lo` (and removes it when dropped).
-    added: bool,
+    attackers: [IpAddr; 2],
+    /// The addresses this run added to `lo` (and removes when dropped).
+    added: Vec<String>,
 }
 
 fn ip(args: &[&str]) -> Result<String> {
@@ -219,22 +223,25 @@ fn route_source(route: &str) -> Option<IpAddr> {
 }
 
 impl Sources {
-    /// Finds the API server's source toward `pod`, and puts [`ATTACKER_IP`] on `lo`.
+    /// Finds the API server's source toward `pod`, and puts [`ATTACKERS`] on `lo`.
     fn set_up(pod: IpAddr) -> Result<Self> {
         let route = ip(&["route", "get", &pod.to_string()])?;
         let api = route_source(&route).with_context(|| format!("no src in `ip route get {pod}`: {route}"))?;
-        let attacker: IpAddr = ATTACKER_IP.parse()?;
-        if api == attacker {
-            bail!("the kernel reaches the pods from {attacker}, the attackers' address");
+        let attackers = [ATTACKERS[0].parse()?, ATTACKERS[1].parse()?];
+        if attackers.contains(&api) {
+            bail!("the kernel reaches the pods from {api}, an attacker's address");
         }
-        let present = ip(&["-o", "addr", "show", "dev", "lo"])?.contains(&format!(" {ATTACKER_IP}/32 "));
-        if !present {
-            ip(&["addr", "add", &format!("{ATTACKER_IP}/32"), "dev", "lo"])?;
+        let mut sources = Sources { api, attackers, added: Vec::new() };
+        let lo = ip(&["-o", "addr", "show", "dev", "lo"])?;
+        for a in ATTACKERS {
+            if !lo.contains(&format!(" {a}/32 ")) {
+                ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])?;
+                sources.added.push(a.to_string());
+            }
         }
         let after = ip(&["route", "get", &pod.to_string()])?;
-        let sources = Sources { api, attacker, added: !present };
         if route_source(&after) != Some(api) {
-            bail!("adding {ATTACKER_IP} changed the source toward the pods: {after}");
+            bail!("adding {ATTACKERS:?} changed the source toward the pods: {after}");
         }
         Ok(sources)
     }
@@ -242,8 +249,8 @@ impl Sources {
 
 impl Drop for Sources {
     fn drop(&mut self) {
-        if self.added {
-            let _ = ip(&["addr", "del", &format!("{ATTACKER_IP}/32"), "dev", "lo"]);
+        for a in &self.added {
+            let _ = ip(&["addr", "del", &format!("{a}/32"), "dev", "lo"]);
         }
     }
 }
@@ -388,10 +395,11 @@ async fn flood_client(i: usize, src: IpAddr, dst: SocketAddr, port: usize, seen:
     }
 }
 
-/// Runs the network attacks on a runtime of their own until `deadline`.
+/// Runs the network attacks on a runtime of their own until `deadline`: parse cost from `src[0]`,
+/// the flood from `src[1]`.
 fn network_attacks(
     attacks: Attacks,
-    src: IpAddr,
+    src: [IpAddr; 2],
     pods: Vec<IpAddr>,
     tls: Tls,
     seen: Arc<Seen>,
@@ -406,16 +414,16 @@ fn network_attacks(
                 let (webhook, probes) = (SocketAddr::new(pod, WEBHOOK_PORT), SocketAddr::new(pod, PROBE_PORT));
                 if attacks.flood {
                     for i in 0..FLOOD_WEBHOOK {
-                        tasks.push(tokio::spawn(flood_client(i, src, webhook, 0, seen.clone())));
+                        tasks.push(tokio::spawn(flood_client(i, src[1], webhook, 0, seen.clone())));
                     }
                     for i in 0..FLOOD_PROBES {
-                        tasks.push(tokio::spawn(flood_client(i, src, probes, 1, seen.clone())));
+                        tasks.push(tokio::spawn(flood_client(i, src[1], probes, 1, seen.clone())));
                     }
                 }
                 if attacks.parse {
                     for i in 0..PARSE_CLIENTS {
                         let (tls, bodies, seen) = (tls.clone(), bodies.clone(), seen.clone());
-                        tasks.push(tokio::spawn(parse_client(i, src, webhook, tls, bodies, seen)));
+                        tasks.push(tokio::spawn(parse_client(i, src[0], webhook, tls, bodies, seen)));
                     }
                 }
             }
@@ -638,6 +646,8 @@ struct Samples {
     rss: BTreeMap<String, f64>,
     /// Host pid of each manager container seen, by container id.
     pids: HashMap<String, (String, u32)>,
+    /// The pods at the first sample.
+    initial: Vec<String>,
 }
 
 impl Samples {
@@ -659,7 +669,10 @@ impl Samples {
         };
         let live: Vec<&Pod> = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
         self.ready.push(live.iter().filter(|p| install::is_ready(p)).count());
-        for p in pods.iter() {
+        if self.initial.is_empty() {
+            self.initial = live.iter().filter_map(|p| p.metadata.name.clone()).collect();
+        }
+        for p in live {
             let name = p.metadata.name.clone().unwrap_or_default();
             let r = install::restarts(p);
             self.restarts.entry(name.clone()).and_modify(|e| e.1 = r).or_insert((r, r));
@@ -768,13 +781,14 @@ async fn attack(
     let mut samples = first_sample(client).await;
     let a = run.attacks;
     println!(
-        "==> hostile ({}): {} s against {} pods ({}); attacker {} (the API server reaches the pods from {}): \
-         parse cost {}, flood {}, foreign objects {}, large MyApps {}",
+        "==> hostile ({}): {} s against {} pods ({}); attackers {} (parse cost) and {} (flood); the API server \
+         reaches the pods from {}; parse cost {}, flood {}, foreign objects {}, large MyApps {}",
         run.name,
         run.seconds,
         replicas.len(),
         replicas.iter().map(|r| format!("{} {}", r.name, r.ip)).collect::<Vec<_>>().join(", "),
-        sources.attacker,
+        sources.attackers[0],
+        sources.attackers[1],
         sources.api,
         a.parse,
         a.flood,
@@ -785,7 +799,7 @@ async fn attack(
     let deadline = Instant::now() + Duration::from_secs(run.seconds);
     let seen = Arc::new(Seen::default());
     let pods: Vec<IpAddr> = replicas.iter().map(|r| r.ip).collect();
-    let net = network_attacks(a, sources.attacker, pods, tls, seen.clone(), deadline)?;
+    let net = network_attacks(a, sources.attackers, pods, tls, seen.clone(), deadline)?;
     let objects = tokio::spawn(api_attacks(side, ns.to_string(), a, deadline));
     let load = tokio::spawn(legitimate(client.clone(), ns.to_string(), deadline));
     while Instant::now() < deadline {
@@ -818,7 +832,7 @@ fn report(
     seen: &Seen,
 ) -> Report {
     let restarts: i32 = s.restarts.values().map(|(first, last)| last - first).sum();
-    let replaced = s.restarts.len().saturating_sub(3);
+    let replaced = s.restarts.keys().filter(|p| !s.initial.contains(p)).count();
     let min_ready = s.ready.iter().copied().min().unwrap_or(0);
     let below = s.ready.iter().filter(|r| **r < 3).count();
     let (p50, p99) = crate::webhook_bench::percentiles(legit.latencies.clone());
@@ -872,7 +886,8 @@ fn report(
     ];
     let parse = seen.parse.lock().map(|m| m.clone()).unwrap_or_default();
     let detail = json!({
-        "source_addresses": {"api_server_to_pods": sources.api.to_string(), "attacker": sources.attacker.to_string()},
+        "source_addresses": {"api_server_to_pods": sources.api.to_string(), "parse_cost_attacker": sources.attackers[0].to_string(),
+                             "flood_attacker": sources.attackers[1].to_string()},
         "attacks": {"parse": run.attacks.parse, "flood": run.attacks.flood, "foreign": run.attacks.foreign, "large": run.attacks.large},
         "parse_cost_answers_by_status": parse,
         "flood": seen.flood(),
@@ -904,10 +919,7 @@ fn verdict(report: &Report) -> Result<()> {
         println!("| {} | {} | {} | {} |", r.figure, r.value, r.target, if r.met { "met" } else { "MISSED" });
     }
     let d = &report.detail;
-    println!(
-        "\n    source addresses: API server -> pods {}, attacker {}",
-        d["source_addresses"]["api_server_to_pods"], d["source_addresses"]["attacker"]
-    );
+    println!("\n    source addresses: {}", d["source_addresses"]);
     println!("    parse-cost answers by status: {}", d["parse_cost_answers_by_status"]);
     println!("    flood: {}", d["flood"]);
     println!(
