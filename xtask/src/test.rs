@@ -123,8 +123,9 @@ async fn against_cluster(target: &operator::Target) -> Result<bool> {
 }
 
 /// The install as users run it, on the real node: the image, `kubectl apply -k` (the install
-/// test), the chaos smoke against its pods, and the hostile profile's short form. Skipped, with the reason, when there is no real
-/// node; under CI (`CI` set) that fails the run instead. True when it built the image.
+/// test), the chaos smoke against its pods, and the hostile profile's short form. Skipped, with
+/// the reason, when there is no real node; under CI (`CI` set) that fails the run instead. True
+/// when it built the image.
 async fn on_the_node(target: &operator::Target) -> Result<bool> {
     let why = if target.local {
         node::why_not()
