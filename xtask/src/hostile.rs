@@ -436,12 +436,17 @@ fn network_attacks(
 
 /// A TLS connector that trusts the CA of the webhook Secret.
 async fn webhook_tls(client: &Client) -> Result<Tls> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
     let secret = Api::<Secret>::namespaced(client.clone(), NAMESPACE).get(CERT_SECRET).await?;
     let ca = secret.data.and_then(|d| d.get("ca.crt").cloned()).context("the webhook Secret has no ca.crt")?;
+    trusting(&ca.0)
+}
+
+/// A TLS connector that trusts the certificates of `ca` (PEM).
+fn trusting(ca: &[u8]) -> Result<Tls> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&ca.0) {
+    for c in CertificateDer::pem_slice_iter(ca) {
         roots.add(c?)?;
     }
     let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
@@ -957,6 +962,32 @@ mod tests {
         assert!(JsonShape::of(&junk).items > 1_500_000, "millions of items");
         let items = JsonShape::of(&padded).items;
         assert!(items < MAX_ITEMS && items > MAX_ITEMS - 200, "{items} items: just under the limit");
+    }
+
+    /// The parse-cost clients against the operator's webhook server (its default limits, on
+    /// loopback, with a certificate for the name the clients check): both bodies are answered,
+    /// the junk one denied unparsed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_parse_cost_clients_get_the_servers_answers() {
+        use myapp_operator::telemetry::metrics::Metrics;
+        use myapp_operator::webhook::policy::Policy;
+        use myapp_operator::webhook::{Shared, certs, limits::Limits, server};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let bundle = certs::issue(&[CERT_NAME.into()], None, time::OffsetDateTime::now_utc()).expect("a certificate");
+        let tls =
+            axum_server::tls_rustls::RustlsConfig::from_pem(bundle.tls_crt.into_bytes(), bundle.tls_key.into_bytes())
+                .await
+                .expect("tls");
+        let listener = server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let shared = Arc::new(Shared::new(Policy::default(), Arc::new(Metrics::default()), Limits::default()));
+        let running = server::Server::spawn(listener, tls, shared).expect("server");
+        let connector = trusting(bundle.ca_crt.as_bytes()).expect("connector");
+        let (junk, padded) = parse_bodies();
+        let src: IpAddr = "127.0.0.1".parse().expect("ip");
+        assert_eq!(post(src, running.addr, &connector, &junk).await, Some(200));
+        assert_eq!(post(src, running.addr, &connector, &padded).await, Some(200));
+        running.shutdown(Duration::from_secs(1)).await.expect("shutdown");
     }
 
     #[test]
