@@ -169,7 +169,7 @@ pub async fn hostile(args: &TargetArgs, run: Hostile) -> Result<()> {
     verdict(&report)
 }
 
-/// An operator pod: its name, address and manager container.
+/// An operator pod: its name and address.
 #[derive(Clone, Debug)]
 struct Replica {
     name: String,
