@@ -339,38 +339,52 @@ fn crash(pid: u32) -> Result<()> {
 
 /// The Lease's holder and its last renewal (epoch seconds, as the holder wrote it; the holder's
 /// node is this machine, so its clock is ours).
-async fn holder_and_renewal(client: &Client) -> Option<(String, Option<f64>)> {
-    use k8s_openapi::api::coordination::v1::Lease;
-    let lease = Api::<Lease>::namespaced(client.clone(), NAMESPACE).get_opt(operator::LEASE).await.ok()??;
-    let spec = lease.spec?;
+fn holder_and_renewal(lease: &k8s_openapi::api::coordination::v1::Lease) -> (String, Option<f64>) {
+    let spec = lease.spec.clone().unwrap_or_default();
     let renewed = spec.renew_time.map(|t| t.0.as_millisecond() as f64 / 1000.0);
-    Some((spec.holder_identity.unwrap_or_default(), renewed))
+    (spec.holder_identity.unwrap_or_default(), renewed)
 }
 
-/// Force-deletes `pod`, the leader `old`'s, at `at` (epoch seconds), and follows the Lease until
-/// someone else holds it. Nothing proves the old process dead, so the successor may take it only
-/// once the old leader released it (the kubelet's SIGTERM) or its lease expired, counted from
-/// its last renewal; a takeover sooner fails the round.
+/// Force-deletes `pod`, the leader `old`'s, at `at` (epoch seconds), and follows every version of
+/// the Lease (a watch from the version read before the delete, so that a release followed at once
+/// by a takeover is not missed between two reads) until someone else holds it. Nothing proves
+/// the old process dead, so the successor may take it only once the old leader released it (the
+/// kubelet's SIGTERM) or its lease expired, counted from its last renewal; a takeover sooner
+/// fails the round.
 async fn force_delete(client: &Client, old: &str, pod: &str, at: f64) -> Result<Broken> {
-    let before = holder_and_renewal(client).await.and_then(|(h, r)| r.filter(|_| h == old));
+    use futures::{StreamExt, TryStreamExt};
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::api::{WatchEvent, WatchParams};
+    let api = Api::<Lease>::namespaced(client.clone(), NAMESPACE);
+    let first = api.get(operator::LEASE).await?;
+    let rv = first.metadata.resource_version.clone().unwrap_or_default();
+    let before = Some(holder_and_renewal(&first)).and_then(|(h, r)| r.filter(|_| h == old));
     let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
     Api::<Pod>::namespaced(client.clone(), NAMESPACE).delete(pod, &params).await?;
     let lease = TIMINGS.duration;
-    let deadline = Instant::now() + Duration::from_secs_f64(lease * 3.0);
+    let wait = Duration::from_secs_f64(lease * 3.0);
+    let deadline = Instant::now() + wait;
+    let watch =
+        WatchParams::default().fields(&format!("metadata.name={}", operator::LEASE)).timeout(wait.as_secs() as u32 + 5);
+    let mut versions = api.watch(&watch, &rv).await?.boxed();
     let (mut renewed, mut released) = (before, false);
     let taken = loop {
-        if Instant::now() > deadline {
-            bail!("force-delete: nobody took the Lease from {old} within {:.0} s", lease * 3.0);
-        }
-        if let Some((holder, r)) = holder_and_renewal(client).await {
-            let seen = now();
-            match holder.as_str() {
-                h if h == old => renewed = r.or(renewed),
-                "" => released = true,
-                _ => break seen,
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = match tokio::time::timeout(left, versions.try_next()).await {
+            Ok(Ok(Some(e))) => e,
+            Ok(Ok(None)) | Err(_) => {
+                bail!("force-delete: nobody took the Lease from {old} within {:.0} s", lease * 3.0)
             }
+            Ok(Err(e)) => bail!("force-delete: the Lease watch failed: {e}"),
+        };
+        let (WatchEvent::Added(l) | WatchEvent::Modified(l)) = event else { continue };
+        let seen = now();
+        let (holder, r) = holder_and_renewal(&l);
+        match holder.as_str() {
+            h if h == old => renewed = r.or(renewed),
+            "" => released = true,
+            _ => break seen,
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let since_renewal = renewed.map(|r| taken - r);
     let early = !released && since_renewal.is_some_and(|s| s < lease - 0.1);
