@@ -37,6 +37,9 @@ struct Key {
     type_: &'static str,
     reason: String,
     action: String,
+    /// An Event's `note` cannot change (the API server refuses it as immutable), so only the
+    /// same note continues a series; another note starts a new Event.
+    note: String,
 }
 
 /// A remembered event: its name (to patch) and its series so far.
@@ -106,8 +109,13 @@ impl Publisher {
             EventType::Warning => "Warning",
         };
         let namespace = regarding.namespace.clone().unwrap_or_else(|| "default".into());
-        let key =
-            Key { uid: regarding.uid.clone().unwrap_or_default(), type_, reason: reason.into(), action: action.into() };
+        let key = Key {
+            uid: regarding.uid.clone().unwrap_or_default(),
+            type_,
+            reason: reason.into(),
+            action: action.into(),
+            note: note.clone(),
+        };
         let now = Instant::now();
         let earlier = self.recent.lock().ok().and_then(|mut r| {
             r.trim(now);
@@ -118,7 +126,7 @@ impl Publisher {
             Some(first) => {
                 let count = first.count.saturating_add(1);
                 let series = EventSeries { count, last_observed_time: MicroTime(Timestamp::now()) };
-                let patch = Patch::Merge(serde_json::json!({ "series": series, "note": note }));
+                let patch = Patch::Merge(serde_json::json!({ "series": series }));
                 api.patch(&first.name, &PatchParams::default(), &patch).await?;
                 Seen { count, at: now, ..first }
             }
@@ -169,7 +177,13 @@ mod tests {
     use super::*;
 
     fn key(i: usize) -> Key {
-        Key { uid: format!("uid-{i}"), type_: "Normal", reason: "RolloutComplete".into(), action: "Rollout".into() }
+        Key {
+            uid: format!("uid-{i}"),
+            type_: "Normal",
+            reason: "RolloutComplete".into(),
+            action: "Rollout".into(),
+            note: "1/1 pods ready".into(),
+        }
     }
 
     fn seen(at: Instant) -> Seen {

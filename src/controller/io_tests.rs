@@ -321,3 +321,20 @@ async fn a_child_a_relist_finds_gone_is_sent_on_like_a_deletion() {
     assert!(ctx.caches.deployments.get(NS, "web").is_none(), "gone from the store");
     assert!(ctx.caches.services.get(NS, "web").is_some(), "what the relist listed stays");
 }
+
+/// An Event's note is immutable: a repeat with the same note only counts in its series (a PATCH
+/// without the note), and another note starts a new Event instead of a PATCH the API server
+/// refuses.
+#[tokio::test(start_paused = true)]
+async fn a_new_note_starts_a_new_event_and_a_repeat_only_counts() {
+    use kube::runtime::events::EventType;
+    let (fake, ctx) = start(&MyApp::test()).await;
+    let app = stored(&fake).await;
+    let from = fake.requests().len();
+    for note in ["1/1 pods ready with image a", "1/1 pods ready with image a", "1/1 pods ready with image b"] {
+        ctx.writer.event(&app, EventType::Normal, "RolloutComplete", "Rollout", note.into()).await;
+    }
+    let methods: Vec<String> =
+        writes(&fake, from).iter().filter_map(|w| w.split(' ').next().map(str::to_string)).collect();
+    assert_eq!(methods, ["POST", "PATCH", "POST"]);
+}
