@@ -162,28 +162,24 @@ struct Places {
     by_source: std::sync::Mutex<HashMap<IpAddr, usize>>,
 }
 
-impl Places {
-    fn by_source(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
-        // The map is consistent after any panic in between (each step is one insert or remove).
-        self.by_source.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// `map` locked. Every change to such a map is one step on one entry, so it is consistent after
+/// a panic elsewhere.
+fn lock<T>(map: &std::sync::Mutex<HashMap<IpAddr, T>>) -> std::sync::MutexGuard<'_, HashMap<IpAddr, T>> {
+    map.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
+impl Places {
     /// A place for a connection from `source`, if one is free.
     fn take(self: &Arc<Self>, source: Option<IpAddr>) -> Option<Place> {
         match source {
             Some(ip) if !ip.is_loopback() => {
-                {
-                    let mut open = self.by_source();
-                    let n = open.entry(ip).or_insert(0);
-                    if *n >= self.per_source {
-                        return None;
-                    }
-                    *n += 1;
+                let mut open = lock(&self.by_source);
+                if open.get(&ip).is_some_and(|n| *n >= self.per_source) {
+                    return None;
                 }
-                let mut place = Place { _permit: None, source: Some(ip), places: self.clone() };
-                // Dropping `place` on failure gives the source's count back.
-                place._permit = Some(self.shared.clone().try_acquire_owned().ok()?);
-                Some(place)
+                let permit = self.shared.clone().try_acquire_owned().ok()?;
+                *open.entry(ip).or_insert(0) += 1;
+                Some(Place { _permit: permit, source: Some(ip), places: self.clone() })
             }
             // Loopback, or a peer whose address the socket no longer knows.
             _ => {
@@ -191,7 +187,7 @@ impl Places {
                 if permit.is_none() && source.is_some() {
                     permit = self.loopback.clone().try_acquire_owned().ok();
                 }
-                Some(Place { _permit: Some(permit?), source: None, places: self.clone() })
+                Some(Place { _permit: permit?, source: None, places: self.clone() })
             }
         }
     }
@@ -200,7 +196,7 @@ impl Places {
 /// A connection's place under the [`ConnectionCap`], given back when it is dropped.
 #[derive(Debug)]
 struct Place {
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: OwnedSemaphorePermit,
     source: Option<IpAddr>,
     places: Arc<Places>,
 }
@@ -208,7 +204,7 @@ struct Place {
 impl Drop for Place {
     fn drop(&mut self) {
         if let Some(ip) = self.source {
-            let mut open = self.places.by_source();
+            let mut open = lock(&self.places.by_source);
             if let Some(n) = open.get_mut(&ip) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -237,7 +233,7 @@ impl ConnectionCap {
 
     /// Connections open from `ip` now (loopback ones are not counted by source).
     pub fn open_from(&self, ip: IpAddr) -> usize {
-        self.0.by_source().get(&ip).copied().unwrap_or(0)
+        lock(&self.0.by_source).get(&ip).copied().unwrap_or(0)
     }
 }
 
@@ -344,11 +340,6 @@ pub struct Ticket {
     shares: Arc<std::sync::Mutex<HashMap<IpAddr, Share>>>,
 }
 
-fn lock(shares: &std::sync::Mutex<HashMap<IpAddr, Share>>) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Share>> {
-    // Every change is one step on one entry, so the map is consistent after a panic elsewhere.
-    shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Drop for Ticket {
     fn drop(&mut self) {
         if let Some(ip) = self.source {
@@ -391,24 +382,19 @@ impl Gate {
     /// of it. Loopback callers (this pod) have no share of their own.
     pub fn enter(&self, source: Option<IpAddr>) -> Option<Ticket> {
         let source = source.map(|ip| ip.to_canonical()).filter(|ip| !ip.is_loopback());
-        if let Some(ip) = source {
-            let mut shares = lock(&self.shares);
-            let share = shares.entry(ip).or_default();
-            let permit = (share.requests < self.limits.max_in_flight.div_ceil(2))
-                .then(|| self.requests.clone().try_acquire_owned().ok())
-                .flatten();
-            let Some(request) = permit else {
-                if share.requests == 0 {
-                    shares.remove(&ip);
-                }
-                return None;
-            };
-            share.requests += 1;
-            drop(shares);
-            return Some(Ticket { _request: request, memory: None, source, bytes: 0, shares: self.shares.clone() });
+        let half = self.limits.max_in_flight.div_ceil(2);
+        let mut shares = lock(&self.shares);
+        if let Some(ip) = source
+            && shares.get(&ip).is_some_and(|s| s.requests >= half)
+        {
+            return None;
         }
         let request = self.requests.clone().try_acquire_owned().ok()?;
-        Some(Ticket { _request: request, memory: None, source: None, bytes: 0, shares: self.shares.clone() })
+        if let Some(ip) = source {
+            shares.entry(ip).or_default().requests += 1;
+        }
+        drop(shares);
+        Some(Ticket { _request: request, memory: None, source, bytes: 0, shares: self.shares.clone() })
     }
 
     /// Takes `n` more bytes of the memory budget for `ticket`, held until it is dropped; `Busy` if

@@ -444,19 +444,9 @@ fn network_attacks(
 async fn webhook_tls(client: &Client) -> Result<Tls> {
     let secret = Api::<Secret>::namespaced(client.clone(), NAMESPACE).get(CERT_SECRET).await?;
     let ca = secret.data.and_then(|d| d.get("ca.crt").cloned()).context("the webhook Secret has no ca.crt")?;
-    trusting(&ca.0)
-}
-
-/// A TLS connector that trusts the certificates of `ca` (PEM).
-fn trusting(ca: &[u8]) -> Result<Tls> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca) {
-        roots.add(c?)?;
-    }
-    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    crate::webhook_bench::tls_connector(
+        std::str::from_utf8(&ca.0).context("the webhook Secret's ca.crt is not PEM text")?,
+    )
 }
 
 /// The labels a child of the MyApp `owner` carries.
@@ -1004,7 +994,7 @@ mod tests {
         listener.set_nonblocking(true).expect("nonblocking");
         let shared = Arc::new(Shared::new(Policy::default(), Arc::new(Metrics::default()), Limits::default()));
         let running = server::Server::spawn(listener, tls, shared).expect("server");
-        let connector = trusting(bundle.ca_crt.as_bytes()).expect("connector");
+        let connector = crate::webhook_bench::tls_connector(&bundle.ca_crt).expect("connector");
         let (junk, padded) = parse_bodies();
         let src: IpAddr = "127.0.0.1".parse().expect("ip");
         assert_eq!(post(src, running.addr, &connector, &junk).await, Some(200));

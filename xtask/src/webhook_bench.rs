@@ -308,7 +308,7 @@ fn start_server() -> Result<(std::process::Child, std::net::SocketAddr, String)>
 }
 
 /// A raw TLS connector that trusts `ca`, for the attackers.
-fn tls_connector(ca: &str) -> Result<tokio_rustls::TlsConnector> {
+pub(crate) fn tls_connector(ca: &str) -> Result<tokio_rustls::TlsConnector> {
     let mut roots = rustls::RootCertStore::empty();
     for c in pem_certs(ca)? {
         roots.add(c.into())?;
