@@ -7,6 +7,9 @@ use serde_json::Value;
 pub struct Request {
     /// When the API server received it, in seconds since the Unix epoch (server clock).
     pub at: f64,
+    /// When the API server finished it (`stageTimestamp` of the `ResponseComplete` stage): a write
+    /// that succeeded was committed by then. Same clock as [`Self::at`].
+    pub committed: f64,
     /// `create`, `update`, `patch`, `delete`, …
     pub verb: String,
     /// Resource, e.g. `deployments`.
@@ -80,8 +83,10 @@ pub fn parse_line(line: &str) -> Option<Request> {
                 .map(|spec| s(&spec.get("holderIdentity").cloned().unwrap_or(Value::Null)))
         })
         .flatten();
+    let at = seconds(e["requestReceivedTimestamp"].as_str()?)?;
     Some(Request {
-        at: seconds(e["requestReceivedTimestamp"].as_str()?)?,
+        at,
+        committed: e["stageTimestamp"].as_str().and_then(seconds).unwrap_or(at),
         verb: s(&e["verb"]),
         resource: s(&obj["resource"]),
         subresource: s(&obj["subresource"]),
@@ -142,7 +147,7 @@ pub fn parse(log: &str, since: f64) -> Vec<Request> {
 mod tests {
     use super::*;
 
-    const LEASE: &str = r#"{"kind":"Event","stage":"ResponseComplete","verb":"update","userAgent":"myapp-operator/0.1.0 (operator-1-ab2cd)","objectRef":{"resource":"leases","namespace":"myapp-system","name":"myapp-operator"},"responseStatus":{"code":200},"requestObject":{"spec":{"holderIdentity":"operator-1-ab2cd"}},"requestReceivedTimestamp":"2026-11-25T17:52:53.163462Z"}"#;
+    const LEASE: &str = r#"{"kind":"Event","stage":"ResponseComplete","verb":"update","userAgent":"myapp-operator/0.1.0 (operator-1-ab2cd)","objectRef":{"resource":"leases","namespace":"myapp-system","name":"myapp-operator"},"responseStatus":{"code":200},"requestObject":{"spec":{"holderIdentity":"operator-1-ab2cd"}},"requestReceivedTimestamp":"2026-11-25T17:52:53.163462Z","stageTimestamp":"2026-11-25T17:52:53.571000Z"}"#;
 
     #[test]
     fn reads_a_lease_write() {
@@ -151,6 +156,9 @@ mod tests {
         assert_eq!(r.lease_holder.as_deref(), Some("operator-1-ab2cd"));
         assert!(r.is_write() && r.succeeded());
         assert!((r.at - 1_795_629_173.163_462).abs() < 1e-3, "{}", r.at);
+        assert!((r.committed - r.at - 0.4075).abs() < 1e-3, "committed {} after", r.committed - r.at);
+        let no_stage = parse_line(&LEASE.replace(r#","stageTimestamp":"2026-11-25T17:52:53.571000Z""#, ""));
+        assert_eq!(no_stage.map(|r| r.committed), Some(r.at), "without a stage time, the receipt");
     }
 
     #[test]

@@ -11,12 +11,18 @@
 //! A write by a replica is legal only inside one of its own intervals. Intervals never overlap
 //! by construction, so "every write inside its writer's interval" also proves that no two
 //! replicas ever wrote in overlapping intervals.
+//!
+//! Receipt is not enough: a write received inside its writer's term but committed after another
+//! replica's term began (its first Lease write) could overwrite the successor's work. So a write
+//! must also be *committed* (the API server's `stageTimestamp` at `ResponseComplete`) before the
+//! next term of another replica starts. A write that failed is judged the same way: the API
+//! server still held it then, and nothing but the outcome kept it from landing.
 
 use crate::audit::Request;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A span of time in which one replica held the lease (server clock, seconds since the epoch).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Interval {
     /// The holder.
     pub replica: String,
@@ -27,14 +33,36 @@ pub struct Interval {
 }
 
 /// A write made outside the writer's leadership.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Violation {
     /// The writer.
     pub replica: String,
     /// When the API server received it.
     pub at: f64,
+    /// When the API server finished it (its receipt, in reports from before this was judged).
+    #[serde(default)]
+    pub committed: f64,
+    /// Which rule it broke.
+    #[serde(default = "Breach::outside")]
+    pub breach: Breach,
     /// What it was, e.g. `patch deployments ns/web`.
     pub what: String,
+}
+
+/// The rule a [`Violation`] broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Breach {
+    /// Received outside every term of its writer.
+    Outside,
+    /// Received inside its writer's term, finished after another replica's term began.
+    CommittedInNewTerm,
+}
+
+impl Breach {
+    fn outside() -> Self {
+        Breach::Outside
+    }
 }
 
 fn is_the_lease(r: &Request, lease_namespace: &str, lease_name: &str) -> bool {
@@ -89,8 +117,10 @@ pub fn is_controller_write(r: &Request) -> bool {
     r.is_write() && r.replica.is_some() && CONTROLLER_RESOURCES.contains(&r.resource.as_str())
 }
 
-/// Every controller write by an operator replica received outside its own leadership intervals.
-/// Failed writes count too: the fence must stop them before they leave.
+/// Every controller write by an operator replica received outside its own leadership intervals,
+/// or received inside one but finished after the next term of another replica began. Failed
+/// writes count too: the fence must stop them before they leave, and the deadline must end them
+/// before a successor may lead.
 pub fn writes_outside(
     requests: &[Request],
     intervals: &[Interval],
@@ -102,21 +132,26 @@ pub fn writes_outside(
         .filter(|r| is_controller_write(r) && !is_the_lease(r, lease_namespace, lease_name))
         .filter_map(|r| {
             let replica = r.replica.as_ref()?;
-            let inside = intervals.iter().any(|i| &i.replica == replica && i.start <= r.at && r.at <= i.end);
-            (!inside).then(|| Violation {
-                replica: replica.clone(),
-                at: r.at,
-                what: format!(
-                    "{} {}{} {}/{}",
-                    r.verb,
-                    r.resource,
-                    if r.subresource.is_empty() { String::new() } else { format!("/{}", r.subresource) },
-                    r.namespace,
-                    r.name
-                ),
-            })
+            let term = intervals.iter().position(|i| &i.replica == replica && i.start <= r.at && r.at <= i.end);
+            let breach = match term {
+                None => Breach::Outside,
+                Some(k) => {
+                    let successor = intervals[k + 1..].iter().find(|i| &i.replica != replica)?;
+                    if r.committed <= successor.start {
+                        return None;
+                    }
+                    Breach::CommittedInNewTerm
+                }
+            };
+            Some(Violation { replica: replica.clone(), at: r.at, committed: r.committed, breach, what: describe(r) })
         })
         .collect()
+}
+
+/// `verb resource[/subresource] namespace/name`.
+fn describe(r: &Request) -> String {
+    let sub = if r.subresource.is_empty() { String::new() } else { format!("/{}", r.subresource) };
+    format!("{} {}{sub} {}/{}", r.verb, r.resource, r.namespace, r.name)
 }
 
 /// Controller writes received while the Lease did not exist: after a successful delete of it and
@@ -148,6 +183,7 @@ mod tests {
     fn lease(at: f64, by: &str, holder: &str) -> Request {
         Request {
             at,
+            committed: at,
             verb: "update".into(),
             resource: "leases".into(),
             subresource: String::new(),
@@ -164,6 +200,7 @@ mod tests {
     fn write(at: f64, by: &str) -> Request {
         Request {
             at,
+            committed: at,
             verb: "patch".into(),
             resource: "deployments".into(),
             subresource: String::new(),
@@ -261,6 +298,38 @@ mod tests {
         // a's interval is [10, 13]: its writes at 19 and 21.5 are violations.
         assert_eq!(at, vec![19.0, 21.5]);
         assert!(v[0].what.contains("patch deployments ns/web"));
+    }
+
+    #[test]
+    fn a_write_committed_after_the_successor_led_is_found() {
+        // a leads from 10 (renewed at 12, so its term ends at 15); b takes over at 20.
+        let slow = |at: f64, committed: f64| Request { committed, ..write(at, "a") };
+        let reqs = vec![
+            lease(10.0, "a", "a"),
+            lease(12.0, "a", "a"),
+            lease(20.0, "b", "b"),
+            // received at 14.9 (inside a's term), finished before b's first Lease write: legal.
+            slow(14.9, 19.99),
+            // received inside a's term, finished after b led: the old term landed in the new one.
+            slow(14.8, 20.4),
+            // b's own slow write, with no later term of anyone else: legal.
+            Request { committed: 40.0, ..write(21.0, "b") },
+        ];
+        let iv = leadership(&reqs, "sys", "op", 4.0, 3.0, 100.0);
+        let v = writes_outside(&reqs, &iv, "sys", "op");
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!((v[0].at, v[0].committed, v[0].breach), (14.8, 20.4, Breach::CommittedInNewTerm));
+        assert_eq!(v[0].replica, "a");
+        // The same write received after its writer's term is an outside write, whatever its commit.
+        let late = writes_outside(&[slow(15.5, 15.6)], &iv, "sys", "op");
+        assert_eq!(late.iter().map(|v| v.breach).collect::<Vec<_>>(), vec![Breach::Outside]);
+        // When a leads again from 30, b's write committed at 40 landed in a's new term; a's own
+        // late write is still judged against b, the first other holder after it.
+        let mut again = reqs.clone();
+        again.push(lease(30.0, "a", "a"));
+        let v = writes_outside(&again, &leadership(&again, "sys", "op", 4.0, 3.0, 100.0), "sys", "op");
+        let found: Vec<(&str, f64)> = v.iter().map(|v| (v.replica.as_str(), v.at)).collect();
+        assert_eq!(found, vec![("a", 14.8), ("b", 21.0)]);
     }
 
     #[test]

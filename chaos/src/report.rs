@@ -1,13 +1,13 @@
 //! The chaos report: JSON, a readable table, and an SVG timeline of who held the lease when, with
 //! every operator write as a tick.
 
-use crate::invariants::{Interval, Violation};
-use serde::Serialize;
+use crate::invariants::{Breach, Interval, Violation};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// One injected fault and what followed.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Fault {
     /// `kill`, `term`, `pause`, `partition` or `apiserver-restart`.
     pub scenario: String,
@@ -53,8 +53,8 @@ impl Fault {
 }
 
 /// The replicas' lease timings, in seconds; written as `[duration, renew deadline, retry period]`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-#[serde(into = "[f64; 3]")]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(into = "[f64; 3]", from = "[f64; 3]")]
 pub struct LeaseTimings {
     /// The lease duration.
     pub duration: f64,
@@ -64,6 +64,12 @@ pub struct LeaseTimings {
     pub retry_period: f64,
 }
 
+impl From<[f64; 3]> for LeaseTimings {
+    fn from([duration, renew_deadline, retry_period]: [f64; 3]) -> Self {
+        LeaseTimings { duration, renew_deadline, retry_period }
+    }
+}
+
 impl From<LeaseTimings> for [f64; 3] {
     fn from(t: LeaseTimings) -> Self {
         [t.duration, t.renew_deadline, t.retry_period]
@@ -71,7 +77,7 @@ impl From<LeaseTimings> for [f64; 3] {
 }
 
 /// Distribution of one measurement.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Stats {
     /// Samples.
     pub n: usize,
@@ -95,7 +101,7 @@ pub fn stats(samples: &[f64]) -> Option<Stats> {
 }
 
 /// Per-scenario figures.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
     /// Scenario name.
     pub scenario: String,
@@ -105,14 +111,18 @@ pub struct Summary {
     pub first_reconcile: Option<Stats>,
     /// Fault → converged.
     pub converged: Option<Stats>,
-    /// Writes outside leadership during this scenario's rounds.
+    /// Writes outside leadership during this scenario's rounds (either breach).
     pub writes_outside_leadership: usize,
+    /// Of those, writes received in their writer's term and committed after a successor led
+    /// (`None` in reports from before this was judged).
+    #[serde(default)]
+    pub committed_in_new_term: Option<usize>,
     /// Admission requests that failed because no webhook answered, during this scenario's rounds.
     pub failed_admissions: usize,
 }
 
 /// The whole report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     /// `smoke` or `full`.
     pub profile: String,
@@ -153,15 +163,16 @@ pub fn summarize(faults: &[Fault], violations: &[Violation], admission_failures:
                     (f.at, next)
                 })
                 .collect();
+            let during = |v: &&Violation| windows.iter().any(|(a, b)| v.at >= *a && v.at < *b);
             Summary {
                 scenario: scenario.to_string(),
                 acquired: pick(|f| f.acquired_after),
                 first_reconcile: pick(|f| f.first_reconcile_after),
                 converged: pick(|f| f.converged_after),
-                writes_outside_leadership: violations
-                    .iter()
-                    .filter(|v| windows.iter().any(|(a, b)| v.at >= *a && v.at < *b))
-                    .count(),
+                writes_outside_leadership: violations.iter().filter(during).count(),
+                committed_in_new_term: Some(
+                    violations.iter().filter(during).filter(|v| v.breach == Breach::CommittedInNewTerm).count(),
+                ),
                 failed_admissions: admission_failures
                     .iter()
                     .filter(|t| windows.iter().any(|(a, b)| **t >= *a && **t < *b))
@@ -169,6 +180,11 @@ pub fn summarize(faults: &[Fault], violations: &[Violation], admission_failures:
             }
         })
         .collect()
+}
+
+/// Writes committed after a successor led, or `not judged` in an older report.
+fn late(s: &Summary) -> String {
+    s.committed_in_new_term.map_or("not judged".into(), |n| n.to_string())
 }
 
 fn fmt_stats(s: &Option<Stats>) -> String {
@@ -188,18 +204,19 @@ pub fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<18} {:>20}  {:>20}  {:>20}  {:>8} {:>10}",
-        "scenario", "acquired p50/p99/max", "1st reconcile (ms)", "converged (ms)", "outside", "admission"
+        "{:<18} {:>20}  {:>20}  {:>20}  {:>8} {:>6} {:>10}",
+        "scenario", "acquired p50/p99/max", "1st reconcile (ms)", "converged (ms)", "outside", "late", "admission"
     );
     for s in &r.summary {
         let _ = writeln!(
             out,
-            "{:<18} {:>20}  {:>20}  {:>20}  {:>8} {:>10}",
+            "{:<18} {:>20}  {:>20}  {:>20}  {:>8} {:>6} {:>10}",
             s.scenario,
             fmt_stats(&s.acquired),
             fmt_stats(&s.first_reconcile),
             fmt_stats(&s.converged),
             s.writes_outside_leadership,
+            late(s),
             s.failed_admissions
         );
     }
@@ -216,6 +233,51 @@ pub fn table(r: &Report) -> String {
             let gap = f.longest_gap.map_or(String::new(), |g| format!("longest reconcile gap {:.0} ms; ", g * 1000.0));
             let _ = writeln!(out, "{} #{}: {gap}{}", f.scenario, f.round, f.detail.as_deref().unwrap_or(""));
         }
+    }
+    out
+}
+
+/// The per-scenario figures as a Markdown table, in seconds: what the README quotes from a
+/// committed report, below a `<!-- chaos-report: results/<name>.json -->` line.
+pub fn markdown(r: &Report) -> String {
+    let s2 = |s: &Option<Stats>| match s {
+        Some(s) => format!("{:.2} / {:.2} / {:.2}", s.p50, s.p99, s.max),
+        None => "-".into(),
+    };
+    let mut out = String::from(
+        "| scenario | rounds | fault → acquired, p50 / p99 / max (s) | fault → first reconcile (s) | writes outside leadership (committed late) | failed admissions |\n|---|---|---|---|---|---|\n",
+    );
+    for s in &r.summary {
+        let rounds = r.faults.iter().filter(|f| f.scenario == s.scenario).count();
+        let _ = writeln!(
+            out,
+            "| {} | {rounds} | {} | {} | {} ({}) | {} |",
+            s.scenario,
+            s2(&s.acquired),
+            s2(&s.first_reconcile),
+            s.writes_outside_leadership,
+            late(s),
+            s.failed_admissions
+        );
+    }
+    out
+}
+
+/// Every report table in `readme`: the report it names (`results/<name>.json`, under `chaos/`) and
+/// the table's lines as written.
+pub fn quoted_reports(readme: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut lines = readme.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(name) = line.trim().strip_prefix("<!-- chaos-report: ").and_then(|l| l.strip_suffix(" -->")) else {
+            continue;
+        };
+        let mut table = String::new();
+        while let Some(row) = lines.next_if(|l| l.starts_with('|')) {
+            table.push_str(row);
+            table.push('\n');
+        }
+        out.push((name.to_string(), table));
     }
     out
 }
@@ -316,13 +378,55 @@ mod tests {
     #[test]
     fn violations_are_attributed_to_the_fault_they_follow() {
         let faults = vec![fault("kill", 10.0, 4.0), fault("term", 20.0, 0.1)];
-        let v = vec![Violation { replica: "a".into(), at: 25.0, what: "x".into() }];
+        let v = |at: f64, breach| Violation { replica: "a".into(), at, committed: at + 1.0, breach, what: "x".into() };
+        let v =
+            vec![v(25.0, Breach::Outside), v(26.0, Breach::CommittedInNewTerm), v(12.0, Breach::CommittedInNewTerm)];
         let s = summarize(&faults, &v, &[21.0, 22.0, 5.0]);
         let by: BTreeMap<_, _> = s.iter().map(|s| (s.scenario.as_str(), s.writes_outside_leadership)).collect();
-        assert_eq!(by["kill"], 0);
-        assert_eq!(by["term"], 1);
+        assert_eq!(by["kill"], 1);
+        assert_eq!(by["term"], 2);
+        let late: BTreeMap<_, _> = s.iter().map(|s| (s.scenario.as_str(), s.committed_in_new_term)).collect();
+        assert_eq!((late["kill"], late["term"]), (Some(1), Some(1)));
         let adm: BTreeMap<_, _> = s.iter().map(|s| (s.scenario.as_str(), s.failed_admissions)).collect();
         assert_eq!((adm["kill"], adm["term"]), (0, 2), "before the first fault counts for none");
+    }
+
+    #[test]
+    fn the_readme_quotes_the_committed_reports_as_they_are() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let readme = std::fs::read_to_string(dir.join("../README.md")).expect("README.md");
+        let quoted = quoted_reports(&readme);
+        assert!(!quoted.is_empty(), "the README's chaos section quotes no report");
+        for (name, table) in quoted {
+            let json = std::fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let report: Report = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(table, markdown(&report), "the README's table of {name} is not what the run measured");
+        }
+    }
+
+    #[test]
+    fn quoted_tables_are_found_and_a_changed_figure_shows() {
+        let faults = vec![fault("kill", 10.0, 4.0), fault("kill", 20.0, 3.0)];
+        let r = Report {
+            profile: "x".into(),
+            timings: LeaseTimings { duration: 4.0, renew_deadline: 3.0, retry_period: 0.5 },
+            replicas: 3,
+            summary: summarize(&faults, &[], &[]),
+            faults,
+            intervals: vec![],
+            violations: vec![],
+            orphans: vec![],
+            operator_writes: 0,
+            failed_admissions: Some(0),
+        };
+        let table = markdown(&r);
+        assert!(table.contains("| kill | 2 | 3.00 / 4.00 / 4.00 |"), "{table}");
+        let readme = format!("text\n<!-- chaos-report: results/x.json -->\n{table}\nmore | text\n");
+        assert_eq!(quoted_reports(&readme), vec![("results/x.json".to_string(), table.clone())]);
+        let edited = readme.replace("3.00 / 4.00", "2.00 / 4.00");
+        assert_ne!(quoted_reports(&edited)[0].1, table);
+        let back: Report = serde_json::from_value(serde_json::to_value(&r).expect("json")).expect("read back");
+        assert_eq!(markdown(&back), table);
     }
 
     #[test]

@@ -102,7 +102,8 @@ pub enum Scenario {
     Kill,
     /// SIGTERM the leader: a graceful handover.
     Term,
-    /// SIGSTOP the leader for a lease duration and 1 s.
+    /// SIGSTOP the leader for a lease duration and 1 s (processes), or 3 s (pods).
+    #[value(alias = "stop")]
     Pause,
     /// Cut the leader off the API server: its proxy black-holes (processes), iptables (pods).
     Partition,
@@ -127,6 +128,12 @@ pub enum Scenario {
     /// Delete the leader pod with `--grace-period=0 --force`: its process runs on until the
     /// kubelet stops it, and no early takeover may happen meanwhile.
     ForceDelete,
+    /// The kernel OOM-kills the leader's container (its memory cgroup squeezed).
+    Oom,
+    /// The leader's liveness probe fails; the kubelet restarts its container.
+    Liveness,
+    /// A webhook holds the leader's Deployment writes past the fence margin while it is cut off.
+    SlowCommit,
 }
 
 impl Scenario {
@@ -608,7 +615,13 @@ fn leadership(
 fn write_report(report: &Report, writes: &[(String, f64)]) -> Result<()> {
     println!("\n{}", report::table(report));
     for v in report.violations.iter().take(10) {
-        println!("    VIOLATION: {} wrote outside its leadership at {:.3}: {}", v.replica, v.at, v.what);
+        let when = match v.breach {
+            invariants::Breach::Outside => format!("outside its leadership at {:.3}", v.at),
+            invariants::Breach::CommittedInNewTerm => {
+                format!("at {:.3}, committed at {:.3}, after a successor led", v.at, v.committed)
+            }
+        };
+        println!("    VIOLATION: {} wrote {when}: {}", v.replica, v.what);
     }
     let run = paths::run_dir().join("chaos");
     std::fs::create_dir_all(&run).with_context(|| format!("create {}", run.display()))?;
@@ -625,7 +638,8 @@ fn write_report(report: &Report, writes: &[(String, f64)]) -> Result<()> {
 /// handover, or a fault that did not converge.
 fn verdict(report: &Report) -> Result<()> {
     if !report.violations.is_empty() {
-        bail!("{} writes outside leadership", report.violations.len());
+        let late = report.violations.iter().filter(|v| v.breach == invariants::Breach::CommittedInNewTerm).count();
+        bail!("{} writes outside leadership ({late} of them committed after a successor led)", report.violations.len());
     }
     if !report.orphans.is_empty() {
         bail!("orphaned children: {:?}", report.orphans);

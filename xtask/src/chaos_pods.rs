@@ -9,13 +9,24 @@
 //! - `crash`: the leader's process crashes by itself, on a real fault ([`crash`]); the kubelet
 //!   reports the exit and restarts the container. Like `kill`, a successor may take over at once,
 //!   on that proof of death;
+//! - `oom`: the kernel's OOM killer ends the leader's process: its container's memory cgroup is
+//!   squeezed to what it uses, then fed admission reviews ([`oom`]); the kubelet must report
+//!   `OOMKilled`. The figures count from the death;
+//! - `liveness`: the probe port is blocked in the pod's network namespace, so the liveness probe
+//!   fails and the kubelet restarts the container ([`liveness`]). The figures count from when the
+//!   old process stopped leading (its release as the kubelet's SIGTERM arrives);
 //! - `force-delete`: `kubectl delete pod --grace-period=0 --force` of the leader pod. The object
 //!   goes before the kubelet stops the process, so nothing proves it dead: the successor must
 //!   wait for the lease to expire (or for the old process to release it as it is stopped); the
 //!   round fails on a takeover sooner than that ([`force_delete`]);
+//! - `pause` (or `stop`): SIGSTOP of the leader's process for the lease and 3 s. It is alive, so
+//!   the same rule holds: no takeover before expiry ([`pause`]);
 //! - `partition`: iptables DROP in the pod's network namespace, both directions, to the
 //!   `kubernetes` Service's address, for the duration that `chaos-mesh/networkchaos-partition-leader.yaml`
 //!   gives; the scenario reads that manifest, so the two cannot drift apart;
+//! - `slow-commit`: a validating webhook holds the operator's Deployment writes for longer than
+//!   the fence margin, and the leader is partitioned while one is held ([`slow_commit`]); none of
+//!   its writes may be committed after the successor's first Lease write;
 //! - `rollout`: `kubectl rollout restart deployment/myapp-operator`: total time and the longest
 //!   gap with no leader reconciling;
 //! - `pdb`: every pod evicted through the Eviction API, one after another; a second eviction
@@ -23,7 +34,8 @@
 
 use crate::chaos::{self, ChaosArgs, Profile, Run, Scenario, Workload, names};
 use crate::operator::{self, NAMESPACE};
-use crate::{cluster, install, node, paths, procs};
+use crate::pod_faults::{self, Holder, follow_takeover, iptables_in, manager_pid};
+use crate::{cluster, hostile, install, paths, procs};
 use ::chaos::audit::now;
 use ::chaos::report::{Fault, LeaseTimings, Report};
 use ::chaos::wait;
@@ -40,14 +52,20 @@ pub const ALL: &[Scenario] = &[
     Scenario::Delete,
     Scenario::Kill,
     Scenario::Crash,
+    Scenario::Oom,
+    Scenario::Liveness,
     Scenario::ForceDelete,
+    Scenario::Pause,
     Scenario::Partition,
+    Scenario::SlowCommit,
     Scenario::Rollout,
     Scenario::Pdb,
 ];
-/// The smoke profile's (CI's) scenarios.
-pub const SMOKE: &[Scenario] =
-    &[Scenario::Delete, Scenario::Kill, Scenario::Crash, Scenario::ForceDelete, Scenario::Partition, Scenario::Rollout];
+/// The smoke profile's (CI's) scenarios: all but the last, the PodDisruptionBudget's.
+pub const SMOKE: &[Scenario] = match ALL.split_last() {
+    Some((_, all_but_pdb)) => all_but_pdb,
+    None => ALL,
+};
 /// The lease timings the install ships (the operator's defaults; `deploy/` sets none).
 pub const TIMINGS: LeaseTimings = LeaseTimings { duration: 15.0, renew_deadline: 10.0, retry_period: 2.0 };
 
@@ -116,31 +134,6 @@ pub fn partition_rules(p: &Partition, op: &str) -> Vec<Vec<String>> {
 fn manifest(name: &str) -> Result<String> {
     let path = paths::repo().join("chaos/chaos-mesh").join(name);
     std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
-}
-
-/// The host pid of the pod's `manager` container.
-async fn manager_pid(client: &Client, pod: &str) -> Result<u32> {
-    let p = Api::<Pod>::namespaced(client.clone(), NAMESPACE).get(pod).await?;
-    let id = p
-        .status
-        .and_then(|s| s.container_statuses)
-        .and_then(|cs| cs.into_iter().find(|c| c.name == "manager"))
-        .and_then(|c| c.container_id)
-        .with_context(|| format!("pod {pod} has no running manager container"))?;
-    node::container_pid(&id)
-}
-
-/// Runs iptables in the network namespace of `pid`.
-fn iptables_in(pid: u32, args: &[String]) -> Result<()> {
-    let out = Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-n", "iptables"])
-        .args(args)
-        .output()
-        .context("nsenter")?;
-    if !out.status.success() {
-        bail!("iptables {args:?} in the pod's network namespace: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
 }
 
 /// Every "first reconcile of the term" a pod logged (epoch seconds).
@@ -248,6 +241,11 @@ struct Broken {
     heal: Option<(u32, Vec<Vec<String>>, Duration)>,
     /// When the scenario saw the Lease change hands itself (epoch seconds).
     handed_over: Option<f64>,
+    /// When the old leader died, for a fault that kills it some time after the injection (the
+    /// kubelet after failed probes, the kernel after a squeeze): the figures count from there.
+    died_at: Option<f64>,
+    /// A webhook holding the writes, to remove once the successor reconciled.
+    holder: Option<Holder>,
 }
 
 async fn inject(client: &Client, scenario: Scenario, round: u32, load: &Workload, ns: &str) -> Result<Fault> {
@@ -255,7 +253,9 @@ async fn inject(client: &Client, scenario: Scenario, round: u32, load: &Workload
     let (old, pod) = leader(client, Duration::from_secs(60)).await?;
     let t0 = Instant::now();
     let at = now();
-    let broken = break_leader(client, scenario, &old, &pod, t0, at).await?;
+    let mut broken = break_leader(client, scenario, &old, &pod, ns, (t0, at)).await?;
+    // The figures count from the death where it came later than the injection.
+    let origin = broken.died_at.unwrap_or(at);
     // Fault -> another holder.
     let lease = Duration::from_secs_f64(TIMINGS.duration);
     let moved = || async {
@@ -264,7 +264,7 @@ async fn inject(client: &Client, scenario: Scenario, round: u32, load: &Workload
     };
     let taken = wait::until(t0 + lease * 3 + Duration::from_secs(30), Duration::from_millis(10), moved).await;
     let (seen_after, new_leader) = taken.unzip();
-    let acquired = broken.handed_over.map(|t| t - at).or(seen_after);
+    let acquired = broken.handed_over.or(seen_after.map(|s| at + s)).map(|t| t - origin);
     if let Some((pid, rules, duration)) = &broken.heal {
         tokio::time::sleep_until((t0 + *duration).into()).await;
         for rule in rules {
@@ -274,12 +274,16 @@ async fn inject(client: &Client, scenario: Scenario, round: u32, load: &Workload
     let first_reconcile = match new_leader.as_deref().and_then(install::pod_of) {
         Some(p) => {
             wait::within(Duration::from_secs(15), Duration::from_millis(100), || async {
-                first_reconciles(client, p).await.into_iter().find(|t| *t >= at).map(|t| t - at)
+                first_reconciles(client, p).await.into_iter().find(|t| *t >= at).map(|t| t - origin)
             })
             .await
         }
         None => None,
     };
+    if let Some(holder) = broken.holder.take() {
+        let held = release_holder(client, holder, &old).await;
+        broken.detail = Some(format!("{}; {held}", broken.detail.unwrap_or_default()));
+    }
     install::rolled_out(client, Duration::from_secs(180)).await?;
     let converged_after = chaos::convergence(client, ns, load, t0).await;
     Ok(Fault {
@@ -293,14 +297,15 @@ async fn inject(client: &Client, scenario: Scenario, round: u32, load: &Workload
     })
 }
 
-/// Injects `scenario` into `pod`, the leader `old`'s, at `t0` (`at` in epoch seconds).
+/// Injects `scenario` into `pod`, the leader `old`'s, at `t0` (`at` in epoch seconds), with the
+/// workload in `ns`.
 async fn break_leader(
     client: &Client,
     scenario: Scenario,
     old: &str,
     pod: &str,
-    t0: Instant,
-    at: f64,
+    ns: &str,
+    (t0, at): (Instant, f64),
 ) -> Result<Broken> {
     let mut broken = Broken::default();
     match scenario {
@@ -310,6 +315,10 @@ async fn break_leader(
         Scenario::Kill => procs::signal(manager_pid(client, pod).await?, "KILL"),
         Scenario::Crash => crash(manager_pid(client, pod).await?)?,
         Scenario::ForceDelete => broken = force_delete(client, old, pod, at).await?,
+        Scenario::Pause => broken = pause(client, old, pod, at).await?,
+        Scenario::Liveness => broken = liveness(client, old, pod).await?,
+        Scenario::Oom => broken = oom(client, old, pod).await?,
+        Scenario::SlowCommit => broken = slow_commit(client, pod, ns).await?,
         Scenario::Partition => {
             let (detail, heal) = partition(client, pod).await?;
             (broken.detail, broken.heal) = (Some(detail), Some(heal));
@@ -337,67 +346,148 @@ fn crash(pid: u32) -> Result<()> {
     Ok(())
 }
 
-/// The Lease's holder and its last renewal (epoch seconds, as the holder wrote it; the holder's
-/// node is this machine, so its clock is ours).
-fn holder_and_renewal(lease: &k8s_openapi::api::coordination::v1::Lease) -> (String, Option<f64>) {
-    let spec = lease.spec.clone().unwrap_or_default();
-    let renewed = spec.renew_time.map(|t| t.0.as_millisecond() as f64 / 1000.0);
-    (spec.holder_identity.unwrap_or_default(), renewed)
-}
-
-/// Force-deletes `pod`, the leader `old`'s, at `at` (epoch seconds), and follows every version of
-/// the Lease (a watch from the version read before the delete, so that a release followed at once
-/// by a takeover is not missed between two reads) until someone else holds it. Nothing proves
-/// the old process dead, so the successor may take it only once the old leader released it (the
-/// kubelet's SIGTERM) or its lease expired, counted from its last renewal; a takeover sooner
-/// fails the round.
+/// Force-deletes `pod`, the leader `old`'s, at `at` (epoch seconds), and follows the Lease until
+/// someone else holds it. Nothing proves the old process dead, so the successor may take it only
+/// once the old leader released it (the kubelet's SIGTERM) or its lease expired, counted from its
+/// last renewal; a takeover sooner fails the round.
 async fn force_delete(client: &Client, old: &str, pod: &str, at: f64) -> Result<Broken> {
-    use futures::{StreamExt, TryStreamExt};
-    use k8s_openapi::api::coordination::v1::Lease;
-    use kube::api::{WatchEvent, WatchParams};
-    let api = Api::<Lease>::namespaced(client.clone(), NAMESPACE);
-    let first = api.get(operator::LEASE).await?;
-    let rv = first.metadata.resource_version.clone().unwrap_or_default();
-    let before = Some(holder_and_renewal(&first)).and_then(|(h, r)| r.filter(|_| h == old));
-    let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
-    Api::<Pod>::namespaced(client.clone(), NAMESPACE).delete(pod, &params).await?;
     let lease = TIMINGS.duration;
-    let wait = Duration::from_secs_f64(lease * 3.0);
-    let deadline = Instant::now() + wait;
-    let watch =
-        WatchParams::default().fields(&format!("metadata.name={}", operator::LEASE)).timeout(wait.as_secs() as u32 + 5);
-    let mut versions = api.watch(&watch, &rv).await?.boxed();
-    let (mut renewed, mut released) = (before, false);
-    let taken = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let event = match tokio::time::timeout(left, versions.try_next()).await {
-            Ok(Ok(Some(e))) => e,
-            Ok(Ok(None)) | Err(_) => {
-                bail!("force-delete: nobody took the Lease from {old} within {:.0} s", lease * 3.0)
-            }
-            Ok(Err(e)) => bail!("force-delete: the Lease watch failed: {e}"),
-        };
-        let (WatchEvent::Added(l) | WatchEvent::Modified(l)) = event else { continue };
-        let seen = now();
-        let (holder, r) = holder_and_renewal(&l);
-        match holder.as_str() {
-            h if h == old => renewed = r.or(renewed),
-            "" => released = true,
-            _ => break seen,
-        }
+    let delete = async || {
+        let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+        Api::<Pod>::namespaced(client.clone(), NAMESPACE).delete(pod, &params).await.map(|_| ()).map_err(Into::into)
     };
-    let since_renewal = renewed.map(|r| taken - r);
-    let early = !released && since_renewal.is_some_and(|s| s < lease - 0.1);
-    let detail = format!(
-        "acquired {:.2} s after the force delete, {} after the old leader's last renewal (lease {lease} s); {}",
-        taken - at,
-        since_renewal.map_or("?".into(), |s| format!("{s:.2} s")),
-        if released { "the old process released it as it was stopped" } else { "taken on expiry" },
-    );
-    if early {
+    let t = follow_takeover(client, old, Duration::from_secs_f64(lease * 3.0), delete).await.context("force-delete")?;
+    let detail = t.describe(at, lease);
+    if t.early(lease) {
         bail!("force-delete: EARLY TAKEOVER while the old process may still run: {detail}");
     }
-    Ok(Broken { detail: Some(format!("no early takeover: {detail}")), handed_over: Some(taken), ..Broken::default() })
+    Ok(Broken { detail: Some(format!("no early takeover: {detail}")), handed_over: Some(t.taken), ..Broken::default() })
+}
+
+/// SIGSTOP of the leader's process for the lease and 3 s, then SIGCONT. The process is alive, so
+/// nothing proves it dead: the successor must wait for the lease to expire, and a takeover sooner
+/// fails the round. (The liveness probe fails meanwhile; the kubelet's SIGTERM waits for the
+/// SIGCONT, and the resumed process, its fence long closed, shuts down.)
+async fn pause(client: &Client, old: &str, pod: &str, at: f64) -> Result<Broken> {
+    let pid = manager_pid(client, pod).await?;
+    let lease = TIMINGS.duration;
+    let stopped_for = Duration::from_secs_f64(lease + 3.0);
+    let t0 = Instant::now();
+    let stop = async || {
+        procs::signal(pid, "STOP");
+        Ok(())
+    };
+    let taken = follow_takeover(client, old, Duration::from_secs_f64(lease * 3.0), stop).await;
+    tokio::time::sleep_until((t0 + stopped_for).into()).await;
+    procs::signal(pid, "CONT");
+    let t = taken.context("stop")?;
+    let detail = t.describe(at, lease);
+    if t.early(lease) {
+        bail!("stop: EARLY TAKEOVER of a leader that was only stopped: {detail}");
+    }
+    Ok(Broken {
+        detail: Some(format!("no early takeover: {detail}; resumed after {:.0} s", stopped_for.as_secs_f64())),
+        handed_over: Some(t.taken),
+        ..Broken::default()
+    })
+}
+
+/// The liveness probe fails: iptables in the pod's network namespace drops what comes to the
+/// probe port, and the kubelet restarts the container after `failureThreshold` failures. The rule
+/// belongs to the pod's network namespace, which outlives the container, so it is removed (through
+/// the sandbox's process) as soon as the old process stopped leading.
+async fn liveness(client: &Client, old: &str, pod: &str) -> Result<Broken> {
+    let pid = manager_pid(client, pod).await?;
+    let netns = pod_faults::netns_of(pid)?;
+    let restarts = pod_faults::restarts(client, pod).await?;
+    let rule = |op: &str| -> Vec<String> {
+        [op, "INPUT", "-p", "tcp", "--dport", &hostile::PROBE_PORT.to_string(), "-j", "DROP"].map(String::from).to_vec()
+    };
+    iptables_in(pid, &rule("-I"))?;
+    let blocked = now();
+    let died = pod_faults::death(client, old, pid, Duration::from_secs(90)).await;
+    let sandbox = pod_faults::pid_in_netns(&netns).context("no process left in the pod's network namespace")?;
+    iptables_in(sandbox, &rule("-D"))?;
+    let (died, how) = died?;
+    let reason = pod_faults::last_termination(client, pod, restarts, Duration::from_secs(90)).await?;
+    Ok(Broken {
+        detail: Some(format!(
+            "the kubelet stopped it {:.1} s after its probe port was blocked ({how}); last termination: {reason}",
+            died - blocked
+        )),
+        died_at: Some(died),
+        ..Broken::default()
+    })
+}
+
+/// The leader's container is OOM-killed by its memory cgroup ([`pod_faults::oom_kill`]); the
+/// kubelet must report `OOMKilled`, or the round fails as not having happened.
+async fn oom(client: &Client, old: &str, pod: &str) -> Result<Broken> {
+    let pid = manager_pid(client, pod).await?;
+    let restarts = pod_faults::restarts(client, pod).await?;
+    let started = now();
+    let wait = Duration::from_secs(90);
+    let (lowered, died) =
+        tokio::join!(pod_faults::oom_kill(client, pod, pid, wait), pod_faults::death(client, old, pid, wait));
+    let (lowered, (died, how)) = (lowered?, died?);
+    let reason = pod_faults::last_termination(client, pod, restarts, Duration::from_secs(90)).await?;
+    if !reason.starts_with("OOMKilled") {
+        bail!("oom: the container ended with {reason}, not OOMKilled");
+    }
+    Ok(Broken {
+        detail: Some(format!(
+            "killed {:.1} s after its memory limit went down to {:.1} MiB ({how}); last termination: {reason}",
+            died - started,
+            lowered as f64 / f64::from(1 << 20)
+        )),
+        died_at: Some(died),
+        ..Broken::default()
+    })
+}
+
+/// The operator's Deployment writes in the workload's namespace are held by a validating webhook
+/// for longer than the fence margin (the lease and 5 s). While one is held, the leader is cut off
+/// the API server as in `partition`. None of its held writes may be committed after the
+/// successor's first Lease write: the run's verdict judges that from the audit log
+/// (`CommittedInNewTerm`). The webhook goes once the successor reconciled.
+async fn slow_commit(client: &Client, pod: &str, ns: &str) -> Result<Broken> {
+    let hold = Duration::from_secs_f64(TIMINGS.duration + 5.0);
+    let holder = Holder::install(client, ns, hold).await?;
+    let cut = match holder.holds_one(Duration::from_secs(60)).await {
+        Ok(()) => partition(client, pod).await,
+        Err(e) => Err(e),
+    };
+    let (detail, heal) = match cut {
+        Ok(cut) => cut,
+        Err(e) => {
+            holder.remove(client).await;
+            return Err(e);
+        }
+    };
+    Ok(Broken {
+        detail: Some(format!("{detail}, while a write was held {:.0} s by a webhook", hold.as_secs_f64())),
+        heal: Some(heal),
+        holder: Some(holder),
+        ..Broken::default()
+    })
+}
+
+/// Removes the holding webhook, and says what it held: the reviews it received, and how long
+/// the old leader `old`'s Deployment writes took from receipt to their end in the audit log.
+async fn release_holder(client: &Client, holder: Holder, old: &str) -> String {
+    let since = holder.since;
+    let received = holder.remove(client).await;
+    let log = std::fs::read_to_string(paths::audit_log()).unwrap_or_default();
+    let writes: Vec<_> = ::chaos::audit::parse(&log, since)
+        .into_iter()
+        .filter(|r| r.resource == "deployments" && r.is_write() && r.replica.as_deref() == Some(old))
+        .collect();
+    let longest = writes.iter().map(|r| r.committed - r.at).fold(0.0, f64::max);
+    let failed = writes.iter().filter(|r| !r.succeeded()).count();
+    format!(
+        "the webhook held {received} writes; the old leader's {} Deployment writes since ({failed} failed) each ended at most {longest:.2} s after receipt",
+        writes.len()
+    )
 }
 
 /// Cuts `pod` off the API server as the NetworkChaos manifest says; what was cut, and how to heal
@@ -442,8 +532,8 @@ async fn rollout(client: &Client, old: &str, t0: Instant, at: f64) -> Result<Bro
             gaps.len()
         )),
         longest_gap: gaps.iter().copied().reduce(f64::max),
-        heal: None,
         handed_over: first_change,
+        ..Broken::default()
     })
 }
 
@@ -558,7 +648,9 @@ mod tests {
 
     #[test]
     fn the_smoke_runs_every_death_and_a_force_delete() {
-        for name in ["kill", "crash", "force-delete"] {
+        assert_eq!(ALL.last(), Some(&Scenario::Pdb));
+        assert!(!SMOKE.contains(&Scenario::Pdb));
+        for name in ["kill", "crash", "oom", "liveness", "force-delete", "pause", "slow-commit"] {
             let s = Scenario::named(name).expect(name);
             assert!(SMOKE.contains(&s) && ALL.contains(&s), "{name}");
             assert_eq!(s.to_string(), name);

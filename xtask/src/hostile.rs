@@ -88,8 +88,8 @@ pub const PADDED_ITEMS: usize = 19_900;
 const CERT_SECRET: &str = "myapp-operator-webhook-cert";
 /// The name the serving certificate carries (the webhook Service's DNS name).
 const CERT_NAME: &str = "myapp-operator-webhook.myapp-system.svc";
-const WEBHOOK_PORT: u16 = 9443;
-const PROBE_PORT: u16 = 8081;
+pub(crate) const WEBHOOK_PORT: u16 = 9443;
+pub(crate) const PROBE_PORT: u16 = 8081;
 
 /// Which attacks a run makes.
 #[derive(Clone, Copy, Debug)]
@@ -228,11 +228,16 @@ fn route_source(route: &str) -> Option<IpAddr> {
     words.windows(2).find(|w| w[0] == "src").and_then(|w| w[1].parse().ok())
 }
 
+/// The address this host (and so the API server, a process on it) reaches `pod` from.
+pub(crate) fn source_toward(pod: IpAddr) -> Result<IpAddr> {
+    let route = ip(&["route", "get", &pod.to_string()])?;
+    route_source(&route).with_context(|| format!("no src in `ip route get {pod}`: {route}"))
+}
+
 impl Sources {
     /// Finds the API server's source toward `pod`, and puts [`ATTACKERS`] on `lo`.
     fn set_up(pod: IpAddr) -> Result<Self> {
-        let route = ip(&["route", "get", &pod.to_string()])?;
-        let api = route_source(&route).with_context(|| format!("no src in `ip route get {pod}`: {route}"))?;
+        let api = source_toward(pod)?;
         let attackers = [ATTACKERS[0].parse()?, ATTACKERS[1].parse()?];
         if attackers.contains(&api) {
             bail!("the kernel reaches the pods from {api}, an attacker's address");
@@ -337,7 +342,7 @@ fn parse_bodies() -> (Vec<u8>, Vec<u8>) {
 type Tls = tokio_rustls::TlsConnector;
 
 /// One parse-cost POST from `src` to `dst`: the status of the answer, if any.
-async fn post(src: IpAddr, dst: SocketAddr, tls: &Tls, body: &[u8]) -> Option<u16> {
+pub(crate) async fn post(src: IpAddr, dst: SocketAddr, tls: &Tls, body: &[u8]) -> Option<u16> {
     let tcp = connect_from(src, dst).await?;
     let name = rustls::pki_types::ServerName::try_from(CERT_NAME).ok()?;
     let conn = tokio::time::timeout(Duration::from_secs(5), tls.connect(name, tcp)).await.ok()?.ok()?;
@@ -441,7 +446,7 @@ fn network_attacks(
 }
 
 /// A TLS connector that trusts the CA of the webhook Secret.
-async fn webhook_tls(client: &Client) -> Result<Tls> {
+pub(crate) async fn webhook_tls(client: &Client) -> Result<Tls> {
     let secret = Api::<Secret>::namespaced(client.clone(), NAMESPACE).get(CERT_SECRET).await?;
     let ca = secret.data.and_then(|d| d.get("ca.crt").cloned()).context("the webhook Secret has no ca.crt")?;
     crate::webhook_bench::tls_connector(

@@ -15,6 +15,7 @@ mod operator;
 mod paths;
 mod pki;
 mod plot;
+mod pod_faults;
 mod procs;
 mod soak;
 mod test;
