@@ -90,7 +90,7 @@ impl Profile {
         match (self, on) {
             (Profile::Smoke | Profile::Hostile, _) => 1,
             (Profile::Full, On::Processes) => 10,
-            (Profile::Full, On::Pods) => 5,
+            (Profile::Full, On::Pods) => 10,
         }
     }
 }
