@@ -24,6 +24,12 @@
 //! ([`crate::leader::Timings::in_flight`] allows for it). `ARCHITECTURE.md` ("The fence at commit
 //! time") has the arithmetic.
 //!
+//! A request handed to the kernel is not yet at the API server either: across a partition the
+//! kernel retransmits it until the network heals, and the server's deadline counts from that
+//! late receipt. So every connection carries `TCP_USER_TIMEOUT`
+//! ([`crate::leader::DELIVERY_TIMEOUT`]): bytes not acknowledged within it abort the
+//! connection, and nothing is sent after that, by a live process or a dead one.
+//!
 //! What remains is the handful of instructions between reading the monotonic clock and the
 //! `write(2)` call. Bytes handed to the kernel before a pause are still delivered at once, while the
 //! lease is valid. Closing the last gap would need a fencing token that the API server checks, and
@@ -47,9 +53,7 @@ use std::time::Duration;
 /// User-Agent, client spans with `traceparent`) and the same timeouts, the
 /// [`crate::client::CALL_TIMEOUT`] included (for reads).
 pub fn client(config: &kube::Config, fence: Fence, write_timeout: Duration) -> kube::Result<kube::Client> {
-    let mut tcp = HttpConnector::new();
-    tcp.enforce_http(false);
-    let https = config.rustls_https_connector_with_connector(FencedConnector { inner: tcp, fence })?;
+    let https = config.rustls_https_connector_with_connector(FencedConnector { inner: tcp(), fence })?;
     let mut timeouts = hyper_timeout::TimeoutConnector::new(https);
     timeouts.set_connect_timeout(config.connect_timeout);
     timeouts.set_read_timeout(config.read_timeout);
@@ -65,6 +69,15 @@ pub fn client(config: &kube::Config, fence: Fence, write_timeout: Duration) -> k
         .map_err(tower::BoxError::from)
         .service(http);
     Ok(kube::Client::new(service, config.default_namespace.clone()))
+}
+
+/// The TCP connector under the fenced client: plain HTTP allowed (TLS is layered above), and
+/// `TCP_USER_TIMEOUT` set to [`crate::leader::DELIVERY_TIMEOUT`].
+fn tcp() -> HttpConnector {
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_tcp_user_timeout(Some(crate::leader::DELIVERY_TIMEOUT));
+    tcp
 }
 
 /// Wraps a connector so that its connections are [`FencedStream`]s.
@@ -158,6 +171,21 @@ impl<T: Connection> Connection for FencedStream<T> {
 mod tests {
     use super::*;
     use crate::client::{CallTimeoutLayer, with_timeout};
+
+    #[tokio::test]
+    async fn connections_give_up_on_unacknowledged_bytes_after_the_delivery_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let uri: http::Uri = format!("http://{}", listener.local_addr().expect("addr")).parse().expect("uri");
+        let mut connector = tcp();
+        let stream = tower::ServiceExt::oneshot(&mut connector, uri).await.expect("connect");
+        let socket = socket2::SockRef::from(stream.inner());
+        assert_eq!(socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"), Some(crate::leader::DELIVERY_TIMEOUT));
+        // A plain connector leaves the kernel's default (retransmit for many minutes).
+        let mut plain = HttpConnector::new();
+        let uri: http::Uri = format!("http://{}", listener.local_addr().expect("addr")).parse().expect("uri");
+        let other = tower::ServiceExt::oneshot(&mut plain, uri).await.expect("connect");
+        assert_eq!(socket2::SockRef::from(other.inner()).tcp_user_timeout().expect("read"), None);
+    }
     use hyper_util::rt::TokioIo;
     use tokio::io::AsyncReadExt;
     use tokio::sync::watch;

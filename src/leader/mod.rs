@@ -32,8 +32,10 @@
 //!   this replica after that point.
 //! - **Writes end before a successor may lead.** Every controller write has a deadline
 //!   (`writeTimeout`, 400 ms by default) on the client and on the API server (`?timeout=`), so
-//!   nothing a replica sent can commit later than [`Timings::in_flight`] (the deadline plus
-//!   100 ms) after it left. [`Timings::validate`] requires the margin above to exceed that.
+//!   nothing a replica sent can commit later than [`Timings::in_flight`] after it left: 100 ms
+//!   to reach the server ([`DELIVERY_TIMEOUT`], the connections' `TCP_USER_TIMEOUT`, so that the
+//!   kernel does not deliver it after a partition heals), the deadline, and 100 ms
+//!   ([`COMMIT_SLACK`]). [`Timings::validate`] requires the margin above to exceed that.
 //! - **Takeover before expiry only on proof of death** ([`proof`]). A holder writes which
 //!   container incarnation it is; a standby takes over early only when the kubelet reports that
 //!   very container exited, or when it is that container's restart. It then writes nothing, the
@@ -48,10 +50,12 @@
 //!   `leaseDuration − renewDeadline` first ([`Stop::ReleaseAfterMargin`]).
 //!
 //! # What is not guaranteed
-//! - A write's deadline on the API server counts from when the server *received* it. A request
-//!   that spends longer than the margin (or, after a proof of death, than 100 ms) between
-//!   leaving the process and reaching the server can still commit late, and so can an etcd
-//!   transaction that takes longer than 100 ms to commit after the server's deadline. Kubernetes
+//! - A write's deadline on the API server counts from when the server *received* it. The kernel
+//!   gives up on bytes the server's host has not acknowledged within [`DELIVERY_TIMEOUT`]; but
+//!   a packet held longer than that inside the network (not dropped, delayed), an API server that
+//!   leaves a received request unread in its socket for longer than [`COMMIT_SLACK`], or an etcd
+//!   transaction that takes longer than that to commit after the server's deadline can still
+//!   let a write commit late. Kubernetes
 //!   offers no server-side fence token for arbitrary objects; the deadline and the margin are
 //!   the defence.
 //! - A paused process (SIGSTOP) cannot check anything while paused. When it resumes, its fence
@@ -75,4 +79,4 @@ pub use fence::Fence;
 pub use proof::Incarnation;
 pub use state::{Decision, Observation, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
 pub use supervise::supervise;
-pub use timings::{COMMIT_SLACK, Timings, TimingsError};
+pub use timings::{COMMIT_SLACK, DELIVERY_TIMEOUT, Timings, TimingsError};

@@ -30,7 +30,7 @@ pub enum TimingsError {
     /// A write could still be committed after a standby may take over: the margin between the
     /// fence closing and the lease expiring must exceed a write's whole life ([`Timings::in_flight`]).
     #[error(
-        "lease duration − renew deadline ({margin:?}) must be greater than the write timeout plus {COMMIT_SLACK:?} ({in_flight:?})"
+        "lease duration − renew deadline ({margin:?}) must be greater than the write timeout plus {DELIVERY_TIMEOUT:?} and {COMMIT_SLACK:?} ({in_flight:?})"
     )]
     MarginBelowWriteLife {
         /// The written lease duration minus the renew deadline.
@@ -45,9 +45,21 @@ pub enum TimingsError {
 
 /// What a write may still take after its deadline, beyond [`Timings::write_timeout`]: an etcd
 /// transaction the API server had already sent when its request deadline passed commits within
-/// etcd's own commit latency, and bytes a process had handed to its kernel before it died still
-/// reach the API server. Both are milliseconds on a healthy control plane; this bounds them.
+/// etcd's own commit latency, and the API server reads a request its kernel received without
+/// delay. Both are milliseconds on a healthy control plane; this bounds them.
 pub const COMMIT_SLACK: Duration = Duration::from_millis(100);
+
+/// How long bytes of a fenced write may stay unacknowledged by the API server's host before the
+/// connection is aborted: `TCP_USER_TIMEOUT` on every connection of the controller's client
+/// ([`crate::controller::fenced::client`]). The kernel retransmits only within this time and
+/// then drops the connection with whatever it still held, even for a process that has died
+/// meanwhile. Without it, a request written just before a partition is retransmitted when the
+/// network heals, possibly tens of seconds later, and the API server's deadline counts from
+/// that late receipt. With it, a request reaches the API server within this of leaving the
+/// process, or never. It is shorter than the kernel's minimum retransmission timeout (200 ms),
+/// so a segment lost once fails its request (which is retried with backoff) instead of being
+/// sent again.
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// How long a lease lasts, how long a leader keeps trying to renew, and how often anyone acts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,7 +94,7 @@ impl Timings {
 
     /// Checks `lease_duration > renew_deadline > retry_period × 1.2`, as client-go requires, and
     /// that a write's whole life fits the margin after the fence closes:
-    /// `lease_duration − renew_deadline > write_timeout + COMMIT_SLACK`.
+    /// `lease_duration − renew_deadline > DELIVERY_TIMEOUT + write_timeout + COMMIT_SLACK`.
     pub fn validate(&self) -> Result<(), TimingsError> {
         if self.retry_period.is_zero() {
             return Err(TimingsError::ZeroRetryPeriod);
@@ -121,13 +133,14 @@ impl Timings {
         self.written_lease_duration().saturating_sub(self.renew_deadline)
     }
 
-    /// The longest a fenced write can live after it left the process: its deadline, which the
-    /// API server applies too, plus [`COMMIT_SLACK`]. Nothing a process sent can be committed
-    /// later than this after it sent it; so a successor that takes over on proof of its
-    /// predecessor's death writes nothing (the Lease included) until this has passed since the
-    /// proof, and the margin after the fence closes must exceed it ([`Self::validate`]).
+    /// The longest a fenced write can live after it left the process: [`DELIVERY_TIMEOUT`] to
+    /// reach the API server, its deadline, which the API server applies from then, plus
+    /// [`COMMIT_SLACK`]. Nothing a process sent can be committed later than this after it sent
+    /// it; so a successor that takes over on proof of its predecessor's death writes nothing (the
+    /// Lease included) until this has passed since the proof, and the margin after the fence
+    /// closes must exceed it ([`Self::validate`]).
     pub fn in_flight(&self) -> Duration {
-        self.write_timeout + COMMIT_SLACK
+        DELIVERY_TIMEOUT + self.write_timeout + COMMIT_SLACK
     }
 
     /// `leaseDurationSeconds` as written: the Lease API counts whole seconds, so the duration is
@@ -184,19 +197,19 @@ mod tests {
 
     #[test]
     fn a_write_lives_shorter_than_the_margin_after_the_fence() {
-        // The shipped timings: a write outlives its fence by at most 0.5 s, the margin is 5 s.
+        // The shipped timings: a write outlives its fence by at most 0.6 s, the margin is 5 s.
         let d = Timings::DEFAULT;
-        assert_eq!(d.in_flight(), d.write_timeout + COMMIT_SLACK);
+        assert_eq!(d.in_flight(), DELIVERY_TIMEOUT + d.write_timeout + COMMIT_SLACK);
         assert!(d.in_flight() < d.margin(), "{:?} must be below {:?}", d.in_flight(), d.margin());
         // A failover on proof of death waits the same in_flight: keep it small, or the
         // death → first reconcile target (p50 < 1 s) is lost to it.
-        assert!(d.in_flight() <= Duration::from_millis(500), "{:?}", d.in_flight());
+        assert!(d.in_flight() <= Duration::from_millis(600), "{:?}", d.in_flight());
         // Write timeouts as long as the margin (or longer) are refused.
-        for write in [4_900, 5_000, 30_000] {
+        for write in [4_800, 5_000, 30_000] {
             let long = Timings { write_timeout: Duration::from_millis(write), ..d };
             assert!(matches!(long.validate(), Err(TimingsError::MarginBelowWriteLife { .. })), "{write} ms passed");
         }
-        assert!(Timings { write_timeout: Duration::from_millis(4_899), ..d }.validate().is_ok());
+        assert!(Timings { write_timeout: Duration::from_millis(4_799), ..d }.validate().is_ok());
         assert_eq!(Timings { write_timeout: Duration::ZERO, ..d }.validate(), Err(TimingsError::ZeroWriteTimeout));
         // The margin is counted on the lease as written (whole seconds): 1 s − 0.8 s leaves
         // 200 ms, which a 100 ms write and the slack (200 ms) do not fit.

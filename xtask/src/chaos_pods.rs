@@ -409,6 +409,7 @@ async fn liveness(client: &Client, old: &str, pod: &str) -> Result<Broken> {
     let sandbox = pod_faults::pid_in_netns(&netns).context("no process left in the pod's network namespace")?;
     iptables_in(sandbox, &rule("-D"))?;
     let (died, how) = died?;
+    let taken = pod_faults::taken_from(client, old, Duration::from_secs(60)).await?;
     let reason = pod_faults::last_termination(client, pod, restarts, Duration::from_secs(90)).await?;
     Ok(Broken {
         detail: Some(format!(
@@ -416,6 +417,7 @@ async fn liveness(client: &Client, old: &str, pod: &str) -> Result<Broken> {
             died - blocked
         )),
         died_at: Some(died),
+        handed_over: Some(taken),
         ..Broken::default()
     })
 }
@@ -430,6 +432,7 @@ async fn oom(client: &Client, old: &str, pod: &str) -> Result<Broken> {
     let (lowered, died) =
         tokio::join!(pod_faults::oom_kill(client, pod, pid, wait), pod_faults::death(client, old, pid, wait));
     let (lowered, (died, how)) = (lowered?, died?);
+    let taken = pod_faults::taken_from(client, old, Duration::from_secs(60)).await?;
     let reason = pod_faults::last_termination(client, pod, restarts, Duration::from_secs(90)).await?;
     if !reason.starts_with("OOMKilled") {
         bail!("oom: the container ended with {reason}, not OOMKilled");
@@ -441,6 +444,7 @@ async fn oom(client: &Client, old: &str, pod: &str) -> Result<Broken> {
             lowered as f64 / f64::from(1 << 20)
         )),
         died_at: Some(died),
+        handed_over: Some(taken),
         ..Broken::default()
     })
 }

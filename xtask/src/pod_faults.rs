@@ -166,6 +166,16 @@ pub async fn death(client: &Client, old: &str, pid: u32, wait: Duration) -> Resu
     .await
 }
 
+/// When someone other than `old` was first seen holding the Lease, polled every 10 ms for at most
+/// `wait`.
+pub async fn taken_from(client: &Client, old: &str, wait: Duration) -> Result<f64> {
+    ::chaos::wait::poll("another replica holding the Lease", wait, Duration::from_millis(10), || async {
+        let (holder, _) = operator::lease_holder(client).await?;
+        (!holder.is_empty() && holder != old).then(now)
+    })
+    .await
+}
+
 /// The reason the kubelet gave for the manager container's last termination, once the container
 /// runs again (its restart count above `restarts`), waiting up to `wait`.
 pub async fn last_termination(client: &Client, pod: &str, restarts: i32, wait: Duration) -> Result<String> {
