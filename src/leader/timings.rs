@@ -188,8 +188,8 @@ mod tests {
         assert!(t(15_000, 2_401, 2_000).validate().is_ok());
         assert_eq!(t(15_000, 10_000, 0).validate(), Err(TimingsError::ZeroRetryPeriod));
         // Sub-second durations are written rounded up, and that is what is validated.
-        assert!(t(900, 700, 100).validate().is_ok());
-        assert_eq!(t(900, 700, 100).lease_duration_secs(), 1);
+        assert!(t(900, 600, 100).validate().is_ok());
+        assert_eq!(t(900, 600, 100).lease_duration_secs(), 1);
         assert_eq!(t(2_000, 1_500, 500).lease_duration_secs(), 2);
         assert_eq!(t(2_001, 1_500, 500).lease_duration_secs(), 3);
         assert!(matches!(t(u64::MAX / 2, 10_000, 2_000).validate(), Err(TimingsError::TooLong(_))));
