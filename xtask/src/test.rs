@@ -45,6 +45,10 @@ pub async fn test(args: TestArgs) -> Result<()> {
     run(unit, "unit tests")?;
     println!("    unit tests passed ({:.0} s)", t.elapsed().as_secs_f64());
 
+    let t = step("alert rules: promtool check config, check rules and test rules on deploy/monitoring");
+    rule_tests()?;
+    println!("    rule tests passed ({:.0} s)", t.elapsed().as_secs_f64());
+
     let t = step("cluster");
     let target = args.target.resolve().await?;
     println!("    cluster ready ({:.0} s)", t.elapsed().as_secs_f64());
@@ -61,6 +65,33 @@ pub async fn test(args: TestArgs) -> Result<()> {
     }
     println!("\n==> all tests passed in {:.0} s", all.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The shipped monitoring's own checks, with the promtool of the `prometheus` component (built
+/// on first use): the plain Prometheus configuration (which checks its rule file too), the rules,
+/// and every rule test in `deploy/monitoring/tests/`. Fails on any failing case.
+pub fn rule_tests() -> Result<()> {
+    let promtool = crate::gobuild::component("prometheus")?.ensure()?.join("promtool");
+    let dir = paths::repo().join("deploy").join("monitoring");
+    let mut tests: Vec<_> = std::fs::read_dir(dir.join("tests"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    tests.sort();
+    if tests.is_empty() {
+        bail!("no rule tests in {}", dir.join("tests").display());
+    }
+    let promtool_in = |args: &[&str]| {
+        let mut c = std::process::Command::new(&promtool);
+        c.current_dir(&dir).args(args);
+        c
+    };
+    run(promtool_in(&["check", "config", "prometheus.yaml"]), "promtool check config")?;
+    run(promtool_in(&["check", "rules", "rules.yaml"]), "promtool check rules")?;
+    let mut test = promtool_in(&["test", "rules"]);
+    test.args(&tests);
+    run(test, "promtool test rules")
 }
 
 /// The tests against the cluster; true when they built the image (for the real node).
