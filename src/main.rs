@@ -8,7 +8,7 @@ use myapp_operator::controller::{self, Context, cache::Caches};
 use myapp_operator::leader::{self, Elector, Fence};
 use myapp_operator::probes::{self, Probes};
 use myapp_operator::telemetry::propagation::TraceParentLayer;
-use myapp_operator::telemetry::{logging, metrics::Metrics};
+use myapp_operator::telemetry::{logging, metrics::Metrics, myapps};
 use myapp_operator::webhook::{self, Webhooks};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -132,6 +132,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     caches.wait_ready().await;
     ready.store(true, Ordering::Relaxed);
     tracing::info!("caches synced; ready (readiness never depends on leadership)");
+    // MyApps counted by condition, from the cache (every replica, leader or not).
+    tokio::spawn(myapps::keep_counting(caches.myapps.clone(), metrics.clone()));
 
     // The elector stops only after the controller has: a separate signal, sent in order below.
     let (release_tx, release_rx) = watch::channel(leader::Stop::No);

@@ -1,11 +1,19 @@
 //! Prometheus metrics of the operator, in the OpenMetrics text format.
+//!
+//! Every label takes its values from a fixed set (a result kind, a path, a condition, an HTTP
+//! status the server itself answers), never from user input such as a MyApp's name or
+//! namespace, so the number of series is bounded whatever the cluster holds. The operator's own
+//! metrics carry the prefix `myapp_operator_`; the process metrics ([`super::process`]) have the
+//! names every Prometheus client library gives them (`process_resident_memory_bytes`, ...).
 
+use super::process::ProcessCollector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 /// Labels of a reconcile outcome.
@@ -40,9 +48,37 @@ pub struct WebhookLabels {
     pub allowed: String,
 }
 
+/// Labels of a webhook request answered with an HTTP error instead of an AdmissionReview.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookErrorLabels {
+    /// `/mutate` or `/validate`.
+    pub path: String,
+    /// The HTTP status answered: one the server itself chooses (400, 408, 413, 500, 503).
+    pub code: String,
+}
+
+/// Labels of a count of MyApps: one of their kstatus conditions and its status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    /// `Ready`, `Reconciling` or `Stalled`.
+    pub condition: String,
+    /// `True`, `False` or `Unknown` (also for a MyApp that has no such condition yet).
+    pub status: String,
+}
+
+/// The label set of a series that has no labels, for a [`Family`] that is either empty (the
+/// value is not known: nothing is exported) or holds that one series.
+pub type NoLabels = Vec<(String, String)>;
+
+/// Buckets of the webhook latency, from 100 µs doubling to 6.55 s: beyond the 5 s
+/// `timeoutSeconds` of the webhook configurations (`deploy/webhook/webhooks.yaml`), so that a
+/// p99 near the API server's timeout can be told from one far below it.
+pub const WEBHOOK_BUCKETS: (f64, f64, u16) = (0.0001, 2.0, 17);
+
 /// All metrics of one replica.
 pub struct Metrics {
-    /// Registry that [`crate::probes`] encodes.
+    /// Registry that [`crate::probes`] encodes: the process metrics at its root, the operator's
+    /// own under the prefix `myapp_operator`.
     pub registry: Registry,
     /// Reconciles by result.
     pub reconciles: Family<ResultLabels, Counter>,
@@ -66,11 +102,26 @@ pub struct Metrics {
     pub webhook_requests: Family<WebhookLabels, Counter>,
     /// Time to answer an admission request.
     pub webhook_duration: Histogram,
+    /// Admission requests answered with an HTTP error, by path and status.
+    pub webhook_errors: Family<WebhookErrorLabels, Counter>,
+    /// The `notAfter` of the serving certificate the webhook server serves, in unix seconds;
+    /// no series until a certificate is loaded.
+    pub certificate_expiry: Family<NoLabels, Gauge>,
+    /// MyApps in this replica's cache, by condition and status (see [`super::myapps`]).
+    pub myapps: Family<ConditionLabels, Gauge>,
+    /// The earliest `lastTransitionTime` of a `Ready` condition that is not `True`, in unix
+    /// seconds: since when the longest-waiting MyApp has not been Ready. No series when every
+    /// MyApp is Ready.
+    pub not_ready_since: Family<NoLabels, Gauge>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("myapp_operator");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector::new()));
+        let registry = root.sub_registry_with_prefix("myapp_operator");
+        let build = Info::new(vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]);
+        registry.register("build", "The operator's version; the value is always 1", build);
         let reconciles = Family::<ResultLabels, Counter>::default();
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
         let reconcile_duration = HistogramWithExemplars::new(exponential_buckets(0.001, 2.0, 14));
@@ -99,10 +150,35 @@ impl Default for Metrics {
         );
         let webhook_requests = Family::<WebhookLabels, Counter>::default();
         registry.register("webhook_requests", "Admission requests answered", webhook_requests.clone());
-        let webhook_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let (start, factor, count) = WEBHOOK_BUCKETS;
+        let webhook_duration = Histogram::new(exponential_buckets(start, factor, count));
         registry.register("webhook_duration_seconds", "Time to answer an admission request", webhook_duration.clone());
+        let webhook_errors = Family::<WebhookErrorLabels, Counter>::default();
+        registry.register(
+            "webhook_errors",
+            "Admission requests answered with an HTTP error instead of an AdmissionReview",
+            webhook_errors.clone(),
+        );
+        let certificate_expiry = Family::<NoLabels, Gauge>::default();
+        registry.register(
+            "webhook_certificate_expiration_timestamp_seconds",
+            "notAfter of the serving certificate of the webhook server, in unix seconds",
+            certificate_expiry.clone(),
+        );
+        let myapps = Family::<ConditionLabels, Gauge>::default();
+        registry.register("myapps", "MyApps in this replica's cache, by condition and status", myapps.clone());
+        let not_ready_since = Family::<NoLabels, Gauge>::default();
+        registry.register(
+            "myapps_not_ready_since_timestamp_seconds",
+            "Since when the longest-waiting MyApp has not been Ready (its Ready condition's lastTransitionTime)",
+            not_ready_since.clone(),
+        );
         Self {
-            registry,
+            registry: root,
+            webhook_errors,
+            certificate_expiry,
+            myapps,
+            not_ready_since,
             webhook_requests,
             webhook_duration,
             reconciles,
@@ -140,6 +216,16 @@ impl Metrics {
         self.webhook_duration.observe(seconds);
     }
 
+    /// Counts one admission request answered with the HTTP error `code`.
+    pub fn webhook_error(&self, path: &str, code: u16) {
+        self.webhook_errors.get_or_create(&WebhookErrorLabels { path: path.into(), code: code.to_string() }).inc();
+    }
+
+    /// Records the `notAfter` (unix seconds) of the serving certificate just loaded.
+    pub fn certificate_loaded(&self, not_after: i64) {
+        self.certificate_expiry.get_or_create(&NoLabels::new()).set(not_after);
+    }
+
     /// The registry in OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -168,5 +254,38 @@ mod tests {
         assert!(with_exemplar[0].contains(&format!("trace_id=\"{trace}\"")));
         assert!(text.contains("myapp_operator_reconcile_duration_seconds_count 2"));
         assert!(text.contains("myapp_operator_queue_depth 7"));
+    }
+
+    #[test]
+    fn build_info_names_the_version() {
+        let text = Metrics::default().encode();
+        let line = format!("myapp_operator_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+
+    #[test]
+    fn the_certificate_expiry_is_exported_only_once_known() {
+        let m = Metrics::default();
+        let name = "myapp_operator_webhook_certificate_expiration_timestamp_seconds";
+        assert!(!m.encode().lines().any(|l| l.starts_with(name)), "no value before a certificate is loaded");
+        m.certificate_loaded(1_900_000_000);
+        m.certificate_loaded(1_907_776_000);
+        let text = m.encode();
+        let values: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix(name)).collect();
+        assert_eq!(values, [" 1907776000"], "one series without labels, the last certificate's:\n{text}");
+    }
+
+    #[test]
+    fn process_metrics_have_their_usual_names_beside_the_prefixed_ones() {
+        let text = Metrics::default().encode();
+        assert!(text.lines().any(|l| l.starts_with("process_start_time_seconds ")), "{text}");
+        if cfg!(target_os = "linux") {
+            let rss = text.lines().find_map(|l| l.strip_prefix("process_resident_memory_bytes "));
+            assert!(rss.and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0), "{text}");
+            assert!(text.lines().any(|l| l.starts_with("process_cpu_seconds_total ")), "{text}");
+        }
+        assert!(!text.contains("myapp_operator_process_"), "process metrics are not prefixed:\n{text}");
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

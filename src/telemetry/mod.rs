@@ -4,5 +4,7 @@
 
 pub mod logging;
 pub mod metrics;
+pub mod myapps;
+pub mod process;
 pub mod propagation;
 pub mod trigger;

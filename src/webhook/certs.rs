@@ -376,6 +376,16 @@ fn san(s: &str) -> Result<SanType, CertError> {
     Ok(SanType::DnsName(name.try_into().map_err(|_| CertError::InvalidSan(s.to_string()))?))
 }
 
+/// The `notAfter` of the first certificate of a PEM chain (the serving certificate), in unix
+/// seconds; `None` when there is no readable certificate.
+pub fn not_after(crt_pem: &str) -> Option<i64> {
+    let block = x509_parser::pem::Pem::iter_from_buffer(crt_pem.as_bytes())
+        .map_while(Result::ok)
+        .find(|b| b.label == "CERTIFICATE")?;
+    let (_, c) = x509_parser::parse_x509_certificate(&block.contents).ok()?;
+    Some(c.validity().not_after.timestamp())
+}
+
 /// A new CA (or the given one: `(ca.crt, ca.key)` PEM) and a serving certificate for `sans`.
 pub fn issue(sans: &[String], ca: Option<(&str, &str)>, now: OffsetDateTime) -> Result<Bundle, CertError> {
     let sans = sans.iter().map(|s| canonical_san(s)).collect::<Result<BTreeSet<_>, _>>()?;

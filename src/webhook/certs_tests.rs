@@ -51,6 +51,16 @@ fn issue_and_renew_with_the_same_ca() {
 }
 
 #[test]
+fn not_after_is_read_from_the_serving_certificate_not_the_ca() {
+    let bundle = issue(&sans(), None, t0()).expect("issue");
+    assert_eq!(not_after(&bundle.tls_crt), Some(bundle.not_after.unix_timestamp()));
+    assert_eq!(bundle.not_after, t0() + SERVING_VALIDITY, "the serving certificate's whole validity");
+    assert_ne!(not_after(&bundle.ca_crt), not_after(&bundle.tls_crt), "the CA lives longer");
+    assert_eq!(not_after("not a certificate"), None);
+    assert_eq!(not_after(&bundle.tls_key), None, "a key is no certificate");
+}
+
+#[test]
 fn the_serving_certificate_is_renewed_30_days_before_expiry_with_the_same_ca() {
     let s = fresh(t0());
     assert!(step(Some(&s), &sans(), t0() + Duration::days(59)).is_none());

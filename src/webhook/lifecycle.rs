@@ -360,6 +360,10 @@ impl Life {
                     self.server = Some((server, tls));
                 }
             }
+            match certs::not_after(&pem.crt) {
+                Some(t) => self.shared.metrics.certificate_loaded(t),
+                None => tracing::warn!("the loaded webhook certificate has no readable notAfter"),
+            }
             tracing::info!("webhook certificate loaded");
         }
         self.loaded.send_if_modified(|l| {

@@ -155,6 +155,32 @@ async fn a_deleted_secret_is_recreated_and_served() {
 }
 
 #[tokio::test]
+async fn the_served_certificates_expiry_is_exported_and_follows_a_new_certificate() {
+    let fake = fake();
+    let w = start(fake.client(), &["127.0.0.1"], Options::default());
+    let series = "myapp_operator_webhook_certificate_expiration_timestamp_seconds ";
+    let exported =
+        |w: &Webhooks| w.shared.metrics.encode().lines().find_map(|l| l.strip_prefix(series)?.parse::<i64>().ok());
+    let (_, crt) = healthy(&fake, &w, &["127.0.0.1"], "the first certificate served").await;
+    let first = certs::not_after(&crt).expect("notAfter");
+    assert!(first > OffsetDateTime::now_utc().unix_timestamp(), "a fresh certificate expires in the future");
+    until("the first notAfter exported", Duration::from_secs(5), || {
+        std::future::ready((exported(&w) == Some(first)).then_some(()))
+    })
+    .await;
+    // A new certificate one second later or more: a different notAfter, exported once served.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    fake.delete(SECRETS, SECRET).expect("the Secret exists");
+    let (_, crt) = healthy(&fake, &w, &["127.0.0.1"], "a new certificate served").await;
+    let second = certs::not_after(&crt).expect("notAfter");
+    assert!(second > first, "the new certificate was issued later");
+    until("the new notAfter exported", Duration::from_secs(5), || {
+        std::future::ready((exported(&w) == Some(second)).then_some(()))
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn garbage_in_each_key_is_replaced_and_served_without_a_restart() {
     let fake = fake();
     // Broken before the replica starts: it must not fail to start.

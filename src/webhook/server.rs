@@ -53,12 +53,27 @@ fn refuse(status: StatusCode, why: impl std::fmt::Display, close: Option<&Connec
     r
 }
 
-async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Response {
-    let started = Instant::now();
-    let path = match endpoint {
+fn path_of(endpoint: Endpoint) -> &'static str {
+    match endpoint {
         Endpoint::Mutate => "/mutate",
         Endpoint::Validate => "/validate",
-    };
+    }
+}
+
+/// [`answer`], counting an HTTP error answer in the metrics (an AdmissionReview, allowed or
+/// denied, is counted by [`answer`] itself).
+async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Response {
+    let metrics = shared.metrics.clone();
+    let response = answer(shared, endpoint, req).await;
+    if !response.status().is_success() {
+        metrics.webhook_error(path_of(endpoint), response.status().as_u16());
+    }
+    response
+}
+
+async fn answer(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Response {
+    let started = Instant::now();
+    let path = path_of(endpoint);
     let connection = req.extensions().get::<ConnectionShutdown>().cloned();
     if shared.draining.load(Ordering::Relaxed)
         && let Some(c) = &connection

@@ -148,6 +148,13 @@ async fn garbage_gets_400_and_a_bad_object_a_denial_with_its_uid() {
     assert_eq!(status, StatusCode::OK);
     let out: Value = serde_json::from_slice(&body).expect("review");
     assert_eq!((out["response"]["uid"].as_str(), out["response"]["allowed"].as_bool()), (Some("u-2"), Some(false)));
+    // The 400s are counted as errors by their code; the denials are answers, not errors.
+    let text = s.shared.metrics.encode();
+    let count =
+        |series: &str| text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<u64>().ok());
+    assert_eq!(count("myapp_operator_webhook_errors_total{path=\"/validate\",code=\"400\"}"), Some(6), "{text}");
+    assert_eq!(count("myapp_operator_webhook_requests_total{path=\"/validate\",allowed=\"false\"}"), Some(2), "{text}");
+    assert!(!text.contains("code=\"200\""), "{text}");
 }
 
 #[tokio::test]
@@ -176,6 +183,8 @@ async fn oversized_bodies_get_413_and_the_largest_accepted_gets_200() {
     let (mut c, _) = s.h2().await;
     let (status, _) = read(c.send_request(chunked()).await.expect("answer")).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let text = s.shared.metrics.encode();
+    assert!(text.contains("myapp_operator_webhook_errors_total{path=\"/validate\",code=\"413\"} 3\n"), "{text}");
 }
 
 #[tokio::test]

@@ -72,6 +72,22 @@ pub const COMPONENTS: &[Component] = &[
     },
 ];
 
+/// Components built on first use rather than by `cluster up`, which does not run them.
+pub const ON_DEMAND: &[Component] = &[
+    // Prometheus v3 (module versions v0.3xx.y are Prometheus 3.xx.y) and promtool, which runs the
+    // rule tests of `deploy/monitoring`. Only the Kubernetes service discovery is compiled in, the
+    // one the local control plane scrapes with; without `builtinassets` there is no web UI, and the
+    // HTTP API is whole.
+    Component {
+        name: "prometheus",
+        module: "github.com/prometheus/prometheus",
+        binaries: &["prometheus", "promtool"],
+        ldflags: "-X github.com/prometheus/common/version.Version={version}",
+        renames: &[],
+        tags: "remove_all_sd,enable_kubernetes_sd",
+    },
+];
+
 /// FNV-1a, 64 bits: a stable content hash for cache keys.
 pub fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
@@ -173,7 +189,7 @@ impl Component {
 
 /// The component called `name`.
 pub fn component(name: &str) -> Result<&'static Component> {
-    COMPONENTS.iter().find(|c| c.name == name).with_context(|| format!("no component {name}"))
+    COMPONENTS.iter().chain(ON_DEMAND).find(|c| c.name == name).with_context(|| format!("no component {name}"))
 }
 
 /// The kubectl built with the control plane, if it is in the cache.
@@ -283,6 +299,20 @@ mod tests {
         assert!(out.contains("\ta => a v0.37.2\n"));
         assert!(!out.contains("old => old"));
         assert!(out.contains("tool k8s.io/kubernetes/cmd/kubectl"));
+    }
+
+    #[test]
+    fn every_component_pins_its_module_and_names_its_tools() {
+        for c in COMPONENTS.iter().chain(ON_DEMAND) {
+            let version = c.version().expect("pinned");
+            assert!(version.starts_with('v'), "{}: {version}", c.name);
+            let gomod = std::fs::read_to_string(c.dir().join("go.mod")).expect("go.mod");
+            assert!(gomod.contains("\ntool "), "{}: go.mod has no `tool` line", c.name);
+            assert!(c.dir().join("go.sum").is_file(), "{}: no go.sum", c.name);
+        }
+        let prometheus = component("prometheus").expect("prometheus");
+        assert_eq!(prometheus.binaries, ["prometheus", "promtool"]);
+        assert!(!COMPONENTS.iter().any(|c| c.name == "prometheus"), "`cluster up` does not build Prometheus yet");
     }
 
     #[test]

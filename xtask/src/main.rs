@@ -54,6 +54,9 @@ enum Command {
     Test(test::TestArgs),
     /// The container image: a static release binary on scratch, built with buildah, then checked.
     Image(image::ImageArgs),
+    /// The shipped alert rules alone: promtool check and test on deploy/monitoring (a step of
+    /// `test`; builds promtool on first use).
+    Rules,
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
     GenGoMod,
     /// The webhook server alone, for `bench --webhook-abuse` (runs until stdin closes).
@@ -86,6 +89,7 @@ fn main() -> Result<()> {
         Command::Demo(args) => rt.block_on(demo::demo(args)),
         Command::Test(args) => rt.block_on(test::test(args)),
         Command::Image(args) => image::image(args),
+        Command::Rules => test::rule_tests(),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
         Command::WebhookServer => rt.block_on(webhook_bench::serve()),
     }

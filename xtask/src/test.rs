@@ -45,6 +45,10 @@ pub async fn test(args: TestArgs) -> Result<()> {
     run(unit, "unit tests")?;
     println!("    unit tests passed ({:.0} s)", t.elapsed().as_secs_f64());
 
+    let t = step("alert rules: promtool check config, check rules and test rules on deploy/monitoring");
+    rule_tests()?;
+    println!("    rule tests passed ({:.0} s)", t.elapsed().as_secs_f64());
+
     let t = step("cluster");
     let target = args.target.resolve().await?;
     println!("    cluster ready ({:.0} s)", t.elapsed().as_secs_f64());
@@ -61,6 +65,58 @@ pub async fn test(args: TestArgs) -> Result<()> {
     }
     println!("\n==> all tests passed in {:.0} s", all.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The dashboard's panel queries as recording rules, for `promtool check rules` to parse:
+/// Grafana's `$__rate_interval` becomes a fixed range.
+fn panel_queries_as_rules(dashboard: &str) -> Result<String> {
+    let d: serde_json::Value = serde_json::from_str(dashboard)?;
+    let mut rules = Vec::new();
+    for (i, panel) in d["panels"].as_array().into_iter().flatten().enumerate() {
+        for (j, target) in panel["targets"].as_array().into_iter().flatten().enumerate() {
+            let Some(expr) = target["expr"].as_str() else { continue };
+            let record = format!("dashboard:panel_{i}_{j}");
+            rules.push(serde_json::json!({"record": record, "expr": expr.replace("$__rate_interval", "5m")}));
+        }
+    }
+    if rules.is_empty() {
+        bail!("the dashboard has no panel query");
+    }
+    Ok(serde_yaml::to_string(&serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]}))?)
+}
+
+/// The shipped monitoring's own checks, with the promtool of the `prometheus` component (built
+/// on first use): the plain Prometheus configuration (which checks its rule file too), the rules,
+/// every dashboard query (parsed as a recording rule), and every rule test in
+/// `deploy/monitoring/tests/`. Fails on any failing case.
+pub fn rule_tests() -> Result<()> {
+    let promtool = crate::gobuild::component("prometheus")?.ensure()?.join("promtool");
+    let dir = paths::repo().join("deploy").join("monitoring");
+    let mut tests: Vec<_> = std::fs::read_dir(dir.join("tests"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    tests.sort();
+    if tests.is_empty() {
+        bail!("no rule tests in {}", dir.join("tests").display());
+    }
+    let promtool_in = |args: &[&str]| {
+        let mut c = std::process::Command::new(&promtool);
+        c.current_dir(&dir).args(args);
+        c
+    };
+    run(promtool_in(&["check", "config", "prometheus.yaml"]), "promtool check config")?;
+    run(promtool_in(&["check", "rules", "rules.yaml"]), "promtool check rules")?;
+    let queries = paths::target_dir().join("dashboard-queries.yaml");
+    std::fs::create_dir_all(paths::target_dir())?;
+    std::fs::write(&queries, panel_queries_as_rules(&std::fs::read_to_string(dir.join("dashboard.json"))?)?)?;
+    let mut check = promtool_in(&["check", "rules"]);
+    check.arg(&queries);
+    run(check, "promtool check rules on the dashboard's queries")?;
+    let mut test = promtool_in(&["test", "rules"]);
+    test.args(&tests);
+    run(test, "promtool test rules")
 }
 
 /// The tests against the cluster; true when they built the image (for the real node).
@@ -207,4 +263,28 @@ fn rbac_proof(since: f64) -> Result<()> {
         anyhow::bail!("{} requests by {user} were denied by RBAC: deploy/rbac misses a grant", a.denied.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_panel_query_becomes_a_recording_rule_without_grafana_variables() {
+        let dashboard = r#"{"panels": [
+            {"type": "row", "title": "r"},
+            {"targets": [{"expr": "rate(a_total[$__rate_interval])"}, {"expr": "up"}]},
+            {"targets": [{"refId": "A"}]}
+        ]}"#;
+        let rules: serde_yaml::Value =
+            serde_yaml::from_str(&panel_queries_as_rules(dashboard).expect("rules")).expect("yaml");
+        let exprs: Vec<&str> = rules["groups"][0]["rules"]
+            .as_sequence()
+            .expect("rules")
+            .iter()
+            .filter_map(|r| r["expr"].as_str())
+            .collect();
+        assert_eq!(exprs, ["rate(a_total[5m])", "up"]);
+        assert!(panel_queries_as_rules(r#"{"panels": []}"#).is_err(), "a dashboard without queries is refused");
+    }
 }
