@@ -1,5 +1,6 @@
 //! The task runner: `cargo xtask <command>`. See `cargo xtask --help`.
 
+mod alerts;
 mod bench;
 mod cache_cost;
 mod chaos;
@@ -57,6 +58,9 @@ enum Command {
     /// The shipped alert rules alone: promtool check and test on deploy/monitoring (a step of
     /// `test`; builds promtool on first use).
     Rules,
+    /// The shipped alert rules on a real Prometheus scraping the install's pods: a rollout fires
+    /// nothing, no replica fires the no-leader alert, which resolves when they are back.
+    Alerts(operator::TargetArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
     GenGoMod,
     /// The webhook server alone, for `bench --webhook-abuse` (runs until stdin closes).
@@ -90,6 +94,7 @@ fn main() -> Result<()> {
         Command::Test(args) => rt.block_on(test::test(args)),
         Command::Image(args) => image::image(args),
         Command::Rules => test::rule_tests(),
+        Command::Alerts(args) => rt.block_on(alerts::run(args)).map(|_| ()),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
         Command::WebhookServer => rt.block_on(webhook_bench::serve()),
     }
