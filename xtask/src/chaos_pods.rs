@@ -241,8 +241,9 @@ struct Broken {
     heal: Option<(u32, Vec<Vec<String>>, Duration)>,
     /// When the scenario saw the Lease change hands itself (epoch seconds).
     handed_over: Option<f64>,
-    /// When the old leader died, for a fault that kills it some time after the injection (the
-    /// kubelet after failed probes, the kernel after a squeeze): the figures count from there.
+    /// When the fault took hold, for one that does so some time after the injection (the
+    /// kubelet's kill after failed probes, the kernel's after a squeeze, a partition once a write
+    /// is held): the figures count from there.
     died_at: Option<f64>,
     /// A webhook holding the writes, to remove once the successor reconciled.
     holder: Option<Holder>,
@@ -265,6 +266,12 @@ async fn inject(client: &Client, scenario: Scenario, round: u32, load: &Workload
     let taken = wait::until(t0 + lease * 3 + Duration::from_secs(30), Duration::from_millis(10), moved).await;
     let (seen_after, new_leader) = taken.unzip();
     let acquired = broken.handed_over.or(seen_after.map(|s| at + s)).map(|t| t - origin);
+    // The holding webhook has done its part once a successor leads: left in place, it would fail
+    // the successor's writes too, and their backoff would delay convergence by minutes.
+    if let Some(holder) = broken.holder.take() {
+        let held = release_holder(client, holder, &old).await;
+        broken.detail = Some(format!("{}; {held}", broken.detail.unwrap_or_default()));
+    }
     if let Some((pid, rules, duration)) = &broken.heal {
         tokio::time::sleep_until((t0 + *duration).into()).await;
         for rule in rules {
@@ -280,10 +287,6 @@ async fn inject(client: &Client, scenario: Scenario, round: u32, load: &Workload
         }
         None => None,
     };
-    if let Some(holder) = broken.holder.take() {
-        let held = release_holder(client, holder, &old).await;
-        broken.detail = Some(format!("{}; {held}", broken.detail.unwrap_or_default()));
-    }
     install::rolled_out(client, Duration::from_secs(180)).await?;
     let converged_after = chaos::convergence(client, ns, load, t0).await;
     Ok(Fault {
@@ -453,7 +456,7 @@ async fn oom(client: &Client, old: &str, pod: &str) -> Result<Broken> {
 /// for longer than the fence margin (the lease and 5 s). While one is held, the leader is cut off
 /// the API server as in `partition`. None of its held writes may be committed after the
 /// successor's first Lease write: the run's verdict judges that from the audit log
-/// (`CommittedInNewTerm`). The webhook goes once the successor reconciled.
+/// (`CommittedInNewTerm`). The webhook goes as soon as a successor leads.
 async fn slow_commit(client: &Client, pod: &str, ns: &str) -> Result<Broken> {
     let hold = Duration::from_secs_f64(TIMINGS.duration + 5.0);
     let holder = Holder::install(client, ns, hold).await?;
@@ -461,6 +464,7 @@ async fn slow_commit(client: &Client, pod: &str, ns: &str) -> Result<Broken> {
         Ok(()) => partition(client, pod).await,
         Err(e) => Err(e),
     };
+    let cut_at = now();
     let (detail, heal) = match cut {
         Ok(cut) => cut,
         Err(e) => {
@@ -472,6 +476,7 @@ async fn slow_commit(client: &Client, pod: &str, ns: &str) -> Result<Broken> {
         detail: Some(format!("{detail}, while a write was held {:.0} s by a webhook", hold.as_secs_f64())),
         heal: Some(heal),
         holder: Some(holder),
+        died_at: Some(cut_at),
         ..Broken::default()
     })
 }
