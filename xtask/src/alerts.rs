@@ -94,10 +94,7 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
         bail!("cargo xtask alerts needs the local control plane: Prometheus scrapes the pods from this host");
     }
     let client = cluster::client_from(&target.kubeconfig).await?;
-    if !install::is_rolled_out(&client).await {
-        install::prepare(&client).await?;
-        install::apply(&client, &target.kubeconfig).await?;
-    }
+    install::ensure(&client, &target.kubeconfig).await?;
     let dir = paths::run_dir().join("prometheus");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;

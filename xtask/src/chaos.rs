@@ -796,7 +796,7 @@ impl Harness {
 }
 
 /// The local API server's audit log from `since` (epoch seconds); empty if it cannot be read.
-fn audit_since(since: f64) -> Vec<audit::Request> {
+pub fn audit_since(since: f64) -> Vec<audit::Request> {
     let log = std::fs::read_to_string(paths::audit_log()).unwrap_or_default();
     audit::parse(&log, since)
 }

@@ -160,10 +160,7 @@ pub async fn chaos(args: &ChaosArgs, rounds: u32) -> Result<Report> {
     if let Some(s) = scenarios.iter().find(|s| !ALL.contains(s)) {
         bail!("unknown pod scenario {:?}; known: {:?}", s.to_string(), names(ALL));
     }
-    if !install::is_rolled_out(&client).await {
-        install::prepare(&client).await?;
-        install::apply(&client, &target.kubeconfig).await?;
-    }
+    install::ensure(&client, &target.kubeconfig).await?;
     let started_at = now();
     println!(
         "==> chaos against pods ({}): the install of {}, lease {}s/{}s/{}s, scenarios {:?} × {rounds}",
@@ -486,8 +483,7 @@ async fn slow_commit(client: &Client, pod: &str, ns: &str) -> Result<Broken> {
 async fn release_holder(client: &Client, holder: Holder, old: &str) -> String {
     let since = holder.since;
     let received = holder.remove(client).await;
-    let log = std::fs::read_to_string(paths::audit_log()).unwrap_or_default();
-    let writes: Vec<_> = ::chaos::audit::parse(&log, since)
+    let writes: Vec<_> = chaos::audit_since(since)
         .into_iter()
         .filter(|r| r.resource == "deployments" && r.is_write() && r.replica.as_deref() == Some(old))
         .collect();

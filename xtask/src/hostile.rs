@@ -146,10 +146,7 @@ pub async fn hostile(args: &TargetArgs, run: Hostile) -> Result<()> {
         bail!("the hostile profile needs the local control plane's real node (pod IPs reached from the host)");
     }
     let client = cluster::client_from(&target.kubeconfig).await?;
-    if !install::is_rolled_out(&client).await {
-        install::prepare(&client).await?;
-        install::apply(&client, &target.kubeconfig).await?;
-    }
+    install::ensure(&client, &target.kubeconfig).await?;
     install::rolled_out(&client, Duration::from_secs(120)).await?;
     let replicas = replicas(&client).await?;
     let first = replicas.first().context("no operator pod")?;

@@ -59,6 +59,16 @@ pub async fn apply(client: &Client, kubeconfig: &std::path::Path) -> Result<Dura
     Ok(started.elapsed())
 }
 
+/// Installs the operator as [`prepare`] and [`apply`] do, unless it is already rolled out: what
+/// every command that works on the install's pods does first.
+pub async fn ensure(client: &Client, kubeconfig: &std::path::Path) -> Result<()> {
+    if !is_rolled_out(client).await {
+        prepare(client).await?;
+        apply(client, kubeconfig).await?;
+    }
+    Ok(())
+}
+
 /// Waits until the webhooks answer through their Service (ready pods become endpoints, and
 /// kube-proxy programs them, a moment after the rollout): a server-side dry run of a MyApp
 /// create goes through both webhooks without writing anything.
