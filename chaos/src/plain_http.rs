@@ -35,6 +35,16 @@ pub fn post(port: u16, path: &str, body: &str) -> Result<(u16, String)> {
     request(&format!("127.0.0.1:{port}"), "POST", path, Some(body))
 }
 
+/// Percent-encodes `s` for a URL query value (everything but unreserved characters).
+pub fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// GET an `http://host:port/path` URL; None when it cannot be fetched.
 pub fn get_url(url: &str) -> Option<(u16, String)> {
     let (host, path) = split_url(url)?;

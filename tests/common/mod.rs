@@ -104,15 +104,7 @@ pub fn audit_writes(namespace: &str, agent_prefix: &str) -> Vec<serde_json::Valu
 /// A plain HTTP GET on loopback (Jaeger's query API, the operator's metrics).
 pub use chaos::plain_http::get_url as http_get;
 
-/// Percent-encodes `s` for a URL query value (everything but unreserved characters).
-pub fn query_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+pub use chaos::plain_http::query_escape;
 
 /// The local Jaeger's query API, e.g. `http://127.0.0.1:16686` (`MYAPP_E2E_JAEGER`, set by
 /// `cargo xtask test` on the local control plane).

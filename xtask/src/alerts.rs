@@ -15,77 +15,21 @@
 //! The figures go to `.run/alerts.json`.
 
 use crate::operator::{NAMESPACE, TargetArgs};
+use crate::prometheus::{self, alerts, api, encode, query};
 use crate::{cluster, install, paths, procs};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::Value;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Prometheus's HTTP port on loopback (not one of the control plane's).
-pub const PORT: u16 = 19090;
 /// From the scale to 0 to the alert firing, at most: the pods' shutdown and their removal from
 /// discovery (their series go stale then), a scrape and an evaluation interval to see no leader,
 /// the rule's `for` (30 s), and the evaluation that fires it (measured: 59 and 73 s).
 const NO_LEADER_WITHIN: Duration = Duration::from_secs(120);
 /// How long after a rollout finished an alert could still fire: `for` (30 s) and an evaluation.
 const QUIET_AFTER_ROLLOUT: Duration = Duration::from_secs(50);
-
-/// The scrape configuration the install ships, pointed at this cluster: service discovery
-/// through `kubeconfig`, the rules of `deploy/monitoring/rules.yaml`.
-pub fn config(shipped: &str, rules: &Path, kubeconfig: &Path) -> Result<String> {
-    let mut v: serde_yaml::Value = serde_yaml::from_str(shipped)?;
-    v["rule_files"] = serde_yaml::Value::Sequence(vec![rules.display().to_string().into()]);
-    let jobs = v["scrape_configs"].as_sequence_mut().context("scrape_configs")?;
-    for job in jobs {
-        for sd in job["kubernetes_sd_configs"].as_sequence_mut().context("kubernetes_sd_configs")? {
-            sd["kubeconfig_file"] = kubeconfig.display().to_string().into();
-        }
-    }
-    Ok(serde_yaml::to_string(&v)?)
-}
-
-/// Percent-encodes a PromQL query for a URL.
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// GETs `path` from Prometheus, as JSON.
-fn api(path: &str) -> Result<Value> {
-    let (code, body) = chaos::plain_http::get(PORT, path)?;
-    if code != 200 {
-        bail!("prometheus {path}: {code} {body}");
-    }
-    Ok(serde_json::from_str(&body)?)
-}
-
-/// The value of an instant query with a single scalar-like result, if any.
-fn query(q: &str) -> Option<f64> {
-    let v = api(&format!("/api/v1/query?query={}", encode(q))).ok()?;
-    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
-}
-
-/// The operator's alerts in a state (`firing` or `pending`), by name.
-fn alerts(state: &str) -> Result<Vec<String>> {
-    let v = api("/api/v1/alerts")?;
-    Ok(v["data"]["alerts"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|a| a["state"] == state)
-                .filter_map(|a| a["labels"]["alertname"].as_str().map(str::to_string))
-                .filter(|n| n.starts_with("MyAppOperator"))
-                .collect()
-        })
-        .unwrap_or_default())
-}
 
 /// Runs the checks; see the module doc.
 pub async fn run(args: TargetArgs) -> Result<Value> {
@@ -95,40 +39,14 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     }
     let client = cluster::client_from(&target.kubeconfig).await?;
     install::ensure(&client, &target.kubeconfig).await?;
-    let dir = paths::run_dir().join("prometheus");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let monitoring = paths::repo().join("deploy/monitoring");
-    let shipped = std::fs::read_to_string(monitoring.join("prometheus.yaml"))?;
-    let file = dir.join("prometheus.yaml");
-    std::fs::write(&file, config(&shipped, &monitoring.join("rules.yaml"), &target.kubeconfig)?)?;
     let bin = crate::gobuild::component("prometheus")?.ensure()?.join("prometheus");
-    if procs::port_in_use(PORT) {
-        bail!("port {PORT} is in use: is another Prometheus running?");
-    }
+    let prom = prometheus::restart_fresh(&bin).await?;
     let run_dir = paths::run_dir();
-    let prom = procs::spawn(
-        &run_dir,
-        "prometheus",
-        &bin,
-        &[
-            format!("--config.file={}", file.display()),
-            format!("--storage.tsdb.path={}", dir.join("data").display()),
-            format!("--web.listen-address=127.0.0.1:{PORT}"),
-            "--enable-feature=exemplar-storage".into(),
-        ],
-        &[],
-    )?;
-    println!(
-        "==> Prometheus {} on http://127.0.0.1:{PORT}/ (log {})",
-        bin.display(),
-        procs::log_file(&run_dir, "prometheus").display()
-    );
     let result = checks(&client).await;
-    procs::stop(&run_dir, "prometheus", prom.pid, &bin.display().to_string(), Duration::from_secs(5));
     if result.is_err() {
-        println!("{}", procs::tail(&run_dir, "prometheus", 20));
+        println!("{}", procs::tail(&run_dir, prometheus::NAME, 20));
     }
+    procs::check_alive(&run_dir, &prom)?;
     let figures = result?;
     let out = run_dir.join("alerts.json");
     std::fs::write(&out, serde_json::to_string_pretty(&figures)?)?;
@@ -153,6 +71,7 @@ async fn checks(client: &Client) -> Result<Value> {
     let scraping = t.elapsed().as_secs_f64();
     println!("    3 targets up, 1 leader, after {scraping:.0} s");
     let exemplar = exemplar_in_jaeger(client).await?;
+    let dashboard = dashboard_panels().await?;
 
     // A rollout: a handover per old leader; nothing may fire, during it or for `for` after it.
     let t = Instant::now();
@@ -205,9 +124,94 @@ async fn checks(client: &Client) -> Result<Value> {
         "scrape_interval_s": 15, "evaluation_interval_s": 15,
         "targets_up_after_s": scraping,
         "exemplar": exemplar,
+        "dashboard": dashboard,
         "rollout_restart": {"took_s": rollout, "quiet_after_s": QUIET_AFTER_ROLLOUT.as_secs(), "fired": fired},
         "no_leader": {"fired_after_s": fire, "bound_s": NO_LEADER_WITHIN.as_secs(), "resolved_after_s": resolve},
     }))
+}
+
+/// The panels of `deploy/monitoring/dashboard.json` that must show data on a running install
+/// that has reconciled and admitted a MyApp. The others may rightly be empty (no HTTP errors, no
+/// MyApp that is not Ready).
+const PANELS_WITH_DATA: &[&str] = &[
+    "Leader",
+    "Replicas reporting leader",
+    "Leader by replica",
+    "Lease acquisitions",
+    "Reconciles by result",
+    "Reconcile duration",
+    "Queue depth",
+    "API writes",
+    "Controller running",
+    "MyApps by Ready status",
+    "Admissions",
+    "Admission latency",
+    "Serving certificate expires in",
+    "Resident memory",
+    "CPU",
+    "Restarts (1 h)",
+    "Scrape up",
+    "Versions",
+];
+
+/// Every query of the dashboard's panels, by panel title, with Grafana's interval variables
+/// replaced by what Grafana would use at a 15 s scrape interval.
+fn dashboard_queries(dashboard: &str) -> Result<Vec<(String, String)>> {
+    let v: Value = serde_json::from_str(dashboard)?;
+    let panels = v["panels"].as_array().context("dashboard.json: no panels")?;
+    let mut out = Vec::new();
+    for p in panels.iter().flat_map(|p| std::iter::once(p).chain(p["panels"].as_array().into_iter().flatten())) {
+        let title = p["title"].as_str().unwrap_or("(untitled)");
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().with_context(|| format!("panel {title}: a target without expr"))?;
+            out.push((title.to_string(), expr.replace("$__rate_interval", "1m").replace("$__interval", "15s")));
+        }
+    }
+    Ok(out)
+}
+
+/// The panel queries that fail, or return nothing where [`PANELS_WITH_DATA`] wants data.
+fn missing_panels(queries: &[(String, String)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (title, expr) in queries {
+        match api(&format!("/api/v1/query?query={}", encode(expr))) {
+            Ok(v) if v["status"] != "success" => out.push(format!("{title}: {expr}: {v}")),
+            Ok(v) => {
+                let series = v["data"]["result"].as_array().map_or(0, Vec::len);
+                if series == 0 && PANELS_WITH_DATA.contains(&title.as_str()) {
+                    out.push(format!("{title}: no data: {expr}"));
+                }
+            }
+            Err(e) => out.push(format!("{title}: {expr}: {e}")),
+        }
+    }
+    out
+}
+
+/// Runs every panel query of the dashboard against the live Prometheus: none may fail, and those
+/// of [`PANELS_WITH_DATA`] must return series (polled: a counter needs two scrapes for a rate).
+async fn dashboard_panels() -> Result<Value> {
+    let t = Instant::now();
+    let text = std::fs::read_to_string(paths::repo().join("deploy/monitoring/dashboard.json"))?;
+    let queries = dashboard_queries(&text)?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let missing = missing_panels(&queries);
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("dashboard panels empty or failing after 90 s: {missing:#?}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let took = t.elapsed().as_secs_f64();
+    println!(
+        "    dashboard: {} panel queries ran without error, the {} panels that must have data have it, after {took:.0} s",
+        queries.len(),
+        PANELS_WITH_DATA.len()
+    );
+    Ok(serde_json::json!({"queries": queries.len(), "panels_with_data": PANELS_WITH_DATA.len(), "after_s": took}))
 }
 
 /// Creates a MyApp, reads the trace id of a reconcile back from the exemplars Prometheus scraped
@@ -270,23 +274,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_shipped_config_is_pointed_at_this_cluster_and_nothing_else_changes() {
-        let shipped =
-            std::fs::read_to_string(paths::repo().join("deploy/monitoring/prometheus.yaml")).expect("prometheus.yaml");
-        let out = config(&shipped, Path::new("/r/rules.yaml"), Path::new("/k/kubeconfig")).expect("config");
-        let v: serde_yaml::Value = serde_yaml::from_str(&out).expect("yaml");
-        let before: serde_yaml::Value = serde_yaml::from_str(&shipped).expect("yaml");
-        assert_eq!(v["rule_files"][0].as_str(), Some("/r/rules.yaml"));
-        let sd = &v["scrape_configs"][0]["kubernetes_sd_configs"][0];
-        assert_eq!(sd["kubeconfig_file"].as_str(), Some("/k/kubeconfig"));
-        assert_eq!(sd["namespaces"], before["scrape_configs"][0]["kubernetes_sd_configs"][0]["namespaces"]);
-        assert_eq!(v["scrape_configs"][0]["relabel_configs"], before["scrape_configs"][0]["relabel_configs"]);
-        assert_eq!(v["global"], before["global"]);
-    }
-
-    #[test]
-    fn queries_are_percent_encoded() {
-        assert_eq!(encode(r#"up{job="x"} == 1"#), "up%7Bjob%3D%22x%22%7D%20%3D%3D%201");
-        assert_eq!(encode("sum(a_b)"), "sum%28a_b%29");
+    fn every_panel_that_must_have_data_is_in_the_dashboard() {
+        let text = std::fs::read_to_string(paths::repo().join("deploy/monitoring/dashboard.json")).expect("dashboard");
+        let queries = dashboard_queries(&text).expect("queries");
+        for want in PANELS_WITH_DATA {
+            assert!(queries.iter().any(|(t, _)| t == want), "no panel {want} with a query");
+        }
+        assert!(queries.iter().all(|(_, q)| !q.contains('$')), "a Grafana variable left in {queries:#?}");
     }
 }

@@ -3,8 +3,9 @@
 //! Real components built from their Go modules ([`crate::gobuild`]), run as processes on
 //! 127.0.0.1: Jaeger, etcd, kube-apiserver (RBAC, admission webhooks, tracing to Jaeger at
 //! 1,000,000 per million, an audit log of every write), kube-controller-manager, kube-scheduler
-//! and kwok with three fake nodes whose pods really become Running and Ready; and one real node
-//! that runs containers ([`crate::node`]), when the host can.
+//! and kwok with three fake nodes whose pods really become Running and Ready; one real node
+//! that runs containers ([`crate::node`]), when the host can; and Prometheus
+//! ([`crate::prometheus`]), which scrapes the operator's pods and evaluates its alerts.
 
 use crate::{gobuild, node, paths, pki, procs};
 use anyhow::{Context, Result, bail};
@@ -39,6 +40,8 @@ pub mod ports {
     pub const JAEGER_QUERY: u16 = 16686;
     /// Jaeger health.
     pub const JAEGER_HEALTH: u16 = 13133;
+    /// Prometheus's HTTP API.
+    pub const PROMETHEUS: u16 = crate::prometheus::PORT;
     /// All of them, for the free-port check.
     pub const ALL: &[u16] = &[
         ETCD,
@@ -51,6 +54,7 @@ pub mod ports {
         JAEGER_OTLP_HTTP,
         JAEGER_QUERY,
         JAEGER_HEALTH,
+        PROMETHEUS,
         crate::node::ports::KUBELET_HEALTHZ,
         crate::node::ports::PROXY_HEALTHZ,
         crate::node::ports::PROXY_METRICS,
@@ -68,6 +72,7 @@ const ORDER: &[&str] = &[
     "containerd",
     "kube-proxy",
     "kubelet",
+    "prometheus",
 ];
 
 /// The components that must run for the control plane to count as up (the node's are optional).
@@ -208,6 +213,7 @@ pub async fn up() -> Result<()> {
     let run = paths::run_dir();
     if is_up().await {
         println!("==> the local control plane is already up");
+        ensure_prometheus(&run, &bins).await?;
         print_usage();
         return Ok(());
     }
@@ -249,6 +255,7 @@ pub async fn up() -> Result<()> {
         matches!(sas.get_opt("default").await, Ok(Some(_)))
     })
     .await?;
+    ensure_prometheus(run, &bins).await?;
     println!(
         "==> local control plane ready: start-up {:.1} s (total including builds {:.1} s)",
         started.elapsed().as_secs_f64(),
@@ -600,6 +607,16 @@ async fn register_nodes(client: &Client) -> Result<()> {
     Ok(())
 }
 
+/// Starts Prometheus unless it runs (a control plane started before it was part of it).
+async fn ensure_prometheus(run: &Path, bins: &Bins) -> Result<()> {
+    let running =
+        procs::recorded(run).iter().any(|(n, pid, bin)| n == crate::prometheus::NAME && procs::runs(*pid, Some(bin)));
+    if !running {
+        crate::prometheus::start(run, &bins.get("prometheus")?, false).await?;
+    }
+    Ok(())
+}
+
 fn print_usage() {
     let kc = paths::kubeconfig();
     let kubectl = gobuild::kubectl().map_or_else(|| "kubectl".into(), |p| p.display().to_string());
@@ -607,6 +624,7 @@ fn print_usage() {
     println!("    use it:      export KUBECONFIG={}", kc.display());
     println!("    kubectl:     {kubectl} (v1.37, built with the control plane)");
     println!("    Jaeger UI:   http://127.0.0.1:{}/", ports::JAEGER_QUERY);
+    println!("    Prometheus:  http://127.0.0.1:{}/ (API; alerts: /api/v1/alerts)", ports::PROMETHEUS);
     println!("    logs:        {}", paths::run_dir().join("logs").display());
     println!("    stop it:     cargo xtask cluster down");
 }

@@ -5,7 +5,7 @@
 //! developing; also what runs against a user's cluster, which cannot load the local image).
 
 use crate::operator::{self, Target, TargetArgs};
-use crate::{cluster, install, paths};
+use crate::{cluster, install, paths, prometheus};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -99,6 +99,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     show_leader(&client, as_pods).await?;
     if target.local {
         show_traces().await;
+        show_alerts(as_pods).await;
     }
     let kubectl = crate::gobuild::kubectl().map_or_else(|| "kubectl".into(), |p| p.display().to_string());
     println!("\n==> explore");
@@ -194,4 +195,33 @@ async fn show_traces() {
         None => println!("    no reconcile trace of myapp/web reached Jaeger yet"),
     }
     println!("    every reconcile: http://127.0.0.1:{port}/search?service=myapp-operator&operation=reconcile");
+}
+
+/// Where the local Prometheus is, and the state of each of the operator's alerts once it has
+/// scraped the pods (`as_pods`: it discovers pods, not the replicas run as processes).
+async fn show_alerts(as_pods: bool) {
+    let port = cluster::ports::PROMETHEUS;
+    println!("\n==> monitoring (Prometheus, with the rules of deploy/monitoring)");
+    println!("    http://127.0.0.1:{port}/ (API: /api/v1/alerts, /api/v1/targets)");
+    if !as_pods {
+        println!("    it scrapes the operator's pods; the replicas run as processes here, so it sees none");
+        return;
+    }
+    let up = r#"count(up{job="myapp-operator"} == 1)"#;
+    let scraped = chaos::wait::within(Duration::from_secs(60), Duration::from_secs(1), || async {
+        (prometheus::query(up)? >= 3.0).then_some(())
+    })
+    .await;
+    if scraped.is_none() {
+        println!("    the 3 operator pods were not all scraped within 60 s; see {port}/api/v1/targets");
+    }
+    match prometheus::rule_states() {
+        Ok(rules) => {
+            println!("    {:<44} STATE", "ALERT");
+            for (name, state) in rules {
+                println!("    {name:<44} {state}");
+            }
+        }
+        Err(e) => println!("    could not read the alerts: {e:#}"),
+    }
 }

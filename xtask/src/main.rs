@@ -18,6 +18,7 @@ mod pki;
 mod plot;
 mod pod_faults;
 mod procs;
+mod prometheus;
 mod soak;
 mod test;
 mod webhook_bench;
