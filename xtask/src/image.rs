@@ -94,6 +94,15 @@ pub fn shipped_binary() -> Result<PathBuf> {
 
 /// Builds the static binary and returns its path.
 fn build_binary() -> Result<PathBuf> {
+    build_binary_in(&paths::repo(), &paths::target_dir())
+}
+
+/// Builds the static binary of the source tree `root` (this checkout, or an earlier commit's
+/// tree for the upgrade test) in the target directory `target` and returns its path. Two trees
+/// must not share a target directory: cargo names the workspace's own crates by their path inside
+/// the workspace and judges them fresh by their files' times, so one tree's build could pass for
+/// the other's.
+pub fn build_binary_in(root: &Path, target: &Path) -> Result<PathBuf> {
     let installed = output(Command::new("rustup").args(["target", "list", "--installed"]), "rustup")?;
     if !installed.lines().any(|l| l.trim() == TARGET) {
         println!("    adding the Rust target {TARGET}");
@@ -101,17 +110,17 @@ fn build_binary() -> Result<PathBuf> {
         add.args(["target", "add", TARGET]);
         run(add, "rustup target add")?;
     }
-    println!("    cargo build --release --target {TARGET} (a cold build takes minutes)");
+    println!("    cargo build --release --target {TARGET} in {} (a cold build takes minutes)", root.display());
     let mut build = cargo();
-    build.args(["build", "--release", "--target", TARGET, "--bin", "myapp-operator"]);
+    build.current_dir(root).env("CARGO_TARGET_DIR", target);
+    build.args(["build", "--release", "--locked", "--target", TARGET, "--bin", "myapp-operator"]);
     build.env("CC_x86_64_unknown_linux_musl", "musl-gcc");
     run(build, "cargo build --release")?;
-    Ok(paths::target_dir().join(TARGET).join("release").join("myapp-operator"))
+    Ok(target.join(TARGET).join("release").join("myapp-operator"))
 }
 
-/// A build context with exactly what the Dockerfile copies, at the paths it expects.
-fn stage_context(binary: &Path) -> Result<PathBuf> {
-    let repo = paths::repo();
+/// A build context with exactly what the Dockerfile of `root` copies, at the paths it expects.
+fn stage_context(root: &Path, binary: &Path) -> Result<PathBuf> {
     let ctx = paths::run_dir().join("image").join("context");
     let _ = std::fs::remove_dir_all(&ctx);
     let bin_dir = ctx.join("target").join(TARGET).join("release");
@@ -119,7 +128,7 @@ fn stage_context(binary: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(ctx.join("deploy/image"))?;
     std::fs::copy(binary, bin_dir.join("myapp-operator"))?;
     for f in ["Dockerfile", "deploy/image/passwd", "deploy/image/group"] {
-        std::fs::copy(repo.join(f), ctx.join(f)).with_context(|| format!("copy {f}"))?;
+        std::fs::copy(root.join(f), ctx.join(f)).with_context(|| format!("copy {f}"))?;
     }
     Ok(ctx)
 }
@@ -154,6 +163,12 @@ fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
     crate::procs::apt_install(&missing)
 }
 
+/// Installs what building the image takes when it is missing: buildah, musl-gcc (ring's C for
+/// musl) and setpriv (runs the image's binary as its user when buildah cannot run a container).
+pub fn ensure_image_tools() -> Result<()> {
+    ensure_tools(&[("buildah", "buildah"), ("musl-gcc", "musl-tools"), ("setpriv", "util-linux")])
+}
+
 /// Installs buildah when it is missing (the node's pause image is built with it too).
 pub fn ensure_buildah() -> Result<()> {
     ensure_tools(&[("buildah", "buildah")])
@@ -162,9 +177,7 @@ pub fn ensure_buildah() -> Result<()> {
 /// `cargo xtask image`.
 pub fn image(args: ImageArgs) -> Result<()> {
     println!("==> image {}", args.tag);
-    // buildah builds the image, musl-gcc compiles ring's C for musl, setpriv runs the image's
-    // binary as its user when buildah cannot run a container here.
-    ensure_tools(&[("buildah", "buildah"), ("musl-gcc", "musl-tools"), ("setpriv", "util-linux")])?;
+    ensure_image_tools()?;
     lint_dockerfile()?;
     let binary = build_binary()?;
     let static_binary = is_static_elf(&std::fs::read(&binary)?)?;
@@ -195,9 +208,14 @@ fn lint_dockerfile() -> Result<()> {
 
 /// `buildah bud` of the Dockerfile around `binary`, tagged `tag`.
 fn build_image(binary: &Path, tag: &str) -> Result<()> {
-    let ctx = stage_context(binary)?;
     let revision = output(Command::new("git").args(["-C"]).arg(paths::repo()).args(["rev-parse", "HEAD"]), "git")
         .unwrap_or_default();
+    build_image_in(&paths::repo(), binary, tag, revision.trim())
+}
+
+/// `buildah bud` of the Dockerfile of the source tree `root` around `binary`, tagged `tag`.
+pub fn build_image_in(root: &Path, binary: &Path, tag: &str, revision: &str) -> Result<()> {
+    let ctx = stage_context(root, binary)?;
     let mut bud = Command::new("buildah");
     bud.args(["bud", "--quiet", "--pull-never"])
         .args(["--build-arg", &format!("VERSION={}", env!("CARGO_PKG_VERSION"))])
@@ -205,6 +223,14 @@ fn build_image(binary: &Path, tag: &str) -> Result<()> {
         .args(["-t", tag])
         .arg(&ctx);
     run(bud, "buildah bud")
+}
+
+/// Writes the image `tag` to `archive` as a docker archive (what the node's containerd imports).
+pub fn push_archive(tag: &str, archive: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(archive);
+    let mut push = Command::new("buildah");
+    push.args(["push", "--quiet", tag]).arg(format!("docker-archive:{}:{}", archive.display(), tag));
+    run(push, "buildah push docker-archive")
 }
 
 /// What the image `tag` is: its configuration and size, its docker archive (written), and the
@@ -225,10 +251,7 @@ fn inspect(tag: &str, binary: &Path, static_binary: bool) -> Result<Report> {
         .and_then(|i| i["size"].as_str().and_then(parse_size))
         .context("buildah images reports no size")?;
     let archive = paths::run_dir().join("image").join("myapp-operator.tar");
-    let _ = std::fs::remove_file(&archive);
-    let mut push = Command::new("buildah");
-    push.args(["push", "--quiet", tag]).arg(format!("docker-archive:{}:{}", archive.display(), tag));
-    run(push, "buildah push docker-archive")?;
+    push_archive(tag, &archive)?;
     let version = version_from_image(tag)?;
     Ok(Report {
         tag: tag.to_string(),

@@ -44,15 +44,19 @@ pub async fn prepare(client: &Client) -> Result<()> {
 /// `kubectl apply -k deploy/overlays/local`, then waits until the Deployment has rolled out three
 /// ready pods. Returns how long that took.
 pub async fn apply(client: &Client, kubeconfig: &std::path::Path) -> Result<Duration> {
+    apply_kustomization(client, kubeconfig, &paths::repo().join(OVERLAY)).await
+}
+
+/// `kubectl apply -k dir` (an overlay of the install), then as [`apply`].
+pub async fn apply_kustomization(
+    client: &Client,
+    kubeconfig: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<Duration> {
     let started = Instant::now();
-    let out = kubectl()
-        .env("KUBECONFIG", kubeconfig)
-        .args(["apply", "-k"])
-        .arg(paths::repo().join(OVERLAY))
-        .output()
-        .context("run kubectl")?;
+    let out = kubectl().env("KUBECONFIG", kubeconfig).args(["apply", "-k"]).arg(dir).output().context("run kubectl")?;
     if !out.status.success() {
-        bail!("kubectl apply -k {OVERLAY}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("kubectl apply -k {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
     }
     rolled_out(client, Duration::from_secs(180)).await?;
     webhooks_answer(client).await?;

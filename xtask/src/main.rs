@@ -21,6 +21,7 @@ mod procs;
 mod prometheus;
 mod soak;
 mod test;
+mod upgrade;
 mod webhook_bench;
 
 use anyhow::Result;
@@ -62,6 +63,10 @@ enum Command {
     /// The shipped alert rules on a real Prometheus scraping the install's pods: a rollout fires
     /// nothing, no replica fires the no-leader alert, which resolves when they are back.
     Alerts(operator::TargetArgs),
+    /// The operator upgraded from the previous version and rolled back, on the real node: MyApps
+    /// stay Ready, no child is re-created, admissions answer, leadership passes between versions
+    /// with no write outside it.
+    Upgrade(operator::TargetArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
     GenGoMod,
     /// The webhook server alone, for `bench --webhook-abuse` (runs until stdin closes).
@@ -96,6 +101,7 @@ fn main() -> Result<()> {
         Command::Image(args) => image::image(args),
         Command::Rules => test::rule_tests(),
         Command::Alerts(args) => rt.block_on(alerts::run(args)).map(|_| ()),
+        Command::Upgrade(args) => rt.block_on(upgrade::run(args)).map(|_| ()),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
         Command::WebhookServer => rt.block_on(webhook_bench::serve()),
     }

@@ -217,33 +217,28 @@ async fn on_the_node(target: &operator::Target) -> Result<bool> {
     result?;
     println!("    install test passed ({:.0} s)", t.elapsed().as_secs_f64());
 
-    let t = step("chaos smoke against the pods: every pod scenario but pdb");
-    let result = crate::chaos::chaos(ChaosArgs::smoke(target.args(), On::Pods)).await;
-    let result = match result {
-        Ok(_) => {
-            println!("    pod chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
-            let t = step("hostile, short: parse-cost reviews and a connection flood on every pod for 30 s");
-            let hostile = crate::hostile::hostile(&target.args(), crate::hostile::SHORT).await;
-            if hostile.is_ok() {
-                println!("    hostile short form passed ({:.0} s)", t.elapsed().as_secs_f64());
-            }
-            match hostile {
-                Ok(()) => {
-                    let t = step("alerts on a real Prometheus: a rollout fires nothing; no replica fires no-leader");
-                    let alerts = crate::alerts::run(target.args()).await.map(|_| ());
-                    if alerts.is_ok() {
-                        println!("    alerts passed ({:.0} s)", t.elapsed().as_secs_f64());
-                    }
-                    alerts
-                }
-                Err(e) => Err(e),
-            }
-        }
-        Err(e) => Err(e),
-    };
+    let result = on_the_pods(target).await;
     install::uninstall(&client).await?;
     result?;
     Ok(true)
+}
+
+/// What runs on the install's pods after the install test, in order; the first failure stops it.
+async fn on_the_pods(target: &operator::Target) -> Result<()> {
+    let t =
+        step("upgrade and rollback: the previous version's install, this one's, the previous again, this one again");
+    crate::upgrade::run(target.args()).await?;
+    println!("    upgrade and rollback passed ({:.0} s)", t.elapsed().as_secs_f64());
+    let t = step("chaos smoke against the pods: every pod scenario but pdb");
+    crate::chaos::chaos(ChaosArgs::smoke(target.args(), On::Pods)).await?;
+    println!("    pod chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
+    let t = step("hostile, short: parse-cost reviews and a connection flood on every pod for 30 s");
+    crate::hostile::hostile(&target.args(), crate::hostile::SHORT).await?;
+    println!("    hostile short form passed ({:.0} s)", t.elapsed().as_secs_f64());
+    let t = step("alerts on a real Prometheus: a rollout fires nothing; no replica fires no-leader");
+    crate::alerts::run(target.args()).await?;
+    println!("    alerts passed ({:.0} s)", t.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// Every request the replicas made since `since` (end-to-end tests and chaos) ran under the
