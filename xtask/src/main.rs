@@ -11,6 +11,7 @@ mod gobuild;
 mod hostile;
 mod image;
 mod install;
+mod namespaced;
 mod node;
 mod operator;
 mod paths;
@@ -67,6 +68,9 @@ enum Command {
     /// stay Ready, no child is re-created, admissions answer, leadership passes between versions
     /// with no write outside it.
     Upgrade(operator::TargetArgs),
+    /// The namespace-scoped install (deploy/overlays/namespaced) on the real node: Roles only in the
+    /// managed namespaces, MyApps there Ready, one elsewhere left alone; then the default install again.
+    Namespaced(operator::TargetArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
     GenGoMod,
     /// The webhook server alone, for `bench --webhook-abuse` (runs until stdin closes).
@@ -101,6 +105,7 @@ fn main() -> Result<()> {
         Command::Image(args) => image::image(args),
         Command::Rules => test::rule_tests(),
         Command::Alerts(args) => rt.block_on(alerts::run(args)).map(|_| ()),
+        Command::Namespaced(args) => rt.block_on(namespaced::run(args)).map(|_| ()),
         Command::Upgrade(args) => rt.block_on(upgrade::run(args)).map(|_| ()),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
         Command::WebhookServer => rt.block_on(webhook_bench::serve()),

@@ -243,7 +243,7 @@ async fn on_the_pods(target: &operator::Target) -> Result<()> {
 
 /// Every request the replicas made since `since` (end-to-end tests and chaos) ran under the
 /// ServiceAccount from `deploy/rbac`; none may have been refused.
-fn rbac_proof(since: f64) -> Result<()> {
+pub fn rbac_proof(since: f64) -> Result<()> {
     let log = std::fs::read_to_string(paths::audit_log())?;
     let requests = chaos::audit::parse(&log, since);
     let user = operator::service_account_user();
