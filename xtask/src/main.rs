@@ -13,6 +13,7 @@ mod image;
 mod install;
 mod node;
 mod operator;
+mod otel_images;
 mod paths;
 mod pki;
 mod plot;
@@ -62,6 +63,9 @@ enum Command {
     /// The shipped alert rules on a real Prometheus scraping the install's pods: a rollout fires
     /// nothing, no replica fires the no-leader alert, which resolves when they are back.
     Alerts(operator::TargetArgs),
+    /// The images of otel/ (the OpenTelemetry Collector and Jaeger), built from their Go modules
+    /// with buildah into the build cache; `--import` also imports them into the node.
+    OtelImages(otel_images::OtelImagesArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
     GenGoMod,
     /// The webhook server alone, for `bench --webhook-abuse` (runs until stdin closes).
@@ -96,6 +100,7 @@ fn main() -> Result<()> {
         Command::Image(args) => image::image(args),
         Command::Rules => test::rule_tests(),
         Command::Alerts(args) => rt.block_on(alerts::run(args)).map(|_| ()),
+        Command::OtelImages(args) => otel_images::run(args),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
         Command::WebhookServer => rt.block_on(webhook_bench::serve()),
     }
