@@ -166,20 +166,6 @@ fn kwok_config(kwok_module_dir: &Path) -> Result<String> {
     Ok(out)
 }
 
-fn module_dir(component: &str, module: &str) -> Result<PathBuf> {
-    let out = std::process::Command::new("go")
-        .current_dir(paths::components().join(component))
-        .args(["list", "-m", "-json", module])
-        .env("GOFLAGS", "-mod=mod")
-        .output()
-        .context("go list -m")?;
-    if !out.status.success() {
-        bail!("go list -m {module}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(PathBuf::from(v["Dir"].as_str().context("module has no Dir")?))
-}
-
 fn arg(k: &str, v: impl std::fmt::Display) -> String {
     format!("--{k}={v}")
 }
@@ -246,7 +232,7 @@ pub async fn up() -> Result<()> {
             containerd: &containerd,
             kubelet: &bins.get("kubelet")?,
             kube_proxy: &bins.get("kube-proxy")?,
-            kubernetes_module: || module_dir("kubernetes", "k8s.io/kubernetes"),
+            kubernetes_module: || gobuild::component("kubernetes")?.source_dir(),
         };
         node::up(run, &bins, &admin).await?;
     }
@@ -314,7 +300,7 @@ fn write_configuration(dirs: &Dirs) -> Result<()> {
             ports::JAEGER_OTLP
         ),
     )?;
-    std::fs::write(run.join("kwok.yaml"), kwok_config(&module_dir("kwok", "sigs.k8s.io/kwok")?)?)?;
+    std::fs::write(run.join("kwok.yaml"), kwok_config(&gobuild::component("kwok")?.source_dir()?)?)?;
     let missing = node::prepare_host()?;
     for m in &missing {
         println!("    the real node cannot run here: missing {} (fix: {})", m.what, m.fix);

@@ -5,12 +5,28 @@
 //! command of the module. The binaries go into the cache under `bin/<name>-<version>-<hash>/`,
 //! where the hash covers `go.mod` and `go.sum`, so a changed pin rebuilds and an unchanged one
 //! never does.
+//!
+//! The OpenTelemetry Collector has no command to build: a distribution is generated. Its wrapper
+//! module pins the collector builder instead, and a manifest beside it names the components
+//! ([`Kind::CollectorBuilder`]). The builder is built like any tool, generates the distribution's
+//! sources and go.mod in a scratch folder, and those are compiled with the same flags; the hash
+//! covers the manifest too.
 
 use crate::paths;
 use anyhow::{Context, Result, bail};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
+
+/// How a component's binaries come out of its wrapper module.
+pub enum Kind {
+    /// `go build tool`: every command the `tool` lines name.
+    Tools,
+    /// The wrapper's one tool is the OpenTelemetry Collector builder. It generates a distribution
+    /// from `manifest` (a file beside go.mod), whose `dist.name` is the one binary, and `go build`
+    /// compiles it.
+    CollectorBuilder { manifest: &'static str },
+}
 
 /// One component to build.
 pub struct Component {
@@ -26,6 +42,8 @@ pub struct Component {
     pub renames: &'static [(&'static str, &'static str)],
     /// Build tags (`-tags`), comma-separated; empty for none.
     pub tags: &'static str,
+    /// How the binaries are built.
+    pub kind: Kind,
 }
 
 const K8S_LDFLAGS: &str = "-X k8s.io/component-base/version.gitVersion={version} \
@@ -43,6 +61,7 @@ pub const COMPONENTS: &[Component] = &[
         ldflags: "",
         renames: &[("server", "etcd")],
         tags: "",
+        kind: Kind::Tools,
     },
     Component {
         name: "kubernetes",
@@ -51,8 +70,17 @@ pub const COMPONENTS: &[Component] = &[
         ldflags: K8S_LDFLAGS,
         renames: &[],
         tags: "",
+        kind: Kind::Tools,
     },
-    Component { name: "kwok", module: "sigs.k8s.io/kwok", binaries: &["kwok"], ldflags: "", renames: &[], tags: "" },
+    Component {
+        name: "kwok",
+        module: "sigs.k8s.io/kwok",
+        binaries: &["kwok"],
+        ldflags: "",
+        renames: &[],
+        tags: "",
+        kind: Kind::Tools,
+    },
     Component {
         name: "jaeger",
         module: "github.com/jaegertracing/jaeger",
@@ -60,6 +88,7 @@ pub const COMPONENTS: &[Component] = &[
         ldflags: "",
         renames: &[],
         tags: "",
+        kind: Kind::Tools,
     },
     // The real node's container runtime. CGO off: no btrfs snapshotter (it needs cgo headers).
     Component {
@@ -69,6 +98,7 @@ pub const COMPONENTS: &[Component] = &[
         ldflags: "-X github.com/containerd/containerd/v2/version.Version={version}",
         renames: &[],
         tags: "no_btrfs",
+        kind: Kind::Tools,
     },
     // Prometheus v3 (module versions v0.3xx.y are Prometheus 3.xx.y) and promtool, which runs the
     // rule tests of `deploy/monitoring`. Only the Kubernetes service discovery is compiled in, the
@@ -81,11 +111,24 @@ pub const COMPONENTS: &[Component] = &[
         ldflags: "-X github.com/prometheus/common/version.Version={version}",
         renames: &[],
         tags: "remove_all_sd,enable_kubernetes_sd",
+        kind: Kind::Tools,
     },
 ];
 
 /// Components built on first use rather than by `cluster up`, which does not run them.
-pub const ON_DEMAND: &[Component] = &[];
+pub const ON_DEMAND: &[Component] = &[
+    // The OpenTelemetry Collector of `otel/` (its image, `crate::otel_images`): exactly the
+    // components its config uses, named in `manifest.yaml`. The builder's version is the release.
+    Component {
+        name: "otelcol",
+        module: "go.opentelemetry.io/collector/cmd/builder",
+        binaries: &["otelcol"],
+        ldflags: "",
+        renames: &[],
+        tags: "",
+        kind: Kind::CollectorBuilder { manifest: "manifest.yaml" },
+    },
+];
 
 /// FNV-1a, 64 bits: a stable content hash for cache keys.
 pub fn fnv1a(data: &[u8]) -> u64 {
@@ -114,7 +157,26 @@ impl Component {
     fn key(&self) -> Result<String> {
         let mut content = std::fs::read(self.dir().join("go.mod"))?;
         content.extend(std::fs::read(self.dir().join("go.sum")).unwrap_or_default());
+        if let Kind::CollectorBuilder { manifest } = self.kind {
+            let path = self.dir().join(manifest);
+            content.extend(std::fs::read(&path).with_context(|| format!("read {}", path.display()))?);
+        }
         Ok(format!("{}-{}-{:08x}", self.name, self.version()?, fnv1a(&content) as u32))
+    }
+
+    /// The source of `module` as the wrapper pins it, in the module cache (downloaded if needed).
+    pub fn source_dir(&self) -> Result<PathBuf> {
+        let out = Command::new("go")
+            .current_dir(self.dir())
+            .args(["mod", "download", "-json"])
+            .arg(format!("{}@{}", self.module, self.version()?))
+            .output()
+            .context("go mod download")?;
+        if !out.status.success() {
+            bail!("go mod download {}: {}", self.module, String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(PathBuf::from(v["Dir"].as_str().context("module has no Dir")?))
     }
 
     /// Folder holding the built binaries.
@@ -149,27 +211,9 @@ impl Component {
         let tmp = paths::cache().join("bin").join(format!("{}.partial", self.key()?));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        let mut child = Command::new("go")
-            .current_dir(self.dir())
-            .env("CGO_ENABLED", "0")
-            .env("GOFLAGS", "-mod=mod")
-            .args(["build", "-trimpath", "-tags", self.tags, "-ldflags", &self.ldflags()?, "-o"])
-            .arg(&tmp)
-            .arg("tool")
-            .spawn()
-            .context("run `go build` (is Go installed?)")?;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            std::thread::sleep(std::time::Duration::from_secs(1));
-            let secs = started.elapsed().as_secs();
-            if secs > 0 && secs.is_multiple_of(30) {
-                println!("    … {} still building ({secs} s)", self.name);
-            }
-        };
-        if !status.success() {
-            bail!("building {} failed ({status})", self.name);
+        match self.kind {
+            Kind::Tools => self.go_build(&self.dir(), "tool", &tmp)?,
+            Kind::CollectorBuilder { manifest } => self.build_distribution(manifest, &tmp)?,
         }
         for (built, wanted) in self.renames {
             std::fs::rename(tmp.join(built), tmp.join(wanted))?;
@@ -183,6 +227,77 @@ impl Component {
         std::fs::rename(&tmp, &dir)?;
         println!("    built {} in {:.1} s", self.name, started.elapsed().as_secs_f64());
         Ok(dir)
+    }
+
+    /// `go build` of `target` (a package pattern) in `dir` into `out` (an existing folder, or else
+    /// the file of a single package): static, trimmed, stripped.
+    fn go_build(&self, dir: &Path, target: &str, out: &Path) -> Result<()> {
+        let mut cmd = Command::new("go");
+        cmd.current_dir(dir)
+            .env("CGO_ENABLED", "0")
+            .env("GOFLAGS", "-mod=mod")
+            .args(["build", "-trimpath", "-tags", self.tags, "-ldflags", &self.ldflags()?, "-o"])
+            .arg(out)
+            .arg(target);
+        self.run_with_progress(cmd, "go build")
+    }
+
+    /// Runs `cmd`, saying every 30 s that it still runs.
+    fn run_with_progress(&self, mut cmd: Command, what: &str) -> Result<()> {
+        let started = Instant::now();
+        let mut child = cmd.spawn().with_context(|| format!("run `{what}` (is Go installed?)"))?;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let secs = started.elapsed().as_secs();
+            if secs > 0 && secs.is_multiple_of(30) {
+                println!("    … {} still building ({what}, {secs} s)", self.name);
+            }
+        };
+        if !status.success() {
+            bail!("building {} failed: {what} ({status})", self.name);
+        }
+        Ok(())
+    }
+
+    /// Builds the collector builder into `out/builder/`, has it generate the distribution of
+    /// `manifest` into `out/src/` (sources, go.mod and go.sum, every module checked to resolve
+    /// at the release the manifest names), compiles that into `out/<dist.name>`, and removes both.
+    fn build_distribution(&self, manifest: &str, out: &Path) -> Result<()> {
+        let step = Instant::now();
+        let builder_dir = out.join("builder");
+        std::fs::create_dir_all(&builder_dir)?;
+        self.go_build(&self.dir(), "tool", &builder_dir)?;
+        let builder = builder_dir.join("builder");
+        println!("    collector builder built in {:.1} s", step.elapsed().as_secs_f64());
+
+        let step = Instant::now();
+        let src = out.join("src");
+        let log_path = out.join("builder.log");
+        let mut generate = Command::new(&builder);
+        generate
+            .arg("--config")
+            .arg(self.dir().join(manifest))
+            .args(["--skip-compilation", "--skip-strict-versioning=false", "--output-path"])
+            .arg(&src)
+            .env("GOFLAGS", "-mod=mod")
+            .stderr(std::fs::File::create(&log_path)?);
+        if let Err(e) = self.run_with_progress(generate, "generate the distribution") {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("{e:#}; the builder said:\n{}", log.trim_end());
+        }
+        println!("    distribution generated and its modules resolved in {:.1} s", step.elapsed().as_secs_f64());
+
+        let step = Instant::now();
+        let binary = self.binaries.first().context("a distribution has one binary")?;
+        self.go_build(&src, ".", &out.join(binary))?;
+        println!("    {binary} compiled in {:.1} s", step.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&builder_dir)?;
+        std::fs::remove_dir_all(&src)?;
+        std::fs::remove_file(&log_path)?;
+        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@ mod install;
 mod namespaced;
 mod node;
 mod operator;
+mod otel_images;
 mod paths;
 mod pki;
 mod plot;
@@ -71,6 +72,9 @@ enum Command {
     /// The namespace-scoped install (deploy/overlays/namespaced) on the real node: Roles only in the
     /// managed namespaces, MyApps there Ready, one elsewhere left alone; then the default install again.
     Namespaced(operator::TargetArgs),
+    /// The images of otel/ (the OpenTelemetry Collector and Jaeger), built from their Go modules
+    /// with buildah into the build cache; `--import` also imports them into the node.
+    OtelImages(otel_images::OtelImagesArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
     GenGoMod,
     /// The webhook server alone, for `bench --webhook-abuse` (runs until stdin closes).
@@ -107,6 +111,7 @@ fn main() -> Result<()> {
         Command::Alerts(args) => rt.block_on(alerts::run(args)).map(|_| ()),
         Command::Namespaced(args) => rt.block_on(namespaced::run(args)).map(|_| ()),
         Command::Upgrade(args) => rt.block_on(upgrade::run(args)).map(|_| ()),
+        Command::OtelImages(args) => otel_images::run(args),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
         Command::WebhookServer => rt.block_on(webhook_bench::serve()),
     }

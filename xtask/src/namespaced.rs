@@ -35,8 +35,9 @@ const ELSEWHERE: &str = "team-c";
 /// `.run/namespaced/kustomization.yaml`: the namespaced overlay with the images and patches of
 /// the local overlay (read from it, so that the two cannot drift).
 fn local_variant() -> Result<PathBuf> {
-    let local: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(paths::repo().join(install::OVERLAY).join("kustomization.yaml"))?)?;
+    let local: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        paths::repo().join(install::OVERLAY).join("kustomization.yaml"),
+    )?)?;
     let dir = paths::run_dir().join("namespaced");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("kustomization.yaml"), variant_text(&local)?)?;
@@ -88,7 +89,9 @@ async fn check_grants(client: &Client) -> Result<()> {
             bail!("the operator may watch {resource} in {ELSEWHERE}, which it does not manage");
         }
     }
-    println!("    grants: MyApps, Deployments, Services in {MANAGED:?} only; nothing cluster-wide, nothing in {ELSEWHERE}");
+    println!(
+        "    grants: MyApps, Deployments, Services in {MANAGED:?} only; nothing cluster-wide, nothing in {ELSEWHERE}"
+    );
     Ok(())
 }
 
@@ -130,13 +133,18 @@ async fn proofs(client: &Client, kubeconfig: &std::path::Path) -> Result<Value> 
     check_grants(client).await?;
     let t = Instant::now();
     for ns in MANAGED.iter().chain([&ELSEWHERE]) {
-        Api::<MyApp>::namespaced(client.clone(), ns).create(&PostParams::default(), &chaos::fixtures::nginx("web", 1)?).await?;
+        Api::<MyApp>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &chaos::fixtures::nginx("web", 1)?)
+            .await?;
     }
     for ns in MANAGED {
         let api = Api::<MyApp>::namespaced(client.clone(), ns);
-        chaos::wait::poll(&format!("myapp {ns}/web Ready"), Duration::from_secs(120), Duration::from_millis(200), || async {
-            api.get("web").await.ok().filter(MyApp::ready_at_generation).map(|_| ())
-        })
+        chaos::wait::poll(
+            &format!("myapp {ns}/web Ready"),
+            Duration::from_secs(120),
+            Duration::from_millis(200),
+            || async { api.get("web").await.ok().filter(MyApp::ready_at_generation).map(|_| ()) },
+        )
         .await?;
     }
     let ready = t.elapsed().as_secs_f64();
@@ -147,7 +155,8 @@ async fn proofs(client: &Client, kubeconfig: &std::path::Path) -> Result<Value> 
     let other = Api::<MyApp>::namespaced(client.clone(), ELSEWHERE);
     let app = other.get("web").await?;
     let finalizers = app.metadata.finalizers.clone().unwrap_or_default();
-    let children = Api::<Deployment>::namespaced(client.clone(), ELSEWHERE).list(&ListParams::default()).await?.items.len();
+    let children =
+        Api::<Deployment>::namespaced(client.clone(), ELSEWHERE).list(&ListParams::default()).await?.items.len();
     if !finalizers.is_empty() || app.status.is_some() || children > 0 {
         bail!(
             "myapp {ELSEWHERE}/web was managed: finalizers {finalizers:?}, status {:?}, {children} Deployments",
@@ -156,9 +165,12 @@ async fn proofs(client: &Client, kubeconfig: &std::path::Path) -> Result<Value> 
     }
     let t = Instant::now();
     other.delete("web", &DeleteParams::default()).await?;
-    chaos::wait::poll(&format!("myapp {ELSEWHERE}/web deleted"), Duration::from_secs(10), Duration::from_millis(100), || async {
-        matches!(other.get_opt("web").await, Ok(None)).then_some(())
-    })
+    chaos::wait::poll(
+        &format!("myapp {ELSEWHERE}/web deleted"),
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async { matches!(other.get_opt("web").await, Ok(None)).then_some(()) },
+    )
     .await?;
     let deleted = t.elapsed().as_secs_f64();
     println!("    myapp {ELSEWHERE}/web: no finalizer, no status, no child; deleted in {deleted:.2} s");
@@ -174,7 +186,8 @@ mod tests {
 
     #[test]
     fn the_local_variant_adds_the_local_overlays_images_and_patches_and_nothing_else() {
-        let text = std::fs::read_to_string(paths::repo().join(install::OVERLAY).join("kustomization.yaml")).expect("local");
+        let text =
+            std::fs::read_to_string(paths::repo().join(install::OVERLAY).join("kustomization.yaml")).expect("local");
         let local: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
         let v: serde_yaml::Value = serde_yaml::from_str(&variant_text(&local).expect("variant")).expect("yaml");
         assert_eq!(v["resources"][0], "../../deploy/overlays/namespaced");

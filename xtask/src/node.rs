@@ -365,28 +365,38 @@ fn pause_archive(kubernetes_module: impl FnOnce() -> Result<PathBuf>) -> Result<
             .arg(kubernetes_module()?.join("build/pause/linux/pause.c")),
         "gcc -static pause.c",
     )?;
-    std::fs::write(
-        ctx.join("Containerfile"),
+    scratch_archive(
+        &ctx,
         "FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT [\"/pause\"]\n",
+        PAUSE_IMAGE,
+        &archive,
     )?;
+    Ok(archive)
+}
+
+/// Builds the image `containerfile` describes from the context `ctx` with buildah, pulling
+/// nothing, tags it `reference`, and writes it as a docker archive to `archive` (complete or not
+/// at all).
+pub fn scratch_archive(ctx: &Path, containerfile: &str, reference: &str, archive: &Path) -> Result<()> {
+    std::fs::write(ctx.join("Containerfile"), containerfile)?;
     sh(
         Command::new("buildah")
             .args(["bud", "--quiet", "--pull-never", "-f"])
             .arg(ctx.join("Containerfile"))
-            .args(["-t", PAUSE_IMAGE])
-            .arg(&ctx),
-        "buildah bud (pause)",
+            .args(["-t", reference])
+            .arg(ctx),
+        &format!("buildah bud ({reference})"),
     )?;
-    let partial = cache.join(format!("pause-{tag}.tar.partial"));
+    let partial = archive.with_extension("tar.partial");
     let _ = std::fs::remove_file(&partial);
     sh(
         Command::new("buildah")
-            .args(["push", "--quiet", PAUSE_IMAGE])
-            .arg(format!("docker-archive:{}:{PAUSE_IMAGE}", partial.display())),
-        "buildah push (pause)",
+            .args(["push", "--quiet", reference])
+            .arg(format!("docker-archive:{}:{reference}", partial.display())),
+        &format!("buildah push ({reference})"),
     )?;
-    std::fs::rename(&partial, &archive)?;
-    Ok(archive)
+    std::fs::rename(&partial, archive)?;
+    Ok(())
 }
 
 /// Imports a docker archive into the node's containerd (unpacked for the CRI).
