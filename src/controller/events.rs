@@ -14,6 +14,7 @@
 //!   another, as long as it is among the [`CAPACITY`] most recent.
 //! - A failure to publish is returned; the caller decides (the [`super::writer::Writer`] logs it).
 
+use super::fenced::FencedClient;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::{Event, EventSeries};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -52,7 +53,7 @@ struct Seen {
 
 /// Publishes Events as `controller` (instance `instance`).
 pub struct Publisher {
-    client: kube::Client,
+    client: FencedClient,
     controller: String,
     instance: String,
     recent: Mutex<Recent>,
@@ -91,7 +92,7 @@ impl Recent {
 
 impl Publisher {
     /// A publisher writing through `client`.
-    pub fn new(client: kube::Client, controller: &str, instance: &str) -> Self {
+    pub fn new(client: FencedClient, controller: &str, instance: &str) -> Self {
         Self { client, controller: controller.into(), instance: instance.into(), recent: Mutex::new(Recent::default()) }
     }
 
@@ -121,7 +122,7 @@ impl Publisher {
             r.trim(now);
             r.seen.get(&key).cloned()
         });
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+        let api: Api<Event> = self.client.api(&namespace);
         let seen = match earlier {
             Some(first) => {
                 let count = first.count.saturating_add(1);

@@ -40,6 +40,7 @@ use crate::telemetry::propagation::TraceParentLayer;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioExecutor;
+use k8s_openapi::NamespaceResourceScope;
 use kube::client::ConfigExt;
 use std::future::Future;
 use std::io;
@@ -47,12 +48,34 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+/// The client the controller writes with: a kube client whose every socket write is fenced.
+/// A type of its own, so that it cannot be passed where the plain (read) client is meant, nor
+/// the other way round; it is made only by [`client`].
+#[derive(Clone)]
+pub struct FencedClient(kube::Client);
+
+impl FencedClient {
+    /// The API of the namespaced resources `K` in `namespace`, through this client.
+    pub fn api<K>(&self, namespace: &str) -> kube::Api<K>
+    where
+        K: kube::Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        kube::Api::namespaced(self.0.clone(), namespace)
+    }
+
+    /// A test's client, taken as fenced (the fake API server's).
+    #[cfg(test)]
+    pub(crate) fn for_tests(client: kube::Client) -> Self {
+        Self(client)
+    }
+}
+
 /// Builds a kube client for `config` whose every socket write is fenced by `fence`, and whose
 /// every write request lives at most `write_timeout`, on both ends. It
 /// has the same layers as the default client (base URI, credentials, extra headers such as the
 /// User-Agent, client spans with `traceparent`) and the same timeouts, the
 /// [`crate::client::CALL_TIMEOUT`] included (for reads).
-pub fn client(config: &kube::Config, fence: Fence, write_timeout: Duration) -> kube::Result<kube::Client> {
+pub fn client(config: &kube::Config, fence: Fence, write_timeout: Duration) -> kube::Result<FencedClient> {
     let https = config.rustls_https_connector_with_connector(FencedConnector { inner: tcp(), fence })?;
     let mut timeouts = hyper_timeout::TimeoutConnector::new(https);
     timeouts.set_connect_timeout(config.connect_timeout);
@@ -68,7 +91,7 @@ pub fn client(config: &kube::Config, fence: Fence, write_timeout: Duration) -> k
         .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
         .service(http);
-    Ok(kube::Client::new(service, config.default_namespace.clone()))
+    Ok(FencedClient(kube::Client::new(service, config.default_namespace.clone())))
 }
 
 /// The TCP connector under the fenced client: plain HTTP allowed (TLS is layered above), and

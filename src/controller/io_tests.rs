@@ -4,10 +4,11 @@
 
 use super::Context;
 use super::cache::Caches;
+use super::fenced::FencedClient;
 use super::fixtures::{DEPLOYMENTS, MYAPPS, NS, SERVICES};
 use crate::api::{EnvVar, FINALIZER, MyApp};
 use crate::fake_api::{FakeApi, Seen};
-use crate::leader::Fence;
+use crate::leader::{Fence, Mandate};
 use crate::telemetry::metrics::Metrics;
 use crate::webhook::policy::Policy;
 use kube::api::{Api, DeleteParams};
@@ -25,11 +26,11 @@ async fn start(app: &MyApp) -> (FakeApi, Context) {
     tokio::time::timeout(Duration::from_secs(30), caches.wait_ready()).await.expect("the caches sync");
     let ctx = Context::new(
         fake.client(),
-        fake.client(),
+        FencedClient::for_tests(fake.client()),
         caches,
         Arc::new(Metrics::default()),
         "test-replica",
-        Fence::open(),
+        Fence::of(Mandate::Unelected),
         tokio::time::Instant::now(),
     );
     (fake, ctx)

@@ -8,7 +8,10 @@
 //! - [`events`]: Events about MyApps, repeats aggregated, in bounded memory.
 //! - [`children`]: pure builders of the Deployment and Service.
 //! - [`ownership`]: the pure decision of which existing objects a `MyApp` may write.
-//! - [`fenced`]: the client those writes use, whose sockets check the fence before every write.
+//! - [`fenced`]: the client those writes use ([`fenced::FencedClient`]), whose sockets check the
+//!   fence before every write.
+//! - `error`: the reconcile's [`Error`], and the per-object backoff after a failure.
+//! - `observe`: the span, metrics and exemplar of one reconcile.
 //! - [`queue`]: the queue-depth metric, counted around kube's private scheduler.
 //! - [`writer`]: every write the controller makes goes through here, so that it can be fenced and
 //!   counted in one place.
@@ -16,12 +19,14 @@
 pub mod cache;
 pub mod cached;
 pub mod children;
+mod error;
 pub mod events;
 pub mod fenced;
 #[cfg(test)]
 pub(crate) mod fixtures;
 #[cfg(test)]
 mod io_tests;
+mod observe;
 pub mod ownership;
 pub mod queue;
 pub mod reconcile;
@@ -32,9 +37,11 @@ use crate::api::MyApp;
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
 use crate::webhook::policy::Policy;
-use crate::{Error, backoff_delay};
 use cache::Caches;
 use cached::Cached;
+use error::backoff_delay;
+pub use error::{Error, Result};
+use fenced::FencedClient;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -87,10 +94,10 @@ pub struct Context {
 
 impl Context {
     /// A context for one controller run (one leadership term). Reads use `client`; writes use
-    /// `writes` (a [`fenced::client`]) after checking `fence`, and the time from `acquired` to the first reconcile is measured.
+    /// `writes` after checking `fence`, and the time from `acquired` to the first reconcile is measured.
     pub fn new(
         client: Client,
-        writes: Client,
+        writes: FencedClient,
         caches: Caches,
         metrics: Arc<Metrics>,
         identity: &str,
@@ -103,7 +110,7 @@ impl Context {
             client: client.clone(),
             caches,
             pending: Arc::new(queue::Pending::new(metrics.queue_depth.clone())),
-            writer: Writer::new(writes, events, metrics.clone()).with_fence(fence),
+            writer: Writer::new(writes, fence, events, metrics.clone()),
             metrics,
             failures: Mutex::new(HashMap::new()),
             term_started: Mutex::new(Some(acquired)),
@@ -141,9 +148,16 @@ impl Context {
         self.client.clone()
     }
 
+    /// Forgets the failures of `obj`, and records the first success of the term.
     fn record_success(&self, obj: &AppRef) {
         if let Ok(mut f) = self.failures.lock() {
             f.remove(obj);
+        }
+        let term_started = self.term_started.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = term_started {
+            let secs = t.elapsed().as_secs_f64();
+            self.metrics.acquire_to_first_reconcile_seconds.observe(secs);
+            tracing::info!(ms = secs * 1000.0, "first reconcile of the term finished");
         }
     }
 
@@ -170,6 +184,8 @@ async fn whole(cached: &Cached<MyApp>, ctx: &Context) -> Result<Option<MyApp>, E
     Ok(api.get_opt(&cached.name_any()).await?)
 }
 
+/// One reconcile as kube's controller calls it: the MyApp rebuilt from the cache, reconciled in
+/// its span ([`observe`]), and the failures counted for the backoff.
 async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     ctx.pending.remove(cached.meta().namespace.as_deref(), &cached.name_any());
@@ -184,63 +200,14 @@ async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Acti
             return Err(e);
         }
     };
-    let span = tracing::info_span!(
-        "reconcile",
-        otel.name = "reconcile",
-        myapp = %format!("{}/{}", app.metadata.namespace.as_deref().unwrap_or_default(), app.metadata.name.as_deref().unwrap_or_default()),
-        generation = app.metadata.generation.unwrap_or(0),
-        leader = %ctx.identity,
-        trigger = crate::telemetry::trigger::current().unwrap_or_else(|| "unknown".into()),
-        result = tracing::field::Empty,
-        error = tracing::field::Empty,
-        requeue_ms = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-    );
-    if let Some(sc) = app
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(crate::api::TRACE_ANNOTATION))
-        .and_then(|tp| crate::telemetry::propagation::parse_traceparent(tp))
-    {
-        use tracing_opentelemetry::OpenTelemetrySpanExt;
-        span.add_link(sc);
-    }
-    let (trace_id, sampled) = span
-        .in_scope(|| (crate::telemetry::logging::current_trace_id(), crate::telemetry::logging::sampled_trace_id()));
-    span.record("trace_id", trace_id);
+    let observed = observe::Observed::start(&app, &ctx.identity, started);
     let result = {
         use tracing::Instrument;
-        app.reconcile(&ctx).instrument(span.clone()).await
+        app.reconcile(&ctx).instrument(observed.span().clone()).await
     };
-    match &result {
-        Ok(requeue) => {
-            span.record("result", "ok");
-            if let Some(d) = requeue {
-                span.record("requeue_ms", d.as_millis() as u64);
-            }
-        }
-        Err(e) => {
-            span.record("result", e.kind());
-            span.record("error", e.to_string());
-            span.record("otel.status_code", "ERROR");
-        }
-    }
-    ctx.metrics.reconcile_took(started.elapsed().as_secs_f64(), sampled);
-    let label = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.kind(),
-    };
-    ctx.metrics.reconciled(label);
+    observed.finish(&result, &ctx.metrics);
     if result.is_ok() {
         ctx.record_success(&ObjectRef::from_obj(cached.as_ref()));
-        let term_started = ctx.term_started.lock().ok().and_then(|mut t| t.take());
-        if let Some(t) = term_started {
-            let secs = t.elapsed().as_secs_f64();
-            ctx.metrics.acquire_to_first_reconcile_seconds.observe(secs);
-            tracing::info!(ms = secs * 1000.0, "first reconcile of the term finished");
-        }
     }
     result.map(|requeue| requeue.map_or_else(Action::await_change, Action::requeue))
 }

@@ -5,16 +5,15 @@
 //! changed one, even by a removed field, is applied (see [`children::up_to_date`]). It never
 //! writes to, nor deletes, an object that the `MyApp` does not control (see [`ownership`]).
 
-use super::Context;
 use super::cached::Shape;
 use super::children::{self, selector_string};
 use super::ownership::{self, Claim, Conflict};
 use super::store::Children;
+use super::{Context, Error, Result};
 use crate::api::conditions::{self, INVALID_NAME, INVALID_SPEC, NAME_CONFLICT, Outcome, READY, RolloutFacts};
 use crate::api::validation::{FieldError, join, validate_name, validate_spec};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
 use crate::webhook::policy::{Policy, Rule};
-use crate::{Error, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;

@@ -3,14 +3,15 @@
 //! checks the [`Fence`] first and counts the write in the metrics.
 
 use super::events::Publisher;
+use super::fenced::FencedClient;
+use super::{Error, Result};
 use crate::api::{FIELD_MANAGER, MyApp, MyAppStatus};
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
-use crate::{Error, Result};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::events::EventType;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -19,29 +20,23 @@ use std::sync::Arc;
 
 /// Writes on behalf of the controller.
 pub struct Writer {
-    client: Client,
+    client: FencedClient,
     events: Publisher,
     metrics: Arc<Metrics>,
     fence: Fence,
 }
 
 impl Writer {
-    /// A writer with an open fence.
-    pub fn new(client: Client, events: Publisher, metrics: Arc<Metrics>) -> Self {
-        Self { client, events, metrics, fence: Fence::open() }
-    }
-
-    /// Replaces the fence.
-    pub fn with_fence(mut self, fence: Fence) -> Self {
-        self.fence = fence;
-        self
+    /// A writer through `client`, checking `fence` before every write.
+    pub(crate) fn new(client: FencedClient, fence: Fence, events: Publisher, metrics: Arc<Metrics>) -> Self {
+        Self { client, events, metrics, fence }
     }
 
     fn api<K>(&self, namespace: &str) -> Api<K>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
     {
-        Api::namespaced(self.client.clone(), namespace)
+        self.client.api(namespace)
     }
 
     /// Server-side applies `obj` with force under the operator's field manager.

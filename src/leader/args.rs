@@ -1,6 +1,6 @@
 //! The election's command-line flags.
 
-use super::Timings;
+use super::{Timings, TimingsError};
 
 /// How this replica runs for leadership. Flattened into the binary's `run` flags; each flag also
 /// reads an environment variable. The timing defaults are [`Timings::DEFAULT`], stated once.
@@ -31,14 +31,17 @@ pub struct LeaseArgs {
 }
 
 impl LeaseArgs {
-    /// The timings these flags ask for (not yet validated: see [`Timings::validate`]).
-    pub fn timings(&self) -> Timings {
-        Timings {
+    /// The timings these flags ask for, validated ([`Timings::validate`]): the one place they
+    /// are read and checked.
+    pub fn timings(&self) -> Result<Timings, TimingsError> {
+        let timings = Timings {
             lease_duration: self.lease_duration.into(),
             renew_deadline: self.renew_deadline.into(),
             retry_period: self.retry_period.into(),
             write_timeout: self.write_timeout.into(),
-        }
+        };
+        timings.validate()?;
+        Ok(timings)
     }
 }
 
@@ -56,9 +59,12 @@ mod tests {
     #[test]
     fn defaults_are_the_timings_defaults_and_flags_parse_durations() {
         let cli = Cli::parse_from(["x"]);
-        assert_eq!(cli.lease.timings(), Timings::default());
+        assert_eq!(cli.lease.timings(), Ok(Timings::default()));
         let cli = Cli::parse_from(["x", "--lease-duration=4s", "--renew-deadline=3s", "--retry-period=500ms"]);
-        assert_eq!(cli.lease.timings().retry_period, std::time::Duration::from_millis(500));
-        assert_eq!(cli.lease.timings().lease_duration, std::time::Duration::from_secs(4));
+        let timings = cli.lease.timings().expect("valid");
+        assert_eq!(timings.retry_period, std::time::Duration::from_millis(500));
+        assert_eq!(timings.lease_duration, std::time::Duration::from_secs(4));
+        let cli = Cli::parse_from(["x", "--lease-duration=10s", "--renew-deadline=10s"]);
+        assert!(matches!(cli.lease.timings(), Err(TimingsError::LeaseNotAboveRenewDeadline { .. })));
     }
 }

@@ -65,6 +65,7 @@
 //!   serving webhooks, probes and metrics, and its caches stay warm for the next term.
 
 mod args;
+mod election;
 mod elector;
 mod fence;
 mod pods;
@@ -74,9 +75,10 @@ mod supervise;
 mod timings;
 
 pub use args::LeaseArgs;
+pub(crate) use election::{Election, Leading};
 pub use elector::{Elector, Leadership, Stop};
-pub use fence::Fence;
+pub use fence::{Fence, Fenced, Mandate};
 pub use proof::Incarnation;
 pub use state::{Decision, Observation, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
-pub use supervise::supervise;
+pub(crate) use supervise::supervise;
 pub use timings::{COMMIT_SLACK, DELIVERY_TIMEOUT, Timings, TimingsError};
