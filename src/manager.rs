@@ -1,6 +1,7 @@
 //! The operator's process: it starts the parts in order, wires them together, and shuts them
 //! down in order on SIGTERM (`ARCHITECTURE.md`, "Runtime").
 
+use crate::api::{self, policy::Policy};
 use crate::controller::{self, Context, cache::Caches, fenced::FencedClient};
 use crate::leader::{self, Election, Fence, Leading};
 use crate::probes::{self, Probes};
@@ -33,6 +34,8 @@ pub struct RunArgs {
     lease: leader::LeaseArgs,
     #[command(flatten)]
     webhook: webhook::WebhookArgs,
+    #[command(flatten)]
+    policy: api::policy::PolicyArgs,
 }
 
 /// Runs the operator until SIGTERM (or Ctrl-C), then stops it in order.
@@ -58,7 +61,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (config, client) = api_client(&identity).await?;
     // One policy for the webhooks (admission) and the controller (what is rolled out).
-    let policy = args.webhook.policy();
+    let policy = args.policy.policy();
     let webhooks = match webhooks_ready {
         Some(flag) => Some(start_webhooks(&args, client.clone(), policy.clone(), metrics.clone(), flag)?),
         None => None,
@@ -112,7 +115,7 @@ struct Term {
     metrics: Arc<Metrics>,
     identity: String,
     resync: Duration,
-    policy: webhook::policy::Policy,
+    policy: Policy,
 }
 
 impl Term {
@@ -227,7 +230,7 @@ async fn api_client(identity: &str) -> anyhow::Result<(kube::Config, kube::Clien
 fn start_webhooks(
     args: &RunArgs,
     client: kube::Client,
-    policy: webhook::policy::Policy,
+    policy: Policy,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
 ) -> anyhow::Result<Webhooks> {

@@ -3,8 +3,8 @@
 //! the server reads; and one cached MyApp with its children, up to the largest MyApp etcd stores. Run with `--nocapture` for the
 //! figures.
 
+use myapp_operator::api::policy::Policy;
 use myapp_operator::webhook::limits::{JsonShape, MAX_BODY, MAX_ITEMS, MAX_REQUEST_COST};
-use myapp_operator::webhook::policy::Policy;
 use myapp_operator::webhook::review::{self, Endpoint};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

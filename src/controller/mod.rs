@@ -34,9 +34,9 @@ pub mod store;
 pub mod writer;
 
 use crate::api::MyApp;
+use crate::api::policy::Policy;
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
-use crate::webhook::policy::Policy;
 use cache::Caches;
 use cached::Cached;
 use error::backoff_delay;

@@ -10,10 +10,8 @@ use super::children::{self, selector_string};
 use super::ownership::{self, Claim, Conflict};
 use super::store::Children;
 use super::{Context, Error, Result};
-use crate::api::conditions::{self, INVALID_NAME, INVALID_SPEC, NAME_CONFLICT, Outcome, READY, RolloutFacts};
-use crate::api::validation::{FieldError, join, validate_name, validate_spec};
+use crate::api::conditions::{self, NAME_CONFLICT, Outcome, READY, RolloutFacts};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
-use crate::webhook::policy::{Policy, Rule};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -67,7 +65,7 @@ impl MyApp {
             &owned
         };
 
-        if let Some((reason, message)) = refusal(app, &ctx.policy) {
+        if let Some((reason, message)) = ctx.policy.refusal(app) {
             // Touch no child, so that nothing against the rules is rolled out.
             app.report_stall(ctx, reason, "Validate", message).await?;
             return Ok(None);
@@ -214,38 +212,6 @@ pub fn cleanup_recheck(waited: Duration) -> Duration {
     waited.clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-/// Why `app` must get no children, if it must not: as the `(reason, message)` of its conditions,
-/// the message naming the field. In order: a name that cannot name a Service or be a label value
-/// ([`validate_name`]; reason [`INVALID_NAME`]), a spec against the API's rules ([`validate_spec`];
-/// [`INVALID_SPEC`]), and the whole admission policy ([`Policy::breaches`], the function the
-/// webhook's [`Policy::check`] calls too): reason the first rule broken ([`Rule::reason`]:
-/// `ImageRegistryNotAllowed`, `EnvForbidden`, `ReplicasOverPolicy`), message every breach.
-///
-/// # Guarantees
-///
-/// - **One policy, everywhere**: what `/validate` refuses on creation, this refuses too, so a
-///   `MyApp` the webhook never saw (written in the operator's own namespace, which the webhooks
-///   skip, or while their configuration was absent) rolls out no forbidden registry, env or
-///   replica count.
-/// - **No ratcheting here, and no teardown**: admission lets an update keep a field that a
-///   tightened policy now forbids (see [`Policy::check`]), so that the object can always be
-///   updated and deleted. The reconciler judges the spec as it is against the policy as it is:
-///   such a `MyApp` gets no child write (nothing against the policy is rolled out, nor any other
-///   change of its spec) and reports `Stalled`. Its children are left as they were, never
-///   deleted or scaled down, so tightening a policy does not take running workloads away; they
-///   follow the spec again once it meets the policy.
-pub fn refusal(app: &MyApp, policy: &Policy) -> Option<(&'static str, String)> {
-    if let Some(e) = validate_name(&app.name_any()) {
-        return Some((INVALID_NAME, e.to_string()));
-    }
-    let errors = validate_spec(&app.spec);
-    if !errors.is_empty() {
-        return Some((INVALID_SPEC, join(&errors)));
-    }
-    let (rules, errors): (Vec<Rule>, Vec<FieldError>) = policy.breaches(&app.spec).into_iter().unzip();
-    rules.first().map(|rule| (rule.reason(), join(&errors)))
-}
-
 /// The object the API server holds under a child's name: the cached one, or, when the cache has
 /// none, the answer of a GET. The caches hold only objects labelled as managed by the operator, so
 /// this is how an unlabelled object of the same name (one made by hand) is seen. The GET is made
@@ -265,8 +231,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::MyAppSpec;
-    use crate::api::conditions::REPLICAS_OVER_POLICY;
 
     #[test]
     fn cleanup_rechecks_back_off() {
@@ -282,74 +246,5 @@ mod tests {
             })
             .collect();
         assert_eq!(delays, vec![1, 1, 2, 4, 8, 16, 32, 60, 60]);
-    }
-
-    fn app(name: &str, replicas: i32) -> MyApp {
-        let mut spec = MyAppSpec::test("nginx:1.27");
-        spec.replicas = replicas;
-        MyApp::new(name, spec)
-    }
-
-    fn capped(max: i32) -> Policy {
-        Policy { max_replicas: Some(max), ..Policy::default() }
-    }
-
-    #[test]
-    fn more_replicas_than_the_policy_allows_get_no_children() {
-        assert_eq!(refusal(&app("web", 3), &capped(3)), None);
-        assert_eq!(refusal(&app("web", 4), &Policy::default()), None, "no cap, no refusal");
-        let (reason, message) = refusal(&app("web", 4), &capped(3)).expect("refused");
-        assert_eq!(reason, REPLICAS_OVER_POLICY);
-        assert_eq!(message, "spec.replicas: 4 is more than the allowed 3");
-        let status = conditions::desired_status(1, "s", &Outcome::Refused { reason, message: message.clone() });
-        let ready = conditions::find(&status.conditions, READY).expect("Ready");
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReplicasOverPolicy"));
-        assert!(ready.reason.contains("Replicas") && ready.message.starts_with("spec.replicas: "));
-        assert!(conditions::is_true(&status.conditions, conditions::STALLED));
-    }
-
-    #[test]
-    fn a_name_that_cannot_name_a_service_gets_no_children() {
-        for name in ["a.b", "1web", &"a".repeat(64)] {
-            let (reason, message) = refusal(&app(name, 1), &Policy::default()).expect("refused");
-            assert_eq!(reason, INVALID_NAME, "{name}");
-            assert!(message.starts_with("metadata.name: ") && message.contains("DNS-1035"), "{message}");
-        }
-        assert_eq!(refusal(&app(&"a".repeat(63), 1), &Policy::default()), None);
-    }
-
-    fn tightened(image: &str, env: &[&str]) -> MyApp {
-        let mut app = app("web", 1);
-        app.spec.image = image.into();
-        app.spec.env = env.iter().map(|n| crate::api::EnvVar { name: (*n).into(), value: "x".into() }).collect();
-        app
-    }
-
-    #[test]
-    fn the_whole_policy_is_enforced_and_each_rule_named() {
-        let p = Policy::tightened();
-        assert_eq!(refusal(&tightened("ghcr.io/org/app:1", &["MODE"]), &p), None);
-        let (reason, message) = refusal(&tightened("nginx:1.27", &[]), &p).expect("refused");
-        assert_eq!(reason, "ImageRegistryNotAllowed");
-        assert_eq!(message, "spec.image: registry \"docker.io\" is not allowed; allowed: ghcr.io");
-        let (reason, message) = refusal(&tightened("ghcr.io/org/app:1", &["MODE", "LD_PRELOAD"]), &p).expect("refused");
-        assert_eq!((reason, message.as_str()), ("EnvForbidden", "spec.env[1].name: \"LD_PRELOAD\" may not be set"));
-        let (reason, message) = refusal(&tightened("nginx:1.27", &["LD_PRELOAD"]), &p).expect("refused");
-        assert_eq!(reason, "ImageRegistryNotAllowed", "the first rule broken names the reason");
-        assert!(
-            message.starts_with("spec.image: ") && message.contains("; spec.env[0].name: "),
-            "every breach: {message}"
-        );
-        // The same judgment as the webhook's on creation.
-        let admitted = p.check(&tightened("nginx:1.27", &["LD_PRELOAD"]).spec, &Default::default(), None);
-        assert_eq!(join(&admitted), message);
-    }
-
-    #[test]
-    fn the_first_broken_rule_is_reported() {
-        let (reason, message) = refusal(&app("a.b", 2000), &capped(3)).expect("refused");
-        assert_eq!((reason, message.starts_with("metadata.name")), (INVALID_NAME, true));
-        let (reason, message) = refusal(&app("web", 2000), &capped(3)).expect("refused");
-        assert_eq!((reason, message.as_str()), (INVALID_SPEC, "spec.replicas: must be between 0 and 1000"));
     }
 }

@@ -5,10 +5,10 @@
 //! fire the handshake's timeouts while the socket is busy); the others run with paused time.
 
 use super::*;
+use crate::api::policy::Policy;
 use crate::fake_api::FakeApi;
 use crate::telemetry::metrics::Metrics;
 use crate::webhook::limits::Limits;
-use crate::webhook::policy::Policy;
 use base64::Engine;
 use serde_json::{Value, json};
 use std::future::Future;

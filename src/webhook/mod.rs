@@ -1,7 +1,7 @@
 //! Admission webhooks for MyApp, served by every replica, leader or not.
 //!
 //! - [`review`]: AdmissionReview in, AdmissionReview out (pure);
-//! - [`mutate`]: defaulting as a JSON Patch; [`policy`]: what `/validate` enforces;
+//! - [`mutate`]: defaulting as a JSON Patch; `/validate` enforces [`crate::api::policy`];
 //! - [`certs`]: serving certificates, self-managed in a Secret or read from files, and what the
 //!   Secret must hold next (healing, SAN merging, CA rotation);
 //! - `secret` and `ca_bundle`: the Secret and the caBundles, written under compare-and-swap;
@@ -17,7 +17,6 @@ pub mod certs;
 mod lifecycle;
 pub mod limits;
 pub mod mutate;
-pub mod policy;
 pub mod review;
 mod secret;
 pub mod server;
@@ -25,8 +24,8 @@ pub mod server;
 pub use args::WebhookArgs;
 pub use lifecycle::{CertSource, Options, StartError, UpkeepError, Webhooks};
 
+use crate::api::policy::Policy;
 use crate::telemetry::metrics::Metrics;
-use policy::Policy;
 use std::sync::Arc;
 
 /// What the handlers share.
