@@ -2,27 +2,26 @@
 //!
 //! - [`review`]: AdmissionReview in, AdmissionReview out (pure);
 //! - [`mutate`]: defaulting as a JSON Patch; `/validate` enforces [`crate::api::policy`];
-//! - [`certs`]: serving certificates, self-managed in a Secret or read from files, and what the
-//!   Secret must hold next (healing, SAN merging, CA rotation);
-//! - `secret` and `ca_bundle`: the Secret and the caBundles, written under compare-and-swap;
-//! - `lifecycle`: the server's life (start without the API server, retries, watches, hot reload);
+//! - [`certs`]: the certificate upkeep: serving certificates, self-managed in a Secret or read
+//!   from files, what the Secret must hold next (healing, SAN merging, CA rotation), the Secret
+//!   and the caBundles written under compare-and-swap, and the passes that keep them right;
+//! - `lifecycle`: the server's life (start without the API server, hot reload, readiness);
 //! - [`server`]: axum over rustls; [`limits`]: what one caller can make it hold.
 //!
 //! Readiness includes the webhooks: a replica is ready only once it has a certificate loaded and
 //! a real TLS handshake with its own webhook port succeeds.
 
 mod args;
-mod ca_bundle;
 pub mod certs;
 mod lifecycle;
 pub mod limits;
 pub mod mutate;
 pub mod review;
-mod secret;
 pub mod server;
 
 pub use args::WebhookArgs;
-pub use lifecycle::{CertSource, Options, StartError, UpkeepError, Webhooks};
+pub use certs::{CertSource, UpkeepError};
+pub use lifecycle::{Options, StartError, Webhooks};
 
 use crate::api::policy::Policy;
 use crate::telemetry::metrics::Metrics;

@@ -26,10 +26,10 @@
 //!   caBundle changes at most as often. A Secret that is absent or broken (not usable at any
 //!   time) is written at once, so healing is never delayed.
 //! - **Bounded**: at most [`MAX_ATTEMPTS`] rounds, then [`UpkeepError::Contended`]; the caller
-//!   retries with backoff. Time is bounded by the caller (see [`super::lifecycle`]).
+//!   retries with backoff. Time is bounded by the caller (see [`super::upkeep`]).
 
-use super::certs;
-use super::lifecycle::{Clock, Pem, UpkeepError};
+use super::material as certs;
+use super::source::{Clock, Pem, UpkeepError};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};

@@ -595,5 +595,5 @@ pub(crate) fn ca_count(bundle: &str, now: OffsetDateTime) -> usize {
 }
 
 #[cfg(test)]
-#[path = "certs_tests.rs"]
+#[path = "material_tests.rs"]
 mod tests;
