@@ -6,9 +6,11 @@
 //! - [`manager`]: the process: starts the parts, wires them together, and stops them in order;
 //! - [`api`]: the `MyApp` types the CRD is generated from, its status conditions, and the
 //!   validation rules shared by the reconciler and the webhook;
+//! - [`cache`]: the warm caches (on every replica): watches, the compact forms of MyApps and
+//!   children, their stores;
 //! - [`leader`]: leader election on a Lease, with a renew deadline and fencing, and the
 //!   supervisor that runs the controller exactly while this replica leads;
-//! - [`controller`]: the warm caches (on every replica), reconcile and cleanup, the children,
+//! - [`controller`]: reconcile and cleanup, the children,
 //!   ownership, and the fenced single door for writes (leader only);
 //! - [`webhook`]: the admission webhooks (`/mutate`, `/validate`), their certificates and their
 //!   bounded HTTPS server (every replica);
@@ -18,6 +20,7 @@
 //! - `fake_api` (tests only): an in-memory API server with watches, for tests without a cluster.
 
 pub mod api;
+pub mod cache;
 pub mod client;
 pub mod controller;
 pub mod leader;

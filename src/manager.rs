@@ -2,7 +2,8 @@
 //! down in order on SIGTERM (`ARCHITECTURE.md`, "Runtime").
 
 use crate::api::{self, policy::Policy};
-use crate::controller::{self, Context, cache::Caches, fenced::FencedClient};
+use crate::cache::Caches;
+use crate::controller::{self, Context, fenced::FencedClient};
 use crate::leader::{self, Election, Fence, Leading};
 use crate::probes::{self, Probes};
 use crate::telemetry::propagation::TraceParentLayer;

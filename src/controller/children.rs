@@ -34,7 +34,8 @@
 //! child stale, and the forced apply removes it.
 
 use crate::api::{APPLIED_HASH, INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
-use crate::api::{MyApp, ServiceType, quantity};
+use crate::api::{MyApp, MyAppSpec, ResourceAmounts, Resources, ServiceType, quantity};
+use crate::cache::{Shape, deletion, merge, shape_of};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec, ResourceRequirements, Service, ServicePort, ServiceSpec,
@@ -44,8 +45,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 /// Name of the container and of the port.
 pub const CONTAINER: &str = "app";
@@ -256,6 +258,67 @@ pub fn up_to_date<K: serde::Serialize>(desired: &K, actual: &K) -> bool {
         _ => false,
     }
 }
+
+// The child shapes: what the caches keep of a Deployment and of a Service (see
+// `crate::cache::Shape`), derived from the builders above.
+
+/// A `MyApp` with every optional field set, so its children carry every field the builders can
+/// write.
+fn maximal() -> MyApp {
+    let amounts = || Some(ResourceAmounts { cpu: Some("1".into()), memory: Some("1Mi".into()) });
+    let mut app = MyApp::new(
+        "shape",
+        MyAppSpec {
+            image: "shape:1".into(),
+            replicas: 1,
+            port: 1,
+            env: vec![crate::api::EnvVar { name: "A".into(), value: "a".into() }],
+            resources: Some(Resources { requests: amounts(), limits: amounts() }),
+            service_type: Some(ServiceType::NodePort),
+        },
+    );
+    app.metadata.namespace = Some("shape".into());
+    app.metadata.uid = Some("shape".into());
+    app
+}
+
+fn applied<K: serde::Serialize + Resource + Clone>(doc: K) -> Value {
+    let doc = stamp(doc.clone()).unwrap_or(doc);
+    serde_json::to_value(doc).unwrap_or_default()
+}
+
+impl Shape for Deployment {
+    fn shape() -> &'static Value {
+        static SHAPE: LazyLock<Value> = LazyLock::new(|| {
+            let mut read = deletion();
+            // What `RolloutFacts::from_deployment` reads.
+            merge(
+                &mut read,
+                json!({
+                    "metadata": {"generation": true},
+                    "status": {
+                        "observedGeneration": true, "replicas": true, "updatedReplicas": true,
+                        "readyReplicas": true, "availableReplicas": true,
+                        "conditions": [{"type": true, "reason": true}],
+                    },
+                }),
+            );
+            shape_of(applied(deployment(&maximal())), read)
+        });
+        &SHAPE
+    }
+}
+
+impl Shape for Service {
+    fn shape() -> &'static Value {
+        static SHAPE: LazyLock<Value> = LazyLock::new(|| shape_of(applied(service(&maximal())), deletion()));
+        &SHAPE
+    }
+}
+
+#[cfg(test)]
+#[path = "shapes_tests.rs"]
+mod shapes_tests;
 
 #[cfg(test)]
 pub(crate) mod tests {

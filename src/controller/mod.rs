@@ -1,12 +1,11 @@
 //! The reconciler: it turns each `MyApp` into a Deployment and a Service and reports status.
 //!
-//! - [`cache`]: the watches and stores of MyApps, Deployments and Services. They run on every
-//!   replica, leader or not, so a new leader starts from warm caches.
+//! It reads from the warm caches ([`crate::cache`]), which run on every replica, leader or not,
+//! so a new leader starts from warm caches.
+//!
 //! - [`reconcile`]: the reconcile and cleanup logic, as methods on `MyApp`.
-//! - [`cached`]: the compact form in which the caches keep a MyApp or a child.
-//! - [`store`]: the store of the children, each packed in one string.
 //! - [`events`]: Events about MyApps, repeats aggregated, in bounded memory.
-//! - [`children`]: pure builders of the Deployment and Service.
+//! - [`children`]: pure builders of the Deployment and Service, and their shapes in the caches.
 //! - [`ownership`]: the pure decision of which existing objects a `MyApp` may write.
 //! - [`fenced`]: the client those writes use ([`fenced::FencedClient`]), whose sockets check the
 //!   fence before every write.
@@ -16,8 +15,6 @@
 //! - [`writer`]: every write the controller makes goes through here, so that it can be fenced and
 //!   counted in one place.
 
-pub mod cache;
-pub mod cached;
 pub mod children;
 mod error;
 pub mod events;
@@ -30,15 +27,13 @@ mod observe;
 pub mod ownership;
 pub mod queue;
 pub mod reconcile;
-pub mod store;
 pub mod writer;
 
 use crate::api::MyApp;
 use crate::api::policy::Policy;
+use crate::cache::{AppRef, Cached, Caches};
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
-use cache::Caches;
-use cached::Cached;
 use error::backoff_delay;
 pub use error::{Error, Result};
 use fenced::FencedClient;
@@ -50,9 +45,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use writer::Writer;
-
-/// A MyApp's key in the controller's queue and the caches.
-pub type AppRef = ObjectRef<Cached<MyApp>>;
 
 /// How often an unchanged `MyApp` is reconciled again (a resync that must write nothing).
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -174,7 +166,7 @@ impl Context {
 }
 
 /// The MyApp `cached` stands for: rebuilt from the cache, or, for one too large to keep there
-/// (see [`cached::MAX_KEPT`]), read from the API server (`None` if it is gone).
+/// (see [`crate::cache::MAX_KEPT`]), read from the API server (`None` if it is gone).
 async fn whole(cached: &Cached<MyApp>, ctx: &Context) -> Result<Option<MyApp>, Error> {
     if cached.kept() {
         return Ok(Some(cached.object()?));

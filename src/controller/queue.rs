@@ -18,7 +18,7 @@
 //! drifted) enters a queue at most that deep, while the pass still keeps every reconcile slot busy.
 //! Periodic resyncs need no such care: each is scheduled on its own, spread by jitter.
 
-use super::AppRef;
+use crate::cache::{AppRef, owner};
 use futures::{Stream, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
@@ -125,16 +125,6 @@ where
             }
         })
     })
-}
-
-/// The MyApp a child's event triggers: its controller owner reference of kind MyApp.
-pub fn owner(meta: &ObjectMeta) -> Option<AppRef> {
-    let owner = meta.owner_references.as_ref()?.iter().find(|o| o.controller == Some(true) && o.kind == "MyApp")?;
-    let mut r = ObjectRef::new(&owner.name);
-    if let Some(ns) = &meta.namespace {
-        r = r.within(ns);
-    }
-    Some(r)
 }
 
 #[cfg(test)]

@@ -5,13 +5,12 @@
 //! changed one, even by a removed field, is applied (see [`children::up_to_date`]). It never
 //! writes to, nor deletes, an object that the `MyApp` does not control (see [`ownership`]).
 
-use super::cached::Shape;
 use super::children::{self, selector_string};
 use super::ownership::{self, Claim, Conflict};
-use super::store::Children;
 use super::{Context, Error, Result};
 use crate::api::conditions::{self, NAME_CONFLICT, Outcome, READY, RolloutFacts};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
+use crate::cache::{Children, Shape};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
