@@ -215,6 +215,34 @@ impl<K: Shape> Cached<K> {
     }
 }
 
+impl<K: Shape> Cached<K> {
+    /// The object as JSON, as kept: the kept fields with the typed metadata, the kind and the
+    /// apiVersion put back, read straight from the compact text. It holds what [`Cached::object`] would serialize back to
+    /// for every field a document of the builders can set, so `up_to_date` judges it as it would
+    /// the object, without a typed object in between.
+    pub fn document(&self) -> Result<Value, serde_json::Error> {
+        if !self.kept() {
+            return Err(serde_json::Error::custom(format!(
+                "over {MAX_KEPT} bytes, not kept: read from the API server"
+            )));
+        }
+        let mut doc: Value = serde_json::from_str(&self.rest)?;
+        let Some(object) = doc.as_object_mut() else {
+            return Err(serde_json::Error::custom("a kept object is a JSON object"));
+        };
+        let meta = object.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
+        let Some(meta) = meta.as_object_mut() else {
+            return Err(serde_json::Error::custom("a kept object's metadata is a JSON object"));
+        };
+        if let Value::Object(typed) = serde_json::to_value(&self.metadata)? {
+            meta.extend(typed);
+        }
+        object.insert("apiVersion".into(), K::api_version(&()).into());
+        object.insert("kind".into(), K::kind(&()).into());
+        Ok(doc)
+    }
+}
+
 /// A cached child packed into one string, as [`super::Children`] keeps it:
 /// `"{namespace}/{name}\n{ownerReferences}\n{rest}"`, the owner references as JSON (empty when
 /// there are none) and `rest` the [`Cached`]'s JSON. Neither JSON text holds a raw line break

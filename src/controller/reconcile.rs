@@ -10,10 +10,10 @@ use super::ownership::{self, Claim, Conflict};
 use super::{Context, Error, Result};
 use crate::api::conditions::{self, NAME_CONFLICT, Outcome, READY, RolloutFacts};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
-use crate::cache::{Children, Shape};
+use crate::cache::{Cached, Children, Shape};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -106,8 +106,8 @@ impl MyApp {
         let live_d = live_child(ctx, &ctx.caches.deployments, ns, name).await?;
         let live_s = live_child(ctx, &ctx.caches.services, ns, name).await?;
         let conflicts: Vec<Conflict> = [
-            ownership::claim("Deployment", name, live_d.as_ref().map(|d| &d.metadata), &uid),
-            ownership::claim("Service", name, live_s.as_ref().map(|s| &s.metadata), &uid),
+            ownership::claim("Deployment", name, live_d.as_ref().map(Live::meta), &uid),
+            ownership::claim("Service", name, live_s.as_ref().map(Live::meta), &uid),
         ]
         .into_iter()
         .filter_map(Claim::conflict)
@@ -116,9 +116,9 @@ impl MyApp {
             return Err(Error::NameConflict(conflicts));
         }
         let desired_d = children::stamp(children::deployment(self))?;
-        let deployment = self.apply_child(ctx, desired_d, live_d.as_ref(), "deployment").await?;
-        self.apply_child(ctx, children::stamp(children::service(self))?, live_s.as_ref(), "service").await?;
-        Ok(deployment)
+        let deployment = self.apply_child(ctx, desired_d, live_d, "deployment").await?;
+        self.apply_child(ctx, children::stamp(children::service(self))?, live_s, "service").await?;
+        deployment.object()
     }
 
     /// Reports that the `MyApp` cannot progress until its owner acts: the status says `reason`
@@ -142,21 +142,18 @@ impl MyApp {
     /// children and the status show it, and an Event per apply was a third of a fresh `MyApp`'s
     /// writes (Events are kept for failures, the first Ready and a deletion). Returns the child as it now is. The apply is
     /// forced under one field manager, so fields the last applied document had and `desired`
-    /// lacks are removed from the child.
-    async fn apply_child<K>(&self, ctx: &Context, desired: K, live: Option<&K>, label: &str) -> Result<K>
+    /// lacks are removed from the child. The comparison reads the child as the cache keeps it
+    /// ([`Live::document`]), with no typed object in between.
+    async fn apply_child<K>(&self, ctx: &Context, desired: K, live: Option<Live<K>>, label: &str) -> Result<Live<K>>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + serde::Serialize
-            + serde::de::DeserializeOwned
-            + Clone
-            + std::fmt::Debug,
+        K: Shape + serde::Serialize + Clone + std::fmt::Debug,
     {
         if let Some(actual) = live
-            && children::up_to_date(&desired, actual)
+            && children::up_to_date(&serde_json::to_value(&desired)?, &actual.document()?)
         {
-            return Ok(actual.clone());
+            return Ok(actual);
         }
-        ctx.writer.apply(&desired, label).await
+        Ok(Live::Read(ctx.writer.apply(&desired, label).await?))
     }
 
     /// Deletes the children and releases the finalizer once both are gone.
@@ -182,12 +179,12 @@ impl MyApp {
         let s = live_child(ctx, &ctx.caches.services, &ns, &name).await?;
         // Only what this MyApp controls: an object that merely has the name (a name conflict) stays.
         let uid = self.meta().uid.as_deref();
-        let d = d.filter(|d| ownership::controlled_by(&d.metadata, uid));
-        let s = s.filter(|s| ownership::controlled_by(&s.metadata, uid));
-        if d.as_ref().is_some_and(|d| d.metadata.deletion_timestamp.is_none()) {
+        let d = d.filter(|d| ownership::controlled_by(d.meta(), uid));
+        let s = s.filter(|s| ownership::controlled_by(s.meta(), uid));
+        if d.as_ref().map(Live::deleting).transpose()? == Some(false) {
             ctx.writer.delete::<Deployment>(&ns, &name, "deployment").await?;
         }
-        if s.as_ref().is_some_and(|s| s.metadata.deletion_timestamp.is_none()) {
+        if s.as_ref().map(Live::deleting).transpose()? == Some(false) {
             ctx.writer.delete::<Service>(&ns, &name, "service").await?;
         }
         if d.is_some() || s.is_some() {
@@ -211,20 +208,62 @@ pub fn cleanup_recheck(waited: Duration) -> Duration {
     waited.clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
+/// A child as the API server holds it: as the cache keeps it, or as a GET returned it.
+enum Live<K> {
+    /// From the cache, in compact form.
+    Kept(Box<Cached<K>>),
+    /// Read from the API server (or just written).
+    Read(K),
+}
+
+impl<K: Shape + serde::Serialize> Live<K> {
+    /// Its name, namespace and owner references (all that ownership reads).
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            Live::Kept(c) => c.meta(),
+            Live::Read(k) => k.meta(),
+        }
+    }
+
+    /// Its JSON: of a cached child, what the cache keeps, read from the compact text.
+    fn document(&self) -> Result<serde_json::Value> {
+        Ok(match self {
+            Live::Kept(c) => c.document()?,
+            Live::Read(k) => serde_json::to_value(k)?,
+        })
+    }
+
+    /// Whether it is being deleted.
+    fn deleting(&self) -> Result<bool> {
+        Ok(match self {
+            Live::Kept(_) => self.document()?.pointer("/metadata/deletionTimestamp").is_some_and(|t| !t.is_null()),
+            Live::Read(k) => k.meta().deletion_timestamp.is_some(),
+        })
+    }
+
+    /// The typed object (the Deployment, whose status reconcile reads).
+    fn object(self) -> Result<K> {
+        Ok(match self {
+            Live::Kept(c) => c.object()?,
+            Live::Read(k) => k,
+        })
+    }
+}
+
 /// The object the API server holds under a child's name: the cached one, or, when the cache has
 /// none, the answer of a GET. The caches hold only objects labelled as managed by the operator, so
 /// this is how an unlabelled object of the same name (one made by hand) is seen. The GET is made
 /// only when the cache has nothing: for a new `MyApp`, a child deleted or unlabelled by someone, a
 /// cache behind our own write, or a conflict. A child in the cache costs no call.
-async fn live_child<K>(ctx: &Context, cache: &Children<K>, ns: &str, name: &str) -> Result<Option<K>>
+async fn live_child<K>(ctx: &Context, cache: &Children<K>, ns: &str, name: &str) -> Result<Option<Live<K>>>
 where
     K: Shape + Clone + std::fmt::Debug,
 {
     if let Some(packed) = cache.get(ns, name) {
-        return Ok(Some(packed.object()?));
+        return Ok(Some(Live::Kept(Box::new(packed.unpack()?))));
     }
     let api: Api<K> = Api::namespaced(ctx.client(), ns);
-    Ok(api.get_opt(name).await?)
+    Ok(api.get_opt(name).await?.map(Live::Read))
 }
 
 #[cfg(test)]

@@ -2,11 +2,21 @@
 //! kept in compact form, is judged by `up_to_date` as the whole object would be; and the
 //! shapes keep every field the builders write.
 
+use super::tests::up_to_date_typed;
 use super::*;
 use crate::api::{EnvVar, MyAppSpec, ResourceAmounts, Resources, ServiceType};
 use crate::cache::{Cached, Shape, merge, project, untyped};
 use proptest::prelude::*;
 use serde_json::{Value, json};
+
+fn json<K: Serialize>(doc: &K) -> Value {
+    serde_json::to_value(doc).expect("serializes")
+}
+
+/// What the cache keeps of `doc` as the API server sends it (`served`), as a document.
+fn kept<K: Shape>(served: Value) -> Value {
+    Cached::<K>::from_json(served).expect("cached").document().expect("kept")
+}
 
 /// A Deployment as the API server sends it: the applied document plus defaults, status,
 /// managedFields and fields of other managers.
@@ -49,7 +59,9 @@ fn a_cached_deployment_keeps_what_reconcile_reads_and_drops_the_rest() {
     }
     let d = cached.object().expect("rebuilt");
     let desired = stamp(deployment(&app)).expect("stamped");
-    assert!(up_to_date(&desired, &d), "an unchanged child is up to date");
+    let kept = cached.document().expect("kept");
+    assert!(up_to_date(&json(&desired), &kept), "an unchanged child is up to date, judged on what is kept");
+    assert!(up_to_date_typed(&desired, &d), "and on the typed object alike");
     let facts = crate::api::conditions::RolloutFacts::from_deployment(&d);
     assert!(facts.complete() && facts.generation == 3 && facts.ready == 2, "{facts:?}");
     assert!(d.meta().annotations.as_ref().is_some_and(|a| a.contains_key(crate::api::APPLIED_HASH)));
@@ -69,16 +81,21 @@ fn a_cached_child_shows_drift_and_deletion() {
     let mut changed = served(&app);
     changed["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1".into();
     changed["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z".into();
-    let d = Cached::<Deployment>::from_json(changed).expect("cached").object().expect("rebuilt");
-    assert!(!up_to_date(&desired, &d), "a hand-changed image is drift");
+    let cached = Cached::<Deployment>::from_json(changed).expect("cached");
+    let kept = cached.document().expect("kept");
+    assert!(!up_to_date(&json(&desired), &kept), "a hand-changed image is drift");
+    let d = cached.object().expect("rebuilt");
+    assert!(!up_to_date_typed(&desired, &d), "on the typed object alike");
     assert!(d.metadata.deletion_timestamp.is_some());
+    assert!(kept.pointer("/metadata/deletionTimestamp").is_some());
     let mut s = applied(service(&app));
     s["spec"]["clusterIP"] = "10.0.0.1".into();
     s["spec"]["ports"][0]["nodePort"] = 30001.into();
     let cached = Cached::<Service>::from_json(s).expect("cached");
     assert!(!cached.rest().contains("clusterIP") && !cached.rest().contains("30001"));
     let desired = stamp(service(&app)).expect("stamped");
-    assert!(up_to_date(&desired, &cached.object().expect("rebuilt")));
+    assert!(up_to_date(&json(&desired), &cached.document().expect("kept")));
+    assert!(up_to_date_typed(&desired, &cached.object().expect("rebuilt")));
 }
 
 /// What other managers add to a child survives the cache's projection as far as
@@ -99,12 +116,14 @@ fn a_cached_child_with_additions_by_others_is_still_up_to_date() {
     merge(&mut shared, json!({"metadata": {"labels": {"team": "a"}}}));
     let cached = Cached::<Deployment>::from_json(shared.clone()).expect("cached");
     assert!(!cached.rest().contains("secretKeyRef") && !cached.rest().contains("--long"), "{}", cached.rest());
-    let rebuilt = cached.object().expect("rebuilt");
-    assert!(up_to_date(&desired, &rebuilt), "additions by others are no drift: {}", cached.rest());
+    let kept = cached.document().expect("kept");
+    assert!(up_to_date(&json(&desired), &kept), "additions by others are no drift: {}", cached.rest());
+    assert!(up_to_date_typed(&desired, &cached.object().expect("rebuilt")));
 
     shared["spec"]["template"]["spec"]["containers"][1]["env"][1]["value"] = "debug".into();
-    let rebuilt = Cached::<Deployment>::from_json(shared).expect("cached").object().expect("rebuilt");
-    assert!(!up_to_date(&desired, &rebuilt), "our env entry changed is drift");
+    let cached = Cached::<Deployment>::from_json(shared).expect("cached");
+    assert!(!up_to_date(&json(&desired), &cached.document().expect("kept")), "our env entry changed is drift");
+    assert!(!up_to_date_typed(&desired, &cached.object().expect("rebuilt")));
 }
 
 #[test]
@@ -198,4 +217,27 @@ proptest! {
             prop_assert_eq!(project(&doc, shape), expected);
         }
     }
+
+    /// The up-to-date check on what the cache keeps judges as it does on the whole object, and
+    /// finds a child out of date exactly when its MyApp's spec changed: for any two specs, a
+    /// child applied from the first and served back with the API server's additions is up to
+    /// date for the second if and only if the applied documents are the same.
+    #[test]
+    fn a_cached_child_is_up_to_date_exactly_when_nothing_changed(before in spec(), after in spec()) {
+        let (mut old, mut new) = (tests::app(), tests::app());
+        (old.spec, new.spec) = (before, after);
+        let same = applied(deployment(&old)) == applied(deployment(&new));
+        let desired = stamp(deployment(&new)).expect("stamped");
+        let served_d = served(&old);
+        let cached = Cached::<Deployment>::from_json(served_d.clone()).expect("cached");
+        prop_assert_eq!(up_to_date(&json(&desired), &kept::<Deployment>(served_d.clone())), same);
+        prop_assert_eq!(up_to_date_typed(&desired, &cached.object().expect("rebuilt")), same);
+        prop_assert_eq!(up_to_date(&json(&desired), &served_d), same, "as on the object the API server sent");
+        prop_assert!(up_to_date(&json(&desired), &kept::<Deployment>(served(&new))));
+
+        let same = applied(service(&old)) == applied(service(&new));
+        let desired = stamp(service(&new)).expect("stamped");
+        prop_assert_eq!(up_to_date(&json(&desired), &kept::<Service>(applied(service(&old)))), same);
+    }
 }
+
