@@ -37,13 +37,7 @@ pub fn identity_in_user_agent(user_agent: &str) -> Option<&str> {
 /// reset by any event. kube's default grows to 30 s, and a cache waiting that long after an API
 /// server restart is stale for all that time.
 pub fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .into()
+    crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).watcher()
 }
 use std::future::Future;
 use std::pin::Pin;

@@ -17,9 +17,11 @@
 //! - [`telemetry`]: logs, traces with W3C propagation, metrics, and the reconcile trigger;
 //! - [`probes`]: the probe and metrics server (`/livez`, `/readyz`, `/metrics`);
 //! - [`client`]: the timeout on every API call;
+//! - `backoff`: the one backoff curve every retry uses;
 //! - `fake_api` (tests only): an in-memory API server with watches, for tests without a cluster.
 
 pub mod api;
+mod backoff;
 pub mod cache;
 pub mod client;
 pub mod controller;

@@ -1,6 +1,7 @@
 //! What can go wrong in a reconcile, and how soon a failed one is retried.
 
 use super::ownership;
+use crate::backoff::{Backoff, lengthened};
 use crate::leader::Fenced;
 use std::time::Duration;
 
@@ -54,12 +55,14 @@ impl Error {
 /// someone else wrote first, not that something is broken.
 pub(crate) fn backoff_delay(failures: u32, error: &Error, jitter: f64) -> Duration {
     let conflict = matches!(error, Error::Kube(kube::Error::Api(s)) if s.code == 409);
-    let base_ms: u64 = if conflict { 100 } else { 500 };
-    let exp = failures.saturating_sub(1).min(20);
-    let ms = base_ms.saturating_mul(1u64 << exp).min(300_000);
-    let jitter = jitter.clamp(0.0, 1.0);
-    Duration::from_millis(ms + (ms as f64 * 0.2 * jitter) as u64)
+    let curve = if conflict { CONFLICT_BACKOFF } else { BACKOFF };
+    lengthened(curve.after(failures), 0.2, jitter)
 }
+
+/// After a failed reconcile: from 500 ms, at most 5 minutes.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(300));
+/// After a conflict: from 100 ms, at most 5 minutes.
+const CONFLICT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(300));
 
 #[cfg(test)]
 mod tests {

@@ -10,6 +10,7 @@ use super::ownership::{self, Claim, Conflict};
 use super::{Context, Error, Result};
 use crate::api::conditions::{self, NAME_CONFLICT, Outcome, READY, RolloutFacts};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
+use crate::backoff::Backoff;
 use crate::cache::{Cached, Children, Shape};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
@@ -204,8 +205,8 @@ impl MyApp {
 
 /// When to look again at a deletion that waits for its children, `waited` after it began: 1 s at
 /// first, then as long as it has waited so far (so each wait doubles), at most a minute.
-pub fn cleanup_recheck(waited: Duration) -> Duration {
-    waited.clamp(Duration::from_secs(1), Duration::from_secs(60))
+pub(crate) fn cleanup_recheck(waited: Duration) -> Duration {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).again_after(waited)
 }
 
 /// A child as the API server holds it: as the cache keeps it, or as a GET returned it.

@@ -240,4 +240,3 @@ proptest! {
         prop_assert_eq!(up_to_date(&json(&desired), &kept::<Service>(applied(service(&old)))), same);
     }
 }
-

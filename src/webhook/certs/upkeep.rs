@@ -5,6 +5,7 @@
 
 use super::source::{CertSource, Clock, PASS_TIMEOUT, Pem, UpkeepError, read_dir};
 use super::{ca_bundle, secret};
+use crate::backoff::{Backoff, shortened};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
@@ -47,8 +48,7 @@ where
 /// The wait after `failures` consecutive failed passes: [`RETRY_MIN`], doubling with each, at
 /// most [`RETRY_MAX`], shortened by up to a fifth at random so that replicas drift apart.
 pub(crate) fn retry_delay(failures: u32) -> Duration {
-    let base = RETRY_MIN.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(RETRY_MAX);
-    base.mul_f64(1.0 - 0.2 * rand::random::<f64>())
+    shortened(Backoff::new(RETRY_MIN, RETRY_MAX).after(failures), 0.2, rand::random::<f64>())
 }
 
 /// Obtains and checks the PEM to serve, from `source`.
