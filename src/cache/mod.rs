@@ -16,7 +16,7 @@
 //! store of their own, packed ([`Children`]), which costs a fraction of kube's per object.
 //!
 //! A relist (after 410 Gone, or a watch that broke off) updates both kinds of store in place
-//! ([`InPlace`], [`ChildWriter`]): kube's reflector would fill a second store beside
+//! (`InPlace`, [`ChildWriter`]): kube's reflector would fill a second store beside
 //! the first and swap them at the end, so a replica would briefly hold its whole cache twice. The
 //! objects a relist finds gone (deleted while the watch was away) are sent on like a deletion:
 //! a MyApp waiting for its children to go is woken by their owner references, rather than by its

@@ -98,7 +98,7 @@ impl Elector {
         (elector, rx)
     }
 
-    /// Takes over before expiry on proof of the holder's death ([`proof`]), as the container
+    /// Takes over before expiry on proof of the holder's death (`proof`), as the container
     /// incarnation `me`, which started at `born`. Without this, the elector writes no
     /// incarnation, reads no pods, and takes over only on expiry.
     pub fn with_incarnation(mut self, me: Incarnation, born: Instant) -> Self {
@@ -320,7 +320,7 @@ impl Elector {
     }
 
     /// Contends until `stop` asks it to stop (or its sender goes away), then releases the lease
-    /// if held, as `stop` says. The caller stops the controller first: [`super::supervise`]
+    /// if held, as `stop` says. The caller stops the controller first: `supervise`
     /// tells how it went.
     pub async fn run(mut self, mut stop: watch::Receiver<Stop>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));

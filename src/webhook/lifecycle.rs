@@ -228,7 +228,7 @@ impl Life {
 impl Webhooks {
     /// Binds `addr` and returns at once; in the background, obtains a certificate (retrying
     /// until it has one), serves, and keeps the certificate, the caBundle and the readiness up to
-    /// date. See the [module documentation](self) for the guarantees.
+    /// date. The guarantees are in the documentation of `webhook::lifecycle`.
     pub async fn start(
         client: Client,
         addr: SocketAddr,

@@ -40,7 +40,7 @@
 //!
 //! The schedule is judged on the certificates' own validity times against the `now` it is given.
 //! Replicas whose `now` disagree by more than [`BACKDATE`] judge the same Secret differently: the
-//! caller gives the API server's clock, which every replica shares (see [`super::secret`] for
+//! caller gives the API server's clock, which every replica shares (see `webhook::certs::secret` for
 //! that rule and for the bound on rewrites when it is not available).
 //! "Published" means written into the Secret: the caBundle follows within seconds (every replica
 //! watches the Secret and both webhook configurations), but the promotion does not wait for the
@@ -526,7 +526,7 @@ pub fn next_state(
 /// certificate's own issue time, so whatever any clock says now. A Secret that is not usable is
 /// broken at every time (absent keys, garbage, a key that is not its certificate's); what a
 /// usable one lacks at another time (a renewal, a step of the CA schedule, a SAN) is an opinion
-/// of the judging clock, and [`super::secret`] bounds how often a replica acts on it.
+/// of the judging clock, and `webhook::certs::secret` bounds how often a replica acts on it.
 pub fn usable(secret: &Secret) -> bool {
     let Some(at) = from_secret(secret).and_then(|(_, crt, _)| issue_time(&crt)) else { return false };
     let found = Found::read(secret, at);

@@ -3,7 +3,7 @@
 //!
 //! - [`material`]: the CA and the serving certificate, issued and judged (pure): what the Secret
 //!   holds and what it must hold next ([`next_state`]); re-exported here;
-//! - `source`: [`CertSource`] (a Secret, or files), [`Pem`] (what is served), [`UpkeepError`];
+//! - `source`: [`CertSource`] (a Secret, or files), `Pem` (what is served), [`UpkeepError`];
 //! - `secret`: the Secret read at the API server's time, judged and written under
 //!   compare-and-swap, with a bound on rewrites;
 //! - `ca_bundle`: the caBundle of both webhook configurations, patched under compare-and-swap;
