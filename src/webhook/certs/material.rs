@@ -452,8 +452,37 @@ pub fn next_state(
     if secret.is_none() {
         changes.push(Change::Created);
     }
-    let (mut cas, mut next) = (found.cas.clone(), found.next.clone());
+    let mut cas = found.cas.clone();
+    let (signer, next) = signers(&found, secret.is_some(), now, &mut cas, &mut changes)?;
+    let serving = serving(&found, &signer, &own, secret.is_some(), now, &mut changes)?;
 
+    // Every CA but the signing and the next one is kept only for the overlap.
+    let overlap_over = now - serving.issued() >= CA_RETIRE_AFTER;
+    let needed = |c: &Ca| c == &signer.ca || next.as_ref().is_some_and(|n| &n.ca == c);
+    let before = cas.len();
+    cas.retain(|c| needed(c) || !overlap_over);
+    if cas.len() < before {
+        changes.push(Change::CaRetired);
+    }
+    let out = bundle(&cas, &signer, next.as_ref(), &serving);
+    if changes.is_empty() && out.ca_crt != found.raw_ca_crt {
+        changes.push(Change::BundleCleaned);
+    }
+    Ok((!changes.is_empty()).then_some((out, changes)))
+}
+
+/// The CA that signs, and the next CA if one is published, after the steps of the rotation
+/// schedule that are due at `now` (see [`CA_ROTATE_BEFORE`]): a CA generated when there is
+/// none, the next one promoted once published for [`CA_PUBLISH_LEAD`], a next one published when
+/// the signing one nears its end. New CAs are added to `cas`, and each step to `changes`.
+fn signers(
+    found: &Found,
+    existed: bool,
+    now: OffsetDateTime,
+    cas: &mut Vec<Ca>,
+    changes: &mut Vec<Change>,
+) -> Result<(Signer, Option<Signer>), CertError> {
+    let mut next = found.next.clone();
     let mut signer = match (found.signer.clone(), next.take()) {
         (Some(s), n) => {
             next = n;
@@ -466,7 +495,7 @@ pub fn next_state(
         (None, None) => {
             let s = Signer::generate(now)?;
             cas.push(s.ca.clone());
-            if secret.is_some() {
+            if existed {
                 changes.push(Change::NewCa);
             }
             s
@@ -482,21 +511,34 @@ pub fn next_state(
         next = Some(n);
         changes.push(Change::CaPublished);
     }
+    Ok((signer, next))
+}
 
+/// The serving certificate to hold: the one found if `signer` signed it and it needs nothing,
+/// else one re-issued (replaced, renewed, or with the union of the SANs), the step added to
+/// `changes`.
+fn serving(
+    found: &Found,
+    signer: &Signer,
+    own: &BTreeSet<String>,
+    existed: bool,
+    now: OffsetDateTime,
+    changes: &mut Vec<Change>,
+) -> Result<Serving, CertError> {
     let current = found.tls.as_ref().and_then(|(crt, key)| Serving::check(crt, key, &signer.ca, now));
-    let serving = match current {
+    Ok(match current {
         None => {
-            if secret.is_some() {
+            if existed {
                 changes.push(Change::ServingReplaced);
             }
-            signer.sign(&own, now)?
+            signer.sign(own, now)?
         }
         Some(s) => {
             let effective = found.hint.map_or(s.not_after, |h| h.min(s.not_after));
             let cap = (now + SERVING_VALIDITY).min(signer.ca.not_after);
             if effective - now < RENEW_BEFORE && cap - effective > RENEW_GAIN {
                 changes.push(Change::ServingRenewed);
-                signer.sign(&own, now)?
+                signer.sign(own, now)?
             } else if !own.is_subset(&s.sans) {
                 changes.push(Change::SansAdded);
                 signer.sign(&own.union(&s.sans).cloned().collect(), now)?
@@ -504,21 +546,7 @@ pub fn next_state(
                 s
             }
         }
-    };
-
-    // Every CA but the signing and the next one is kept only for the overlap.
-    let overlap_over = now - serving.issued() >= CA_RETIRE_AFTER;
-    let needed = |c: &Ca| c == &signer.ca || next.as_ref().is_some_and(|n| &n.ca == c);
-    let before = cas.len();
-    cas.retain(|c| needed(c) || !overlap_over);
-    if cas.len() < before {
-        changes.push(Change::CaRetired);
-    }
-    let out = bundle(&cas, &signer, next.as_ref(), &serving);
-    if changes.is_empty() && out.ca_crt != found.raw_ca_crt {
-        changes.push(Change::BundleCleaned);
-    }
-    Ok((!changes.is_empty()).then_some((out, changes)))
+    })
 }
 
 /// True when `secret` can be served as it stands: a signing CA with its key, and a serving
