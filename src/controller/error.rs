@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// Everything that can go wrong in a reconcile.
 #[derive(thiserror::Error, Debug)]
-pub enum Error {
+pub(crate) enum Error {
     /// The Kubernetes API refused or failed a call.
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
@@ -29,11 +29,11 @@ pub enum Error {
 }
 
 /// Result with the controller's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// A short, stable label for metrics and span attributes.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
             Error::Kube(kube::Error::Api(s)) if s.code == 404 => "not_found",

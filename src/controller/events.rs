@@ -26,10 +26,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How many recent events are remembered for aggregation.
-pub const CAPACITY: usize = 1024;
+pub(crate) const CAPACITY: usize = 1024;
 
 /// How long an event is remembered (kube's `Recorder` uses the same).
-pub const TTL: Duration = Duration::from_secs(6 * 60);
+pub(crate) const TTL: Duration = Duration::from_secs(6 * 60);
 
 /// What makes two events the same.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -52,7 +52,7 @@ struct Seen {
 }
 
 /// Publishes Events as `controller` (instance `instance`).
-pub struct Publisher {
+pub(crate) struct Publisher {
     client: FencedClient,
     controller: String,
     instance: String,
@@ -92,12 +92,12 @@ impl Recent {
 
 impl Publisher {
     /// A publisher writing through `client`.
-    pub fn new(client: FencedClient, controller: &str, instance: &str) -> Self {
+    pub(crate) fn new(client: FencedClient, controller: &str, instance: &str) -> Self {
         Self { client, controller: controller.into(), instance: instance.into(), recent: Mutex::new(Recent::default()) }
     }
 
     /// Publishes an event about `regarding`: a new Event, or the next of a series.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         regarding: &ObjectReference,
         type_: EventType,

@@ -105,7 +105,7 @@ fn tcp() -> HttpConnector {
 
 /// Wraps a connector so that its connections are [`FencedStream`]s.
 #[derive(Clone, Debug)]
-pub struct FencedConnector<C> {
+pub(crate) struct FencedConnector<C> {
     inner: C,
     fence: Fence,
 }
@@ -132,7 +132,7 @@ where
 
 /// A connection that refuses to write once the fence is closed.
 #[derive(Debug)]
-pub struct FencedStream<T> {
+pub(crate) struct FencedStream<T> {
     inner: T,
     fence: Fence,
 }

@@ -17,17 +17,17 @@
 
 pub mod children;
 mod error;
-pub mod events;
+pub(crate) mod events;
 pub mod fenced;
 #[cfg(test)]
 pub(crate) mod fixtures;
 #[cfg(test)]
 mod io_tests;
 mod observe;
-pub mod ownership;
-pub mod queue;
-pub mod reconcile;
-pub mod writer;
+pub(crate) mod ownership;
+pub(crate) mod queue;
+pub(crate) mod reconcile;
+pub(crate) mod writer;
 
 use crate::api::MyApp;
 use crate::api::policy::Policy;
@@ -35,7 +35,7 @@ use crate::cache::{AppRef, Cached, Caches};
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
 use error::backoff_delay;
-pub use error::{Error, Result};
+pub(crate) use error::{Error, Result};
 use fenced::FencedClient;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Config, Controller};
@@ -47,31 +47,31 @@ use std::time::Duration;
 use writer::Writer;
 
 /// How often an unchanged `MyApp` is reconciled again (a resync that must write nothing).
-pub const RESYNC: Duration = Duration::from_secs(300);
+pub(crate) const RESYNC: Duration = Duration::from_secs(300);
 
 /// What the controller watches and how often it resyncs. Flattened into the binary's `run`
 /// flags; each flag also reads an environment variable.
 #[derive(clap::Args, Debug, Clone)]
-pub struct ControllerArgs {
+pub(crate) struct ControllerArgs {
     /// Watch one namespace only (default: all).
     #[arg(long, env = "WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// How often an unchanged MyApp is reconciled again (with ±10 % jitter).
     #[arg(long, env = "RESYNC_PERIOD", default_value_t = RESYNC.into())]
-    pub resync_period: humantime::Duration,
+    pub(crate) resync_period: humantime::Duration,
 }
 
 /// What every reconcile shares.
-pub struct Context {
+pub(crate) struct Context {
     client: Client,
     /// This replica's identity, recorded on every reconcile span.
-    pub identity: String,
+    pub(crate) identity: String,
     /// The warm caches.
-    pub caches: Caches,
+    pub(crate) caches: Caches,
     /// The only way to write.
-    pub writer: Writer,
+    pub(crate) writer: Writer,
     /// Metrics of this replica.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<AppRef, u32>>,
     /// How often an unchanged object is reconciled again.
@@ -81,13 +81,13 @@ pub struct Context {
     /// MyApps waiting for a reconcile in this term.
     pending: Arc<queue::Pending>,
     /// The policy the webhooks enforce; the reconciler holds every MyApp to all of it as well.
-    pub policy: Policy,
+    pub(crate) policy: Policy,
 }
 
 impl Context {
     /// A context for one controller run (one leadership term). Reads use `client`; writes use
     /// `writes` after checking `fence`, and the time from `acquired` to the first reconcile is measured.
-    pub fn new(
+    pub(crate) fn new(
         client: Client,
         writes: FencedClient,
         caches: Caches,
@@ -113,30 +113,25 @@ impl Context {
     }
 
     /// Sets the policy (see [`Context::policy`]).
-    pub fn with_policy(mut self, policy: Policy) -> Self {
+    pub(crate) fn with_policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
         self
     }
 
     /// Sets the resync period.
-    pub fn with_resync(mut self, resync: Duration) -> Self {
+    pub(crate) fn with_resync(mut self, resync: Duration) -> Self {
         self.resync = resync;
         self
     }
 
-    /// The resync period.
-    pub fn resync(&self) -> Duration {
-        self.resync
-    }
-
     /// When to resync an object next: the period with ±10 % jitter, so that the objects a new
     /// leader reconciled in its first second do not all resync in the same second again.
-    pub fn next_resync(&self) -> Duration {
+    pub(crate) fn next_resync(&self) -> Duration {
         jittered(self.resync, rand::random::<f64>())
     }
 
     /// The client, for reads that must not come from the caches.
-    pub fn client(&self) -> kube::Client {
+    pub(crate) fn client(&self) -> kube::Client {
         self.client.clone()
     }
 
@@ -205,7 +200,7 @@ async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Acti
 }
 
 /// `period` scaled by a factor in [0.9, 1.1), chosen by `r` in [0, 1).
-pub fn jittered(period: Duration, r: f64) -> Duration {
+pub(crate) fn jittered(period: Duration, r: f64) -> Duration {
     period.mul_f64(0.9 + 0.2 * r.clamp(0.0, 1.0))
 }
 
@@ -224,7 +219,7 @@ fn error_policy(app: Arc<Cached<MyApp>>, error: &Error, ctx: Arc<Context>) -> Ac
 
 /// Runs the controller until `stop` resolves. It reconciles every object in the caches once at
 /// start (a new leader takes over everything), then whatever the watches trigger.
-pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub(crate) async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     ctx.caches.wait_ready().await;
     ctx.metrics.controller_running.set(1);
     let caches = &ctx.caches;

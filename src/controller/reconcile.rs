@@ -47,7 +47,7 @@ impl MyApp {
 
     /// Brings the children and the status in line with the spec.
     /// Returns when to look again (`None`: only when something changes).
-    pub async fn reconcile(&self, ctx: &Context) -> Result<Option<Duration>> {
+    pub(crate) async fn reconcile(&self, ctx: &Context) -> Result<Option<Duration>> {
         if self.meta().deletion_timestamp.is_some() {
             return self.cleanup(ctx).await;
         }
@@ -158,7 +158,7 @@ impl MyApp {
     }
 
     /// Deletes the children and releases the finalizer once both are gone.
-    pub async fn cleanup(&self, ctx: &Context) -> Result<Option<Duration>> {
+    pub(crate) async fn cleanup(&self, ctx: &Context) -> Result<Option<Duration>> {
         if !self.has_finalizer() {
             return Ok(None);
         }

@@ -101,14 +101,14 @@ impl Elector {
     /// Takes over before expiry on proof of the holder's death (`proof`), as the container
     /// incarnation `me`, which started at `born`. Without this, the elector writes no
     /// incarnation, reads no pods, and takes over only on expiry.
-    pub fn with_incarnation(mut self, me: Incarnation, born: Instant) -> Self {
+    pub(crate) fn with_incarnation(mut self, me: Incarnation, born: Instant) -> Self {
         self.me = Some(me);
         self.born = born;
         self
     }
 
     /// Records leader status, transitions and renew latency in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
     }
@@ -465,7 +465,7 @@ impl Elector {
 
     /// Clears the holder if we lead (or hold a new Lease we may not lead yet): the fence closes
     /// first, then the write.
-    pub async fn release(&mut self) {
+    pub(crate) async fn release(&mut self) {
         if self.leading().is_none() && self.hold.is_none() {
             return;
         }

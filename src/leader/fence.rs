@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 /// Where a replica's right to write comes from.
 #[derive(Clone, Debug)]
-pub enum Mandate {
+pub(crate) enum Mandate {
     /// Won in an election: valid while the elector's `valid_until` lies ahead (`None`: not the
     /// leader).
     Elected(watch::Receiver<Leadership>),
@@ -33,7 +33,7 @@ impl Fence {
     }
 
     /// The fence of `mandate`.
-    pub fn of(mandate: Mandate) -> Self {
+    pub(crate) fn of(mandate: Mandate) -> Self {
         Self(mandate)
     }
 

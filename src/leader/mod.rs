@@ -74,10 +74,11 @@ mod state;
 mod supervise;
 mod timings;
 
-pub use args::LeaseArgs;
+pub(crate) use args::LeaseArgs;
 pub(crate) use election::{Election, Leading};
 pub use elector::{Elector, Leadership, Stop};
-pub use fence::{Fence, Fenced, Mandate};
+pub(crate) use fence::Mandate;
+pub use fence::{Fence, Fenced};
 use proof::Incarnation;
 use supervise::supervise;
 pub use timings::{COMMIT_SLACK, DELIVERY_TIMEOUT, Timings, TimingsError};

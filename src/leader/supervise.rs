@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// How long a graceful shutdown waits for in-flight reconciles before dropping them.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Resolves when the leadership ends: it is withdrawn, or its `valid_until` passes unrenewed.
 /// Never, without an election.

@@ -15,12 +15,12 @@ mod args;
 pub mod certs;
 mod lifecycle;
 pub mod limits;
-pub mod mutate;
+pub(crate) mod mutate;
 pub mod review;
 pub mod server;
 
-pub use args::WebhookArgs;
-pub use certs::{CertSource, UpkeepError};
+pub(crate) use args::WebhookArgs;
+pub use certs::CertSource;
 pub use lifecycle::{Options, StartError, Webhooks};
 
 use crate::api::policy::Policy;

@@ -24,7 +24,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
 /// Rounds of read, judge, patch per configuration before giving up for this pass.
-pub const MAX_ATTEMPTS: u32 = 5;
+pub(crate) const MAX_ATTEMPTS: u32 = 5;
 
 /// Makes every webhook of the Mutating- and ValidatingWebhookConfiguration named `config` carry
 /// exactly `ca` (PEM) as its caBundle. Returns how many configurations were written.

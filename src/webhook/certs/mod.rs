@@ -12,15 +12,15 @@
 //! # Guarantees of the upkeep
 //!
 //! - **Bounded passes.** Each step of a pass (the Secret, then the caBundle) is bounded by
-//!   [`PASS_TIMEOUT`]; a failed pass is retried with backoff (from [`RETRY_MIN`], doubling, at
-//!   most [`RETRY_MAX`]), for as long as it takes.
+//!   [`PASS_TIMEOUT`]; a failed pass is retried with backoff (from `RETRY_MIN`, doubling, at
+//!   most `RETRY_MAX`: 500 ms and 30 s), for as long as it takes.
 //! - **Heals.** Each pass re-judges the certificate Secret and the caBundle of both webhook
 //!   configurations. A pass runs on every watch event of the Secret (its deletion included) and
 //!   of either configuration, so drift is repaired within seconds; after a failure, with
-//!   backoff; and at least every [`CHECK_PERIOD`] (for time-based steps: renewal, the CA
-//!   rotation schedule), or every [`DIR_CHECK_PERIOD`] for files.
+//!   backoff; and at least every `CHECK_PERIOD` (60 s; for time-based steps: renewal, the CA
+//!   rotation schedule), or every `DIR_CHECK_PERIOD` (10 s) for files.
 //! - **A replica's clock cannot make the replicas fight**: the Secret is judged at the API
-//!   server's time, and a replica rewrites a usable Secret at most [`MAX_REWRITES`] times an
+//!   server's time, and a replica rewrites a usable Secret at most `MAX_REWRITES` (3) times an
 //!   hour whatever any clock says (see `secret`).
 //!
 //! # Caveats
@@ -37,8 +37,10 @@ mod source;
 mod upkeep;
 
 pub use material::*;
-pub use secret::{MAX_REWRITES, REWRITE_WINDOW};
+#[cfg(test)]
+pub(crate) use secret::{MAX_REWRITES, REWRITE_WINDOW};
 pub use source::{CertSource, PASS_TIMEOUT, UpkeepError};
 pub(crate) use source::{Clock, Pem};
-pub use upkeep::{CHECK_PERIOD, DIR_CHECK_PERIOD, RETRY_MAX, RETRY_MIN};
+#[cfg(test)]
+pub(crate) use upkeep::{CHECK_PERIOD, RETRY_MAX};
 pub(crate) use upkeep::{Upkeep, retry_delay};

@@ -16,13 +16,13 @@ use kube::runtime::{WatchStreamExt, watcher};
 use std::time::Duration;
 
 /// The first retry after a failed pass.
-pub const RETRY_MIN: Duration = Duration::from_millis(500);
+pub(crate) const RETRY_MIN: Duration = Duration::from_millis(500);
 /// The longest wait between retries.
-pub const RETRY_MAX: Duration = Duration::from_secs(30);
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(30);
 /// The longest time between two passes in self-managed mode (events trigger them sooner).
-pub const CHECK_PERIOD: Duration = Duration::from_secs(60);
+pub(crate) const CHECK_PERIOD: Duration = Duration::from_secs(60);
 /// How often the files are read again.
-pub const DIR_CHECK_PERIOD: Duration = Duration::from_secs(10);
+pub(crate) const DIR_CHECK_PERIOD: Duration = Duration::from_secs(10);
 
 /// Unit events (an object named `name` changed, was deleted, or was relisted) of a watch.
 fn changes<K>(api: Api<K>, name: &str) -> BoxStream<'static, ()>
