@@ -5,7 +5,7 @@
 //!
 //! kube's client has connect and write timeouts but no read timeout (a read timeout would break
 //! idle watches), so a request sent on a half-open connection waits for its answer forever: the
-//! task that made it hangs, while `/livez` still says "ok". [`CallTimeoutLayer`] bounds the wait
+//! task that made it hangs, while `/livez` still says "ok". `CallTimeoutLayer` bounds the wait
 //! for the response head of every request that is not a watch. A watch is bounded instead by the
 //! watcher's own idle handling and backoff.
 //!

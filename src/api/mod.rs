@@ -3,6 +3,7 @@
 //! webhook and the reconciler both enforce.
 
 pub mod conditions;
+mod name;
 pub mod policy;
 pub mod quantity;
 pub mod types;

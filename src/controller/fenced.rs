@@ -1,7 +1,7 @@
 //! The client the controller writes with: its connections check the [`Fence`] immediately before
 //! every byte they hand to the kernel.
 //!
-//! [`Writer`](super::writer::Writer) checks the fence before it starts a call, but a call is not on
+//! `Writer` checks the fence before it starts a call, but a call is not on
 //! the wire yet when that check passes. It still waits in the client's buffer, hyper's connection
 //! pool and the connection task, and a retry can send it again later. A process paused inside that
 //! gap (SIGSTOP, a frozen VM, a stalled node) resumes after its leadership has ended and would send
@@ -14,7 +14,7 @@
 //!
 //! A check at the socket bounds when a write is *sent*, not when the API server *commits* it. So
 //! every write (any method but `GET`) also carries a deadline
-//! ([`CallTimeoutLayer::with_write_deadline`](crate::client::CallTimeoutLayer::with_write_deadline)): the
+//! (`CallTimeoutLayer::with_write_deadline`): the
 //! client gives up on it after [`Timings::write_timeout`](crate::leader::Timings), and the API
 //! server is told the same in the `timeout` query parameter, as client-go does for a request
 //! with a timeout. The server sets that deadline on the request's context from when it received
@@ -74,7 +74,7 @@ impl FencedClient {
 /// every write request lives at most `write_timeout`, on both ends. It
 /// has the same layers as the default client (base URI, credentials, extra headers such as the
 /// User-Agent, client spans with `traceparent`) and the same timeouts, the
-/// [`crate::client::CALL_TIMEOUT`] included (for reads).
+/// `crate::client::CALL_TIMEOUT` included (for reads).
 pub fn client(config: &kube::Config, fence: Fence, write_timeout: Duration) -> kube::Result<FencedClient> {
     let https = config.rustls_https_connector_with_connector(FencedConnector { inner: tcp(), fence })?;
     let mut timeouts = hyper_timeout::TimeoutConnector::new(https);

@@ -3,16 +3,16 @@
 //! It reads from the warm caches ([`crate::cache`]), which run on every replica, leader or not,
 //! so a new leader starts from warm caches.
 //!
-//! - [`reconcile`]: the reconcile and cleanup logic, as methods on `MyApp`.
-//! - [`events`]: Events about MyApps, repeats aggregated, in bounded memory.
+//! - `reconcile`: the reconcile and cleanup logic, as methods on `MyApp`.
+//! - `events`: Events about MyApps, repeats aggregated, in bounded memory.
 //! - [`children`]: pure builders of the Deployment and Service, and their shapes in the caches.
-//! - [`ownership`]: the pure decision of which existing objects a `MyApp` may write.
+//! - `ownership`: the pure decision of which existing objects a `MyApp` may write.
 //! - [`fenced`]: the client those writes use ([`fenced::FencedClient`]), whose sockets check the
 //!   fence before every write.
-//! - `error`: the reconcile's [`Error`], and the per-object backoff after a failure.
+//! - `error`: the reconcile's `Error`, and the per-object backoff after a failure.
 //! - `observe`: the span, metrics and exemplar of one reconcile.
-//! - [`queue`]: the queue-depth metric, counted around kube's private scheduler.
-//! - [`writer`]: every write the controller makes goes through here, so that it can be fenced and
+//! - `queue`: the queue-depth metric, counted around kube's private scheduler.
+//! - `writer`: every write the controller makes goes through here, so that it can be fenced and
 //!   counted in one place.
 
 pub mod children;

@@ -2,7 +2,7 @@
 //! generation, leader, trigger, result), linked to the admission that produced its generation;
 //! its duration, with its trace id as the exemplar; and its count by result.
 
-use super::Error;
+use super::error::Error;
 use crate::api::{MyApp, TRACE_ANNOTATION};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{logging, propagation, trigger};

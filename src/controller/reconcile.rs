@@ -5,9 +5,10 @@
 //! changed one, even by a removed field, is applied (see [`children::up_to_date`]). It never
 //! writes to, nor deletes, an object that the `MyApp` does not control (see [`ownership`]).
 
+use super::Context;
 use super::children::{self, selector_string};
+use super::error::{Error, Result};
 use super::ownership::{self, Claim, Conflict};
-use super::{Context, Error, Result};
 use crate::api::conditions::{self, NAME_CONFLICT, Outcome, READY, RolloutFacts};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
 use crate::backoff::Backoff;

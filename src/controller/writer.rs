@@ -2,9 +2,9 @@
 //! children, status patches, finalizer changes, deletes and Events — goes through [`Writer`], which
 //! checks the [`Fence`] first and counts the write in the metrics.
 
+use super::error::{Error, Result};
 use super::events::Publisher;
 use super::fenced::FencedClient;
-use super::{Error, Result};
 use crate::api::{FIELD_MANAGER, MyApp, MyAppStatus};
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;

@@ -1,6 +1,6 @@
 //! The election's command-line flags.
 
-use super::{Timings, TimingsError};
+use super::timings::{Timings, TimingsError};
 
 /// How this replica runs for leadership. Flattened into the binary's `run` flags; each flag also
 /// reads an environment variable. The timing defaults are [`Timings::DEFAULT`], stated once.

@@ -2,7 +2,12 @@
 //! writes, the supervisor that runs the controller while this replica leads, and the release
 //! on shutdown, in that order.
 
-use super::{Elector, Fence, Incarnation, LeaseArgs, Mandate, Stop, Timings, supervise};
+use super::args::LeaseArgs;
+use super::elector::{Elector, Stop};
+use super::fence::{Fence, Mandate};
+use super::proof::Incarnation;
+use super::supervise::supervise;
+use super::timings::Timings;
 use crate::telemetry::metrics::Metrics;
 use std::future::Future;
 use std::sync::Arc;

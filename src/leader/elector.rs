@@ -1,9 +1,9 @@
 //! The elector's I/O loop around the pure [`super::state`] machine.
 
-use super::Timings;
 use super::pods::HolderPod;
 use super::proof::{self, Incarnation};
 use super::state::{Decision, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
+use super::timings::Timings;
 use crate::telemetry::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -486,7 +486,7 @@ impl Elector {
 mod tests {
     use super::*;
     use crate::fake_api::FakeApi;
-    use crate::leader::Incarnation;
+    use crate::leader::proof::Incarnation;
     use std::time::Duration;
 
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases";

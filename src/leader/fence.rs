@@ -1,6 +1,6 @@
 //! The fence: permission to write, bounded by the leadership's `valid_until`.
 
-use super::Leadership;
+use super::elector::Leadership;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -22,7 +22,7 @@ pub struct Fenced;
 
 /// Permission to write, bounded in time. The leader elector publishes the instant until which
 /// this replica's leadership is certain (`valid_until`); every write checks it first. Without an
-/// election ([`Mandate::Unelected`]) the fence never closes.
+/// election (`Mandate::Unelected`) the fence never closes.
 #[derive(Clone, Debug)]
 pub struct Fence(Mandate);
 

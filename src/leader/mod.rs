@@ -77,8 +77,7 @@ mod timings;
 pub(crate) use args::LeaseArgs;
 pub(crate) use election::{Election, Leading};
 pub use elector::{Elector, Leadership, Stop};
+#[cfg(test)]
 pub(crate) use fence::Mandate;
 pub use fence::{Fence, Fenced};
-use proof::Incarnation;
-use supervise::supervise;
 pub use timings::{COMMIT_SLACK, DELIVERY_TIMEOUT, Timings, TimingsError};

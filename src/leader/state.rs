@@ -1,8 +1,8 @@
 //! The election as a pure state machine: what this replica saw of the Lease, when it saw it
 //! change (on the local monotonic clock), and what it should do next. No I/O, no wall clock.
 
-use super::Timings;
 use super::proof::Incarnation;
+use super::timings::Timings;
 use k8s_openapi::api::coordination::v1::LeaseSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! Runs the controller exactly while this replica leads.
 
-use super::{Fence, Leadership, Mandate, Stop};
+use super::elector::{Leadership, Stop};
+use super::fence::{Fence, Mandate};
 use std::future::Future;
 use std::time::Duration;
 use tokio::sync::watch;

@@ -84,7 +84,7 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     /// Reconcile duration in seconds, with the trace id of a sampled reconcile as exemplar.
     pub reconcile_duration: HistogramWithExemplars<TraceLabels>,
-    /// MyApps waiting for a reconcile (see [`crate::controller::queue`]).
+    /// MyApps waiting for a reconcile (see `crate::controller::queue`).
     pub queue_depth: Gauge,
     /// API writes made by the controller, by resource and verb.
     pub writes: Family<WriteLabels, Counter>,

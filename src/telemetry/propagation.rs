@@ -1,13 +1,13 @@
 //! W3C trace context across process boundaries.
 //!
-//! [`TraceParentLayer`] wraps the kube client's HTTP stack: every API call becomes a client span
+//! `TraceParentLayer` wraps the kube client's HTTP stack: every API call becomes a client span
 //! (method, path, status code, duration) under the current span, and its context travels to the
 //! API server in the `traceparent` header, so the API server's own spans join the trace. The API
 //! server honours an incoming parent only for privileged callers (`system:masters`, or users
 //! allowed the `tracing` verb); for others it starts its own trace with a link to ours.
 //!
 //! Incoming, we do the same as the API server does for callers it does not trust, for every
-//! caller: anything that reaches the webhook port can send a `traceparent`, so [`caller_link`]
+//! caller: anything that reaches the webhook port can send a `traceparent`, so `caller_link`
 //! reads it only as a *link*. The webhook's span is a new root: our sampler decides whether it is
 //! recorded (a caller cannot force sampling, or make us export spans into a trace of its choosing),
 //! and the caller's trace stays one click away through the link. The caller's `tracestate` is

@@ -2,8 +2,8 @@
 //!
 //! kube's controller opens a `reconciling object` span around each reconcile, whose `object.reason`
 //! field says why it runs (the object changed, one of its children changed, a requeue, an error
-//! retry, a reconcile of everything), but it hands the reconciler only the object. [`TriggerLayer`]
-//! keeps that field on the span, and [`current`] reads it back from inside the reconcile, which
+//! retry, a reconcile of everything), but it hands the reconciler only the object. `TriggerLayer`
+//! keeps that field on the span, and `current` reads it back from inside the reconcile, which
 //! records it on its own span as `trigger`.
 //!
 //! The span's name and field are kube's internals, not its API: a test runs a real `Controller`

@@ -1,6 +1,6 @@
 //! The webhooks' command-line flags.
 
-use super::CertSource;
+use super::certs::CertSource;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -16,7 +16,8 @@
 //!   against the current trust bundle, succeeds.
 
 use super::certs::{self, CertSource, Clock, Pem, Upkeep, UpkeepError};
-use super::{Shared, server};
+use super::server;
+use super::shared::Shared;
 use axum_server::tls_rustls::RustlsConfig;
 use futures::{FutureExt, StreamExt};
 use kube::Client;

@@ -19,11 +19,11 @@
 //!   stops accepting (new connections are refused), sends GOAWAY on every connection, and waits
 //!   for the requests in flight, within a bound.
 
-use super::Shared;
 use super::limits::{
     BodyError, ConnectionCap, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, JsonShape, MAX_HEADERS, MAX_ITEMS, Ticket,
 };
 use super::review::{self, Endpoint, NotAReview};
+use super::shared::Shared;
 use crate::telemetry::propagation::{caller_link, current_traceparent};
 use axum::Router;
 use axum::body::Body;
