@@ -5,7 +5,7 @@
 //!
 //! kube's client has connect and write timeouts but no read timeout (a read timeout would break
 //! idle watches), so a request sent on a half-open connection waits for its answer forever: the
-//! task that made it hangs, while `/livez` still says "ok". [`CallTimeoutLayer`] bounds the wait
+//! task that made it hangs, while `/livez` still says "ok". `CallTimeoutLayer` bounds the wait
 //! for the response head of every request that is not a watch. A watch is bounded instead by the
 //! watcher's own idle handling and backoff.
 //!
@@ -16,7 +16,7 @@
 use http::Request;
 
 /// The product token of the operator's User-Agent.
-pub const USER_AGENT_PRODUCT: &str = "myapp-operator";
+pub(crate) const USER_AGENT_PRODUCT: &str = "myapp-operator";
 
 /// The User-Agent of replica `identity`: `myapp-operator/<version> (<identity>)`. The audit log
 /// records it with every request, which is how the chaos suite and the tests tell the replicas'
@@ -36,14 +36,8 @@ pub fn identity_in_user_agent(user_agent: &str) -> Option<&str> {
 /// Backoff of every watch the operator keeps: from 200 ms, doubling, at most 5 s, with jitter,
 /// reset by any event. kube's default grows to 30 s, and a cache waiting that long after an API
 /// server restart is stale for all that time.
-pub fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .into()
+pub(crate) fn watch_backoff() -> kube::runtime::watcher::ExponentialBackoff {
+    crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).watcher()
 }
 use std::future::Future;
 use std::pin::Pin;
@@ -53,18 +47,18 @@ use std::time::Duration;
 /// How long any API call may take to answer. The API server's own request timeout is 60 s; an
 /// apply passes through admission webhooks whose timeouts are 10 s at most, so an answer later
 /// than this is one that is not coming.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The error of a call that timed out.
 #[derive(Debug, thiserror::Error)]
 #[error("the API call did not answer within {0:?}")]
-pub struct CallTimedOut(pub Duration);
+pub(crate) struct CallTimedOut(pub(crate) Duration);
 
 /// Bounds every non-watch request by a timeout; see the [module documentation](self). With
 /// [`CallTimeoutLayer::with_write_deadline`], every write (any method but `GET`) is bounded
 /// more tightly, on the API server too.
 #[derive(Clone, Copy, Debug)]
-pub struct CallTimeoutLayer {
+pub(crate) struct CallTimeoutLayer {
     call: Duration,
     write: Option<Duration>,
 }
@@ -77,7 +71,7 @@ impl Default for CallTimeoutLayer {
 
 impl CallTimeoutLayer {
     /// Bounds every call but watches by `call`.
-    pub fn new(call: Duration) -> Self {
+    pub(crate) fn new(call: Duration) -> Self {
         Self { call, write: None }
     }
 
@@ -85,7 +79,7 @@ impl CallTimeoutLayer {
     /// `timeout` query parameter (a Go duration, as client-go sends it for a request with a
     /// timeout): the server sets it on the request's context from when it received the
     /// request, and abandons the write when it passes. See [`crate::controller::fenced`].
-    pub fn with_write_deadline(mut self, deadline: Duration) -> Self {
+    pub(crate) fn with_write_deadline(mut self, deadline: Duration) -> Self {
         self.write = Some(deadline);
         self
     }
@@ -100,14 +94,14 @@ impl<S> tower::Layer<S> for CallTimeoutLayer {
 
 /// The service of [`CallTimeoutLayer`].
 #[derive(Clone, Debug)]
-pub struct CallTimeout<S> {
+pub(crate) struct CallTimeout<S> {
     inner: S,
     timeout: Duration,
     write: Option<Duration>,
 }
 
 /// `uri` with `timeout=<ms>ms` in its query, replacing any `timeout` already there.
-pub fn with_timeout(uri: &http::Uri, deadline: Duration) -> Result<http::Uri, http::Error> {
+pub(crate) fn with_timeout(uri: &http::Uri, deadline: Duration) -> Result<http::Uri, http::Error> {
     let path = uri.path();
     let kept = uri.query().unwrap_or_default().split('&').filter(|kv| !kv.is_empty() && !kv.starts_with("timeout="));
     let query: Vec<String> =

@@ -3,114 +3,33 @@
 //! One binary, every replica identical. The modules follow the runtime architecture in
 //! `ARCHITECTURE.md` ("Runtime", and "Module map" for every file):
 //!
+//! - [`manager`]: the process: starts the parts, wires them together, and stops them in order;
 //! - [`api`]: the `MyApp` types the CRD is generated from, its status conditions, and the
 //!   validation rules shared by the reconciler and the webhook;
+//! - [`cache`]: the warm caches (on every replica): watches, the compact forms of MyApps and
+//!   children, their stores;
 //! - [`leader`]: leader election on a Lease, with a renew deadline and fencing, and the
 //!   supervisor that runs the controller exactly while this replica leads;
-//! - [`controller`]: the warm caches (on every replica), reconcile and cleanup, the children,
+//! - [`controller`]: reconcile and cleanup, the children,
 //!   ownership, and the fenced single door for writes (leader only);
 //! - [`webhook`]: the admission webhooks (`/mutate`, `/validate`), their certificates and their
 //!   bounded HTTPS server (every replica);
 //! - [`telemetry`]: logs, traces with W3C propagation, metrics, and the reconcile trigger;
 //! - [`probes`]: the probe and metrics server (`/livez`, `/readyz`, `/metrics`);
 //! - [`client`]: the timeout on every API call;
+//! - `backoff`: the one backoff curve every retry uses;
 //! - `fake_api` (tests only): an in-memory API server with watches, for tests without a cluster.
 
 pub mod api;
+mod backoff;
+pub mod cache;
 pub mod client;
 pub mod controller;
 pub mod leader;
+pub mod manager;
 pub mod probes;
 pub mod telemetry;
 pub mod webhook;
 
 #[cfg(test)]
 pub(crate) mod fake_api;
-
-use std::time::Duration;
-
-/// Everything that can go wrong in a reconcile.
-#[derive(thiserror::Error, Debug)]
-pub enum Error {
-    /// The Kubernetes API refused or failed a call.
-    #[error("kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    /// An object lacks a field the API server always sets.
-    #[error("object has no {0}")]
-    MissingField(&'static str),
-    /// A document could not be (de)serialized.
-    #[error("serialization: {0}")]
-    Serialization(#[from] serde_json::Error),
-    /// This replica may not write (it is not, or no longer, the leader).
-    #[error("write refused: this replica does not hold the lease")]
-    Fenced,
-    /// A child's name is held by objects the `MyApp` does not control; nothing was written to
-    /// them. Retried with backoff, so the `MyApp` recovers once they are gone.
-    #[error("name conflict: {}", controller::ownership::describe(.0))]
-    NameConflict(Vec<controller::ownership::Conflict>),
-}
-
-/// Result with the crate's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl Error {
-    /// A short, stable label for metrics and span attributes.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
-            Error::Kube(kube::Error::Api(s)) if s.code == 404 => "not_found",
-            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
-            Error::Kube(kube::Error::Api(s)) if s.code == 422 => "invalid",
-            Error::Kube(kube::Error::Api(_)) => "api",
-            Error::Kube(_) => "transport",
-            Error::MissingField(_) => "missing_field",
-            Error::Serialization(_) => "serialization",
-            Error::Fenced => "fenced",
-            Error::NameConflict(_) => "name_conflict",
-        }
-    }
-}
-
-/// The per-object retry policy after a failed reconcile: exponential from 500 ms, doubling with
-/// each consecutive failure, capped at 5 minutes, with `jitter` (in `[0, 1)`) adding up to 20 %
-/// so that objects failing together do not retry in lockstep. Conflicts retry fast: they mean
-/// someone else wrote first, not that something is broken.
-pub fn backoff_delay(failures: u32, error: &Error, jitter: f64) -> Duration {
-    let conflict = matches!(error, Error::Kube(kube::Error::Api(s)) if s.code == 409);
-    let base_ms: u64 = if conflict { 100 } else { 500 };
-    let exp = failures.saturating_sub(1).min(20);
-    let ms = base_ms.saturating_mul(1u64 << exp).min(300_000);
-    let jitter = jitter.clamp(0.0, 1.0);
-    Duration::from_millis(ms + (ms as f64 * 0.2 * jitter) as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn api(code: u16) -> Error {
-        Error::Kube(kube::Error::Api(Box::new(kube::core::Status::failure("x", "y").with_code(code))))
-    }
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert_eq!(backoff_delay(1, &api(500), 0.0), Duration::from_millis(500));
-        assert_eq!(backoff_delay(2, &api(500), 0.0), Duration::from_millis(1000));
-        assert_eq!(backoff_delay(4, &api(500), 0.0), Duration::from_millis(4000));
-        assert_eq!(backoff_delay(30, &api(500), 0.0), Duration::from_secs(300));
-        assert_eq!(backoff_delay(u32::MAX, &api(500), 0.0), Duration::from_secs(300));
-    }
-
-    #[test]
-    fn backoff_jitter_is_bounded() {
-        assert_eq!(backoff_delay(1, &api(500), 0.999_999), Duration::from_millis(599));
-        assert_eq!(backoff_delay(1, &api(500), 7.0), Duration::from_millis(600));
-        assert!(backoff_delay(3, &api(500), 0.5) > backoff_delay(3, &api(500), 0.0));
-    }
-
-    #[test]
-    fn conflicts_retry_fast() {
-        assert_eq!(backoff_delay(1, &api(409), 0.0), Duration::from_millis(100));
-        assert!(backoff_delay(1, &api(409), 0.0) < backoff_delay(1, &api(500), 0.0));
-    }
-}

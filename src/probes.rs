@@ -15,13 +15,13 @@ use std::time::Duration;
 
 /// Shared state of the probe server.
 #[derive(Clone)]
-pub struct Probes {
+pub(crate) struct Probes {
     /// Metrics to serve.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// True once the caches are synced and the process can do its work.
-    pub ready: Arc<AtomicBool>,
+    pub(crate) ready: Arc<AtomicBool>,
     /// True while the webhook server has a certificate and answers a TLS handshake.
-    pub webhooks_ready: Option<Arc<AtomicBool>>,
+    pub(crate) webhooks_ready: Option<Arc<AtomicBool>>,
 }
 
 async fn livez() -> &'static str {
@@ -42,7 +42,7 @@ async fn metrics(State(p): State<Probes>) -> impl IntoResponse {
 }
 
 /// The probe router.
-pub fn router(probes: Probes) -> Router {
+pub(crate) fn router(probes: Probes) -> Router {
     Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -52,14 +52,14 @@ pub fn router(probes: Probes) -> Router {
 
 /// Connections the probe server keeps open at once: the kubelet's probes and a scraper need a
 /// few, each closed or reused within seconds.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 
 /// Connections open at once from one remote address, so that one pod cannot take the places the
 /// kubelet's probes need (they come from the node's address).
-pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
+pub(crate) const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 
 /// Time for a request's head, from the connection's start or from the previous answer.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves the probes on `addr` until `stop` resolves.
 ///
@@ -67,7 +67,7 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// server (see [`crate::webhook::limits`]): at most [`MAX_CONNECTIONS`] connections,
 /// [`MAX_CONNECTIONS_PER_SOURCE`] from one address, over the cap closed at once; a request head
 /// must arrive within [`HEADER_TIMEOUT`]. Answers are built from memory without reading a body.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     probes: Probes,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -79,7 +79,7 @@ pub async fn serve(
 }
 
 /// [`serve`] on a bound, non-blocking `listener`.
-pub async fn serve_on(
+pub(crate) async fn serve_on(
     listener: std::net::TcpListener,
     probes: Probes,
     stop: impl std::future::Future<Output = ()> + Send + 'static,

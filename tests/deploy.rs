@@ -56,7 +56,7 @@ struct Allowed {
 /// The verbs the code uses, per resource, with the code that needs each. A verb the code stops
 /// using comes out of this list and out of `deploy/rbac`; a new call goes into both.
 const ALLOWED: &[Allowed] = &[
-    // list, watch: the warm cache (src/controller/cache.rs, `Caches::start`);
+    // list, watch: the warm cache (src/cache/mod.rs, `Caches::start`);
     // patch: the finalizer (src/controller/writer.rs, `Writer::set_finalizers`). Nothing GETs a MyApp.
     Allowed {
         kind: "ClusterRole",
@@ -77,7 +77,7 @@ const ALLOWED: &[Allowed] = &[
         verbs: &["update"],
         by_name: false,
     },
-    // list, watch: the warm caches (src/controller/cache.rs); get: a child the cache lacks
+    // list, watch: the warm caches (src/cache/mod.rs); get: a child the cache lacks
     // (src/controller/reconcile.rs, `live_child`); patch: server-side apply, which needs create
     // too when it makes the object (src/controller/writer.rs, `Writer::apply`); delete: cleanup
     // (`Writer::delete`).
@@ -105,8 +105,8 @@ const ALLOWED: &[Allowed] = &[
         verbs: &["create", "patch"],
         by_name: false,
     },
-    // get, patch (a JSON patch testing the resourceVersion): src/webhook/ca_bundle.rs,
-    // `ensure_one`; list, watch by name: src/webhook/lifecycle.rs, `changes`.
+    // get, patch (a JSON patch testing the resourceVersion): src/webhook/certs/ca_bundle.rs,
+    // `ensure_one`; list, watch by name: src/webhook/certs/upkeep.rs, `changes`.
     Allowed {
         kind: "ClusterRole",
         group: "admissionregistration.k8s.io",
@@ -134,8 +134,8 @@ const ALLOWED: &[Allowed] = &[
     // list, watch by name (fieldSelector): the Lease holder's pod, for the kubelet's report that
     // its container exited (src/leader/pods.rs, `HolderPod::follow`). Nothing gets or writes pods.
     Allowed { kind: "Role", group: "", resource: "pods", verbs: &["list", "watch"], by_name: false },
-    // get, create, update (replace under compare-and-swap): src/webhook/secret.rs, `ensure`;
-    // list, watch by name: src/webhook/lifecycle.rs, `changes`.
+    // get, create, update (replace under compare-and-swap): src/webhook/certs/secret.rs, `ensure`;
+    // list, watch by name: src/webhook/certs/upkeep.rs, `changes`.
     Allowed {
         kind: "Role",
         group: "",

@@ -270,7 +270,7 @@ async fn the_fenced_client_sends_nothing_once_the_term_has_ended() {
     let ns = TestNamespace::new(&client, "fenced").await;
     let (valid_until, rx) = watch::channel(Some(Instant::now() + Duration::from_secs(30)));
     let fenced = fenced::client(&config().await, Fence::new(rx), fast().write_timeout).expect("fenced client");
-    let ours: Api<ConfigMap> = Api::namespaced(fenced, &ns.name);
+    let ours: Api<ConfigMap> = fenced.api(&ns.name);
     let theirs: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
     let cm = |name: &str| -> ConfigMap {
         serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("configmap")

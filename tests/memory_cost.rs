@@ -3,8 +3,8 @@
 //! the server reads; and one cached MyApp with its children, up to the largest MyApp etcd stores. Run with `--nocapture` for the
 //! figures.
 
+use myapp_operator::api::policy::Policy;
 use myapp_operator::webhook::limits::{JsonShape, MAX_BODY, MAX_ITEMS, MAX_REQUEST_COST};
-use myapp_operator::webhook::policy::Policy;
 use myapp_operator::webhook::review::{self, Endpoint};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -188,7 +188,7 @@ fn myapp(env: usize, value_len: usize) -> serde_json::Value {
 fn a_cached_myapp_costs_at_most_its_bound_whatever_its_size() {
     let _alone = alone();
     use myapp_operator::api::MyApp;
-    use myapp_operator::controller::cached::{Cached, MAX_KEPT};
+    use myapp_operator::cache::{Cached, MAX_KEPT};
     use myapp_operator::controller::children;
     let held = |doc: serde_json::Value| {
         let app: MyApp = serde_json::from_value(doc.clone()).expect("a MyApp");

@@ -12,7 +12,7 @@
 //! Every condition carries `observedGeneration`, and `lastTransitionTime` changes only when the
 //! condition's `status` changes, so an unchanged world yields an identical status and no write.
 
-use super::MyAppStatus;
+use super::types::MyAppStatus;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -198,7 +198,7 @@ pub fn carry_transition_times(old: &[Condition], new: &mut [Condition], now: &Ti
     }
 }
 
-impl super::MyApp {
+impl super::types::MyApp {
     /// True when the status says Ready for the object's current generation: what
     /// `kubectl wait --for=condition=Ready` and kstatus mean by it.
     pub fn ready_at_generation(&self) -> bool {

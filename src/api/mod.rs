@@ -1,7 +1,10 @@
 //! The `MyApp` API (`myapps.myapp.dev/v1`): the Rust types the CRD is generated from, the status
-//! conditions and their maths, and the validation rules shared by the reconciler and the webhook.
+//! conditions and their maths, the validation rules, and the one admission [`policy`] that the
+//! webhook and the reconciler both enforce.
 
 pub mod conditions;
+mod name;
+pub mod policy;
 pub mod quantity;
 pub mod types;
 pub mod validation;

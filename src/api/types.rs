@@ -29,10 +29,10 @@ use serde::{Deserialize, Serialize};
     // this rule must still take updates, such as the removal of its finalizer.
     validation = Rule::new(format!(
         "oldSelf.hasValue() || (self.metadata.name.size() <= {} && self.metadata.name.matches('{}'))",
-        super::validation::MAX_NAME_LENGTH,
-        super::validation::NAME_PATTERN
+        super::name::MAX_NAME_LENGTH,
+        super::name::NAME_PATTERN
     ))
-    .message(kube::core::Message::Message(format!("metadata.name {}", super::validation::NAME_RULE)))
+    .message(kube::core::Message::Message(format!("metadata.name {}", super::name::NAME_RULE)))
     .optional_old_self(true),
     scale(
         spec_replicas_path = ".spec.replicas",

@@ -2,7 +2,9 @@
 //! the reconciler can refuse (and report as `Stalled`) a spec that got past admission, and so the
 //! webhook can name the offending field. Every error names its field path.
 
-use super::{MyAppSpec, ResourceAmounts, quantity};
+pub use super::name::{MAX_NAME_LENGTH, NAME_PATTERN, NAME_RULE};
+use super::quantity;
+use super::types::{MyAppSpec, ResourceAmounts};
 use std::collections::HashSet;
 use std::fmt;
 
@@ -100,16 +102,6 @@ fn validate_amounts(path: &str, amounts: &ResourceAmounts, errors: &mut Vec<Fiel
         }
     }
 }
-
-/// The most a MyApp name may have: it is the name of its Service, a DNS-1035 label.
-pub const MAX_NAME_LENGTH: usize = 63;
-
-/// The characters of a DNS-1035 label, as a regular expression (for the CRD's CEL rule).
-pub const NAME_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
-
-/// What [`validate_name`] demands, as the message of its error (and of the CRD's CEL rule).
-pub const NAME_RULE: &str = "must be a DNS-1035 label, because it names the MyApp's Service and is a label value: \
-     at most 63 characters, lowercase letters, digits and '-', starting with a letter and ending with a letter or digit";
 
 /// The rule a `MyApp`'s name follows so that its children can carry it: it names the Service (a
 /// DNS-1035 label) and the Deployment, and it is the value of the pods' labels (at most 63

@@ -34,7 +34,8 @@
 //! child stale, and the forced apply removes it.
 
 use crate::api::{APPLIED_HASH, INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
-use crate::api::{MyApp, ServiceType, quantity};
+use crate::api::{MyApp, MyAppSpec, ResourceAmounts, Resources, ServiceType, quantity};
+use crate::cache::{Shape, deletion, merge, shape_of};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec, ResourceRequirements, Service, ServicePort, ServiceSpec,
@@ -44,8 +45,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 /// Name of the container and of the port.
 pub const CONTAINER: &str = "app";
@@ -247,19 +249,88 @@ fn list_keys(path: &[&str]) -> Option<&'static [&'static str]> {
     KEYED_LISTS.iter().find(|(p, _)| *p == path).map(|(_, keys)| *keys)
 }
 
-/// True when the object the API server holds already carries everything we would apply. With a
-/// [`stamp`]ed `desired`, that includes the digest of the whole document: a field that `desired`
-/// no longer has, but the last applied document had, makes it false (see the module's guarantees).
-pub fn up_to_date<K: serde::Serialize>(desired: &K, actual: &K) -> bool {
-    match (serde_json::to_value(desired), serde_json::to_value(actual)) {
-        (Ok(d), Ok(a)) => is_subset(&d, &a),
-        _ => false,
+/// True when `actual`, the object the API server holds as JSON (or what the caches keep of it,
+/// `Cached::document`), already carries everything of `desired`, the JSON of the document we
+/// would apply. With a [`stamp`]ed `desired`, that includes the digest of the whole document: a
+/// field that `desired` no longer has, but the last applied document had, makes it false (see
+/// the module's guarantees). It compares JSON with JSON: a cached child is never rebuilt as a
+/// typed object for it.
+pub fn up_to_date(desired: &Value, actual: &Value) -> bool {
+    is_subset(desired, actual)
+}
+
+// The child shapes: what the caches keep of a Deployment and of a Service (see
+// `crate::cache::Shape`), derived from the builders above.
+
+/// A `MyApp` with every optional field set, so its children carry every field the builders can
+/// write.
+fn maximal() -> MyApp {
+    let amounts = || Some(ResourceAmounts { cpu: Some("1".into()), memory: Some("1Mi".into()) });
+    let mut app = MyApp::new(
+        "shape",
+        MyAppSpec {
+            image: "shape:1".into(),
+            replicas: 1,
+            port: 1,
+            env: vec![crate::api::EnvVar { name: "A".into(), value: "a".into() }],
+            resources: Some(Resources { requests: amounts(), limits: amounts() }),
+            service_type: Some(ServiceType::NodePort),
+        },
+    );
+    app.metadata.namespace = Some("shape".into());
+    app.metadata.uid = Some("shape".into());
+    app
+}
+
+fn applied<K: serde::Serialize + Resource + Clone>(doc: K) -> Value {
+    let doc = stamp(doc.clone()).unwrap_or(doc);
+    serde_json::to_value(doc).unwrap_or_default()
+}
+
+impl Shape for Deployment {
+    fn shape() -> &'static Value {
+        static SHAPE: LazyLock<Value> = LazyLock::new(|| {
+            let mut read = deletion();
+            // What `RolloutFacts::from_deployment` reads.
+            merge(
+                &mut read,
+                json!({
+                    "metadata": {"generation": true},
+                    "status": {
+                        "observedGeneration": true, "replicas": true, "updatedReplicas": true,
+                        "readyReplicas": true, "availableReplicas": true,
+                        "conditions": [{"type": true, "reason": true}],
+                    },
+                }),
+            );
+            shape_of(applied(deployment(&maximal())), read)
+        });
+        &SHAPE
+    }
+}
+
+impl Shape for Service {
+    fn shape() -> &'static Value {
+        static SHAPE: LazyLock<Value> = LazyLock::new(|| shape_of(applied(service(&maximal())), deletion()));
+        &SHAPE
     }
 }
 
 #[cfg(test)]
+#[path = "shapes_tests.rs"]
+mod shapes_tests;
+
+#[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// [`up_to_date`] of two typed objects.
+    pub(crate) fn up_to_date_typed<K: Serialize>(desired: &K, actual: &K) -> bool {
+        match (serde_json::to_value(desired), serde_json::to_value(actual)) {
+            (Ok(d), Ok(a)) => up_to_date(&d, &a),
+            _ => false,
+        }
+    }
     use crate::api::{EnvVar as AppEnv, MyAppSpec, ResourceAmounts, Resources};
     use serde_json::json;
 
@@ -405,8 +476,8 @@ pub(crate) mod tests {
     fn fresh_after(before: &MyApp, after: &MyApp) -> (bool, bool) {
         let live_d = stored(&stamp(deployment(before)).expect("stamp"));
         let live_s = stored(&stamp(service(before)).expect("stamp"));
-        let d = up_to_date(&stamp(deployment(after)).expect("stamp"), &live_d);
-        let s = up_to_date(&stamp(service(after)).expect("stamp"), &live_s);
+        let d = up_to_date_typed(&stamp(deployment(after)).expect("stamp"), &live_d);
+        let s = up_to_date_typed(&stamp(service(after)).expect("stamp"), &live_s);
         (d, s)
     }
 
@@ -476,7 +547,7 @@ pub(crate) mod tests {
         let desired = stamp(doc).expect("stamp");
         let mut live = serde_json::to_value(stored(&desired)).expect("serializes");
         edit(&mut live);
-        up_to_date(&desired, &serde_json::from_value::<K>(live).expect("deserializes"))
+        up_to_date_typed(&desired, &serde_json::from_value::<K>(live).expect("deserializes"))
     }
 
     fn container(d: &mut Value) -> &mut Value {
@@ -682,8 +753,8 @@ pub(crate) mod tests {
         let a = full_app();
         let live = stored(&deployment(&a));
         let desired = stamp(deployment(&a)).expect("stamp");
-        assert!(!up_to_date(&desired, &live), "a child written before the digest existed");
-        assert!(up_to_date(&desired, &stored(&desired)));
+        assert!(!up_to_date_typed(&desired, &live), "a child written before the digest existed");
+        assert!(up_to_date_typed(&desired, &stored(&desired)));
     }
 
     #[test]
@@ -691,7 +762,7 @@ pub(crate) mod tests {
         let desired = stamp(service(&full_app())).expect("stamp");
         let mut live = stored(&desired);
         live.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(APPLIED_HASH.into(), "0".repeat(32));
-        assert!(!up_to_date(&desired, &live));
+        assert!(!up_to_date_typed(&desired, &live));
     }
 
     #[test]
@@ -712,11 +783,11 @@ pub(crate) mod tests {
     #[test]
     fn typed_comparison() {
         let d = service(&app());
-        assert!(up_to_date(&d, &d.clone()));
+        assert!(up_to_date_typed(&d, &d.clone()));
         let mut other = d.clone();
         if let Some(spec) = other.spec.as_mut() {
             spec.type_ = Some("LoadBalancer".into());
         }
-        assert!(!up_to_date(&d, &other));
+        assert!(!up_to_date_typed(&d, &other));
     }
 }

@@ -14,6 +14,7 @@
 //!   another, as long as it is among the [`CAPACITY`] most recent.
 //! - A failure to publish is returned; the caller decides (the [`super::writer::Writer`] logs it).
 
+use super::fenced::FencedClient;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::{Event, EventSeries};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -25,10 +26,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How many recent events are remembered for aggregation.
-pub const CAPACITY: usize = 1024;
+pub(crate) const CAPACITY: usize = 1024;
 
 /// How long an event is remembered (kube's `Recorder` uses the same).
-pub const TTL: Duration = Duration::from_secs(6 * 60);
+pub(crate) const TTL: Duration = Duration::from_secs(6 * 60);
 
 /// What makes two events the same.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -51,8 +52,8 @@ struct Seen {
 }
 
 /// Publishes Events as `controller` (instance `instance`).
-pub struct Publisher {
-    client: kube::Client,
+pub(crate) struct Publisher {
+    client: FencedClient,
     controller: String,
     instance: String,
     recent: Mutex<Recent>,
@@ -91,12 +92,12 @@ impl Recent {
 
 impl Publisher {
     /// A publisher writing through `client`.
-    pub fn new(client: kube::Client, controller: &str, instance: &str) -> Self {
+    pub(crate) fn new(client: FencedClient, controller: &str, instance: &str) -> Self {
         Self { client, controller: controller.into(), instance: instance.into(), recent: Mutex::new(Recent::default()) }
     }
 
     /// Publishes an event about `regarding`: a new Event, or the next of a series.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         regarding: &ObjectReference,
         type_: EventType,
@@ -121,7 +122,7 @@ impl Publisher {
             r.trim(now);
             r.seen.get(&key).cloned()
         });
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+        let api: Api<Event> = self.client.api(&namespace);
         let seen = match earlier {
             Some(first) => {
                 let count = first.count.saturating_add(1);

@@ -1,7 +1,7 @@
 //! The client the controller writes with: its connections check the [`Fence`] immediately before
 //! every byte they hand to the kernel.
 //!
-//! [`Writer`](super::writer::Writer) checks the fence before it starts a call, but a call is not on
+//! `Writer` checks the fence before it starts a call, but a call is not on
 //! the wire yet when that check passes. It still waits in the client's buffer, hyper's connection
 //! pool and the connection task, and a retry can send it again later. A process paused inside that
 //! gap (SIGSTOP, a frozen VM, a stalled node) resumes after its leadership has ended and would send
@@ -14,7 +14,7 @@
 //!
 //! A check at the socket bounds when a write is *sent*, not when the API server *commits* it. So
 //! every write (any method but `GET`) also carries a deadline
-//! ([`CallTimeoutLayer::with_write_deadline`](crate::client::CallTimeoutLayer::with_write_deadline)): the
+//! (`CallTimeoutLayer::with_write_deadline`): the
 //! client gives up on it after [`Timings::write_timeout`](crate::leader::Timings), and the API
 //! server is told the same in the `timeout` query parameter, as client-go does for a request
 //! with a timeout. The server sets that deadline on the request's context from when it received
@@ -40,6 +40,7 @@ use crate::telemetry::propagation::TraceParentLayer;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioExecutor;
+use k8s_openapi::NamespaceResourceScope;
 use kube::client::ConfigExt;
 use std::future::Future;
 use std::io;
@@ -47,12 +48,34 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+/// The client the controller writes with: a kube client whose every socket write is fenced.
+/// A type of its own, so that it cannot be passed where the plain (read) client is meant, nor
+/// the other way round; it is made only by [`client`].
+#[derive(Clone)]
+pub struct FencedClient(kube::Client);
+
+impl FencedClient {
+    /// The API of the namespaced resources `K` in `namespace`, through this client.
+    pub fn api<K>(&self, namespace: &str) -> kube::Api<K>
+    where
+        K: kube::Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        kube::Api::namespaced(self.0.clone(), namespace)
+    }
+
+    /// A test's client, taken as fenced (the fake API server's).
+    #[cfg(test)]
+    pub(crate) fn for_tests(client: kube::Client) -> Self {
+        Self(client)
+    }
+}
+
 /// Builds a kube client for `config` whose every socket write is fenced by `fence`, and whose
 /// every write request lives at most `write_timeout`, on both ends. It
 /// has the same layers as the default client (base URI, credentials, extra headers such as the
 /// User-Agent, client spans with `traceparent`) and the same timeouts, the
-/// [`crate::client::CALL_TIMEOUT`] included (for reads).
-pub fn client(config: &kube::Config, fence: Fence, write_timeout: Duration) -> kube::Result<kube::Client> {
+/// `crate::client::CALL_TIMEOUT` included (for reads).
+pub fn client(config: &kube::Config, fence: Fence, write_timeout: Duration) -> kube::Result<FencedClient> {
     let https = config.rustls_https_connector_with_connector(FencedConnector { inner: tcp(), fence })?;
     let mut timeouts = hyper_timeout::TimeoutConnector::new(https);
     timeouts.set_connect_timeout(config.connect_timeout);
@@ -68,7 +91,7 @@ pub fn client(config: &kube::Config, fence: Fence, write_timeout: Duration) -> k
         .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
         .service(http);
-    Ok(kube::Client::new(service, config.default_namespace.clone()))
+    Ok(FencedClient(kube::Client::new(service, config.default_namespace.clone())))
 }
 
 /// The TCP connector under the fenced client: plain HTTP allowed (TLS is layered above), and
@@ -82,7 +105,7 @@ fn tcp() -> HttpConnector {
 
 /// Wraps a connector so that its connections are [`FencedStream`]s.
 #[derive(Clone, Debug)]
-pub struct FencedConnector<C> {
+pub(crate) struct FencedConnector<C> {
     inner: C,
     fence: Fence,
 }
@@ -109,7 +132,7 @@ where
 
 /// A connection that refuses to write once the fence is closed.
 #[derive(Debug)]
-pub struct FencedStream<T> {
+pub(crate) struct FencedStream<T> {
     inner: T,
     fence: Fence,
 }

@@ -3,13 +3,14 @@
 //! milliseconds.
 
 use super::Context;
-use super::cache::Caches;
+use super::fenced::FencedClient;
 use super::fixtures::{DEPLOYMENTS, MYAPPS, NS, SERVICES};
+use crate::api::policy::Policy;
 use crate::api::{EnvVar, FINALIZER, MyApp};
+use crate::cache::Caches;
 use crate::fake_api::{FakeApi, Seen};
-use crate::leader::Fence;
+use crate::leader::{Fence, Mandate};
 use crate::telemetry::metrics::Metrics;
-use crate::webhook::policy::Policy;
 use kube::api::{Api, DeleteParams};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,11 +26,11 @@ async fn start(app: &MyApp) -> (FakeApi, Context) {
     tokio::time::timeout(Duration::from_secs(30), caches.wait_ready()).await.expect("the caches sync");
     let ctx = Context::new(
         fake.client(),
-        fake.client(),
+        FencedClient::for_tests(fake.client()),
         caches,
         Arc::new(Metrics::default()),
         "test-replica",
-        Fence::open(),
+        Fence::of(Mandate::Unelected),
         tokio::time::Instant::now(),
     );
     (fake, ctx)
@@ -184,7 +185,7 @@ async fn an_unchanged_object_makes_no_write() {
 /// resync still writes nothing.
 #[tokio::test(start_paused = true)]
 async fn a_myapp_too_large_to_cache_is_read_from_the_api_server_and_rolled_out_whole() {
-    use super::cached::MAX_KEPT;
+    use crate::cache::MAX_KEPT;
     let env: Vec<EnvVar> = (0..8).map(|i| EnvVar { name: format!("BIG_{i}"), value: "v".repeat(32 * 1024) }).collect();
     let (fake, ctx) = start(&MyApp::test().with_spec(|s| s.env = env)).await;
     let cached = ctx.caches.myapps.state().first().cloned().expect("the MyApp is in the store");

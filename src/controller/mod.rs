@@ -1,40 +1,42 @@
 //! The reconciler: it turns each `MyApp` into a Deployment and a Service and reports status.
 //!
-//! - [`cache`]: the watches and stores of MyApps, Deployments and Services. They run on every
-//!   replica, leader or not, so a new leader starts from warm caches.
-//! - [`reconcile`]: the reconcile and cleanup logic, as methods on `MyApp`.
-//! - [`cached`]: the compact form in which the caches keep a MyApp or a child.
-//! - [`store`]: the store of the children, each packed in one string.
-//! - [`events`]: Events about MyApps, repeats aggregated, in bounded memory.
-//! - [`children`]: pure builders of the Deployment and Service.
-//! - [`ownership`]: the pure decision of which existing objects a `MyApp` may write.
-//! - [`fenced`]: the client those writes use, whose sockets check the fence before every write.
-//! - [`queue`]: the queue-depth metric, counted around kube's private scheduler.
-//! - [`writer`]: every write the controller makes goes through here, so that it can be fenced and
+//! It reads from the warm caches ([`crate::cache`]), which run on every replica, leader or not,
+//! so a new leader starts from warm caches.
+//!
+//! - `reconcile`: the reconcile and cleanup logic, as methods on `MyApp`.
+//! - `events`: Events about MyApps, repeats aggregated, in bounded memory.
+//! - [`children`]: pure builders of the Deployment and Service, and their shapes in the caches.
+//! - `ownership`: the pure decision of which existing objects a `MyApp` may write.
+//! - [`fenced`]: the client those writes use ([`fenced::FencedClient`]), whose sockets check the
+//!   fence before every write.
+//! - `error`: the reconcile's `Error`, and the per-object backoff after a failure.
+//! - `observe`: the span, metrics and exemplar of one reconcile.
+//! - `queue`: the queue-depth metric, counted around kube's private scheduler.
+//! - `writer`: every write the controller makes goes through here, so that it can be fenced and
 //!   counted in one place.
 
-pub mod cache;
-pub mod cached;
 pub mod children;
-pub mod events;
+mod error;
+pub(crate) mod events;
 pub mod fenced;
 #[cfg(test)]
 pub(crate) mod fixtures;
 #[cfg(test)]
 mod io_tests;
-pub mod ownership;
-pub mod queue;
-pub mod reconcile;
-pub mod store;
-pub mod writer;
+mod observe;
+pub(crate) mod ownership;
+pub(crate) mod queue;
+pub(crate) mod reconcile;
+pub(crate) mod writer;
 
 use crate::api::MyApp;
+use crate::api::policy::Policy;
+use crate::cache::{AppRef, Cached, Caches};
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
-use crate::webhook::policy::Policy;
-use crate::{Error, backoff_delay};
-use cache::Caches;
-use cached::Cached;
+use error::backoff_delay;
+pub(crate) use error::{Error, Result};
+use fenced::FencedClient;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -44,35 +46,32 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use writer::Writer;
 
-/// A MyApp's key in the controller's queue and the caches.
-pub type AppRef = ObjectRef<Cached<MyApp>>;
-
 /// How often an unchanged `MyApp` is reconciled again (a resync that must write nothing).
-pub const RESYNC: Duration = Duration::from_secs(300);
+pub(crate) const RESYNC: Duration = Duration::from_secs(300);
 
 /// What the controller watches and how often it resyncs. Flattened into the binary's `run`
 /// flags; each flag also reads an environment variable.
 #[derive(clap::Args, Debug, Clone)]
-pub struct ControllerArgs {
+pub(crate) struct ControllerArgs {
     /// Watch one namespace only (default: all).
     #[arg(long, env = "WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// How often an unchanged MyApp is reconciled again (with ±10 % jitter).
     #[arg(long, env = "RESYNC_PERIOD", default_value_t = RESYNC.into())]
-    pub resync_period: humantime::Duration,
+    pub(crate) resync_period: humantime::Duration,
 }
 
 /// What every reconcile shares.
-pub struct Context {
+pub(crate) struct Context {
     client: Client,
     /// This replica's identity, recorded on every reconcile span.
-    pub identity: String,
+    pub(crate) identity: String,
     /// The warm caches.
-    pub caches: Caches,
+    pub(crate) caches: Caches,
     /// The only way to write.
-    pub writer: Writer,
+    pub(crate) writer: Writer,
     /// Metrics of this replica.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<AppRef, u32>>,
     /// How often an unchanged object is reconciled again.
@@ -82,15 +81,15 @@ pub struct Context {
     /// MyApps waiting for a reconcile in this term.
     pending: Arc<queue::Pending>,
     /// The policy the webhooks enforce; the reconciler holds every MyApp to all of it as well.
-    pub policy: Policy,
+    pub(crate) policy: Policy,
 }
 
 impl Context {
     /// A context for one controller run (one leadership term). Reads use `client`; writes use
-    /// `writes` (a [`fenced::client`]) after checking `fence`, and the time from `acquired` to the first reconcile is measured.
-    pub fn new(
+    /// `writes` after checking `fence`, and the time from `acquired` to the first reconcile is measured.
+    pub(crate) fn new(
         client: Client,
-        writes: Client,
+        writes: FencedClient,
         caches: Caches,
         metrics: Arc<Metrics>,
         identity: &str,
@@ -103,7 +102,7 @@ impl Context {
             client: client.clone(),
             caches,
             pending: Arc::new(queue::Pending::new(metrics.queue_depth.clone())),
-            writer: Writer::new(writes, events, metrics.clone()).with_fence(fence),
+            writer: Writer::new(writes, fence, events, metrics.clone()),
             metrics,
             failures: Mutex::new(HashMap::new()),
             term_started: Mutex::new(Some(acquired)),
@@ -114,36 +113,38 @@ impl Context {
     }
 
     /// Sets the policy (see [`Context::policy`]).
-    pub fn with_policy(mut self, policy: Policy) -> Self {
+    pub(crate) fn with_policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
         self
     }
 
     /// Sets the resync period.
-    pub fn with_resync(mut self, resync: Duration) -> Self {
+    pub(crate) fn with_resync(mut self, resync: Duration) -> Self {
         self.resync = resync;
         self
     }
 
-    /// The resync period.
-    pub fn resync(&self) -> Duration {
-        self.resync
-    }
-
     /// When to resync an object next: the period with ±10 % jitter, so that the objects a new
     /// leader reconciled in its first second do not all resync in the same second again.
-    pub fn next_resync(&self) -> Duration {
+    pub(crate) fn next_resync(&self) -> Duration {
         jittered(self.resync, rand::random::<f64>())
     }
 
     /// The client, for reads that must not come from the caches.
-    pub fn client(&self) -> kube::Client {
+    pub(crate) fn client(&self) -> kube::Client {
         self.client.clone()
     }
 
+    /// Forgets the failures of `obj`, and records the first success of the term.
     fn record_success(&self, obj: &AppRef) {
         if let Ok(mut f) = self.failures.lock() {
             f.remove(obj);
+        }
+        let term_started = self.term_started.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = term_started {
+            let secs = t.elapsed().as_secs_f64();
+            self.metrics.acquire_to_first_reconcile_seconds.observe(secs);
+            tracing::info!(ms = secs * 1000.0, "first reconcile of the term finished");
         }
     }
 
@@ -160,7 +161,7 @@ impl Context {
 }
 
 /// The MyApp `cached` stands for: rebuilt from the cache, or, for one too large to keep there
-/// (see [`cached::MAX_KEPT`]), read from the API server (`None` if it is gone).
+/// (see [`crate::cache::MAX_KEPT`]), read from the API server (`None` if it is gone).
 async fn whole(cached: &Cached<MyApp>, ctx: &Context) -> Result<Option<MyApp>, Error> {
     if cached.kept() {
         return Ok(Some(cached.object()?));
@@ -170,6 +171,8 @@ async fn whole(cached: &Cached<MyApp>, ctx: &Context) -> Result<Option<MyApp>, E
     Ok(api.get_opt(&cached.name_any()).await?)
 }
 
+/// One reconcile as kube's controller calls it: the MyApp rebuilt from the cache, reconciled in
+/// its span ([`observe`]), and the failures counted for the backoff.
 async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     ctx.pending.remove(cached.meta().namespace.as_deref(), &cached.name_any());
@@ -184,69 +187,20 @@ async fn reconcile(cached: Arc<Cached<MyApp>>, ctx: Arc<Context>) -> Result<Acti
             return Err(e);
         }
     };
-    let span = tracing::info_span!(
-        "reconcile",
-        otel.name = "reconcile",
-        myapp = %format!("{}/{}", app.metadata.namespace.as_deref().unwrap_or_default(), app.metadata.name.as_deref().unwrap_or_default()),
-        generation = app.metadata.generation.unwrap_or(0),
-        leader = %ctx.identity,
-        trigger = crate::telemetry::trigger::current().unwrap_or_else(|| "unknown".into()),
-        result = tracing::field::Empty,
-        error = tracing::field::Empty,
-        requeue_ms = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-    );
-    if let Some(sc) = app
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(crate::api::TRACE_ANNOTATION))
-        .and_then(|tp| crate::telemetry::propagation::parse_traceparent(tp))
-    {
-        use tracing_opentelemetry::OpenTelemetrySpanExt;
-        span.add_link(sc);
-    }
-    let (trace_id, sampled) = span
-        .in_scope(|| (crate::telemetry::logging::current_trace_id(), crate::telemetry::logging::sampled_trace_id()));
-    span.record("trace_id", trace_id);
+    let observed = observe::Observed::start(&app, &ctx.identity, started);
     let result = {
         use tracing::Instrument;
-        app.reconcile(&ctx).instrument(span.clone()).await
+        app.reconcile(&ctx).instrument(observed.span().clone()).await
     };
-    match &result {
-        Ok(requeue) => {
-            span.record("result", "ok");
-            if let Some(d) = requeue {
-                span.record("requeue_ms", d.as_millis() as u64);
-            }
-        }
-        Err(e) => {
-            span.record("result", e.kind());
-            span.record("error", e.to_string());
-            span.record("otel.status_code", "ERROR");
-        }
-    }
-    ctx.metrics.reconcile_took(started.elapsed().as_secs_f64(), sampled);
-    let label = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.kind(),
-    };
-    ctx.metrics.reconciled(label);
+    observed.finish(&result, &ctx.metrics);
     if result.is_ok() {
         ctx.record_success(&ObjectRef::from_obj(cached.as_ref()));
-        let term_started = ctx.term_started.lock().ok().and_then(|mut t| t.take());
-        if let Some(t) = term_started {
-            let secs = t.elapsed().as_secs_f64();
-            ctx.metrics.acquire_to_first_reconcile_seconds.observe(secs);
-            tracing::info!(ms = secs * 1000.0, "first reconcile of the term finished");
-        }
     }
     result.map(|requeue| requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
 /// `period` scaled by a factor in [0.9, 1.1), chosen by `r` in [0, 1).
-pub fn jittered(period: Duration, r: f64) -> Duration {
+pub(crate) fn jittered(period: Duration, r: f64) -> Duration {
     period.mul_f64(0.9 + 0.2 * r.clamp(0.0, 1.0))
 }
 
@@ -265,7 +219,7 @@ fn error_policy(app: Arc<Cached<MyApp>>, error: &Error, ctx: Arc<Context>) -> Ac
 
 /// Runs the controller until `stop` resolves. It reconciles every object in the caches once at
 /// start (a new leader takes over everything), then whatever the watches trigger.
-pub async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub(crate) async fn run(ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     ctx.caches.wait_ready().await;
     ctx.metrics.controller_running.set(1);
     let caches = &ctx.caches;

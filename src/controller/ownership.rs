@@ -27,7 +27,7 @@ use std::fmt;
 
 /// What the operator may do under a child's name.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Claim {
+pub(crate) enum Claim {
     /// Nothing holds the name: create the child.
     Free,
     /// The object is controlled by this `MyApp`: keep it up to date.
@@ -38,7 +38,7 @@ pub enum Claim {
 
 impl Claim {
     /// The conflict, if this is one.
-    pub fn conflict(self) -> Option<Conflict> {
+    pub(crate) fn conflict(self) -> Option<Conflict> {
         match self {
             Claim::Conflict(c) => Some(c),
             _ => None,
@@ -48,13 +48,13 @@ impl Claim {
 
 /// An object that holds a child's name and is not controlled by the `MyApp`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Conflict {
+pub(crate) struct Conflict {
     /// Its kind: `Deployment` or `Service`.
-    pub kind: String,
+    pub(crate) kind: String,
     /// Its name.
-    pub name: String,
+    pub(crate) name: String,
     /// Its controller, as `Kind "name"`, when it has one.
-    pub controller: Option<String>,
+    pub(crate) controller: Option<String>,
 }
 
 impl fmt::Display for Conflict {
@@ -68,7 +68,7 @@ impl fmt::Display for Conflict {
 }
 
 /// One message for all the conflicts of a `MyApp`, naming each object, and saying what to do.
-pub fn describe(conflicts: &[Conflict]) -> String {
+pub(crate) fn describe(conflicts: &[Conflict]) -> String {
     let each: Vec<String> = conflicts.iter().map(Conflict::to_string).collect();
     format!("{}; the operator will not take it over: delete or rename it, or rename the MyApp", each.join("; "))
 }
@@ -78,13 +78,13 @@ fn controller_of(meta: &ObjectMeta) -> Option<&OwnerReference> {
 }
 
 /// True when `meta`'s controller `ownerReference` has the UID `owner_uid`.
-pub fn controlled_by(meta: &ObjectMeta, owner_uid: Option<&str>) -> bool {
+pub(crate) fn controlled_by(meta: &ObjectMeta, owner_uid: Option<&str>) -> bool {
     controller_of(meta).is_some_and(|o| Some(o.uid.as_str()) == owner_uid)
 }
 
 /// Decides about the object named like a child of kind `kind` (`existing`, `None` when there is
 /// none), for the `MyApp` whose UID is `owner_uid`.
-pub fn claim(kind: &str, name: &str, existing: Option<&ObjectMeta>, owner_uid: &str) -> Claim {
+pub(crate) fn claim(kind: &str, name: &str, existing: Option<&ObjectMeta>, owner_uid: &str) -> Claim {
     match existing {
         None => Claim::Free,
         Some(meta) if controlled_by(meta, Some(owner_uid)) => Claim::Ours,

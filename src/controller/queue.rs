@@ -18,7 +18,7 @@
 //! drifted) enters a queue at most that deep, while the pass still keeps every reconcile slot busy.
 //! Periodic resyncs need no such care: each is scheduled on its own, spread by jitter.
 
-use super::AppRef;
+use crate::cache::{AppRef, owner};
 use futures::{Stream, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
@@ -30,11 +30,11 @@ use tokio::sync::Notify;
 /// How many MyApps may wait before a bulk pass hands over the next one: the controller's
 /// concurrency, so that the pass keeps every slot busy and a real change waits behind at most one
 /// round of reconciles.
-pub const BULK_WINDOW: usize = 16;
+pub(crate) const BULK_WINDOW: usize = 16;
 
 /// The set of waiting MyApps, mirrored into a gauge.
 #[derive(Debug, Default)]
-pub struct Pending {
+pub(crate) struct Pending {
     waiting: Mutex<HashSet<AppRef>>,
     gauge: Gauge,
     /// Told whenever an object leaves.
@@ -43,7 +43,7 @@ pub struct Pending {
 
 impl Pending {
     /// A queue that reports its depth in `gauge`.
-    pub fn new(gauge: Gauge) -> Self {
+    pub(crate) fn new(gauge: Gauge) -> Self {
         Self { waiting: Mutex::default(), gauge, left: Notify::new() }
     }
 
@@ -55,21 +55,21 @@ impl Pending {
     }
 
     /// `obj` was triggered.
-    pub fn add(&self, obj: AppRef) {
+    pub(crate) fn add(&self, obj: AppRef) {
         self.update(|w| {
             w.insert(obj);
         });
     }
 
     /// A child (Deployment, Service) changed: its controller owner, if a MyApp, was triggered.
-    pub fn add_owner_of(&self, child: &ObjectMeta) {
+    pub(crate) fn add_owner_of(&self, child: &ObjectMeta) {
         if let Some(obj) = owner(child) {
             self.add(obj);
         }
     }
 
     /// `obj`'s reconcile started, or the controller found it gone.
-    pub fn remove(&self, namespace: Option<&str>, name: &str) {
+    pub(crate) fn remove(&self, namespace: Option<&str>, name: &str) {
         let mut obj = ObjectRef::new(name);
         obj.namespace = namespace.map(str::to_string);
         self.update(|w| {
@@ -79,7 +79,7 @@ impl Pending {
     }
 
     /// Resolves once fewer than `n` objects wait.
-    pub async fn below(&self, n: usize) {
+    pub(crate) async fn below(&self, n: usize) {
         loop {
             // Registered before the check, so that a removal in between is not missed.
             let left = self.left.notified();
@@ -91,7 +91,7 @@ impl Pending {
     }
 
     /// The current depth.
-    pub fn depth(&self) -> usize {
+    pub(crate) fn depth(&self) -> usize {
         self.waiting.lock().map(|w| w.len()).unwrap_or(0)
     }
 }
@@ -106,7 +106,7 @@ impl Drop for Pending {
 /// Every MyApp in `all()` (a snapshot taken when the pass starts), each handed over and counted as
 /// waiting only once fewer than [`BULK_WINDOW`] MyApps wait in `pending` (see the module docs).
 /// Passes come one after another, one for each item of `passes`.
-pub fn bulk_pass<F>(
+pub(crate) fn bulk_pass<F>(
     passes: impl Stream<Item = ()> + Send + 'static,
     pending: Arc<Pending>,
     all: F,
@@ -125,16 +125,6 @@ where
             }
         })
     })
-}
-
-/// The MyApp a child's event triggers: its controller owner reference of kind MyApp.
-pub fn owner(meta: &ObjectMeta) -> Option<AppRef> {
-    let owner = meta.owner_references.as_ref()?.iter().find(|o| o.controller == Some(true) && o.kind == "MyApp")?;
-    let mut r = ObjectRef::new(&owner.name);
-    if let Some(ns) = &meta.namespace {
-        r = r.within(ns);
-    }
-    Some(r)
 }
 
 #[cfg(test)]

@@ -6,18 +6,16 @@
 //! writes to, nor deletes, an object that the `MyApp` does not control (see [`ownership`]).
 
 use super::Context;
-use super::cached::Shape;
 use super::children::{self, selector_string};
+use super::error::{Error, Result};
 use super::ownership::{self, Claim, Conflict};
-use super::store::Children;
-use crate::api::conditions::{self, INVALID_NAME, INVALID_SPEC, NAME_CONFLICT, Outcome, READY, RolloutFacts};
-use crate::api::validation::{FieldError, join, validate_name, validate_spec};
+use crate::api::conditions::{self, NAME_CONFLICT, Outcome, READY, RolloutFacts};
 use crate::api::{FINALIZER, MyApp, MyAppStatus};
-use crate::webhook::policy::{Policy, Rule};
-use crate::{Error, Result};
+use crate::backoff::Backoff;
+use crate::cache::{Cached, Children, Shape};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -50,7 +48,7 @@ impl MyApp {
 
     /// Brings the children and the status in line with the spec.
     /// Returns when to look again (`None`: only when something changes).
-    pub async fn reconcile(&self, ctx: &Context) -> Result<Option<Duration>> {
+    pub(crate) async fn reconcile(&self, ctx: &Context) -> Result<Option<Duration>> {
         if self.meta().deletion_timestamp.is_some() {
             return self.cleanup(ctx).await;
         }
@@ -68,7 +66,7 @@ impl MyApp {
             &owned
         };
 
-        if let Some((reason, message)) = refusal(app, &ctx.policy) {
+        if let Some((reason, message)) = ctx.policy.refusal(app) {
             // Touch no child, so that nothing against the rules is rolled out.
             app.report_stall(ctx, reason, "Validate", message).await?;
             return Ok(None);
@@ -110,8 +108,8 @@ impl MyApp {
         let live_d = live_child(ctx, &ctx.caches.deployments, ns, name).await?;
         let live_s = live_child(ctx, &ctx.caches.services, ns, name).await?;
         let conflicts: Vec<Conflict> = [
-            ownership::claim("Deployment", name, live_d.as_ref().map(|d| &d.metadata), &uid),
-            ownership::claim("Service", name, live_s.as_ref().map(|s| &s.metadata), &uid),
+            ownership::claim("Deployment", name, live_d.as_ref().map(Live::meta), &uid),
+            ownership::claim("Service", name, live_s.as_ref().map(Live::meta), &uid),
         ]
         .into_iter()
         .filter_map(Claim::conflict)
@@ -120,9 +118,9 @@ impl MyApp {
             return Err(Error::NameConflict(conflicts));
         }
         let desired_d = children::stamp(children::deployment(self))?;
-        let deployment = self.apply_child(ctx, desired_d, live_d.as_ref(), "deployment").await?;
-        self.apply_child(ctx, children::stamp(children::service(self))?, live_s.as_ref(), "service").await?;
-        Ok(deployment)
+        let deployment = self.apply_child(ctx, desired_d, live_d, "deployment").await?;
+        self.apply_child(ctx, children::stamp(children::service(self))?, live_s, "service").await?;
+        deployment.object()
     }
 
     /// Reports that the `MyApp` cannot progress until its owner acts: the status says `reason`
@@ -146,25 +144,22 @@ impl MyApp {
     /// children and the status show it, and an Event per apply was a third of a fresh `MyApp`'s
     /// writes (Events are kept for failures, the first Ready and a deletion). Returns the child as it now is. The apply is
     /// forced under one field manager, so fields the last applied document had and `desired`
-    /// lacks are removed from the child.
-    async fn apply_child<K>(&self, ctx: &Context, desired: K, live: Option<&K>, label: &str) -> Result<K>
+    /// lacks are removed from the child. The comparison reads the child as the cache keeps it
+    /// ([`Live::document`]), with no typed object in between.
+    async fn apply_child<K>(&self, ctx: &Context, desired: K, live: Option<Live<K>>, label: &str) -> Result<Live<K>>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + serde::Serialize
-            + serde::de::DeserializeOwned
-            + Clone
-            + std::fmt::Debug,
+        K: Shape + serde::Serialize + Clone + std::fmt::Debug,
     {
         if let Some(actual) = live
-            && children::up_to_date(&desired, actual)
+            && children::up_to_date(&serde_json::to_value(&desired)?, &actual.document()?)
         {
-            return Ok(actual.clone());
+            return Ok(actual);
         }
-        ctx.writer.apply(&desired, label).await
+        Ok(Live::Read(ctx.writer.apply(&desired, label).await?))
     }
 
     /// Deletes the children and releases the finalizer once both are gone.
-    pub async fn cleanup(&self, ctx: &Context) -> Result<Option<Duration>> {
+    pub(crate) async fn cleanup(&self, ctx: &Context) -> Result<Option<Duration>> {
         if !self.has_finalizer() {
             return Ok(None);
         }
@@ -186,12 +181,12 @@ impl MyApp {
         let s = live_child(ctx, &ctx.caches.services, &ns, &name).await?;
         // Only what this MyApp controls: an object that merely has the name (a name conflict) stays.
         let uid = self.meta().uid.as_deref();
-        let d = d.filter(|d| ownership::controlled_by(&d.metadata, uid));
-        let s = s.filter(|s| ownership::controlled_by(&s.metadata, uid));
-        if d.as_ref().is_some_and(|d| d.metadata.deletion_timestamp.is_none()) {
+        let d = d.filter(|d| ownership::controlled_by(d.meta(), uid));
+        let s = s.filter(|s| ownership::controlled_by(s.meta(), uid));
+        if d.as_ref().map(Live::deleting).transpose()? == Some(false) {
             ctx.writer.delete::<Deployment>(&ns, &name, "deployment").await?;
         }
-        if s.as_ref().is_some_and(|s| s.metadata.deletion_timestamp.is_none()) {
+        if s.as_ref().map(Live::deleting).transpose()? == Some(false) {
             ctx.writer.delete::<Service>(&ns, &name, "service").await?;
         }
         if d.is_some() || s.is_some() {
@@ -211,40 +206,50 @@ impl MyApp {
 
 /// When to look again at a deletion that waits for its children, `waited` after it began: 1 s at
 /// first, then as long as it has waited so far (so each wait doubles), at most a minute.
-pub fn cleanup_recheck(waited: Duration) -> Duration {
-    waited.clamp(Duration::from_secs(1), Duration::from_secs(60))
+pub(crate) fn cleanup_recheck(waited: Duration) -> Duration {
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).again_after(waited)
 }
 
-/// Why `app` must get no children, if it must not: as the `(reason, message)` of its conditions,
-/// the message naming the field. In order: a name that cannot name a Service or be a label value
-/// ([`validate_name`]; reason [`INVALID_NAME`]), a spec against the API's rules ([`validate_spec`];
-/// [`INVALID_SPEC`]), and the whole admission policy ([`Policy::breaches`], the function the
-/// webhook's [`Policy::check`] calls too): reason the first rule broken ([`Rule::reason`]:
-/// `ImageRegistryNotAllowed`, `EnvForbidden`, `ReplicasOverPolicy`), message every breach.
-///
-/// # Guarantees
-///
-/// - **One policy, everywhere**: what `/validate` refuses on creation, this refuses too, so a
-///   `MyApp` the webhook never saw (written in the operator's own namespace, which the webhooks
-///   skip, or while their configuration was absent) rolls out no forbidden registry, env or
-///   replica count.
-/// - **No ratcheting here, and no teardown**: admission lets an update keep a field that a
-///   tightened policy now forbids (see [`Policy::check`]), so that the object can always be
-///   updated and deleted. The reconciler judges the spec as it is against the policy as it is:
-///   such a `MyApp` gets no child write (nothing against the policy is rolled out, nor any other
-///   change of its spec) and reports `Stalled`. Its children are left as they were, never
-///   deleted or scaled down, so tightening a policy does not take running workloads away; they
-///   follow the spec again once it meets the policy.
-pub fn refusal(app: &MyApp, policy: &Policy) -> Option<(&'static str, String)> {
-    if let Some(e) = validate_name(&app.name_any()) {
-        return Some((INVALID_NAME, e.to_string()));
+/// A child as the API server holds it: as the cache keeps it, or as a GET returned it.
+enum Live<K> {
+    /// From the cache, in compact form.
+    Kept(Box<Cached<K>>),
+    /// Read from the API server (or just written).
+    Read(K),
+}
+
+impl<K: Shape + serde::Serialize> Live<K> {
+    /// Its name, namespace and owner references (all that ownership reads).
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            Live::Kept(c) => c.meta(),
+            Live::Read(k) => k.meta(),
+        }
     }
-    let errors = validate_spec(&app.spec);
-    if !errors.is_empty() {
-        return Some((INVALID_SPEC, join(&errors)));
+
+    /// Its JSON: of a cached child, what the cache keeps, read from the compact text.
+    fn document(&self) -> Result<serde_json::Value> {
+        Ok(match self {
+            Live::Kept(c) => c.document()?,
+            Live::Read(k) => serde_json::to_value(k)?,
+        })
     }
-    let (rules, errors): (Vec<Rule>, Vec<FieldError>) = policy.breaches(&app.spec).into_iter().unzip();
-    rules.first().map(|rule| (rule.reason(), join(&errors)))
+
+    /// Whether it is being deleted.
+    fn deleting(&self) -> Result<bool> {
+        Ok(match self {
+            Live::Kept(_) => self.document()?.pointer("/metadata/deletionTimestamp").is_some_and(|t| !t.is_null()),
+            Live::Read(k) => k.meta().deletion_timestamp.is_some(),
+        })
+    }
+
+    /// The typed object (the Deployment, whose status reconcile reads).
+    fn object(self) -> Result<K> {
+        Ok(match self {
+            Live::Kept(c) => c.object()?,
+            Live::Read(k) => k,
+        })
+    }
 }
 
 /// The object the API server holds under a child's name: the cached one, or, when the cache has
@@ -252,22 +257,20 @@ pub fn refusal(app: &MyApp, policy: &Policy) -> Option<(&'static str, String)> {
 /// this is how an unlabelled object of the same name (one made by hand) is seen. The GET is made
 /// only when the cache has nothing: for a new `MyApp`, a child deleted or unlabelled by someone, a
 /// cache behind our own write, or a conflict. A child in the cache costs no call.
-async fn live_child<K>(ctx: &Context, cache: &Children<K>, ns: &str, name: &str) -> Result<Option<K>>
+async fn live_child<K>(ctx: &Context, cache: &Children<K>, ns: &str, name: &str) -> Result<Option<Live<K>>>
 where
     K: Shape + Clone + std::fmt::Debug,
 {
     if let Some(packed) = cache.get(ns, name) {
-        return Ok(Some(packed.object()?));
+        return Ok(Some(Live::Kept(Box::new(packed.unpack()?))));
     }
     let api: Api<K> = Api::namespaced(ctx.client(), ns);
-    Ok(api.get_opt(name).await?)
+    Ok(api.get_opt(name).await?.map(Live::Read))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::MyAppSpec;
-    use crate::api::conditions::REPLICAS_OVER_POLICY;
 
     #[test]
     fn cleanup_rechecks_back_off() {
@@ -283,74 +286,5 @@ mod tests {
             })
             .collect();
         assert_eq!(delays, vec![1, 1, 2, 4, 8, 16, 32, 60, 60]);
-    }
-
-    fn app(name: &str, replicas: i32) -> MyApp {
-        let mut spec = MyAppSpec::test("nginx:1.27");
-        spec.replicas = replicas;
-        MyApp::new(name, spec)
-    }
-
-    fn capped(max: i32) -> Policy {
-        Policy { max_replicas: Some(max), ..Policy::default() }
-    }
-
-    #[test]
-    fn more_replicas_than_the_policy_allows_get_no_children() {
-        assert_eq!(refusal(&app("web", 3), &capped(3)), None);
-        assert_eq!(refusal(&app("web", 4), &Policy::default()), None, "no cap, no refusal");
-        let (reason, message) = refusal(&app("web", 4), &capped(3)).expect("refused");
-        assert_eq!(reason, REPLICAS_OVER_POLICY);
-        assert_eq!(message, "spec.replicas: 4 is more than the allowed 3");
-        let status = conditions::desired_status(1, "s", &Outcome::Refused { reason, message: message.clone() });
-        let ready = conditions::find(&status.conditions, READY).expect("Ready");
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReplicasOverPolicy"));
-        assert!(ready.reason.contains("Replicas") && ready.message.starts_with("spec.replicas: "));
-        assert!(conditions::is_true(&status.conditions, conditions::STALLED));
-    }
-
-    #[test]
-    fn a_name_that_cannot_name_a_service_gets_no_children() {
-        for name in ["a.b", "1web", &"a".repeat(64)] {
-            let (reason, message) = refusal(&app(name, 1), &Policy::default()).expect("refused");
-            assert_eq!(reason, INVALID_NAME, "{name}");
-            assert!(message.starts_with("metadata.name: ") && message.contains("DNS-1035"), "{message}");
-        }
-        assert_eq!(refusal(&app(&"a".repeat(63), 1), &Policy::default()), None);
-    }
-
-    fn tightened(image: &str, env: &[&str]) -> MyApp {
-        let mut app = app("web", 1);
-        app.spec.image = image.into();
-        app.spec.env = env.iter().map(|n| crate::api::EnvVar { name: (*n).into(), value: "x".into() }).collect();
-        app
-    }
-
-    #[test]
-    fn the_whole_policy_is_enforced_and_each_rule_named() {
-        let p = Policy::tightened();
-        assert_eq!(refusal(&tightened("ghcr.io/org/app:1", &["MODE"]), &p), None);
-        let (reason, message) = refusal(&tightened("nginx:1.27", &[]), &p).expect("refused");
-        assert_eq!(reason, "ImageRegistryNotAllowed");
-        assert_eq!(message, "spec.image: registry \"docker.io\" is not allowed; allowed: ghcr.io");
-        let (reason, message) = refusal(&tightened("ghcr.io/org/app:1", &["MODE", "LD_PRELOAD"]), &p).expect("refused");
-        assert_eq!((reason, message.as_str()), ("EnvForbidden", "spec.env[1].name: \"LD_PRELOAD\" may not be set"));
-        let (reason, message) = refusal(&tightened("nginx:1.27", &["LD_PRELOAD"]), &p).expect("refused");
-        assert_eq!(reason, "ImageRegistryNotAllowed", "the first rule broken names the reason");
-        assert!(
-            message.starts_with("spec.image: ") && message.contains("; spec.env[0].name: "),
-            "every breach: {message}"
-        );
-        // The same judgment as the webhook's on creation.
-        let admitted = p.check(&tightened("nginx:1.27", &["LD_PRELOAD"]).spec, &Default::default(), None);
-        assert_eq!(join(&admitted), message);
-    }
-
-    #[test]
-    fn the_first_broken_rule_is_reported() {
-        let (reason, message) = refusal(&app("a.b", 2000), &capped(3)).expect("refused");
-        assert_eq!((reason, message.starts_with("metadata.name")), (INVALID_NAME, true));
-        let (reason, message) = refusal(&app("web", 2000), &capped(3)).expect("refused");
-        assert_eq!((reason, message.as_str()), (INVALID_SPEC, "spec.replicas: must be between 0 and 1000"));
     }
 }

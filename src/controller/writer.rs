@@ -2,15 +2,16 @@
 //! children, status patches, finalizer changes, deletes and Events — goes through [`Writer`], which
 //! checks the [`Fence`] first and counts the write in the metrics.
 
+use super::error::{Error, Result};
 use super::events::Publisher;
+use super::fenced::FencedClient;
 use crate::api::{FIELD_MANAGER, MyApp, MyAppStatus};
 use crate::leader::Fence;
 use crate::telemetry::metrics::Metrics;
-use crate::{Error, Result};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::events::EventType;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -18,34 +19,28 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 /// Writes on behalf of the controller.
-pub struct Writer {
-    client: Client,
+pub(crate) struct Writer {
+    client: FencedClient,
     events: Publisher,
     metrics: Arc<Metrics>,
     fence: Fence,
 }
 
 impl Writer {
-    /// A writer with an open fence.
-    pub fn new(client: Client, events: Publisher, metrics: Arc<Metrics>) -> Self {
-        Self { client, events, metrics, fence: Fence::open() }
-    }
-
-    /// Replaces the fence.
-    pub fn with_fence(mut self, fence: Fence) -> Self {
-        self.fence = fence;
-        self
+    /// A writer through `client`, checking `fence` before every write.
+    pub(crate) fn new(client: FencedClient, fence: Fence, events: Publisher, metrics: Arc<Metrics>) -> Self {
+        Self { client, events, metrics, fence }
     }
 
     fn api<K>(&self, namespace: &str) -> Api<K>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
     {
-        Api::namespaced(self.client.clone(), namespace)
+        self.client.api(namespace)
     }
 
     /// Server-side applies `obj` with force under the operator's field manager.
-    pub async fn apply<K>(&self, obj: &K, label: &str) -> Result<K>
+    pub(crate) async fn apply<K>(&self, obj: &K, label: &str) -> Result<K>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
     {
@@ -59,7 +54,7 @@ impl Writer {
 
     /// Deletes a child in the foreground: the call returns at once, and the child disappears only
     /// after its own dependents (ReplicaSets, Pods) are gone.
-    pub async fn delete<K>(&self, namespace: &str, name: &str, label: &str) -> Result<()>
+    pub(crate) async fn delete<K>(&self, namespace: &str, name: &str, label: &str) -> Result<()>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + Debug,
     {
@@ -75,7 +70,7 @@ impl Writer {
     }
 
     /// Writes `status` through the status subresource.
-    pub async fn patch_status(&self, app: &MyApp, status: &MyAppStatus) -> Result<MyApp> {
+    pub(crate) async fn patch_status(&self, app: &MyApp, status: &MyAppStatus) -> Result<MyApp> {
         let ns = app.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
         self.fence.check()?;
         self.metrics.write("myapp_status", "patch");
@@ -85,7 +80,7 @@ impl Writer {
 
     /// Sets the finalizer list, on the condition that the object is still at the
     /// resourceVersion we read (a 409 otherwise, and the reconcile retries).
-    pub async fn set_finalizers(&self, app: &MyApp, finalizers: Vec<String>) -> Result<MyApp> {
+    pub(crate) async fn set_finalizers(&self, app: &MyApp, finalizers: Vec<String>) -> Result<MyApp> {
         let ns = app.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
         let rv = app.resource_version().ok_or(Error::MissingField("metadata.resourceVersion"))?;
         self.fence.check()?;
@@ -95,7 +90,7 @@ impl Writer {
     }
 
     /// Publishes an Event about `app`. A failure to publish is logged, never fatal.
-    pub async fn event(&self, app: &MyApp, type_: EventType, reason: &str, action: &str, note: String) {
+    pub(crate) async fn event(&self, app: &MyApp, type_: EventType, reason: &str, action: &str, note: String) {
         if self.fence.check().is_err() {
             return;
         }

@@ -1,9 +1,9 @@
 //! The elector's I/O loop around the pure [`super::state`] machine.
 
-use super::Timings;
 use super::pods::HolderPod;
 use super::proof::{self, Incarnation};
 use super::state::{Decision, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
+use super::timings::Timings;
 use crate::telemetry::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -98,17 +98,17 @@ impl Elector {
         (elector, rx)
     }
 
-    /// Takes over before expiry on proof of the holder's death ([`proof`]), as the container
+    /// Takes over before expiry on proof of the holder's death (`proof`), as the container
     /// incarnation `me`, which started at `born`. Without this, the elector writes no
     /// incarnation, reads no pods, and takes over only on expiry.
-    pub fn with_incarnation(mut self, me: Incarnation, born: Instant) -> Self {
+    pub(crate) fn with_incarnation(mut self, me: Incarnation, born: Instant) -> Self {
         self.me = Some(me);
         self.born = born;
         self
     }
 
     /// Records leader status, transitions and renew latency in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
     }
@@ -320,7 +320,7 @@ impl Elector {
     }
 
     /// Contends until `stop` asks it to stop (or its sender goes away), then releases the lease
-    /// if held, as `stop` says. The caller stops the controller first: [`super::supervise`]
+    /// if held, as `stop` says. The caller stops the controller first: `supervise`
     /// tells how it went.
     pub async fn run(mut self, mut stop: watch::Receiver<Stop>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
@@ -465,7 +465,7 @@ impl Elector {
 
     /// Clears the holder if we lead (or hold a new Lease we may not lead yet): the fence closes
     /// first, then the write.
-    pub async fn release(&mut self) {
+    pub(crate) async fn release(&mut self) {
         if self.leading().is_none() && self.hold.is_none() {
             return;
         }
@@ -486,7 +486,7 @@ impl Elector {
 mod tests {
     use super::*;
     use crate::fake_api::FakeApi;
-    use crate::leader::Incarnation;
+    use crate::leader::proof::Incarnation;
     use std::time::Duration;
 
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases";

@@ -10,13 +10,13 @@
 //!   resourceVersion this replica last saw; the API server refuses it with 409 if anyone wrote in
 //!   between. Two candidates can never both succeed in taking the same version.
 //! - **Expiry on the local monotonic clock.** A standby takes over only after it has seen the same
-//!   election record ([`Record`]: holder, lease duration, acquire and renew times, transitions)
+//!   election record (`Record`: holder, lease duration, acquire and renew times, transitions)
 //!   unchanged for the holder's `leaseDurationSeconds`, counted from when the read that showed
 //!   the change returned. A write that changes nothing in the record (a label, an annotation)
 //!   does not restart the count. The remote times are compared for change only, never with the
 //!   local clock, so clock offsets between machines do not matter; only clock *rates* do.
 //! - **A new Lease object waits.** A write that made a new Lease object (a create, or a renewal
-//!   that re-created a deleted Lease) leads only a full lease duration later ([`leads_from`]): a
+//!   that re-created a deleted Lease) leads only a full lease duration later (`leads_from`): a
 //!   leader of the deleted Lease that did not see the delete stops by its renew deadline, before
 //!   that.
 //! - **A bounded leadership.** A leader's leadership is valid until the instant its last
@@ -28,7 +28,7 @@
 //! - **Fencing.** The leadership is published as a `watch` channel of `valid_until`. Every write
 //!   the controller makes checks it first ([`Fence`]), and again at
 //!   the socket before every byte ([`crate::controller::fenced`]). The controller future is
-//!   dropped the moment it passes or the lease is lost ([`supervise`]), so no new write leaves
+//!   dropped the moment it passes or the lease is lost (`supervise`), so no new write leaves
 //!   this replica after that point.
 //! - **Writes end before a successor may lead.** Every controller write has a deadline
 //!   (`writeTimeout`, 400 ms by default) on the client and on the API server (`?timeout=`), so
@@ -36,7 +36,7 @@
 //!   to reach the server ([`DELIVERY_TIMEOUT`], the connections' `TCP_USER_TIMEOUT`, so that the
 //!   kernel does not deliver it after a partition heals), the deadline, and 100 ms
 //!   ([`COMMIT_SLACK`]). [`Timings::validate`] requires the margin above to exceed that.
-//! - **Takeover before expiry only on proof of death** ([`proof`]). A holder writes which
+//! - **Takeover before expiry only on proof of death** (`proof`). A holder writes which
 //!   container incarnation it is; a standby takes over early only when the kubelet reports that
 //!   very container exited, or when it is that container's restart. It then writes nothing, the
 //!   Lease included, until [`Timings::in_flight`] after the proof: by then nothing the dead
@@ -65,18 +65,19 @@
 //!   serving webhooks, probes and metrics, and its caches stay warm for the next term.
 
 mod args;
+mod election;
 mod elector;
 mod fence;
 mod pods;
-pub mod proof;
+mod proof;
 mod state;
 mod supervise;
 mod timings;
 
-pub use args::LeaseArgs;
+pub(crate) use args::LeaseArgs;
+pub(crate) use election::{Election, Leading};
 pub use elector::{Elector, Leadership, Stop};
-pub use fence::Fence;
-pub use proof::Incarnation;
-pub use state::{Decision, Observation, Record, Seen, Tracker, decide, holding_spec, leads_from, released_spec};
-pub use supervise::supervise;
+#[cfg(test)]
+pub(crate) use fence::Mandate;
+pub use fence::{Fence, Fenced};
 pub use timings::{COMMIT_SLACK, DELIVERY_TIMEOUT, Timings, TimingsError};

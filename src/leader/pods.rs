@@ -18,7 +18,7 @@ struct Followed {
 
 /// Follows the holder's pod. A pod that cannot be read (403) is reported once in the log: the
 /// replica then takes over only on expiry, and keeps trying quietly, in case RBAC is fixed.
-pub struct HolderPod {
+pub(crate) struct HolderPod {
     client: Client,
     followed: Option<Followed>,
     told_unreadable: bool,
@@ -37,13 +37,13 @@ fn forbidden(e: &watcher::Error) -> bool {
 
 impl HolderPod {
     /// Follows nothing yet.
-    pub fn new(client: Client) -> Self {
+    pub(crate) fn new(client: Client) -> Self {
         Self { client, followed: None, told_unreadable: false }
     }
 
     /// Follows the pod of `holder`, or nothing. A change of pod starts a new watch, whose first
     /// list reports the pod's current status.
-    pub fn follow(&mut self, holder: Option<&Incarnation>) {
+    pub(crate) fn follow(&mut self, holder: Option<&Incarnation>) {
         let wanted = holder.map(|h| (h.namespace.clone(), h.pod.clone()));
         if wanted == self.followed.as_ref().map(|f| f.pod.clone()) {
             return;
@@ -58,7 +58,7 @@ impl HolderPod {
 
     /// The next report of the followed pod; never resolves while nothing is followed. A deleted
     /// pod is no report: its absence proves nothing.
-    pub async fn next(&mut self) -> Pod {
+    pub(crate) async fn next(&mut self) -> Pod {
         loop {
             let Some(f) = self.followed.as_mut() else { return std::future::pending().await };
             match f.events.next().await {

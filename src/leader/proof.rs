@@ -47,22 +47,22 @@ use std::collections::BTreeMap;
 /// The Lease annotation that says which container incarnation holds it, as JSON:
 /// `{"identity": …, "namespace": …, "pod": …, "podUID": …, "containerID": …}`. It counts only
 /// while its `identity` is the Lease's `holderIdentity`.
-pub const ANNOTATION: &str = "myapp.dev/holder-incarnation";
+pub(crate) const ANNOTATION: &str = "myapp.dev/holder-incarnation";
 
 /// One run of one container: the pod (by UID, so that a pod re-created under the same name is
 /// another pod) and the container id the runtime gave it (without the runtime's `scheme://`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Incarnation {
+pub(crate) struct Incarnation {
     /// The pod's namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// The pod's name.
-    pub pod: String,
+    pub(crate) pod: String,
     /// The pod's UID.
     #[serde(rename = "podUID")]
-    pub pod_uid: String,
+    pub(crate) pod_uid: String,
     /// The container id, lowercase hex, without the runtime's scheme.
     #[serde(rename = "containerID")]
-    pub container_id: String,
+    pub(crate) container_id: String,
 }
 
 /// The annotation's JSON: an incarnation and whom it describes.
@@ -75,7 +75,7 @@ struct Stamp {
 
 /// Why a replica has no incarnation (and so takes over only on expiry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Unknown {
+pub(crate) enum Unknown {
     /// `POD_NAMESPACE`, `POD_NAME` or `POD_UID` is not set: not a pod, or an install without them.
     #[error("POD_NAMESPACE, POD_NAME and POD_UID are not all set (not running in a pod?)")]
     NoPod,
@@ -87,7 +87,7 @@ pub enum Unknown {
 impl Incarnation {
     /// This process's incarnation, from the environment (`env` reads a variable) and the text
     /// of `/proc/self/cgroup`.
-    pub fn discover(env: impl Fn(&str) -> Option<String>, cgroup: &str) -> Result<Self, Unknown> {
+    pub(crate) fn discover(env: impl Fn(&str) -> Option<String>, cgroup: &str) -> Result<Self, Unknown> {
         let var = |name: &str| env(name).filter(|v| !v.is_empty());
         let (Some(namespace), Some(pod), Some(pod_uid)) = (var("POD_NAMESPACE"), var("POD_NAME"), var("POD_UID"))
         else {
@@ -98,14 +98,14 @@ impl Incarnation {
     }
 
     /// The annotation that says `identity` holds the Lease as this incarnation.
-    pub fn annotation(&self, identity: &str) -> (String, String) {
+    pub(crate) fn annotation(&self, identity: &str) -> (String, String) {
         let stamp = Stamp { identity: identity.to_string(), incarnation: self.clone() };
         (ANNOTATION.to_string(), serde_json::to_string(&stamp).unwrap_or_default())
     }
 
     /// The incarnation of `holder` that a Lease's annotations name, if they name one for exactly
     /// that holder, completely.
-    pub fn of_holder(annotations: Option<&BTreeMap<String, String>>, holder: Option<&str>) -> Option<Self> {
+    pub(crate) fn of_holder(annotations: Option<&BTreeMap<String, String>>, holder: Option<&str>) -> Option<Self> {
         let holder = holder.filter(|h| !h.is_empty())?;
         let stamp: Stamp = serde_json::from_str(annotations?.get(ANNOTATION)?).ok()?;
         let i = stamp.incarnation;
@@ -117,7 +117,7 @@ impl Incarnation {
 /// The container id in a `/proc/self/cgroup` text: the last segment of a path through this pod's
 /// cgroup (`pod<uid>`, or with `_` for `-` under the systemd driver), with a runtime's prefix
 /// (`cri-containerd-`, `crio-`, `docker-`) and `.scope` taken off, if it is 64 hex digits.
-pub fn container_id_in_cgroup(cgroup: &str, pod_uid: &str) -> Option<String> {
+pub(crate) fn container_id_in_cgroup(cgroup: &str, pod_uid: &str) -> Option<String> {
     let marks = [format!("pod{pod_uid}"), format!("pod{}", pod_uid.replace('-', "_"))];
     cgroup.lines().find_map(|line| {
         let path = line.splitn(3, ':').nth(2)?;
@@ -145,7 +145,7 @@ fn is_exit_of(t: Option<&ContainerStateTerminated>, container_id: &str) -> bool 
 
 /// Proof (a): this process, `me`, is a later instance of the container that holds the Lease as
 /// `holder`. See the [module documentation](self).
-pub fn succeeds(holder: &Incarnation, me: &Incarnation) -> bool {
+pub(crate) fn succeeds(holder: &Incarnation, me: &Incarnation) -> bool {
     holder.namespace == me.namespace
         && holder.pod == me.pod
         && holder.pod_uid == me.pod_uid
@@ -162,7 +162,7 @@ pub fn succeeds(holder: &Incarnation, me: &Incarnation) -> bool {
 /// with exact container ids this cannot fail, and it is a second, independent check that the
 /// running instance is not the holder: the holder renewed after it started. A `startedAt`
 /// skewed into the past (or missing) refuses the proof; the replica waits for expiry.
-pub fn reported_exited(holder: &Incarnation, renewed: Option<&MicroTime>, pod: &Pod) -> bool {
+pub(crate) fn reported_exited(holder: &Incarnation, renewed: Option<&MicroTime>, pod: &Pod) -> bool {
     let meta = &pod.metadata;
     if meta.uid.as_deref() != Some(holder.pod_uid.as_str())
         || meta.name.as_deref() != Some(holder.pod.as_str())

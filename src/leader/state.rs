@@ -1,8 +1,8 @@
 //! The election as a pure state machine: what this replica saw of the Lease, when it saw it
 //! change (on the local monotonic clock), and what it should do next. No I/O, no wall clock.
 
-use super::Timings;
 use super::proof::Incarnation;
+use super::timings::Timings;
 use k8s_openapi::api::coordination::v1::LeaseSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use std::time::Duration;
@@ -12,22 +12,22 @@ use tokio::time::Instant;
 /// record, never the resourceVersion, so that a write by a third party that changes nothing here
 /// (a label, an annotation) does not keep a dead leader alive.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Record {
+pub(crate) struct Record {
     /// Who holds it; `None` (or empty) when released.
-    pub holder: Option<String>,
+    pub(crate) holder: Option<String>,
     /// The holder's lease duration, in seconds.
-    pub lease_duration_secs: i32,
+    pub(crate) lease_duration_secs: i32,
     /// When the holder acquired it (remote clock: compared for change only, never with ours).
-    pub acquire_time: Option<MicroTime>,
+    pub(crate) acquire_time: Option<MicroTime>,
     /// When the holder last renewed it (remote clock: compared for change only).
-    pub renew_time: Option<MicroTime>,
+    pub(crate) renew_time: Option<MicroTime>,
     /// How many times the holder changed.
-    pub transitions: i32,
+    pub(crate) transitions: i32,
 }
 
 impl Record {
     /// Reads a Lease's spec.
-    pub fn from_spec(spec: Option<&LeaseSpec>) -> Self {
+    pub(crate) fn from_spec(spec: Option<&LeaseSpec>) -> Self {
         let spec = spec.cloned().unwrap_or_default();
         Self {
             holder: spec.holder_identity.filter(|h| !h.is_empty()),
@@ -41,30 +41,30 @@ impl Record {
 
 /// The last version of the Lease this replica saw.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Observation {
+pub(crate) struct Observation {
     /// The record.
-    pub record: Record,
+    pub(crate) record: Record,
     /// Its resourceVersion: the precondition of our next write.
-    pub resource_version: String,
+    pub(crate) resource_version: String,
     /// The Lease object's uid: a new uid is a new Lease (the old one was deleted).
-    pub uid: String,
+    pub(crate) uid: String,
     /// When this replica first saw this record, stamped when the read *returned*. Expiry counts
     /// from here, never from the remote `renewTime`, so clock offsets between machines do not
     /// matter, and a slow read cannot make a new record look older than it is.
-    pub seen_at: Instant,
+    pub(crate) seen_at: Instant,
     /// The container incarnation the Lease says holds it, if it says so for this holder
     /// ([`Incarnation::of_holder`]). Metadata, not part of the record: a change alone does not
     /// restart the expiry clock, but it voids a proof.
-    pub incarnation: Option<Incarnation>,
+    pub(crate) incarnation: Option<Incarnation>,
     /// When this replica saw proof that this holder's process has exited
     /// ([`super::proof`]): it may take the Lease [`Timings::in_flight`] after this instant,
     /// before expiry. Void when the record or the incarnation changes.
-    pub proven_dead_at: Option<Instant>,
+    pub(crate) proven_dead_at: Option<Instant>,
 }
 
 /// What an observation did to the tracker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seen {
+pub(crate) enum Seen {
     /// A new record (or a new Lease object): the expiry clock restarted.
     Changed,
     /// The same record, perhaps at a newer resourceVersion: the expiry clock runs on.
@@ -82,7 +82,7 @@ fn older(a: &str, b: &str) -> bool {
 
 /// Keeps the latest observation.
 #[derive(Clone, Debug, Default)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     last: Option<Observation>,
 }
 
@@ -91,7 +91,7 @@ impl Tracker {
     /// the election record changed or the Lease is a new object; a late event of an older
     /// version of the same object is ignored, so it can neither roll the precondition back nor
     /// make a leader look replaced.
-    pub fn observe(
+    pub(crate) fn observe(
         &mut self,
         record: Record,
         incarnation: Option<Incarnation>,
@@ -121,7 +121,7 @@ impl Tracker {
     /// Records proof, seen at `at`, that the process of the holder incarnation `dead` has exited.
     /// It counts only if `dead` is the incarnation of the holder we last saw; the earliest proof
     /// is kept. True when it counted and is new.
-    pub fn prove(&mut self, dead: &Incarnation, at: Instant) -> bool {
+    pub(crate) fn prove(&mut self, dead: &Incarnation, at: Instant) -> bool {
         match &mut self.last {
             Some(o) if o.record.holder.is_some() && o.incarnation.as_ref() == Some(dead) => {
                 let new = o.proven_dead_at.is_none_or(|p| at < p);
@@ -136,14 +136,14 @@ impl Tracker {
 
     /// Records that the Lease with `uid` was deleted (or, with `None`, that no Lease exists).
     /// A late delete of an older object than the one we track is ignored.
-    pub fn forget(&mut self, uid: Option<&str>) {
+    pub(crate) fn forget(&mut self, uid: Option<&str>) {
         if uid.is_none_or(|u| self.last.as_ref().is_some_and(|o| o.uid == u)) {
             self.last = None;
         }
     }
 
     /// The latest observation.
-    pub fn last(&self) -> Option<&Observation> {
+    pub(crate) fn last(&self) -> Option<&Observation> {
         self.last.as_ref()
     }
 }
@@ -154,7 +154,12 @@ impl Tracker {
 /// write re-created it) leads only a full lease duration later: a leader of the deleted Lease may
 /// not have seen the delete and may still be writing, until its own renew deadline, which is
 /// shorter than the lease duration.
-pub fn leads_from(before: Option<&Observation>, written_uid: &str, started: Instant, timings: &Timings) -> Instant {
+pub(crate) fn leads_from(
+    before: Option<&Observation>,
+    written_uid: &str,
+    started: Instant,
+    timings: &Timings,
+) -> Instant {
     match before {
         Some(o) if o.uid == written_uid => started,
         _ => started + timings.written_lease_duration(),
@@ -163,7 +168,7 @@ pub fn leads_from(before: Option<&Observation>, written_uid: &str, started: Inst
 
 /// What to do next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// There is no Lease: create it, holding it.
     Create,
     /// The Lease is free or expired: take it (a write conditional on the version we saw).
@@ -177,7 +182,7 @@ pub enum Decision {
 /// Decides from the latest observation: take a free Lease at once, another holder's once it
 /// expired, or, on proof that the holder's process exited ([`Tracker::prove`]),
 /// [`Timings::in_flight`] after the proof. Nothing else shortens the wait.
-pub fn decide(me: &str, observed: Option<&Observation>, now: Instant, timings: &Timings) -> Decision {
+pub(crate) fn decide(me: &str, observed: Option<&Observation>, now: Instant, timings: &Timings) -> Decision {
     let Some(o) = observed else { return Decision::Create };
     match o.record.holder.as_deref() {
         Some(h) if h == me => Decision::Renew,
@@ -194,7 +199,7 @@ pub fn decide(me: &str, observed: Option<&Observation>, now: Instant, timings: &
 }
 
 /// The spec to write when `me` takes or renews the lease; `old` is what we saw (if anything).
-pub fn holding_spec(me: &str, old: Option<&LeaseSpec>, now: MicroTime, timings: &Timings) -> LeaseSpec {
+pub(crate) fn holding_spec(me: &str, old: Option<&LeaseSpec>, now: MicroTime, timings: &Timings) -> LeaseSpec {
     let old_holder = old.and_then(|s| s.holder_identity.clone()).filter(|h| !h.is_empty());
     let transitions = old.and_then(|s| s.lease_transitions).unwrap_or(0);
     let changed = old_holder.as_deref() != Some(me);
@@ -212,7 +217,7 @@ pub fn holding_spec(me: &str, old: Option<&LeaseSpec>, now: MicroTime, timings: 
 
 /// The spec that releases the lease: no holder, transitions kept, a 1 s duration so that
 /// anyone still polling takes it at once.
-pub fn released_spec(old: Option<&LeaseSpec>, now: MicroTime) -> LeaseSpec {
+pub(crate) fn released_spec(old: Option<&LeaseSpec>, now: MicroTime) -> LeaseSpec {
     LeaseSpec {
         holder_identity: None,
         lease_duration_seconds: Some(1),

@@ -20,15 +20,15 @@ use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*};
 /// How this replica logs. Flattened into the binary's `run` flags. (Traces are configured by the
 /// standard `OTEL_*` environment variables, not by flags.)
 #[derive(clap::Args, Debug, Clone)]
-pub struct LogArgs {
+pub(crate) struct LogArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 }
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// One JSON object per line, for log pipelines.
     Json,
     /// Human-readable lines, for a terminal.
@@ -36,18 +36,18 @@ pub enum LogFormat {
 }
 
 /// Keeps the trace pipeline alive; call [`Telemetry::shutdown`] on exit so no span is lost.
-pub struct Telemetry {
+pub(crate) struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
 impl Telemetry {
     /// True when spans are exported.
-    pub fn exporting(&self) -> bool {
+    pub(crate) fn exporting(&self) -> bool {
         self.provider.is_some()
     }
 
     /// Flushes every pending span and stops the exporter.
-    pub fn shutdown(self) {
+    pub(crate) fn shutdown(self) {
         if let Some(p) = self.provider {
             if let Err(e) = p.force_flush() {
                 eprintln!("flushing spans failed: {e}");
@@ -86,7 +86,7 @@ fn provider(identity: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::Exp
 }
 
 /// Installs the global subscriber and propagator. `identity` names this replica in the traces.
-pub fn init(format: LogFormat, identity: &str) -> Telemetry {
+pub(crate) fn init(format: LogFormat, identity: &str) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = match format {
@@ -117,12 +117,12 @@ pub fn init(format: LogFormat, identity: &str) -> Telemetry {
 }
 
 /// The trace id of the current span, as 32 hex digits (empty when not sampled or not traced).
-pub fn current_trace_id() -> String {
+pub(crate) fn current_trace_id() -> String {
     current_span_context().filter(|sc| sc.is_valid()).map(|sc| sc.trace_id().to_string()).unwrap_or_default()
 }
 
 /// The trace id of the current span if that trace is sampled (exported), for exemplars.
-pub fn sampled_trace_id() -> Option<String> {
+pub(crate) fn sampled_trace_id() -> Option<String> {
     current_span_context().filter(|sc| sc.is_valid() && sc.is_sampled()).map(|sc| sc.trace_id().to_string())
 }
 

@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Labels of a reconcile outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -84,7 +84,7 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     /// Reconcile duration in seconds, with the trace id of a sampled reconcile as exemplar.
     pub reconcile_duration: HistogramWithExemplars<TraceLabels>,
-    /// MyApps waiting for a reconcile (see [`crate::controller::queue`]).
+    /// MyApps waiting for a reconcile (see `crate::controller::queue`).
     pub queue_depth: Gauge,
     /// API writes made by the controller, by resource and verb.
     pub writes: Family<WriteLabels, Counter>,
@@ -115,83 +115,82 @@ pub struct Metrics {
     pub not_ready_since: Family<NoLabels, Gauge>,
 }
 
+/// The name and help of each metric, in the order `/metrics` lists them (after `build`).
+type Row = (&'static str, &'static str);
+const RECONCILES: Row = ("reconciles", "Reconciles by result");
+const RECONCILE_DURATION: Row = ("reconcile_duration_seconds", "Time spent in one reconcile");
+const QUEUE_DEPTH: Row = ("queue_depth", "MyApps waiting for a reconcile");
+const WRITES: Row = ("api_writes", "API writes made by the controller");
+const CONTROLLER_RUNNING: Row = ("controller_running", "1 while this replica runs the controller");
+const IS_LEADER: Row = ("leader", "1 while this replica holds the lease");
+const LEADER_TRANSITIONS: Row = ("leader_acquisitions", "Times this replica acquired the lease");
+const LEASE_RENEW_SECONDS: Row = ("lease_renew_duration_seconds", "Duration of successful lease renewals");
+const ACQUIRE_TO_FIRST_RECONCILE_SECONDS: Row =
+    ("acquire_to_first_reconcile_seconds", "Time from acquiring the lease to the first finished reconcile");
+const WEBHOOK_REQUESTS: Row = ("webhook_requests", "Admission requests answered");
+const WEBHOOK_DURATION: Row = ("webhook_duration_seconds", "Time to answer an admission request");
+const WEBHOOK_ERRORS: Row =
+    ("webhook_errors", "Admission requests answered with an HTTP error instead of an AdmissionReview");
+const CERTIFICATE_EXPIRY: Row = (
+    "webhook_certificate_expiration_timestamp_seconds",
+    "notAfter of the serving certificate of the webhook server, in unix seconds",
+);
+const MYAPPS: Row = ("myapps", "MyApps in this replica's cache, by condition and status");
+const NOT_READY_SINCE: Row = (
+    "myapps_not_ready_since_timestamp_seconds",
+    "Since when the longest-waiting MyApp has not been Ready (its Ready condition's lastTransitionTime)",
+);
+
 impl Default for Metrics {
+    /// Every metric, registered under `myapp_operator_` in the order of the rows above.
     fn default() -> Self {
         let mut root = Registry::default();
         root.register_collector(Box::new(ProcessCollector::new()));
-        let registry = root.sub_registry_with_prefix("myapp_operator");
+        let r = root.sub_registry_with_prefix("myapp_operator");
         let build = Info::new(vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]);
-        registry.register("build", "The operator's version; the value is always 1", build);
-        let reconciles = Family::<ResultLabels, Counter>::default();
-        registry.register("reconciles", "Reconciles by result", reconciles.clone());
-        let reconcile_duration = HistogramWithExemplars::new(exponential_buckets(0.001, 2.0, 14));
-        registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_duration.clone());
-        let queue_depth = Gauge::default();
-        registry.register("queue_depth", "MyApps waiting for a reconcile", queue_depth.clone());
-        let writes = Family::<WriteLabels, Counter>::default();
-        registry.register("api_writes", "API writes made by the controller", writes.clone());
-        let controller_running = Gauge::default();
-        registry.register("controller_running", "1 while this replica runs the controller", controller_running.clone());
-        let is_leader = Gauge::default();
-        registry.register("leader", "1 while this replica holds the lease", is_leader.clone());
-        let leader_transitions = Counter::default();
-        registry.register("leader_acquisitions", "Times this replica acquired the lease", leader_transitions.clone());
-        let lease_renew_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
-        registry.register(
-            "lease_renew_duration_seconds",
-            "Duration of successful lease renewals",
-            lease_renew_seconds.clone(),
-        );
-        let acquire_to_first_reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        registry.register(
-            "acquire_to_first_reconcile_seconds",
-            "Time from acquiring the lease to the first finished reconcile",
-            acquire_to_first_reconcile_seconds.clone(),
-        );
-        let webhook_requests = Family::<WebhookLabels, Counter>::default();
-        registry.register("webhook_requests", "Admission requests answered", webhook_requests.clone());
+        r.register("build", "The operator's version; the value is always 1", build);
         let (start, factor, count) = WEBHOOK_BUCKETS;
-        let webhook_duration = Histogram::new(exponential_buckets(start, factor, count));
-        registry.register("webhook_duration_seconds", "Time to answer an admission request", webhook_duration.clone());
-        let webhook_errors = Family::<WebhookErrorLabels, Counter>::default();
-        registry.register(
-            "webhook_errors",
-            "Admission requests answered with an HTTP error instead of an AdmissionReview",
-            webhook_errors.clone(),
-        );
-        let certificate_expiry = Family::<NoLabels, Gauge>::default();
-        registry.register(
-            "webhook_certificate_expiration_timestamp_seconds",
-            "notAfter of the serving certificate of the webhook server, in unix seconds",
-            certificate_expiry.clone(),
-        );
-        let myapps = Family::<ConditionLabels, Gauge>::default();
-        registry.register("myapps", "MyApps in this replica's cache, by condition and status", myapps.clone());
-        let not_ready_since = Family::<NoLabels, Gauge>::default();
-        registry.register(
-            "myapps_not_ready_since_timestamp_seconds",
-            "Since when the longest-waiting MyApp has not been Ready (its Ready condition's lastTransitionTime)",
-            not_ready_since.clone(),
-        );
         Self {
+            reconciles: registered(r, RECONCILES, Family::default()),
+            reconcile_duration: registered(
+                r,
+                RECONCILE_DURATION,
+                HistogramWithExemplars::new(exponential_buckets(0.001, 2.0, 14)),
+            ),
+            queue_depth: registered(r, QUEUE_DEPTH, Gauge::default()),
+            writes: registered(r, WRITES, Family::default()),
+            controller_running: registered(r, CONTROLLER_RUNNING, Gauge::default()),
+            is_leader: registered(r, IS_LEADER, Gauge::default()),
+            leader_transitions: registered(r, LEADER_TRANSITIONS, Counter::default()),
+            lease_renew_seconds: registered(
+                r,
+                LEASE_RENEW_SECONDS,
+                Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            ),
+            acquire_to_first_reconcile_seconds: registered(
+                r,
+                ACQUIRE_TO_FIRST_RECONCILE_SECONDS,
+                Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            ),
+            webhook_requests: registered(r, WEBHOOK_REQUESTS, Family::default()),
+            webhook_duration: registered(
+                r,
+                WEBHOOK_DURATION,
+                Histogram::new(exponential_buckets(start, factor, count)),
+            ),
+            webhook_errors: registered(r, WEBHOOK_ERRORS, Family::default()),
+            certificate_expiry: registered(r, CERTIFICATE_EXPIRY, Family::default()),
+            myapps: registered(r, MYAPPS, Family::default()),
+            not_ready_since: registered(r, NOT_READY_SINCE, Family::default()),
             registry: root,
-            webhook_errors,
-            certificate_expiry,
-            myapps,
-            not_ready_since,
-            webhook_requests,
-            webhook_duration,
-            reconciles,
-            reconcile_duration,
-            queue_depth,
-            writes,
-            controller_running,
-            is_leader,
-            leader_transitions,
-            lease_renew_seconds,
-            acquire_to_first_reconcile_seconds,
         }
     }
+}
+
+/// Registers `metric` in `registry` under its row's name and help, and returns it.
+fn registered<M: Metric + Clone>(registry: &mut Registry, (name, help): Row, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {

@@ -13,12 +13,12 @@
 //! # Caveats
 //!
 //! A MyApp whose status has no such condition (not yet reconciled), or whose cached form is not
-//! kept (over [`crate::controller::cached::MAX_KEPT`]), counts as `Unknown`, and has no part in
+//! kept (over [`crate::cache::MAX_KEPT`]), counts as `Unknown`, and has no part in
 //! the not-Ready timestamp.
 
 use crate::api::MyApp;
 use crate::api::conditions::{READY, RECONCILING, STALLED};
-use crate::controller::cached::Cached;
+use crate::cache::Cached;
 use crate::telemetry::metrics::{ConditionLabels, Metrics, NoLabels};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::reflector::Store;

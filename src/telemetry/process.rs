@@ -5,7 +5,7 @@
 //!
 //! A scrape reads three small files (`/proc/self/stat`, `/proc/self/status` and the cgroup's
 //! memory limit), a few microseconds; nothing runs between scrapes. The probe server bounds how
-//! many scrapes can run at once ([`crate::probes::MAX_CONNECTIONS`]).
+//! many scrapes can run at once (`crate::probes::MAX_CONNECTIONS`).
 //!
 //! # Caveats
 //!

@@ -1,13 +1,13 @@
 //! W3C trace context across process boundaries.
 //!
-//! [`TraceParentLayer`] wraps the kube client's HTTP stack: every API call becomes a client span
+//! `TraceParentLayer` wraps the kube client's HTTP stack: every API call becomes a client span
 //! (method, path, status code, duration) under the current span, and its context travels to the
 //! API server in the `traceparent` header, so the API server's own spans join the trace. The API
 //! server honours an incoming parent only for privileged callers (`system:masters`, or users
 //! allowed the `tracing` verb); for others it starts its own trace with a link to ours.
 //!
 //! Incoming, we do the same as the API server does for callers it does not trust, for every
-//! caller: anything that reaches the webhook port can send a `traceparent`, so [`caller_link`]
+//! caller: anything that reaches the webhook port can send a `traceparent`, so `caller_link`
 //! reads it only as a *link*. The webhook's span is a new root: our sampler decides whether it is
 //! recorded (a caller cannot force sampling, or make us export spans into a trace of its choosing),
 //! and the caller's trace stays one click away through the link. The caller's `tracestate` is
@@ -23,7 +23,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Writes propagation fields into HTTP headers.
-pub struct HeaderInjector<'a>(pub &'a mut HeaderMap);
+pub(crate) struct HeaderInjector<'a>(pub &'a mut HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
@@ -34,7 +34,7 @@ impl Injector for HeaderInjector<'_> {
 }
 
 /// The W3C `traceparent` of the current span, if it is sampled.
-pub fn current_traceparent() -> Option<String> {
+pub(crate) fn current_traceparent() -> Option<String> {
     let cx = tracing::Span::current().context();
     let mut headers = HeaderMap::new();
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(&mut headers)));
@@ -46,7 +46,7 @@ pub fn current_traceparent() -> Option<String> {
 /// are not all zero, and version `ff` refused. Version `00` has exactly four fields; a later
 /// version may append fields after a `-`, which are ignored. Of the flags, only "sampled" is
 /// kept. It does not depend on the global propagator, so it reads the same in every process.
-pub fn parse_traceparent(value: &str) -> Option<opentelemetry::trace::SpanContext> {
+pub(crate) fn parse_traceparent(value: &str) -> Option<opentelemetry::trace::SpanContext> {
     use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
     fn hex(s: &str, len: usize) -> Option<&str> {
         (s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(s)
@@ -83,7 +83,7 @@ pub fn parse_traceparent(value: &str) -> Option<opentelemetry::trace::SpanContex
 /// The caller's span context, to be *linked* from a server span, never made its parent (see the
 /// module doc). Only a single, valid `traceparent` header counts: W3C asks a receiver to ignore
 /// one that is repeated.
-pub fn caller_link(headers: &HeaderMap) -> Option<opentelemetry::trace::SpanContext> {
+pub(crate) fn caller_link(headers: &HeaderMap) -> Option<opentelemetry::trace::SpanContext> {
     let mut values = headers.get_all("traceparent").iter();
     match (values.next(), values.next()) {
         (Some(v), None) => parse_traceparent(v.to_str().ok()?),
@@ -93,7 +93,7 @@ pub fn caller_link(headers: &HeaderMap) -> Option<opentelemetry::trace::SpanCont
 
 /// A tower layer for `kube::client::ClientBuilder::with_layer`.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct TraceParentLayer;
+pub(crate) struct TraceParentLayer;
 
 impl<S> tower::Layer<S> for TraceParentLayer {
     type Service = TraceParent<S>;
@@ -105,7 +105,7 @@ impl<S> tower::Layer<S> for TraceParentLayer {
 
 /// The service of [`TraceParentLayer`].
 #[derive(Clone, Debug)]
-pub struct TraceParent<S> {
+pub(crate) struct TraceParent<S> {
     inner: S,
 }
 

@@ -2,8 +2,8 @@
 //!
 //! kube's controller opens a `reconciling object` span around each reconcile, whose `object.reason`
 //! field says why it runs (the object changed, one of its children changed, a requeue, an error
-//! retry, a reconcile of everything), but it hands the reconciler only the object. [`TriggerLayer`]
-//! keeps that field on the span, and [`current`] reads it back from inside the reconcile, which
+//! retry, a reconcile of everything), but it hands the reconciler only the object. `TriggerLayer`
+//! keeps that field on the span, and `current` reads it back from inside the reconcile, which
 //! records it on its own span as `trigger`.
 //!
 //! The span's name and field are kube's internals, not its API: a test runs a real `Controller`
@@ -37,7 +37,7 @@ impl Visit for Reason {
 }
 
 /// Keeps `object.reason` of kube's `reconciling object` spans.
-pub struct TriggerLayer;
+pub(crate) struct TriggerLayer;
 
 impl<S> Layer<S> for TriggerLayer
 where
@@ -56,7 +56,7 @@ where
 }
 
 /// The [`TriggerLayer`] as the operator installs it: it looks only at kube's runtime spans.
-pub fn layer<S>() -> Filtered<TriggerLayer, Targets, S>
+pub(crate) fn layer<S>() -> Filtered<TriggerLayer, Targets, S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -64,7 +64,7 @@ where
 }
 
 /// The trigger of the reconcile the current span belongs to, if the layer saw one.
-pub fn current() -> Option<String> {
+pub(crate) fn current() -> Option<String> {
     let id = tracing::Span::current().id()?;
     tracing::dispatcher::get_default(|d| {
         let registry = d.downcast_ref::<Registry>()?;
@@ -79,7 +79,7 @@ const UNKNOWN: &str = "unknown";
 
 /// What [`current`] says instead: the controller's only `reconcile_on` stream is the bulk pass
 /// ([`crate::controller::queue::bulk_pass`]).
-pub const BULK_PASS: &str = "bulk pass";
+pub(crate) const BULK_PASS: &str = "bulk pass";
 
 #[cfg(test)]
 mod tests {

@@ -1,67 +1,47 @@
-//! The webhooks' command-line flags, and the admission policy's.
+//! The webhooks' command-line flags.
 
-use super::CertSource;
-use super::policy::Policy;
+use super::certs::CertSource;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// How this replica serves the admission webhooks, and the policy they enforce (the controller
-/// applies the replica cap too). Flattened into the binary's `run` flags; each flag also reads an
+/// How this replica serves the admission webhooks (the policy they enforce has its own flags,
+/// [`crate::api::policy::PolicyArgs`]). Flattened into the binary's `run` flags; each flag also reads an
 /// environment variable.
 #[derive(clap::Args, Debug, Clone)]
-pub struct WebhookArgs {
+pub(crate) struct WebhookArgs {
     /// Serve the admission webhooks (every replica does).
     #[arg(long, env = "WEBHOOKS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub webhooks: bool,
+    pub(crate) webhooks: bool,
     /// Address of the webhook HTTPS server (bound with SO_REUSEPORT).
     #[arg(long, env = "WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
-    pub webhook_addr: SocketAddr,
+    pub(crate) webhook_addr: SocketAddr,
     /// Read `tls.crt`, `tls.key` and `ca.crt` from this folder (e.g. a cert-manager Secret)
     /// instead of managing the certificate in a Secret.
     #[arg(long, env = "WEBHOOK_CERT_DIR")]
-    pub webhook_cert_dir: Option<PathBuf>,
+    pub(crate) webhook_cert_dir: Option<PathBuf>,
     /// Secret holding the self-managed CA and serving certificate.
     #[arg(long, env = "WEBHOOK_SECRET", default_value = "myapp-operator-webhook-cert")]
-    pub webhook_secret: String,
+    pub(crate) webhook_secret: String,
     /// Service in front of the webhooks; its DNS names go into the certificate.
     #[arg(long, env = "WEBHOOK_SERVICE", default_value = "myapp-operator-webhook")]
-    pub webhook_service: String,
+    pub(crate) webhook_service: String,
     /// More SANs for the certificate, comma-separated (e.g. 127.0.0.1 for a local run).
     #[arg(long, env = "WEBHOOK_EXTRA_SANS", value_delimiter = ',')]
-    pub webhook_extra_sans: Vec<String>,
+    pub(crate) webhook_extra_sans: Vec<String>,
     /// Name of the Mutating- and ValidatingWebhookConfiguration whose caBundle is kept current.
     #[arg(long, env = "WEBHOOK_CONFIG", default_value = "myapp-operator")]
-    pub webhook_config: String,
+    pub(crate) webhook_config: String,
     /// How long the webhooks keep serving after SIGTERM (while not ready), so that callers move
     /// to the other replicas first.
     #[arg(long, env = "WEBHOOK_DRAIN", default_value = "2s", value_parser = humantime::parse_duration)]
-    pub webhook_drain: Duration,
-    /// Registries images may come from, comma-separated (empty: all).
-    #[arg(long, env = "ALLOWED_REGISTRIES", value_delimiter = ',')]
-    pub allowed_registries: Vec<String>,
-    /// Environment variable names a MyApp may not set, comma-separated.
-    #[arg(long, env = "FORBIDDEN_ENV", value_delimiter = ',')]
-    pub forbidden_env: Vec<String>,
-    /// The most replicas a MyApp may ask for.
-    #[arg(long, env = "MAX_REPLICAS")]
-    pub max_replicas: Option<i32>,
+    pub(crate) webhook_drain: Duration,
 }
 
 impl WebhookArgs {
-    /// The admission policy these flags set (empty list entries ignored).
-    pub fn policy(&self) -> Policy {
-        let listed = |v: &[String]| v.iter().filter(|s| !s.is_empty()).cloned().collect();
-        Policy {
-            allowed_registries: listed(&self.allowed_registries),
-            forbidden_env: listed(&self.forbidden_env),
-            max_replicas: self.max_replicas,
-        }
-    }
-
     /// Where the serving certificate comes from: the folder, or a Secret in `namespace` (the
     /// operator's) with the Service's DNS names and the extra SANs.
-    pub fn cert_source(&self, namespace: &str) -> CertSource {
+    pub(crate) fn cert_source(&self, namespace: &str) -> CertSource {
         let svc = &self.webhook_service;
         match &self.webhook_cert_dir {
             Some(dir) => CertSource::Dir {
@@ -103,16 +83,8 @@ mod tests {
     }
 
     #[test]
-    fn policy_and_certificate_source_follow_the_flags() {
-        let cli = Cli::parse_from([
-            "x",
-            "--max-replicas=3",
-            "--allowed-registries=a.io,,b.io",
-            "--webhook-extra-sans=127.0.0.1",
-        ]);
-        let policy = cli.webhook.policy();
-        assert_eq!(policy.allowed_registries, ["a.io", "b.io"]);
-        assert_eq!(policy.max_replicas, Some(3));
+    fn the_certificate_source_follows_the_flags() {
+        let cli = Cli::parse_from(["x", "--webhook-extra-sans=127.0.0.1"]);
         match cli.webhook.cert_source("sys") {
             CertSource::SelfManaged { sans, secret, .. } => {
                 assert_eq!(sans.first().map(String::as_str), Some("myapp-operator-webhook.sys.svc"));

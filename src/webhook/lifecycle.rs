@@ -1,86 +1,34 @@
-//! The webhook server's life: certificate source, hot reload, caBundle, readiness self-check.
+//! The webhook server's life: it binds at once, serves the certificate the upkeep
+//! ([`super::certs`]) obtains, hot-reloads it, and keeps the readiness self-check.
 //!
 //! # Guarantees
 //!
 //! - **Starting never waits for the API server, and never fails because of it.**
-//!   [`Webhooks::start`] binds the port and returns; a task then obtains the certificate. Each
-//!   pass of its upkeep is bounded by [`PASS_TIMEOUT`] per step, and a failed pass is retried
-//!   with backoff (from [`RETRY_MIN`], doubling, at most [`RETRY_MAX`]), for as long as it takes.
-//!   While it backs off, watch events do not cut the wait short. Until a certificate is loaded the port completes no TLS handshake and `ready`
-//!   stays false; the process lives on (`/livez` does not depend on any of this).
-//! - **Heals.** Each pass re-judges the certificate Secret ([`super::secret`]) and the caBundle of
-//!   both webhook configurations ([`super::ca_bundle`]). A pass runs on every watch event of the
-//!   Secret (its deletion included) and of either configuration, so drift is repaired within
-//!   seconds; after a failure, with backoff; and at least every [`CHECK_PERIOD`] (for time-based
-//!   steps: renewal, the CA rotation schedule), or every [`DIR_CHECK_PERIOD`] for files.
+//!   [`Webhooks::start`] binds the port and returns; a task then obtains the certificate, pass
+//!   after pass of the upkeep, bounded and retried with backoff (see [`super::certs`]) for as
+//!   long as it takes. While it backs off, watch events do not cut the wait short. Until a
+//!   certificate is loaded the port completes no TLS handshake and `ready` stays false; the
+//!   process lives on (`/livez` does not depend on any of this).
 //! - **Reloads without a restart.** A changed certificate is swapped into the running server
 //!   (connections in flight are untouched). One that does not load is an error of the pass,
 //!   retried; the server keeps the last good one.
 //! - **Readiness** (`ready`) is true only while a TLS handshake with our own port, verified
 //!   against the current trust bundle, succeeds.
-//! - **A replica's clock cannot make the replicas fight**: the Secret is judged at the API
-//!   server's time, and a replica rewrites a usable Secret at most
-//!   [`secret::MAX_REWRITES`] times an hour whatever any clock says (see [`super::secret`]).
-//!
-//! # Caveats
-//!
-//! The caBundle is patched only in self-managed mode; with certificates from files, whoever
-//! provides them (e.g. cert-manager's cainjector) owns the caBundle.
 
-use super::{Shared, ca_bundle, certs, secret, server};
+use super::certs::{self, CertSource, Clock, Pem, Upkeep, UpkeepError};
+use super::server;
+use super::shared::Shared;
 use axum_server::tls_rustls::RustlsConfig;
-use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
-use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::api::Api;
-use kube::runtime::{WatchStreamExt, watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
-
-/// The bound on each step of an upkeep pass (the Secret, then the caBundle), on top of the
-/// client's own per-call timeout.
-pub const PASS_TIMEOUT: Duration = Duration::from_secs(30);
-/// The first retry after a failed pass.
-pub const RETRY_MIN: Duration = Duration::from_millis(500);
-/// The longest wait between retries.
-pub const RETRY_MAX: Duration = Duration::from_secs(30);
-/// The longest time between two passes in self-managed mode (events trigger them sooner).
-pub const CHECK_PERIOD: Duration = Duration::from_secs(60);
-/// How often the files are read again.
-pub const DIR_CHECK_PERIOD: Duration = Duration::from_secs(10);
-
-/// Where the serving certificate comes from.
-#[derive(Clone, Debug)]
-pub enum CertSource {
-    /// A Secret shared by every replica, created and renewed by them; the CA is patched into the
-    /// webhook configurations named `config`.
-    SelfManaged {
-        /// Namespace of the Secret.
-        namespace: String,
-        /// Name of the Secret.
-        secret: String,
-        /// SANs of the serving certificate.
-        sans: Vec<String>,
-        /// Name of the Mutating- and ValidatingWebhookConfiguration.
-        config: String,
-    },
-    /// `tls.crt`, `tls.key` and `ca.crt` in a folder (e.g. a mounted cert-manager Secret).
-    Dir {
-        /// The folder.
-        dir: PathBuf,
-        /// A name the certificate is valid for, used by the readiness self-check.
-        server_name: String,
-    },
-}
 
 /// Why [`Webhooks::start`] failed: only local causes, never the API server.
 #[derive(Debug, thiserror::Error)]
@@ -89,58 +37,6 @@ pub enum StartError {
     #[error("bind the webhook server on {0}: {1}")]
     Bind(SocketAddr, #[source] std::io::Error),
 }
-
-/// Why a pass of the certificate upkeep failed; it is retried with backoff.
-#[derive(Debug, thiserror::Error)]
-pub enum UpkeepError {
-    /// The Kubernetes API refused or failed a call.
-    #[error("kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    /// A certificate could not be made.
-    #[error("certificate: {0}")]
-    Cert(#[from] certs::CertError),
-    /// Other writers kept winning.
-    #[error("{what} did not settle after {attempts} conflicting writes")]
-    Contended {
-        /// What was written.
-        what: &'static str,
-        /// How many rounds were tried.
-        attempts: u32,
-    },
-    /// A step of the pass took longer than [`PASS_TIMEOUT`].
-    #[error("{0} did not finish within {PASS_TIMEOUT:?}")]
-    Timeout(&'static str),
-    /// A certificate file could not be read.
-    #[error("read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The certificate and key do not load into the TLS server.
-    #[error("load the certificate into the server: {0}")]
-    Load(#[source] std::io::Error),
-    /// A Secret judged usable lacks a key (cannot happen with [`certs::next_state`]).
-    #[error("the certificate Secret is incomplete")]
-    Incomplete,
-    /// An object from the API server has no resourceVersion.
-    #[error("an object has no resourceVersion")]
-    NoResourceVersion,
-}
-
-/// The PEM material served: the trust bundle, the certificate and its key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Pem {
-    pub(crate) ca: String,
-    pub(crate) crt: String,
-    pub(crate) key: String,
-}
-
-/// This replica's wall clock (a test sets its own). Certificates are judged by the API server's
-/// clock; this one only when an answer carries no `Date` (see [`super::secret`]).
-pub(crate) type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
 /// How [`Webhooks::start_with`] runs; the default is production's.
 #[derive(Clone)]
@@ -176,14 +72,6 @@ pub struct Webhooks {
     check: Option<tokio::task::JoinHandle<()>>,
     #[cfg(test)]
     loaded: watch::Receiver<Option<Pem>>,
-}
-
-fn read_dir(dir: &Path) -> Result<Pem, UpkeepError> {
-    let r = |f: &str| {
-        let path = dir.join(f);
-        std::fs::read_to_string(&path).map_err(|source| UpkeepError::Read { path, source })
-    };
-    Ok(Pem { ca: r(certs::CA_CRT)?, crt: r(certs::TLS_CRT)?, key: r(certs::TLS_KEY)? })
 }
 
 /// Why the self-check's handshake failed.
@@ -241,90 +129,6 @@ async fn self_check(port: u16, name: String, ready: Arc<AtomicBool>, mut loaded:
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             changed = loaded.changed() => if changed.is_err() { return },
-        }
-    }
-}
-
-/// Unit events (an object named `name` changed, was deleted, or was relisted) of a watch.
-fn changes<K>(api: Api<K>, name: &str) -> BoxStream<'static, ()>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    watcher(api, config)
-        .backoff(crate::client::watch_backoff())
-        .filter_map(|event| {
-            futures::future::ready(match event {
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => Some(()),
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::warn!(error = %e, kind = %K::kind(&()), "certificate upkeep watch failed; retrying");
-                    None
-                }
-            })
-        })
-        .boxed()
-}
-
-/// The wait after `failures` consecutive failed passes: [`RETRY_MIN`], doubling with each, at
-/// most [`RETRY_MAX`], shortened by up to a fifth at random so that replicas drift apart.
-fn retry_delay(failures: u32) -> Duration {
-    let base = RETRY_MIN.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(RETRY_MAX);
-    base.mul_f64(1.0 - 0.2 * rand::random::<f64>())
-}
-
-/// Obtains and checks the PEM to serve, from `source`.
-struct Upkeep {
-    client: Client,
-    source: CertSource,
-    /// This replica's clock, used only when the API server's answer has no `Date`.
-    clock: Clock,
-    /// This replica's rewrites of a usable Secret, for their bound.
-    rewrites: secret::Rewrites,
-}
-
-impl Upkeep {
-    /// One pass: the PEM to serve, if it got that far, and whether everything succeeded.
-    async fn pass(&mut self) -> (Option<Pem>, Result<(), UpkeepError>) {
-        match &self.source {
-            CertSource::SelfManaged { namespace, secret, sans, config } => {
-                let ensure = secret::ensure(&self.client, secret, namespace, sans, &self.clock, &mut self.rewrites);
-                let ensured = tokio::time::timeout(PASS_TIMEOUT, ensure)
-                    .await
-                    .unwrap_or(Err(UpkeepError::Timeout("the certificate Secret")));
-                let pem = match ensured {
-                    Ok(p) => p,
-                    Err(e) => return (None, Err(e)),
-                };
-                let patched = tokio::time::timeout(PASS_TIMEOUT, ca_bundle::ensure(&self.client, config, &pem.ca))
-                    .await
-                    .unwrap_or(Err(UpkeepError::Timeout("the caBundle")));
-                (Some(pem), patched.map(|_| ()))
-            }
-            CertSource::Dir { dir, .. } => match read_dir(dir) {
-                Ok(p) => (Some(p), Ok(())),
-                Err(e) => (None, Err(e)),
-            },
-        }
-    }
-
-    /// What makes a pass due before the period is over.
-    fn triggers(&self) -> BoxStream<'static, ()> {
-        match &self.source {
-            CertSource::SelfManaged { namespace, secret, config, .. } => futures::stream::select_all([
-                changes(Api::<Secret>::namespaced(self.client.clone(), namespace), secret),
-                changes(Api::<MutatingWebhookConfiguration>::all(self.client.clone()), config),
-                changes(Api::<ValidatingWebhookConfiguration>::all(self.client.clone()), config),
-            ])
-            .boxed(),
-            CertSource::Dir { .. } => futures::stream::pending().boxed(),
-        }
-    }
-
-    fn period(&self) -> Duration {
-        match self.source {
-            CertSource::SelfManaged { .. } => CHECK_PERIOD,
-            CertSource::Dir { .. } => DIR_CHECK_PERIOD,
         }
     }
 }
@@ -414,7 +218,7 @@ impl Life {
                 Ok(()) => (wait, failures) = (self.upkeep.period(), 0),
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    wait = retry_delay(failures);
+                    wait = certs::retry_delay(failures);
                     tracing::warn!(error = %e, retry_in = ?wait, "webhook certificate upkeep failed");
                 }
             }
@@ -425,7 +229,7 @@ impl Life {
 impl Webhooks {
     /// Binds `addr` and returns at once; in the background, obtains a certificate (retrying
     /// until it has one), serves, and keeps the certificate, the caBundle and the readiness up to
-    /// date. See the [module documentation](self) for the guarantees.
+    /// date. The guarantees are in the documentation of `webhook::lifecycle`.
     pub async fn start(
         client: Client,
         addr: SocketAddr,
@@ -458,7 +262,7 @@ impl Webhooks {
             .self_check
             .then(|| tokio::spawn(self_check(local.port(), server_name, ready.clone(), loaded.clone())));
         let life = Life {
-            upkeep: Upkeep { client, source, clock: options.clock, rewrites: secret::Rewrites::default() },
+            upkeep: Upkeep::new(client, source, options.clock),
             shared: shared.clone(),
             listener: Some(listener),
             server: None,

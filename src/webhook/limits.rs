@@ -559,7 +559,7 @@ const _: () = assert!(2 * MAX_REQUEST_COST <= MEMORY_BUDGET);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::webhook::policy::Policy;
+    use crate::api::policy::Policy;
     use crate::webhook::review::{self, Endpoint};
     use serde_json::{Value, json};
 

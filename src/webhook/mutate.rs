@@ -7,9 +7,9 @@ use jsonptr::PointerBuf;
 use serde_json::{Value, json};
 
 /// Default CPU request when none is given.
-pub const DEFAULT_CPU_REQUEST: &str = "50m";
+pub(crate) const DEFAULT_CPU_REQUEST: &str = "50m";
 /// Default memory request when none is given.
-pub const DEFAULT_MEMORY_REQUEST: &str = "64Mi";
+pub(crate) const DEFAULT_MEMORY_REQUEST: &str = "64Mi";
 
 fn add(ops: &mut Vec<PatchOperation>, path: &[&str], value: Value) {
     ops.push(PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(path.iter().copied()), value }));
@@ -18,7 +18,7 @@ fn add(ops: &mut Vec<PatchOperation>, path: &[&str], value: Value) {
 /// The patch that records `traceparent` in the [`TRACE_ANNOTATION`] of `obj`, unless it is
 /// already there. Call it only for requests that change the spec (a create, or an update whose
 /// spec differs), so that the operator's own metadata writes do not overwrite the user's context.
-pub fn record_trace(obj: &Value, traceparent: &str) -> Vec<PatchOperation> {
+pub(crate) fn record_trace(obj: &Value, traceparent: &str) -> Vec<PatchOperation> {
     let mut ops = Vec::new();
     match obj["metadata"].get("annotations").filter(|a| a.is_object()) {
         None => add(&mut ops, &["metadata", "annotations"], json!({ TRACE_ANNOTATION: traceparent })),
@@ -34,7 +34,7 @@ pub fn record_trace(obj: &Value, traceparent: &str) -> Vec<PatchOperation> {
 /// for MyApps created while the webhook was not called). Caveat: with server-side apply, the
 /// finalizer counts as set by the applier's field manager, so a later apply by the same manager
 /// that leaves it out removes it; the reconciler then adds it back, under its own manager.
-pub fn finalizer(obj: &Value) -> Vec<PatchOperation> {
+pub(crate) fn finalizer(obj: &Value) -> Vec<PatchOperation> {
     let mut ops = Vec::new();
     match obj["metadata"].get("finalizers").and_then(Value::as_array) {
         None => add(&mut ops, &["metadata", "finalizers"], json!([FINALIZER])),
@@ -46,7 +46,7 @@ pub fn finalizer(obj: &Value) -> Vec<PatchOperation> {
 
 /// The patch that defaults `obj` (a MyApp as JSON): replicas 1, port 8080, resource requests,
 /// and the recommended `app.kubernetes.io/*` labels.
-pub fn defaults(obj: &Value) -> Patch {
+pub(crate) fn defaults(obj: &Value) -> Patch {
     let mut ops = Vec::new();
     let spec = &obj["spec"];
     if spec.is_object() {

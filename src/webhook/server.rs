@@ -19,11 +19,11 @@
 //!   stops accepting (new connections are refused), sends GOAWAY on every connection, and waits
 //!   for the requests in flight, within a bound.
 
-use super::Shared;
 use super::limits::{
-    BodyError, ConnectionCap, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, JsonShape, MAX_HEADERS, MAX_ITEMS,
+    BodyError, ConnectionCap, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, JsonShape, MAX_HEADERS, MAX_ITEMS, Ticket,
 };
 use super::review::{self, Endpoint, NotAReview};
+use super::shared::Shared;
 use crate::telemetry::propagation::{caller_link, current_traceparent};
 use axum::Router;
 use axum::body::Body;
@@ -71,6 +71,7 @@ async fn handle(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
     response
 }
 
+/// Admits the request under the gate's bounds, then [`judge`]s it in its admission span.
 async fn answer(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Response {
     let started = Instant::now();
     let path = path_of(endpoint);
@@ -84,7 +85,7 @@ async fn answer(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
     // on its own, and its connection carries other streams).
     let close = connection.as_ref().filter(|_| req.version() < Version::HTTP_2);
     let source = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let Some(mut ticket) = shared.gate.enter(source) else {
+    let Some(ticket) = shared.gate.enter(source) else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many requests in flight", close);
     };
     let max = shared.gate.limits().max_body;
@@ -96,58 +97,62 @@ async fn answer(shared: Arc<Shared>, endpoint: Endpoint, req: Request) -> Respon
     if let Some(caller) = caller_link(req.headers()) {
         span.add_link(caller);
     }
-    async move {
-        let body = match shared.gate.read_body(req.into_body(), &mut ticket).await {
-            Ok(b) => b,
-            Err(e) => {
-                let status = match e {
-                    BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-                    BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
-                    BodyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
-                    BodyError::Read(_) => StatusCode::BAD_REQUEST,
-                };
-                return refuse(status, e, close);
-            }
-        };
-        // What parsing will cost is taken from the budget before parsing starts.
-        let shape = JsonShape::of(&body);
-        let answered = if shape.items > MAX_ITEMS {
-            let why = format!(
-                "the review holds {} JSON values and keys, more than the {MAX_ITEMS} this webhook reads: \
-                 the object's metadata (labels, annotations, managedFields) is too large",
-                shape.items
-            );
-            match review::refuse_unparsed(&body, &why, 413) {
-                Ok(r) => Ok(r),
-                Err(_) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, why, None),
-            }
-        } else if let Err(e) = shared.gate.take(&mut ticket, shape.parse_cost()) {
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, e, None);
-        } else {
-            review::answer_in(
-                &body,
-                endpoint,
-                &shared.policy,
-                current_traceparent().as_deref(),
-                shared.scope.as_deref(),
-            )
-        };
-        let review = match answered {
-            Ok(r) => r,
-            Err(NotAReview(e)) => return refuse(StatusCode::BAD_REQUEST, format!("not an AdmissionReview: {e}"), None),
-        };
-        drop(body);
-        drop(ticket);
-        let allowed = review.response.as_ref().is_some_and(|r| r.allowed);
-        tracing::Span::current().record("allowed", allowed);
-        shared.metrics.webhook(path, allowed, started.elapsed().as_secs_f64());
-        match serde_json::to_vec(&review) {
-            Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-            Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, Body::empty()).into_response(),
+    judge(&shared, endpoint, req.into_body(), ticket, close, started).instrument(span).await
+}
+
+/// Reads `body` under `ticket`, and answers it: the review judged, or refused before any parse
+/// its cost does not fit. Runs in the admission span.
+async fn judge(
+    shared: &Shared,
+    endpoint: Endpoint,
+    body: Body,
+    mut ticket: Ticket,
+    close: Option<&ConnectionShutdown>,
+    started: Instant,
+) -> Response {
+    let path = path_of(endpoint);
+    let body = match shared.gate.read_body(body, &mut ticket).await {
+        Ok(b) => b,
+        Err(e) => {
+            let status = match e {
+                BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+                BodyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+                BodyError::Read(_) => StatusCode::BAD_REQUEST,
+            };
+            return refuse(status, e, close);
         }
+    };
+    // What parsing will cost is taken from the budget before parsing starts.
+    let shape = JsonShape::of(&body);
+    let answered = if shape.items > MAX_ITEMS {
+        let why = format!(
+            "the review holds {} JSON values and keys, more than the {MAX_ITEMS} this webhook reads: \
+             the object's metadata (labels, annotations, managedFields) is too large",
+            shape.items
+        );
+        match review::refuse_unparsed(&body, &why, 413) {
+            Ok(r) => Ok(r),
+            Err(_) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, why, None),
+        }
+    } else if let Err(e) = shared.gate.take(&mut ticket, shape.parse_cost()) {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, e, None);
+    } else {
+        review::answer_in(&body, endpoint, &shared.policy, current_traceparent().as_deref(), shared.scope.as_deref())
+    };
+    let review = match answered {
+        Ok(r) => r,
+        Err(NotAReview(e)) => return refuse(StatusCode::BAD_REQUEST, format!("not an AdmissionReview: {e}"), None),
+    };
+    drop(body);
+    drop(ticket);
+    let allowed = review.response.as_ref().is_some_and(|r| r.allowed);
+    tracing::Span::current().record("allowed", allowed);
+    shared.metrics.webhook(path, allowed, started.elapsed().as_secs_f64());
+    match serde_json::to_vec(&review) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, Body::empty()).into_response(),
     }
-    .instrument(span)
-    .await
 }
 
 /// The webhook router.

@@ -1,10 +1,10 @@
 //! The real server on 127.0.0.1:0 over TLS, driven by hyper clients and raw sockets.
 
 use super::*;
+use crate::api::policy::Policy;
 use crate::telemetry::metrics::Metrics;
 use crate::webhook::certs;
 use crate::webhook::limits::{Limits, MAX_BODY};
-use crate::webhook::policy::Policy;
 use futures::SinkExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;

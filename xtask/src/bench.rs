@@ -45,7 +45,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::MyApp;
-use myapp_operator::controller::cached::merge;
+use myapp_operator::cache::merge;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;

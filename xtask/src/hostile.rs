@@ -983,8 +983,8 @@ mod tests {
     /// the junk one denied unparsed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_parse_cost_clients_get_the_servers_answers() {
+        use myapp_operator::api::policy::Policy;
         use myapp_operator::telemetry::metrics::Metrics;
-        use myapp_operator::webhook::policy::Policy;
         use myapp_operator::webhook::{Shared, certs, limits::Limits, server};
         let _ = rustls::crypto::ring::default_provider().install_default();
         let bundle = certs::issue(&[CERT_NAME.into()], None, time::OffsetDateTime::now_utc()).expect("a certificate");

@@ -12,7 +12,7 @@ use std::time::Instant;
 pub struct TestArgs {
     #[command(flatten)]
     target: TargetArgs,
-    /// Skip `cargo fmt --check` and clippy.
+    /// Skip `cargo fmt --check`, clippy and the doc-link check.
     #[arg(long)]
     no_lint: bool,
     /// Leave the local control plane running afterwards.
@@ -37,6 +37,13 @@ pub async fn test(args: TestArgs) -> Result<()> {
         clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
         run(clippy, "cargo clippy")?;
         println!("    lint passed ({:.0} s)", t.elapsed().as_secs_f64());
+
+        let t = step("docs: cargo doc --no-deps of the operator, every intra-doc link resolved");
+        let mut doc = cargo();
+        doc.args(["doc", "--no-deps", "-p", "myapp-operator"]);
+        doc.env("RUSTDOCFLAGS", "-D rustdoc::broken_intra_doc_links");
+        run(doc, "cargo doc")?;
+        println!("    docs passed ({:.0} s)", t.elapsed().as_secs_f64());
     }
 
     let t = step("unit tests (no cluster)");

@@ -7,7 +7,7 @@
 //! slow connections and sends oversized bodies in a loop.
 
 use anyhow::{Context, Result};
-use myapp_operator::webhook::policy::Policy;
+use myapp_operator::api::policy::Policy;
 use myapp_operator::webhook::review::{self, Endpoint};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -11,8 +11,8 @@
 //! [`super::cache`]'s writer of kube's stores does, and reports what it found gone, so that the
 //! owner of a child deleted while the watch was away is woken.
 
-use super::cache::Apply;
-use super::cached::{Cached, Packed, Shape, child_key};
+use super::compact::{Cached, Packed, Shape, child_key, owner};
+use super::watch::Apply;
 use kube::runtime::watcher::Event;
 use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -114,7 +114,7 @@ pub struct ChildWriter<K> {
 /// owner. A reconcile that finds no child in the store reads it from the API server, so a foreign
 /// object of a child's name is still seen, and never taken over.
 fn owned<K: Shape>(child: &Cached<K>) -> bool {
-    super::queue::owner(kube::Resource::meta(child)).is_some()
+    owner(kube::Resource::meta(child)).is_some()
 }
 
 impl<K: Shape> Apply<Cached<K>> for ChildWriter<K> {
@@ -158,18 +158,26 @@ impl<K: Shape> Apply<Cached<K>> for ChildWriter<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::children;
     use k8s_openapi::api::core::v1::Service;
     use kube::Resource;
     use serde_json::json;
 
+    /// A Service of the operator's, as the API server sends it.
     fn service(name: &str, port: i32) -> Cached<Service> {
-        let mut app = children::tests::app();
-        app.metadata.name = Some(name.into());
-        app.spec.port = port;
-        let mut doc = serde_json::to_value(children::service(&app)).expect("a Service serializes");
-        doc["metadata"]["resourceVersion"] = json!("7");
-        Cached::from_json(doc).expect("cached")
+        Cached::from_json(served(name, port)).expect("cached")
+    }
+
+    fn served(name: &str, port: i32) -> serde_json::Value {
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {
+                "name": name, "namespace": "ns", "resourceVersion": "7",
+                "labels": {"app.kubernetes.io/managed-by": "myapp-operator", "myapp.dev/name": name},
+                "ownerReferences": [{"apiVersion": "myapp.dev/v1", "kind": "MyApp", "name": name, "uid": "uid-1",
+                                     "controller": true, "blockOwnerDeletion": true}],
+            },
+            "spec": {"selector": {"myapp.dev/name": name}, "ports": [{"name": "http", "port": port, "targetPort": port}]},
+        })
     }
 
     fn held(store: &Children<Service>) -> Vec<(String, i32)> {
@@ -208,7 +216,7 @@ mod tests {
 
     #[test]
     fn a_child_without_owners_or_with_line_breaks_in_its_fields_packs_and_unpacks() {
-        let mut doc = serde_json::to_value(children::service(&children::tests::app())).expect("serializes");
+        let mut doc = served("web", 8080);
         doc["metadata"].as_object_mut().expect("metadata").remove("ownerReferences");
         doc["metadata"]["annotations"][crate::api::APPLIED_HASH] = json!("a\nb");
         let cached: Cached<Service> = Cached::from_json(doc).expect("cached");
@@ -222,9 +230,7 @@ mod tests {
 
     /// `service` as someone else's: the operator's label, no controller reference to a MyApp.
     fn foreign(name: &str) -> Cached<Service> {
-        let mut app = children::tests::app();
-        app.metadata.name = Some(name.into());
-        let mut doc = serde_json::to_value(children::service(&app)).expect("a Service serializes");
+        let mut doc = served(name, 8080);
         doc["metadata"].as_object_mut().expect("metadata").remove("ownerReferences");
         Cached::from_json(doc).expect("cached")
     }

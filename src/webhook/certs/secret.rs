@@ -26,10 +26,10 @@
 //!   caBundle changes at most as often. A Secret that is absent or broken (not usable at any
 //!   time) is written at once, so healing is never delayed.
 //! - **Bounded**: at most [`MAX_ATTEMPTS`] rounds, then [`UpkeepError::Contended`]; the caller
-//!   retries with backoff. Time is bounded by the caller (see [`super::lifecycle`]).
+//!   retries with backoff. Time is bounded by the caller (see [`super::upkeep`]).
 
-use super::certs;
-use super::lifecycle::{Clock, Pem, UpkeepError};
+use super::material as certs;
+use super::source::{Clock, Pem, UpkeepError};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
@@ -39,15 +39,15 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 /// Rounds of read, judge, write before giving up for this pass.
-pub const MAX_ATTEMPTS: u32 = 5;
+pub(crate) const MAX_ATTEMPTS: u32 = 5;
 /// The most rewrites of a usable Secret one replica makes in any [`REWRITE_WINDOW`]. A CA
 /// rotation takes three (publish, promote, retire), days apart.
-pub const MAX_REWRITES: usize = 3;
+pub(crate) const MAX_REWRITES: usize = 3;
 /// The window [`MAX_REWRITES`] counts in, on the replica's monotonic clock.
-pub const REWRITE_WINDOW: Duration = Duration::from_secs(3600);
+pub(crate) const REWRITE_WINDOW: Duration = Duration::from_secs(3600);
 /// How far this replica's clock may differ from the API server's before it warns. Below it,
 /// the certificates' back-dating ([`certs::BACKDATE`]) absorbs the difference anyway.
-pub const SKEW_WARNING: Duration = Duration::from_secs(5 * 60);
+pub(crate) const SKEW_WARNING: Duration = Duration::from_secs(5 * 60);
 
 /// The times one replica rewrote a usable Secret, within the last [`REWRITE_WINDOW`].
 #[derive(Debug, Default)]

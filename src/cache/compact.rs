@@ -21,20 +21,17 @@
 //!
 //! # Guarantees
 //!
-//! - For every document the builders make, [`super::children::up_to_date`] judges the rebuilt
-//!   object as it would the object the API server sent: the shape keeps every field path a
+//! - For every document the builders make, `controller::children::up_to_date` judges the kept
+//!   document as it would the object the API server sent: the shape keeps every field path a
 //!   document of the builders can set (tests check this over random specs), and
-//!   [`super::children::is_subset`] reads no other. In a list merged by key it also reads the key
+//!   `controller::children::is_subset` reads no other. In a list merged by key it also reads the key
 //!   fields of entries that other managers added; every entry of a list is projected by the shape
 //!   of the builders' entry, which carries those keys.
 //! - `managedFields` are never deserialized into structs: an object arrives as JSON, is projected,
 //!   and the rest is dropped at once, so a relist costs one object's worth of transient memory per
 //!   object being read, not a page of full objects.
 
-use super::children;
-use crate::api::{MyApp, MyAppSpec, ResourceAmounts, Resources, ServiceType};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use crate::api::MyApp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use serde::de::{DeserializeOwned, Error as _};
@@ -64,9 +61,10 @@ pub trait Shape: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResour
 /// cache.
 pub const MAX_KEPT: usize = 4 * 1024;
 
-/// Every field path a document of the builders can carry, from a `MyApp` that sets every
-/// optional field, merged with what reconcile reads beyond them.
-fn union(applied: Value, read: Value) -> Value {
+/// The shape of a kind of child: every field path of `applied`, a document of the builders
+/// from a `MyApp` that sets every optional field, merged with `read`, what reconcile reads
+/// beyond them (the child shapes are in `controller::children`, which owns the builders).
+pub(crate) fn shape_of(applied: Value, read: Value) -> Value {
     let mut shape = applied;
     merge(&mut shape, read);
     untyped(&mut shape);
@@ -75,7 +73,7 @@ fn union(applied: Value, read: Value) -> Value {
 
 /// Removes from `doc` what a [`Cached`] keeps outside its JSON: the typed metadata, and the
 /// object's kind, which is in its type.
-fn untyped(doc: &mut Value) {
+pub(crate) fn untyped(doc: &mut Value) {
     if let Some(o) = doc.as_object_mut() {
         o.remove("apiVersion");
         o.remove("kind");
@@ -108,63 +106,9 @@ pub fn merge(into: &mut Value, from: Value) {
 /// The metadata fields kept typed, outside the JSON.
 const TYPED_META: &[&str] = &["name", "namespace", "resourceVersion", "ownerReferences"];
 
-/// A `MyApp` with every optional field set, so its children carry every field the builders can
-/// write.
-fn maximal() -> MyApp {
-    let amounts = || Some(ResourceAmounts { cpu: Some("1".into()), memory: Some("1Mi".into()) });
-    let mut app = MyApp::new(
-        "shape",
-        MyAppSpec {
-            image: "shape:1".into(),
-            replicas: 1,
-            port: 1,
-            env: vec![crate::api::EnvVar { name: "A".into(), value: "a".into() }],
-            resources: Some(Resources { requests: amounts(), limits: amounts() }),
-            service_type: Some(ServiceType::NodePort),
-        },
-    );
-    app.metadata.namespace = Some("shape".into());
-    app.metadata.uid = Some("shape".into());
-    app
-}
-
-fn applied<K: serde::Serialize + Resource + Clone>(doc: K) -> Value {
-    let doc = children::stamp(doc.clone()).unwrap_or(doc);
-    serde_json::to_value(doc).unwrap_or_default()
-}
-
 /// The deletion mark, which cleanup reads.
-fn deletion() -> Value {
+pub(crate) fn deletion() -> Value {
     json!({"metadata": {"deletionTimestamp": true}})
-}
-
-impl Shape for Deployment {
-    fn shape() -> &'static Value {
-        static SHAPE: LazyLock<Value> = LazyLock::new(|| {
-            let mut read = deletion();
-            // What `RolloutFacts::from_deployment` reads.
-            merge(
-                &mut read,
-                json!({
-                    "metadata": {"generation": true},
-                    "status": {
-                        "observedGeneration": true, "replicas": true, "updatedReplicas": true,
-                        "readyReplicas": true, "availableReplicas": true,
-                        "conditions": [{"type": true, "reason": true}],
-                    },
-                }),
-            );
-            union(applied(children::deployment(&maximal())), read)
-        });
-        &SHAPE
-    }
-}
-
-impl Shape for Service {
-    fn shape() -> &'static Value {
-        static SHAPE: LazyLock<Value> = LazyLock::new(|| union(applied(children::service(&maximal())), deletion()));
-        &SHAPE
-    }
 }
 
 impl Shape for MyApp {
@@ -271,7 +215,35 @@ impl<K: Shape> Cached<K> {
     }
 }
 
-/// A cached child packed into one string, as [`super::store::Children`] keeps it:
+impl<K: Shape> Cached<K> {
+    /// The object as JSON, as kept: the kept fields with the typed metadata, the kind and the
+    /// apiVersion put back, read straight from the compact text. It holds what [`Cached::object`] would serialize back to
+    /// for every field a document of the builders can set, so `up_to_date` judges it as it would
+    /// the object, without a typed object in between.
+    pub fn document(&self) -> Result<Value, serde_json::Error> {
+        if !self.kept() {
+            return Err(serde_json::Error::custom(format!(
+                "over {MAX_KEPT} bytes, not kept: read from the API server"
+            )));
+        }
+        let mut doc: Value = serde_json::from_str(&self.rest)?;
+        let Some(object) = doc.as_object_mut() else {
+            return Err(serde_json::Error::custom("a kept object is a JSON object"));
+        };
+        let meta = object.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
+        let Some(meta) = meta.as_object_mut() else {
+            return Err(serde_json::Error::custom("a kept object's metadata is a JSON object"));
+        };
+        if let Value::Object(typed) = serde_json::to_value(&self.metadata)? {
+            meta.extend(typed);
+        }
+        object.insert("apiVersion".into(), K::api_version(&()).into());
+        object.insert("kind".into(), K::kind(&()).into());
+        Ok(doc)
+    }
+}
+
+/// A cached child packed into one string, as [`super::Children`] keeps it:
 /// `"{namespace}/{name}\n{ownerReferences}\n{rest}"`, the owner references as JSON (empty when
 /// there are none) and `rest` the [`Cached`]'s JSON. Neither JSON text holds a raw line break
 /// (serde_json escapes them in strings), and neither a namespace nor a name holds a `/`.
@@ -414,200 +386,22 @@ impl<K: Shape> Resource for Cached<K> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::api::EnvVar;
-    use proptest::prelude::*;
-
-    /// A Deployment as the API server sends it: the applied document plus defaults, status,
-    /// managedFields and fields of other managers.
-    fn served(app: &MyApp) -> Value {
-        let mut d = applied(children::deployment(app));
-        merge(
-            &mut d,
-            json!({
-                "metadata": {
-                    "resourceVersion": "42", "uid": "d-uid", "generation": 3,
-                    "creationTimestamp": "2026-12-01T00:00:00Z",
-                    "annotations": {"deployment.kubernetes.io/revision": "2"},
-                    "managedFields": [{"manager": "myapp-operator", "operation": "Apply", "fieldsV1": {"f:spec": {}}}],
-                },
-                "spec": {"progressDeadlineSeconds": 600, "revisionHistoryLimit": 10,
-                         "strategy": {"type": "RollingUpdate"},
-                         "template": {"spec": {"restartPolicy": "Always", "dnsPolicy": "ClusterFirst"}}},
-                "status": {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2,
-                           "availableReplicas": 2,
-                           "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
-                                           "message": "long text", "lastUpdateTime": "2026-12-01T00:00:00Z"}]},
-            }),
-        );
-        if let Some(c) = d.pointer_mut("/spec/template/spec/containers/0").and_then(Value::as_object_mut) {
-            c.insert("imagePullPolicy".into(), "IfNotPresent".into());
-            c.insert("terminationMessagePath".into(), "/dev/termination-log".into());
-        }
-        d
+impl<K> Cached<K> {
+    /// The compact JSON kept.
+    pub(crate) fn rest(&self) -> &str {
+        &self.rest
     }
+}
 
-    #[test]
-    fn a_cached_deployment_keeps_what_reconcile_reads_and_drops_the_rest() {
-        let app = children::tests::app();
-        let cached = Cached::<Deployment>::from_json(served(&app)).expect("cached");
-        assert_eq!(cached.metadata.name.as_deref(), Some("web"));
-        assert_eq!(cached.metadata.resource_version.as_deref(), Some("42"));
-        assert_eq!(cached.metadata.owner_references.as_ref().map(Vec::len), Some(1));
-        for dropped in ["managedFields", "progressDeadlineSeconds", "imagePullPolicy", "lastUpdateTime", "long text"] {
-            assert!(!cached.rest.contains(dropped), "{dropped} is dropped: {}", cached.rest);
-        }
-        let d = cached.object().expect("rebuilt");
-        let desired = children::stamp(children::deployment(&app)).expect("stamped");
-        assert!(children::up_to_date(&desired, &d), "an unchanged child is up to date");
-        let facts = crate::api::conditions::RolloutFacts::from_deployment(&d);
-        assert!(facts.complete() && facts.generation == 3 && facts.ready == 2, "{facts:?}");
-        assert!(d.meta().annotations.as_ref().is_some_and(|a| a.contains_key(crate::api::APPLIED_HASH)));
+/// A MyApp's key in the controller's queue and the caches.
+pub type AppRef = kube::runtime::reflector::ObjectRef<Cached<MyApp>>;
+
+/// The MyApp a child's event triggers: its controller owner reference of kind MyApp.
+pub fn owner(meta: &ObjectMeta) -> Option<AppRef> {
+    let owner = meta.owner_references.as_ref()?.iter().find(|o| o.controller == Some(true) && o.kind == "MyApp")?;
+    let mut r = kube::runtime::reflector::ObjectRef::new(&owner.name);
+    if let Some(ns) = &meta.namespace {
+        r = r.within(ns);
     }
-
-    #[test]
-    fn what_is_not_an_object_is_an_error_not_a_panic() {
-        for bad in [json!([]), json!("x"), json!(null), json!({"metadata": "x"})] {
-            assert!(Cached::<Deployment>::from_json(bad.clone()).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn a_cached_child_shows_drift_and_deletion() {
-        let app = children::tests::app();
-        let desired = children::stamp(children::deployment(&app)).expect("stamped");
-        let mut changed = served(&app);
-        changed["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1".into();
-        changed["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z".into();
-        let d = Cached::<Deployment>::from_json(changed).expect("cached").object().expect("rebuilt");
-        assert!(!children::up_to_date(&desired, &d), "a hand-changed image is drift");
-        assert!(d.metadata.deletion_timestamp.is_some());
-        let mut s = applied(children::service(&app));
-        s["spec"]["clusterIP"] = "10.0.0.1".into();
-        s["spec"]["ports"][0]["nodePort"] = 30001.into();
-        let cached = Cached::<Service>::from_json(s).expect("cached");
-        assert!(!cached.rest.contains("clusterIP") && !cached.rest.contains("30001"));
-        let desired = children::stamp(children::service(&app)).expect("stamped");
-        assert!(children::up_to_date(&desired, &cached.object().expect("rebuilt")));
-    }
-
-    /// What other managers add to a child survives the cache's projection as far as
-    /// `up_to_date` reads it: entries of lists merged by key are kept with their keys, so the
-    /// rebuilt child is judged as the API server's own (see `children::KEYED_LISTS`).
-    #[test]
-    fn a_cached_child_with_additions_by_others_is_still_up_to_date() {
-        let app = children::tests::app();
-        let desired = children::stamp(children::deployment(&app)).expect("stamped");
-        let mut shared = served(&app);
-        let containers = shared.pointer_mut("/spec/template/spec/containers").and_then(Value::as_array_mut);
-        let containers = containers.expect("containers");
-        if let Some(env) = containers[0].get_mut("env").and_then(Value::as_array_mut) {
-            env.insert(0, json!({"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}));
-            env.push(json!({"name": "X", "value": "1"}));
-        }
-        containers.insert(0, json!({"name": "proxy", "image": "envoy:1", "args": ["--long", "--list"]}));
-        merge(&mut shared, json!({"metadata": {"labels": {"team": "a"}}}));
-        let cached = Cached::<Deployment>::from_json(shared.clone()).expect("cached");
-        assert!(!cached.rest.contains("secretKeyRef") && !cached.rest.contains("--long"), "{}", cached.rest);
-        let rebuilt = cached.object().expect("rebuilt");
-        assert!(children::up_to_date(&desired, &rebuilt), "additions by others are no drift: {}", cached.rest);
-
-        shared["spec"]["template"]["spec"]["containers"][1]["env"][1]["value"] = "debug".into();
-        let rebuilt = Cached::<Deployment>::from_json(shared).expect("cached").object().expect("rebuilt");
-        assert!(!children::up_to_date(&desired, &rebuilt), "our env entry changed is drift");
-    }
-
-    #[test]
-    fn a_cached_myapp_keeps_what_reconcile_reads_and_drops_the_rest() {
-        let mut app = children::tests::app();
-        app.metadata.generation = Some(4);
-        app.metadata.resource_version = Some("77".into());
-        app.metadata.finalizers = Some(vec![crate::api::FINALIZER.into()]);
-        app.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            "2026-12-01T00:00:00Z".parse().expect("a timestamp"),
-        ));
-        app.status = Some(crate::api::MyAppStatus {
-            observed_generation: Some(3),
-            replicas: 2,
-            ready_replicas: 1,
-            selector: "app=web".into(),
-            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-                type_: "Ready".into(),
-                status: "False".into(),
-                reason: "Progressing".into(),
-                message: "1 of 2 ready".into(),
-                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    "2026-12-01T00:00:00Z".parse().expect("a timestamp"),
-                ),
-                observed_generation: Some(3),
-            }],
-        });
-        let mut served = serde_json::to_value(&app).expect("a MyApp serializes");
-        merge(
-            &mut served,
-            json!({"metadata": {
-                "labels": {"team": "a"},
-                "creationTimestamp": "2026-12-01T00:00:00Z",
-                "annotations": {
-                    "kubectl.kubernetes.io/last-applied-configuration": "{\"big\": true}",
-                    "myapp.dev/traceparent": "00-1-2-01",
-                },
-                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:spec": {}}}],
-            }}),
-        );
-        let cached = Cached::<MyApp>::from_json(served).expect("cached");
-        for dropped in ["managedFields", "last-applied", "team", "creationTimestamp"] {
-            assert!(!cached.rest.contains(dropped), "{dropped} is dropped: {}", cached.rest);
-        }
-        let rebuilt = cached.object().expect("rebuilt");
-        assert_eq!(rebuilt.spec, app.spec);
-        assert_eq!(rebuilt.status, app.status);
-        let kept: Vec<&String> = rebuilt.metadata.annotations.iter().flatten().map(|(k, _)| k).collect();
-        assert_eq!(kept, ["myapp.dev/traceparent"]);
-        let (m, want) = (&rebuilt.metadata, &app.metadata);
-        assert_eq!((&m.name, &m.namespace, &m.uid, m.generation), (&want.name, &want.namespace, &want.uid, Some(4)));
-        assert_eq!((&m.resource_version, &m.finalizers), (&want.resource_version, &want.finalizers));
-        assert_eq!(m.deletion_timestamp, want.deletion_timestamp);
-        assert_eq!(m.labels, None);
-    }
-
-    fn spec() -> impl Strategy<Value = MyAppSpec> {
-        let amounts = (proptest::option::of("[1-9]00m"), proptest::option::of("[1-9]Mi"))
-            .prop_map(|(cpu, memory)| ResourceAmounts { cpu, memory });
-        (
-            "[a-z]{1,8}:[0-9]",
-            0..5i32,
-            1..65535i32,
-            proptest::collection::vec(("[A-Z]{1,4}", "[a-z]{0,3}"), 0..3),
-            proptest::option::of((proptest::option::of(amounts.clone()), proptest::option::of(amounts))),
-            proptest::option::of(prop_oneof![Just(ServiceType::ClusterIP), Just(ServiceType::NodePort)]),
-        )
-            .prop_map(|(image, replicas, port, env, resources, service_type)| MyAppSpec {
-                image,
-                replicas,
-                port,
-                env: env.into_iter().map(|(name, value)| EnvVar { name, value }).collect(),
-                resources: resources.map(|(requests, limits)| Resources { requests, limits }),
-                service_type,
-            })
-    }
-
-    proptest! {
-        /// The shape keeps every field a document of the builders has: so `is_subset` of a
-        /// document against a cached child reads exactly what it reads against the whole child.
-        #[test]
-        fn the_shapes_keep_every_field_the_builders_write(spec in spec()) {
-            let mut app = children::tests::app();
-            app.spec = spec;
-            for (doc, shape) in [
-                (applied(children::deployment(&app)), Deployment::shape()),
-                (applied(children::service(&app)), Service::shape()),
-            ] {
-                let mut expected = doc.clone();
-                untyped(&mut expected);
-                prop_assert_eq!(project(&doc, shape), expected);
-            }
-        }
-    }
+    Some(r)
 }

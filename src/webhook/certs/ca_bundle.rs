@@ -14,17 +14,17 @@
 //! - A configuration that does not exist is no error (not installed yet, or webhooks are
 //!   configured elsewhere); it is patched once it appears, since the caller watches both.
 //!
-//! The caller runs [`ensure`] on every event of either configuration (see [`super::tls`]), so a
+//! The caller runs [`ensure`] on every event of either configuration (see [`super::upkeep`]), so a
 //! re-apply that wipes the caBundle is repaired within a round trip of its watch event.
 
-use super::lifecycle::UpkeepError;
+use super::source::UpkeepError;
 use json_patch::{AddOperation, PatchOperation, TestOperation};
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
 /// Rounds of read, judge, patch per configuration before giving up for this pass.
-pub const MAX_ATTEMPTS: u32 = 5;
+pub(crate) const MAX_ATTEMPTS: u32 = 5;
 
 /// Makes every webhook of the Mutating- and ValidatingWebhookConfiguration named `config` carry
 /// exactly `ca` (PEM) as its caBundle. Returns how many configurations were written.

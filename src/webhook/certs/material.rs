@@ -40,7 +40,7 @@
 //!
 //! The schedule is judged on the certificates' own validity times against the `now` it is given.
 //! Replicas whose `now` disagree by more than [`BACKDATE`] judge the same Secret differently: the
-//! caller gives the API server's clock, which every replica shares (see [`super::secret`] for
+//! caller gives the API server's clock, which every replica shares (see `webhook::certs::secret` for
 //! that rule and for the bound on rewrites when it is not available).
 //! "Published" means written into the Secret: the caBundle follows within seconds (every replica
 //! watches the Secret and both webhook configurations), but the promotion does not wait for the
@@ -452,59 +452,9 @@ pub fn next_state(
     if secret.is_none() {
         changes.push(Change::Created);
     }
-    let (mut cas, mut next) = (found.cas.clone(), found.next.clone());
-
-    let mut signer = match (found.signer.clone(), next.take()) {
-        (Some(s), n) => {
-            next = n;
-            s
-        }
-        (None, Some(n)) => {
-            changes.push(Change::CaPromoted);
-            n
-        }
-        (None, None) => {
-            let s = Signer::generate(now)?;
-            cas.push(s.ca.clone());
-            if secret.is_some() {
-                changes.push(Change::NewCa);
-            }
-            s
-        }
-    };
-    if let Some(n) = next.take_if(|n| now >= n.ca.issued() + CA_PUBLISH_LEAD) {
-        changes.push(Change::CaPromoted);
-        signer = n;
-    }
-    if next.is_none() && signer.ca.not_after - now < CA_ROTATE_BEFORE {
-        let n = Signer::generate(now)?;
-        cas.push(n.ca.clone());
-        next = Some(n);
-        changes.push(Change::CaPublished);
-    }
-
-    let current = found.tls.as_ref().and_then(|(crt, key)| Serving::check(crt, key, &signer.ca, now));
-    let serving = match current {
-        None => {
-            if secret.is_some() {
-                changes.push(Change::ServingReplaced);
-            }
-            signer.sign(&own, now)?
-        }
-        Some(s) => {
-            let effective = found.hint.map_or(s.not_after, |h| h.min(s.not_after));
-            let cap = (now + SERVING_VALIDITY).min(signer.ca.not_after);
-            if effective - now < RENEW_BEFORE && cap - effective > RENEW_GAIN {
-                changes.push(Change::ServingRenewed);
-                signer.sign(&own, now)?
-            } else if !own.is_subset(&s.sans) {
-                changes.push(Change::SansAdded);
-                signer.sign(&own.union(&s.sans).cloned().collect(), now)?
-            } else {
-                s
-            }
-        }
-    };
+    let mut cas = found.cas.clone();
+    let (signer, next) = signers(&found, secret.is_some(), now, &mut cas, &mut changes)?;
+    let serving = serving(&found, &signer, &own, secret.is_some(), now, &mut changes)?;
 
     // Every CA but the signing and the next one is kept only for the overlap.
     let overlap_over = now - serving.issued() >= CA_RETIRE_AFTER;
@@ -521,12 +471,90 @@ pub fn next_state(
     Ok((!changes.is_empty()).then_some((out, changes)))
 }
 
+/// The CA that signs, and the next CA if one is published, after the steps of the rotation
+/// schedule that are due at `now` (see [`CA_ROTATE_BEFORE`]): a CA generated when there is
+/// none, the next one promoted once published for [`CA_PUBLISH_LEAD`], a next one published when
+/// the signing one nears its end. New CAs are added to `cas`, and each step to `changes`.
+fn signers(
+    found: &Found,
+    existed: bool,
+    now: OffsetDateTime,
+    cas: &mut Vec<Ca>,
+    changes: &mut Vec<Change>,
+) -> Result<(Signer, Option<Signer>), CertError> {
+    let mut next = found.next.clone();
+    let mut signer = match (found.signer.clone(), next.take()) {
+        (Some(s), n) => {
+            next = n;
+            s
+        }
+        (None, Some(n)) => {
+            changes.push(Change::CaPromoted);
+            n
+        }
+        (None, None) => {
+            let s = Signer::generate(now)?;
+            cas.push(s.ca.clone());
+            if existed {
+                changes.push(Change::NewCa);
+            }
+            s
+        }
+    };
+    if let Some(n) = next.take_if(|n| now >= n.ca.issued() + CA_PUBLISH_LEAD) {
+        changes.push(Change::CaPromoted);
+        signer = n;
+    }
+    if next.is_none() && signer.ca.not_after - now < CA_ROTATE_BEFORE {
+        let n = Signer::generate(now)?;
+        cas.push(n.ca.clone());
+        next = Some(n);
+        changes.push(Change::CaPublished);
+    }
+    Ok((signer, next))
+}
+
+/// The serving certificate to hold: the one found if `signer` signed it and it needs nothing,
+/// else one re-issued (replaced, renewed, or with the union of the SANs), the step added to
+/// `changes`.
+fn serving(
+    found: &Found,
+    signer: &Signer,
+    own: &BTreeSet<String>,
+    existed: bool,
+    now: OffsetDateTime,
+    changes: &mut Vec<Change>,
+) -> Result<Serving, CertError> {
+    let current = found.tls.as_ref().and_then(|(crt, key)| Serving::check(crt, key, &signer.ca, now));
+    Ok(match current {
+        None => {
+            if existed {
+                changes.push(Change::ServingReplaced);
+            }
+            signer.sign(own, now)?
+        }
+        Some(s) => {
+            let effective = found.hint.map_or(s.not_after, |h| h.min(s.not_after));
+            let cap = (now + SERVING_VALIDITY).min(signer.ca.not_after);
+            if effective - now < RENEW_BEFORE && cap - effective > RENEW_GAIN {
+                changes.push(Change::ServingRenewed);
+                signer.sign(own, now)?
+            } else if !own.is_subset(&s.sans) {
+                changes.push(Change::SansAdded);
+                signer.sign(&own.union(&s.sans).cloned().collect(), now)?
+            } else {
+                s
+            }
+        }
+    })
+}
+
 /// True when `secret` can be served as it stands: a signing CA with its key, and a serving
 /// certificate and key that this CA signed and a server can load, all judged at the serving
 /// certificate's own issue time, so whatever any clock says now. A Secret that is not usable is
 /// broken at every time (absent keys, garbage, a key that is not its certificate's); what a
 /// usable one lacks at another time (a renewal, a step of the CA schedule, a SAN) is an opinion
-/// of the judging clock, and [`super::secret`] bounds how often a replica acts on it.
+/// of the judging clock, and `webhook::certs::secret` bounds how often a replica acts on it.
 pub fn usable(secret: &Secret) -> bool {
     let Some(at) = from_secret(secret).and_then(|(_, crt, _)| issue_time(&crt)) else { return false };
     let found = Found::read(secret, at);
@@ -595,5 +623,5 @@ pub(crate) fn ca_count(bundle: &str, now: OffsetDateTime) -> usize {
 }
 
 #[cfg(test)]
-#[path = "certs_tests.rs"]
+#[path = "material_tests.rs"]
 mod tests;
