@@ -58,6 +58,7 @@ pub mod ports {
         crate::node::ports::KUBELET_HEALTHZ,
         crate::node::ports::PROXY_HEALTHZ,
         crate::node::ports::PROXY_METRICS,
+        crate::node::ports::COREDNS_READY,
     ];
 }
 
@@ -70,6 +71,7 @@ const ORDER: &[&str] = &[
     "kube-scheduler",
     "kwok",
     "containerd",
+    "coredns",
     "kube-proxy",
     "kubelet",
     "prometheus",
@@ -232,6 +234,7 @@ pub async fn up() -> Result<()> {
             containerd: &containerd,
             kubelet: &bins.get("kubelet")?,
             kube_proxy: &bins.get("kube-proxy")?,
+            coredns: &bins.get("coredns")?,
             kubernetes_module: || gobuild::component("kubernetes")?.source_dir(),
         };
         node::up(run, &bins, &admin).await?;

@@ -81,6 +81,16 @@ pub const COMPONENTS: &[Component] = &[
         tags: "",
         kind: Kind::Tools,
     },
+    // The cluster DNS of the real node's pods: Service names resolve as in every cluster.
+    Component {
+        name: "coredns",
+        module: "github.com/coredns/coredns",
+        binaries: &["coredns"],
+        ldflags: "",
+        renames: &[],
+        tags: "",
+        kind: Kind::Tools,
+    },
     Component {
         name: "jaeger",
         module: "github.com/jaegertracing/jaeger",

@@ -14,6 +14,7 @@ mod install;
 mod namespaced;
 mod node;
 mod operator;
+mod otel_e2e;
 mod otel_images;
 mod paths;
 mod pki;
@@ -72,6 +73,9 @@ enum Command {
     /// The namespace-scoped install (deploy/overlays/namespaced) on the real node: Roles only in the
     /// managed namespaces, MyApps there Ready, one elsewhere left alone; then the default install again.
     Namespaced(operator::TargetArgs),
+    /// The in-cluster trace pipeline of otel/ on the real node, with the operator exporting to it:
+    /// a reconcile arrives in its Jaeger through the Collector.
+    Otel(operator::TargetArgs),
     /// The images of otel/ (the OpenTelemetry Collector and Jaeger), built from their Go modules
     /// with buildah into the build cache; `--import` also imports them into the node.
     OtelImages(otel_images::OtelImagesArgs),
@@ -111,6 +115,7 @@ fn main() -> Result<()> {
         Command::Alerts(args) => rt.block_on(alerts::run(args)).map(|_| ()),
         Command::Namespaced(args) => rt.block_on(namespaced::run(args)).map(|_| ()),
         Command::Upgrade(args) => rt.block_on(upgrade::run(args)).map(|_| ()),
+        Command::Otel(args) => rt.block_on(otel_e2e::run(args)).map(|_| ()),
         Command::OtelImages(args) => otel_images::run(args),
         Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
         Command::WebhookServer => rt.block_on(webhook_bench::serve()),

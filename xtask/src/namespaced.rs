@@ -28,9 +28,9 @@ use std::time::{Duration, Instant};
 /// The overlay, relative to the repository.
 pub const OVERLAY: &str = "deploy/overlays/namespaced";
 /// The namespaces the overlay manages.
-pub const MANAGED: [&str; 2] = ["team-a", "team-b"];
+pub const MANAGED: [&str; 1] = ["team-a"];
 /// A namespace it does not manage.
-const ELSEWHERE: &str = "team-c";
+const ELSEWHERE: &str = "team-b";
 
 /// `.run/namespaced/kustomization.yaml`: the namespaced overlay with the images and patches of
 /// the local overlay (read from it, so that the two cannot drift).
@@ -183,6 +183,44 @@ async fn proofs(client: &Client, kubeconfig: &std::path::Path) -> Result<Value> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
+
+    #[test]
+    fn the_overlay_names_the_same_namespaces_in_its_roles_its_env_and_its_webhooks() {
+        let dir = paths::repo().join(OVERLAY);
+        let k: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization"))
+                .expect("yaml");
+        let mut env = Vec::new();
+        let mut selected = Vec::new();
+        for p in k["patches"].as_sequence().expect("patches") {
+            let ops: serde_yaml::Value = serde_yaml::from_str(p["patch"].as_str().expect("inline patch")).expect("ops");
+            for op in ops.as_sequence().expect("ops") {
+                if op["value"]["name"] == "WATCH_NAMESPACE" {
+                    env.push(op["value"]["value"].as_str().expect("value").to_string());
+                }
+                for e in op["value"]["matchExpressions"].as_sequence().into_iter().flatten() {
+                    let values: Vec<String> = e["values"]
+                        .as_sequence()
+                        .expect("values")
+                        .iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect();
+                    assert_eq!(e["operator"], "In");
+                    selected.push(values);
+                }
+            }
+        }
+        assert_eq!(env, [MANAGED.join(",")]);
+        assert_eq!(selected, [MANAGED.map(String::from).to_vec(), MANAGED.map(String::from).to_vec()], "both webhooks");
+        let roles = std::fs::read_to_string(dir.join("roles.yaml")).expect("roles");
+        let mut in_roles: Vec<String> = serde_yaml::Deserializer::from_str(&roles)
+            .map(|d| serde_yaml::Value::deserialize(d).expect("doc"))
+            .filter_map(|d| d["metadata"]["namespace"].as_str().map(str::to_string))
+            .collect();
+        in_roles.dedup();
+        assert_eq!(in_roles, MANAGED, "a Role and a RoleBinding per managed namespace");
+    }
 
     #[test]
     fn the_local_variant_adds_the_local_overlays_images_and_patches_and_nothing_else() {

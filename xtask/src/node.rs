@@ -55,6 +55,8 @@ pub mod ports {
     pub const PROXY_HEALTHZ: u16 = 10256;
     /// kube-proxy's metrics (127.0.0.1).
     pub const PROXY_METRICS: u16 = 10249;
+    /// CoreDNS readiness (its `ready` plugin).
+    pub const COREDNS_READY: u16 = 18181;
 }
 
 /// Debian packages the node needs, by the file that shows each is installed.
@@ -306,8 +308,26 @@ pub fn kubelet_config(node: &Path, pki: &Path) -> String {
         "fileCheckFrequency": "10s",
         "protectKernelDefaults": false,
         "resolvConf": "/etc/resolv.conf",
+        // CoreDNS on the node address ([`corefile`]): Service names resolve in the pods.
+        "clusterDNS": [NODE_IP],
+        "clusterDomain": CLUSTER_DOMAIN,
     });
     serde_yaml::to_string(&cfg).unwrap_or_default()
+}
+
+/// The pods' DNS domain.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// CoreDNS's configuration: the cluster's Services and pods, from the API server (as the admin
+/// `kubeconfig`), on the node address; nothing else (there is no upstream to forward to).
+pub fn corefile(kubeconfig: &Path) -> String {
+    format!(
+        ".:53 {{\n    bind {NODE_IP}\n    errors\n    ready 127.0.0.1:{ready}\n    \
+         kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{\n        kubeconfig {}\n        pods insecure\n        \
+         fallthrough in-addr.arpa ip6.arpa\n    }}\n    cache 5\n}}\n",
+        kubeconfig.display(),
+        ready = ports::COREDNS_READY,
+    )
 }
 
 /// kube-proxy's configuration (iptables mode).
@@ -440,6 +460,8 @@ pub struct Bins<'a> {
     pub kubelet: &'a Path,
     /// kube-proxy.
     pub kube_proxy: &'a Path,
+    /// CoreDNS, the pods' cluster DNS.
+    pub coredns: &'a Path,
     /// Finds the kubernetes module's source (for pause.c), asked only when the pause image is
     /// not in the cache.
     pub kubernetes_module: fn() -> Result<PathBuf>,
@@ -490,6 +512,7 @@ pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
     std::fs::write(node.join("cni/net.d/10-myapp.conflist"), cni_config(&node))?;
     std::fs::write(node.join("kubelet.yaml"), kubelet_config(&node, &pki_dir))?;
     std::fs::write(node.join("kube-proxy.yaml"), kube_proxy_config(run))?;
+    std::fs::write(node.join("Corefile"), corefile(&run.join("kubeconfig")))?;
 
     let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bins.containerd.display());
     let containerd = procs::spawn(
@@ -505,6 +528,17 @@ pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
     wait_for(run, &[&containerd], "containerd", Duration::from_secs(30), version).await?;
     import(bins.containerd, &pause_archive(bins.kubernetes_module)?)?;
 
+    let coredns = procs::spawn(
+        run,
+        "coredns",
+        bins.coredns,
+        &["-conf".into(), node.join("Corefile").display().to_string()],
+        &[],
+    )?;
+    wait_for(run, &[&coredns], "coredns", Duration::from_secs(30), || async {
+        matches!(chaos::plain_http::get(ports::COREDNS_READY, "/ready"), Ok((200, _)))
+    })
+    .await?;
     let kube_proxy = procs::spawn(
         run,
         "kube-proxy",

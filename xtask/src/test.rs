@@ -245,6 +245,12 @@ async fn on_the_pods(target: &operator::Target) -> Result<()> {
     let t = step("alerts on a real Prometheus: a rollout fires nothing; no replica fires no-leader");
     crate::alerts::run(target.args()).await?;
     println!("    alerts passed ({:.0} s)", t.elapsed().as_secs_f64());
+    let t = step("the namespace-scoped install: deploy/overlays/namespaced, Roles only where it manages MyApps");
+    crate::namespaced::run(target.args()).await?;
+    println!("    namespaced install passed ({:.0} s)", t.elapsed().as_secs_f64());
+    let t = step("the in-cluster trace pipeline: otel/ on the node, a reconcile through its Collector into its Jaeger");
+    crate::otel_e2e::run(target.args()).await?;
+    println!("    in-cluster trace pipeline passed ({:.0} s)", t.elapsed().as_secs_f64());
     Ok(())
 }
 
