@@ -96,7 +96,7 @@ async fn warm_caches(
     ready: &AtomicBool,
     metrics: &Arc<Metrics>,
 ) -> Caches {
-    let caches = Caches::start(client, args.namespace.as_deref());
+    let caches = Caches::start(client, &args.namespace);
     // One waiter at a time: the store's readiness signal wakes a single task.
     caches.wait_ready().await;
     ready.store(true, Ordering::Relaxed);

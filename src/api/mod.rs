@@ -6,6 +6,7 @@ pub mod conditions;
 mod name;
 pub mod policy;
 pub mod quantity;
+pub mod scope;
 pub mod types;
 pub mod validation;
 

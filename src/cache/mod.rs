@@ -31,9 +31,10 @@ pub(crate) use compact::untyped;
 pub use compact::{AppRef, Cached, MAX_KEPT, Packed, Shape, child_key, merge, owner, project};
 pub(crate) use compact::{deletion, shape_of};
 pub use store::{ChildWriter, Children};
-pub use watch::Apply;
+pub use watch::{Apply, Lists};
 
 use crate::api::MyApp;
+use crate::api::scope::Scope;
 use crate::api::{MANAGED_BY, MANAGED_BY_LABEL};
 use futures::Stream;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -43,7 +44,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
-use watch::{InPlace, scoped, spawn_watch, subscribe};
+use watch::{InPlace, apis, spawn_watch, subscribe};
 
 /// Events kept per kind. A burst larger than this (a relist of everything) makes the controller
 /// lag, and reconcile everything.
@@ -64,18 +65,19 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Starts the watches, in every namespace or in one.
-    pub fn start(client: Client, namespace: Option<&str>) -> Self {
+    /// Starts the watches: of every namespace, or one per namespace of `scope`.
+    pub fn start(client: Client, scope: &Scope) -> Self {
         let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
         let (myapp_tx, _) = broadcast::channel(CHANNEL);
         let (deployment_tx, _) = broadcast::channel(CHANNEL);
         let (service_tx, _) = broadcast::channel(CHANNEL);
         let (myapps, writer) = reflector::store();
-        let in_place = InPlace::new(writer, myapps.clone());
-        spawn_watch(scoped(&client, namespace), watcher::Config::default(), in_place, myapp_tx.clone());
+        let lists = || Lists::new(scope.watches());
+        let in_place = InPlace::new(writer, myapps.clone(), lists());
+        spawn_watch(apis(&client, scope), watcher::Config::default(), in_place, myapp_tx.clone());
         let (deployments, services) = (Children::default(), Children::default());
-        spawn_watch(scoped(&client, namespace), managed.clone(), deployments.writer(), deployment_tx.clone());
-        spawn_watch(scoped(&client, namespace), managed, services.writer(), service_tx.clone());
+        spawn_watch(apis(&client, scope), managed.clone(), deployments.writer_for(lists()), deployment_tx.clone());
+        spawn_watch(apis(&client, scope), managed, services.writer_for(lists()), service_tx.clone());
         Self { myapps, deployments, services, myapp_tx, deployment_tx, service_tx }
     }
 
@@ -148,7 +150,7 @@ mod tests {
     #[tokio::test]
     async fn a_relist_updates_the_store_in_place_and_drops_what_it_did_not_list() {
         let (reader, writer) = reflector::store();
-        let mut w = InPlace::new(writer, reader.clone());
+        let mut w = InPlace::new(writer, reader.clone(), Lists::new(vec![None]));
         for e in [Event::Init, Event::InitApply(cm("a", "1")), Event::InitApply(cm("b", "1")), Event::InitDone] {
             w.apply(&e);
         }
@@ -172,6 +174,43 @@ mod tests {
         w.apply(&Event::Delete(cm("b", "3")));
         w.apply(&Event::Apply(cm("d", "4")));
         assert_eq!(held(&reader), pairs(&[("c", "2"), ("d", "4")]));
+    }
+
+    fn in_ns(ns: &str, name: &str, version: &str) -> ConfigMap {
+        let mut c = cm(name, version);
+        c.metadata.namespace = Some(ns.into());
+        c
+    }
+
+    #[tokio::test]
+    async fn with_a_watch_per_namespace_the_store_is_ready_after_every_first_list_and_a_relist_touches_its_own() {
+        let (reader, writer) = reflector::store();
+        let mut w = InPlace::new(writer, reader.clone(), Lists::new(vec![Some("a".into()), Some("b".into())]));
+        // The two first lists interleave.
+        w.apply_from(0, &Event::Init);
+        w.apply_from(1, &Event::Init);
+        w.apply_from(0, &Event::InitApply(in_ns("a", "x", "1")));
+        w.apply_from(1, &Event::InitApply(in_ns("b", "y", "1")));
+        assert!(w.apply_from(0, &Event::InitDone).is_empty());
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), reader.wait_until_ready()).await;
+        assert!(early.is_err(), "not ready before the second namespace is listed");
+        w.apply_from(1, &Event::InitApply(in_ns("b", "z", "1")));
+        assert!(w.apply_from(1, &Event::InitDone).is_empty());
+        tokio::time::timeout(std::time::Duration::from_secs(1), reader.wait_until_ready())
+            .await
+            .expect("ready once both are listed")
+            .expect("ready");
+        assert_eq!(held(&reader), pairs(&[("x", "1"), ("y", "1"), ("z", "1")]));
+
+        // b relists without y: only b's objects can be found gone; a's stay.
+        w.apply_from(1, &Event::Init);
+        w.apply_from(1, &Event::InitApply(in_ns("b", "z", "2")));
+        let gone = w.apply_from(1, &Event::InitDone);
+        assert_eq!(gone, vec![in_ns("b", "y", "1")]);
+        assert_eq!(held(&reader), pairs(&[("x", "1"), ("z", "2")]));
+        // Watch events of either apply as usual.
+        w.apply_from(0, &Event::Apply(in_ns("a", "x", "3")));
+        assert_eq!(held(&reader), pairs(&[("x", "3"), ("z", "2")]));
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@
 //! owner of a child deleted while the watch was away is woken.
 
 use super::compact::{Cached, Packed, Shape, child_key, owner};
-use super::watch::Apply;
+use super::watch::{Apply, Listed, Lists};
 use kube::runtime::watcher::Event;
 use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -58,9 +58,14 @@ impl<K: Shape> Children<K> {
         let _ = ready.wait_for(|r| *r).await;
     }
 
-    /// A writer: the one the watch of this kind feeds.
+    /// A writer fed by one watch of every namespace.
     pub fn writer(&self) -> ChildWriter<K> {
-        ChildWriter { store: self.clone(), seen: None }
+        self.writer_for(Lists::new(vec![None]))
+    }
+
+    /// A writer fed by the watches of `lists`.
+    pub fn writer_for(&self, lists: Lists) -> ChildWriter<K> {
+        ChildWriter { store: self.clone(), lists }
     }
 
     fn insert(&self, cached: &Cached<K>) {
@@ -87,10 +92,11 @@ impl<K: Shape> Children<K> {
         self.set.write().unwrap_or_else(PoisonError::into_inner).remove(key.as_str());
     }
 
-    /// Drops every child whose key is not in `seen`, and returns them.
-    fn retain_seen(&self, seen: &HashSet<String>) -> Vec<Packed<K>> {
+    /// Drops every child of the list's namespace that it did not name, and returns them.
+    fn retain_seen(&self, listed: &Listed) -> Vec<Packed<K>> {
         let mut set = self.set.write().unwrap_or_else(PoisonError::into_inner);
-        let gone: Vec<Packed<K>> = set.iter().filter(|p| !seen.contains(p.key())).cloned().collect();
+        let gone: Vec<Packed<K>> =
+            set.iter().filter(|p| listed.missed(p.key().split_once('/').map(|(ns, _)| ns), p.key())).cloned().collect();
         for p in &gone {
             set.remove(p.key());
         }
@@ -98,13 +104,13 @@ impl<K: Shape> Children<K> {
     }
 }
 
-/// Applies a watch's events to a [`Children`] store. Every list, the first one or a relist, updates
-/// the store in place: each listed child replaces its entry as it arrives, and at the end of the
-/// list the children it did not name are dropped, and returned.
+/// Applies its watches' events to a [`Children`] store. Every list, the first one or a relist,
+/// updates the store in place: each listed child replaces its entry as it arrives, and at the end
+/// of the list the children of its namespace it did not name are dropped, and returned.
 pub struct ChildWriter<K> {
     store: Children<K>,
-    /// During a list: the keys listed so far.
-    seen: Option<HashSet<String>>,
+    /// The lists of the watches that feed the store.
+    lists: Lists,
 }
 
 /// Whether a MyApp controls `child`: only such children are kept. Anyone who can create a
@@ -122,9 +128,9 @@ impl<K: Shape> Apply<Cached<K>> for ChildWriter<K> {
         owned(child)
     }
 
-    fn apply(&mut self, event: &Event<Cached<K>>) -> Vec<Cached<K>> {
+    fn apply_from(&mut self, w: usize, event: &Event<Cached<K>>) -> Vec<Cached<K>> {
         match event {
-            Event::Init => self.seen = Some(HashSet::new()),
+            Event::Init => self.lists.begin(w),
             // Not kept, and not marked seen: had it been kept (a child a MyApp no longer
             // controls), the end of the list drops it.
             // So is one too large to keep (see `cached::MAX_KEPT`): reconcile reads it from the
@@ -133,19 +139,19 @@ impl<K: Shape> Apply<Cached<K>> for ChildWriter<K> {
             // A child that lost its controller reference, or grew too large, leaves the store.
             Event::Apply(child) if !owned(child) || !child.kept() => self.store.remove(child),
             Event::InitApply(child) => {
-                if let Some(seen) = self.seen.as_mut() {
-                    let meta = kube::Resource::meta(child);
-                    seen.insert(child_key(
-                        meta.namespace.as_deref().unwrap_or_default(),
-                        meta.name.as_deref().unwrap_or_default(),
-                    ));
-                }
+                let meta = kube::Resource::meta(child);
+                self.lists.saw(
+                    w,
+                    child_key(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default()),
+                );
                 self.store.insert(child);
             }
             Event::InitDone => {
-                let seen = self.seen.take().unwrap_or_default();
-                let gone = self.store.retain_seen(&seen);
-                self.store.ready.send_replace(true);
+                let listed = self.lists.end(w);
+                let gone = self.store.retain_seen(&listed);
+                if listed.now_ready {
+                    self.store.ready.send_replace(true);
+                }
                 return gone.iter().filter_map(|p| p.unpack().ok()).collect();
             }
             Event::Apply(child) => self.store.insert(child),
@@ -283,5 +289,33 @@ mod tests {
         assert!(w.apply(&Event::Apply(service("d", 4))).is_empty());
         assert_eq!(held(&store), names(&[("c", 2), ("d", 4)]));
         assert_eq!(store.len(), 2);
+    }
+
+    fn service_in(ns: &str, name: &str, port: i32) -> Cached<Service> {
+        let mut doc = served(name, port);
+        doc["metadata"]["namespace"] = json!(ns);
+        Cached::from_json(doc).expect("cached")
+    }
+
+    #[tokio::test]
+    async fn with_a_watch_per_namespace_the_store_is_ready_after_every_first_list_and_a_relist_touches_its_own() {
+        let store = Children::<Service>::default();
+        let mut w = store.writer_for(Lists::new(vec![Some("a".into()), Some("b".into())]));
+        w.apply_from(0, &Event::Init);
+        w.apply_from(1, &Event::Init);
+        w.apply_from(0, &Event::InitApply(service_in("a", "x", 1)));
+        w.apply_from(1, &Event::InitApply(service_in("b", "y", 1)));
+        assert!(w.apply_from(0, &Event::InitDone).is_empty(), "a's first list finds nothing of b's gone");
+        assert!(!*store.ready.borrow(), "not ready before b is listed");
+        assert!(w.apply_from(1, &Event::InitDone).is_empty());
+        assert!(*store.ready.borrow(), "ready once both are listed");
+        assert_eq!(held(&store), names(&[("x", 1), ("y", 1)]));
+
+        // a relists without x: x is gone, b's y stays.
+        w.apply_from(0, &Event::Init);
+        w.apply_from(0, &Event::InitApply(service_in("a", "w", 2)));
+        let gone: Vec<_> = w.apply_from(0, &Event::InitDone).iter().map(|c| c.meta().name.clone()).collect();
+        assert_eq!(gone, vec![Some("x".to_string())]);
+        assert_eq!(held(&store), names(&[("w", 2), ("y", 1)]));
     }
 }

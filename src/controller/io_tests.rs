@@ -22,7 +22,7 @@ const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
 async fn start(app: &MyApp) -> (FakeApi, Context) {
     let fake = FakeApi::default();
     fake.put(MYAPPS, app.json());
-    let caches = Caches::start(fake.client(), Some(NS));
+    let caches = Caches::start(fake.client(), &crate::api::scope::Scope::Namespaces(vec![NS.into()]));
     tokio::time::timeout(Duration::from_secs(30), caches.wait_ready()).await.expect("the caches sync");
     let ctx = Context::new(
         fake.client(),

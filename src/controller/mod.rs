@@ -53,9 +53,9 @@ pub(crate) const RESYNC: Duration = Duration::from_secs(300);
 /// flags; each flag also reads an environment variable.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct ControllerArgs {
-    /// Watch one namespace only (default: all).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    pub(crate) namespace: Option<String>,
+    /// Watch these namespaces only, comma-separated (default: all).
+    #[arg(long, env = "WATCH_NAMESPACE", value_parser = crate::api::scope::Scope::parse, default_value = "")]
+    pub(crate) namespace: crate::api::scope::Scope,
     /// How often an unchanged MyApp is reconciled again (with ±10 % jitter).
     #[arg(long, env = "RESYNC_PERIOD", default_value_t = RESYNC.into())]
     pub(crate) resync_period: humantime::Duration,

@@ -13,8 +13,10 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use tracing::Level;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{FilterExt, FilterFn, Targets};
 use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*};
 
 /// How this replica logs. Flattened into the binary's `run` flags. (Traces are configured by the
@@ -85,10 +87,34 @@ fn provider(identity: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::Exp
         .build())
 }
 
+/// How often the OpenTelemetry SDK may log: when the collector is down, it logs each failed export
+/// (one a batch, every few seconds), which would drown the operator's own lines. Its span queue is
+/// bounded (2,048 by default): the spans that do not fit are dropped, and the operator reconciles
+/// on.
+const SDK_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Lets one line of the OpenTelemetry SDK through per [`SDK_LOG_EVERY`]; every other target passes.
+fn sdk_once_a_minute<S>() -> impl tracing_subscriber::layer::Filter<S> {
+    let last = Mutex::new(None);
+    FilterFn::new(move |meta| {
+        !meta.target().starts_with("opentelemetry")
+            || allow(&mut last.lock().unwrap_or_else(PoisonError::into_inner), Instant::now(), SDK_LOG_EVERY)
+    })
+}
+
+/// Whether a line at `now` may pass when the last one passed at `last`, at most one per `every`.
+fn allow(last: &mut Option<Instant>, now: Instant, every: Duration) -> bool {
+    if last.is_some_and(|t| now.saturating_duration_since(t) < every) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 /// Installs the global subscriber and propagator. `identity` names this replica in the traces.
 pub(crate) fn init(format: LogFormat, identity: &str) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")).and(sdk_once_a_minute());
     let logs = match format {
         LogFormat::Json => {
             fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false).boxed()
@@ -131,4 +157,20 @@ fn current_span_context() -> Option<opentelemetry::trace::SpanContext> {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let cx = tracing::Span::current().context();
     Some(cx.span().span_context().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sdk_logs_at_most_once_per_period() {
+        let (t0, every) = (Instant::now(), Duration::from_secs(60));
+        let mut last = None;
+        assert!(allow(&mut last, t0, every), "the first line passes");
+        assert!(!allow(&mut last, t0 + Duration::from_secs(5), every), "the next batch's failure does not");
+        assert!(!allow(&mut last, t0 + Duration::from_secs(59), every));
+        assert!(allow(&mut last, t0 + Duration::from_secs(60), every), "a minute later, one passes again");
+        assert!(!allow(&mut last, t0 + Duration::from_secs(65), every));
+    }
 }

@@ -5,6 +5,7 @@
 use super::mutate;
 use crate::api::MyApp;
 use crate::api::policy::Policy;
+use crate::api::scope::Scope;
 use crate::api::validation::{FieldError, join};
 use k8s_openapi::api::autoscaling::v1::Scale;
 use kube::core::DynamicObject;
@@ -184,10 +185,10 @@ pub fn answer_review(
     policy: &Policy,
     traceparent: Option<&str>,
 ) -> Result<AdmissionReview<DynamicObject>, NotAReview> {
-    answer_in(body, endpoint, policy, traceparent, None)
+    answer_in(body, endpoint, policy, traceparent, &Scope::All)
 }
 
-/// [`answer_review`] for an operator that manages the namespace `scope` only (`WATCH_NAMESPACE`):
+/// [`answer_review`] for an operator that manages the namespaces of `scope` only (`WATCH_NAMESPACE`):
 /// a request about an object in another namespace is allowed as it is, neither defaulted, nor
 /// given the finalizer (which no replica would ever remove), nor judged by the policy. The
 /// webhook configurations' `namespaceSelector` should keep such requests away; this holds when
@@ -197,7 +198,7 @@ pub fn answer_in(
     endpoint: Endpoint,
     policy: &Policy,
     traceparent: Option<&str>,
-    scope: Option<&str>,
+    scope: &Scope,
 ) -> Result<AdmissionReview<DynamicObject>, NotAReview> {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
@@ -208,7 +209,7 @@ pub fn answer_in(
         Err(_) => return Err(NotAReview("no request".into())),
     };
     let resp = AdmissionResponse::from(&req);
-    if scope.is_some_and(|ns| req.namespace.as_deref() != Some(ns)) {
+    if !scope.contains(req.namespace.as_deref()) {
         return Ok(resp.into_review());
     }
     let resp = match endpoint {
@@ -543,24 +544,25 @@ mod tests {
     fn outside_the_watched_namespace_nothing_is_defaulted_finalized_or_judged() {
         let policy = Policy { max_replicas: Some(1), ..Policy::default() };
         let body = review("CREATE", json!({"image": "nginx:1.27", "replicas": 5}), None);
-        let answered_in = |endpoint, scope| {
-            let out = answer_in(&body, endpoint, &policy, None, scope).map_err(|e| e.0).expect("a review");
+        let answered_in = |endpoint, scope: &str| {
+            let scope = Scope::parse(scope).expect("scope");
+            let out = answer_in(&body, endpoint, &policy, None, &scope).map_err(|e| e.0).expect("a review");
             serde_json::to_value(out).expect("json")["response"].clone()
         };
         // The request is in `ns`: an operator that watches `ns` (or every namespace) defaults it,
         // adds its finalizer and judges it.
-        for scope in [Some("ns"), None] {
+        for scope in ["ns", "", "other,ns"] {
             let patch = answered_in(Endpoint::Mutate, scope)["patch"].clone();
             let bytes: Vec<u8> = serde_json::from_value(patch).expect("a patch");
             assert!(String::from_utf8_lossy(&bytes).contains("/metadata/finalizers"), "{scope:?}");
             assert_eq!(answered_in(Endpoint::Validate, scope)["allowed"], false, "{scope:?}");
         }
         // One that watches another namespace leaves it alone: no finalizer it would never remove.
-        let out = answered_in(Endpoint::Mutate, Some("team-a"));
+        let out = answered_in(Endpoint::Mutate, "team-a,team-b");
         assert_eq!(out["allowed"], true);
         assert!(out.get("patch").is_none_or(Value::is_null), "{out}");
         assert_eq!(out["uid"], UID);
-        assert_eq!(answered_in(Endpoint::Validate, Some("team-a"))["allowed"], true);
+        assert_eq!(answered_in(Endpoint::Validate, "team-a")["allowed"], true);
     }
 
     #[test]

@@ -138,7 +138,7 @@ async fn judge(
     } else if let Err(e) = shared.gate.take(&mut ticket, shape.parse_cost()) {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, e, None);
     } else {
-        review::answer_in(&body, endpoint, &shared.policy, current_traceparent().as_deref(), shared.scope.as_deref())
+        review::answer_in(&body, endpoint, &shared.policy, current_traceparent().as_deref(), &shared.scope)
     };
     let review = match answered {
         Ok(r) => r,

@@ -18,9 +18,9 @@ pub struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// The in-flight cap and the memory budget.
     pub gate: limits::Gate,
-    /// The one namespace the operator manages (`WATCH_NAMESPACE`), if it does not manage all: a
-    /// MyApp elsewhere is left alone (see [`super::review::answer_in`]).
-    pub scope: Option<String>,
+    /// The namespaces the operator manages (`WATCH_NAMESPACE`): a MyApp elsewhere is left alone
+    /// (see [`super::review::answer_in`]).
+    pub scope: crate::api::scope::Scope,
 }
 
 impl Shared {
@@ -31,13 +31,13 @@ impl Shared {
             metrics,
             draining: std::sync::atomic::AtomicBool::new(false),
             gate: limits::Gate::new(limits),
-            scope: None,
+            scope: crate::api::scope::Scope::All,
         }
     }
 
-    /// Manages `scope` only, or every namespace for `None`.
+    /// Manages the MyApps of `scope` only.
     #[must_use]
-    pub fn with_scope(mut self, scope: Option<String>) -> Self {
+    pub fn with_scope(mut self, scope: crate::api::scope::Scope) -> Self {
         self.scope = scope;
         self
     }

@@ -77,10 +77,15 @@ pub async fn ensure(client: &Client, kubeconfig: &std::path::Path) -> Result<()>
 /// kube-proxy programs them, a moment after the rollout): a server-side dry run of a MyApp
 /// create goes through both webhooks without writing anything.
 pub async fn webhooks_answer(client: &Client) -> Result<()> {
+    webhooks_answer_in(client, "default").await
+}
+
+/// [`webhooks_answer`] for a MyApp in `namespace` (one the webhooks select).
+pub async fn webhooks_answer_in(client: &Client, namespace: &str) -> Result<()> {
     use kube::api::PostParams;
     use myapp_operator::api::MyApp;
     let probe = chaos::fixtures::myapp("webhook-probe", serde_json::json!({"image": "nginx:1.27"}))?;
-    let api: Api<MyApp> = Api::namespaced(client.clone(), "default");
+    let api: Api<MyApp> = Api::namespaced(client.clone(), namespace);
     let dry = PostParams { dry_run: true, ..Default::default() };
     chaos::wait::poll(
         "the webhooks answering through their Service",

@@ -28,9 +28,9 @@ use std::time::{Duration, Instant};
 /// The overlay, relative to the repository.
 pub const OVERLAY: &str = "deploy/overlays/namespaced";
 /// The namespaces the overlay manages.
-pub const MANAGED: [&str; 1] = ["team-a"];
+pub const MANAGED: [&str; 2] = ["team-a", "team-b"];
 /// A namespace it does not manage.
-const ELSEWHERE: &str = "team-b";
+const ELSEWHERE: &str = "team-c";
 
 /// `.run/namespaced/kustomization.yaml`: the namespaced overlay with the images and patches of
 /// the local overlay (read from it, so that the two cannot drift).
@@ -130,6 +130,11 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
 async fn proofs(client: &Client, kubeconfig: &std::path::Path) -> Result<Value> {
     let rolled_out = install::apply_kustomization(client, kubeconfig, &local_variant()?).await?.as_secs_f64();
     println!("    3 pods ready {rolled_out:.1} s after kubectl apply");
+    // The webhooks select the managed namespaces only: the install's probe (in `default`) does
+    // not reach them, so ask in each.
+    for ns in MANAGED {
+        install::webhooks_answer_in(client, ns).await?;
+    }
     check_grants(client).await?;
     let t = Instant::now();
     for ns in MANAGED.iter().chain([&ELSEWHERE]) {

@@ -6,7 +6,9 @@
 //! 2. `kubectl apply -k otel/operator` on the local overlay: the operator's pods export to the
 //!    Collector;
 //! 3. a new MyApp's reconcile arrives in the in-cluster Jaeger through the Collector, with its API
-//!    calls as children and the resource attributes of `OTEL_RESOURCE_ATTRIBUTES` on its spans.
+//!    calls as children and the resource attributes of `OTEL_RESOURCE_ATTRIBUTES` on its spans;
+//! 4. with the Collector scaled to 0, a new MyApp still becomes Ready, and no replica logs the
+//!    OpenTelemetry SDK's lines more than once in 20 s.
 //!
 //! Then the operator goes back to the local overlay and `otel/` is deleted. The figures go to
 //! `.run/otel.json`.
@@ -129,6 +131,7 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
         kustomization("operator", install::OVERLAY, "patches:\n  - path: patch.yaml\n", &["otel/operator/patch.yaml"])?;
     let result = pipeline_and_trace(&client, &target.kubeconfig, &pipeline, &operator).await;
     println!("==> the operator back on the local overlay; otel/ deleted");
+    let _ = Api::<Namespace>::all(client.clone()).delete(WORKLOAD, &DeleteParams::default()).await;
     install::apply(&client, &target.kubeconfig).await?;
     kubectl("delete", &pipeline, &target.kubeconfig)?;
     let figures = result?;
@@ -182,7 +185,6 @@ async fn pipeline_and_trace(client: &Client, kubeconfig: &Path, pipeline: &Path,
         },
     )
     .await;
-    let _ = Api::<Namespace>::all(client.clone()).delete(WORKLOAD, &DeleteParams::default()).await;
     let ((spans, children, process_tags), arrived) = found?;
     let want = resource_attributes()?;
     let missing: Vec<_> = want.iter().filter(|kv| !process_tags.contains(kv)).collect();
@@ -195,11 +197,67 @@ async fn pipeline_and_trace(client: &Client, kubeconfig: &Path, pipeline: &Path,
     if !missing.is_empty() {
         bail!("the operator's spans lack {missing:?} (OTEL_RESOURCE_ATTRIBUTES); they carry {process_tags:?}");
     }
+    let collector_down = collector_down(client).await?;
     Ok(json!({
+        "collector_down": collector_down,
         "pipeline_available_s": available, "operator_rolled_out_s": rolled_out,
         "trace_arrived_after_s": arrived.as_secs_f64(), "spans": spans, "api_calls_as_children": children,
         "resource_attributes": want.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
     }))
+}
+
+/// How long the operator runs with the Collector gone: four export batches (5 s apart).
+const DOWN_FOR: Duration = Duration::from_secs(20);
+
+/// The Collector scaled to 0: the operator reconciles a new MyApp to Ready all the same, and each
+/// replica logs the failed exports at most once in [`DOWN_FOR`] (the SDK's lines pass once a minute).
+async fn collector_down(client: &Client) -> Result<Value> {
+    use kube::api::{LogParams, Patch, PatchParams};
+    println!("==> the Collector scaled to 0");
+    let deployments = Api::<Deployment>::namespaced(client.clone(), OBSERVABILITY);
+    let zero = json!({"spec": {"replicas": 0}});
+    deployments.patch("otel-collector", &PatchParams::default(), &Patch::Merge(&zero)).await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), OBSERVABILITY);
+    chaos::wait::poll("the Collector's pod gone", Duration::from_secs(60), Duration::from_millis(250), || async {
+        let l = pods.list(&ListParams::default().labels("app.kubernetes.io/name=otel-collector")).await.ok()?;
+        l.items.is_empty().then_some(())
+    })
+    .await?;
+    let down = Instant::now();
+    let t = Instant::now();
+    let apps = Api::<myapp_operator::api::MyApp>::namespaced(client.clone(), WORKLOAD);
+    apps.create(&PostParams::default(), &chaos::fixtures::nginx("untraced", 1)?).await?;
+    chaos::wait::poll(
+        "a MyApp Ready with the Collector down",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            apps.get("untraced").await.ok().filter(myapp_operator::api::MyApp::ready_at_generation).map(|_| ())
+        },
+    )
+    .await?;
+    let ready = t.elapsed().as_secs_f64();
+    // A window of time to observe, not a condition to wait for.
+    tokio::time::sleep(DOWN_FOR.saturating_sub(t.elapsed())).await;
+    let mut lines = Vec::new();
+    for p in install::pods(client).await? {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let since = Some(down.elapsed().as_secs() as i64 + 1);
+        let log = Api::<Pod>::namespaced(client.clone(), crate::operator::NAMESPACE)
+            .logs(&name, &LogParams { since_seconds: since, ..Default::default() })
+            .await?;
+        lines.push((name, log.lines().filter(|l| l.contains("\"target\":\"opentelemetry")).count()));
+    }
+    println!(
+        "    a MyApp Ready {ready:.1} s after its creation; the SDK's lines per replica in {} s: {lines:?}",
+        DOWN_FOR.as_secs()
+    );
+    if let Some((pod, n)) = lines.iter().find(|(_, n)| *n > 1) {
+        bail!("{pod} logged {n} lines of the OpenTelemetry SDK in {} s: at most one a minute", DOWN_FOR.as_secs());
+    }
+    // No lower bound: in the runs so far the SDK logged nothing in this window (its exports to a
+    // Service without endpoints had not failed by then), so only the upper bound is checked.
+    Ok(json!({"myapp_ready_after_s": ready, "window_s": DOWN_FOR.as_secs(), "sdk_lines_per_replica": lines}))
 }
 
 #[cfg(test)]
