@@ -174,7 +174,7 @@ fn dashboard_queries(dashboard: &str) -> Result<Vec<(String, String)>> {
 fn missing_panels(queries: &[(String, String)]) -> Vec<String> {
     let mut out = Vec::new();
     for (title, expr) in queries {
-        match api(&format!("/api/v1/query?query={}", encode(expr))) {
+        match prometheus::instant(expr) {
             Ok(v) if v["status"] != "success" => out.push(format!("{title}: {expr}: {v}")),
             Ok(v) => {
                 let series = v["data"]["result"].as_array().map_or(0, Vec::len);
@@ -222,9 +222,8 @@ async fn exemplar_in_jaeger(client: &Client) -> Result<Value> {
     let t = Instant::now();
     let since = chaos::audit::now() - 1.0;
     let ns = "alerts-exemplar";
-    let nsobj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
+    crate::operator::apply_namespace(client, ns).await?;
     let namespaces = Api::<Namespace>::all(client.clone());
-    let _ = namespaces.create(&PostParams::default(), &nsobj).await;
     let apps = Api::<myapp_operator::api::MyApp>::namespaced(client.clone(), ns);
     apps.create(&PostParams::default(), &chaos::fixtures::nginx("traced", 1)?).await?;
     let every = Duration::from_secs(1);

@@ -573,19 +573,17 @@ async fn orphans(client: &Client, ns: &str, deleted: &[String]) -> Vec<String> {
     orphans
 }
 
-/// Who led when, and the writes outside leadership, from the local audit log; with the
-/// controller's writes (replica, time) for the timeline.
+/// From the local audit log: the operator Lease's terms around a run that began at `since`, the
+/// requests since then, and the writes among them outside leadership. A leader already in office
+/// at the start (the install's pods) shows its term through the renewals before it: the Lease's
+/// history is read from two lease durations before, and only the run's writes are judged.
 #[allow(clippy::type_complexity)] // three lists, each named where it is used
-fn leadership(
-    r: &Run,
-    faults: &[Fault],
-) -> Result<(Vec<invariants::Interval>, Vec<invariants::Violation>, Vec<(String, f64)>)> {
+pub fn judged_since(
+    since: f64,
+    t: LeaseTimings,
+) -> Result<(Vec<invariants::Interval>, Vec<audit::Request>, Vec<invariants::Violation>)> {
     let log = std::fs::read_to_string(paths::audit_log()).context("read the audit log")?;
-    // A leader already in office when the run starts (the install's pods) shows its term
-    // through the renewals before the start: read the Lease's history from a lease
-    // duration and more before, and judge only the writes of the run.
-    let t = r.timings;
-    let history = audit::parse(&log, r.started_at - 2.0 * t.duration);
+    let history = audit::parse(&log, since - 2.0 * t.duration);
     let intervals = invariants::leadership(
         &history,
         operator::NAMESPACE,
@@ -594,8 +592,19 @@ fn leadership(
         t.renew_deadline,
         audit::now(),
     );
-    let reqs: Vec<audit::Request> = history.into_iter().filter(|q| q.at >= r.started_at).collect();
+    let reqs: Vec<audit::Request> = history.into_iter().filter(|q| q.at >= since).collect();
     let violations = invariants::writes_outside(&reqs, &intervals, operator::NAMESPACE, operator::LEASE);
+    Ok((intervals, reqs, violations))
+}
+
+/// Who led when, and the writes outside leadership, from the local audit log; with the
+/// controller's writes (replica, time) for the timeline.
+#[allow(clippy::type_complexity)] // three lists, each named where it is used
+fn leadership(
+    r: &Run,
+    faults: &[Fault],
+) -> Result<(Vec<invariants::Interval>, Vec<invariants::Violation>, Vec<(String, f64)>)> {
+    let (intervals, reqs, violations) = judged_since(r.started_at, r.timings)?;
     let gone = invariants::writes_without_lease(&reqs, operator::NAMESPACE, operator::LEASE);
     if faults.iter().any(|f| Scenario::named(&f.scenario) == Some(Scenario::DeleteLease)) {
         println!("    controller writes received while the Lease did not exist: {}", gone.len());

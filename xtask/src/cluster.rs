@@ -175,10 +175,7 @@ fn arg(k: &str, v: impl std::fmt::Display) -> String {
 /// True when every recorded component runs and the API server answers.
 pub async fn is_up() -> bool {
     let run = paths::run_dir();
-    let recorded = procs::recorded(&run);
-    let alive =
-        CONTROL_PLANE.iter().all(|name| recorded.iter().any(|(n, pid, bin)| n == name && procs::runs(*pid, Some(bin))));
-    if !alive {
+    if !CONTROL_PLANE.iter().all(|name| procs::running(&run, name)) {
         return false;
     }
     match client_from(&paths::kubeconfig()).await {
@@ -598,9 +595,7 @@ async fn register_nodes(client: &Client) -> Result<()> {
 
 /// Starts Prometheus unless it runs (a control plane started before it was part of it).
 async fn ensure_prometheus(run: &Path, bins: &Bins) -> Result<()> {
-    let running =
-        procs::recorded(run).iter().any(|(n, pid, bin)| n == crate::prometheus::NAME && procs::runs(*pid, Some(bin)));
-    if !running {
+    if !procs::running(run, crate::prometheus::NAME) {
         crate::prometheus::start(run, &bins.get("prometheus")?, false).await?;
     }
     Ok(())
@@ -640,7 +635,7 @@ fn down_quiet(run: &Path) -> usize {
 /// processes; then the node's mounts, bridge, iptables rules and address.
 pub async fn down() -> Result<()> {
     let run = paths::run_dir();
-    let node_ran = procs::recorded(&run).iter().any(|(n, pid, bin)| n == "kubelet" && procs::runs(*pid, Some(bin)));
+    let node_ran = procs::running(&run, "kubelet");
     if node_ran && let Ok(admin) = client_from(&paths::kubeconfig()).await {
         node::drain(&admin).await;
     }

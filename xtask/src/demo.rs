@@ -52,11 +52,17 @@ async fn apply_examples(client: &kube::Client) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The Jaeger query API's path of the newest `limit` reconcile traces of `myapp`
+/// (namespace/name), from the last hour.
+pub fn reconcile_traces(myapp: &str, limit: usize) -> String {
+    let tags = chaos::plain_http::query_escape(&format!(r#"{{"myapp":"{myapp}"}}"#));
+    format!("/api/traces?service=myapp-operator&operation=reconcile&tags={tags}&limit={limit}&lookback=1h")
+}
+
 /// The newest reconcile trace of `myapp` (namespace/name) in Jaeger, waiting up to 15 s for the
 /// exporters' next batch.
 async fn latest_trace(port: u16, myapp: &str) -> Option<String> {
-    let tags = format!("%7B%22myapp%22%3A%22{}%22%7D", myapp.replace('/', "%2F"));
-    let path = format!("/api/traces?service=myapp-operator&operation=reconcile&tags={tags}&limit=1&lookback=1h");
+    let path = reconcile_traces(myapp, 1);
     chaos::wait::within(Duration::from_secs(15), Duration::from_millis(500), || async {
         let (200, body) = chaos::plain_http::get(port, &path).ok()? else { return None };
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
@@ -223,5 +229,16 @@ async fn show_alerts(as_pods: bool) {
             }
         }
         Err(e) => println!("    could not read the alerts: {e:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_trace_search_names_the_myapp_tag_percent_encoded() {
+        assert_eq!(
+            super::reconcile_traces("default/web", 1),
+            "/api/traces?service=myapp-operator&operation=reconcile&tags=%7B%22myapp%22%3A%22default%2Fweb%22%7D&limit=1&lookback=1h"
+        );
     }
 }

@@ -54,13 +54,19 @@ pub async fn apply_kustomization(
     dir: &std::path::Path,
 ) -> Result<Duration> {
     let started = Instant::now();
-    let out = kubectl().env("KUBECONFIG", kubeconfig).args(["apply", "-k"]).arg(dir).output().context("run kubectl")?;
-    if !out.status.success() {
-        bail!("kubectl apply -k {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
-    }
+    kubectl_k("apply", dir, kubeconfig)?;
     rolled_out(client, Duration::from_secs(180)).await?;
     webhooks_answer(client).await?;
     Ok(started.elapsed())
+}
+
+/// `kubectl <verb> -k dir` (`apply`, `delete`), failing with what kubectl said.
+pub fn kubectl_k(verb: &str, dir: &std::path::Path, kubeconfig: &std::path::Path) -> Result<()> {
+    let out = kubectl().env("KUBECONFIG", kubeconfig).args([verb, "-k"]).arg(dir).output().context("run kubectl")?;
+    if !out.status.success() {
+        bail!("kubectl {verb} -k {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
 }
 
 /// Installs the operator as [`prepare`] and [`apply`] do, unless it is already rolled out: what

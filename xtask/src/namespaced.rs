@@ -105,11 +105,10 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     install::prepare(&client).await?;
     println!("==> the default install's pods removed (no replica with cluster-wide grants is left)");
     install::uninstall(&client).await?;
-    let namespaces = Api::<Namespace>::all(client.clone());
     for ns in MANAGED.iter().chain([&ELSEWHERE]) {
-        let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
-        let _ = namespaces.create(&PostParams::default(), &obj).await;
+        crate::operator::apply_namespace(&client, ns).await?;
     }
+    let namespaces = Api::<Namespace>::all(client.clone());
     let since = chaos::audit::now();
     println!("==> kubectl apply -k {OVERLAY} (with the local image and placement)");
     let result = proofs(&client, &target.kubeconfig).await;

@@ -287,10 +287,16 @@ pub async fn service_account_kubeconfig(client: &Client, admin: &Path) -> Result
 
 /// Creates the operator's namespace if it is missing.
 pub async fn ensure_namespace(client: &Client) -> Result<()> {
+    apply_namespace(client, NAMESPACE).await
+}
+
+/// Creates the namespace `name` if it is missing (a server-side apply: it is there afterwards,
+/// whoever made it).
+pub async fn apply_namespace(client: &Client, name: &str) -> Result<()> {
     use k8s_openapi::api::core::v1::Namespace;
     let api: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
-    api.patch(NAMESPACE, &PatchParams::apply("myapp-xtask"), &Patch::Apply(&ns)).await?;
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    api.patch(name, &PatchParams::apply("myapp-xtask"), &Patch::Apply(&ns)).await?;
     Ok(())
 }
 

@@ -59,15 +59,6 @@ fn placement() -> String {
     )
 }
 
-/// `kubectl apply -k dir` (or `delete`).
-fn kubectl(verb: &str, dir: &Path, kubeconfig: &Path) -> Result<()> {
-    let out = install::kubectl().env("KUBECONFIG", kubeconfig).args([verb, "-k"]).arg(dir).output()?;
-    if !out.status.success() {
-        bail!("kubectl {verb} -k {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
 /// The value of `OTEL_RESOURCE_ATTRIBUTES` in `otel/operator/patch.yaml`, as (key, value) pairs.
 fn resource_attributes() -> Result<Vec<(String, String)>> {
     let patch: serde_yaml::Value =
@@ -133,7 +124,7 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     println!("==> the operator back on the local overlay; otel/ deleted");
     let _ = Api::<Namespace>::all(client.clone()).delete(WORKLOAD, &DeleteParams::default()).await;
     install::apply(&client, &target.kubeconfig).await?;
-    kubectl("delete", &pipeline, &target.kubeconfig)?;
+    install::kubectl_k("delete", &pipeline, &target.kubeconfig)?;
     let figures = result?;
     std::fs::write(paths::run_dir().join("otel.json"), serde_json::to_string_pretty(&figures)?)?;
     Ok(figures)
@@ -142,7 +133,7 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
 async fn pipeline_and_trace(client: &Client, kubeconfig: &Path, pipeline: &Path, operator: &Path) -> Result<Value> {
     println!("==> kubectl apply -k otel/ (on the real node)");
     let t = Instant::now();
-    kubectl("apply", pipeline, kubeconfig)?;
+    install::kubectl_k("apply", pipeline, kubeconfig)?;
     let deployments = Api::<Deployment>::namespaced(client.clone(), OBSERVABILITY);
     chaos::wait::poll(
         "otel/'s Deployments Available",
@@ -161,14 +152,12 @@ async fn pipeline_and_trace(client: &Client, kubeconfig: &Path, pipeline: &Path,
     let rolled_out = install::apply_kustomization(client, kubeconfig, operator).await?.as_secs_f64();
     println!("    the operator's pods rolled out in {rolled_out:.1} s");
 
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": WORKLOAD}}))?;
-    let _ = Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await;
+    crate::operator::apply_namespace(client, WORKLOAD).await?;
     let apps = Api::<myapp_operator::api::MyApp>::namespaced(client.clone(), WORKLOAD);
     let t = Instant::now();
     apps.create(&PostParams::default(), &chaos::fixtures::nginx("traced", 1)?).await?;
     let query = jaeger_query(client).await?;
-    let tags = format!("%7B%22myapp%22%3A%22{WORKLOAD}%2Ftraced%22%7D");
-    let path = format!("/api/traces?service=myapp-operator&operation=reconcile&tags={tags}&limit=20&lookback=1h");
+    let path = crate::demo::reconcile_traces(&format!("{WORKLOAD}/traced"), 20);
     let found = chaos::wait::poll(
         "the reconcile's trace in the in-cluster Jaeger",
         Duration::from_secs(60),
@@ -224,7 +213,6 @@ async fn collector_down(client: &Client) -> Result<Value> {
     })
     .await?;
     let down = Instant::now();
-    let t = Instant::now();
     let apps = Api::<myapp_operator::api::MyApp>::namespaced(client.clone(), WORKLOAD);
     apps.create(&PostParams::default(), &chaos::fixtures::nginx("untraced", 1)?).await?;
     chaos::wait::poll(
@@ -236,9 +224,9 @@ async fn collector_down(client: &Client) -> Result<Value> {
         },
     )
     .await?;
-    let ready = t.elapsed().as_secs_f64();
+    let ready = down.elapsed().as_secs_f64();
     // A window of time to observe, not a condition to wait for.
-    tokio::time::sleep(DOWN_FOR.saturating_sub(t.elapsed())).await;
+    tokio::time::sleep(DOWN_FOR.saturating_sub(down.elapsed())).await;
     let mut lines = Vec::new();
     for p in install::pods(client).await? {
         let name = p.metadata.name.clone().unwrap_or_default();

@@ -81,6 +81,11 @@ pub fn recorded(run: &Path) -> Vec<(String, u32, String)> {
     out
 }
 
+/// Whether the process recorded as `name` in `run` is alive.
+pub fn running(run: &Path, name: &str) -> bool {
+    recorded(run).iter().any(|(n, pid, bin)| n == name && runs(*pid, Some(bin)))
+}
+
 /// Sends `sig` (e.g. `TERM`, `KILL`, `STOP`, `CONT`) to `pid`.
 pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).stderr(Stdio::null()).status();

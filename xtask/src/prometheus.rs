@@ -91,9 +91,14 @@ pub fn api(path: &str) -> Result<Value> {
     Ok(serde_json::from_str(&body)?)
 }
 
+/// The answer to the instant query `q`.
+pub fn instant(q: &str) -> Result<Value> {
+    api(&format!("/api/v1/query?query={}", encode(q)))
+}
+
 /// The value of an instant query with a single scalar-like result, if any.
 pub fn query(q: &str) -> Option<f64> {
-    let v = api(&format!("/api/v1/query?query={}", encode(q))).ok()?;
+    let v = instant(q).ok()?;
     v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
 
@@ -139,10 +144,12 @@ mod tests {
         assert_eq!(sd["kubeconfig_file"], "/k/kubeconfig");
         assert_eq!(sd["namespaces"], before["scrape_configs"][0]["kubernetes_sd_configs"][0]["namespaces"]);
         assert_eq!(after["scrape_configs"][0]["relabel_configs"], before["scrape_configs"][0]["relabel_configs"]);
+        assert_eq!(after["global"], before["global"]);
     }
 
     #[test]
     fn queries_are_percent_encoded() {
         assert_eq!(encode(r#"up{job="x"} == 1"#), "up%7Bjob%3D%22x%22%7D%20%3D%3D%201");
+        assert_eq!(encode("sum(a_b)"), "sum%28a_b%29");
     }
 }

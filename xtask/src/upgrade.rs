@@ -17,12 +17,13 @@
 //! passed to a pod of the new version, and the audit log shows 0 writes outside leadership.
 //! The figures go to `.run/upgrade.json`.
 
+use crate::chaos_pods::TIMINGS;
 use crate::operator::{NAMESPACE, TargetArgs};
 use crate::{cluster, image, install, node, paths};
-use ::chaos::{audit, invariants};
+use ::chaos::audit;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::MyApp;
@@ -38,14 +39,10 @@ use std::time::{Duration, Instant};
 pub const PREVIOUS: &str = "0c82a8e307a40b732edcc15e36f4fad3682c34a6";
 /// The previous image, as the node's containerd knows it.
 const PREVIOUS_IMAGE: &str = "docker.io/library/myapp-operator:previous";
-/// The current image (`cargo xtask image`, imported by [`install::prepare`]).
-const CURRENT_IMAGE: &str = "docker.io/library/myapp-operator:dev";
 /// The namespace of the MyApps that live through the steps.
 const WORKLOAD: &str = "upgrade";
 /// How many MyApps.
 const MYAPPS: usize = 5;
-/// The lease timings `deploy/` runs with (the operator's defaults).
-const LEASE: (f64, f64) = (15.0, 10.0);
 
 /// The previous commit's tree, extracted once into the cache.
 fn previous_tree() -> Result<PathBuf> {
@@ -178,15 +175,6 @@ async fn children(client: &Client) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-/// Writes outside leadership since `since`, from the audit log.
-fn writes_outside(since: f64) -> usize {
-    let history = crate::chaos::audit_since(since - 2.0 * LEASE.0);
-    let (duration, renew) = LEASE;
-    let terms = invariants::leadership(&history, NAMESPACE, crate::operator::LEASE, duration, renew, audit::now());
-    let reqs: Vec<audit::Request> = history.into_iter().filter(|r| r.at >= since).collect();
-    invariants::writes_outside(&reqs, &terms, NAMESPACE, crate::operator::LEASE).len()
-}
-
 /// One step: applies `dir`, waits for the rollout and for a leader running `image`, and judges.
 async fn step(client: &Client, kubeconfig: &Path, name: &str, dir: &Path, image: &str) -> Result<Value> {
     let before = children(client).await?;
@@ -207,7 +195,7 @@ async fn step(client: &Client, kubeconfig: &Path, name: &str, dir: &Path, image:
         },
     )
     .await;
-    // The samplers run on for a lease duration after the rollout: a late failure shows too.
+    // The samplers run on for 5 s after a pod of the new version leads: a late failure shows too.
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, Ordering::Relaxed);
     let seen = sampler.await?;
@@ -215,7 +203,7 @@ async fn step(client: &Client, kubeconfig: &Path, name: &str, dir: &Path, image:
     let led = led?;
     let after = children(client).await?;
     let recreated: Vec<&String> = before.iter().filter(|(k, uid)| after.get(*k) != Some(uid)).map(|(k, _)| k).collect();
-    let outside = writes_outside(since);
+    let outside = crate::chaos::judged_since(since, TIMINGS)?.2.len();
     let handovers: Vec<Value> =
         seen.holders.iter().map(|(at, h, img)| json!({"at_s": at - since, "holder": h, "image": img})).collect();
     println!(
@@ -263,8 +251,7 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     println!("==> the previous version ({}) installed, and {MYAPPS} MyApps Ready", &PREVIOUS[..12]);
     let t = Instant::now();
     install::apply_kustomization(&client, &target.kubeconfig, &previous).await?;
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": WORKLOAD}}))?;
-    let _ = Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await;
+    crate::operator::apply_namespace(&client, WORKLOAD).await?;
     let apps: Api<MyApp> = Api::namespaced(client.clone(), WORKLOAD);
     for i in 0..MYAPPS {
         let name = format!("app-{i}");
@@ -281,11 +268,11 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
 
     let mut steps = Vec::new();
     println!("==> upgrade: kubectl apply -k {}", install::OVERLAY);
-    steps.push(step(&client, &target.kubeconfig, "upgrade", &current, CURRENT_IMAGE).await?);
+    steps.push(step(&client, &target.kubeconfig, "upgrade", &current, node::OPERATOR_IMAGE).await?);
     println!("==> rollback: the previous version's overlay");
     steps.push(step(&client, &target.kubeconfig, "rollback", &previous, PREVIOUS_IMAGE).await?);
     println!("==> upgrade again");
-    steps.push(step(&client, &target.kubeconfig, "upgrade-again", &current, CURRENT_IMAGE).await?);
+    steps.push(step(&client, &target.kubeconfig, "upgrade-again", &current, node::OPERATOR_IMAGE).await?);
     let figures = json!({"previous": PREVIOUS, "crd_changed": crd_changed, "myapps": MYAPPS, "steps": steps});
     let out = paths::run_dir().join("upgrade.json");
     std::fs::write(&out, serde_json::to_string_pretty(&figures)?)?;
@@ -316,6 +303,6 @@ mod tests {
         assert_eq!(v["images"][0]["newTag"], "previous");
         assert_eq!(v.as_mapping().map(|m| m.len()), Some(4));
         assert_eq!(format!("{}:{}", "docker.io/library/myapp-operator", "previous"), PREVIOUS_IMAGE);
-        assert!(CURRENT_IMAGE.starts_with("docker.io/library/myapp-operator:"));
+        assert!(node::OPERATOR_IMAGE.starts_with("docker.io/library/myapp-operator:"));
     }
 }
