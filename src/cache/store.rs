@@ -12,7 +12,7 @@
 //! owner of a child deleted while the watch was away is woken.
 
 use super::compact::{Cached, Packed, Shape, child_key, owner};
-use super::watch::{Apply, Listed, Lists};
+use super::watch::{Apply, Listed, Lists, key_of};
 use kube::runtime::watcher::Event;
 use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -139,11 +139,7 @@ impl<K: Shape> Apply<Cached<K>> for ChildWriter<K> {
             // A child that lost its controller reference, or grew too large, leaves the store.
             Event::Apply(child) if !owned(child) || !child.kept() => self.store.remove(child),
             Event::InitApply(child) => {
-                let meta = kube::Resource::meta(child);
-                self.lists.saw(
-                    w,
-                    child_key(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default()),
-                );
+                self.lists.saw(w, key_of(child));
                 self.store.insert(child);
             }
             Event::InitDone => {

@@ -1,6 +1,7 @@
 //! The watches behind the caches: each writes its events into a store ([`Apply`]), applies a
 //! relist in place ([`InPlace`]), and sends on what it saw to the controller, if it listens.
 
+use super::compact::child_key;
 use crate::api::scope::Scope;
 use futures::{Stream, StreamExt};
 use kube::runtime::reflector::{self, Store};
@@ -174,9 +175,10 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> InPlace<K> {
     }
 }
 
-fn key_of<K: Resource>(obj: &K) -> String {
+/// The key a list marks `obj` seen under: its namespace and name, as [`child_key`] spells them.
+pub(crate) fn key_of<K: Resource>(obj: &K) -> String {
     let meta = obj.meta();
-    format!("{}/{}", meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
+    child_key(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
 }
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> Apply<K> for InPlace<K> {
