@@ -298,7 +298,10 @@ pub fn kubelet_config(node: &Path, pki: &Path) -> String {
         // Imported images can never be pulled again: never collect them.
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
-        "evictionHard": { "memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%" },
+        // The node shares the host's disk with the builds; a percentage of a large shared disk
+        // (1 % of 252 GB here) tainted the node with disk-pressure while 1.1 GB was free, and
+        // left CI's pods Pending. An absolute floor still keeps a truly full disk from wedging it.
+        "evictionHard": { "memory.available": "100Mi", "nodefs.available": "512Mi", "imagefs.available": "512Mi" },
         "podLogsDirectory": node.join("pod-logs").display().to_string(),
         "registerWithTaints": [{ "key": TAINT, "value": LABEL.1, "effect": "NoSchedule" }],
         "serializeImagePulls": false,
@@ -806,6 +809,7 @@ mod tests {
         assert_eq!(v["registerWithTaints"][0]["key"].as_str(), Some(TAINT));
         assert_eq!(v["registerWithTaints"][0]["effect"].as_str(), Some("NoSchedule"));
         assert_eq!(v["imageGCHighThresholdPercent"].as_u64(), Some(100));
+        assert_eq!(v["evictionHard"]["nodefs.available"].as_str(), Some("512Mi"));
         assert_eq!(v["address"].as_str(), Some(NODE_IP));
     }
 
