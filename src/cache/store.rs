@@ -8,7 +8,7 @@
 //! (see `reconcile::live_child`), so they are kept here.
 //!
 //! A relist (after 410 Gone, or a watch that broke off) updates the store in place, as
-//! [`super::cache`]'s writer of kube's stores does, and reports what it found gone, so that the
+//! [`super::watch::InPlace`], the writer of kube's stores, does, and reports what it found gone, so that the
 //! owner of a child deleted while the watch was away is woken.
 
 use super::compact::{Cached, Packed, Shape, child_key, owner};

@@ -14,9 +14,9 @@
 //!
 //! The figures go to `.run/alerts.json`.
 
+use crate::cluster::prometheus::{self, alerts, api, encode, query};
 use crate::operator::{NAMESPACE, TargetArgs};
-use crate::prometheus::{self, alerts, api, encode, query};
-use crate::{cluster, install, paths, procs};
+use crate::{cluster, install, paths, sh};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Client;
@@ -39,14 +39,14 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     }
     let client = cluster::client_from(&target.kubeconfig).await?;
     install::ensure(&client, &target.kubeconfig).await?;
-    let bin = crate::gobuild::component("prometheus")?.ensure()?.join("prometheus");
+    let bin = crate::cluster::gobuild::component("prometheus")?.ensure()?.join("prometheus");
     let prom = prometheus::restart_fresh(&bin).await?;
     let run_dir = paths::run_dir();
     let result = checks(&client).await;
     if result.is_err() {
-        println!("{}", procs::tail(&run_dir, prometheus::NAME, 20));
+        println!("{}", sh::tail(&run_dir, prometheus::NAME, 20));
     }
-    procs::check_alive(&run_dir, &prom)?;
+    sh::check_alive(&run_dir, &prom)?;
     let figures = result?;
     let out = run_dir.join("alerts.json");
     std::fs::write(&out, serde_json::to_string_pretty(&figures)?)?;

@@ -5,7 +5,7 @@
 //! developing; also what runs against a user's cluster, which cannot load the local image).
 
 use crate::operator::{self, Target, TargetArgs};
-use crate::{cluster, install, paths, prometheus};
+use crate::{cluster, cluster::prometheus, install, paths};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -76,7 +76,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let target = args.target.resolve().await?;
     let client = cluster::client_from(&target.kubeconfig).await?;
-    let as_pods = !args.processes && target.local && crate::node::enabled();
+    let as_pods = !args.processes && target.local && crate::cluster::node::enabled();
     if as_pods {
         install_pods(&client, &target).await?;
     } else {
@@ -107,7 +107,7 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         show_traces().await;
         show_alerts(as_pods).await;
     }
-    let kubectl = crate::gobuild::kubectl().map_or_else(|| "kubectl".into(), |p| p.display().to_string());
+    let kubectl = crate::cluster::gobuild::kubectl().map_or_else(|| "kubectl".into(), |p| p.display().to_string());
     println!("\n==> explore");
     println!("    export KUBECONFIG={}", target.kubeconfig.display());
     println!("    {kubectl} get myapps,deployments,services,lease -A");
@@ -131,7 +131,7 @@ async fn install_pods(client: &kube::Client, target: &Target) -> Result<()> {
 /// The replicas as processes on this machine, once the install's pods are gone.
 async fn start_processes(args: &DemoArgs, target: &Target) -> Result<()> {
     if !args.processes {
-        match crate::node::why_not() {
+        match crate::cluster::node::why_not() {
             Some(why) if target.local => println!("==> no real node ({why}): running the replicas as processes"),
             _ => println!("==> a user's cluster cannot run the local image: running the replicas as processes"),
         }

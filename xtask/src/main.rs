@@ -2,37 +2,24 @@
 
 mod alerts;
 mod bench;
-mod cache_cost;
 mod chaos;
-mod chaos_pods;
 mod cluster;
 mod demo;
-mod gobuild;
-mod hostile;
 mod image;
 mod install;
-mod namespaced;
-mod node;
 mod operator;
-mod otel_e2e;
-mod otel_images;
+mod otel;
 mod paths;
-mod pki;
-mod plot;
-mod pod_faults;
-mod procs;
-mod prometheus;
-mod soak;
+mod sh;
 mod test;
-mod upgrade;
-mod webhook_bench;
+mod tls;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// Counts heap bytes in use, for the bench's bytes per cached object.
 #[global_allocator]
-static ALLOCATOR: cache_cost::Counting = cache_cost::Counting;
+static ALLOCATOR: bench::cache_cost::Counting = bench::cache_cost::Counting;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Tasks of the myapp-operator workspace")]
@@ -78,7 +65,7 @@ enum Command {
     Otel(operator::TargetArgs),
     /// The images of otel/ (the OpenTelemetry Collector and Jaeger), built from their Go modules
     /// with buildah into the build cache; `--import` also imports them into the node.
-    OtelImages(otel_images::OtelImagesArgs),
+    OtelImages(image::otel::OtelImagesArgs),
     /// Regenerate the staging `replace` block of the kubernetes wrapper module from upstream.
     GenGoMod,
     /// The webhook server alone, for `bench --webhook-abuse` (runs until stdin closes).
@@ -106,18 +93,17 @@ fn main() -> Result<()> {
             ClusterAction::Status => rt.block_on(cluster::status()),
         },
         Command::Bench(args) => rt.block_on(bench::bench(args)),
-        Command::Chaos(args) if args.profile == chaos::Profile::Hostile => rt.block_on(hostile::chaos(&args)),
-        Command::Chaos(args) => rt.block_on(chaos::chaos(args)).map(|_| ()),
+        Command::Chaos(args) => rt.block_on(chaos::chaos(args)),
         Command::Demo(args) => rt.block_on(demo::demo(args)),
         Command::Test(args) => rt.block_on(test::test(args)),
         Command::Image(args) => image::image(args),
         Command::Rules => test::rule_tests(),
         Command::Alerts(args) => rt.block_on(alerts::run(args)).map(|_| ()),
-        Command::Namespaced(args) => rt.block_on(namespaced::run(args)).map(|_| ()),
-        Command::Upgrade(args) => rt.block_on(upgrade::run(args)).map(|_| ()),
-        Command::Otel(args) => rt.block_on(otel_e2e::run(args)).map(|_| ()),
-        Command::OtelImages(args) => otel_images::run(args),
-        Command::GenGoMod => gobuild::regenerate_kubernetes_replaces(),
-        Command::WebhookServer => rt.block_on(webhook_bench::serve()),
+        Command::Namespaced(args) => rt.block_on(install::namespaced::run(args)).map(|_| ()),
+        Command::Upgrade(args) => rt.block_on(install::upgrade::run(args)).map(|_| ()),
+        Command::Otel(args) => rt.block_on(otel::run(args)).map(|_| ()),
+        Command::OtelImages(args) => image::otel::run(args),
+        Command::GenGoMod => cluster::gobuild::regenerate_kubernetes_replaces(),
+        Command::WebhookServer => rt.block_on(bench::webhook::serve()),
     }
 }

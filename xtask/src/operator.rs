@@ -1,13 +1,14 @@
 //! Running the operator for the demo and the tests: the target cluster, the CRD, and replicas as
 //! local processes with their own identity, probe port and log file.
 
-use crate::{cluster, paths, procs};
+use crate::{cluster, paths, sh};
 use anyhow::{Context, Result, bail};
+use chaos::report::LeaseTimings;
+use chaos::{audit, invariants};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Where to run: the local control plane, or a cluster the user points at.
@@ -67,32 +68,16 @@ impl TargetArgs {
     }
 }
 
-/// The cargo of this invocation.
-pub fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(paths::repo());
-    c
-}
-
-/// Runs a command, failing with its description when it fails.
-pub fn run(mut cmd: Command, what: &str) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("start {what}"))?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
-    Ok(())
-}
-
 /// Builds the operator binary for the host, in the release profile or the debug one.
 pub fn build_profile(release: bool) -> Result<PathBuf> {
     let profile = if release { "release" } else { "debug" };
     println!("==> building the operator ({profile})");
-    let mut cmd = cargo();
+    let mut cmd = sh::cargo();
     cmd.args(["build", "--bin", "myapp-operator"]);
     if release {
         cmd.arg("--release");
     }
-    run(cmd, "cargo build --bin myapp-operator")?;
+    sh::run(cmd, "cargo build --bin myapp-operator")?;
     Ok(paths::target_dir().join(profile).join("myapp-operator"))
 }
 
@@ -446,8 +431,8 @@ pub fn start_replica(
         ("WEBHOOK_CONFIG", LOCAL_WEBHOOKS.into()),
     ];
     envs.extend(env.iter().cloned());
-    let pid = procs::spawn(&run, &name, bin, &args, &envs)?.pid;
-    Ok(Replica { name: name.clone(), probe_port, log: procs::log_file(&run, &name), pid })
+    let pid = sh::spawn(&run, &name, bin, &args, &envs)?.pid;
+    Ok(Replica { name: name.clone(), probe_port, log: sh::log_file(&run, &name), pid })
 }
 
 /// Starts `n` replicas of `bin` against `kubeconfig` (fresh logs), with `env` added.
@@ -461,7 +446,7 @@ pub fn start_replicas(
     let run = paths::run_dir();
     (0..n)
         .map(|i| {
-            let _ = std::fs::remove_file(procs::log_file(&run, &format!("operator-{i}")));
+            let _ = std::fs::remove_file(sh::log_file(&run, &format!("operator-{i}")));
             start_replica(i, bin, kubeconfig, extra, env)
         })
         .collect()
@@ -475,7 +460,7 @@ pub async fn wait_ready(replicas: &[Replica]) -> Result<()> {
     for r in replicas {
         let ready = || async { matches!(chaos::plain_http::get(r.probe_port, "/readyz"), Ok((200, _))).then_some(()) };
         if chaos::wait::until(deadline, Duration::from_millis(100), ready).await.is_none() {
-            bail!("{} not ready after 60 s; last log lines:\n{}", r.name, procs::tail(&run, &r.name, 30));
+            bail!("{} not ready after 60 s; last log lines:\n{}", r.name, sh::tail(&run, &r.name, 30));
         }
     }
     println!("    {} operator replica(s) ready ({:.1} s)", replicas.len(), started.elapsed().as_secs_f64());
@@ -485,11 +470,55 @@ pub async fn wait_ready(replicas: &[Replica]) -> Result<()> {
 /// Stops every recorded operator replica.
 pub fn stop_replicas() {
     let run = paths::run_dir();
-    for (name, pid, bin) in procs::recorded(&run) {
+    for (name, pid, bin) in sh::recorded(&run) {
         if name.starts_with("operator-") {
-            procs::stop(&run, &name, pid, &bin, Duration::from_secs(15));
+            sh::stop(&run, &name, pid, &bin, Duration::from_secs(15));
         }
     }
+}
+
+/// From the local audit log: the operator Lease's terms around a run that began at `since`, the
+/// requests since then, and the writes among them outside leadership. A leader already in office
+/// at the start (the install's pods) shows its term through the renewals before it: the Lease's
+/// history is read from two lease durations before, and only the run's writes are judged.
+#[allow(clippy::type_complexity)] // three lists, each named where it is used
+pub fn judged_since(
+    since: f64,
+    t: LeaseTimings,
+) -> Result<(Vec<invariants::Interval>, Vec<audit::Request>, Vec<invariants::Violation>)> {
+    let log = std::fs::read_to_string(paths::audit_log()).context("read the audit log")?;
+    let history = audit::parse(&log, since - 2.0 * t.duration);
+    let intervals = invariants::leadership(&history, NAMESPACE, LEASE, t.duration, t.renew_deadline, audit::now());
+    let reqs: Vec<audit::Request> = history.into_iter().filter(|q| q.at >= since).collect();
+    let violations = invariants::writes_outside(&reqs, &intervals, NAMESPACE, LEASE);
+    Ok((intervals, reqs, violations))
+}
+
+/// Every request the replicas made since `since` (end-to-end tests and chaos) ran under the
+/// ServiceAccount from `deploy/rbac`; none may have been refused.
+pub fn rbac_proof(since: f64) -> Result<()> {
+    let log = std::fs::read_to_string(paths::audit_log())?;
+    let requests = chaos::audit::parse(&log, since);
+    let user = service_account_user();
+    let a = chaos::audit::authorization(&requests, &user);
+    println!(
+        "    {} requests by {user}: {} denied by RBAC; {} denied, then allowed when repeated (the authorizer \
+         syncing after an API server restart); {} refused by admission (writes into namespaces being deleted)",
+        a.requests,
+        a.denied.len(),
+        a.denied_then_allowed.len(),
+        a.refused_by_admission.len()
+    );
+    for r in a.denied.iter().take(20) {
+        println!("      denied: {} {} {}/{} {}", r.verb, r.resource, r.namespace, r.name, r.subresource);
+    }
+    if a.requests == 0 {
+        anyhow::bail!("no request by {user} in the audit log: the replicas did not run as the ServiceAccount");
+    }
+    if !a.denied.is_empty() {
+        anyhow::bail!("{} requests by {user} were denied by RBAC: deploy/rbac misses a grant", a.denied.len());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

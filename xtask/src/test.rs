@@ -2,8 +2,9 @@
 //! API server (the local control plane, or the cluster given) with the operator running.
 
 use crate::chaos::{ChaosArgs, On};
-use crate::operator::{self, TargetArgs, cargo, run};
-use crate::{cluster, install, node, paths};
+use crate::operator::{self, TargetArgs};
+use crate::sh::{cargo, run};
+use crate::{cluster, cluster::node, install, paths};
 use anyhow::{Result, bail};
 use std::time::Instant;
 
@@ -38,9 +39,21 @@ pub async fn test(args: TestArgs) -> Result<()> {
         run(clippy, "cargo clippy")?;
         println!("    lint passed ({:.0} s)", t.elapsed().as_secs_f64());
 
-        let t = step("docs: cargo doc --no-deps of the operator, every intra-doc link resolved");
+        let t = step(
+            "docs: cargo doc --no-deps of the operator, the chaos crate and the task runner, private items too, every intra-doc link resolved",
+        );
         let mut doc = cargo();
-        doc.args(["doc", "--no-deps", "-p", "myapp-operator"]);
+        doc.args([
+            "doc",
+            "--no-deps",
+            "-p",
+            "myapp-operator",
+            "-p",
+            "chaos",
+            "-p",
+            "xtask",
+            "--document-private-items",
+        ]);
         doc.env("RUSTDOCFLAGS", "-D rustdoc::broken_intra_doc_links");
         run(doc, "cargo doc")?;
         println!("    docs passed ({:.0} s)", t.elapsed().as_secs_f64());
@@ -97,7 +110,7 @@ fn panel_queries_as_rules(dashboard: &str) -> Result<String> {
 /// every dashboard query (parsed as a recording rule), and every rule test in
 /// `deploy/monitoring/tests/`. Fails on any failing case.
 pub fn rule_tests() -> Result<()> {
-    let promtool = crate::gobuild::component("prometheus")?.ensure()?.join("promtool");
+    let promtool = crate::cluster::gobuild::component("prometheus")?.ensure()?.join("promtool");
     let dir = paths::repo().join("deploy").join("monitoring");
     let mut tests: Vec<_> = std::fs::read_dir(dir.join("tests"))?
         .flatten()
@@ -156,7 +169,7 @@ async fn against_cluster(target: &operator::Target) -> Result<bool> {
     ])
     .env("KUBECONFIG", &target.kubeconfig)
     .env("MYAPP_E2E_OPERATOR_LOGS", logs);
-    if let Some(kubectl) = crate::gobuild::kubectl() {
+    if let Some(kubectl) = crate::cluster::gobuild::kubectl() {
         e2e.env("MYAPP_E2E_KUBECTL", kubectl);
     }
     if target.local {
@@ -172,7 +185,7 @@ async fn against_cluster(target: &operator::Target) -> Result<bool> {
     operator::stop_replicas();
 
     let t = step("chaos smoke: kill, term, pause, partition the leader, restart the API server");
-    let _ = crate::chaos::chaos(ChaosArgs::smoke(target.args(), On::Processes)).await?;
+    let _ = crate::chaos::scenarios(ChaosArgs::smoke(target.args(), On::Processes)).await?;
     println!("    chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
     let t = step("benchmark, quick profile (keeps `cargo xtask bench` from rotting)");
     crate::bench::bench(crate::bench::BenchArgs::quick(target.args())).await?;
@@ -180,7 +193,7 @@ async fn against_cluster(target: &operator::Target) -> Result<bool> {
     let image_built = on_the_node(target).await?;
     if target.local {
         step("RBAC proof: nothing the operator's ServiceAccount asked was denied (audit log)");
-        rbac_proof(since)?;
+        operator::rbac_proof(since)?;
     }
     Ok(image_built)
 }
@@ -214,7 +227,7 @@ async fn on_the_node(target: &operator::Target) -> Result<bool> {
         .env("KUBECONFIG", &target.kubeconfig)
         .env("MYAPP_E2E_NODE", node::NAME)
         .env("MYAPP_E2E_JAEGER", format!("http://127.0.0.1:{}", cluster::ports::JAEGER_QUERY));
-    if let Some(kubectl) = crate::gobuild::kubectl() {
+    if let Some(kubectl) = crate::cluster::gobuild::kubectl() {
         test.env("MYAPP_E2E_KUBECTL", kubectl);
     }
     let result = run(test, "the install test");
@@ -234,50 +247,23 @@ async fn on_the_node(target: &operator::Target) -> Result<bool> {
 async fn on_the_pods(target: &operator::Target) -> Result<()> {
     let t =
         step("upgrade and rollback: the previous version's install, this one's, the previous again, this one again");
-    crate::upgrade::run(target.args()).await?;
+    crate::install::upgrade::run(target.args()).await?;
     println!("    upgrade and rollback passed ({:.0} s)", t.elapsed().as_secs_f64());
     let t = step("chaos smoke against the pods: every pod scenario but pdb");
-    crate::chaos::chaos(ChaosArgs::smoke(target.args(), On::Pods)).await?;
+    crate::chaos::scenarios(ChaosArgs::smoke(target.args(), On::Pods)).await?;
     println!("    pod chaos smoke passed ({:.0} s)", t.elapsed().as_secs_f64());
     let t = step("hostile, short: parse-cost reviews and a connection flood on every pod for 30 s");
-    crate::hostile::hostile(&target.args(), crate::hostile::SHORT).await?;
+    crate::chaos::hostile::hostile(&target.args(), crate::chaos::hostile::SHORT).await?;
     println!("    hostile short form passed ({:.0} s)", t.elapsed().as_secs_f64());
     let t = step("alerts on a real Prometheus: a rollout fires nothing; no replica fires no-leader");
     crate::alerts::run(target.args()).await?;
     println!("    alerts passed ({:.0} s)", t.elapsed().as_secs_f64());
     let t = step("the namespace-scoped install: deploy/overlays/namespaced, Roles only where it manages MyApps");
-    crate::namespaced::run(target.args()).await?;
+    crate::install::namespaced::run(target.args()).await?;
     println!("    namespaced install passed ({:.0} s)", t.elapsed().as_secs_f64());
     let t = step("the in-cluster trace pipeline: otel/ on the node, a reconcile through its Collector into its Jaeger");
-    crate::otel_e2e::run(target.args()).await?;
+    crate::otel::run(target.args()).await?;
     println!("    in-cluster trace pipeline passed ({:.0} s)", t.elapsed().as_secs_f64());
-    Ok(())
-}
-
-/// Every request the replicas made since `since` (end-to-end tests and chaos) ran under the
-/// ServiceAccount from `deploy/rbac`; none may have been refused.
-pub fn rbac_proof(since: f64) -> Result<()> {
-    let log = std::fs::read_to_string(paths::audit_log())?;
-    let requests = chaos::audit::parse(&log, since);
-    let user = operator::service_account_user();
-    let a = chaos::audit::authorization(&requests, &user);
-    println!(
-        "    {} requests by {user}: {} denied by RBAC; {} denied, then allowed when repeated (the authorizer \
-         syncing after an API server restart); {} refused by admission (writes into namespaces being deleted)",
-        a.requests,
-        a.denied.len(),
-        a.denied_then_allowed.len(),
-        a.refused_by_admission.len()
-    );
-    for r in a.denied.iter().take(20) {
-        println!("      denied: {} {} {}/{} {}", r.verb, r.resource, r.namespace, r.name, r.subresource);
-    }
-    if a.requests == 0 {
-        anyhow::bail!("no request by {user} in the audit log: the replicas did not run as the ServiceAccount");
-    }
-    if !a.denied.is_empty() {
-        anyhow::bail!("{} requests by {user} were denied by RBAC: deploy/rbac misses a grant", a.denied.len());
-    }
     Ok(())
 }
 

@@ -56,8 +56,9 @@ fn write(dir: &Path, name: &str, cert_pem: &str, key: &KeyPair) -> Result<()> {
     Ok(())
 }
 
-/// Writes the PKI into `dir` unless a CA is already there.
-pub fn ensure(dir: &Path) -> Result<()> {
+/// Writes the PKI into `dir` unless a CA is already there; `node_ip` is the real node's address,
+/// which the API server advertises to pods, in its serving certificate.
+pub fn ensure(dir: &Path, node_ip: Ipv4Addr) -> Result<()> {
     let layout = dir.join("layout");
     if dir.join("ca.crt").is_file()
         && dir.join("sa.key").is_file()
@@ -81,8 +82,7 @@ pub fn ensure(dir: &Path) -> Result<()> {
     serving.subject_alt_names = vec![
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))),
-        // The real node's address, which the API server advertises to pods.
-        SanType::IpAddress(crate::node::NODE_IP.parse()?),
+        SanType::IpAddress(IpAddr::V4(node_ip)),
         SanType::DnsName("localhost".try_into()?),
         SanType::DnsName("kubernetes".try_into()?),
         SanType::DnsName("kubernetes.default".try_into()?),
@@ -134,12 +134,12 @@ mod tests {
     fn pki_is_complete_and_not_regenerated() {
         let dir = std::env::temp_dir().join(format!("myapp-pki-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        ensure(&dir).expect("pki");
+        ensure(&dir, Ipv4Addr::new(10, 255, 0, 1)).expect("pki");
         for f in ["ca.crt", "apiserver.crt", "admin.key", "scheduler.crt", "sa.key", "sa.pub"] {
             assert!(dir.join(f).is_file(), "{f}");
         }
         let before = std::fs::read(dir.join("ca.crt")).expect("ca");
-        ensure(&dir).expect("pki again");
+        ensure(&dir, Ipv4Addr::new(10, 255, 0, 1)).expect("pki again");
         assert_eq!(before, std::fs::read(dir.join("ca.crt")).expect("ca"));
         let kc = kubeconfig(&dir, "https://127.0.0.1:6443", "admin").expect("kubeconfig");
         assert!(kc.contains("client-certificate-data: LS0t"));

@@ -127,7 +127,7 @@ pub const COMPONENTS: &[Component] = &[
 
 /// Components built on first use rather than by `cluster up`, which does not run them.
 pub const ON_DEMAND: &[Component] = &[
-    // The OpenTelemetry Collector of `otel/` (its image, `crate::otel_images`): exactly the
+    // The OpenTelemetry Collector of `otel/` (its image, `crate::image::otel`): exactly the
     // components its config uses, named in `manifest.yaml`. The builder's version is the release.
     Component {
         name: "otelcol",

@@ -1,7 +1,7 @@
 //! The real node of the local control plane: one machine that runs containers, next to the kwok
 //! nodes, so that `kubectl apply -k deploy/` runs the operator image as real pods.
 //!
-//! - containerd v2 (built from its Go module, [`crate::gobuild`]) with Debian's `runc` and CNI
+//! - containerd v2 (built from its Go module, [`crate::cluster::gobuild`]) with Debian's `runc` and CNI
 //!   plugins (a `bridge` with `host-local` addresses in [`POD_CIDR`]);
 //! - a pause image built from kubernetes' `build/pause/linux/pause.c` and the operator image from
 //!   `cargo xtask image`, both imported into containerd, so nothing is ever pulled;
@@ -16,8 +16,9 @@
 //! ours only: mounts under [`dir`], the bridge [`BRIDGE`], the iptables rules of our CNI network,
 //! of kubelet and of kube-proxy, and the node address.
 
-use crate::cluster::wait_for;
-use crate::{paths, pki, procs};
+use super::access::wait_for;
+use super::{gobuild, pki};
+use crate::{paths, sh};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
@@ -76,7 +77,7 @@ pub fn dir() -> PathBuf {
         return PathBuf::from(d);
     }
     let run = paths::run_dir();
-    let hash = crate::gobuild::fnv1a(run.display().to_string().as_bytes()) as u32;
+    let hash = gobuild::fnv1a(run.display().to_string().as_bytes()) as u32;
     PathBuf::from(format!("/var/lib/myapp-node/{hash:08x}"))
 }
 
@@ -377,7 +378,7 @@ fn pause_archive(kubernetes_module: impl FnOnce() -> Result<PathBuf>) -> Result<
         return Ok(archive);
     }
     println!("    building the pause image {PAUSE_IMAGE} from build/pause/linux/pause.c");
-    crate::image::ensure_buildah()?;
+    sh::ensure_tools(&[sh::BUILDAH])?;
     let ctx = cache.join("pause-context");
     let _ = std::fs::remove_dir_all(&ctx);
     std::fs::create_dir_all(&ctx)?;
@@ -434,7 +435,7 @@ pub fn import_operator_image() -> Result<()> {
     if !archive.is_file() {
         bail!("{} is missing: run `cargo xtask image` first", archive.display());
     }
-    let bin_dir = crate::gobuild::component("containerd")?.bin_dir()?;
+    let bin_dir = gobuild::component("containerd")?.bin_dir()?;
     import(&bin_dir, &archive)?;
     println!("    imported {OPERATOR_IMAGE} into the node's containerd");
     Ok(())
@@ -452,7 +453,7 @@ fn ip(args: &[&str]) -> std::io::Result<std::process::Output> {
 /// Installs what the node needs from Debian when it is missing.
 fn ensure_packages() -> Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().filter(|(f, _)| !Path::new(f).exists()).map(|(_, p)| *p).collect();
-    crate::procs::apt_install(&missing)
+    crate::sh::apt_install(&missing)
 }
 
 /// What `up` needs from the rest of the control plane.
@@ -507,7 +508,7 @@ pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
         std::fs::create_dir_all(node.join(d))?;
     }
     let pki_dir = run.join("pki");
-    let server = format!("https://127.0.0.1:{}", crate::cluster::ports::APISERVER);
+    let server = format!("https://127.0.0.1:{}", super::access::ports::APISERVER);
     for c in ["kubelet", "kube-proxy"] {
         std::fs::write(run.join(format!("{c}.kubeconfig")), pki::kubeconfig(&pki_dir, &server, c)?)?;
     }
@@ -518,7 +519,7 @@ pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
     std::fs::write(node.join("Corefile"), corefile(&run.join("kubeconfig")))?;
 
     let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bins.containerd.display());
-    let containerd = procs::spawn(
+    let containerd = sh::spawn(
         run,
         "containerd",
         &bins.containerd.join("containerd"),
@@ -531,25 +532,20 @@ pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
     wait_for(run, &[&containerd], "containerd", Duration::from_secs(30), version).await?;
     import(bins.containerd, &pause_archive(bins.kubernetes_module)?)?;
 
-    let coredns = procs::spawn(
-        run,
-        "coredns",
-        bins.coredns,
-        &["-conf".into(), node.join("Corefile").display().to_string()],
-        &[],
-    )?;
+    let coredns =
+        sh::spawn(run, "coredns", bins.coredns, &["-conf".into(), node.join("Corefile").display().to_string()], &[])?;
     wait_for(run, &[&coredns], "coredns", Duration::from_secs(30), || async {
         matches!(chaos::plain_http::get(ports::COREDNS_READY, "/ready"), Ok((200, _)))
     })
     .await?;
-    let kube_proxy = procs::spawn(
+    let kube_proxy = sh::spawn(
         run,
         "kube-proxy",
         bins.kube_proxy,
         &[format!("--config={}", node.join("kube-proxy.yaml").display())],
         &[("PATH", path.clone())],
     )?;
-    let kubelet = procs::spawn(
+    let kubelet = sh::spawn(
         run,
         "kubelet",
         bins.kubelet,
@@ -733,7 +729,7 @@ fn shell_words(s: &str) -> Vec<String> {
 /// The host pid of the main process of a pod's container, from its status's `containerID`.
 pub fn container_pid(container_id: &str) -> Result<u32> {
     let id = container_id.rsplit("://").next().unwrap_or(container_id);
-    let bin_dir = crate::gobuild::component("containerd")?.bin_dir()?;
+    let bin_dir = gobuild::component("containerd")?.bin_dir()?;
     let out = sh(ctr(&bin_dir).args(["tasks", "ls"]), "ctr tasks ls")?;
     out.lines()
         .find_map(|l| {

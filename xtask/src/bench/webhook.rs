@@ -29,12 +29,6 @@ fn body() -> Vec<u8> {
     .unwrap_or_default()
 }
 
-pub(crate) fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let at = |p: f64| v.get(((p * v.len() as f64).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
-    (at(0.5), at(0.99))
-}
-
 /// Latency figures in microseconds and throughput in requests per second.
 pub struct Figures {
     /// In process: (p50, p99) µs per `/validate` answer, and per `/mutate`.
@@ -58,11 +52,11 @@ pub async fn run(tls: Option<(&str, &str)>) -> Result<Figures> {
             samples.push(t.elapsed().as_secs_f64() * 1e6);
             std::hint::black_box(r);
         }
-        in_process[i] = percentiles(samples);
+        in_process[i] = crate::sh::percentiles(samples);
     }
     let (mut tls_lat, mut tls_rps) = (None, None);
     if let Some((url, ca)) = tls {
-        let client = tls_client(url, ca)?;
+        let client = crate::tls::client(url, ca)?;
         for _ in 0..200 {
             call(client.clone(), body.clone()).await?;
         }
@@ -72,7 +66,7 @@ pub async fn run(tls: Option<(&str, &str)>) -> Result<Figures> {
             call(client.clone(), body.clone()).await?;
             samples.push(t.elapsed().as_secs_f64() * 1e6);
         }
-        tls_lat = Some(percentiles(samples));
+        tls_lat = Some(crate::sh::percentiles(samples));
         let until = Instant::now() + Duration::from_secs(3);
         let workers: Vec<_> = (0..16)
             .map(|_| {
@@ -98,23 +92,10 @@ pub async fn run(tls: Option<(&str, &str)>) -> Result<Figures> {
 }
 
 /// A client of the webhook server at `url` that trusts `ca` (HTTP/1.1, connections reused).
-fn tls_client(url: &str, ca: &str) -> Result<kube::Client> {
-    let mut config = kube::Config::new(url.parse().context("webhook URL")?);
-    config.root_cert = Some(pem_certs(ca).context("CA")?);
-    config.tls_server_name = Some("127.0.0.1".into());
-    Ok(kube::Client::try_from(config)?)
-}
-
 /// One `/validate` admission.
 async fn call(client: kube::Client, body: Vec<u8>) -> Result<String> {
     let req = http::Request::post("/validate").header("content-type", "application/json").body(body)?;
     client.request_text(req).await.map_err(anyhow::Error::from)
-}
-
-fn pem_certs(pem: &str) -> Result<Vec<Vec<u8>>> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| Ok(c?.to_vec())).collect()
 }
 
 /// The hidden `cargo xtask webhook-server`: the operator's webhook server with its default
@@ -268,7 +249,7 @@ async fn legitimate(client: &kube::Client, workers: usize, period: Duration) -> 
 fn summary(lat: &[f64], failed: usize) -> serde_json::Value {
     let mut v = lat.to_vec();
     v.sort_by(f64::total_cmp);
-    let (p50, p99) = percentiles(v.clone());
+    let (p50, p99) = crate::sh::percentiles(v.clone());
     serde_json::json!({"n": v.len(), "failed": failed, "p50_ms": p50, "p99_ms": p99, "max_ms": v.last().copied().unwrap_or(0.0)})
 }
 
@@ -305,16 +286,6 @@ fn start_server() -> Result<(std::process::Child, std::net::SocketAddr, String)>
     let (addr, ca) = (info["addr"].as_str().unwrap_or_default(), info["ca"].as_str().unwrap_or_default());
     let addr: std::net::SocketAddr = addr.parse().context("server address")?;
     Ok((child, addr, ca.to_string()))
-}
-
-/// A raw TLS connector that trusts `ca`, for the attackers.
-pub(crate) fn tls_connector(ca: &str) -> Result<tokio_rustls::TlsConnector> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in pem_certs(ca)? {
-        roots.add(c.into())?;
-    }
-    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// Starts `slow` slow clients and `oversized` senders against `addr`, until `attack.stop`. They
@@ -354,7 +325,7 @@ fn sample(attack: Arc<Attack>, pid: u32) -> tokio::task::JoinHandle<(f64, usize,
     tokio::spawn(async move {
         let (mut rss_max, mut open_min, mut open_max) = (0.0f64, usize::MAX, 0);
         while !attack.stop.load(Ordering::Relaxed) {
-            rss_max = rss_max.max(crate::bench::rss_mib(pid).unwrap_or(0.0));
+            rss_max = rss_max.max(crate::sh::rss_mib(pid).unwrap_or(0.0));
             let open = attack.slow_open.load(Ordering::Relaxed);
             (open_min, open_max) = (open_min.min(open), open_max.max(open));
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -367,12 +338,12 @@ fn sample(attack: Arc<Attack>, pid: u32) -> tokio::task::JoinHandle<(f64, usize,
 pub async fn abuse(args: AbuseArgs) -> Result<serde_json::Value> {
     let (mut child, addr, ca) = start_server()?;
     let pid = child.id();
-    let client = tls_client(&format!("https://{addr}"), &ca)?;
-    let tls = tls_connector(&ca)?;
+    let client = crate::tls::client(&format!("https://{addr}"), &ca)?;
+    let tls = crate::tls::connector(&ca)?;
     for _ in 0..200 {
         call(client.clone(), body()).await?;
     }
-    let idle = crate::bench::rss_mib(pid).unwrap_or(0.0);
+    let idle = crate::sh::rss_mib(pid).unwrap_or(0.0);
     println!("==> webhook abuse: {} legitimate clients alone for {:?}", args.workers, args.period);
     let (base, base_failed) = legitimate(&client, args.workers, args.period).await;
 

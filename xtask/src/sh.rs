@@ -1,7 +1,10 @@
-//! Processes of the local control plane: started in their own process group with their output in
-//! a log file, recorded by pid, and stopped by that pid (after checking that the pid still runs
-//! the binary we started), so `down` stops exactly what `up` started.
+//! Processes, for every command: those of the local control plane, started in their own process
+//! group with their output in a log file, recorded by pid, and stopped by that pid (after checking
+//! that the pid still runs the binary we started), so `down` stops exactly what `up` started;
+//! commands run to completion (`cargo`, `run`, `apt_install`); and what a running process shows
+//! (its metrics endpoint, its memory and CPU from `/proc`), with the percentiles the reports give.
 
+use crate::paths;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -158,4 +161,89 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
         bail!("apt-get install {packages} failed ({status}); install them yourself (as root)");
     }
     Ok(())
+}
+
+/// True when `tool` is on PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Installs (apt-get) the Debian package of each (tool, package) whose tool is not on PATH.
+pub fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools.iter().filter(|(tool, _)| !have(tool)).map(|(_, package)| *package).collect();
+    apt_install(&missing)
+}
+
+/// buildah and its Debian package: the operator's image, the node's pause image and the trace
+/// pipeline's images are built with it.
+pub const BUILDAH: (&str, &str) = ("buildah", "buildah");
+
+/// The cargo of this invocation.
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(paths::repo());
+    c
+}
+
+/// Runs a command, failing with its description when it fails.
+pub fn run(mut cmd: Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// A counter or sum of a replica's metrics.
+pub fn metric(port: u16, name: &str) -> Option<f64> {
+    let (_, body) = http_get(port, "/metrics").ok()?;
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Resident memory of a process, MiB.
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmRSS:")
+}
+
+/// Peak resident memory of a process (`VmHWM`), MiB.
+pub fn peak_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmHWM:")
+}
+
+/// A field of `/proc/<pid>/status` given in kB, in MiB.
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 =
+        status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    Some(kib / 1024.0)
+}
+
+/// User plus system CPU seconds of a process.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command name: field 3 (state) is index 0, so utime (14) and stime (15) are 11, 12.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let hz = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    Some(ticks / hz)
+}
+
+/// Resets the peak resident memory (`VmHWM`) of a process to its current RSS.
+pub fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// The 50th and 99th percentiles of `v` (nearest rank), 0 when it is empty.
+pub fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v.get(((p * v.len() as f64).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
+    (at(0.5), at(0.99))
 }

@@ -12,8 +12,9 @@
 //!
 //! Then the default install comes back, for the steps after this one.
 
+use super::apply as install;
 use crate::operator::{NAMESPACE, TargetArgs};
-use crate::{cluster, install, paths};
+use crate::{cluster, paths};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
@@ -112,7 +113,7 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     let since = chaos::audit::now();
     println!("==> kubectl apply -k {OVERLAY} (with the local image and placement)");
     let result = proofs(&client, &target.kubeconfig).await;
-    let rbac = crate::test::rbac_proof(since);
+    let rbac = crate::operator::rbac_proof(since);
     println!("==> the default install back: kubectl apply -k {}", install::OVERLAY);
     install::uninstall(&client).await?;
     install::apply(&client, &target.kubeconfig).await?;

@@ -1,7 +1,7 @@
 //! `cargo xtask chaos --target pods`: the chaos suite against the operator as installed
 //! (`kubectl apply -k deploy/overlays/local`, three pods on the real node, the shipped 15 s / 10 s /
 //! 2 s lease timings), under the same workload and judged by the same invariants as the
-//! host-process suite ([`crate::chaos::finish`]). Scenarios aimed at the leader pod:
+//! host-process suite ([`crate::chaos::run::finish`]). Scenarios aimed at the leader pod:
 //!
 //! - `delete`: `kubectl delete pod` (graceful: the kubelet's SIGTERM, the Lease released);
 //! - `kill`: SIGKILL of the leader container's process; the kubelet restarts the container
@@ -32,12 +32,15 @@
 //! - `pdb`: every pod evicted through the Eviction API, one after another; a second eviction
 //!   while a replacement is not ready must be refused by the PodDisruptionBudget.
 
-use crate::chaos::{self, ChaosArgs, Profile, Run, Scenario, Workload, names};
+use super::args::{ChaosArgs, Profile, Scenario, names};
+use super::hostile;
+use super::pod_faults::{self, Holder, follow_takeover, iptables_in, manager_pid};
+use super::run::{self, Run, Workload};
+use crate::install::TIMINGS;
 use crate::operator::{self, NAMESPACE};
-use crate::pod_faults::{self, Holder, follow_takeover, iptables_in, manager_pid};
-use crate::{cluster, hostile, install, paths, procs};
+use crate::{cluster, install, paths, sh};
 use ::chaos::audit::now;
-use ::chaos::report::{Fault, LeaseTimings, Report};
+use ::chaos::report::{Fault, Report};
 use ::chaos::wait;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -66,8 +69,6 @@ pub const SMOKE: &[Scenario] = match ALL.split_last() {
     Some((_, all_but_pdb)) => all_but_pdb,
     None => ALL,
 };
-/// The lease timings the install ships (the operator's defaults; `deploy/` sets none).
-pub const TIMINGS: LeaseTimings = LeaseTimings { duration: 15.0, renew_deadline: 10.0, retry_period: 2.0 };
 
 /// The partition that `chaos/chaos-mesh/networkchaos-partition-leader.yaml` describes.
 #[derive(Debug, PartialEq)]
@@ -171,13 +172,12 @@ pub async fn chaos(args: &ChaosArgs, rounds: u32) -> Result<Report> {
         TIMINGS.retry_period,
         names(&scenarios)
     );
-    let (ns, load) = chaos::start_workload(&client, "chaos-pods").await?;
-    let (faults, result) = chaos::run_rounds(&scenarios, rounds, async |scenario, round| {
-        inject(&client, scenario, round, &load, &ns).await
-    })
-    .await;
+    let (ns, load) = run::start_workload(&client, "chaos-pods").await?;
+    let (faults, result) =
+        run::run_rounds(&scenarios, rounds, async |scenario, round| inject(&client, scenario, round, &load, &ns).await)
+            .await;
     let run = Run { profile: format!("pods-{}", args.profile), timings: TIMINGS, replicas: 3, started_at, local: true };
-    chaos::finish(&client, &run, &ns, load, faults, result, || {}).await
+    run::finish(&client, &run, &ns, load, faults, result, || {}).await
 }
 
 /// Follows the Lease (every 20 ms) until `until` is true, and returns, for every handover, the
@@ -285,7 +285,7 @@ async fn inject(client: &Client, scenario: Scenario, round: u32, load: &Workload
         None => None,
     };
     install::rolled_out(client, Duration::from_secs(180)).await?;
-    let converged_after = chaos::convergence(client, ns, load, t0).await;
+    let converged_after = run::convergence(client, ns, load, t0).await;
     Ok(Fault {
         new_leader,
         acquired_after: acquired,
@@ -312,7 +312,7 @@ async fn break_leader(
         Scenario::Delete => {
             Api::<Pod>::namespaced(client.clone(), NAMESPACE).delete(pod, &DeleteParams::default()).await?;
         }
-        Scenario::Kill => procs::signal(manager_pid(client, pod).await?, "KILL"),
+        Scenario::Kill => sh::signal(manager_pid(client, pod).await?, "KILL"),
         Scenario::Crash => crash(manager_pid(client, pod).await?)?,
         Scenario::ForceDelete => broken = force_delete(client, old, pod, at).await?,
         Scenario::Pause => broken = pause(client, old, pod, at).await?,
@@ -374,12 +374,12 @@ async fn pause(client: &Client, old: &str, pod: &str, at: f64) -> Result<Broken>
     let stopped_for = Duration::from_secs_f64(lease + 3.0);
     let t0 = Instant::now();
     let stop = async || {
-        procs::signal(pid, "STOP");
+        sh::signal(pid, "STOP");
         Ok(())
     };
     let taken = follow_takeover(client, old, Duration::from_secs_f64(lease * 3.0), stop).await;
     tokio::time::sleep_until((t0 + stopped_for).into()).await;
-    procs::signal(pid, "CONT");
+    sh::signal(pid, "CONT");
     let t = taken.context("stop")?;
     let detail = t.describe(at, lease);
     if t.early(lease) {
@@ -483,7 +483,7 @@ async fn slow_commit(client: &Client, pod: &str, ns: &str) -> Result<Broken> {
 async fn release_holder(client: &Client, holder: Holder, old: &str) -> String {
     let since = holder.since;
     let received = holder.remove(client).await;
-    let writes: Vec<_> = chaos::audit_since(since)
+    let writes: Vec<_> = run::audit_since(since)
         .into_iter()
         .filter(|r| r.resource == "deployments" && r.is_write() && r.replica.as_deref() == Some(old))
         .collect();

@@ -5,7 +5,7 @@
 //! that holds the operator's Deployment writes ([`Holder`]).
 
 use crate::operator::{self, NAMESPACE};
-use crate::{hostile, node};
+use crate::{chaos::hostile, cluster::node};
 use ::chaos::audit::now;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;

@@ -1,5 +1,5 @@
 //! `cargo xtask otel`: the in-cluster trace pipeline of `otel/`, applied the way its README says,
-//! on the real node, with the images built here ([`crate::otel_images`]).
+//! on the real node, with the images built here ([`crate::image::otel`]).
 //!
 //! 1. `kubectl apply -k otel/` (with the real node's placement added to its two Deployments,
 //!    nothing else), and both become Available;
@@ -14,7 +14,7 @@
 //! `.run/otel.json`.
 
 use crate::operator::TargetArgs;
-use crate::{cluster, install, node, paths};
+use crate::{cluster, cluster::node, install, paths};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -115,7 +115,7 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
         bail!("cargo xtask otel needs the local control plane's real node (it loads images into it)");
     }
     let client = cluster::client_from(&target.kubeconfig).await?;
-    crate::otel_images::import()?;
+    crate::image::otel::import()?;
     install::prepare(&client).await?;
     let pipeline = kustomization("pipeline", "otel", &placement(), &[])?;
     let operator =

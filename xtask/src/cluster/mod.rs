@@ -1,66 +1,47 @@
 //! `cargo xtask cluster up | down | status`: the local control plane.
 //!
-//! Real components built from their Go modules ([`crate::gobuild`]), run as processes on
+//! Real components built from their Go modules ([`crate::cluster::gobuild`]), run as processes on
 //! 127.0.0.1: Jaeger, etcd, kube-apiserver (RBAC, admission webhooks, tracing to Jaeger at
 //! 1,000,000 per million, an audit log of every write), kube-controller-manager, kube-scheduler
 //! and kwok with three fake nodes whose pods really become Running and Ready; one real node
-//! that runs containers ([`crate::node`]), when the host can; and Prometheus
-//! ([`crate::prometheus`]), which scrapes the operator's pods and evaluates its alerts.
+//! that runs containers ([`crate::cluster::node`]), when the host can; and Prometheus
+//! ([`crate::cluster::prometheus`]), which scrapes the operator's pods and evaluates its alerts.
 
-use crate::{gobuild, node, paths, pki, procs};
+pub mod access;
+pub mod gobuild;
+pub mod node;
+pub mod pki;
+pub mod prometheus;
+
+use crate::{paths, sh};
+use access::{arg, readyz, wait_for};
+pub use access::{client_from, config_from, is_up, ports};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::{Api, ListParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Ports of the local control plane, all on 127.0.0.1.
-pub mod ports {
-    /// etcd clients.
-    pub const ETCD: u16 = 2379;
-    /// etcd peers.
-    pub const ETCD_PEER: u16 = 2380;
-    /// kube-apiserver.
-    pub const APISERVER: u16 = 6443;
-    /// kube-controller-manager health.
-    pub const CONTROLLER_MANAGER: u16 = 10257;
-    /// kube-scheduler health.
-    pub const SCHEDULER: u16 = 10259;
-    /// kwok health.
-    pub const KWOK: u16 = 10247;
-    /// Jaeger OTLP gRPC.
-    pub const JAEGER_OTLP: u16 = 4317;
-    /// Jaeger OTLP HTTP.
-    pub const JAEGER_OTLP_HTTP: u16 = 4318;
-    /// Jaeger query API and UI.
-    pub const JAEGER_QUERY: u16 = 16686;
-    /// Jaeger health.
-    pub const JAEGER_HEALTH: u16 = 13133;
-    /// Prometheus's HTTP API.
-    pub const PROMETHEUS: u16 = crate::prometheus::PORT;
-    /// All of them, for the free-port check.
-    pub const ALL: &[u16] = &[
-        ETCD,
-        ETCD_PEER,
-        APISERVER,
-        CONTROLLER_MANAGER,
-        SCHEDULER,
-        KWOK,
-        JAEGER_OTLP,
-        JAEGER_OTLP_HTTP,
-        JAEGER_QUERY,
-        JAEGER_HEALTH,
-        PROMETHEUS,
-        crate::node::ports::KUBELET_HEALTHZ,
-        crate::node::ports::PROXY_HEALTHZ,
-        crate::node::ports::PROXY_METRICS,
-        crate::node::ports::COREDNS_READY,
-    ];
-}
+/// Every port of the local control plane and its node, for the free-port check.
+const PORTS: &[u16] = &[
+    ports::ETCD,
+    ports::ETCD_PEER,
+    ports::APISERVER,
+    ports::CONTROLLER_MANAGER,
+    ports::SCHEDULER,
+    ports::KWOK,
+    ports::JAEGER_OTLP,
+    ports::JAEGER_OTLP_HTTP,
+    ports::JAEGER_QUERY,
+    ports::JAEGER_HEALTH,
+    ports::PROMETHEUS,
+    node::ports::KUBELET_HEALTHZ,
+    node::ports::PROXY_HEALTHZ,
+    node::ports::PROXY_METRICS,
+    node::ports::COREDNS_READY,
+];
 
 /// Start order; `down` stops in reverse.
 const ORDER: &[&str] = &[
@@ -77,55 +58,8 @@ const ORDER: &[&str] = &[
     "prometheus",
 ];
 
-/// The components that must run for the control plane to count as up (the node's are optional).
-const CONTROL_PLANE: &[&str] =
-    &["jaeger", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"];
-
 /// Number of fake nodes.
 pub const NODES: usize = 3;
-
-/// The admin client of a kubeconfig file.
-pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
-    Ok(Client::try_from(config_from(kubeconfig).await?)?)
-}
-
-/// The client configuration of a kubeconfig file, for a client that needs more (e.g. its own
-/// User-Agent) than [`client_from`] gives.
-pub async fn config_from(kubeconfig: &Path) -> Result<Config> {
-    let kc = Kubeconfig::read_from(kubeconfig).with_context(|| format!("read {}", kubeconfig.display()))?;
-    Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
-}
-
-/// Polls `check` every 100 ms until it returns true or `timeout` passes. While waiting, fails
-/// early if one of `procs` exits. The error names the component and shows the log tails.
-pub async fn wait_for<F, Fut>(
-    run: &Path,
-    procs: &[&procs::Proc],
-    what: &str,
-    timeout: Duration,
-    mut check: F,
-) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            println!("    {what} ready ({:.1} s)", started.elapsed().as_secs_f64());
-            return Ok(());
-        }
-        for p in procs {
-            procs::check_alive(run, p)?;
-        }
-        if started.elapsed() > timeout {
-            let tails: Vec<String> =
-                procs.iter().map(|p| format!("{}:\n{}", p.name, procs::tail(run, &p.name, 30))).collect();
-            bail!("{what} did not become ready within {} s; last log lines:\n{}", timeout.as_secs(), tails.join("\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn https_healthy(port: u16, path: &str) -> bool {
     let Ok(url) = format!("https://127.0.0.1:{port}").parse() else {
@@ -168,29 +102,6 @@ fn kwok_config(kwok_module_dir: &Path) -> Result<String> {
     Ok(out)
 }
 
-fn arg(k: &str, v: impl std::fmt::Display) -> String {
-    format!("--{k}={v}")
-}
-
-/// True when every recorded component runs and the API server answers.
-pub async fn is_up() -> bool {
-    let run = paths::run_dir();
-    if !CONTROL_PLANE.iter().all(|name| procs::running(&run, name)) {
-        return false;
-    }
-    match client_from(&paths::kubeconfig()).await {
-        Ok(c) => readyz(&c).await,
-        Err(_) => false,
-    }
-}
-
-async fn readyz(client: &Client) -> bool {
-    let Ok(req) = http::Request::get("/readyz").body(Vec::new()) else {
-        return false;
-    };
-    matches!(client.request_text(req).await, Ok(b) if b.trim() == "ok")
-}
-
 /// Starts the local control plane (building what is missing) and waits until it is all ready.
 pub async fn up() -> Result<()> {
     let total = Instant::now();
@@ -204,7 +115,7 @@ pub async fn up() -> Result<()> {
     }
     // Leftovers of a previous run that died: stop them before checking ports.
     down_quiet(&run);
-    if let Some(p) = ports::ALL.iter().find(|p| procs::port_in_use(**p)) {
+    if let Some(p) = PORTS.iter().find(|p| sh::port_in_use(**p)) {
         bail!("port 127.0.0.1:{p} is in use by another process; the local control plane needs it");
     }
     let started = Instant::now();
@@ -214,7 +125,7 @@ pub async fn up() -> Result<()> {
     let run = &dirs.run;
     start_jaeger_and_etcd(run, &bins).await?;
 
-    let apiserver = procs::spawn(run, "kube-apiserver", &bins.get("kube-apiserver")?, &apiserver_args(run), &[])?;
+    let apiserver = sh::spawn(run, "kube-apiserver", &bins.get("kube-apiserver")?, &apiserver_args(run), &[])?;
     let admin = client_from(&paths::kubeconfig()).await?;
     wait_for(run, &[&apiserver], "kube-apiserver", Duration::from_secs(60), || readyz(&admin)).await?;
     let (cm, kwok) = start_controllers(&dirs, &bins).await?;
@@ -286,7 +197,7 @@ fn write_configuration(dirs: &Dirs) -> Result<()> {
         let _ = std::fs::remove_dir_all(run.join(d));
     }
     std::fs::create_dir_all(run.join("logs"))?;
-    pki::ensure(&dirs.pki)?;
+    pki::ensure(&dirs.pki, node::NODE_IP.parse()?)?;
     let server = format!("https://127.0.0.1:{}", ports::APISERVER);
     for c in pki::CLIENTS {
         let file = if c.file == "admin" { paths::kubeconfig() } else { run.join(format!("{}.kubeconfig", c.file)) };
@@ -314,14 +225,14 @@ fn write_configuration(dirs: &Dirs) -> Result<()> {
 
 /// Starts Jaeger and etcd, and waits until both are healthy.
 async fn start_jaeger_and_etcd(run: &Path, bins: &Bins) -> Result<()> {
-    let jaeger = procs::spawn(
+    let jaeger = sh::spawn(
         run,
         "jaeger",
         &bins.get("jaeger")?,
         &[format!("--config={}", run.join("jaeger.yaml").display())],
         &[],
     )?;
-    let etcd = procs::spawn(
+    let etcd = sh::spawn(
         run,
         "etcd",
         &bins.get("etcd")?,
@@ -350,17 +261,17 @@ async fn start_jaeger_and_etcd(run: &Path, bins: &Bins) -> Result<()> {
 
 /// Starts kube-controller-manager, kube-scheduler and kwok, and waits until they are healthy;
 /// returns the controller manager and kwok.
-async fn start_controllers(dirs: &Dirs, bins: &Bins) -> Result<(procs::Proc, procs::Proc)> {
+async fn start_controllers(dirs: &Dirs, bins: &Bins) -> Result<(sh::Proc, sh::Proc)> {
     let run = &dirs.run;
-    let cm = procs::spawn(run, "kube-controller-manager", &bins.get("kube-controller-manager")?, &cm_args(dirs), &[])?;
-    let scheduler = procs::spawn(
+    let cm = sh::spawn(run, "kube-controller-manager", &bins.get("kube-controller-manager")?, &cm_args(dirs), &[])?;
+    let scheduler = sh::spawn(
         run,
         "kube-scheduler",
         &bins.get("kube-scheduler")?,
         &[served(dirs, "scheduler.kubeconfig", ports::SCHEDULER), vec![arg("leader-elect", false)]].concat(),
         &[],
     )?;
-    let kwok = procs::spawn(
+    let kwok = sh::spawn(
         run,
         "kwok",
         &bins.get("kwok")?,
@@ -501,16 +412,16 @@ pub async fn restart_apiserver() -> Result<Duration> {
 /// back.
 pub async fn restart_apiserver_with(extra: &[String]) -> Result<Duration> {
     let run = paths::run_dir();
-    let (_, pid, bin) = procs::recorded(&run)
+    let (_, pid, bin) = sh::recorded(&run)
         .into_iter()
         .find(|(n, _, _)| n == "kube-apiserver")
         .context("kube-apiserver is not running")?;
     let started = Instant::now();
     // A hard restart: its graceful shutdown waits for long-running watches.
-    procs::stop(&run, "kube-apiserver", pid, &bin, Duration::from_secs(1));
+    sh::stop(&run, "kube-apiserver", pid, &bin, Duration::from_secs(1));
     let mut args = apiserver_args(&run);
     args.extend(extra.iter().cloned());
-    let proc = procs::spawn(&run, "kube-apiserver", Path::new(&bin), &args, &[])?;
+    let proc = sh::spawn(&run, "kube-apiserver", Path::new(&bin), &args, &[])?;
     let admin = client_from(&paths::kubeconfig()).await?;
     wait_for(&run, &[&proc], "kube-apiserver (restarted)", Duration::from_secs(60), || readyz(&admin)).await?;
     Ok(started.elapsed())
@@ -595,8 +506,8 @@ async fn register_nodes(client: &Client) -> Result<()> {
 
 /// Starts Prometheus unless it runs (a control plane started before it was part of it).
 async fn ensure_prometheus(run: &Path, bins: &Bins) -> Result<()> {
-    if !procs::running(run, crate::prometheus::NAME) {
-        crate::prometheus::start(run, &bins.get("prometheus")?, false).await?;
+    if !sh::running(run, crate::cluster::prometheus::NAME) {
+        crate::cluster::prometheus::start(run, &bins.get("prometheus")?, false).await?;
     }
     Ok(())
 }
@@ -614,7 +525,7 @@ fn print_usage() {
 }
 
 fn down_quiet(run: &Path) -> usize {
-    let recorded = procs::recorded(run);
+    let recorded = sh::recorded(run);
     let mut order: HashMap<&str, usize> = ORDER.iter().enumerate().map(|(i, n)| (*n, i)).collect();
     order.insert("", usize::MAX);
     let mut list = recorded;
@@ -622,10 +533,10 @@ fn down_quiet(run: &Path) -> usize {
     list.sort_by_key(|(n, _, _)| std::cmp::Reverse(order.get(n.as_str()).copied().unwrap_or(usize::MAX)));
     let mut stopped = 0;
     for (name, pid, bin) in &list {
-        if procs::runs(*pid, Some(bin)) {
+        if sh::runs(*pid, Some(bin)) {
             stopped += 1;
         }
-        procs::stop(run, name, *pid, bin, Duration::from_secs(10));
+        sh::stop(run, name, *pid, bin, Duration::from_secs(10));
     }
     stopped
 }
@@ -635,7 +546,7 @@ fn down_quiet(run: &Path) -> usize {
 /// processes; then the node's mounts, bridge, iptables rules and address.
 pub async fn down() -> Result<()> {
     let run = paths::run_dir();
-    let node_ran = procs::running(&run, "kubelet");
+    let node_ran = sh::running(&run, "kubelet");
     if node_ran && let Ok(admin) = client_from(&paths::kubeconfig()).await {
         node::drain(&admin).await;
     }
@@ -646,7 +557,7 @@ pub async fn down() -> Result<()> {
         let kube_proxy = gobuild::component("kubernetes").and_then(|c| c.bin_dir()).ok().map(|d| d.join("kube-proxy"));
         node::cleanup_host(kube_proxy.as_deref());
     }
-    let busy: Vec<u16> = ports::ALL.iter().copied().filter(|p| procs::port_in_use(*p)).collect();
+    let busy: Vec<u16> = PORTS.iter().copied().filter(|p| sh::port_in_use(*p)).collect();
     println!("==> stopped {n} processes; logs kept in {}", run.join("logs").display());
     if !busy.is_empty() {
         bail!("ports still in use after down: {busy:?}");
@@ -657,13 +568,13 @@ pub async fn down() -> Result<()> {
 /// Prints what runs.
 pub async fn status() -> Result<()> {
     let run = paths::run_dir();
-    let recorded = procs::recorded(&run);
+    let recorded = sh::recorded(&run);
     if recorded.is_empty() {
         println!("the local control plane is not running (nothing recorded in {})", run.display());
         return Ok(());
     }
     for (name, pid, bin) in &recorded {
-        let state = if procs::runs(*pid, Some(bin)) { "running" } else { "dead" };
+        let state = if sh::runs(*pid, Some(bin)) { "running" } else { "dead" };
         println!("{name:<26} pid {pid:<8} {state}");
     }
     if is_up().await {

@@ -11,10 +11,10 @@
 //! of the first 5 minutes, and everything converged. Writes `<out>/soak.json` and
 //! `<out>/soak-rss.svg`.
 
-use crate::bench::{metric, rss_mib};
+use crate::bench::plot::{Series, line_chart};
 use crate::operator::{self, Replica};
-use crate::plot::{Series, line_chart};
-use crate::{cluster, paths, procs};
+use crate::sh::{metric, rss_mib};
+use crate::{cluster, paths, sh};
 use anyhow::{Result, bail};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use myapp_operator::api::MyApp;
@@ -97,18 +97,17 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
     // The soak measures steady churn: the first window must not hold the initial settling (every
     // MyApp's first status, the children entering the caches), which grew RSS by a fifth.
     println!("==> waiting for all {n} to be Ready before the churn starts");
-    procs::poll("every MyApp Ready", Duration::from_secs(900), Duration::from_secs(1), || settled(&api, &live)).await?;
+    sh::poll("every MyApp Ready", Duration::from_secs(900), Duration::from_secs(1), || settled(&api, &live)).await?;
 
     let clock = Instant::now();
     let churned = churn_for(&api, &replicas, &mut live, &mut next, minutes).await;
     let (churn_s, step, failed_steps, rss) = (churned.seconds, churned.steps, churned.failed, churned.rss);
 
     println!("==> waiting for every change to converge");
-    let converged =
-        procs::poll("every MyApp Ready, the deleted ones gone", Duration::from_secs(600), SAMPLE / 30, || {
-            settled(&api, &live)
-        })
-        .await;
+    let converged = sh::poll("every MyApp Ready, the deleted ones gone", Duration::from_secs(600), SAMPLE / 30, || {
+        settled(&api, &live)
+    })
+    .await;
     let converged_s = clock.elapsed().as_secs_f64() - churn_s;
 
     let growth: Vec<Option<f64>> = rss
@@ -146,7 +145,7 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
     println!("    converged {converged_s:.0} s after the churn: {}", converged.is_ok());
     println!("    report: {}", dir.join("soak.json").display());
     let gone = || async { matches!(namespaces.get_opt(&ns).await, Ok(None)).then_some(()) };
-    let _ = procs::poll("the soak namespace gone", Duration::from_secs(300), Duration::from_secs(1), gone).await;
+    let _ = sh::poll("the soak namespace gone", Duration::from_secs(300), Duration::from_secs(1), gone).await;
     operator::stop_replicas();
     if !passed {
         bail!(

@@ -17,9 +17,10 @@
 //! passed to a pod of the new version, and the audit log shows 0 writes outside leadership.
 //! The figures go to `.run/upgrade.json`.
 
-use crate::chaos_pods::TIMINGS;
+use super::apply::{self as install, TIMINGS};
+use crate::cluster::node;
 use crate::operator::{NAMESPACE, TargetArgs};
-use crate::{cluster, image, install, node, paths};
+use crate::{cluster, image, paths};
 use ::chaos::audit;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -69,7 +70,7 @@ fn previous_tree() -> Result<PathBuf> {
     std::fs::write(&tar, &archive.stdout)?;
     let mut untar = Command::new("tar");
     untar.arg("-xf").arg(&tar).arg("-C").arg(&dir);
-    crate::operator::run(untar, "tar -x")?;
+    crate::sh::run(untar, "tar -x")?;
     std::fs::remove_file(&tar)?;
     std::fs::write(dir.join(".complete"), PREVIOUS)?;
     Ok(dir)
@@ -203,7 +204,7 @@ async fn step(client: &Client, kubeconfig: &Path, name: &str, dir: &Path, image:
     let led = led?;
     let after = children(client).await?;
     let recreated: Vec<&String> = before.iter().filter(|(k, uid)| after.get(*k) != Some(uid)).map(|(k, _)| k).collect();
-    let outside = crate::chaos::judged_since(since, TIMINGS)?.2.len();
+    let outside = crate::operator::judged_since(since, TIMINGS)?.2.len();
     let handovers: Vec<Value> =
         seen.holders.iter().map(|(at, h, img)| json!({"at_s": at - since, "holder": h, "image": img})).collect();
     println!(
@@ -241,7 +242,7 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     let tree = previous_tree()?;
     let archive = previous_archive(&tree)?;
     install::prepare(&client).await?;
-    node::import(&crate::gobuild::component("containerd")?.bin_dir()?, &archive)?;
+    node::import(&crate::cluster::gobuild::component("containerd")?.bin_dir()?, &archive)?;
     println!("    imported {PREVIOUS_IMAGE} into the node's containerd");
     let previous = previous_overlay(&tree)?;
     let current = paths::repo().join(install::OVERLAY);

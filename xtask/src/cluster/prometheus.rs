@@ -1,10 +1,10 @@
 //! The local control plane's Prometheus: a process on the host, like Jaeger, built from its Go
-//! module ([`crate::gobuild`]). It runs `deploy/monitoring/prometheus.yaml` as shipped, pointed at
+//! module ([`crate::cluster::gobuild`]). It runs `deploy/monitoring/prometheus.yaml` as shipped, pointed at
 //! this cluster (service discovery through the admin kubeconfig instead of in-cluster
 //! credentials) with the rules of `deploy/monitoring/rules.yaml`, and scrapes the operator's pods
 //! over the real node's pod network. The HTTP API is what `demo` and `alerts` read.
 
-use crate::{paths, procs};
+use crate::{paths, sh};
 use anyhow::{Context, Result, bail};
 pub use chaos::plain_http::query_escape as encode;
 use serde_json::Value;
@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Prometheus's HTTP port on loopback.
-pub const PORT: u16 = 19090;
+pub const PORT: u16 = super::access::ports::PROMETHEUS;
 /// The name its process is recorded under.
 pub const NAME: &str = "prometheus";
 
@@ -33,7 +33,7 @@ pub fn config(shipped: &str, rules: &Path, kubeconfig: &Path) -> Result<String> 
 /// Starts Prometheus in `run/prometheus` with the shipped configuration and waits until it is
 /// ready. `fresh` starts from an empty TSDB, so that no earlier sample (a chaos run's restarts,
 /// say) weighs on an alert.
-pub async fn start(run: &Path, bin: &Path, fresh: bool) -> Result<procs::Proc> {
+pub async fn start(run: &Path, bin: &Path, fresh: bool) -> Result<sh::Proc> {
     let dir = run.join(NAME);
     if fresh {
         let _ = std::fs::remove_dir_all(&dir);
@@ -45,12 +45,12 @@ pub async fn start(run: &Path, bin: &Path, fresh: bool) -> Result<procs::Proc> {
     std::fs::write(&file, config(&shipped, &monitoring.join("rules.yaml"), &paths::kubeconfig())?)?;
     // A Prometheus just stopped may hold the port for a moment while it shuts down.
     let free = chaos::wait::within(Duration::from_secs(10), Duration::from_millis(100), || async {
-        (!procs::port_in_use(PORT)).then_some(())
+        (!sh::port_in_use(PORT)).then_some(())
     });
     if free.await.is_none() {
         bail!("port 127.0.0.1:{PORT} is in use: is another Prometheus running?");
     }
-    let proc = procs::spawn(
+    let proc = sh::spawn(
         run,
         NAME,
         bin,
@@ -62,7 +62,7 @@ pub async fn start(run: &Path, bin: &Path, fresh: bool) -> Result<procs::Proc> {
         ],
         &[],
     )?;
-    crate::cluster::wait_for(run, &[&proc], "prometheus", Duration::from_secs(30), || async {
+    super::access::wait_for(run, &[&proc], "prometheus", Duration::from_secs(30), || async {
         matches!(chaos::plain_http::get(PORT, "/-/ready"), Ok((200, _)))
     })
     .await?;
@@ -70,15 +70,15 @@ pub async fn start(run: &Path, bin: &Path, fresh: bool) -> Result<procs::Proc> {
 }
 
 /// Stops the recorded Prometheus and starts it again on an empty TSDB.
-pub async fn restart_fresh(bin: &Path) -> Result<procs::Proc> {
+pub async fn restart_fresh(bin: &Path) -> Result<sh::Proc> {
     let run = paths::run_dir();
-    for (name, pid, recorded) in procs::recorded(&run) {
+    for (name, pid, recorded) in sh::recorded(&run) {
         if name == NAME {
-            procs::stop(&run, NAME, pid, &recorded, Duration::from_secs(5));
+            sh::stop(&run, NAME, pid, &recorded, Duration::from_secs(5));
         }
     }
     let proc = start(&run, bin, true).await?;
-    println!("==> Prometheus on http://127.0.0.1:{PORT}/, fresh (log {})", procs::log_file(&run, NAME).display());
+    println!("==> Prometheus on http://127.0.0.1:{PORT}/, fresh (log {})", sh::log_file(&run, NAME).display());
     Ok(proc)
 }
 

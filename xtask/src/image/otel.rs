@@ -1,12 +1,12 @@
 //! The images of `otel/`, built here so that `kubectl apply -k otel/` pulls nothing: the
 //! OpenTelemetry Collector (the `otelcol` component, exactly the components its config uses) and
 //! Jaeger (the `jaeger` component the control plane runs). Each binary, built from its Go module
-//! ([`crate::gobuild`]), goes into a `FROM scratch` image laid out as upstream's, built with buildah,
+//! ([`crate::cluster::gobuild`]), goes into a `FROM scratch` image laid out as upstream's, built with buildah,
 //! tagged as the manifest names it, and kept as a docker archive in the build cache. The archive's
 //! name carries a hash of the Containerfile and of the binary it holds (its build key, size and
 //! modification time), so a rebuilt binary makes a new archive; stale ones are removed.
 
-use crate::{gobuild, node, paths};
+use crate::{cluster::gobuild, cluster::node, paths};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use serde_yaml::Value;
@@ -136,10 +136,10 @@ impl Image {
         }
         let started = Instant::now();
         println!("    building the image {} from {}", self.reference, binary.display());
-        crate::image::ensure_buildah()?;
+        crate::sh::ensure_tools(&[crate::sh::BUILDAH])?;
         let mut head = vec![0; 4096];
         let n = std::io::Read::read(&mut std::fs::File::open(&binary)?, &mut head)?;
-        ensure!(crate::image::is_static_elf(&head[..n])?, "{} is dynamically linked", binary.display());
+        ensure!(super::operator::is_static_elf(&head[..n])?, "{} is dynamically linked", binary.display());
         let ctx = cache.join(format!("otel-{}-context", self.component));
         let _ = std::fs::remove_dir_all(&ctx);
         std::fs::create_dir_all(&ctx)?;
