@@ -282,6 +282,31 @@ pub fn quoted_reports(readme: &str) -> Vec<(String, String)> {
     out
 }
 
+/// One replica's lane of the [`svg`] timeline at height `y`: its name, its leadership bars and
+/// its writes (red when outside leadership); `x` maps a time to the horizontal axis.
+fn lane_of(s: &mut String, r: &Report, writes: &[(String, f64)], rep: &str, y: f64, x: &dyn Fn(f64) -> f64) {
+    let _ = writeln!(s, r#"<text x="10" y="{}">{rep}</text>"#, y + 16.0);
+    for iv in r.intervals.iter().filter(|iv| iv.replica == rep) {
+        let _ = writeln!(
+            s,
+            r##"<rect x="{:.1}" y="{y}" width="{:.1}" height="20" fill="#9ecae1"/>"##,
+            x(iv.start),
+            (x(iv.end) - x(iv.start)).max(1.0)
+        );
+    }
+    for (_, at) in writes.iter().filter(|(w, _)| w == rep) {
+        let outside = r.violations.iter().any(|v| v.replica == rep && (v.at - at).abs() < 1e-6);
+        let color = if outside { "#d62728" } else { "#08306b" };
+        let _ = writeln!(
+            s,
+            r#"<line x1="{0:.1}" x2="{0:.1}" y1="{1}" y2="{2}" stroke="{color}"/>"#,
+            x(*at),
+            y + 2.0,
+            y + 18.0
+        );
+    }
+}
+
 /// An SVG timeline: a lane per replica, a bar per leadership interval, a tick per write (red when
 /// outside leadership), a dashed line per fault.
 pub fn svg(r: &Report, writes: &[(String, f64)]) -> String {
@@ -314,27 +339,7 @@ pub fn svg(r: &Report, writes: &[(String, f64)]) -> String {
         span.round()
     );
     for (i, rep) in replicas.iter().enumerate() {
-        let y = 30.0 + lane * i as f64;
-        let _ = writeln!(s, r#"<text x="10" y="{}">{rep}</text>"#, y + 16.0);
-        for iv in r.intervals.iter().filter(|iv| iv.replica == *rep) {
-            let _ = writeln!(
-                s,
-                r##"<rect x="{:.1}" y="{y}" width="{:.1}" height="20" fill="#9ecae1"/>"##,
-                x(iv.start),
-                (x(iv.end) - x(iv.start)).max(1.0)
-            );
-        }
-        for (_, at) in writes.iter().filter(|(w, _)| w == rep) {
-            let outside = r.violations.iter().any(|v| v.replica == *rep && (v.at - at).abs() < 1e-6);
-            let color = if outside { "#d62728" } else { "#08306b" };
-            let _ = writeln!(
-                s,
-                r#"<line x1="{0:.1}" x2="{0:.1}" y1="{1}" y2="{2}" stroke="{color}"/>"#,
-                x(*at),
-                y + 2.0,
-                y + 18.0
-            );
-        }
+        lane_of(&mut s, r, writes, rep, 30.0 + lane * i as f64, &x);
     }
     let bottom = 30.0 + lane * replicas.len() as f64;
     for f in &r.faults {

@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
+use serde::Serialize;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,7 @@ const NO_LEADER_WITHIN: Duration = Duration::from_secs(120);
 const QUIET_AFTER_ROLLOUT: Duration = Duration::from_secs(50);
 
 /// Runs the checks; see the module doc.
-pub async fn run(args: TargetArgs) -> Result<Value> {
+pub async fn run(args: TargetArgs) -> Result<Figures> {
     let target = args.resolve().await?;
     if !target.local {
         bail!("cargo xtask alerts needs the local control plane: Prometheus scrapes the pods from this host");
@@ -54,7 +55,52 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     Ok(figures)
 }
 
-async fn checks(client: &Client) -> Result<Value> {
+/// `.run/alerts.json`: what [`run`] measured.
+#[derive(Serialize)]
+pub struct Figures {
+    scrape_interval_s: u64,
+    evaluation_interval_s: u64,
+    /// Until Prometheus scraped the 3 replicas, one of them leader.
+    targets_up_after_s: f64,
+    exemplar: Exemplar,
+    dashboard: Dashboard,
+    rollout_restart: Rollout,
+    no_leader: NoLeader,
+}
+
+/// A reconcile's exemplar, read from Prometheus and found in Jaeger.
+#[derive(Serialize)]
+struct Exemplar {
+    trace_id: String,
+    spans_in_jaeger: usize,
+    after_s: f64,
+}
+
+/// The dashboard's panel queries against the live Prometheus.
+#[derive(Serialize)]
+struct Dashboard {
+    queries: usize,
+    panels_with_data: usize,
+    after_s: f64,
+}
+
+/// A rollout restart, and the alerts that fired during it and [`QUIET_AFTER_ROLLOUT`] after it.
+#[derive(Serialize)]
+struct Rollout {
+    took_s: f64,
+    quiet_after_s: u64,
+    fired: Vec<String>,
+}
+
+/// The operator scaled to 0 and back: when the no-leader alert fired and resolved.
+#[derive(Serialize)]
+struct NoLeader {
+    fired_after_s: f64,
+    bound_s: u64,
+    resolved_after_s: f64,
+}
+
+async fn checks(client: &Client) -> Result<Figures> {
     let t = Instant::now();
     let every = Duration::from_secs(1);
     ::chaos::wait::poll(
@@ -72,9 +118,23 @@ async fn checks(client: &Client) -> Result<Value> {
     println!("    3 targets up, 1 leader, after {scraping:.0} s");
     let exemplar = exemplar_in_jaeger(client).await?;
     let dashboard = dashboard_panels().await?;
+    let rollout_restart = rollout_fires_nothing(client).await?;
+    let no_leader = no_leader_fires_and_resolves(client).await?;
+    install::rolled_out(client, Duration::from_secs(180)).await?;
+    Ok(Figures {
+        scrape_interval_s: 15,
+        evaluation_interval_s: 15,
+        targets_up_after_s: scraping,
+        exemplar,
+        dashboard,
+        rollout_restart,
+        no_leader,
+    })
+}
 
-    // A rollout: a handover per old leader; nothing may fire, during it or for `for` after it.
-    let t = Instant::now();
+/// A rollout: a handover per old leader; nothing may fire, during it or for `for` after it.
+async fn rollout_fires_nothing(client: &Client) -> Result<Rollout> {
+    let (t, every) = (Instant::now(), Duration::from_secs(1));
     let api = Api::<Deployment>::namespaced(client.clone(), NAMESPACE);
     let restart = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
         "kubectl.kubernetes.io/restartedAt": format!("{:.0}", chaos::audit::now())
@@ -100,8 +160,12 @@ async fn checks(client: &Client) -> Result<Value> {
     if !fired.is_empty() {
         bail!("a rollout restart fired {fired:?}");
     }
+    Ok(Rollout { took_s: rollout, quiet_after_s: QUIET_AFTER_ROLLOUT.as_secs(), fired })
+}
 
-    // No replica: the no-leader alert must fire, then resolve once the replicas are back.
+/// No replica: the no-leader alert must fire, then resolve once the replicas are back.
+async fn no_leader_fires_and_resolves(client: &Client) -> Result<NoLeader> {
+    let (every, api) = (Duration::from_secs(1), Api::<Deployment>::namespaced(client.clone(), NAMESPACE));
     let scale = |n: i32| serde_json::json!({"spec": {"replicas": n}});
     api.patch(install::DEPLOYMENT, &PatchParams::default(), &Patch::Merge(&scale(0))).await?;
     let t = Instant::now();
@@ -119,15 +183,7 @@ async fn checks(client: &Client) -> Result<Value> {
     })
     .await?;
     println!("    scaled back to 3: resolved after {resolve:.0} s");
-    install::rolled_out(client, Duration::from_secs(180)).await?;
-    Ok(serde_json::json!({
-        "scrape_interval_s": 15, "evaluation_interval_s": 15,
-        "targets_up_after_s": scraping,
-        "exemplar": exemplar,
-        "dashboard": dashboard,
-        "rollout_restart": {"took_s": rollout, "quiet_after_s": QUIET_AFTER_ROLLOUT.as_secs(), "fired": fired},
-        "no_leader": {"fired_after_s": fire, "bound_s": NO_LEADER_WITHIN.as_secs(), "resolved_after_s": resolve},
-    }))
+    Ok(NoLeader { fired_after_s: fire, bound_s: NO_LEADER_WITHIN.as_secs(), resolved_after_s: resolve })
 }
 
 /// The panels of `deploy/monitoring/dashboard.json` that must show data on a running install
@@ -190,7 +246,7 @@ fn missing_panels(queries: &[(String, String)]) -> Vec<String> {
 
 /// Runs every panel query of the dashboard against the live Prometheus: none may fail, and those
 /// of [`PANELS_WITH_DATA`] must return series (polled: a counter needs two scrapes for a rate).
-async fn dashboard_panels() -> Result<Value> {
+async fn dashboard_panels() -> Result<Dashboard> {
     let t = Instant::now();
     let text = std::fs::read_to_string(paths::repo().join("deploy/monitoring/dashboard.json"))?;
     let queries = dashboard_queries(&text)?;
@@ -211,12 +267,12 @@ async fn dashboard_panels() -> Result<Value> {
         queries.len(),
         PANELS_WITH_DATA.len()
     );
-    Ok(serde_json::json!({"queries": queries.len(), "panels_with_data": PANELS_WITH_DATA.len(), "after_s": took}))
+    Ok(Dashboard { queries: queries.len(), panels_with_data: PANELS_WITH_DATA.len(), after_s: took })
 }
 
 /// Creates a MyApp, reads the trace id of a reconcile back from the exemplars Prometheus scraped
 /// (OpenMetrics), and finds that trace in Jaeger. Deletes the MyApp's namespace afterwards.
-async fn exemplar_in_jaeger(client: &Client) -> Result<Value> {
+async fn exemplar_in_jaeger(client: &Client) -> Result<Exemplar> {
     use k8s_openapi::api::core::v1::Namespace;
     use kube::api::{DeleteParams, PostParams};
     let t = Instant::now();
@@ -265,7 +321,7 @@ async fn exemplar_in_jaeger(client: &Client) -> Result<Value> {
     println!(
         "    exemplar: trace {trace} of a reconcile, read from Prometheus and found in Jaeger ({spans} spans), after {took:.0} s"
     );
-    Ok(serde_json::json!({"trace_id": trace, "spans_in_jaeger": spans, "after_s": took}))
+    Ok(Exemplar { trace_id: trace, spans_in_jaeger: spans, after_s: took })
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde::Serialize;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -109,7 +110,7 @@ fn judge_trace(trace: &Value) -> (usize, usize, Vec<(String, String)>) {
 }
 
 /// Runs the test; see the module doc.
-pub async fn run(args: TargetArgs) -> Result<Value> {
+pub async fn run(args: TargetArgs) -> Result<Figures> {
     let target = args.resolve().await?;
     if !target.local {
         bail!("cargo xtask otel needs the local control plane's real node (it loads images into it)");
@@ -130,7 +131,32 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     Ok(figures)
 }
 
-async fn pipeline_and_trace(client: &Client, kubeconfig: &Path, pipeline: &Path, operator: &Path) -> Result<Value> {
+/// `.run/otel.json`: what [`run`] measured.
+#[derive(Serialize)]
+pub struct Figures {
+    collector_down: CollectorDown,
+    /// From `kubectl apply -k otel/` to its Deployments Available.
+    pipeline_available_s: f64,
+    operator_rolled_out_s: f64,
+    /// From the MyApp's create to its reconcile's trace in the in-cluster Jaeger.
+    trace_arrived_after_s: f64,
+    spans: usize,
+    api_calls_as_children: usize,
+    /// `key=value`, as `otel/operator/patch.yaml` sets them.
+    resource_attributes: Vec<String>,
+}
+
+/// The operator with the Collector scaled to 0.
+#[derive(Serialize)]
+struct CollectorDown {
+    myapp_ready_after_s: f64,
+    window_s: u64,
+    /// Each replica's OpenTelemetry SDK log lines in the window.
+    sdk_lines_per_replica: Vec<(String, usize)>,
+}
+
+/// `kubectl apply -k otel/` until the Collector and Jaeger are Available; how long it took.
+async fn pipeline_available(client: &Client, kubeconfig: &Path, pipeline: &Path) -> Result<f64> {
     println!("==> kubectl apply -k otel/ (on the real node)");
     let t = Instant::now();
     install::kubectl_k("apply", pipeline, kubeconfig)?;
@@ -148,6 +174,11 @@ async fn pipeline_and_trace(client: &Client, kubeconfig: &Path, pipeline: &Path,
     .await?;
     let available = t.elapsed().as_secs_f64();
     println!("    the Collector and Jaeger Available after {available:.1} s");
+    Ok(available)
+}
+
+async fn pipeline_and_trace(client: &Client, kubeconfig: &Path, pipeline: &Path, operator: &Path) -> Result<Figures> {
+    let available = pipeline_available(client, kubeconfig, pipeline).await?;
     println!("==> kubectl apply -k otel/operator (on the local overlay)");
     let rolled_out = install::apply_kustomization(client, kubeconfig, operator).await?.as_secs_f64();
     println!("    the operator's pods rolled out in {rolled_out:.1} s");
@@ -187,12 +218,15 @@ async fn pipeline_and_trace(client: &Client, kubeconfig: &Path, pipeline: &Path,
         bail!("the operator's spans lack {missing:?} (OTEL_RESOURCE_ATTRIBUTES); they carry {process_tags:?}");
     }
     let collector_down = collector_down(client).await?;
-    Ok(json!({
-        "collector_down": collector_down,
-        "pipeline_available_s": available, "operator_rolled_out_s": rolled_out,
-        "trace_arrived_after_s": arrived.as_secs_f64(), "spans": spans, "api_calls_as_children": children,
-        "resource_attributes": want.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
-    }))
+    Ok(Figures {
+        collector_down,
+        pipeline_available_s: available,
+        operator_rolled_out_s: rolled_out,
+        trace_arrived_after_s: arrived.as_secs_f64(),
+        spans,
+        api_calls_as_children: children,
+        resource_attributes: want.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+    })
 }
 
 /// How long the operator runs with the Collector gone: four export batches (5 s apart).
@@ -200,7 +234,7 @@ const DOWN_FOR: Duration = Duration::from_secs(20);
 
 /// The Collector scaled to 0: the operator reconciles a new MyApp to Ready all the same, and each
 /// replica logs the failed exports at most once in [`DOWN_FOR`] (the SDK's lines pass once a minute).
-async fn collector_down(client: &Client) -> Result<Value> {
+async fn collector_down(client: &Client) -> Result<CollectorDown> {
     use kube::api::{LogParams, Patch, PatchParams};
     println!("==> the Collector scaled to 0");
     let deployments = Api::<Deployment>::namespaced(client.clone(), OBSERVABILITY);
@@ -245,7 +279,7 @@ async fn collector_down(client: &Client) -> Result<Value> {
     }
     // No lower bound: in the runs so far the SDK logged nothing in this window (its exports to a
     // Service without endpoints had not failed by then), so only the upper bound is checked.
-    Ok(json!({"myapp_ready_after_s": ready, "window_s": DOWN_FOR.as_secs(), "sdk_lines_per_replica": lines}))
+    Ok(CollectorDown { myapp_ready_after_s: ready, window_s: DOWN_FOR.as_secs(), sdk_lines_per_replica: lines })
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use myapp_operator::api::MyApp;
 use myapp_operator::cache::Apply;
 use myapp_operator::cache::Children;
 use myapp_operator::cache::{Cached, Shape};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -85,17 +85,66 @@ fn in_child_store<K: Shape>(docs: &[Vec<u8>]) -> Children<K> {
     store
 }
 
-/// One child kind's figures: as sent, as a [`Cached`] object, in kube's `Store` (where the
-/// caches kept children before [`Children`]), and in the store the caches use.
-fn child<K: Shape + Clone + 'static>(docs: &[Vec<u8>]) -> Value {
+/// One kind's heap bytes per object: as sent, as a [`Cached`] object, in kube's `Store` (where
+/// the caches kept children before [`Children`]; `None` for MyApps, which are kept there), and in
+/// the store the caches use, keys and table included.
+#[derive(Serialize)]
+pub struct KindBytes {
+    pub objects: usize,
+    pub as_sent: f64,
+    pub as_cached: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_kube_store: Option<f64>,
+    pub in_store: f64,
+}
+
+/// A MyApp and its two children together.
+#[derive(Serialize)]
+pub struct PerMyApp {
+    pub as_sent: f64,
+    pub as_cached: f64,
+    /// With the children in kube's stores, as before.
+    pub in_kube_stores: f64,
+    pub in_stores: f64,
+}
+
+/// Heap bytes per cached object of each kind.
+#[derive(Serialize)]
+pub struct CacheBytes {
+    pub myapp: KindBytes,
+    pub deployment: KindBytes,
+    pub service: KindBytes,
+    pub per_myapp: PerMyApp,
+}
+
+impl CacheBytes {
+    /// The bench table's rows.
+    pub fn rows(&self) -> Vec<(String, String)> {
+        let kinds = [("myapp", &self.myapp), ("deployment", &self.deployment), ("service", &self.service)];
+        let mut rows: Vec<(String, String)> = kinds
+            .iter()
+            .map(|(kind, b)| {
+                let v = format!("{:.1} -> {:.1} -> {:.1}", b.as_sent, b.as_cached, b.in_store);
+                (format!("heap bytes per {kind}: as sent -> cached -> in its store"), v)
+            })
+            .collect();
+        let p = &self.per_myapp;
+        let v = format!("{:.1} -> {:.1}", p.in_kube_stores, p.in_stores);
+        rows.push(("heap bytes per MyApp and its children in the stores: kube's -> ours".into(), v));
+        rows
+    }
+}
+
+/// One child kind's figures.
+fn child<K: Shape + Clone + 'static>(docs: &[Vec<u8>]) -> KindBytes {
     let n = docs.len();
-    json!({
-        "objects": n,
-        "as_sent": per_object(n, || decoded::<K>(docs)).round(),
-        "as_cached": per_object(n, || decoded::<Cached<K>>(docs)).round(),
-        "in_kube_store": per_object(n, || in_kube_store::<Cached<K>>(docs)).round(),
-        "in_store": per_object(n, || in_child_store::<K>(docs)).round(),
-    })
+    KindBytes {
+        objects: n,
+        as_sent: per_object(n, || decoded::<K>(docs)).round(),
+        as_cached: per_object(n, || decoded::<Cached<K>>(docs)).round(),
+        in_kube_store: Some(per_object(n, || in_kube_store::<Cached<K>>(docs)).round()),
+        in_store: per_object(n, || in_child_store::<K>(docs)).round(),
+    }
 }
 
 /// The objects of kind `K` in `namespace`, as the API server sends them (JSON, with
@@ -109,26 +158,25 @@ async fn served<K: Resource<DynamicType = ()>>(client: &Client, namespace: &str)
 /// Bytes per object of each kind in `namespace`: as a `k8s_openapi` object with everything the
 /// server sent, as a [`Cached`] object, and as a replica's store holds it, the store's keys and
 /// table included (`in_store`; for children, also `in_kube_store`, their store before).
-pub async fn measure(client: &Client, namespace: &str) -> Result<Value> {
+pub async fn measure(client: &Client, namespace: &str) -> Result<CacheBytes> {
     let myapps = served::<MyApp>(client, namespace).await?;
     let deployments = served::<Deployment>(client, namespace).await?;
     let services = served::<Service>(client, namespace).await?;
     let n = myapps.len();
-    let m = json!({
-        "objects": n,
-        "as_sent": per_object(n, || decoded::<MyApp>(&myapps)).round(),
-        "as_cached": per_object(n, || decoded::<Cached<MyApp>>(&myapps)).round(),
-        "in_store": per_object(n, || in_kube_store::<Cached<MyApp>>(&myapps)).round(),
-    });
-    let (d, s) = (child::<Deployment>(&deployments), child::<Service>(&services));
-    let total = |k: &str, m_k: &str| {
-        m[m_k].as_f64().unwrap_or(0.0) + d[k].as_f64().unwrap_or(0.0) + s[k].as_f64().unwrap_or(0.0)
+    let myapp = KindBytes {
+        objects: n,
+        as_sent: per_object(n, || decoded::<MyApp>(&myapps)).round(),
+        as_cached: per_object(n, || decoded::<Cached<MyApp>>(&myapps)).round(),
+        in_kube_store: None,
+        in_store: per_object(n, || in_kube_store::<Cached<MyApp>>(&myapps)).round(),
     };
-    let per_myapp = json!({
-        "as_sent": total("as_sent", "as_sent"),
-        "as_cached": total("as_cached", "as_cached"),
-        "in_kube_stores": total("in_kube_store", "in_store"),
-        "in_stores": total("in_store", "in_store"),
-    });
-    Ok(json!({"myapp": m, "deployment": d, "service": s, "per_myapp": per_myapp}))
+    let (d, s) = (child::<Deployment>(&deployments), child::<Service>(&services));
+    let in_kube = |b: &KindBytes| b.in_kube_store.unwrap_or(b.in_store);
+    let per_myapp = PerMyApp {
+        as_sent: myapp.as_sent + d.as_sent + s.as_sent,
+        as_cached: myapp.as_cached + d.as_cached + s.as_cached,
+        in_kube_stores: in_kube(&myapp) + in_kube(&d) + in_kube(&s),
+        in_stores: myapp.in_store + d.in_store + s.in_store,
+    };
+    Ok(CacheBytes { myapp, deployment: d, service: s, per_myapp })
 }

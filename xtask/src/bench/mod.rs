@@ -51,8 +51,11 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::MyApp;
-use myapp_operator::cache::merge;
 use plot::{Series, line_chart};
+use report::{
+    Ceiling, Economy, Failover, FirstReconcile, Fresh, InProcess, Latency, Machine, Memory, Priority, Relist, Report,
+    Resync, Rss, RssAt, SpecChange, TracesOn, Webhooks,
+};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -145,26 +148,6 @@ const CONCURRENCY: usize = 16;
 
 fn reconciles(port: u16) -> f64 {
     metric(port, "myapp_operator_reconcile_duration_seconds_count").unwrap_or(0.0)
-}
-
-/// The machine the figures come from.
-fn machine() -> Value {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let cpu = read("/proc/cpuinfo")
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string());
-    let mem_gib = read("/proc/meminfo")
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0);
-    json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "cpu_model": cpu,
-        "memory_gib": mem_gib,
-        "kernel": read("/proc/sys/kernel/osrelease").trim(),
-    })
 }
 
 /// One phase that drives N MyApps to Ready.
@@ -317,8 +300,8 @@ async fn ready_count(api: &Api<MyApp>, image: Option<&str>) -> Result<usize> {
 /// What [`sample_rss`] found: a row per 1000 created, the settled sample, and how long the
 /// creates waited for it (seconds).
 struct RssSamples {
-    by_created: Vec<Value>,
-    settled: Option<Value>,
+    by_created: Vec<RssAt>,
+    settled: Option<RssAt>,
     paused_s: f64,
 }
 
@@ -352,14 +335,14 @@ fn sample_rss(
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let sample = rss();
                 println!("    settled at {at} MyApps: RSS {sample:?} MiB");
-                settled = Some(json!({"myapps": at, "rss_mib": sample}));
+                settled = Some(RssAt { myapps: at, rss_mib: sample });
                 let _ = open.send(true);
                 paused_s = paused.elapsed().as_secs_f64();
             }
             if count() >= next {
                 // Let the watches deliver the last creates.
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                rows.push(json!({"myapps": next, "rss_mib": rss()}));
+                rows.push(RssAt { myapps: next, rss_mib: rss() });
                 next += 1000;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -373,7 +356,7 @@ fn sample_rss(
 /// and list everything again beside the store they hold. Returns each replica's RSS before, its
 /// peak from the restart until no peak has grown for 15 s, and its RSS then; and which replicas
 /// listed MyApps again (audit log).
-async fn relist(replicas: &[Replica]) -> Result<Value> {
+async fn relist(replicas: &[Replica]) -> Result<Relist> {
     let rss = || replicas.iter().map(|r| rss_mib(r.pid)).collect::<Vec<_>>();
     let peaks = || replicas.iter().map(|r| peak_mib(r.pid)).collect::<Vec<_>>();
     let before = rss();
@@ -395,11 +378,15 @@ async fn relist(replicas: &[Replica]) -> Result<Value> {
         .filter_map(|r| r.replica)
         .collect();
     println!("    relist: RSS {before:?} -> peak {peak:?} MiB; replicas that listed MyApps again: {relisted:?}");
-    Ok(json!({
-        "etcd_compacted_at": revision, "apiserver_restart_s": restart.as_secs_f64(),
-        "rss_before_mib": before, "peak_mib": peak, "rss_after_mib": rss(),
-        "settled_after_s": now() - t0, "replicas_relisted": relisted,
-    }))
+    Ok(Relist {
+        etcd_compacted_at: revision,
+        apiserver_restart_s: restart.as_secs_f64(),
+        rss_before_mib: before,
+        peak_mib: peak,
+        rss_after_mib: rss(),
+        settled_after_s: now() - t0,
+        replicas_relisted: relisted,
+    })
 }
 
 /// The local control plane's audited requests since `from` (epoch seconds).
@@ -408,7 +395,7 @@ fn audited_since(from: f64) -> Result<Vec<chaos::audit::Request>> {
 }
 
 /// Writes and reads by the operator's ServiceAccount in `namespace` between two instants.
-fn economy(namespace: &str, from: f64, to: f64, per: usize) -> Result<Value> {
+fn economy(namespace: &str, from: f64, to: f64, per: usize) -> Result<Economy> {
     let user = operator::service_account_user();
     let mine: Vec<_> =
         audited_since(from)?.into_iter().filter(|r| r.user == user && r.namespace == namespace && r.at <= to).collect();
@@ -420,11 +407,13 @@ fn economy(namespace: &str, from: f64, to: f64, per: usize) -> Result<Value> {
     let writes = mine.iter().filter(|r| r.is_write()).count();
     let reads = mine.iter().filter(|r| matches!(r.verb.as_str(), "get" | "list")).count();
     let per = per.max(1) as f64;
-    Ok(json!({
-        "writes": writes, "reads": reads,
-        "writes_per_myapp": writes as f64 / per, "reads_per_myapp": reads as f64 / per,
-        "writes_by_kind": by_kind,
-    }))
+    Ok(Economy {
+        writes,
+        reads,
+        writes_per_myapp: writes as f64 / per,
+        reads_per_myapp: reads as f64 / per,
+        writes_by_kind: by_kind,
+    })
 }
 
 async fn namespace(client: &Client, name: &str) -> Result<Api<MyApp>> {
@@ -472,7 +461,7 @@ async fn priority(
     n: usize,
     leader: &Replica,
     standbys: &[Replica],
-) -> Result<Value> {
+) -> Result<Priority> {
     println!("==> priority: {CHANGES} changes as a new leader starts its pass over {n}");
     let before: Vec<f64> = standbys.iter().map(|r| reconciles(r.probe_port)).collect();
     sh::signal(leader.pid, "TERM");
@@ -492,7 +481,7 @@ async fn priority(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let requests = audited_since(acquired - 1.0)?;
     let user = operator::service_account_user();
-    let mut ms: Vec<f64> = names
+    let ms: Vec<f64> = names
         .iter()
         .filter_map(|name| {
             let changed = requests
@@ -508,13 +497,10 @@ async fn priority(
             Some((applied - changed) * 1000.0)
         })
         .collect();
-    ms.sort_by(f64::total_cmp);
-    let pct = |p: f64| ms.get(((p * ms.len() as f64).ceil() as usize).saturating_sub(1)).copied();
-    println!("    change -> apply p50 {:?} ms, p99 {:?} ms; the pass took {pass_s:.1} s", pct(0.5), pct(0.99));
-    Ok(json!({
-        "changes": CHANGES, "applied": ms.len(), "pass_s": pass_s,
-        "change_to_apply_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": ms.last()},
-    }))
+    let spread = chaos::report::stats(&ms);
+    let (p50, p99) = (spread.as_ref().map(|s| s.p50), spread.as_ref().map(|s| s.p99));
+    println!("    change -> apply p50 {p50:?} ms, p99 {p99:?} ms; the pass took {pass_s:.1} s");
+    Ok(Priority { changes: CHANGES, applied: ms.len(), pass_s, change_to_apply_ms: spread })
 }
 
 /// The API server's ceiling: the same writes as a fresh MyApp costs the operator at minimum (create
@@ -583,7 +569,7 @@ impl Run {
     }
 
     /// The operator's writes and reads in `namespace` since `from`, on the local control plane.
-    fn economy(&self, namespace: &str, from: f64) -> Result<Option<Value>> {
+    fn economy(&self, namespace: &str, from: f64) -> Result<Option<Economy>> {
         if self.local { Ok(Some(economy(namespace, from, now(), self.n)?)) } else { Ok(None) }
     }
 }
@@ -608,15 +594,11 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     result
 }
 
-/// The phases of [`bench()`], on replicas it starts.
-async fn measure(args: &BenchArgs, target: &operator::Target, setup: operator::Setup) -> Result<()> {
-    let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
-    let failover_rounds = args.failover_rounds.unwrap_or(if args.quick { 0 } else { 10 });
-    let out = paths::repo().join(&args.out);
-    std::fs::create_dir_all(&out)?;
+/// What the phases of one run share, for `n` MyApps on `setup`'s replicas.
+fn run_of(n: usize, target: &operator::Target, setup: operator::Setup) -> Run {
     let mut on_env = operator::replica_env(target);
     on_env.push(("RUST_LOG", "info".to_string()));
-    let run = Run {
+    Run {
         n,
         large: n > LARGE,
         local: target.local,
@@ -627,59 +609,91 @@ async fn measure(args: &BenchArgs, target: &operator::Target, setup: operator::S
         // Webhooks stay on (or off, remotely) in both; only the trace export differs.
         off_env: on_env.iter().filter(|(k, _)| !k.starts_with("OTEL_")).cloned().collect(),
         on_env,
-    };
-    let mut report = json!({"machine": machine(), "operator_build": args.build_name(), "myapps": n});
-    merge(&mut report, json!({"failover": failover(target, failover_rounds).await?}));
+    }
+}
 
+/// The phases of [`bench()`], on replicas it starts.
+async fn measure(args: &BenchArgs, target: &operator::Target, setup: operator::Setup) -> Result<()> {
+    let n = args.count.unwrap_or(if args.quick { 100 } else { 1000 });
+    let failover_rounds = args.failover_rounds.unwrap_or(if args.quick { 0 } else { 10 });
+    let run = run_of(n, target, setup);
+    let failover = failover(target, failover_rounds).await?;
     operator::stop_replicas();
     let replicas = run.replicas(3, &run.off_env).await?;
     let ns_a = format!("bench-{n}-{}", run.id);
     let api = namespace(&run.client, &ns_a).await?;
-    let (fresh, part) = fresh(&run, &replicas, &api, &ns_a).await?;
-    merge(&mut report, part);
-    let relisted = if run.local {
+    let (convergence, fresh) = fresh(&run, &replicas, &api, &ns_a).await?;
+    let relist = if run.local {
         println!("==> relist: etcd compacted and the API server restarted, with {n} MyApps");
         Some(relist(&replicas).await?)
     } else {
         None
     };
-    merge(&mut report, json!({ "relist": relisted }));
-    merge(&mut report, spec_change(&run, &api, &ns_a).await?);
-    merge(&mut report, webhooks(&run).await?);
-    merge(&mut report, handover(&run, &replicas, &api, &ns_a).await?);
-    merge(&mut report, cold_start(&run).await?);
+    let spec_change = spec_change(&run, &api, &ns_a).await?;
+    let webhooks = webhooks(&run).await?;
+    let (unchanged_resync, priority, warm_handover) = handover(&run, &replicas, &api, &ns_a).await?;
+    let (cold_start_memory, cold_process, cold_start_to_first_reconcile) = cold_start(&run).await?;
     let traced = if !args.quick && !run.large { Some(traces(&run).await?) } else { None };
     let ceiling = if run.large { None } else { Some(ceiling_phase(&run).await?) };
-    let ratio = ceiling.as_ref().map(|(_, c)| fresh.ready_s / c.ready_s.max(f64::EPSILON));
-    merge(
-        &mut report,
-        json!({
-            "fresh": {"ratio_to_ceiling": ratio},
-            "ceiling": ceiling.as_ref().map(|(_, c)| json!({"writes": 4 * n, "seconds": c.ready_s})),
-            "traces_on": traced.as_ref().map(|(_, c)| json!({"all_ready_s": c.ready_s, "ratio_on_off": c.ready_s / fresh.ready_s})),
-        }),
-    );
+    let all_ready = convergence.ready_s;
+    let report = Report {
+        machine: Machine::here(),
+        operator_build: args.build_name(),
+        myapps: n,
+        failover,
+        fresh: Fresh {
+            ratio_to_ceiling: ceiling.as_ref().map(|(_, c)| all_ready / c.ready_s.max(f64::EPSILON)),
+            ..fresh.fresh
+        },
+        rss_mib: fresh.rss,
+        cache_bytes_per_object: fresh.cache_bytes,
+        cpu_seconds_per_1000_reconciles: fresh.cpu_per_1000,
+        relist,
+        spec_change,
+        webhooks,
+        unchanged_resync,
+        priority,
+        acquire_to_first_reconcile_ms: FirstReconcile { warm_handover, cold_process, cold_start_to_first_reconcile },
+        cold_start_memory,
+        traces_on: traced
+            .as_ref()
+            .map(|(_, c)| TracesOn { all_ready_s: c.ready_s, ratio_on_off: c.ready_s / all_ready }),
+        ceiling: ceiling.as_ref().map(|(_, c)| Ceiling { writes: 4 * n, seconds: c.ready_s }),
+    };
 
-    let file = out.join(format!("{n}.json"));
-    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
-    let mut series = vec![Series { name: "operator: MyApps Ready", colour: "#1f77b4", points: &fresh.curve }];
-    if let Some((_, c)) = &traced {
-        series.push(Series { name: "operator, traces exported", colour: "#ff7f0e", points: &c.curve });
-    }
-    if let Some((_, c)) = &ceiling {
-        series.push(Series { name: "ceiling: plain client, same writes", colour: "#2ca02c", points: &c.curve });
-    }
-    let svg = out.join(format!("{n}-convergence.svg"));
-    std::fs::write(&svg, line_chart(&format!("{n} fresh MyApps"), "seconds", "MyApps", &series))?;
-    print_table(&report);
-    println!("    report: {}\n    plot:   {}", file.display(), svg.display());
+    let curves = [Some(&convergence), traced.as_ref().map(|t| &t.1), ceiling.as_ref().map(|c| &c.1)];
+    write(&report, &args.out, curves)?;
     let namespaces: Vec<String> =
         [Some(ns_a), traced.map(|t| t.0), ceiling.map(|c| c.0)].into_iter().flatten().collect();
     clean_up(&run, &namespaces).await
 }
 
+/// Writes the report (`<out>/<N>.json`) and the plot of the fresh phase's `curves` (without and
+/// with traces, and the ceiling's; `<out>/<N>-convergence.svg`), and prints the table.
+fn write(report: &Report, out: &std::path::Path, [fresh, traced, ceiling]: [Option<&Convergence>; 3]) -> Result<()> {
+    let (out, n) = (paths::repo().join(out), report.myapps);
+    std::fs::create_dir_all(&out)?;
+    let file = out.join(format!("{n}.json"));
+    std::fs::write(&file, serde_json::to_string_pretty(report)?)?;
+    let names = [
+        ("operator: MyApps Ready", "#1f77b4"),
+        ("operator, traces exported", "#ff7f0e"),
+        ("ceiling: plain client, same writes", "#2ca02c"),
+    ];
+    let series: Vec<Series<'_>> = [fresh, traced, ceiling]
+        .into_iter()
+        .zip(names)
+        .filter_map(|(c, (name, colour))| Some(Series { name, colour, points: &c?.curve }))
+        .collect();
+    let svg = out.join(format!("{n}-convergence.svg"));
+    std::fs::write(&svg, line_chart(&format!("{n} fresh MyApps"), "seconds", "MyApps", &series))?;
+    report::print_table(&report.rows());
+    println!("    report: {}\n    plot:   {}", file.display(), svg.display());
+    Ok(())
+}
+
 /// Phase 0: failover through the chaos suite, first, on a cluster with nothing else to do.
-async fn failover(target: &operator::Target, rounds: u32) -> Result<Option<Value>> {
+async fn failover(target: &operator::Target, rounds: u32) -> Result<Option<Failover>> {
     if rounds == 0 {
         return Ok(None);
     }
@@ -694,12 +708,12 @@ async fn failover(target: &operator::Target, rounds: u32) -> Result<Option<Value
         seconds: None,
     })
     .await?;
-    Ok(Some(json!({"timings_s": report.timings, "summary": report.summary})))
+    Ok(Some(Failover { timings_s: report.timings, summary: report.summary }))
 }
 
 /// Phase 1: N fresh MyApps in `ns`, with the memory of every replica (see [`sample_rss`]), the
 /// heap per cached object, the leader's CPU and the API economy.
-async fn fresh(run: &Run, replicas: &[Replica], api: &Api<MyApp>, ns: &str) -> Result<(Convergence, Value)> {
+async fn fresh(run: &Run, replicas: &[Replica], api: &Api<MyApp>, ns: &str) -> Result<(Convergence, FreshPart)> {
     let n = run.n;
     let idle: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
     let lead = leader(&run.client, replicas).await?;
@@ -720,36 +734,56 @@ async fn fresh(run: &Run, replicas: &[Replica], api: &Api<MyApp>, ns: &str) -> R
     let loaded: Vec<f64> = replicas.iter().filter_map(|r| rss_mib(r.pid)).collect();
     let peak: Vec<f64> = replicas.iter().filter_map(|r| peak_mib(r.pid)).collect();
     let cache_bytes = cache_cost::measure(&run.client, ns).await?;
-    println!("    heap bytes per cached object: {cache_bytes}");
+    println!("    heap bytes per cached object: {}", serde_json::to_string(&cache_bytes)?);
     let cpu_per_1000 = (rec1 > rec0).then(|| (cpu1 - cpu0) / (rec1 - rec0) * 1000.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let settled: Vec<Value> = settled.into_iter().chain([json!({"myapps": n, "rss_mib": loaded})]).collect();
-    let part = json!({
-        "fresh": {"requests_s": fresh.requested_s, "all_ready_s": fresh.ready_s,
-                  "settled_sample_pause_s": paused_s, "myapps_per_s": n as f64 / (fresh.ready_s - paused_s).max(f64::EPSILON),
-                  "api": run.economy(ns, fresh.started)?},
-        "rss_mib": {"idle": idle, "loaded": loaded, "peak": peak, "by_myapps_created": by_created, "settled": settled,
-                    "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), "leader": lead.name},
-        "cache_bytes_per_object": cache_bytes,
-        "cpu_seconds_per_1000_reconciles": cpu_per_1000,
-    });
+    let settled = settled.into_iter().chain([RssAt { myapps: n, rss_mib: loaded.iter().copied().map(Some).collect() }]);
+    let part = FreshPart {
+        fresh: Fresh {
+            requests_s: fresh.requested_s,
+            all_ready_s: fresh.ready_s,
+            settled_sample_pause_s: paused_s,
+            myapps_per_s: n as f64 / (fresh.ready_s - paused_s).max(f64::EPSILON),
+            api: run.economy(ns, fresh.started)?,
+            ratio_to_ceiling: None,
+        },
+        rss: Rss {
+            idle,
+            loaded,
+            peak,
+            by_myapps_created: by_created,
+            settled: settled.collect(),
+            replicas: replicas.iter().map(|r| r.name.clone()).collect(),
+            leader: lead.name,
+        },
+        cache_bytes,
+        cpu_per_1000,
+    };
     Ok((fresh, part))
 }
 
+/// What the fresh phase adds to the report.
+struct FreshPart {
+    fresh: Fresh,
+    rss: Rss,
+    cache_bytes: cache_cost::CacheBytes,
+    cpu_per_1000: Option<f64>,
+}
+
 /// Phase 2: every image changed (not in the large profile).
-async fn spec_change(run: &Run, api: &Api<MyApp>, ns: &str) -> Result<Value> {
+async fn spec_change(run: &Run, api: &Api<MyApp>, ns: &str) -> Result<Option<SpecChange>> {
     if run.large {
-        return Ok(json!({"spec_change": null}));
+        return Ok(None);
     }
     println!("==> spec change: every image to nginx:1.28");
     let change = converge(api, run.n, Some("nginx:1.28"), None, None).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok(json!({"spec_change": {"all_ready_s": change.ready_s, "api": run.economy(ns, change.started)?}}))
+    Ok(Some(SpecChange { all_ready_s: change.ready_s, api: run.economy(ns, change.started)? }))
 }
 
 /// Phase 3: the webhooks, from this process against a replica over TLS (local control plane
 /// only), and in process.
-async fn webhooks(run: &Run) -> Result<Value> {
+async fn webhooks(run: &Run) -> Result<Webhooks> {
     println!("==> webhooks");
     let ca = if run.local {
         let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(run.client.clone(), operator::NAMESPACE);
@@ -763,17 +797,23 @@ async fn webhooks(run: &Run) -> Result<Value> {
     };
     let url = format!("https://{}", operator::LOCAL_WEBHOOK_ADDR);
     let wh = webhook::run(ca.as_deref().map(|c| (url.as_str(), c))).await?;
-    Ok(json!({
-        "webhook_in_process_us": {"validate_p50": wh.in_process[0].0, "validate_p99": wh.in_process[0].1,
-                                  "mutate_p50": wh.in_process[1].0, "mutate_p99": wh.in_process[1].1},
-        "webhook_tls_us": wh.tls.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
-        "webhook_tls_rps_16_clients": wh.tls_rps,
-    }))
+    let [(validate_p50, validate_p99), (mutate_p50, mutate_p99)] = wh.in_process;
+    Ok(Webhooks {
+        webhook_in_process_us: InProcess { validate_p50, validate_p99, mutate_p50, mutate_p99 },
+        webhook_tls_us: wh.tls.map(|(p50, p99)| Latency { p50, p99 }),
+        webhook_tls_rps_16_clients: wh.tls_rps,
+    })
 }
 
 /// Phase 4: SIGTERM to the leader; the new leader's first reconcile and the writes of its pass
-/// over N unchanged MyApps. Then the priority phase ([`priority`]) on the last replica.
-async fn handover(run: &Run, replicas: &[Replica], api: &Api<MyApp>, ns: &str) -> Result<Value> {
+/// over N unchanged MyApps. Then the priority phase ([`priority`]) on the last replica. Returns
+/// those writes, the priority figures and acquire → first reconcile (ms).
+async fn handover(
+    run: &Run,
+    replicas: &[Replica],
+    api: &Api<MyApp>,
+    ns: &str,
+) -> Result<(Resync, Option<Priority>, f64)> {
     let n = run.n;
     println!("==> warm handover with {n} MyApps");
     let old = leader(&run.client, replicas).await?;
@@ -789,28 +829,22 @@ async fn handover(run: &Run, replicas: &[Replica], api: &Api<MyApp>, ns: &str) -
     let resync = run.economy(ns, handover_at)?;
     let last: Vec<Replica> = others.iter().filter(|r| r.name != new.name).cloned().collect();
     let priority = if run.local { Some(priority(&run.client, api, n, &new, &last).await?) } else { None };
-    Ok(json!({
-        "unchanged_resync": {"api": resync},
-        "priority": priority,
-        "acquire_to_first_reconcile_ms": {"warm_handover": warm_ms},
-    }))
+    Ok((Resync { api: resync }, priority, warm_ms))
 }
 
 /// Phase 5: all replicas stopped, one started from nothing: process start → first reconcile, and
 /// its memory once it has passed over everything (a full list of N at its peak, and settled).
-async fn cold_start(run: &Run) -> Result<Value> {
+/// Returns that memory, acquire → first reconcile and process start → first reconcile (ms).
+async fn cold_start(run: &Run) -> Result<(Memory, f64, f64)> {
     println!("==> cold start with {} MyApps", run.n);
     operator::stop_replicas();
     let spawned = now();
     let cold = operator::start_replica(0, &run.bin, &run.kubeconfig, &[], &run.off_env)?;
     let (cold_at, acquire_ms) = first_reconcile(&cold, spawned).await?;
     reconciled(&cold, 0.0, run.n, Duration::from_secs(900)).await?;
-    let memory = json!({"rss_mib": rss_mib(cold.pid), "peak_mib": peak_mib(cold.pid)});
+    let memory = Memory { rss_mib: rss_mib(cold.pid), peak_mib: peak_mib(cold.pid) };
     operator::stop_replicas();
-    Ok(json!({
-        "cold_start_memory": memory,
-        "acquire_to_first_reconcile_ms": {"cold_process": acquire_ms, "cold_start_to_first_reconcile": (cold_at - spawned) * 1000.0},
-    }))
+    Ok((memory, acquire_ms, (cold_at - spawned) * 1000.0))
 }
 
 /// Phase 6: the fresh phase again, with traces exported, in a namespace of its own (returned).
@@ -892,132 +926,11 @@ async fn webhook_abuse(args: &BenchArgs) -> Result<()> {
     let out = paths::repo().join(&args.out);
     std::fs::create_dir_all(&out)?;
     let file = out.join("webhook-abuse.json");
-    let json = serde_json::to_string_pretty(&json!({"machine": machine(), "webhook_abuse": report}))?;
+    let rows = report.rows();
+    let json = serde_json::to_string_pretty(&report::AbuseFile { machine: Machine::here(), webhook_abuse: report })?;
     std::fs::write(&file, &json)?;
     println!("{json}");
-    webhook::print_abuse(&report);
+    report::print_table(&rows);
     println!("    report: {}", file.display());
     Ok(())
-}
-
-// Over 80 lines: one row per figure, in the report's order; split, the table would be scattered.
-fn print_table(r: &Value) {
-    let row = |k: &str, v: String| println!("{k:<52} {v:>22}");
-    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
-    println!("\n{:<52} {:>22}", "measure", "value");
-    row("operator build", r["operator_build"].as_str().unwrap_or("").into());
-    row("MyApps", r["myapps"].to_string());
-    row("fresh: all Ready (s)", f(&r["fresh"]["all_ready_s"]));
-    row("fresh: MyApps Ready per second", f(&r["fresh"]["myapps_per_s"]));
-    row("ceiling: same writes from a plain client (s)", f(&r["ceiling"]["seconds"]));
-    row("fresh all Ready / ceiling", f(&r["fresh"]["ratio_to_ceiling"]));
-    row("spec change: all Ready (s)", f(&r["spec_change"]["all_ready_s"]));
-    for (label, key) in [("fresh", "fresh"), ("spec change", "spec_change"), ("unchanged resync", "unchanged_resync")] {
-        let api = &r[key]["api"];
-        if !api.is_null() {
-            row(
-                &format!("{label}: writes / reads per MyApp"),
-                format!(
-                    "{:.2} / {:.2}",
-                    api["writes_per_myapp"].as_f64().unwrap_or(0.0),
-                    api["reads_per_myapp"].as_f64().unwrap_or(0.0)
-                ),
-            );
-        }
-    }
-    let rss = &r["rss_mib"];
-    if let (Some(names), Some(idle), Some(loaded)) =
-        (rss["replicas"].as_array(), rss["idle"].as_array(), rss["loaded"].as_array())
-    {
-        for (i, name) in names.iter().enumerate() {
-            let role = if name == &rss["leader"] { "leader" } else { "standby" };
-            row(
-                &format!("RSS {} ({role}) idle -> loaded, peak (MiB)", name.as_str().unwrap_or("")),
-                format!("{} -> {}, {}", f(&idle[i]), f(&loaded[i]), f(&rss["peak"][i])),
-            );
-        }
-    }
-    let each = |v: &Value| v.as_array().into_iter().flatten().map(&f).collect::<Vec<String>>().join(" / ");
-    for at in rss["settled"].as_array().into_iter().flatten() {
-        row(&format!("RSS of each replica, {} MyApps all Ready (MiB)", at["myapps"]), each(&at["rss_mib"]));
-    }
-    let relist = &r["relist"];
-    if !relist.is_null() {
-        row(
-            "relist at once: RSS before -> peak -> after (MiB)",
-            format!(
-                "{} -> {} -> {}",
-                each(&relist["rss_before_mib"]),
-                each(&relist["peak_mib"]),
-                each(&relist["rss_after_mib"])
-            ),
-        );
-    }
-    for at in rss["by_myapps_created"].as_array().into_iter().flatten() {
-        let each: Vec<String> = at["rss_mib"].as_array().into_iter().flatten().map(&f).collect();
-        row(&format!("RSS of each replica at {} MyApps created (MiB)", at["myapps"]), each.join(" / "));
-    }
-    let bytes = &r["cache_bytes_per_object"];
-    for kind in ["myapp", "deployment", "service"] {
-        let b = &bytes[kind];
-        row(
-            &format!("heap bytes per {kind}: as sent -> cached -> in its store"),
-            format!("{} -> {} -> {}", f(&b["as_sent"]), f(&b["as_cached"]), f(&b["in_store"])),
-        );
-    }
-    let b = &bytes["per_myapp"];
-    row(
-        "heap bytes per MyApp and its children in the stores: kube's -> ours",
-        format!("{} -> {}", f(&b["in_kube_stores"]), f(&b["in_stores"])),
-    );
-    let p = &r["priority"];
-    if !p.is_null() {
-        let ms = &p["change_to_apply_ms"];
-        row(
-            "priority: change -> apply p50 / p99 / max (ms)",
-            format!("{} / {} / {}", f(&ms["p50"]), f(&ms["p99"]), f(&ms["max"])),
-        );
-        row("priority: the new leader's pass over all (s)", f(&p["pass_s"]));
-    }
-    row("leader CPU seconds per 1000 reconciles", f(&r["cpu_seconds_per_1000_reconciles"]));
-    let a = &r["acquire_to_first_reconcile_ms"];
-    row("acquire -> first reconcile, warm handover (ms)", f(&a["warm_handover"]));
-    row("acquire -> first reconcile, fresh process (ms)", f(&a["cold_process"]));
-    row("process start -> first reconcile, cold (ms)", f(&a["cold_start_to_first_reconcile"]));
-    let cold = &r["cold_start_memory"];
-    row("cold replica after its pass: RSS, peak (MiB)", format!("{}, {}", f(&cold["rss_mib"]), f(&cold["peak_mib"])));
-    if !r["traces_on"].is_null() {
-        row("traces exported: all Ready (s)", f(&r["traces_on"]["all_ready_s"]));
-        row(
-            "traces on / off (all Ready time)",
-            format!("{:.2}", r["traces_on"]["ratio_on_off"].as_f64().unwrap_or(0.0)),
-        );
-    }
-    let w = &r["webhook_in_process_us"];
-    row(
-        "webhook /validate in process p50 / p99 (µs)",
-        format!("{} / {}", f(&w["validate_p50"]), f(&w["validate_p99"])),
-    );
-    row("webhook /mutate in process p50 / p99 (µs)", format!("{} / {}", f(&w["mutate_p50"]), f(&w["mutate_p99"])));
-    if !r["webhook_tls_us"].is_null() {
-        row(
-            "webhook over TLS p50 / p99 (µs)",
-            format!("{} / {}", f(&r["webhook_tls_us"]["p50"]), f(&r["webhook_tls_us"]["p99"])),
-        );
-        row("webhook over TLS, 16 clients (req/s)", f(&r["webhook_tls_rps_16_clients"]));
-    }
-    if let Some(summary) = r["failover"]["summary"].as_array() {
-        for s in summary {
-            let st = &s["acquired"];
-            row(
-                &format!("failover {}: fault -> acquired p50/p99/max (ms)", s["scenario"].as_str().unwrap_or("")),
-                format!(
-                    "{:.0} / {:.0} / {:.0}",
-                    st["p50"].as_f64().unwrap_or(0.0) * 1000.0,
-                    st["p99"].as_f64().unwrap_or(0.0) * 1000.0,
-                    st["max"].as_f64().unwrap_or(0.0) * 1000.0
-                ),
-            );
-        }
-    }
 }

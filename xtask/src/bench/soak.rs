@@ -18,7 +18,8 @@ use crate::{cluster, paths, sh};
 use anyhow::{Result, bail};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use myapp_operator::api::MyApp;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -80,14 +81,9 @@ fn mean_between(points: &[(f64, f64)], from: f64, to: f64) -> Option<f64> {
 /// Runs the soak with `n` MyApps for `minutes`, writing its report under `out`.
 pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, minutes: u64, out: &str) -> Result<()> {
     let client = cluster::client_from(&target.kubeconfig).await?;
-    let sa_kubeconfig = operator::prepare(&client, target).await?;
-    operator::stop_replicas();
-    let env = vec![("RUST_LOG", "info".to_string())];
-    let replicas = operator::start_replicas(bin, &sa_kubeconfig, 3, &[], &env)?;
-    operator::wait_ready(&replicas).await?;
+    let replicas = start(&client, target, bin).await?;
     let ns = format!("soak-{}", std::process::id());
-    let namespace: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
-    Api::all(client.clone()).create(&PostParams::default(), &namespace).await?;
+    operator::apply_namespace(&client, &ns).await?;
     let api: Api<MyApp> = Api::namespaced(client.clone(), &ns);
 
     println!("==> soak: {n} MyApps in {ns}");
@@ -110,43 +106,30 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
     .await;
     let converged_s = clock.elapsed().as_secs_f64() - churn_s;
 
-    let growth: Vec<Option<f64>> = rss
-        .iter()
-        .map(|points| {
-            let first = mean_between(points, 0.0, WINDOW_S)?;
-            let last = mean_between(points, churn_s - WINDOW_S, churn_s)?;
-            Some(last / first - 1.0)
-        })
-        .collect();
+    let growth = growth(&rss, churn_s);
     let flat = growth.iter().all(|g| g.is_some_and(|g| g <= MAX_GROWTH));
     let passed = flat && converged.is_ok() && failed_steps == 0;
-    let report = json!({
-        "myapps": n, "minutes": minutes, "churn_steps": step, "failed_steps": failed_steps,
-        "replicas": replicas.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
-        "rss_growth_first_to_last_5_min": growth, "max_growth": MAX_GROWTH,
-        "converged": converged.is_ok(), "converged_after_churn_s": converged_s,
-        "samples": churned.samples, "passed": passed,
-    });
+    let report = SoakReport {
+        myapps: n,
+        minutes,
+        churn_steps: step,
+        failed_steps,
+        replicas: replicas.iter().map(|r| r.name.clone()).collect(),
+        rss_growth_first_to_last_5_min: growth.clone(),
+        max_growth: MAX_GROWTH,
+        converged: converged.is_ok(),
+        converged_after_churn_s: converged_s,
+        samples: churned.samples,
+        passed,
+    };
     let dir = paths::repo().join(out);
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("soak.json"), serde_json::to_string_pretty(&report)?)?;
     plot(&dir, &replicas, &rss)?;
 
-    println!("==> cleaning up");
-    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
-    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
-    for (r, g) in replicas.iter().zip(&growth) {
-        println!(
-            "    {}: RSS first 5 min -> last 5 min: {}",
-            r.name,
-            g.map_or("-".into(), |g| format!("{:+.1} %", g * 100.0))
-        );
-    }
-    println!("    converged {converged_s:.0} s after the churn: {}", converged.is_ok());
+    report.print();
     println!("    report: {}", dir.join("soak.json").display());
-    let gone = || async { matches!(namespaces.get_opt(&ns).await, Ok(None)).then_some(()) };
-    let _ = sh::poll("the soak namespace gone", Duration::from_secs(300), Duration::from_secs(1), gone).await;
-    operator::stop_replicas();
+    clean_up(&client, &ns).await;
     if !passed {
         bail!(
             "the soak failed: RSS growth {growth:?} (at most {MAX_GROWTH}), converged {}, failed steps {failed_steps}",
@@ -154,6 +137,46 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
         );
     }
     Ok(())
+}
+
+/// Three replicas of `bin` under the operator's ServiceAccount on `target`, ready.
+async fn start(client: &kube::Client, target: &operator::Target, bin: &std::path::Path) -> Result<Vec<Replica>> {
+    let sa_kubeconfig = operator::prepare(client, target).await?;
+    operator::stop_replicas();
+    let env = vec![("RUST_LOG", "info".to_string())];
+    let replicas = operator::start_replicas(bin, &sa_kubeconfig, 3, &[], &env)?;
+    operator::wait_ready(&replicas).await?;
+    Ok(replicas)
+}
+
+/// Each replica's mean RSS over the last [`WINDOW_S`] of the churn against the first, less 1.
+fn growth(rss: &[Vec<(f64, f64)>], churn_s: f64) -> Vec<Option<f64>> {
+    let of = |points: &[(f64, f64)]| {
+        let first = mean_between(points, 0.0, WINDOW_S)?;
+        let last = mean_between(points, churn_s - WINDOW_S, churn_s)?;
+        Some(last / first - 1.0)
+    };
+    rss.iter().map(|points| of(points)).collect()
+}
+
+impl SoakReport {
+    fn print(&self) {
+        for (name, g) in self.replicas.iter().zip(&self.rss_growth_first_to_last_5_min) {
+            let g = g.map_or("-".into(), |g| format!("{:+.1} %", g * 100.0));
+            println!("    {name}: RSS first 5 min -> last 5 min: {g}");
+        }
+        println!("    converged {:.0} s after the churn: {}", self.converged_after_churn_s, self.converged);
+    }
+}
+
+/// Deletes the soak's namespace, waits up to 5 minutes for it to go, and stops the replicas.
+async fn clean_up(client: &kube::Client, ns: &str) {
+    println!("==> cleaning up");
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    let gone = || async { matches!(namespaces.get_opt(ns).await, Ok(None)).then_some(()) };
+    let _ = sh::poll("the soak namespace gone", Duration::from_secs(300), Duration::from_secs(1), gone).await;
+    operator::stop_replicas();
 }
 
 /// Creates MyApps `0..n`, 16 at a time.
@@ -168,10 +191,41 @@ async fn create_all(api: &Api<MyApp>, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// `<out>/soak.json`.
+#[derive(Serialize)]
+struct SoakReport {
+    myapps: usize,
+    minutes: u64,
+    churn_steps: usize,
+    failed_steps: usize,
+    replicas: Vec<String>,
+    /// Each replica's mean RSS over the last 5 minutes against the first 5, less 1.
+    rss_growth_first_to_last_5_min: Vec<Option<f64>>,
+    max_growth: f64,
+    converged: bool,
+    converged_after_churn_s: f64,
+    samples: Vec<Sample>,
+    passed: bool,
+}
+
+/// One sample of the churn.
+#[derive(Serialize)]
+struct Sample {
+    t_s: f64,
+    /// Each replica's RSS, MiB.
+    rss_mib: Vec<Option<f64>>,
+    /// The replicas' queue depths, summed.
+    queue_depth: f64,
+    /// Reconciles since the last sample, all replicas.
+    reconciles: f64,
+    /// Of those, the share that failed.
+    error_rate: f64,
+}
+
 /// What [`churn_for`] saw.
 struct Churned {
     /// A sample every [`SAMPLE`].
-    samples: Vec<Value>,
+    samples: Vec<Sample>,
     /// Each replica's (seconds, RSS MiB).
     rss: Vec<Vec<(f64, f64)>>,
     steps: usize,
@@ -199,12 +253,12 @@ async fn churn_for(
         if clock.elapsed() >= next_sample {
             let t = clock.elapsed().as_secs_f64();
             let sample = sample(replicas, &mut last_counts, t);
-            for (i, v) in sample["rss_mib"].as_array().into_iter().flatten().enumerate() {
-                if let (Some(points), Some(v)) = (c.rss.get_mut(i), v.as_f64()) {
-                    points.push((t, v));
+            for (points, v) in c.rss.iter_mut().zip(&sample.rss_mib) {
+                if let Some(v) = v {
+                    points.push((t, *v));
                 }
             }
-            println!("    {t:>6.0} s  {sample}");
+            println!("    {t:>6.0} s  {}", serde_json::to_string(&sample).unwrap_or_default());
             c.samples.push(sample);
             next_sample += SAMPLE;
         }
@@ -233,7 +287,7 @@ fn plot(dir: &std::path::Path, replicas: &[Replica], rss: &[Vec<(f64, f64)>]) ->
 }
 
 /// One sample: every replica's RSS, and the leader's queue depth and error rate since the last.
-fn sample(replicas: &[Replica], last: &mut [(f64, f64)], t: f64) -> Value {
+fn sample(replicas: &[Replica], last: &mut [(f64, f64)], t: f64) -> Sample {
     let mut errors = 0.0;
     let mut reconciles = 0.0;
     let mut depth = 0.0;
@@ -245,8 +299,6 @@ fn sample(replicas: &[Replica], last: &mut [(f64, f64)], t: f64) -> Value {
         depth += metric(r.probe_port, "myapp_operator_queue_depth").unwrap_or(0.0);
     }
     let rss: Vec<Option<f64>> = replicas.iter().map(|r| rss_mib(r.pid)).collect();
-    json!({
-        "t_s": t, "rss_mib": rss, "queue_depth": depth, "reconciles": reconciles,
-        "error_rate": if reconciles > 0.0 { errors / reconciles } else { 0.0 },
-    })
+    let error_rate = if reconciles > 0.0 { errors / reconciles } else { 0.0 };
+    Sample { t_s: t, rss_mib: rss, queue_depth: depth, reconciles, error_rate }
 }

@@ -9,6 +9,7 @@
 use anyhow::{Context, Result};
 use myapp_operator::api::policy::Policy;
 use myapp_operator::webhook::review::{self, Endpoint};
+use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -246,11 +247,61 @@ async fn legitimate(client: &kube::Client, workers: usize, period: Duration) -> 
     (all, failed)
 }
 
-fn summary(lat: &[f64], failed: usize) -> serde_json::Value {
-    let mut v = lat.to_vec();
-    v.sort_by(f64::total_cmp);
-    let (p50, p99) = crate::sh::percentiles(v.clone());
-    serde_json::json!({"n": v.len(), "failed": failed, "p50_ms": p50, "p99_ms": p99, "max_ms": v.last().copied().unwrap_or(0.0)})
+/// Legitimate admissions in one period: how many were answered and failed, and their latency.
+#[derive(Serialize)]
+pub struct Admissions {
+    pub n: usize,
+    pub failed: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Admissions {
+    fn of(lat: &[f64], failed: usize) -> Self {
+        let (p50_ms, p99_ms) = crate::sh::percentiles(lat.to_vec());
+        let max_ms = lat.iter().copied().fold(0.0, f64::max);
+        Admissions { n: lat.len(), failed, p50_ms, p99_ms, max_ms }
+    }
+}
+
+/// The slow connections of the attack.
+#[derive(Serialize)]
+pub struct Slow {
+    pub target: usize,
+    pub open_min: usize,
+    pub open_max: usize,
+    pub cut_off_total: usize,
+}
+
+/// The oversized bodies of the attack.
+#[derive(Serialize)]
+pub struct Oversized {
+    pub senders: usize,
+    pub sent: usize,
+    pub answered_413: usize,
+}
+
+/// The server's resident memory, MiB.
+#[derive(Serialize)]
+pub struct ServerRss {
+    pub idle: f64,
+    pub max_under_abuse: f64,
+    pub pod_limit: f64,
+}
+
+/// What [`abuse`] measured.
+#[derive(Serialize)]
+pub struct AbuseReport {
+    pub load_average_at_end: String,
+    pub server_build: &'static str,
+    pub legitimate_clients: usize,
+    pub period_s: f64,
+    pub alone: Admissions,
+    pub under_abuse: Admissions,
+    pub slow_connections: Slow,
+    pub oversized: Oversized,
+    pub rss_mib: ServerRss,
 }
 
 /// Options of the abuse run.
@@ -335,7 +386,7 @@ fn sample(attack: Arc<Attack>, pid: u32) -> tokio::task::JoinHandle<(f64, usize,
 }
 
 /// Runs the webhook server alone in a child process and measures it before and under abuse.
-pub async fn abuse(args: AbuseArgs) -> Result<serde_json::Value> {
+pub async fn abuse(args: AbuseArgs) -> Result<AbuseReport> {
     let (mut child, addr, ca) = start_server()?;
     let pid = child.id();
     let client = crate::tls::client(&format!("https://{addr}"), &ca)?;
@@ -366,43 +417,53 @@ pub async fn abuse(args: AbuseArgs) -> Result<serde_json::Value> {
     drop(child.stdin.take());
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    Ok(serde_json::json!({
-        "load_average_at_end": load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-        "server_build": if cfg!(debug_assertions) { "debug" } else { "release" },
-        "legitimate_clients": args.workers,
-        "period_s": args.period.as_secs_f64(),
-        "alone": summary(&base, base_failed),
-        "under_abuse": summary(&under, under_failed),
-        "slow_connections": {"target": args.slow, "open_min": open_min, "open_max": open_max, "cut_off_total": attack.slow_cut.load(Ordering::Relaxed)},
-        "oversized": {"senders": args.oversized, "sent": sent, "answered_413": refused},
-        "rss_mib": {"idle": idle, "max_under_abuse": rss_max, "pod_limit": args.limit_mib},
-    }))
+    Ok(AbuseReport {
+        load_average_at_end: load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        server_build: if cfg!(debug_assertions) { "debug" } else { "release" },
+        legitimate_clients: args.workers,
+        period_s: args.period.as_secs_f64(),
+        alone: Admissions::of(&base, base_failed),
+        under_abuse: Admissions::of(&under, under_failed),
+        slow_connections: Slow {
+            target: args.slow,
+            open_min,
+            open_max,
+            cut_off_total: attack.slow_cut.load(Ordering::Relaxed),
+        },
+        oversized: Oversized { senders: args.oversized, sent, answered_413: refused },
+        rss_mib: ServerRss { idle, max_under_abuse: rss_max, pod_limit: args.limit_mib },
+    })
 }
 
-/// Prints an [`abuse`] report as a table.
-pub fn print_abuse(r: &serde_json::Value) {
-    let row = |k: &str, v: String| println!("{k:<52} {v:>22}");
-    let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
-    println!("\n{:<52} {:>22}", "measure", "value");
-    row("server build", r["server_build"].as_str().unwrap_or("").into());
-    row("load average (1, 5, 15 min) at the end", r["load_average_at_end"].as_str().unwrap_or("").into());
-    for (label, key) in [("alone", "alone"), ("under abuse", "under_abuse")] {
-        let s = &r[key];
-        row(
-            &format!("legitimate /validate {label}: p50 / p99 / max (ms)"),
-            format!("{} / {} / {}", f(&s["p50_ms"]), f(&s["p99_ms"]), f(&s["max_ms"])),
-        );
-        row(&format!("legitimate /validate {label}: answered / failed"), format!("{} / {}", s["n"], s["failed"]));
+impl AbuseReport {
+    /// The table's rows.
+    pub fn rows(&self) -> Vec<(String, String)> {
+        let mut rows = vec![
+            ("server build".to_string(), self.server_build.to_string()),
+            ("load average (1, 5, 15 min) at the end".into(), self.load_average_at_end.clone()),
+        ];
+        for (label, s) in [("alone", &self.alone), ("under abuse", &self.under_abuse)] {
+            let latency = format!("{:.2} / {:.2} / {:.2}", s.p50_ms, s.p99_ms, s.max_ms);
+            rows.push((format!("legitimate /validate {label}: p50 / p99 / max (ms)"), latency));
+            rows.push((format!("legitimate /validate {label}: answered / failed"), format!("{} / {}", s.n, s.failed)));
+        }
+        let (slow, big, rss) = (&self.slow_connections, &self.oversized, &self.rss_mib);
+        rows.extend([
+            (
+                "slow connections held (min..max of target)".to_string(),
+                format!("{}..{} of {}", slow.open_min, slow.open_max, slow.target),
+            ),
+            ("slow connections cut off by the server".into(), slow.cut_off_total.to_string()),
+            (
+                "oversized bodies sent / answered 413 (whole attack)".into(),
+                format!("{} / {}", big.sent, big.answered_413),
+            ),
+            (
+                "server RSS idle -> max under abuse (MiB)".into(),
+                format!("{:.2} -> {:.2}", rss.idle, rss.max_under_abuse),
+            ),
+            ("pod memory limit (MiB)".into(), format!("{:.2}", rss.pod_limit)),
+        ]);
+        rows
     }
-    let slow = &r["slow_connections"];
-    row(
-        "slow connections held (min..max of target)",
-        format!("{}..{} of {}", slow["open_min"], slow["open_max"], slow["target"]),
-    );
-    row("slow connections cut off by the server", slow["cut_off_total"].to_string());
-    let big = &r["oversized"];
-    row("oversized bodies sent / answered 413 (whole attack)", format!("{} / {}", big["sent"], big["answered_413"]));
-    let rss = &r["rss_mib"];
-    row("server RSS idle -> max under abuse (MiB)", format!("{} -> {}", f(&rss["idle"]), f(&rss["max_under_abuse"])));
-    row("pod memory limit (MiB)", f(&rss["pod_limit"]));
 }

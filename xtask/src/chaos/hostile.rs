@@ -55,6 +55,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use myapp_operator::api::{INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, MyApp};
+use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -92,7 +93,7 @@ pub(crate) const WEBHOOK_PORT: u16 = 9443;
 pub(crate) const PROBE_PORT: u16 = 8081;
 
 /// Which attacks a run makes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize)]
 pub struct Attacks {
     /// Parse-cost reviews to every pod's `/validate`.
     pub parse: bool,
@@ -297,14 +298,34 @@ impl Seen {
         }
     }
 
-    fn flood(&self) -> Value {
+    fn flood(&self) -> Flood {
         let n = |a: &[AtomicUsize; 2], i: usize| a[i].load(Ordering::Relaxed);
-        let port = |i: usize| {
-            json!({"open_at_end": n(&self.open, i), "open_max": n(&self.open_max, i), "opened": n(&self.opened, i),
-                   "closed_by_server": n(&self.closed_by_server, i), "connect_failed": n(&self.refused, i)})
+        let port = |i: usize| PortFlood {
+            open_at_end: n(&self.open, i),
+            open_max: n(&self.open_max, i),
+            opened: n(&self.opened, i),
+            closed_by_server: n(&self.closed_by_server, i),
+            connect_failed: n(&self.refused, i),
         };
-        json!({"webhook_9443": port(0), "probes_8081": port(1)})
+        Flood { webhook_9443: port(0), probes_8081: port(1) }
     }
+}
+
+/// The connection flood, per port.
+#[derive(Serialize)]
+struct Flood {
+    webhook_9443: PortFlood,
+    probes_8081: PortFlood,
+}
+
+/// What the flood's connections to one port saw.
+#[derive(Serialize)]
+struct PortFlood {
+    open_at_end: usize,
+    open_max: usize,
+    opened: usize,
+    closed_by_server: usize,
+    connect_failed: usize,
 }
 
 /// An AdmissionReview of a MyApp whose object carries `"junk":[<items>]`.
@@ -492,43 +513,50 @@ struct Made {
     errors: Vec<String>,
 }
 
+/// The foreign objects: Services and Deployments with the operator's child labels, owned by no
+/// MyApp, made 8 at a time; into `made`.
+async fn foreign_objects(client: &Client, ns: &str, made: &mut Made) {
+    let pp = PostParams::default();
+    let (svc, dep) =
+        (Api::<Service>::namespaced(client.clone(), ns), Api::<Deployment>::namespaced(client.clone(), ns));
+    let results: Vec<(String, Result<()>)> = futures::stream::iter(0..2 * FOREIGN)
+        .map(|i| {
+            let (svc, dep, pp) = (svc.clone(), dep.clone(), pp.clone());
+            async move {
+                let owner = format!("still-{}", i % STILL);
+                let name = format!("foreign-{i}");
+                let r = if i % 2 == 0 {
+                    match foreign_service(&name, &owner) {
+                        Ok(s) => svc.create(&pp, &s).await.map(|_| ()).map_err(anyhow::Error::from),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    match foreign_deployment(&name, &owner) {
+                        Ok(d) => dep.create(&pp, &d).await.map(|_| ()).map_err(anyhow::Error::from),
+                        Err(e) => Err(e),
+                    }
+                };
+                (name, r)
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    for (name, r) in results {
+        match r {
+            Ok(()) => made.foreign.push(name),
+            Err(e) => made.errors.push(format!("foreign {name}: {e}")),
+        }
+    }
+}
+
 /// The foreign objects and large MyApps, made through `client` (connections of their own), the
 /// large ones changed every 20 s until `deadline`.
 async fn api_attacks(client: Client, ns: String, attacks: Attacks, deadline: Instant) -> Made {
     let mut made = Made::default();
     let pp = PostParams::default();
     if attacks.foreign {
-        let (svc, dep) =
-            (Api::<Service>::namespaced(client.clone(), &ns), Api::<Deployment>::namespaced(client.clone(), &ns));
-        let results: Vec<(String, Result<()>)> = futures::stream::iter(0..2 * FOREIGN)
-            .map(|i| {
-                let (svc, dep, pp) = (svc.clone(), dep.clone(), pp.clone());
-                async move {
-                    let owner = format!("still-{}", i % STILL);
-                    let name = format!("foreign-{i}");
-                    let r = if i % 2 == 0 {
-                        match foreign_service(&name, &owner) {
-                            Ok(s) => svc.create(&pp, &s).await.map(|_| ()).map_err(anyhow::Error::from),
-                            Err(e) => Err(e),
-                        }
-                    } else {
-                        match foreign_deployment(&name, &owner) {
-                            Ok(d) => dep.create(&pp, &d).await.map(|_| ()).map_err(anyhow::Error::from),
-                            Err(e) => Err(e),
-                        }
-                    };
-                    (name, r)
-                }
-            })
-            .buffer_unordered(8)
-            .collect()
-            .await;
-        for (name, r) in results {
-            match r {
-                Ok(()) => made.foreign.push(name),
-                Err(e) => made.errors.push(format!("foreign {name}: {e}")),
-            }
-        }
+        foreign_objects(&client, &ns, &mut made).await;
     }
     if !attacks.large {
         return made;
@@ -749,7 +777,7 @@ fn audited(from: f64, to: f64, ns: &str, still: &[String], foreign: &[String]) -
 }
 
 /// One figure of the report.
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 struct Row {
     figure: String,
     value: String,
@@ -760,12 +788,91 @@ struct Row {
 }
 
 /// The run and its figures.
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 struct Report {
     name: String,
     seconds: u64,
     rows: Vec<Row>,
-    detail: Value,
+    detail: Detail,
+}
+
+/// What the run did and saw, beyond the judged figures.
+#[derive(Serialize)]
+struct Detail {
+    source_addresses: SourceAddresses,
+    attacks: Attacks,
+    parse_cost_answers_by_status: BTreeMap<String, usize>,
+    flood: Flood,
+    foreign_objects_created: usize,
+    operator_writes_to_foreign_objects: Vec<String>,
+    large_myapps: LargeMyApps,
+    attack_api_errors: Vec<String>,
+    ready_samples: Vec<usize>,
+    /// Each pod's restart count: (first sample, last sample).
+    restarts_by_pod: BTreeMap<String, (i32, i32)>,
+    rss_max_mib_by_pod: BTreeMap<String, f64>,
+    memory_limit_mib: f64,
+    legitimate_calls: BTreeMap<&'static str, usize>,
+    legitimate_latency_ms: Stats,
+    legitimate_failures: Vec<String>,
+    still_writes: Vec<String>,
+    load_average_at_end: String,
+}
+
+/// Where the API server's calls and the attacks came from.
+#[derive(Serialize)]
+struct SourceAddresses {
+    api_server_to_pods: String,
+    parse_cost_attacker: String,
+    flood_attacker: String,
+}
+
+/// The large MyApps: created, and changes made to them.
+#[derive(Debug, Serialize)]
+struct LargeMyApps {
+    created: usize,
+    changed: usize,
+}
+
+/// The legitimate admissions' latency, ms.
+#[derive(Serialize)]
+struct Stats {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+/// Everything a run observed, for its report.
+struct Observed<'a> {
+    run: Hostile,
+    limit: f64,
+    sources: &'a Sources,
+    samples: &'a Samples,
+    peaks: &'a BTreeMap<String, f64>,
+    legit: &'a Legit,
+    made: &'a Made,
+    audit: &'a Audited,
+    seen: &'a Seen,
+}
+
+/// The run's first line: what attacks whom, from where.
+fn announce(run: Hostile, replicas: &[Replica], sources: &Sources) {
+    let a = run.attacks;
+    println!(
+        "==> hostile ({}): {} s against {} pods ({}); attackers {} (parse cost) and {} (flood); the API server \
+         reaches the pods from {}; parse cost {}, flood {}, foreign objects {}, large MyApps {}",
+        run.name,
+        run.seconds,
+        replicas.len(),
+        replicas.iter().map(|r| format!("{} {}", r.name, r.ip)).collect::<Vec<_>>().join(", "),
+        sources.attackers[0],
+        sources.attackers[1],
+        sources.api,
+        a.parse,
+        a.flood,
+        a.foreign,
+        a.large
+    );
 }
 
 /// Runs the attacks and the workload for `run.seconds`, and judges them.
@@ -783,21 +890,7 @@ async fn attack(
     let side = cluster::client_from(kubeconfig).await?;
     let mut samples = first_sample(client).await;
     let a = run.attacks;
-    println!(
-        "==> hostile ({}): {} s against {} pods ({}); attackers {} (parse cost) and {} (flood); the API server \
-         reaches the pods from {}; parse cost {}, flood {}, foreign objects {}, large MyApps {}",
-        run.name,
-        run.seconds,
-        replicas.len(),
-        replicas.iter().map(|r| format!("{} {}", r.name, r.ip)).collect::<Vec<_>>().join(", "),
-        sources.attackers[0],
-        sources.attackers[1],
-        sources.api,
-        a.parse,
-        a.flood,
-        a.foreign,
-        a.large
-    );
+    announce(run, replicas, sources);
     let from = audit::now();
     let deadline = Instant::now() + Duration::from_secs(run.seconds);
     let seen = Arc::new(Seen::default());
@@ -819,33 +912,40 @@ async fn attack(
         samples.pids.values().filter_map(|(pod, pid)| Some((pod.clone(), crate::sh::peak_mib(*pid)?))).collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let audit = audited(from, to, ns, &still, &made.foreign)?;
-    Ok(report(run, limit, sources, &samples, &peaks, &legit, &made, &audit, &seen))
+    let observed = Observed {
+        run,
+        limit,
+        sources,
+        samples: &samples,
+        peaks: &peaks,
+        legit: &legit,
+        made: &made,
+        audit: &audit,
+        seen: &seen,
+    };
+    Ok(Report { name: run.name.into(), seconds: run.seconds, rows: rows(&observed), detail: detail(&observed) })
 }
 
-#[allow(clippy::too_many_arguments)] // each is one part of the report
-fn report(
-    run: Hostile,
-    limit: f64,
-    sources: &Sources,
-    s: &Samples,
-    peaks: &BTreeMap<String, f64>,
-    legit: &Legit,
-    made: &Made,
-    audit: &Audited,
-    seen: &Seen,
-) -> Report {
+/// Each pod's largest RSS: the largest sampled, or its peak (VmHWM) at the end if larger.
+fn rss_max_by_pod(o: &Observed) -> BTreeMap<String, f64> {
+    let mut rss = o.samples.rss.clone();
+    for (pod, peak) in o.peaks {
+        let m = rss.entry(pod.clone()).or_default();
+        *m = m.max(*peak);
+    }
+    rss
+}
+
+/// The judged figures, each against its target.
+fn rows(o: &Observed) -> Vec<Row> {
+    let (s, legit, audit, run, limit) = (o.samples, o.legit, o.audit, o.run, o.limit);
     let restarts: i32 = s.restarts.values().map(|(first, last)| last - first).sum();
     let replaced = s.restarts.keys().filter(|p| !s.initial.contains(p)).count();
     let min_ready = s.ready.iter().copied().min().unwrap_or(0);
     let below = s.ready.iter().filter(|r| **r < 3).count();
     let (p50, p99) = crate::sh::percentiles(legit.latencies.clone());
-    let mut rss: BTreeMap<String, f64> = s.rss.clone();
-    for (pod, peak) in peaks {
-        let m = rss.entry(pod.clone()).or_default();
-        *m = m.max(*peak);
-    }
-    let rss_max = rss.values().copied().fold(0.0, f64::max);
-    let rows = vec![
+    let rss_max = rss_max_by_pod(o).values().copied().fold(0.0, f64::max);
+    vec![
         Row {
             figure: "operator container restarts (restartCount delta, all pods)".into(),
             value: format!("{restarts} ({replaced} pods replaced)"),
@@ -895,29 +995,36 @@ fn report(
             met: audit.secret <= 2,
             gated: true,
         },
-    ];
-    let parse = seen.parse.lock().map(|m| m.clone()).unwrap_or_default();
-    let detail = json!({
-        "source_addresses": {"api_server_to_pods": sources.api.to_string(), "parse_cost_attacker": sources.attackers[0].to_string(),
-                             "flood_attacker": sources.attackers[1].to_string()},
-        "attacks": {"parse": run.attacks.parse, "flood": run.attacks.flood, "foreign": run.attacks.foreign, "large": run.attacks.large},
-        "parse_cost_answers_by_status": parse,
-        "flood": seen.flood(),
-        "foreign_objects_created": made.foreign.len(),
-        "operator_writes_to_foreign_objects": audit.foreign,
-        "large_myapps": {"created": made.large, "changed": made.large_changes},
-        "attack_api_errors": made.errors.iter().take(20).collect::<Vec<_>>(),
-        "ready_samples": s.ready,
-        "restarts_by_pod": s.restarts.iter().map(|(p, (a, b))| (p.clone(), json!([a, b]))).collect::<BTreeMap<_, _>>(),
-        "rss_max_mib_by_pod": rss,
-        "memory_limit_mib": limit,
-        "legitimate_calls": legit.calls,
-        "legitimate_latency_ms": {"p50": p50, "p99": p99, "max": legit.latencies.iter().copied().fold(0.0, f64::max)},
-        "legitimate_failures": legit.failures.iter().take(20).collect::<Vec<_>>(),
-        "still_writes": audit.still,
-        "load_average_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-    });
-    Report { name: run.name.into(), seconds: run.seconds, rows, detail }
+    ]
+}
+
+/// What the run did and saw, beyond the judged figures.
+fn detail(o: &Observed) -> Detail {
+    let (s, legit, made, audit, sources) = (o.samples, o.legit, o.made, o.audit, o.sources);
+    let (p50, p99) = crate::sh::percentiles(legit.latencies.clone());
+    Detail {
+        source_addresses: SourceAddresses {
+            api_server_to_pods: sources.api.to_string(),
+            parse_cost_attacker: sources.attackers[0].to_string(),
+            flood_attacker: sources.attackers[1].to_string(),
+        },
+        attacks: o.run.attacks,
+        parse_cost_answers_by_status: o.seen.parse.lock().map(|m| m.clone()).unwrap_or_default(),
+        flood: o.seen.flood(),
+        foreign_objects_created: made.foreign.len(),
+        operator_writes_to_foreign_objects: audit.foreign.clone(),
+        large_myapps: LargeMyApps { created: made.large, changed: made.large_changes },
+        attack_api_errors: made.errors.iter().take(20).cloned().collect(),
+        ready_samples: s.ready.clone(),
+        restarts_by_pod: s.restarts.clone(),
+        rss_max_mib_by_pod: rss_max_by_pod(o),
+        memory_limit_mib: o.limit,
+        legitimate_calls: legit.calls.clone(),
+        legitimate_latency_ms: Stats { p50, p99, max: legit.latencies.iter().copied().fold(0.0, f64::max) },
+        legitimate_failures: legit.failures.iter().take(20).cloned().collect(),
+        still_writes: audit.still.clone(),
+        load_average_at_end: std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string(),
+    }
 }
 
 /// Prints the report, writes it to `.run/chaos/<name>.json`, and fails when a target is missed.
@@ -936,19 +1043,22 @@ fn verdict(report: &Report) -> Result<()> {
         println!("| {} | {} | {} | {verdict} |", r.figure, r.value, r.target);
     }
     let d = &report.detail;
-    println!("\n    source addresses: {}", d["source_addresses"]);
-    println!("    parse-cost answers by status: {}", d["parse_cost_answers_by_status"]);
-    println!("    flood: {}", d["flood"]);
+    fn json(v: &impl Serialize) -> String {
+        serde_json::to_string(v).unwrap_or_default()
+    }
+    println!("\n    source addresses: {}", json(&d.source_addresses));
+    println!("    parse-cost answers by status: {}", json(&d.parse_cost_answers_by_status));
+    println!("    flood: {}", json(&d.flood));
     println!(
-        "    foreign objects: {} created, operator writes to them {}; large MyApps: {}",
-        d["foreign_objects_created"],
-        d["operator_writes_to_foreign_objects"].as_array().map_or(0, Vec::len),
-        d["large_myapps"]
+        "    foreign objects: {} created, operator writes to them {}; large MyApps: {:?}",
+        d.foreign_objects_created,
+        d.operator_writes_to_foreign_objects.len(),
+        d.large_myapps
     );
-    for f in d["legitimate_failures"].as_array().into_iter().flatten().take(5) {
+    for f in d.legitimate_failures.iter().take(5) {
         println!("    failed admission: {f}");
     }
-    for w in d["still_writes"].as_array().into_iter().flatten().take(5) {
+    for w in d.still_writes.iter().take(5) {
         println!("    write to an unchanged MyApp or child: {w}");
     }
     println!("    report: {}", path.display());

@@ -499,11 +499,9 @@ pub fn prepare_host() -> Result<Vec<Missing>> {
     Ok(missing)
 }
 
-/// Starts containerd, imports the pause image, then kubelet and kube-proxy; waits until the node
-/// is Ready and kube-proxy healthy. The operator image is imported by whoever installs it
-/// ([`import_operator_image`]), after building it.
-pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
-    let node = dir();
+/// Writes the node's configuration: the kubeconfigs of kubelet and kube-proxy under `run`, and
+/// under `node` the configuration of containerd, the CNI network, kubelet, kube-proxy and CoreDNS.
+fn write_configuration(run: &Path, node: &Path) -> Result<()> {
     for d in ["containerd", "cni/net.d", "cni/ipam", "kubelet", "pod-logs"] {
         std::fs::create_dir_all(node.join(d))?;
     }
@@ -512,11 +510,20 @@ pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
     for c in ["kubelet", "kube-proxy"] {
         std::fs::write(run.join(format!("{c}.kubeconfig")), pki::kubeconfig(&pki_dir, &server, c)?)?;
     }
-    std::fs::write(node.join("containerd.toml"), containerd_config(&node))?;
-    std::fs::write(node.join("cni/net.d/10-myapp.conflist"), cni_config(&node))?;
-    std::fs::write(node.join("kubelet.yaml"), kubelet_config(&node, &pki_dir))?;
+    std::fs::write(node.join("containerd.toml"), containerd_config(node))?;
+    std::fs::write(node.join("cni/net.d/10-myapp.conflist"), cni_config(node))?;
+    std::fs::write(node.join("kubelet.yaml"), kubelet_config(node, &pki_dir))?;
     std::fs::write(node.join("kube-proxy.yaml"), kube_proxy_config(run))?;
     std::fs::write(node.join("Corefile"), corefile(&run.join("kubeconfig")))?;
+    Ok(())
+}
+
+/// Starts containerd, imports the pause image, then kubelet and kube-proxy; waits until the node
+/// is Ready and kube-proxy healthy. The operator image is imported by whoever installs it
+/// ([`import_operator_image`]), after building it.
+pub async fn up(run: &Path, bins: &Bins<'_>, admin: &Client) -> Result<()> {
+    let node = dir();
+    write_configuration(run, &node)?;
 
     let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bins.containerd.display());
     let containerd = sh::spawn(

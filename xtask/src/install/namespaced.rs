@@ -22,7 +22,8 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use myapp_operator::api::MyApp;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -97,7 +98,7 @@ async fn check_grants(client: &Client) -> Result<()> {
 }
 
 /// Runs the test; see the module doc.
-pub async fn run(args: TargetArgs) -> Result<Value> {
+pub async fn run(args: TargetArgs) -> Result<Figures> {
     let target = args.resolve().await?;
     if !target.local {
         bail!("cargo xtask namespaced needs the local control plane's real node");
@@ -126,8 +127,21 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     Ok(figures)
 }
 
+/// `.run/namespaced.json`: what [`run`] measured.
+#[derive(Serialize)]
+pub struct Figures {
+    /// From `kubectl apply -k` to 3 ready pods.
+    rolled_out_s: f64,
+    managed: [&'static str; 2],
+    /// From their creation to every MyApp in the managed namespaces Ready.
+    managed_ready_after_s: f64,
+    elsewhere: &'static str,
+    /// The MyApp elsewhere, which carries no finalizer: from its delete to its going.
+    elsewhere_deleted_after_s: f64,
+}
+
 /// Applies the overlay and checks what the module doc lists, but the audit.
-async fn proofs(client: &Client, kubeconfig: &std::path::Path) -> Result<Value> {
+async fn proofs(client: &Client, kubeconfig: &std::path::Path) -> Result<Figures> {
     let rolled_out = install::apply_kustomization(client, kubeconfig, &local_variant()?).await?.as_secs_f64();
     println!("    3 pods ready {rolled_out:.1} s after kubectl apply");
     // The webhooks select the managed namespaces only: the install's probe (in `default`) does
@@ -179,10 +193,13 @@ async fn proofs(client: &Client, kubeconfig: &std::path::Path) -> Result<Value> 
     .await?;
     let deleted = t.elapsed().as_secs_f64();
     println!("    myapp {ELSEWHERE}/web: no finalizer, no status, no child; deleted in {deleted:.2} s");
-    Ok(json!({
-        "rolled_out_s": rolled_out, "managed": MANAGED, "managed_ready_after_s": ready,
-        "elsewhere": ELSEWHERE, "elsewhere_deleted_after_s": deleted,
-    }))
+    Ok(Figures {
+        rolled_out_s: rolled_out,
+        managed: MANAGED,
+        managed_ready_after_s: ready,
+        elsewhere: ELSEWHERE,
+        elsewhere_deleted_after_s: deleted,
+    })
 }
 
 #[cfg(test)]

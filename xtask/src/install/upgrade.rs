@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::MyApp;
-use serde_json::{Value, json};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -176,8 +176,76 @@ async fn children(client: &Client) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
+/// `.run/upgrade.json`: what [`run`] measured.
+#[derive(Serialize)]
+pub struct Figures {
+    previous: &'static str,
+    crd_changed: bool,
+    myapps: usize,
+    steps: Vec<Step>,
+}
+
+/// One step: upgrade, rollback or upgrade again.
+#[derive(Serialize)]
+struct Step {
+    step: &'static str,
+    /// The image the step rolls out.
+    image: &'static str,
+    rolled_out_s: f64,
+    new_version_leads_after_s: f64,
+    /// Each Lease holder seen, from the step's start.
+    holders: Vec<Holder>,
+    samples: usize,
+    not_ready_samples: usize,
+    admissions: usize,
+    admissions_failed: usize,
+    children_recreated: Vec<String>,
+    writes_outside_leadership: usize,
+}
+
+/// A Lease holder seen during a step.
+#[derive(Serialize)]
+struct Holder {
+    at_s: f64,
+    holder: String,
+    /// The image of the holder's pod.
+    image: String,
+}
+
+impl Step {
+    /// Whatever the step must not have: a MyApp not Ready, a failed admission, a child
+    /// re-created, a write outside leadership.
+    fn breaches(&self) -> bool {
+        self.not_ready_samples > 0
+            || self.admissions_failed > 0
+            || !self.children_recreated.is_empty()
+            || self.writes_outside_leadership > 0
+    }
+
+    fn print(&self, refused: &[String]) {
+        println!(
+            "    {}: rolled out in {:.1} s, a {} pod led after {:.1} s; {} holders seen; {} of {} samples with a MyApp \
+             not Ready; {} of {} admissions failed; {} children re-created; {} writes outside leadership",
+            self.step,
+            self.rolled_out_s,
+            self.image,
+            self.new_version_leads_after_s,
+            self.holders.len(),
+            self.not_ready_samples,
+            self.samples,
+            self.admissions_failed,
+            self.admissions,
+            self.children_recreated.len(),
+            self.writes_outside_leadership,
+        );
+        for r in refused.iter().take(5) {
+            println!("      refused: {r}");
+        }
+    }
+}
+
 /// One step: applies `dir`, waits for the rollout and for a leader running `image`, and judges.
-async fn step(client: &Client, kubeconfig: &Path, name: &str, dir: &Path, image: &str) -> Result<Value> {
+async fn step(client: &Client, kubeconfig: &Path, name: &'static str, dir: &Path, image: &'static str) -> Result<Step> {
     let before = children(client).await?;
     let since = audit::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -203,37 +271,30 @@ async fn step(client: &Client, kubeconfig: &Path, name: &str, dir: &Path, image:
     let rolled_out = applied?.as_secs_f64();
     let led = led?;
     let after = children(client).await?;
-    let recreated: Vec<&String> = before.iter().filter(|(k, uid)| after.get(*k) != Some(uid)).map(|(k, _)| k).collect();
-    let outside = crate::operator::judged_since(since, TIMINGS)?.2.len();
-    let handovers: Vec<Value> =
-        seen.holders.iter().map(|(at, h, img)| json!({"at_s": at - since, "holder": h, "image": img})).collect();
-    println!(
-        "    {name}: rolled out in {rolled_out:.1} s, a {image} pod led after {led:.1} s; {} holders seen; \
-         {} of {} samples with a MyApp not Ready; {} of {} admissions failed; {} children re-created; {outside} writes outside leadership",
-        seen.holders.len(),
-        seen.not_ready,
-        seen.samples,
-        seen.refused.len(),
-        seen.admissions,
-        recreated.len(),
-    );
-    for r in seen.refused.iter().take(5) {
-        println!("      refused: {r}");
+    let recreated = before.iter().filter(|(k, uid)| after.get(*k) != Some(uid)).map(|(k, _)| k.clone()).collect();
+    let holders = seen.holders.into_iter().map(|(at, holder, image)| Holder { at_s: at - since, holder, image });
+    let step = Step {
+        step: name,
+        image,
+        rolled_out_s: rolled_out,
+        new_version_leads_after_s: led,
+        holders: holders.collect(),
+        samples: seen.samples,
+        not_ready_samples: seen.not_ready,
+        admissions: seen.admissions,
+        admissions_failed: seen.refused.len(),
+        children_recreated: recreated,
+        writes_outside_leadership: crate::operator::judged_since(since, TIMINGS)?.2.len(),
+    };
+    step.print(&seen.refused);
+    if step.breaches() {
+        bail!("{name}: {}", serde_json::to_string(&step)?);
     }
-    let figures = json!({
-        "step": name, "image": image, "rolled_out_s": rolled_out, "new_version_leads_after_s": led,
-        "holders": handovers, "samples": seen.samples, "not_ready_samples": seen.not_ready,
-        "admissions": seen.admissions, "admissions_failed": seen.refused.len(),
-        "children_recreated": recreated, "writes_outside_leadership": outside,
-    });
-    if seen.not_ready > 0 || !seen.refused.is_empty() || !recreated.is_empty() || outside > 0 {
-        bail!("{name}: {figures}");
-    }
-    Ok(figures)
+    Ok(step)
 }
 
 /// Runs the test; see the module doc.
-pub async fn run(args: TargetArgs) -> Result<Value> {
+pub async fn run(args: TargetArgs) -> Result<Figures> {
     let target = args.resolve().await?;
     if !target.local {
         bail!("cargo xtask upgrade needs the local control plane's real node (it loads images into it)");
@@ -274,7 +335,7 @@ pub async fn run(args: TargetArgs) -> Result<Value> {
     steps.push(step(&client, &target.kubeconfig, "rollback", &previous, PREVIOUS_IMAGE).await?);
     println!("==> upgrade again");
     steps.push(step(&client, &target.kubeconfig, "upgrade-again", &current, node::OPERATOR_IMAGE).await?);
-    let figures = json!({"previous": PREVIOUS, "crd_changed": crd_changed, "myapps": MYAPPS, "steps": steps});
+    let figures = Figures { previous: PREVIOUS, crd_changed, myapps: MYAPPS, steps };
     let out = paths::run_dir().join("upgrade.json");
     std::fs::write(&out, serde_json::to_string_pretty(&figures)?)?;
     println!(
