@@ -139,7 +139,7 @@ pub fn port_in_use(port: u16) -> bool {
 }
 
 // Plain HTTP on loopback and the poll loop live in the `chaos` crate, shared with `tests/`; the
-// names here are kept for `bench.rs` and `soak.rs`, which still call them through `procs`.
+// task runner calls them through here.
 pub use chaos::plain_http::get as http_get;
 pub use chaos::wait::poll;
 

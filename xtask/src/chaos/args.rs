@@ -11,7 +11,7 @@ pub struct ChaosArgs {
     #[command(flatten)]
     pub target: TargetArgs,
     /// `smoke`: each scenario once with 4s/3s/0.5s leases; `full`: each 10 times with 15s/10s/2s;
-    /// `hostile` (with `--target pods`): every attack on the replicas at once, see `hostile.rs`.
+    /// `hostile` (with `--target pods`): every attack on the replicas at once, see `chaos/hostile.rs`.
     #[arg(long, value_enum, default_value_t = Profile::Smoke)]
     pub profile: Profile,
     /// How long the hostile profile's attacks run, in seconds (default 120).
