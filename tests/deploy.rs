@@ -56,13 +56,14 @@ struct Allowed {
 /// The verbs the code uses, per resource, with the code that needs each. A verb the code stops
 /// using comes out of this list and out of `deploy/rbac`; a new call goes into both.
 const ALLOWED: &[Allowed] = &[
-    // list, watch: the warm cache (src/cache/mod.rs, `Caches::start`);
-    // patch: the finalizer (src/controller/writer.rs, `Writer::set_finalizers`). Nothing GETs a MyApp.
+    // list, watch: the warm cache (src/cache/mod.rs, `Caches::start`); get: a MyApp too large to
+    // cache, read whole at each reconcile (src/controller/mod.rs, `whole`); patch: the finalizer
+    // (src/controller/writer.rs, `Writer::set_finalizers`).
     Allowed {
         kind: "ClusterRole",
         group: "myapp.dev",
         resource: "myapps",
-        verbs: &["list", "watch", "patch"],
+        verbs: &["get", "list", "watch", "patch"],
         by_name: false,
     },
     // patch: src/controller/writer.rs, `Writer::patch_status`.

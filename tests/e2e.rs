@@ -93,6 +93,37 @@ async fn create_then_ready_with_owned_children() {
     ns.cleanup().await;
 }
 
+/// A MyApp larger than the cache keeps ([`myapp_operator::cache::MAX_KEPT`]) is read whole from
+/// the API server at each reconcile, under the operator's own grants, and its children carry all
+/// of it.
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask test`"]
+async fn a_myapp_too_large_to_cache_is_read_whole_and_reconciled() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "large").await;
+    let env: Vec<_> = (0..8).map(|i| json!({"name": format!("LARGE_{i}"), "value": "x".repeat(1000)})).collect();
+    let spec = json!({"image": "nginx:1.27", "replicas": 1, "env": env});
+    let app = chaos::fixtures::myapp("large", spec).expect("MyApp");
+    assert!(
+        serde_json::to_vec(&app.spec).expect("json").len() > myapp_operator::cache::MAX_KEPT,
+        "the spec alone is over what the cache keeps"
+    );
+    let api = create(&client, &ns.name, &app).await;
+    wait_ready(&api, "large").await;
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("large").await.expect("Deployment");
+    let env = app_env(&d);
+    let whole = (0..8).all(|i| env.contains(&format!("LARGE_{i}={}", "x".repeat(1000))));
+    assert!(whole, "every variable reaches the pods whole: {} variables", env.len());
+
+    // A change is reconciled too: the next read is whole again.
+    let patch = Patch::Merge(json!({"spec": {"image": "nginx:1.28"}}));
+    api.patch("large", &PatchParams::default(), &patch).await.expect("patch");
+    wait_ready(&api, "large").await;
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns.name).get("large").await.expect("Deployment");
+    assert_eq!(image_of(&d).as_deref(), Some("nginx:1.28"));
+    ns.cleanup().await;
+}
+
 #[tokio::test]
 #[ignore = "needs a cluster: run `cargo xtask test`"]
 async fn image_change_rolls_out_and_status_follows() {
