@@ -302,3 +302,44 @@ fn sample(replicas: &[Replica], last: &mut [(f64, f64)], t: f64) -> Sample {
     let error_rate = if reconciles > 0.0 { errors / reconciles } else { 0.0 };
     Sample { t_s: t, rss_mib: rss, queue_depth: depth, reconciles, error_rate }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_compares_the_last_window_with_the_first_and_needs_both() {
+        // 30 s samples over 20 minutes: 100 MiB in the first 5 minutes, 104 in the last 5.
+        let points: Vec<(f64, f64)> =
+            (0..=40).map(|i| i as f64 * 30.0).map(|t| (t, if t >= 900.0 { 104.0 } else { 100.0 })).collect();
+        let g = growth(&[points.clone(), vec![]], 1200.0);
+        assert!(g[0].is_some_and(|g| (g - 0.04).abs() < 1e-9), "{g:?}");
+        assert_eq!(g[1], None, "a replica without samples has no growth");
+        // A churn shorter than a window: both windows hold the same samples, and no growth shows.
+        assert!(growth(&[points], 240.0)[0].is_some_and(|g| g.abs() < 1e-9));
+    }
+
+    #[test]
+    fn the_report_names_its_fields_as_earlier_soak_reports() {
+        let sample =
+            Sample { t_s: 30.0, rss_mib: vec![Some(40.0), None], queue_depth: 0.0, reconciles: 12.0, error_rate: 0.0 };
+        let report = SoakReport {
+            myapps: 2000,
+            minutes: 30,
+            churn_steps: 1800,
+            failed_steps: 0,
+            replicas: vec!["operator-0".into()],
+            rss_growth_first_to_last_5_min: vec![Some(0.01)],
+            max_growth: MAX_GROWTH,
+            converged: true,
+            converged_after_churn_s: 3.0,
+            samples: vec![sample],
+            passed: true,
+        };
+        let v = serde_json::to_value(&report).expect("json");
+        assert_eq!(v["rss_growth_first_to_last_5_min"][0], 0.01);
+        assert_eq!(v["samples"][0]["rss_mib"][1], serde_json::Value::Null);
+        assert_eq!(v["samples"][0]["t_s"], 30.0);
+        assert_eq!(v["max_growth"], MAX_GROWTH);
+    }
+}
