@@ -275,13 +275,24 @@ pub async fn ensure_namespace(client: &Client) -> Result<()> {
     apply_namespace(client, NAMESPACE).await
 }
 
+/// The namespace `name`, as an object to send.
+fn namespace_named(name: &str) -> Result<k8s_openapi::api::core::v1::Namespace> {
+    Ok(serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?)
+}
+
 /// Creates the namespace `name` if it is missing (a server-side apply: it is there afterwards,
 /// whoever made it).
 pub async fn apply_namespace(client: &Client, name: &str) -> Result<()> {
-    use k8s_openapi::api::core::v1::Namespace;
-    let api: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
-    api.patch(name, &PatchParams::apply("myapp-xtask"), &Patch::Apply(&ns)).await?;
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    api.patch(name, &PatchParams::apply("myapp-xtask"), &Patch::Apply(&namespace_named(name)?)).await?;
+    Ok(())
+}
+
+/// Creates the fresh namespace `name` of one run; fails if it exists already (a leftover, which
+/// may still be terminating, is not the empty namespace a run counts on).
+pub async fn create_namespace(client: &Client, name: &str) -> Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    api.create(&kube::api::PostParams::default(), &namespace_named(name)?).await?;
     Ok(())
 }
 

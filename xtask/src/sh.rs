@@ -163,6 +163,18 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Runs a command to completion and returns what it printed (trimmed); fails with its
+/// description, its exit status and everything it printed when it fails.
+pub fn output(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("start {what}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let said = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        bail!("{what} failed ({}): {}", out.status, said.trim());
+    }
+    Ok(stdout.trim().to_string())
+}
+
 /// True when `tool` is on PATH.
 pub fn have(tool: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
@@ -242,8 +254,29 @@ pub fn reset_peak(pid: u32) {
 }
 
 /// The 50th and 99th percentiles of `v` (nearest rank), 0 when it is empty.
-pub fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let at = |p: f64| v.get(((p * v.len() as f64).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
-    (at(0.5), at(0.99))
+pub fn percentiles(v: &[f64]) -> (f64, f64) {
+    chaos::report::stats(v).map_or((0.0, 0.0), |s| (s.p50, s.p99))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_trimmed_and_a_failure_says_what_the_command_printed() {
+        let ok = output(Command::new("sh").args(["-c", "echo ' id '"]), "echo").expect("runs");
+        assert_eq!(ok, "id");
+        let err = output(Command::new("sh").args(["-c", "echo partial; echo broken >&2; exit 3"]), "the step")
+            .expect_err("fails")
+            .to_string();
+        assert!(err.starts_with("the step failed (exit status: 3)"), "{err}");
+        assert!(err.contains("partial") && err.contains("broken"), "{err}");
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank_and_zero_without_samples() {
+        let v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentiles(&v), (50.0, 99.0));
+        assert_eq!(percentiles(&[]), (0.0, 0.0));
+    }
 }

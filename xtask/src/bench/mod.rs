@@ -416,9 +416,9 @@ fn economy(namespace: &str, from: f64, to: f64, per: usize) -> Result<Economy> {
     })
 }
 
+/// A fresh namespace `name`, and its MyApps.
 async fn namespace(client: &Client, name: &str) -> Result<Api<MyApp>> {
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+    operator::create_namespace(client, name).await?;
     Ok(Api::namespaced(client.clone(), name))
 }
 

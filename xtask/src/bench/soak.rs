@@ -83,7 +83,7 @@ pub async fn soak(target: &operator::Target, bin: &std::path::Path, n: usize, mi
     let client = cluster::client_from(&target.kubeconfig).await?;
     let replicas = start(&client, target, bin).await?;
     let ns = format!("soak-{}", std::process::id());
-    operator::apply_namespace(&client, &ns).await?;
+    operator::create_namespace(&client, &ns).await?;
     let api: Api<MyApp> = Api::namespaced(client.clone(), &ns);
 
     println!("==> soak: {n} MyApps in {ns}");

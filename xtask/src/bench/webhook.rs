@@ -53,7 +53,7 @@ pub async fn run(tls: Option<(&str, &str)>) -> Result<Figures> {
             samples.push(t.elapsed().as_secs_f64() * 1e6);
             std::hint::black_box(r);
         }
-        in_process[i] = crate::sh::percentiles(samples);
+        in_process[i] = crate::sh::percentiles(&samples);
     }
     let (mut tls_lat, mut tls_rps) = (None, None);
     if let Some((url, ca)) = tls {
@@ -67,7 +67,7 @@ pub async fn run(tls: Option<(&str, &str)>) -> Result<Figures> {
             call(client.clone(), body.clone()).await?;
             samples.push(t.elapsed().as_secs_f64() * 1e6);
         }
-        tls_lat = Some(crate::sh::percentiles(samples));
+        tls_lat = Some(crate::sh::percentiles(&samples));
         let until = Instant::now() + Duration::from_secs(3);
         let workers: Vec<_> = (0..16)
             .map(|_| {
@@ -259,7 +259,7 @@ pub struct Admissions {
 
 impl Admissions {
     fn of(lat: &[f64], failed: usize) -> Self {
-        let (p50_ms, p99_ms) = crate::sh::percentiles(lat.to_vec());
+        let (p50_ms, p99_ms) = crate::sh::percentiles(lat);
         let max_ms = lat.iter().copied().fold(0.0, f64::max);
         Admissions { n: lat.len(), failed, p50_ms, p99_ms, max_ms }
     }

@@ -156,8 +156,7 @@ pub async fn hostile(args: &TargetArgs, run: Hostile) -> Result<()> {
         reachable(src, SocketAddr::new(r.ip, PROBE_PORT)).await?;
     }
     let ns = format!("hostile-{:06}", (audit::now() * 1000.0) as u64 % 1_000_000);
-    let nsobj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
+    operator::create_namespace(&client, &ns).await?;
     let result = attack(&client, &target.kubeconfig, &replicas, &sources, &ns, run).await;
     println!("==> cleanup: namespace {ns} (the foreign objects, the large and still MyApps), addresses {ATTACKERS:?}");
     let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
@@ -848,8 +847,11 @@ struct Observed<'a> {
     limit: f64,
     sources: &'a Sources,
     samples: &'a Samples,
-    peaks: &'a BTreeMap<String, f64>,
+    /// Each pod's largest RSS, MiB: sampled, or its peak (VmHWM) at the end if larger.
+    rss: BTreeMap<String, f64>,
     legit: &'a Legit,
+    /// The legitimate admissions' latency, ms: (p50, p99).
+    latency: (f64, f64),
     made: &'a Made,
     audit: &'a Audited,
     seen: &'a Seen,
@@ -917,8 +919,9 @@ async fn attack(
         limit,
         sources,
         samples: &samples,
-        peaks: &peaks,
+        rss: rss_max_by_pod(&samples, &peaks),
         legit: &legit,
+        latency: crate::sh::percentiles(&legit.latencies),
         made: &made,
         audit: &audit,
         seen: &seen,
@@ -927,9 +930,9 @@ async fn attack(
 }
 
 /// Each pod's largest RSS: the largest sampled, or its peak (VmHWM) at the end if larger.
-fn rss_max_by_pod(o: &Observed) -> BTreeMap<String, f64> {
-    let mut rss = o.samples.rss.clone();
-    for (pod, peak) in o.peaks {
+fn rss_max_by_pod(samples: &Samples, peaks: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    let mut rss = samples.rss.clone();
+    for (pod, peak) in peaks {
         let m = rss.entry(pod.clone()).or_default();
         *m = m.max(*peak);
     }
@@ -943,8 +946,8 @@ fn rows(o: &Observed) -> Vec<Row> {
     let replaced = s.restarts.keys().filter(|p| !s.initial.contains(p)).count();
     let min_ready = s.ready.iter().copied().min().unwrap_or(0);
     let below = s.ready.iter().filter(|r| **r < 3).count();
-    let (p50, p99) = crate::sh::percentiles(legit.latencies.clone());
-    let rss_max = rss_max_by_pod(o).values().copied().fold(0.0, f64::max);
+    let (p50, p99) = o.latency;
+    let rss_max = o.rss.values().copied().fold(0.0, f64::max);
     vec![
         Row {
             figure: "operator container restarts (restartCount delta, all pods)".into(),
@@ -1001,7 +1004,7 @@ fn rows(o: &Observed) -> Vec<Row> {
 /// What the run did and saw, beyond the judged figures.
 fn detail(o: &Observed) -> Detail {
     let (s, legit, made, audit, sources) = (o.samples, o.legit, o.made, o.audit, o.sources);
-    let (p50, p99) = crate::sh::percentiles(legit.latencies.clone());
+    let (p50, p99) = o.latency;
     Detail {
         source_addresses: SourceAddresses {
             api_server_to_pods: sources.api.to_string(),
@@ -1017,7 +1020,7 @@ fn detail(o: &Observed) -> Detail {
         attack_api_errors: made.errors.iter().take(20).cloned().collect(),
         ready_samples: s.ready.clone(),
         restarts_by_pod: s.restarts.clone(),
-        rss_max_mib_by_pod: rss_max_by_pod(o),
+        rss_max_mib_by_pod: o.rss.clone(),
         memory_limit_mib: o.limit,
         legitimate_calls: legit.calls.clone(),
         legitimate_latency_ms: Stats { p50, p99, max: legit.latencies.iter().copied().fold(0.0, f64::max) },

@@ -315,8 +315,7 @@ fn verdict(report: &Report) -> Result<()> {
 /// going).
 pub async fn start_workload(client: &Client, prefix: &str) -> Result<(String, Workload)> {
     let ns = format!("{prefix}-{}", clock_suffix());
-    let nsobj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj).await?;
+    operator::create_namespace(client, &ns).await?;
     let load = workload(client.clone(), ns.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok((ns, load))

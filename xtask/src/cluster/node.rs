@@ -353,14 +353,6 @@ pub fn kube_proxy_config(run: &Path) -> String {
     serde_yaml::to_string(&cfg).unwrap_or_default()
 }
 
-fn sh(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("run {what}"))?;
-    if !out.status.success() {
-        bail!("{what} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
-}
-
 /// `ctr` against our containerd, in the CRI namespace.
 fn ctr(bin_dir: &Path) -> Command {
     let mut c = Command::new(bin_dir.join("ctr"));
@@ -382,7 +374,7 @@ fn pause_archive(kubernetes_module: impl FnOnce() -> Result<PathBuf>) -> Result<
     let ctx = cache.join("pause-context");
     let _ = std::fs::remove_dir_all(&ctx);
     std::fs::create_dir_all(&ctx)?;
-    sh(
+    sh::output(
         Command::new("gcc")
             .args(["-Os", "-Wall", "-Werror", "-static", &format!("-DVERSION=v{tag}"), "-o"])
             .arg(ctx.join("pause"))
@@ -403,7 +395,7 @@ fn pause_archive(kubernetes_module: impl FnOnce() -> Result<PathBuf>) -> Result<
 /// at all).
 pub fn scratch_archive(ctx: &Path, containerfile: &str, reference: &str, archive: &Path) -> Result<()> {
     std::fs::write(ctx.join("Containerfile"), containerfile)?;
-    sh(
+    sh::output(
         Command::new("buildah")
             .args(["bud", "--quiet", "--pull-never", "-f"])
             .arg(ctx.join("Containerfile"))
@@ -413,7 +405,7 @@ pub fn scratch_archive(ctx: &Path, containerfile: &str, reference: &str, archive
     )?;
     let partial = archive.with_extension("tar.partial");
     let _ = std::fs::remove_file(&partial);
-    sh(
+    sh::output(
         Command::new("buildah")
             .args(["push", "--quiet", reference])
             .arg(format!("docker-archive:{}:{reference}", partial.display())),
@@ -425,7 +417,10 @@ pub fn scratch_archive(ctx: &Path, containerfile: &str, reference: &str, archive
 
 /// Imports a docker archive into the node's containerd (unpacked for the CRI).
 pub fn import(bin_dir: &Path, archive: &Path) -> Result<()> {
-    sh(ctr(bin_dir).args(["images", "import"]).arg(archive), &format!("ctr images import {}", archive.display()))?;
+    sh::output(
+        ctr(bin_dir).args(["images", "import"]).arg(archive),
+        &format!("ctr images import {}", archive.display()),
+    )?;
     Ok(())
 }
 
@@ -737,7 +732,7 @@ fn shell_words(s: &str) -> Vec<String> {
 pub fn container_pid(container_id: &str) -> Result<u32> {
     let id = container_id.rsplit("://").next().unwrap_or(container_id);
     let bin_dir = gobuild::component("containerd")?.bin_dir()?;
-    let out = sh(ctr(&bin_dir).args(["tasks", "ls"]), "ctr tasks ls")?;
+    let out = sh::output(ctr(&bin_dir).args(["tasks", "ls"]), "ctr tasks ls")?;
     out.lines()
         .find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();

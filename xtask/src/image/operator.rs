@@ -3,8 +3,8 @@
 //! numeric non-root user, entrypoint, a static binary, and `--version` run from the image.
 
 use crate::paths;
-use crate::sh::{self, cargo, run};
-use anyhow::{Context, Result, bail, ensure};
+use crate::sh::{self, cargo, output, run};
+use anyhow::{Context, Result, ensure};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -70,14 +70,6 @@ pub fn parse_size(s: &str) -> Option<u64> {
     };
     let bytes = number.parse::<f64>().ok()? * scale;
     (bytes.is_finite() && bytes >= 0.0).then_some(bytes as u64)
-}
-
-fn output(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("start {what}"))?;
-    if !out.status.success() {
-        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The binary the image ships (static musl, release), built, with musl-gcc installed when

@@ -5,7 +5,7 @@
 use crate::operator::{self, NAMESPACE};
 use crate::{cluster::gobuild, cluster::node, paths};
 use ::chaos::report::LeaseTimings;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -66,11 +66,9 @@ pub async fn apply_kustomization(
 
 /// `kubectl <verb> -k dir` (`apply`, `delete`), failing with what kubectl said.
 pub fn kubectl_k(verb: &str, dir: &std::path::Path, kubeconfig: &std::path::Path) -> Result<()> {
-    let out = kubectl().env("KUBECONFIG", kubeconfig).args([verb, "-k"]).arg(dir).output().context("run kubectl")?;
-    if !out.status.success() {
-        bail!("kubectl {verb} -k {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+    let mut kubectl = kubectl();
+    kubectl.env("KUBECONFIG", kubeconfig).args([verb, "-k"]).arg(dir);
+    crate::sh::output(&mut kubectl, &format!("kubectl {verb} -k {}", dir.display())).map(|_| ())
 }
 
 /// Installs the operator as [`prepare`] and [`apply`] do, unless it is already rolled out: what
