@@ -17,6 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// How long the webhook server, once it stops accepting, waits for the admissions in flight.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
+
 /// The flags of `run`: each module owns its group (`--help` lists them all, flattened).
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -170,7 +173,7 @@ impl Running {
             // Keep answering admissions while callers move to the other replicas, then stop
             // accepting and wait (bounded) for the admissions in flight.
             drain.await;
-            if let Err(e) = w.shutdown(Duration::from_secs(5)).await {
+            if let Err(e) = w.shutdown(IN_FLIGHT_GRACE).await {
                 tracing::warn!(error = %e, "webhook drain");
             }
         }
@@ -242,4 +245,27 @@ fn start_webhooks(
     );
     Webhooks::start_with(client, args.webhook.webhook_addr, source, shared, webhook::Options::with_ready(ready))
         .context("start the webhooks")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kubelet kills the container `terminationGracePeriodSeconds` after SIGTERM: the longest
+    /// shutdown (the controller cancelled and the release held back, or the webhooks' drain, then
+    /// the admissions in flight) must end before, with room for the spans' flush.
+    #[test]
+    fn the_pods_grace_period_covers_the_longest_shutdown() {
+        let yaml: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../deploy/manager/deployment.yaml")).expect("the Deployment");
+        let grace = yaml["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .map(Duration::from_secs)
+            .expect("terminationGracePeriodSeconds");
+        let drain = humantime::parse_duration(webhook::DEFAULT_DRAIN).expect("the default drain");
+        let t = leader::Timings::DEFAULT;
+        let release = leader::SHUTDOWN_GRACE + (t.lease_duration - t.renew_deadline);
+        let longest = drain.max(release) + IN_FLIGHT_GRACE;
+        assert!(longest + Duration::from_secs(5) <= grace, "shutdown takes up to {longest:?}, the pod gets {grace:?}");
+    }
 }

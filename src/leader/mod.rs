@@ -80,4 +80,6 @@ pub use elector::{Elector, Leadership, Stop};
 #[cfg(test)]
 pub(crate) use fence::Mandate;
 pub use fence::{Fence, Fenced};
+#[cfg(test)]
+pub(crate) use supervise::SHUTDOWN_GRACE;
 pub use timings::{COMMIT_SLACK, DELIVERY_TIMEOUT, Timings, TimingsError};

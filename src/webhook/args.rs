@@ -5,6 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The default of `--webhook-drain` (see [`WebhookArgs::webhook_drain`]).
+pub(crate) const DEFAULT_DRAIN: &str = "10s";
+
 /// How this replica serves the admission webhooks (the policy they enforce has its own flags,
 /// [`crate::api::policy::PolicyArgs`]). Flattened into the binary's `run` flags; each flag also reads an
 /// environment variable.
@@ -33,8 +36,14 @@ pub(crate) struct WebhookArgs {
     #[arg(long, env = "WEBHOOK_CONFIG", default_value = "myapp-operator")]
     pub(crate) webhook_config: String,
     /// How long the webhooks keep serving after SIGTERM (while not ready), so that callers move
-    /// to the other replicas first.
-    #[arg(long, env = "WEBHOOK_DRAIN", default_value = "2s", value_parser = humantime::parse_duration)]
+    /// to the other replicas first. The API server reaches the webhooks through the Service, so a
+    /// terminating pod stops getting new connections only once every node's kube-proxy has
+    /// dropped it: the EndpointSlice update, then a sync (at least `minSyncPeriod` apart, 1 s by
+    /// default). That took up to 3 s on the local node at rest (kube-proxy's
+    /// `network_programming_duration`), and more than 2 s under load; a connection that meets a
+    /// replica which stopped listening fails the admission (the API server does not retry a
+    /// refused or unanswered connection). The default leaves three times the measured worst.
+    #[arg(long, env = "WEBHOOK_DRAIN", default_value = DEFAULT_DRAIN, value_parser = humantime::parse_duration)]
     pub(crate) webhook_drain: Duration,
 }
 

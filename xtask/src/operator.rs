@@ -440,6 +440,9 @@ pub fn start_replica(
         ("WEBHOOK_ADDR", LOCAL_WEBHOOK_ADDR.into()),
         ("WEBHOOK_EXTRA_SANS", "127.0.0.1".into()),
         ("WEBHOOK_CONFIG", LOCAL_WEBHOOKS.into()),
+        // The API server calls local replicas on 127.0.0.1, with no Service and no kube-proxy
+        // to catch up with: the drain waits for nothing here, so it is kept short.
+        ("WEBHOOK_DRAIN", "2s".into()),
     ];
     envs.extend(env.iter().cloned());
     let pid = sh::spawn(&run, &name, bin, &args, &envs)?.pid;

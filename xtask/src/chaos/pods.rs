@@ -176,6 +176,10 @@ pub async fn chaos(args: &ChaosArgs, rounds: u32) -> Result<Report> {
     let (faults, result) =
         run::run_rounds(&scenarios, rounds, async |scenario, round| inject(&client, scenario, round, &load, &ns).await)
             .await;
+    // What a terminating replica's webhook drain has to outlast (README, "Shutdown").
+    if let Some(p) = cluster::node::programming() {
+        println!("    {p}");
+    }
     let run = Run { profile: format!("pods-{}", args.profile), timings: TIMINGS, replicas: 3, started_at, local: true };
     run::finish(&client, &run, &ns, load, faults, result, || {}).await
 }

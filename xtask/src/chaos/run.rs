@@ -18,8 +18,8 @@ use tokio::sync::Mutex;
 
 /// The steady workload: creates, updates, scales and deletes MyApps in `ns` every 250 ms.
 pub struct Workload {
-    /// Times (epoch s) of requests refused because no webhook answered.
-    admission_failures: Arc<Mutex<Vec<f64>>>,
+    /// Requests refused because no webhook answered: when (epoch s), and the API server's message.
+    admission_failures: Arc<Mutex<Vec<(f64, String)>>>,
     /// Set while the harness waits for convergence: the workload holds its changes.
     paused: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -28,8 +28,8 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Stops the workload: the MyApps it deleted, and the times of its failed admissions.
-    async fn end(self) -> (Vec<String>, Vec<f64>) {
+    /// Stops the workload: the MyApps it deleted, and its failed admissions (when, and why).
+    async fn end(self) -> (Vec<String>, Vec<(f64, String)>) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
         let deleted = self.deleted.lock().await.clone();
@@ -92,7 +92,9 @@ fn workload(client: Client, ns: String) -> Workload {
             if let Err(kube::Error::Api(e)) = &result
                 && e.message.contains("failed calling webhook")
             {
-                af.lock().await.push(audit::now());
+                let at = audit::now();
+                println!("    admission failed at {at:.3}: {}", e.message);
+                af.lock().await.push((at, e.message.clone()));
             }
         }
     });
@@ -181,7 +183,8 @@ pub async fn finish(
     result: Result<()>,
     heal: impl FnOnce(),
 ) -> Result<Report> {
-    let (deleted, admission_failures) = load.end().await;
+    let (deleted, failed) = load.end().await;
+    let admission_failures: Vec<f64> = failed.iter().map(|(at, _)| *at).collect();
     let orphans = orphans(client, ns, &deleted).await;
     heal();
     let _ = Api::<Namespace>::all(client.clone()).delete(ns, &DeleteParams::default()).await;
@@ -206,7 +209,10 @@ pub async fn finish(
         failed_admissions: r.local.then_some(admission_failures.len()),
     };
     write_report(&report, &writes)?;
-    verdict(&report)?;
+    verdict(&report).map_err(|e| match failed.is_empty() {
+        true => e,
+        false => e.context(format!("the failed admissions (epoch s: message): {failed:?}")),
+    })?;
     Ok(report)
 }
 

@@ -741,6 +741,61 @@ pub fn container_pid(container_id: &str) -> Result<u32> {
         .with_context(|| format!("container {id} has no running task"))
 }
 
+/// How long kube-proxy took to program a pod's change into the node's rules (from its histogram
+/// `kubeproxy_network_programming_duration_seconds`): a terminating replica keeps getting new
+/// webhook connections that long, so its drain must outlast it.
+#[derive(Debug, PartialEq)]
+pub struct Programming {
+    /// Changes programmed since kube-proxy started.
+    pub count: u64,
+    /// Upper bounds (s) of the buckets holding the median, the 99th percentile and the slowest.
+    pub p50_within: f64,
+    pub p99_within: f64,
+    pub max_within: f64,
+}
+
+impl std::fmt::Display for Programming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "kube-proxy programmed {} endpoint changes: p50 within {} s, p99 within {} s, all within {} s",
+            self.count, self.p50_within, self.p99_within, self.max_within
+        )
+    }
+}
+
+/// kube-proxy's network programming latency so far, read from its metrics on the node.
+pub fn programming() -> Option<Programming> {
+    let (_, body) = sh::http_get(ports::PROXY_METRICS, "/metrics").ok()?;
+    programming_from(&body)
+}
+
+/// [`Programming`] from a metrics exposition (the IPv4 family's cumulative buckets).
+fn programming_from(metrics: &str) -> Option<Programming> {
+    let prefix = "kubeproxy_network_programming_duration_seconds_bucket{";
+    let mut buckets: Vec<(f64, u64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter(|l| !l.contains("ip_family=\"IPv6\""))
+        .filter_map(|l| {
+            let (labels, count) = l.split_once("} ")?;
+            let le = labels.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let count = buckets.last()?.1;
+    let within = |rank: u64| buckets.iter().find(|(_, n)| *n >= rank.max(1)).map(|(le, _)| *le);
+    (count > 0).then_some(())?;
+    Some(Programming {
+        count,
+        p50_within: within(count.div_ceil(2))?,
+        p99_within: within((count * 99).div_ceil(100))?,
+        max_within: within(count)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -753,6 +808,27 @@ mod tests {
             cgroup2_controllers: None,
             br_netfilter: true,
         }
+    }
+
+    #[test]
+    fn kube_proxys_programming_latency_is_read_from_its_cumulative_buckets() {
+        let metrics = "\
+# TYPE kubeproxy_network_programming_duration_seconds histogram
+kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.5\"} 28
+kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"1\"} 129
+kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"2\"} 355
+kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"3\"} 362
+kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"4\"} 362
+kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"+Inf\"} 362
+kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv6\",le=\"+Inf\"} 900
+kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 362
+";
+        let p = programming_from(metrics).expect("buckets");
+        assert_eq!(p, Programming { count: 362, p50_within: 2.0, p99_within: 3.0, max_within: 3.0 });
+        let unseen =
+            metrics.replace("} 362", "} 0").replace("} 355", "} 0").replace("} 129", "} 0").replace("} 28", "} 0");
+        assert_eq!(programming_from(&unseen.replace("} 900", "} 0")), None, "no change programmed yet");
+        assert_eq!(programming_from("up 1\n"), None);
     }
 
     #[test]
