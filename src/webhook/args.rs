@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// The default of `--webhook-drain` (see [`WebhookArgs::webhook_drain`]).
-pub(crate) const DEFAULT_DRAIN: &str = "10s";
+pub const DEFAULT_DRAIN: &str = "10s";
 
 /// How this replica serves the admission webhooks (the policy they enforce has its own flags,
 /// [`crate::api::policy::PolicyArgs`]). Flattened into the binary's `run` flags; each flag also reads an

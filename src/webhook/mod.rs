@@ -20,8 +20,7 @@ pub mod review;
 pub mod server;
 mod shared;
 
-#[cfg(test)]
-pub(crate) use args::DEFAULT_DRAIN;
+pub use args::DEFAULT_DRAIN;
 pub(crate) use args::WebhookArgs;
 pub use certs::CertSource;
 pub use lifecycle::{Options, StartError, Webhooks};

@@ -3,7 +3,8 @@
 //! "Previous" is [`PREVIOUS`], a pinned commit of this repository: the last state that landed
 //! before the current line of work. Its tree is taken with `git archive` and its image built from
 //! it (the same Dockerfile and release build, in the shared target directory), both cached by
-//! commit. Bump the pin when a version is released.
+//! commit. Bump the pin when a version is released. Its install gets the current default webhook
+//! drain (its own, 2 s, could fail an admission as its pods stop; see `overlay_text`).
 //!
 //! The steps: the previous `deploy/overlays/local` with the previous image; MyApps created and
 //! Ready; then `kubectl apply -k deploy/overlays/local` of this checkout with its image (the
@@ -17,7 +18,7 @@
 //! passed to a pod of the new version, and the audit log shows 0 writes outside leadership.
 //! The figures go to `.run/upgrade.json`.
 
-use super::apply::{self as install, TIMINGS};
+use super::apply::{self as install, DEPLOYMENT, TIMINGS};
 use crate::cluster::node;
 use crate::operator::{NAMESPACE, TargetArgs};
 use crate::{cluster, image, paths};
@@ -28,6 +29,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use myapp_operator::api::MyApp;
+use myapp_operator::webhook::DEFAULT_DRAIN;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -100,16 +102,23 @@ fn previous_overlay(tree: &Path) -> Result<PathBuf> {
     let dir = tree.join("upgrade-overlay");
     std::fs::create_dir_all(&dir)?;
     let (name, tag) = PREVIOUS_IMAGE.rsplit_once(':').context("image tag")?;
-    std::fs::write(dir.join("kustomization.yaml"), overlay_text(&format!("../{}", install::OVERLAY), name, tag))?;
+    let text = overlay_text(&format!("../{}", install::OVERLAY), name, tag, DEFAULT_DRAIN);
+    std::fs::write(dir.join("kustomization.yaml"), text)?;
     Ok(dir)
 }
 
-/// The text of a kustomization over `base` that only swaps the image `name`'s tag.
-fn overlay_text(base: &str, name: &str, tag: &str) -> String {
+/// The text of a kustomization over `base` that swaps the image `name`'s tag and sets the
+/// webhooks' drain to `drain`. The previous version's default drain (2 s) is shorter than
+/// kube-proxy can take to drop a terminating pod, so its pods could fail an admission as they
+/// stop (README, "Shutdown"); given the current default, the steps measure the upgrade itself.
+fn overlay_text(base: &str, name: &str, tag: &str, drain: &str) -> String {
     format!(
         "# Written by cargo xtask upgrade: the previous version's local overlay, with its image.\n\
          apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
-         resources:\n  - {base}\nimages:\n  - name: {name}\n    newTag: {tag}\n"
+         resources:\n  - {base}\nimages:\n  - name: {name}\n    newTag: {tag}\n\
+         patches:\n  - target:\n      kind: Deployment\n      name: {DEPLOYMENT}\n    patch: |-\n      \
+         - op: add\n        path: /spec/template/spec/containers/0/env/-\n        \
+         value: {{name: WEBHOOK_DRAIN, value: \"{drain}\"}}\n"
     )
 }
 
@@ -357,13 +366,19 @@ mod tests {
     }
 
     #[test]
-    fn the_previous_overlay_only_swaps_the_image_tag() {
-        let text = overlay_text("../deploy/overlays/local", "docker.io/library/myapp-operator", "previous");
+    fn the_previous_overlay_swaps_the_image_tag_and_sets_the_drain() {
+        let text = overlay_text("../deploy/overlays/local", "docker.io/library/myapp-operator", "previous", "10s");
         let v: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
         assert_eq!(v["resources"][0], "../deploy/overlays/local");
         assert_eq!(v["images"][0]["name"], "docker.io/library/myapp-operator");
         assert_eq!(v["images"][0]["newTag"], "previous");
-        assert_eq!(v.as_mapping().map(|m| m.len()), Some(4));
+        assert_eq!(v["patches"][0]["target"]["name"], DEPLOYMENT);
+        let ops: serde_yaml::Value =
+            serde_yaml::from_str(v["patches"][0]["patch"].as_str().expect("patch")).expect("the patch's yaml");
+        assert_eq!(ops[0]["path"], "/spec/template/spec/containers/0/env/-");
+        assert_eq!(ops[0]["value"]["name"], "WEBHOOK_DRAIN");
+        assert_eq!(ops[0]["value"]["value"], "10s");
+        assert_eq!(v.as_mapping().map(|m| m.len()), Some(5));
         assert_eq!(format!("{}:{}", "docker.io/library/myapp-operator", "previous"), PREVIOUS_IMAGE);
         assert!(node::OPERATOR_IMAGE.starts_with("docker.io/library/myapp-operator:"));
     }
