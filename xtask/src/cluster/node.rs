@@ -743,7 +743,9 @@ pub fn container_pid(container_id: &str) -> Result<u32> {
 
 /// How long kube-proxy took to program a pod's change into the node's rules (from its histogram
 /// `kubeproxy_network_programming_duration_seconds`): a terminating replica keeps getting new
-/// webhook connections that long, so its drain must outlast it.
+/// webhook connections that long, so its drain must outlast it. The histogram has no Service
+/// label: it covers every Service (the MyApps' too), counted from the change that triggered the
+/// EndpointSlice update, which for a Service whose pods never start can be long ago.
 #[derive(Debug, PartialEq)]
 pub struct Programming {
     /// Changes programmed since kube-proxy started.
@@ -758,7 +760,8 @@ impl std::fmt::Display for Programming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "kube-proxy programmed {} endpoint changes: p50 within {} s, p99 within {} s, all within {} s",
+            "kube-proxy programmed {} endpoint changes (every Service, since it started): p50 within {} s, \
+             p99 within {} s, all within {} s",
             self.count, self.p50_within, self.p99_within, self.max_within
         )
     }
