@@ -209,9 +209,8 @@ pub async fn finish(
         failed_admissions: r.local.then_some(admission_failures.len()),
     };
     write_report(&report, &writes)?;
-    verdict(&report).map_err(|e| match failed.is_empty() {
-        true => e,
-        false => e.context(format!("the failed admissions (epoch s: message): {failed:?}")),
+    verdict(&report).map_err(|e| {
+        if failed.is_empty() { e } else { e.context(format!("the failed admissions (epoch s: message): {failed:?}")) }
     })?;
     Ok(report)
 }

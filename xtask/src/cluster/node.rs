@@ -789,8 +789,10 @@ fn programming_from(metrics: &str) -> Option<Programming> {
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     let count = buckets.last()?.1;
-    let within = |rank: u64| buckets.iter().find(|(_, n)| *n >= rank.max(1)).map(|(le, _)| *le);
-    (count > 0).then_some(())?;
+    if count == 0 {
+        return None;
+    }
+    let within = |rank: u64| buckets.iter().find(|(_, n)| *n >= rank).map(|(le, _)| *le);
     Some(Programming {
         count,
         p50_within: within(count.div_ceil(2))?,
