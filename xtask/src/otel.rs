@@ -17,7 +17,7 @@ use crate::operator::TargetArgs;
 use crate::{cluster, cluster::node, install, paths};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde::Serialize;
@@ -174,7 +174,30 @@ async fn pipeline_available(client: &Client, kubeconfig: &Path, pipeline: &Path)
     .await?;
     let available = t.elapsed().as_secs_f64();
     println!("    the Collector and Jaeger Available after {available:.1} s");
+    collector_reachable(client).await?;
+    println!(
+        "    the Collector's Service answers through kube-proxy {:.1} s after the apply",
+        t.elapsed().as_secs_f64()
+    );
     Ok(available)
+}
+
+/// Waits until the Collector's Service takes a connection on its ClusterIP from the node, as the
+/// operator's exporter will: an Available pod is reachable through its Service only once
+/// kube-proxy has programmed it, and a batch of spans exported before then is lost (the same
+/// wait as `install::webhooks_answer`'s for the webhooks).
+async fn collector_reachable(client: &Client) -> Result<()> {
+    let service = Api::<Service>::namespaced(client.clone(), OBSERVABILITY).get("otel-collector").await?;
+    let ip: std::net::IpAddr =
+        service.spec.and_then(|s| s.cluster_ip).context("the Collector's Service has no ClusterIP")?.parse()?;
+    let addr = std::net::SocketAddr::new(ip, 4317);
+    chaos::wait::poll(
+        "the Collector's Service reachable",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async { std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok().map(|_| ()) },
+    )
+    .await
 }
 
 async fn pipeline_and_trace(client: &Client, kubeconfig: &Path, pipeline: &Path, operator: &Path) -> Result<Figures> {
